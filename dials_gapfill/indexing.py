@@ -1,0 +1,100 @@
+"""Indexing stage: one crystal for all blocks (DIALS joint indexing).
+
+Joint indexing is DIALS' ``dials.command_line.index.index`` on all blocks at
+once.  If it fails, the largest block is indexed alone and its crystal is
+used as the known model for all blocks.  Blocks that index poorly (a wrong
+start angle, a damaged stretch) are dropped with a warning; the run fails
+only when no block survives.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from dials_gapfill.errors import GapfillError
+
+logger = logging.getLogger("dials.process_gapped.indexing")
+
+
+def _explain(e: Exception, params) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    ks = params.indexing.known_symmetry
+    if ks.space_group is not None or ks.unit_cell is not None:
+        sym = []
+        if ks.space_group is not None:
+            sym.append(f"space_group={ks.space_group}")
+        if ks.unit_cell is not None:
+            sym.append("unit_cell=" + ",".join(f"{v:g}" for v in ks.unit_cell.parameters()))
+        return (
+            f"indexing failed with {' '.join(sym)}: {text[:160]}: the lattice of the spots "
+            "does not fit this symmetry; check indexing.known_symmetry (or leave it out)"
+        )
+    return (
+        f"indexing failed: {text[:160]}: check the geometry (beam centre, distance, "
+        "oscillation: geometry.*) or the spot finding (spotfinder.*)"
+    )
+
+
+def _restore_identifiers(indexed_experiments, indexed, experiments):
+    """Give the indexed experiments the identifiers of their blocks.
+
+    DIALS' indexer makes new experiments with new identifiers; each still
+    holds the image set (and image range) of one input block.
+    """
+    by_range = {e.scan.get_image_range(): e.identifier for e in experiments}
+    for exp in indexed_experiments:
+        exp.identifier = by_range[exp.scan.get_image_range()]
+    ids = indexed.experiment_identifiers()
+    for k in list(ids.keys()):
+        del ids[k]
+    for i, exp in enumerate(indexed_experiments):
+        ids[i] = exp.identifier
+    return indexed_experiments, indexed
+
+
+def index(experiments, reflections, params):
+    """(experiments with one shared crystal, reflections with miller indices)."""
+    return _restore_identifiers(*_index(experiments, reflections, params), experiments)
+
+
+def _index(experiments, reflections, params):
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials.algorithms.indexing import DialsIndexError
+    from dials.command_line.index import index as dials_index
+
+    from dials_gapfill.phil import dials_index_params
+
+    ip = dials_index_params(params)
+    ip.indexing.joint_indexing = True
+    try:
+        indexed_experiments, indexed = dials_index(experiments, [reflections], ip)
+        return indexed_experiments, indexed
+    except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
+        first_error = e
+        if len(experiments) == 1:
+            raise GapfillError(_explain(e, params)) from None
+    logger.warning(
+        "Joint indexing failed (%s); indexing the largest block alone",
+        " ".join(str(first_error).split())[:120],
+    )
+    counts = [int((reflections["id"] == i).count(True)) for i in range(len(experiments))]
+    largest = max(range(len(experiments)), key=lambda i: counts[i])
+    single = ExperimentList([experiments[largest]])
+    refl = reflections.select(reflections["id"] == largest)
+    refl["id"] = refl["id"] * 0
+    for k in list(refl.experiment_identifiers().keys()):
+        del refl.experiment_identifiers()[k]
+    refl.experiment_identifiers()[0] = experiments[largest].identifier
+    try:
+        found, _ = dials_index(single, [refl], copy.deepcopy(ip))
+    except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
+        raise GapfillError(_explain(e, params)) from None
+    crystal = found[0].crystal
+    for exp in experiments:
+        exp.crystal = crystal
+    try:
+        return dials_index(experiments, [reflections], ip)
+    except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
+        raise GapfillError(_explain(e, params)) from None

@@ -1,0 +1,242 @@
+"""Integration stage: DIALS' run_integration over all blocks at once.
+
+When every block has enough strong spots for its own profile model this is
+exactly ``dials.integrate``.  Blocks below DIALS' profile-modelling minimum
+(``integration.profile.gaussian_rs.min_spots``) would stop dials.integrate
+("Too few reflections for profile modelling"); here they either take the
+profile model pooled over all blocks (sigma_b and sigma_m averaged, weighted
+by spot count) or are integrated by summation only, as chosen by
+``integration.small_blocks.profile``.  The choice is logged per block.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+from dials_gapfill.errors import GapfillError
+
+logger = logging.getLogger("dials.process_gapped.integration")
+
+
+def _reference_counts(reference, experiments):
+    """Usable reference spots per experiment (as DIALS' process_reference keeps)."""
+    sel = reference.get_flags(reference.flags.indexed)
+    sel &= ~reference.get_flags(reference.flags.bad_for_refinement, all=False)
+    sel &= reference["miller_index"] != (0, 0, 0)
+    ids = reference["id"].select(sel)
+    return [int((ids == i).count(True)) for i in range(len(experiments))]
+
+
+def _too_few(n, exp, gaussian_rs) -> bool:
+    """DIALS' own test in gaussian_rs Model.create_from_reflections."""
+    if n >= gaussian_rs.min_spots.overall:
+        return False
+    degrees = exp.scan.get_num_images() * exp.scan.get_oscillation()[1]
+    return not (n / degrees >= gaussian_rs.min_spots.per_degree)
+
+
+def _algorithm(ip):
+    import dials.extensions
+
+    return dials.extensions.ProfileModel.load(ip.profile.algorithm)().algorithm()
+
+
+def _pooled_profiles(ip, experiments, reference, small):
+    """Give the small blocks a profile model from all blocks' spots."""
+    from dials.command_line.integrate import filter_reference_pixels, process_reference
+
+    if ip.profile.algorithm != "gaussian_rs":
+        raise GapfillError(
+            f"block(s) {', '.join(str(i + 1) for i in small)} have too few strong spots for "
+            f"their own {ip.profile.algorithm} profile model: set "
+            "integration.small_blocks.profile=summation (or use the gaussian_rs profile model)"
+        )
+    ref, _ = process_reference(copy.deepcopy(reference))
+    ref = filter_reference_pixels(ref, experiments)
+    relaxed = copy.deepcopy(ip.profile)
+    relaxed.gaussian_rs.min_spots.overall = 0
+    relaxed.gaussian_rs.min_spots.per_degree = 0
+    Algorithm = _algorithm(ip)
+    own, weights = {}, {}
+    for i, exp in enumerate(experiments):
+        sub = ref.select(ref["id"] == i)
+        if len(sub) == 0:
+            continue
+        try:
+            model = Algorithm.create(
+                relaxed, sub, exp.crystal, exp.beam, exp.detector, exp.goniometer, exp.scan
+            )
+        except RuntimeError:
+            continue
+        own[i] = model
+        weights[i] = len(sub)
+    total = sum(weights.values())
+    if total < ip.profile.gaussian_rs.min_spots.overall:
+        raise GapfillError(
+            f"only {total} strong spots in the whole sweep, too few for a profile model: set "
+            "integration.profile.gaussian_rs.parameters.sigma_b= and sigma_m= (degrees)"
+        )
+    sigma_b = sum(own[i].sigma_b(deg=True) * w for i, w in weights.items()) / total
+    sigma_m = sum(own[i].sigma_m(deg=True) * w for i, w in weights.items()) / total
+    logger.info(
+        "Profile model pooled over all blocks (%d spots): sigma_b %.4f, sigma_m %.4f deg",
+        total,
+        sigma_b,
+        sigma_m,
+    )
+    fixed = copy.deepcopy(ip.profile)
+    fixed.gaussian_rs.parameters.sigma_b = sigma_b
+    fixed.gaussian_rs.parameters.sigma_m = sigma_m
+    for i, exp in enumerate(experiments):
+        if i in small or i not in own:
+            exp.profile = Algorithm.create(
+                fixed, None, exp.crystal, exp.beam, exp.detector, exp.goniometer, exp.scan
+            )
+        else:
+            # a large block: its own model from its own spots, as dials.integrate
+            exp.profile = Algorithm.create(
+                ip.profile, ref.select(ref["id"] == i), exp.crystal, exp.beam,
+                exp.detector, exp.goniometer, exp.scan,
+            )
+    return sigma_b, sigma_m
+
+
+def _run(ip, experiments, reference):
+    from dials.command_line.integrate import run_integration
+
+    try:
+        experiments, reflections, _ = run_integration(ip, experiments, reference)
+    except (ValueError, RuntimeError) as e:
+        raise GapfillError(
+            f"integration failed: {' '.join(str(e).split())[:200]}: check integration.*"
+        ) from None
+    return experiments, reflections
+
+
+def _renumber(reflections, from_experiments, to_experiments):
+    from dials.array_family import flex
+
+    position = {e.identifier: i for i, e in enumerate(to_experiments)}
+    ids = reflections["id"]
+    new = flex.int(len(reflections), -1)
+    for i, exp in enumerate(from_experiments):
+        new.set_selected(ids == i, position[exp.identifier])
+    reflections["id"] = new
+    for k in list(reflections.experiment_identifiers().keys()):
+        del reflections.experiment_identifiers()[k]
+    for i, exp in enumerate(to_experiments):
+        reflections.experiment_identifiers()[i] = exp.identifier
+    return reflections
+
+
+def integrate(experiments, reference, params, report):
+    """Integrated (experiments, reflections) for all blocks."""
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials.array_family import flex
+
+    from dials_gapfill.phil import dials_integrate_params
+
+    ip = dials_integrate_params(params)
+    counts = _reference_counts(reference, experiments)
+    small = []
+    if ip.profile.algorithm == "gaussian_rs" and ip.create_profile_model:
+        g = ip.profile.gaussian_rs
+        if g.parameters.sigma_b is None or g.parameters.sigma_m is None:
+            small = [i for i, exp in enumerate(experiments) if _too_few(counts[i], exp, g)]
+    for i, exp in enumerate(experiments):
+        report.block(exp.identifier).stats["profile"] = "own"
+
+    if not small:
+        experiments, reflections = _run(ip, experiments, reference)
+    elif params.integration.small_blocks.profile == "pooled" or len(small) == len(experiments):
+        if len(small) == len(experiments) and params.integration.small_blocks.profile == "summation":
+            logger.warning("All blocks are small: using the pooled profile model")
+        _pooled_profiles(ip, experiments, reference, small)
+        for i in small:
+            block = report.block(experiments[i].identifier)
+            block.stats["profile"] = "pooled over blocks"
+            logger.info(
+                "Block %d (images %s): %d strong spots, too few for its own profile model: "
+                "profile model pooled over all blocks",
+                block.number, block.label, counts[i],
+            )
+        ip.create_profile_model = False
+        experiments, reflections = _run(ip, experiments, reference)
+    else:
+        large = [i for i in range(len(experiments)) if i not in small]
+        big_expts = ExperimentList([experiments[i] for i in large])
+        small_expts = ExperimentList([experiments[i] for i in small])
+        from dials_gapfill.tables import keep_experiments
+
+        big_ref, big_expts = keep_experiments(reference, experiments, {e.identifier for e in big_expts})
+        big_expts, big_refl = _run(copy.deepcopy(ip), big_expts, big_ref)
+        Algorithm = _algorithm(ip)
+        weights = [counts[i] for i in large]
+        total = sum(weights)
+        sigma_b = sum(e.profile.sigma_b(deg=True) * w for e, w in zip(big_expts, weights)) / total
+        sigma_m = sum(e.profile.sigma_m(deg=True) * w for e, w in zip(big_expts, weights)) / total
+        sp = copy.deepcopy(ip)
+        sp.profile.gaussian_rs.parameters.sigma_b = sigma_b
+        sp.profile.gaussian_rs.parameters.sigma_m = sigma_m
+        sp.profile.fitting = False
+        sp.create_profile_model = False
+        for exp in small_expts:
+            exp.profile = Algorithm.create(
+                sp.profile, None, exp.crystal, exp.beam, exp.detector, exp.goniometer, exp.scan
+            )
+            block = report.block(exp.identifier)
+            block.stats["profile"] = "summation only"
+            logger.info(
+                "Block %d (images %s): too few strong spots for a profile model: "
+                "integrated by summation", block.number, block.label,
+            )
+        small_ref, small_expts = keep_experiments(reference, experiments, {e.identifier for e in small_expts})
+        small_expts, small_refl = _run(sp, small_expts, small_ref)
+        order = ExperimentList(sorted(list(big_expts) + list(small_expts), key=lambda e: e.scan.get_image_range()[0]))
+        big_refl = _renumber(big_refl, big_expts, order)
+        small_refl = _renumber(small_refl, small_expts, order)
+        reflections = flex.reflection_table()
+        common = [k for k in big_refl.keys() if k in small_refl]
+        for part in (big_refl, small_refl):
+            sub = flex.reflection_table()
+            for k in common:
+                sub[k] = part[k]
+            reflections.extend(sub)
+        for i, exp in enumerate(order):
+            reflections.experiment_identifiers()[i] = exp.identifier
+        experiments = order
+
+    _record(reflections, experiments, report)
+    return experiments, reflections
+
+
+def mean_i_over_sigma(reflections):
+    """<I/sigma> with profile-fitted intensities where available, else summation."""
+    from dials.array_family import flex
+
+    prf = reflections.get_flags(reflections.flags.integrated_prf)
+    if "intensity.prf.value" in reflections and prf.count(True):
+        i = reflections["intensity.prf.value"].select(prf)
+        v = reflections["intensity.prf.variance"].select(prf)
+    else:
+        s = reflections.get_flags(reflections.flags.integrated_sum)
+        i = reflections["intensity.sum.value"].select(s)
+        v = reflections["intensity.sum.variance"].select(s)
+    ok = v > 0
+    if ok.count(True) == 0:
+        return 0.0
+    return float(flex.mean(i.select(ok) / flex.sqrt(v.select(ok))))
+
+
+def _record(reflections, experiments, report):
+    for i, exp in enumerate(experiments):
+        sub = reflections.select(reflections["id"] == i)
+        block = report.block(exp.identifier)
+        block.stats["integrated"] = len(sub)
+        block.stats["mean_isigi"] = mean_i_over_sigma(sub) if len(sub) else float("nan")
+        block.stats["profile_fitted"] = int(sub.get_flags(sub.flags.integrated_prf).count(True))
+        if math.isnan(block.stats["mean_isigi"]):
+            block.stats["mean_isigi"] = None

@@ -1,0 +1,454 @@
+"""The master PHIL scope of dials.process_gapped.
+
+Sub-scopes are named after the step they feed.  DIALS' own scopes are
+included, not copied, so every DIALS option of each step stays available:
+
+- ``geometry``, ``format``, ``input.tolerance`` and ``lookup``: dials.import's
+- ``spotfinder``: dials.find_spots'
+- ``indexing``: dials.index's (``indexing.*``)
+- ``refinement``: dials.refine's (``refinement.*``), plus ``refinement.blocks``
+- ``integration``: dials.integrate's ``integration``, with its ``profile`` and
+  ``prediction`` scopes adopted as ``integration.profile`` and
+  ``integration.prediction``, plus ``integration.small_blocks``
+- ``mtz``: dials.export's ``mtz`` scope plus ``mtz.intensity``
+
+Helpers at the bottom turn an extract of this scope into the parameter objects
+DIALS' own functions expect (``dials_params_for_*``), starting from the DIALS
+command's working PHIL so that its defaults are DIALS' defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import iotbx.phil
+import libtbx.phil
+from libtbx import Auto
+
+
+def _merged(name, scopes, help_text=None):
+    """One scope called `name` holding the definitions of several scopes."""
+    text = f'{name}\n  .help = "{help_text}"\n{{}}' if help_text else f"{name} {{}}"
+    merged = iotbx.phil.parse(text)
+    target = merged.objects[0]
+    for scope in scopes:
+        for obj in scope.objects:
+            target.adopt(copy.deepcopy(obj))
+    return merged
+
+
+def _scope(phil, name):
+    """The top-level objects called `name` of a parsed phil scope."""
+    return [o for o in phil.objects if o.name == name]
+
+
+_own_phil = """
+input
+  .help = "Where the images are. Images may also be given as plain command-line"
+          "arguments (files, globs or directories)."
+{
+  images = None
+    .type = str
+    .multiple = True
+    .help = "Image files, glob patterns (quoted or not) or directories. Gaps in"
+            "the image numbers split the sweep into blocks."
+  template = None
+    .type = str
+    .multiple = True
+    .help = "A file name template with # for the image number digits, e.g."
+            "data_####.cbf. Uses the files that exist: missing images are gaps."
+  image = None
+    .type = str
+    .multiple = True
+    .help = "xia2-style image range: /path/name_0001.cbf:start:end (repeatable)."
+            "Uses the images start..end of that template that exist."
+  reference_geometry = None
+    .type = path
+    .help = "Experimental geometry from this models.expt overrides the geometry"
+            "from the image headers (as in dials.import)."
+  check_reference_geometry = True
+    .type = bool
+    .expert_level = 2
+    .help = "If True, assert the reference geometry is similar to the image geometry"
+  use_beam_reference = True
+    .type = bool
+    .expert_level = 2
+    .help = "If True, the beam from reference_geometry overrides the image headers."
+  use_gonio_reference = True
+    .type = bool
+    .expert_level = 2
+    .help = "If True, the goniometer from reference_geometry overrides the headers."
+  use_detector_reference = True
+    .type = bool
+    .expert_level = 2
+    .help = "If True, the detector from reference_geometry overrides the headers."
+}
+
+gaps
+  .help = "Missing and bad images: what becomes a gap between blocks."
+{
+  exclude_images = None
+    .type = strings
+    .multiple = True
+    .help = "Image numbers (1-based, as in the file names) to leave out, as"
+            "ranges first:last and single numbers separated by commas, e.g."
+            "exclude_images=41:45,81. Excluded files are never opened: each"
+            "range becomes a gap between blocks."
+  auto_exclude = True
+    .type = bool
+    .help = "Find bad images and make them gaps before indexing: files that"
+            "cannot be read (truncated, corrupt), blank images (shutter or beam"
+            "failure), all-zero images (beam dump) and over-exposed images."
+            "Each is logged with its reason and listed in the summary."
+  blank_fraction = 0.25
+    .type = float(value_min=0, value_max=1)
+    .expert_level = 1
+    .help = "An image is blank when its strong-spot count is below this fraction"
+            "of the median count of its neighbours (as dials.detect_blanks'"
+            "counts_fractional_loss)."
+  overexposed_factor = 5.0
+    .type = float(value_min=1)
+    .expert_level = 1
+    .help = "An image is over-exposed when the median intensity of its strong"
+            "spots exceeds this factor times the median of its neighbours."
+  neighbours = 10
+    .type = int(value_min=2)
+    .expert_level = 1
+    .help = "Number of images each side used as neighbours for the tests above."
+  min_block_images = 1
+    .type = int(value_min=1)
+    .expert_level = 1
+    .help = "Blocks with fewer images than this are dropped (with a warning)."
+}
+
+scaling
+  .help = "Optional scaling and merging of all blocks as one crystal, in process."
+{
+  run = False
+    .type = bool
+    .help = "Scale all blocks together with DIALS (as dials.scale) and write"
+            "scaled.mtz (unmerged), merged.mtz and merging statistics."
+  anomalous = False
+    .type = bool
+    .help = "Keep Friedel pairs separate in scaling and merging statistics."
+  d_min = None
+    .type = float(value_min=0)
+    .help = "High resolution limit for scaling and merging."
+}
+
+output
+  .help = "Where results go. Every file is written to a temporary name and"
+          "renamed, so no half-written file ever carries a final name."
+{
+  directory = .
+    .type = path
+    .help = "Folder for all outputs (created if needed)."
+  experiments = integrated.expt
+    .type = str
+    .help = "Integrated experiments (what dials.scale and xia2.multiplex read)."
+  reflections = integrated.refl
+    .type = str
+    .help = "Integrated reflections."
+  mtz = integrated.mtz
+    .type = str
+    .help = "One unmerged MTZ with all blocks; BATCH equals the image number."
+  per_block_mtz = True
+    .type = bool
+    .help = "Also write one MTZ per block, named from output.block_mtz."
+  block_mtz = "integrated_{block}.mtz"
+    .type = str
+    .help = "Name of the per-block MTZ files; {block} is the block number (1, 2, ...)."
+  scaled_mtz = scaled.mtz
+    .type = str
+    .help = "Unmerged scaled MTZ (with scaling.run=True)."
+  merged_mtz = merged.mtz
+    .type = str
+    .help = "Merged MTZ (with scaling.run=True)."
+  log = dials.process_gapped.log
+    .type = str
+    .help = "The log file."
+  json = dials.process_gapped.json
+    .type = str
+    .help = "Machine-readable summary (layout in README.md). None: do not write."
+  html = dials.process_gapped.html
+    .type = str
+    .help = "Self-contained HTML report with plots. None: do not write."
+}
+
+mp
+  .help = "Parallel processing, passed to DIALS' spot finding and integration."
+{
+  nproc = Auto
+    .type = int(value_min=1)
+    .help = "Number of processes. Auto: the number of available cores."
+  method = *multiprocessing drmaa sge lsf pbs
+    .type = choice
+    .help = "multiprocessing on this machine, or a cluster back-end of DIALS"
+            "(drmaa, sge, lsf, pbs) for spot finding and integration."
+  njobs = 1
+    .type = int(value_min=1)
+    .help = "Number of cluster jobs (with a cluster method)."
+}
+"""
+
+_refinement_extra = """
+blocks
+  .help = "How the per-block crystal models are refined (dials.process_gapped)."
+{
+  tie_cells = True
+    .type = bool
+    .help = "Restrain the unit cells of all blocks to their common mean (DIALS'"
+            "unit_cell.restraints.tie_to_group): one crystal, one cell."
+  tie_sigma = 0.01 0.01 0.01 0.01 0.01 0.01
+    .type = floats(size=6, value_min=0.)
+    .expert_level = 1
+    .help = "Sigmas of the cell-tie restraint (a, b, c in Angstrom, angles in degrees)."
+  min_images_scan_varying = 10
+    .type = int(value_min=1)
+    .help = "Blocks with fewer images than this are refined static-only inside"
+            "the joint scan-varying job."
+  min_reflections_scan_varying = 200
+    .type = int(value_min=1)
+    .help = "Blocks with fewer indexed reflections than this are refined static-only."
+  scan_varying = True
+    .type = bool
+    .help = "Run scan-varying refinement after static refinement."
+}
+"""
+
+_indexing_extra = """
+blocks
+  .help = "Which blocks survive indexing (dials.process_gapped)."
+{
+  min_indexed_fraction = 0.2
+    .type = float(value_min=0, value_max=1)
+    .help = "A block whose strong spots index below this fraction (e.g. a wrong"
+            "start angle, or no diffraction) is dropped with a warning."
+}
+"""
+
+_integration_extra = """
+small_blocks
+  .help = "Blocks with too few strong spots for their own profile model."
+{
+  profile = *pooled summation
+    .type = choice
+    .help = "pooled: take the profile model (sigma_b, sigma_m) from all blocks"
+            "together; summation: integrate such blocks by summation only."
+}
+"""
+
+_mtz_extra = """
+intensity = *profile sum
+  .type = choice(multi=True)
+  .help = "Intensities written to integrated.mtz: profile and/or sum (as dials.export)."
+"""
+
+
+# Parallelism is set once, in the top-level ``mp`` scope, and passed to every
+# step; these per-step duplicates are removed so that ``nproc=4`` means one thing.
+_REMOVED = (
+    "spotfinder.mp.nproc",
+    "spotfinder.mp.method",
+    "spotfinder.mp.njobs",
+    "indexing.nproc",
+    "refinement.mp.nproc",
+    "refinement.reflections.outlier.nproc",
+    "integration.mp.nproc",
+    "integration.mp.method",
+    "integration.mp.njobs",
+)
+
+# Short forms accepted on the command line (as dials.index, dials.find_spots
+# and xia2 users type them), rewritten to their full path before parsing.
+ALIASES = {
+    "nproc": "mp.nproc",
+    "space_group": "indexing.known_symmetry.space_group",
+    "unit_cell": "indexing.known_symmetry.unit_cell",
+    "exclude_images": "gaps.exclude_images",
+    "scale": "scaling.run",
+    "anomalous": "scaling.anomalous",
+}
+
+
+def _remove(master, path):
+    parent_path, name = path.rsplit(".", 1)
+    for parent in master.get_without_substitution(parent_path):
+        parent.objects = [o for o in parent.objects if o.name != name]
+
+
+def _build_master():
+    from dials.algorithms.integration.integrator import phil_scope as integrator_phil
+    from dials.algorithms.profile_model.factory import phil_scope as profile_phil
+    from dials.algorithms.refinement.refiner import phil_scope as refiner_phil
+    from dials.algorithms.spot_finding.factory import phil_scope as spotfinder_phil
+    from dials.algorithms.spot_prediction.reflection_predictor import (
+        phil_scope as prediction_phil,
+    )
+    from dials.command_line import dials_import, export, index
+    from dials.util.options import (
+        format_phil_scope,
+        geometry_phil_scope,
+        tolerance_phil_scope,
+    )
+
+    master = iotbx.phil.parse(_own_phil)
+    # input.tolerance: the tolerances dials.import uses to decide shared models
+    master.get_without_substitution("input")[0].adopt(
+        copy.deepcopy(tolerance_phil_scope.objects[0])
+    )
+    for scope in (geometry_phil_scope, format_phil_scope):
+        master.adopt_scope(copy.deepcopy(scope))
+    for obj in _scope(dials_import.phil_scope, "lookup"):
+        master.adopt(copy.deepcopy(obj))
+
+    master.adopt_scope(copy.deepcopy(spotfinder_phil))
+    indexing = _merged("indexing", _scope(index.phil_scope, "indexing"))
+    indexing.objects[0].adopt(iotbx.phil.parse(_indexing_extra).objects[0])
+    master.adopt_scope(indexing)
+
+    refinement = _merged("refinement", _scope(refiner_phil, "refinement"))
+    refinement.objects[0].adopt(iotbx.phil.parse(_refinement_extra).objects[0])
+    master.adopt_scope(refinement)
+
+    integration = _merged("integration", _scope(integrator_phil, "integration"))
+    for scope in (profile_phil, prediction_phil):
+        for obj in scope.objects:
+            integration.objects[0].adopt(copy.deepcopy(obj))
+    integration.objects[0].adopt(iotbx.phil.parse(_integration_extra).objects[0])
+    master.adopt_scope(integration)
+
+    mtz = _merged(
+        "mtz",
+        _scope(export.phil_scope, "mtz"),
+        help_text="Options of the MTZ export (dials.export's mtz scope).",
+    )
+    for obj in iotbx.phil.parse(_mtz_extra).objects:
+        mtz.objects[0].adopt(obj)
+    master.adopt_scope(mtz)
+    for path in _REMOVED:
+        _remove(master, path)
+    return master
+
+
+# Defaults where dials.process_gapped differs from the DIALS scopes above, each
+# for a reason given in the README.
+_overrides = """
+mtz.hklout = None
+"""
+
+
+_master = None
+
+
+def master_phil():
+    """The master scope (built once: including DIALS' scopes takes ~0.3 s)."""
+    global _master
+    if _master is None:
+        master = _build_master()
+        _master = master.fetch(source=iotbx.phil.parse(_overrides))
+    return _master
+
+
+def working_params(text: str = ""):
+    """Extract of the master scope with `text` (PHIL) applied."""
+    return master_phil().fetch(source=iotbx.phil.parse(text)).extract()
+
+
+# --------------------------------------------------------------------------
+# DIALS parameter objects for each step
+# --------------------------------------------------------------------------
+
+
+def resolve_nproc(nproc):
+    if nproc is Auto or nproc is None:
+        from dials.util.mp import available_cores
+
+        return available_cores()
+    return int(nproc)
+
+
+def dials_import_params(params):
+    """Parameters in the shape dials.import's MetaDataUpdater expects."""
+    from dials.command_line import dials_import
+
+    p = dials_import.phil_scope.extract()
+    p.geometry = params.geometry
+    p.format = params.format
+    p.lookup = params.lookup
+    for name in (
+        "reference_geometry",
+        "check_reference_geometry",
+        "use_beam_reference",
+        "use_gonio_reference",
+        "use_detector_reference",
+    ):
+        setattr(p.input, name, getattr(params.input, name))
+    p.input.__inject__("tolerance", params.input.tolerance)
+    p.identifier_type = None
+    return p
+
+
+def _set(extract, name, value):
+    """Set an attribute of a PHIL extract, creating it if the master lacks it."""
+    if name in extract.__dict__:
+        setattr(extract, name, value)
+    else:
+        extract.__inject__(name, value)
+
+
+def _set_mp(scope, params, none_word):
+    _set(scope, "nproc", resolve_nproc(params.mp.nproc))
+    method = params.mp.method
+    _set(scope, "method", none_word if method == "multiprocessing" else method)
+    _set(scope, "njobs", params.mp.njobs)
+
+
+def dials_spotfinder_params(params):
+    from dials.command_line import find_spots
+
+    p = find_spots.working_phil.extract()
+    p.spotfinder = copy.deepcopy(params.spotfinder)
+    _set_mp(p.spotfinder.mp, params, "none")
+    p.output.shoeboxes = True
+    return p
+
+
+def _refinement(params):
+    refinement = copy.deepcopy(params.refinement)
+    _set(refinement.mp, "nproc", 1)
+    _set(refinement.reflections.outlier, "nproc", resolve_nproc(params.mp.nproc))
+    return refinement
+
+
+def dials_index_params(params):
+    from dials.command_line import index
+
+    p = index.working_phil.extract()
+    p.indexing = copy.deepcopy(params.indexing)
+    _set(p.indexing, "nproc", resolve_nproc(params.mp.nproc))
+    refinement = _refinement(params)
+    # dials.index's own default: refine on a sample of 100 reflections per degree
+    if refinement.reflections.reflections_per_degree is Auto:
+        refinement.reflections.reflections_per_degree = 100
+    p.refinement = refinement
+    return p
+
+
+def dials_refine_params(params):
+    from dials.command_line import refine
+
+    p = refine.working_phil.extract()
+    p.refinement = _refinement(params)
+    return p
+
+
+def dials_integrate_params(params):
+    from dials.command_line import integrate
+
+    p = integrate.working_phil.extract()
+    p.integration = copy.deepcopy(params.integration)
+    p.profile = p.integration.profile
+    p.prediction = p.integration.prediction
+    _set_mp(p.integration.mp, params, "multiprocessing")
+    return p

@@ -1,0 +1,255 @@
+"""Refinement stage: joint static refinement, then per-block crystals refined
+scan-varying in ONE job with shared beam, detector and goniometer.
+
+Each macrocycle is DIALS' own ``dials.command_line.refine.run_macrocycle``
+(RefinerFactory, refiner.run, predictions and flags written back).  Between
+the two the crystal is copied per block, as ``dials.refine`` does in its
+``run()`` in DIALS 3.12 (and ``run_dials_refine`` from 3.14); done here so
+it happens on every version.
+
+Beyond the manual recipe:
+
+- ``refinement.blocks.tie_cells``: the unit cells of all blocks are kept
+  static within each block and restrained to their common mean with DIALS'
+  ``unit_cell.restraints.tie_to_group`` (DIALS ignores cell restraints on a
+  scan-varying cell), while orientations are scan-varying.
+- Blocks below ``refinement.blocks.min_images_scan_varying`` images or
+  ``min_reflections_scan_varying`` reflections keep a static crystal inside
+  the joint scan-varying job.
+- Blocks with too few reflections to refine at all keep the static joint
+  result and are left out of the scan-varying job (they still share the
+  refined beam, detector and goniometer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+
+from dials_gapfill.errors import GapfillError
+
+logger = logging.getLogger("dials.process_gapped.refinement")
+
+# A block needs this many indexed reflections to be refined at all.
+_MIN_REFLECTIONS_TO_REFINE = 20
+
+
+def _macrocycle(params, reflections, experiments, what: str):
+    from dials.command_line.refine import run_macrocycle
+
+    try:
+        refiner, reflections, history = run_macrocycle(params, reflections, experiments)
+    except SystemExit as e:  # DIALS 3.12 exits on configuration/runtime errors
+        raise GapfillError(
+            f"{what} failed: {' '.join(str(e.code).split())[:200]}: check refinement.* "
+            "(or drop the block with gaps.exclude_images)"
+        ) from None
+    return refiner.get_experiments(), reflections, refiner
+
+
+@contextlib.contextmanager
+def _static_crystals(crystals):
+    """Parameterise `crystals` statically inside a scan-varying refinement.
+
+    DIALS chooses static or scan-varying for all crystals of a job; its
+    scan-varying prediction parameterisation accepts a mix. The choice is
+    made per crystal by wrapping configure._parameterise_crystals for the
+    duration of one job; where that function does not exist (another DIALS
+    version) all crystals are scan-varying and this says so.
+    """
+    if not crystals:
+        yield True
+        return
+    from dials.algorithms.refinement.parameterisation import configure
+    from dials.algorithms.refinement.parameterisation.crystal_parameters import (
+        CrystalOrientationParameterisation,
+        CrystalUnitCellParameterisation,
+    )
+
+    original = getattr(configure, "_parameterise_crystals", None)
+    if original is None:
+        yield False
+        return
+
+    def static_version(p, cls):
+        if p.get_model() not in crystals or not hasattr(p, "num_sets"):
+            return p
+        static = cls(p.get_model(), experiment_ids=p.get_experiment_ids())
+        static.model_identifier = p.model_identifier
+        return static
+
+    def parameterise(options, experiments, analysis):
+        ori, uc = original(options, experiments, analysis)
+        ori = [static_version(p, CrystalOrientationParameterisation) for p in ori]
+        uc = [static_version(p, CrystalUnitCellParameterisation) for p in uc]
+        return ori, uc
+
+    configure._parameterise_crystals = parameterise
+    try:
+        yield True
+    finally:
+        configure._parameterise_crystals = original
+
+
+def _record_rmsds(reflections, experiments, report, key):
+    from dials_gapfill.tables import rmsds
+
+    for i, exp in enumerate(experiments):
+        r = rmsds(reflections, i)
+        if r is None:
+            continue
+        block = report.block(exp.identifier)
+        block.stats[key] = {"x": r[0], "y": r[1], "phi": r[2], "n": r[3]}
+
+
+def split_crystals(experiments) -> None:
+    """One crystal object per block (a copy of the shared one)."""
+    seen = set()
+    for exp in experiments:
+        if id(exp.crystal) in seen:
+            exp.crystal = copy.deepcopy(exp.crystal)
+        seen.add(id(exp.crystal))
+
+
+def refine(experiments, reflections, params, report):
+    """Static joint refinement, then scan-varying per-block refinement.
+
+    `reflections` are the indexing result; only indexed reflections are used
+    (and returned).  Returns (experiments, reflections).
+    """
+    from dials_gapfill.phil import dials_refine_params
+    from dials_gapfill.tables import keep_experiments
+
+    blocks_p = params.refinement.blocks
+    indexed = reflections.get_flags(reflections.flags.indexed) & (reflections["id"] >= 0)
+    reflections = reflections.select(indexed)
+
+    # 1. static refinement of everything, one crystal
+    rp = dials_refine_params(params)
+    rp.refinement.parameterisation.scan_varying = False
+    logger.info("Static refinement of %d block(s) with one crystal", len(experiments))
+    experiments, reflections, _ = _macrocycle(rp, reflections, experiments, "static refinement")
+    _record_rmsds(reflections, experiments, report, "rmsd_static")
+    static_crystal = experiments[0].crystal
+    report.crystal["static"] = {
+        "unit_cell": list(static_crystal.get_unit_cell().parameters()),
+        "space_group": str(static_crystal.get_space_group().info()),
+    }
+
+    # 2. one crystal per block
+    split_crystals(experiments)
+    if not blocks_p.scan_varying:
+        for exp in experiments:
+            report.block(exp.identifier).stats["refinement"] = "static"
+        return experiments, reflections
+
+    # 3. scan-varying refinement of all blocks in one job
+    counts = [int((reflections["id"] == i).count(True)) for i in range(len(experiments))]
+    in_job, static_only = set(), set()
+    for exp, n in zip(experiments, counts):
+        block = report.block(exp.identifier)
+        if n < _MIN_REFLECTIONS_TO_REFINE:
+            block.stats["refinement"] = "static (joint result: too few reflections)"
+            continue
+        in_job.add(exp.identifier)
+        small = (
+            exp.scan.get_num_images() < blocks_p.min_images_scan_varying
+            or n < blocks_p.min_reflections_scan_varying
+        )
+        if small:
+            static_only.add(exp.crystal)
+            block.stats["refinement"] = "static crystal in the scan-varying job"
+        else:
+            block.stats["refinement"] = "scan-varying"
+    if len(static_only) == len(in_job):
+        logger.info("No block is large enough for scan-varying refinement")
+        return experiments, reflections
+
+    sv_refl, sv_expts = keep_experiments(reflections, experiments, in_job)
+    rp = dials_refine_params(params)
+    par = rp.refinement.parameterisation
+    par.scan_varying = True
+    if blocks_p.tie_cells and len(sv_expts) > 1:
+        par.crystal.unit_cell.force_static = True
+        _set_tie(rp, blocks_p.tie_sigma)
+    if par.auto_reduction.action == "fail" and static_only:
+        par.auto_reduction.action = "fix"
+    logger.info(
+        "Scan-varying refinement of %d block(s) in one job (%d with a static crystal)",
+        len(sv_expts),
+        len(static_only),
+    )
+    with _static_crystals(static_only) as applied:
+        if not applied:
+            logger.warning(
+                "This DIALS cannot mix static and scan-varying crystals: all are scan-varying"
+            )
+        sv_expts, sv_refl, _ = _macrocycle(rp, sv_refl, sv_expts, "scan-varying refinement")
+    _record_rmsds(sv_refl, sv_expts, report, "rmsd_scan_varying")
+
+    # put the refined models in place; beam, detector, goniometer stay shared
+    refined = {e.identifier: e for e in sv_expts}
+    shared = sv_expts[0]
+    for exp in experiments:
+        if exp.identifier in refined:
+            exp.crystal = refined[exp.identifier].crystal
+        exp.beam, exp.detector, exp.goniometer = shared.beam, shared.detector, shared.goniometer
+    sv_refl = _reorder(sv_refl, sv_expts, experiments)
+    if len(in_job) == len(experiments):
+        return experiments, sv_refl
+    rest, _ = keep_experiments(reflections, experiments, {e.identifier for e in experiments} - in_job)
+    rest = _reorder(rest, [e for e in experiments if e.identifier not in in_job], experiments)
+    return experiments, _concat(sv_refl, rest, experiments)
+
+
+def _set_tie(rp, sigmas):
+    """Restrain the unit cells of all crystals to their mean (tie_to_group)."""
+    import iotbx.phil
+
+    from dials.algorithms.refinement.refiner import phil_scope
+
+    extract = phil_scope.fetch(
+        iotbx.phil.parse(
+            "refinement.parameterisation.crystal.unit_cell.restraints.tie_to_group {\n"
+            f"  sigmas = {' '.join(str(s) for s in sigmas)}\n"
+            "}"
+        )
+    ).extract()
+    rp.refinement.parameterisation.crystal.unit_cell.restraints.tie_to_group = (
+        extract.refinement.parameterisation.crystal.unit_cell.restraints.tie_to_group
+    )
+
+
+def _reorder(table, table_experiments, experiments):
+    """Renumber `table` ids to the positions of its experiments in `experiments`."""
+    from dials.array_family import flex
+
+    position = {e.identifier: i for i, e in enumerate(experiments)}
+    new_ids = flex.int(len(table), -1)
+    ids = table["id"]
+    for i, exp in enumerate(table_experiments):
+        new_ids.set_selected(ids == i, position[exp.identifier])
+    table["id"] = new_ids
+    for k in list(table.experiment_identifiers().keys()):
+        del table.experiment_identifiers()[k]
+    for i, exp in enumerate(experiments):
+        if exp in table_experiments or any(e.identifier == exp.identifier for e in table_experiments):
+            table.experiment_identifiers()[i] = exp.identifier
+    return table
+
+
+def _concat(a, b, experiments):
+    """Rows of two tables (common columns), with the identifier map of both."""
+    from dials.array_family import flex
+
+    common = [k for k in a.keys() if k in b]
+    out = flex.reflection_table()
+    for part in (a, b):
+        sub = flex.reflection_table()
+        for k in common:
+            sub[k] = part[k]
+        out.extend(sub)
+    for i, exp in enumerate(experiments):
+        out.experiment_identifiers()[i] = exp.identifier
+    return out

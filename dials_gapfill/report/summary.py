@@ -1,0 +1,116 @@
+"""The xia2-style summary: a table per block, then the overall numbers."""
+
+from __future__ import annotations
+
+import math
+
+
+def _f(v, fmt):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, fmt)
+
+
+def _range_text(numbers) -> str:
+    numbers = sorted(numbers)
+    if not numbers:
+        return ""
+    parts, start, prev = [], numbers[0], numbers[0]
+    for n in numbers[1:] + [None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(parts)
+
+
+def block_rows(report):
+    rows = []
+    for b in report.blocks:
+        s = b.stats
+        rmsd = s.get("rmsd_scan_varying") or s.get("rmsd_static") or {}
+        frac = s.get("indexed_fraction")
+        rows.append(
+            [
+                b.number,
+                b.label,
+                f"{b.phi_start:.1f}-{b.phi_end:.1f}",
+                s.get("spots", "-"),
+                _f(100 * frac if frac is not None else None, ".1f"),
+                _f(rmsd.get("x"), ".3f"),
+                _f(rmsd.get("y"), ".3f"),
+                _f(rmsd.get("phi"), ".3f"),
+                s.get("integrated", "-"),
+                _f(s.get("mean_isigi"), ".1f"),
+            ]
+        )
+    return rows
+
+
+BLOCK_HEADER = [
+    "block", "images", "phi (deg)", "spots", "% indexed",
+    "RMSD x (px)", "RMSD y (px)", "RMSD phi (img)", "integrated", "<I/sig>",
+]
+
+
+def summary_text(report, directory=None) -> str:
+    from dials.util import tabulate
+
+    lines = ["", "=" * 30 + " dials.process_gapped summary " + "=" * 30, ""]
+    lines.append(tabulate(block_rows(report), BLOCK_HEADER))
+    lines.append("")
+    c = report.crystal.get("final") or {}
+    if c:
+        cell = c.get("unit_cell", [])
+        esd = c.get("unit_cell_esd") or [None] * 6
+        cell_text = "  ".join(
+            f"{v:.4f}({_f(e, '.4f')})" if e else f"{v:.4f}" for v, e in zip(cell, esd)
+        )
+        lines.append(f"Unit cell:     {cell_text}")
+        lines.append(f"Space group:   {c.get('space_group', '-')}")
+        if c.get("cell_spread") is not None:
+            lines.append(
+                "Cell spread across blocks (max - min, A / deg): "
+                + " ".join(f"{v:.4f}" for v in c["cell_spread"])
+            )
+    totals = report.inputs
+    n_images = sum(b.n_images for b in report.blocks)
+    lines.append(
+        f"Blocks:        {len(report.blocks)} ({n_images} images used"
+        f" of {totals.get('image_range', ['?', '?'])[0]}-{totals.get('image_range', ['?', '?'])[1]})"
+    )
+    lines.append(
+        "Totals:        "
+        f"{sum(b.stats.get('spots', 0) for b in report.blocks)} strong spots, "
+        f"{sum(b.stats.get('indexed', 0) for b in report.blocks)} indexed, "
+        f"{sum(b.stats.get('integrated', 0) for b in report.blocks)} integrated"
+    )
+    if report.excluded:
+        by_reason = {}
+        for e in report.excluded:
+            by_reason.setdefault(e["reason"], []).append(e["image"])
+        lines.append("Images not used:")
+        for reason, images in by_reason.items():
+            lines.append(f"  {_range_text(images)}: {reason}")
+    for d in report.dropped_blocks:
+        lines.append(f"Dropped block {d['first']}-{d['last']}: {d['reason']}")
+    if report.scaling:
+        from dials_gapfill.report.merging import merging_table
+
+        lines.append("")
+        lines.append(merging_table(report.scaling))
+    if report.warnings:
+        lines.append("Warnings:")
+        lines.extend(f"  {w}" for w in report.warnings)
+    if report.files:
+        where = f" (in {directory})" if directory else ""
+        lines.append(f"Files written{where}:")
+        for f in report.files:
+            extra = f", {f['reflections']} reflections" if "reflections" in f else ""
+            lines.append(f"  {f['name']}  ({f['kind']}{extra})")
+    times = ", ".join(f"{s['name']} {s['seconds']:.1f} s" for s in report.stages)
+    if times:
+        lines.append(f"Time:          {report.inputs.get('total_seconds', 0):.1f} s ({times})")
+    return "\n".join(lines)
