@@ -318,9 +318,14 @@ def _quiet_scan_join_messages():
     dxtbx prints them from C++ while it tries (and fails, as it should) to
     join the scans of two blocks across a gap; they are not errors.
     """
+    import ctypes
     import sys
     import tempfile
 
+    try:
+        fflush = ctypes.CDLL(None).fflush
+    except (OSError, AttributeError):
+        fflush = None
     sys.stdout.flush()
     saved = os.dup(1)
     with tempfile.TemporaryFile(mode="w+b") as capture:
@@ -329,6 +334,8 @@ def _quiet_scan_join_messages():
             yield
         finally:
             sys.stdout.flush()
+            if fflush is not None:
+                fflush(None)  # C++ output is buffered by C stdio
             os.dup2(saved, 1)
             os.close(saved)
             capture.seek(0)

@@ -239,7 +239,7 @@ small_blocks
 """
 
 _mtz_extra = """
-intensity = *profile sum
+intensity = *profile *sum
   .type = choice(multi=True)
   .help = "Intensities written to integrated.mtz: profile and/or sum (as dials.export)."
 """
@@ -360,6 +360,15 @@ def working_params(text: str = ""):
 # --------------------------------------------------------------------------
 
 
+def defaults(scope):
+    """Extract of a DIALS phil scope with its defaults.
+
+    (scope.extract() on a scope that was never fetched leaves .multiple
+    definitions as [None], which DIALS code does not expect.)
+    """
+    return scope.fetch(source=iotbx.phil.parse("")).extract()
+
+
 def resolve_nproc(nproc):
     if nproc is Auto or nproc is None:
         from dials.util.mp import available_cores
@@ -372,7 +381,7 @@ def dials_import_params(params):
     """Parameters in the shape dials.import's MetaDataUpdater expects."""
     from dials.command_line import dials_import
 
-    p = dials_import.phil_scope.extract()
+    p = defaults(dials_import.phil_scope)
     p.geometry = params.geometry
     p.format = params.format
     p.lookup = params.lookup
@@ -407,7 +416,7 @@ def _set_mp(scope, params, none_word):
 def dials_spotfinder_params(params):
     from dials.command_line import find_spots
 
-    p = find_spots.working_phil.extract()
+    p = defaults(find_spots.working_phil)
     p.spotfinder = copy.deepcopy(params.spotfinder)
     _set_mp(p.spotfinder.mp, params, "none")
     p.output.shoeboxes = True
@@ -424,7 +433,7 @@ def _refinement(params):
 def dials_index_params(params):
     from dials.command_line import index
 
-    p = index.working_phil.extract()
+    p = defaults(index.working_phil)
     p.indexing = copy.deepcopy(params.indexing)
     _set(p.indexing, "nproc", resolve_nproc(params.mp.nproc))
     refinement = _refinement(params)
@@ -438,7 +447,7 @@ def dials_index_params(params):
 def dials_refine_params(params):
     from dials.command_line import refine
 
-    p = refine.working_phil.extract()
+    p = defaults(refine.working_phil)
     p.refinement = _refinement(params)
     return p
 
@@ -446,7 +455,7 @@ def dials_refine_params(params):
 def dials_integrate_params(params):
     from dials.command_line import integrate
 
-    p = integrate.working_phil.extract()
+    p = defaults(integrate.working_phil)
     p.integration = copy.deepcopy(params.integration)
     p.profile = p.integration.profile
     p.prediction = p.integration.prediction

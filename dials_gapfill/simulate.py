@@ -74,13 +74,13 @@ class SimulationConfig:
     unit_cell: tuple = (54.0, 62.0, 71.0, 90.0, 90.0, 90.0)
     space_group: str = "P 21 21 21"
     detector: str = "pilatus1m"
-    distance: float = 150.0  # mm
+    distance: float = 190.0  # mm
     wavelength: float = 0.9795  # Angstrom
     beam_centre_px: tuple | None = None  # (fast, slow); None: near the centre
     mosaicity: float = 0.12  # degrees, sigma of the rocking curve
     spot_sigma_px: float = 0.9
     wilson_b: float = 18.0
-    intensity_scale: float = 4000.0  # mean photons of a low-resolution reflection
+    intensity_scale: float = 1000.0  # mean photons of a low-resolution reflection
     background: float = 2.0  # counts per pixel, flat part
     background_peak: float = 6.0  # extra counts per pixel at the beam centre
     background_width_px: float = 350.0

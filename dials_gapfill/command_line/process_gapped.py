@@ -200,6 +200,10 @@ def run(args=None, phil=None):
         if not options.verbose:
             _console_shows_own_messages_only()
         _install_signal_handlers()
+        import warnings
+
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
         logger.info(dials_version())
         from dials_gapfill import __version__
 

@@ -1,0 +1,33 @@
+# dials-gapfill: the two commands of the README.
+#   make demo   simulate a small gapped sweep and process it with dials.process_gapped
+#   make test   run the test suite (make test-fast: the quick subset)
+# Both first run scripts/bootstrap.sh (idempotent): DIALS from Debian if missing, a venv, the package.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NPROC ?= 2
+DEMO ?= demo
+
+.PHONY: setup setup-test demo test test-fast bench clean
+
+setup:
+	@VENV=$(VENV) bash scripts/bootstrap.sh
+
+setup-test:
+	@VENV=$(VENV) WITH_TEST_TOOLS=1 bash scripts/bootstrap.sh
+
+demo: setup
+	$(VENV)/bin/dials.simulate_sweep output.directory=$(DEMO)/images omit=41:45,81:83
+	$(VENV)/bin/dials.process_gapped images=$(DEMO)/images nproc=$(NPROC) output.directory=$(DEMO)/processed
+
+test: setup-test
+	$(PY) -m pytest -ra tests
+
+test-fast: setup-test
+	$(PY) -m pytest -ra -m "not slow" tests
+
+bench: setup
+	$(PY) benchmarks/benchmark.py --nproc $(NPROC)
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

@@ -1,0 +1,141 @@
+"""The simulator: dxtbx reads its files with the true geometry; it is deterministic."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from conftest import run_cmd, tool
+
+
+def _hashes(directory):
+    return {
+        f: hashlib.sha256(open(os.path.join(directory, f), "rb").read()).hexdigest()
+        for f in sorted(os.listdir(directory))
+        if f.endswith(".cbf")
+    }
+
+
+SMALL = dict(n_images=6, detector="pilatus300k", seed=5)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    from dials_gapfill.simulate import SimulationConfig, simulate
+
+    d = str(tmp_path_factory.mktemp("small"))
+    simulate(SimulationConfig(**SMALL), d)
+    return d
+
+
+def test_dxtbx_reads_the_true_geometry(sim_complete, truth):
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    files = [os.path.join(sim_complete, f) for f in truth["files"]]
+    experiments = ExperimentListFactory.from_filenames(files)
+    assert len(experiments) == 1
+    exp = experiments[0]
+    assert exp.imageset.get_format_class().__name__ == "FormatCBFMiniPilatus"
+    assert exp.scan.get_image_range() == (1, 120)
+    assert exp.scan.get_oscillation() == pytest.approx((0.0, 0.5))
+    assert exp.beam.get_wavelength() == pytest.approx(truth["wavelength"], abs=1e-6)
+    panel = exp.detector[0]
+    assert panel.get_image_size() == tuple(truth["image_size"]) == (981, 1043)
+    assert panel.get_distance() == pytest.approx(truth["distance_mm"], abs=1e-4)
+    centre = panel.get_beam_centre_px(exp.beam.get_s0())
+    assert centre == pytest.approx(truth["beam_centre_px"], abs=1e-3)
+    assert exp.goniometer.get_rotation_axis() == pytest.approx(truth["rotation_axis"])
+    # the pixels: module gaps are -1, counts are non-negative elsewhere
+    data = exp.imageset.get_raw_data(10)[0].as_numpy_array()
+    assert data.min() == -1 and data.max() > 100
+    assert (data >= 0).mean() > 0.9
+
+
+def test_ground_truth_content(truth):
+    assert truth["unit_cell"] == [54.0, 62.0, 71.0, 90.0, 90.0, 90.0]
+    assert len(truth["orientation"]["U"]) == 121  # one per image boundary
+    assert len(truth["intensities"]["I"]) == len(truth["intensities"]["miller_index"]) > 10000
+    assert truth["n_predicted"] > 20000
+    # the crystal drifts: the orientation changes through the scan
+    import numpy as np
+
+    U0 = np.array(truth["orientation"]["U"][0]).reshape(3, 3)
+    U1 = np.array(truth["orientation"]["U"][-1]).reshape(3, 3)
+    angle = np.degrees(np.arccos((np.trace(U1 @ U0.T) - 1) / 2))
+    assert angle == pytest.approx(0.01 * 60, abs=1e-6)
+
+
+def test_same_seed_gives_identical_files(small, tmp_path):
+    from dials_gapfill.simulate import SimulationConfig, simulate
+
+    simulate(SimulationConfig(**SMALL), str(tmp_path))
+    assert _hashes(str(tmp_path)) == _hashes(small)
+    assert len(_hashes(small)) == 6
+
+
+def test_omitting_images_does_not_change_the_others(small, tmp_path):
+    from dials_gapfill.simulate import SimulationConfig, simulate
+
+    simulate(SimulationConfig(omit=(2, 3), **SMALL), str(tmp_path))
+    full, gapped = _hashes(small), _hashes(str(tmp_path))
+    assert sorted(gapped) == ["sim_0001.cbf", "sim_0004.cbf", "sim_0005.cbf", "sim_0006.cbf"]
+    for name, digest in gapped.items():
+        assert full[name] == digest
+    truth = json.load(open(tmp_path / "ground_truth.json"))
+    assert truth["omitted"] == [2, 3] and truth["images_written"] == [1, 4, 5, 6]
+
+
+def test_another_seed_gives_other_images(small, tmp_path):
+    from dials_gapfill.simulate import SimulationConfig, simulate
+
+    simulate(SimulationConfig(**{**SMALL, "seed": 6}), str(tmp_path))
+    assert set(_hashes(str(tmp_path)).values()).isdisjoint(_hashes(small).values())
+
+
+def test_bad_image_modes(tmp_path):
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.simulate import SimulationConfig, simulate
+
+    bad = {2: "blank", 3: "zero", 4: "overexposed", 5: "truncated", 6: "garbage"}
+    simulate(SimulationConfig(bad_images=bad, **SMALL), str(tmp_path))
+    path = lambda n: str(tmp_path / f"sim_{n:04d}.cbf")  # noqa: E731
+
+    def pixels(n):
+        exp = ExperimentListFactory.from_filenames([path(n)])[0]
+        return exp.imageset.get_raw_data(0)[0].as_numpy_array()
+
+    normal, blank, zero, over = pixels(1), pixels(2), pixels(3), pixels(4)
+    active = normal >= 0
+    assert zero[active].max() == 0
+    # blank: background only, so no bright spot pixels but similar background
+    assert blank[active].max() < 0.2 * normal[active].max()
+    assert 0.5 < blank[active].mean() / normal[active].mean() < 1.0
+    assert over[active].mean() > 100 * normal[active].mean()
+    # truncated: a CBF header promising more bytes than the file has
+    from dials_gapfill.importer import truncated_reason
+
+    assert truncated_reason(path(5)).startswith("unreadable: truncated file")
+    assert truncated_reason(path(1)) is None
+    # garbage: not a CBF at all
+    assert open(path(6), "rb").read(6) != b"###CBF"
+    unhandled = []
+    ExperimentListFactory.from_filenames([path(6)], unhandled=unhandled)
+    assert unhandled == [path(6)]
+
+
+def test_simulate_command(tmp_path):
+    result = run_cmd(
+        [tool("dials.simulate_sweep"), f"output.directory={tmp_path}", "n_images=4",
+         "detector=pilatus300k", "omit=2", "bad_images=4:zero"]
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Wrote 3 images" in result.stdout
+    assert sorted(os.listdir(tmp_path)) == [
+        "ground_truth.json", "sim_0001.cbf", "sim_0003.cbf", "sim_0004.cbf"
+    ]
+    truth = json.load(open(tmp_path / "ground_truth.json"))
+    assert truth["bad_images"] == {"4": "zero"}
