@@ -76,7 +76,12 @@ wilson_b = 18.0
   .help = "Wilson B factor (A^2)."
 prefix = sim
   .type = str
-  .help = "File name prefix: <prefix>_0001.cbf"
+  .help = "File name prefix: <prefix>_0001.cbf, or <prefix>_master.h5 with format=nexus"
+format = *cbf nexus
+  .type = choice
+  .help = "cbf: one Pilatus miniCBF file per image. nexus: the whole sweep as one"
+          "NeXus NXmx HDF5 file, <prefix>_master.h5 (same geometry and pixels; no"
+          "omit, first_image 1, bad images only blank, zero or overexposed)."
 output {
   directory = simulated
     .type = path
@@ -150,7 +155,30 @@ def run(args=None):
             config = config_from_params(params)
         except (ValueError, KeyError) as e:
             raise GapfillError(str(e)) from None
-        truth = simulate(config, params.output.directory)
+        if params.format == "nexus":
+            from dials_gapfill.nexus_writer import FILE_MODES, simulate_nexus
+
+            if config.omit:
+                raise GapfillError(
+                    "format=nexus: a NeXus sweep cannot have holes, so omit= is not "
+                    "possible: leave omit out and make the gaps with "
+                    "gaps.exclude_images= when processing"
+                )
+            if config.first_image != 1:
+                raise GapfillError(
+                    "format=nexus: dxtbx numbers the images of a NeXus file from 1: "
+                    "leave first_image=1"
+                )
+            bad = sorted(i for i, m in config.bad_images.items() if m not in FILE_MODES)
+            if bad:
+                raise GapfillError(
+                    f"format=nexus: bad image mode {config.bad_images[bad[0]]} (image "
+                    f"{bad[0]}) breaks a file, which one NeXus file cannot do per image: "
+                    f"use {', '.join(FILE_MODES)} (or format=cbf)"
+                )
+            truth = simulate_nexus(config, params.output.directory)
+        else:
+            truth = simulate(config, params.output.directory)
         print(
             f"Wrote {len(truth['images_written'])} images ({truth['format_class']}, "
             f"d_min {truth['d_min']:.2f} A, {truth['n_predicted']} reflections) and "

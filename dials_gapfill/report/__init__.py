@@ -21,11 +21,94 @@ def _mean_cell(crystal):
     return [sum(c[k] for c in cells) / n for k in range(6)]
 
 
+def _orientation_angles(U, U_ref):
+    """Rotation of U relative to U_ref as angles about the lab x, y, z axes (deg)."""
+    from scitbx import matrix
+
+    R = matrix.sqr(U) * matrix.sqr(U_ref).transpose()
+    # small-angle decomposition R = Rz Ry Rx
+    r = R.elems
+    x = math.degrees(math.atan2(r[7], r[8]))
+    y = math.degrees(math.asin(max(-1.0, min(1.0, -r[6]))))
+    z = math.degrees(math.atan2(r[3], r[0]))
+    return [x, y, z]
+
+
+def _scan_varying_plots(experiments, report):
+    """Per block: cell and orientation at each scan point (image boundary)."""
+    out = []
+    U_ref = None
+    for exp in experiments:
+        c = exp.crystal
+        first = exp.scan.get_image_range()[0]
+        n = c.num_scan_points
+        points = list(range(n)) if n else [0]
+        Us = [c.get_U_at_scan_point(i) if n else c.get_U() for i in points]
+        cells = [
+            list(c.get_unit_cell_at_scan_point(i).parameters()) if n else list(c.get_unit_cell().parameters())
+            for i in points
+        ]
+        if U_ref is None:
+            U_ref = Us[0]
+        out.append(
+            {
+                "block": report.block(exp.identifier).number,
+                "image": [first + i for i in points],  # scan point i = start of image first + i
+                "cell": cells,
+                "orientation_deg": [_orientation_angles(U, U_ref) for U in Us],
+            }
+        )
+    return out
+
+
+def _isigi_vs_resolution(reflections, experiments, report, n_bins=10):
+    """Mean I/sigma in shells of equal 1/d^2, per block."""
+    from dials.array_family import flex
+
+    if reflections is None or "intensity.sum.value" not in reflections:
+        return None
+    r = reflections
+    if "d" not in r:
+        r = r.select(flex.bool(len(r), True))
+        r.compute_d(experiments)
+    prf = r.get_flags(r.flags.integrated_prf)
+    I = flex.double(len(r), 0)
+    V = flex.double(len(r), 0)
+    if "intensity.prf.value" in r:
+        I.set_selected(prf, r["intensity.prf.value"].select(prf))
+        V.set_selected(prf, r["intensity.prf.variance"].select(prf))
+    I.set_selected(~prf, r["intensity.sum.value"].select(~prf))
+    V.set_selected(~prf, r["intensity.sum.variance"].select(~prf))
+    ok = V > 0
+    r, I, V = r.select(ok), I.select(ok), V.select(ok)
+    if len(r) == 0:
+        return None
+    s2 = 1.0 / flex.pow2(r["d"])
+    lo, hi = flex.min(s2), flex.max(s2)
+    edges = [lo + (hi - lo) * k / n_bins for k in range(n_bins + 1)]
+    isig = I / flex.sqrt(V)
+    result = {"d_centre": [], "blocks": {}}
+    for k in range(n_bins):
+        centre = 0.5 * (edges[k] + edges[k + 1])
+        result["d_centre"].append(1 / math.sqrt(centre))
+    for i, exp in enumerate(experiments):
+        block = report.block(exp.identifier).number
+        values = []
+        for k in range(n_bins):
+            sel = (r["id"] == i) & (s2 >= edges[k]) & ((s2 < edges[k + 1]) if k < n_bins - 1 else (s2 <= edges[k + 1]))
+            values.append(float(flex.mean(isig.select(sel))) if sel.count(True) else None)
+        result["blocks"][str(block)] = values
+    return result
+
+
 def finalise(state) -> None:
-    """Crystal numbers of the final models, per block and overall."""
+    """Crystal numbers of the final models, per block and overall, and plot data."""
     report, experiments = state.report, state.experiments
     if experiments is None or not len(experiments) or experiments[0].crystal is None:
         return
+    report.plots["scan_varying"] = _scan_varying_plots(experiments, report)
+    if state.reflections is not None and "intensity.sum.value" in state.reflections:
+        report.plots["isigi_vs_resolution"] = _isigi_vs_resolution(state.reflections, experiments, report)
     cells, weights = [], []
     for exp in experiments:
         block = report.block(exp.identifier)
@@ -113,6 +196,7 @@ def summary_dict(state, diff_phil: str = "") -> dict:
                 "spots": [d.get("spots") for _, d in per_image],
             },
             "scaling": report.scaling or None,
+            "plots": report.plots,
             "files": report.files,
             "timing": {
                 "total_seconds": report.inputs.get("total_seconds"),

@@ -1,0 +1,55 @@
+"""Same science as the shortest DIALS CLI chain on the same images."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from conftest import NPROC, run_cmd
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cli_chain(sim_gapped, tmp_path_factory):
+    """dials.import -> find_spots -> index -> refine -> integrate, as a user types it.
+
+    dials.refine's default runs a static then a scan-varying macrocycle and
+    copies the crystal per scan (a second scan-varying dials.refine would
+    restart from the static orientation: not chained here).
+    """
+    d = str(tmp_path_factory.mktemp("cli_chain"))
+    files = sorted(glob.glob(os.path.join(sim_gapped, "sim_*.cbf")))
+    steps = [
+        ["dials.import", *files],
+        ["dials.find_spots", "imported.expt", f"nproc={NPROC}"],
+        ["dials.index", "imported.expt", "strong.refl"],
+        ["dials.refine", "indexed.expt", "indexed.refl"],
+        ["dials.integrate", "refined.expt", "refined.refl", f"nproc={NPROC}"],
+    ]
+    for step in steps:
+        result = run_cmd(step, cwd=d, timeout=1800)
+        assert result.returncode == 0, (step, result.stdout[-2000:], result.stderr[-2000:])
+    return d
+
+
+def test_same_science_as_the_cli_chain(cli_chain, processed):
+    from dials_gapfill.compare import compare, load
+
+    cli = load(cli_chain)
+    ours = load(processed["dir"])
+    result = compare(*cli, *ours)
+    assert result["blocks_a"] == result["blocks_b"] == [(1, 40), (46, 80), (84, 120)]
+    # cells within 0.05 %
+    assert result["cell_rel_diff_max"] is not None and result["cell_rel_diff_max"] < 0.0005, result
+    for block in result["blocks"]:
+        assert block["angle_diff_max"] < 0.05
+        # integrated counts within 1 %
+        assert block["count_rel_diff"] < 0.01, block
+    assert result["count_rel_diff"] < 0.01
+    # intensities of matched reflections with I/sigma >= 3
+    assert result["matched"] > 20000
+    assert result["cc"] >= 0.998, result["cc"]
+    assert abs(result["median_ratio"] - 1) < 0.01, result["median_ratio"]

@@ -1,0 +1,132 @@
+"""Export: MTZ files read back independently with gemmi; dials.scale reads the outputs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import SNASE_GEOMETRY, process, run_cmd
+
+pytestmark = pytest.mark.slow
+
+gemmi = pytest.importorskip("gemmi", reason="gemmi is a test requirement (pip install gemmi)")
+
+
+def _mtz(path):
+    mtz = gemmi.read_mtz_file(path)
+    data = np.array(mtz, copy=False)
+    columns = {label: data[:, i] for i, label in enumerate(mtz.column_labels())}
+    return mtz, columns
+
+
+def test_batches_are_image_numbers(processed):
+    mtz, col = _mtz(os.path.join(processed["dir"], "integrated.mtz"))
+    batches = set(col["BATCH"].astype(int))
+    expected = set(range(1, 41)) | set(range(46, 81)) | set(range(84, 121))
+    assert batches == expected
+    assert not batches & {41, 42, 43, 44, 45, 81, 82, 83}
+    # the batch headers: one per image, numbered as the images
+    assert sorted(b.number for b in mtz.batches) == sorted(expected)
+
+
+def test_cell_space_group_and_columns(processed, truth):
+    mtz, col = _mtz(os.path.join(processed["dir"], "integrated.mtz"))
+    assert mtz.spacegroup.hm == "P 1"
+    cell = mtz.cell.parameters
+    for v, t in zip(cell, truth["unit_cell"]):
+        assert v == pytest.approx(t, rel=0.002, abs=0.2)
+    for label in ("H", "K", "L", "M/ISYM", "BATCH", "I", "SIGI", "IPR", "SIGIPR", "BG", "SIGBG",
+                  "FRACTIONCALC", "XDET", "YDET", "ROT", "LP", "QE"):
+        assert label in col, label
+    assert np.all(col["SIGI"] > 0)
+    # ROT (phi) lies inside the block of each BATCH
+    for b, rot in zip(col["BATCH"][:5000], col["ROT"][:5000]):
+        assert (b - 1) * 0.5 - 1.5 <= rot <= b * 0.5 + 1.5
+
+
+def test_mtz_holds_the_filtered_integrated_reflections(processed):
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials.array_family import flex
+    from dials.util.filter_reflections import filter_reflection_table
+
+    d = processed["dir"]
+    reflections = flex.reflection_table.from_file(os.path.join(d, "integrated.refl"))
+    ExperimentListFactory.from_json_file(os.path.join(d, "integrated.expt"), check_format=False)
+    filtered = filter_reflection_table(
+        reflections, ["profile", "sum"], min_isigi=-5, filter_ice_rings=False,
+        combine_partials=True, partiality_threshold=0.4, d_min=None,
+    )
+    _, col = _mtz(os.path.join(d, "integrated.mtz"))
+    assert len(col["H"]) == len(filtered) > 25000
+
+
+def test_block_mtz_files_partition_the_combined_one(processed):
+    d = processed["dir"]
+    _, combined = _mtz(os.path.join(d, "integrated.mtz"))
+    key = lambda c: set(zip(c["BATCH"].astype(int), c["H"].astype(int), c["K"].astype(int), c["L"].astype(int)))  # noqa: E731
+    whole = key(combined)
+    parts = []
+    for n, (first, last) in enumerate([(1, 40), (46, 80), (84, 120)], start=1):
+        _, col = _mtz(os.path.join(d, f"integrated_{n}.mtz"))
+        assert col["BATCH"].min() >= first and col["BATCH"].max() <= last
+        parts.append(key(col))
+    assert sum(len(p) for p in parts) == len(whole) == len(combined["H"])
+    assert set().union(*parts) == whole
+
+
+def test_dials_scale_reads_the_outputs(processed, tmp_path):
+    d = processed["dir"]
+    result = run_cmd(
+        ["dials.scale", os.path.join(d, "integrated.expt"), os.path.join(d, "integrated.refl"),
+         "unmerged_mtz=scaled_cli.mtz"],
+        cwd=str(tmp_path), timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    mtz, col = _mtz(str(tmp_path / "scaled_cli.mtz"))
+    assert set(col["BATCH"].astype(int)) <= set(range(1, 41)) | set(range(46, 81)) | set(range(84, 121))
+    assert len(col["H"]) > 25000
+
+
+def test_scaling_in_process(processed):
+    from cctbx import crystal, miller
+
+    d = processed["dir"]
+    import json
+
+    summary = json.load(open(os.path.join(d, "dials.process_gapped.json")))
+    s = summary["scaling"]
+    assert s["cc_half"][0] >= 0.95
+    assert s["multiplicity"][0] > 1.5
+    # the space group was determined (orthorhombic, primitive)
+    assert s["symmetry"]["determined"] and s["symmetry"]["space_group"].startswith("P 2")
+    merged, col = _mtz(os.path.join(d, "merged.mtz"))
+    n_unique = len(col["H"])
+    assert n_unique == s["n_unique"][0] == s["merged_reflections"]
+    # as many unique reflections as the completeness says
+    symmetry = crystal.symmetry(unit_cell=merged.cell.parameters, space_group_symbol=merged.spacegroup.hm)
+    possible = miller.build_set(symmetry, anomalous_flag=False, d_min=s["d_min"][0], d_max=s["d_max"][0])
+    assert n_unique == pytest.approx(possible.size() * s["completeness"][0] / 100, rel=0.01)
+    # the unmerged scaled MTZ keeps image numbers as batches
+    _, scaled = _mtz(os.path.join(d, "scaled.mtz"))
+    assert set(scaled["BATCH"].astype(int)) <= set(range(1, 41)) | set(range(46, 81)) | set(range(84, 121))
+    assert "summary" not in processed or True
+    assert "Merging statistics" in processed["stdout"] and "CC half" in processed["stdout"]
+
+
+def test_snase_batches_are_image_numbers(snase_gapped, tmp_path):
+    out = str(tmp_path / "out")
+    result = process(snase_gapped, out, *SNASE_GEOMETRY)
+    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    _, col = _mtz(os.path.join(out, "integrated.mtz"))
+    batches = set(col["BATCH"].astype(int))
+    assert batches <= set(range(1, 40)) | set(range(46, 97))
+    assert min(batches) <= 2 and max(batches) >= 95
+    assert batches & set(range(46, 60)) and not batches & set(range(40, 46))
+    mtz = gemmi.read_mtz_file(os.path.join(out, "integrated.mtz"))
+    cell = mtz.cell.parameters
+    # SNase: a = b ~ 48.5, c ~ 63.4 (P4, indexed in P1 here)
+    assert sorted(cell[:3])[2] == pytest.approx(63.4, abs=0.5)
+    assert sorted(cell[:3])[0] == pytest.approx(48.45, abs=0.5)
