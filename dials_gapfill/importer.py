@@ -559,6 +559,8 @@ def import_images(params, positional, report):
                     f"gaps.exclude_images range {first}:{last} lies outside the images "
                     f"({lo}-{hi}) of {os.path.basename(template)}"
                 )
+        if set(numbers) <= excluded:
+            raise GapfillError("no images left after gaps.exclude_images: exclude fewer images")
         for n in sorted(excluded):
             report.exclude(n, "gaps.exclude_images", "user")
 
