@@ -623,6 +623,38 @@ def import_images(params, positional, report):
     return kept
 
 
+def adopt_experiments(experiments, params, report):
+    """Blocks from an ExperimentList made elsewhere (e.g. by dials.import).
+
+    The same checks and model sharing as import_images; the geometry is taken
+    as it is (overrides belong to the import that made it).
+    """
+    from dxtbx.imageset import ImageSequence
+    from dxtbx.model.experiment_list import ExperimentList
+
+    sequences = [e for e in experiments if isinstance(e.imageset, ImageSequence) and e.scan and not e.scan.is_still()]
+    if not sequences:
+        raise GapfillError("the experiments hold no rotation sweep: import the images as sequences")
+    sequences = ExperimentList(sorted(sequences, key=lambda e: e.scan.get_image_range()[0]))
+    _check_shared(sequences, params)
+    _share_models(sequences)
+    template = sequences[0].imageset.get_template()
+    for exp in sequences:
+        exp.identifier = block_identifier(template, *exp.scan.get_image_range())
+        exp.crystal = None
+    first = sequences[0].scan.get_image_range()[0]
+    last = sequences[-1].scan.get_image_range()[1]
+    used = {n for e in sequences for n in image_numbers(e.imageset)}
+    for n in range(first, last + 1):
+        if n not in used:
+            report.exclude(n, "missing file", "input")
+    report.inputs.update({"template": template, "image_range": [first, last],
+                          "format": sequences[0].imageset.get_format_class().__name__})
+    report.blocks = blocks_of(sequences)
+    log_block_table(report)
+    return sequences
+
+
 def log_block_table(report) -> None:
     from dials.util import tabulate
 

@@ -350,6 +350,58 @@ def master_phil():
     return _master
 
 
+def rewrite_aliases(args):
+    """``nproc=4`` -> ``mp.nproc=4`` etc. (see ALIASES)."""
+    out = []
+    for arg in args:
+        if "=" in arg and not arg.startswith("-"):
+            name, value = arg.split("=", 1)
+            if name.strip() in ALIASES:
+                arg = f"{ALIASES[name.strip()]}={value}"
+        out.append(arg)
+    return out
+
+
+def params_from(params=None):
+    """A working extract from None, PHIL text, a list of key=value strings or an extract."""
+    import shlex
+
+    if params is None:
+        return working_params("")
+    if isinstance(params, str):
+        # PHIL text (e.g. a .phil file's content), else command-line words
+        if not _has_unknown(params):
+            return master_phil().fetch(source=iotbx.phil.parse(params)).extract()
+        return _from_args(shlex.split(params))
+    if isinstance(params, (list, tuple)):
+        return _from_args(list(params))
+    return params
+
+
+def _has_unknown(text):
+    try:
+        _, unused = master_phil().fetch(source=iotbx.phil.parse(text), track_unused_definitions=True)
+    except Exception:
+        return True
+    return bool(unused)
+
+
+def _from_args(args):
+    from dials_gapfill.errors import GapfillError
+
+    interpreter = master_phil().command_line_argument_interpreter()
+    sources = []
+    for arg in rewrite_aliases(args):
+        try:
+            sources.append(interpreter.process_arg(arg=arg))
+        except Exception as e:
+            raise GapfillError(f"cannot use {arg!r}: {' '.join(str(e).split())}") from None
+    try:
+        return master_phil().fetch(sources=sources).extract()
+    except Exception as e:
+        raise GapfillError(f"bad parameter value: {' '.join(str(e).split())}") from None
+
+
 def working_params(text: str = ""):
     """Extract of the master scope with `text` (PHIL) applied."""
     return master_phil().fetch(source=iotbx.phil.parse(text)).extract()

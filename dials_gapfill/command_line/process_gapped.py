@@ -42,19 +42,6 @@ logger = logging.getLogger("dials.process_gapped")
 PROGRAM = "dials.process_gapped"
 
 
-def _rewrite_aliases(args):
-    from dials_gapfill.phil import ALIASES
-
-    out = []
-    for arg in args:
-        if "=" in arg and not arg.startswith("-"):
-            name, value = arg.split("=", 1)
-            if name.strip() in ALIASES:
-                arg = f"{ALIASES[name.strip()]}={value}"
-        out.append(arg)
-    return out
-
-
 def _unknown_parameter_error(arg, master):
     """DIALS' unknown-parameter message, with the closest parameter names."""
     from dials_gapfill.errors import GapfillError
@@ -96,6 +83,7 @@ def parse(args, phil):
     from dials.util.options import ArgumentParser
 
     from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import rewrite_aliases
 
     for arg in args:
         if _is_phil_file(arg) and not arg.startswith("-"):
@@ -110,7 +98,7 @@ def parse(args, phil):
     )
     try:
         params, options, unhandled = parser.parse_args(
-            args=_rewrite_aliases(args), show_diff_phil=False, return_unhandled=True
+            args=rewrite_aliases(args), show_diff_phil=False, return_unhandled=True
         )
     except SystemExit:
         raise

@@ -27,12 +27,16 @@ BLOCK_COLOURS = [
     "#bcbd22", "#17becf", "#393b79", "#e7ba52", "#637939",
 ]
 
+# With more blocks than this, the blocks are not listed in the plot legends
+# (the colours repeat; hovering names the block).
+MAX_LEGEND_BLOCKS = 10
+
 # Categories of images that were not used: key, legend label, colour, bar pattern.
 CATEGORIES = [
     ("missing", "missing file", "#7f7f7f", ""),
     ("user", "excluded by user", "#9467bd", ""),
     ("auto", "bad image (found automatically)", "#d62728", ""),
-    ("dropped", "dropped block", "#555555", "/"),
+    ("dropped", "dropped block", "#2f4f4f", "/"),
 ]
 _CATEGORY = {key: (label, colour, pattern) for key, label, colour, pattern in CATEGORIES}
 
@@ -77,6 +81,7 @@ def _e(value) -> str:
 
 
 def _is_number(value) -> bool:
+    """True for a finite int or float (not a bool)."""
     return (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
@@ -156,7 +161,7 @@ def _block_colours(data) -> dict:
         if isinstance(sv, dict):
             numbers.append(sv.get("block"))
     isigi = plots.get("isigi_vs_resolution") or {}
-    numbers.extend(_int_or_text(k) for k in (isigi.get("blocks") or {}))
+    numbers.extend(isigi.get("blocks") or {})
     colours = {}
     for n in numbers:
         if n is not None and str(n) not in colours:
@@ -168,13 +173,6 @@ def _number_order(key):
     """Sort key of block numbers given as text: numerically, then the rest."""
     text = str(key)
     return (0, int(text), "") if text.isdigit() else (1, 0, text)
-
-
-def _int_or_text(key):
-    try:
-        return int(key)
-    except (TypeError, ValueError):
-        return key
 
 
 def _image_range(data):
@@ -210,7 +208,7 @@ def _excluded(data) -> list:
             return "missing"
         if by == "user" or reason == "gaps.exclude_images":
             return "user"
-        if any(f <= image <= l for f, l, _ in dropped) or str(reason).startswith("block "):
+        if any(first <= image <= last for first, last, _ in dropped) or str(reason).startswith("block "):
             return "dropped"
         return "auto"
 
@@ -227,7 +225,7 @@ def _excluded(data) -> list:
             if image not in seen:
                 seen.add(image)
                 out.append((image, f"dropped block: {reason}", "dropped"))
-    return sorted(out)
+    return sorted(out, key=lambda e: e[0])
 
 
 # ---------------------------------------------------------------------------
@@ -247,10 +245,10 @@ def _base_layout(**kwargs) -> dict:
     return layout
 
 
-def _legend_below(layout, pixels=45) -> None:
+def _legend_below(layout, pixels=62, rows=2) -> None:
     """Horizontal legend `pixels` below the plot area (under the x axis title)."""
     margin = layout["margin"]
-    margin["b"] = max(margin.get("b", 0), pixels + 35)
+    margin["b"] = max(margin.get("b", 0), pixels + 20 * rows + 5)
     area = layout["height"] - margin["t"] - margin["b"]
     layout["legend"] = {"orientation": "h", "x": 0, "y": -pixels / area, "yanchor": "top"}
 
@@ -313,7 +311,7 @@ def spots_figure(data):
     }
     excluded = _excluded(data)
     image_range = _image_range(data)
-    if not counts and not excluded or image_range is None:
+    if (not counts and not excluded) or image_range is None:
         return None
     lo, hi = image_range
     blocks = _blocks(data)
@@ -341,6 +339,7 @@ def spots_figure(data):
 
     # the strong spots, one trace per block; None breaks the line at images
     # without a count
+    many = len(blocks) > MAX_LEGEND_BLOCKS
     placed = set()
     for b in blocks:
         x = list(range(b["first"], b["last"] + 1))
@@ -352,7 +351,7 @@ def spots_figure(data):
             {
                 "type": "scatter", "mode": "lines+markers" if len(x) <= 200 else "lines",
                 "name": f"block {_e(b.get('number'))} (images {b['first']}-{b['last']})",
-                "x": x, "y": y, "yaxis": "y2",
+                "x": x, "y": y, "yaxis": "y2", "showlegend": not many,
                 "line": {"color": colours.get(str(b.get("number")), "#1f77b4"), "width": 1.5},
                 "marker": {"size": 4},
                 "hovertemplate": "image %{x}: %{y} spots<extra>block " + _e(b.get("number")) + "</extra>",
@@ -369,7 +368,8 @@ def spots_figure(data):
             }
         )
 
-    # block boundaries: dashed lines and a label over each block
+    # block boundaries: dashed lines and a label over each block (just the
+    # number if there are many)
     shapes, annotations = [], []
     for b in blocks:
         colour = colours.get(str(b.get("number")), "#444")
@@ -382,7 +382,7 @@ def spots_figure(data):
             )
         annotations.append(
             {
-                "text": f"block {_e(b.get('number'))}", "xref": "x", "yref": "paper",
+                "text": ("" if many else "block ") + _e(b.get("number")), "xref": "x", "yref": "paper",
                 "x": 0.5 * (b["first"] + b["last"]), "y": 1, "yanchor": "bottom",
                 "showarrow": False, "font": {"color": colour},
             }
@@ -397,7 +397,9 @@ def spots_figure(data):
         shapes=shapes,
         annotations=annotations,
     )
-    _legend_below(layout)
+    # the legend names are long: about four to a row
+    in_legend = [t for t in traces if t.get("showlegend", True)]
+    _legend_below(layout, rows=max(1, math.ceil(len(in_legend) / 4)))
     return {"data": traces, "layout": layout}
 
 
@@ -411,7 +413,7 @@ def rmsd_figure(data):
     if not any(isinstance(b.get(k), dict) for b in blocks for k, _, _ in kinds):
         return None
     components = [("x", "RMSD x (px)"), ("y", "RMSD y (px)"), ("phi", "RMSD φ (images)")]
-    labels = [f"block {_e(b.get('number'))}" for b in blocks]
+    labels = [_e(b.get("number")) for b in blocks]
     traces, annotations = [], []
     layout = _base_layout(height=380, barmode="group", margin={"l": 60, "r": 20, "t": 40, "b": 40})
     for i, ((comp, title), domain) in enumerate(zip(components, _grid_domains(3))):
@@ -425,20 +427,20 @@ def rmsd_figure(data):
                     "customdata": [r.get("n") for r in rmsds],
                     "xaxis": "x" + suffix, "yaxis": "y" + suffix,
                     "marker": {"color": colour},
-                    "hovertemplate": "%{x}: %{y:.4f}<br>%{customdata} reflections<extra>"
+                    "hovertemplate": "block %{x}: %{y:.4f}<br>%{customdata} reflections<extra>"
                     + name + "</extra>",
                 }
             )
-        layout["xaxis" + suffix] = _axis(type="category", domain=domain, anchor="y" + suffix)
+        layout["xaxis" + suffix] = _axis("block", type="category", domain=domain, anchor="y" + suffix)
         layout["yaxis" + suffix] = _axis(anchor="x" + suffix, rangemode="tozero")
         annotations.append(_subplot_title(title, f"x{suffix} domain", 1.0))
     layout["annotations"] = annotations
-    _legend_below(layout, pixels=30)
+    _legend_below(layout, rows=1)
     return {"data": traces, "layout": layout}
 
 
 def _scan_varying_series(data, index_key, n_values):
-    """Per block of plots.scan_varying: (block, x, [series_k]) with x in image numbers.
+    """Per block of plots.scan_varying: (block, x, hover labels, [series_k]).
 
     Scan point i of a block is the start of image first + i: it is plotted at
     image boundary (first + i - 0.5), so a block covers its images exactly. A
@@ -451,7 +453,7 @@ def _scan_varying_series(data, index_key, n_values):
     for sv in plots.get("scan_varying") or []:
         if not isinstance(sv, dict):
             continue
-        images = [n for n in sv.get("image") or []]
+        images = sv.get("image") or []
         values = sv.get(index_key) or []
         points = [
             (n, v) for n, v in zip(images, values)
@@ -463,12 +465,15 @@ def _scan_varying_series(data, index_key, n_values):
         if len(points) == 1 and block:
             x = [block["first"] - 0.5, block["last"] + 0.5]
             points = [points[0], points[0]]
+            where = [f"static model, images {block['first']}-{block['last']}"] * 2
         elif block and len(points) == block["last"] - block["first"] + 2:
             x = [n - 0.5 for n, _ in points]
+            where = [f"start of image {n}" for n, _ in points]
         else:
             x = [n for n, _ in points]
+            where = [f"image {n}" for n, _ in points]
         series = [[v[k] for _, v in points] for k in range(n_values)]
-        out.append((sv.get("block"), x, series))
+        out.append((sv.get("block"), x, where, series))
     return out
 
 
@@ -487,15 +492,16 @@ def _scan_varying_figure(data, index_key, labels, rows, cols, height):
     for k, label in enumerate(labels):
         suffix = "" if k == 0 else str(k + 1)
         row, col = divmod(k, cols)
-        for number, x, values in series:
+        for number, x, where, values in series:
             traces.append(
                 {
                     "type": "scatter", "mode": "lines" if len(x) > 1 else "markers",
                     "name": f"block {_e(number)}", "legendgroup": f"block {_e(number)}",
-                    "showlegend": k == 0, "x": x, "y": values[k],
+                    "showlegend": k == 0 and len(series) <= MAX_LEGEND_BLOCKS,
+                    "x": x, "y": values[k], "customdata": where,
                     "xaxis": "x" + suffix, "yaxis": "y" + suffix,
                     "line": {"color": colours.get(str(number), "#1f77b4"), "width": 2},
-                    "hovertemplate": "image %{x}: %{y:.4f}<extra>block " + _e(number) + "</extra>",
+                    "hovertemplate": "%{customdata}: %{y:.5f}<extra>block " + _e(number) + "</extra>",
                 }
             )
         xaxis = _axis("image number" if row == rows - 1 else "", domain=x_domains[col], anchor="y" + suffix)
@@ -508,7 +514,7 @@ def _scan_varying_figure(data, index_key, labels, rows, cols, height):
         shapes += _exclusion_shapes(excluded, "x" + suffix, f"y{suffix} domain")
         annotations.append(_subplot_title(label, f"x{suffix} domain", y_domains[row][1]))
     layout.update(shapes=shapes, annotations=annotations)
-    _legend_below(layout)
+    _legend_below(layout, rows=max(1, math.ceil(min(len(series), MAX_LEGEND_BLOCKS) / 8)))
     return {"data": traces, "layout": layout}
 
 
@@ -563,6 +569,7 @@ def isigi_figure(data):
         yaxis=_axis("<I/σ(I)>", rangemode="tozero"),
     )
     layout["legend"] = {"orientation": "v", "x": 1, "xanchor": "right", "y": 1}
+    layout["showlegend"] = len(traces) <= MAX_LEGEND_BLOCKS
     return {"data": traces, "layout": layout}
 
 
