@@ -126,7 +126,7 @@ def refine(experiments, reflections, params, report):
     reflections = reflections.select(indexed)
 
     # 1. static refinement of everything, one crystal
-    rp = dials_refine_params(params)
+    rp = dials_refine_params(params, n_blocks=len(experiments))
     rp.refinement.parameterisation.scan_varying = False
     logger.info("Static refinement of %d block(s) with one crystal", len(experiments))
     experiments, reflections, _ = _macrocycle(rp, reflections, experiments, "static refinement")
@@ -167,7 +167,7 @@ def refine(experiments, reflections, params, report):
         return experiments, reflections
 
     sv_refl, sv_expts = keep_experiments(reflections, experiments, in_job)
-    rp = dials_refine_params(params)
+    rp = dials_refine_params(params, n_blocks=len(sv_expts))
     par = rp.refinement.parameterisation
     par.scan_varying = True
     if blocks_p.tie_cells and len(sv_expts) > 1:
