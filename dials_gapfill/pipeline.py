@@ -78,6 +78,11 @@ def stage_find_spots(state: State) -> None:
             raise GapfillError(
                 f"images {sorted(unreadable)} cannot be read: leave them out with exclude_images="
             )
+    if len(reflections) == 0:
+        raise GapfillError(
+            "no strong spots on any image: the images are blank (no diffraction); check "
+            "the shutter and beam, or the spot finding settings (spotfinder.*)"
+        )
     state.reflections = reflections
     _count_spots(state)
 
@@ -103,6 +108,12 @@ def stage_bad_images(state: State) -> None:
     if not bad:
         logger.info("No bad images found")
         return
+    used = sum(b.n_images for b in state.report.blocks)
+    if len(bad) >= used:
+        raise GapfillError(
+            f"all {used} images are bad ({next(iter(bad.values()))}, ...): no diffraction "
+            "to process; check the data collection"
+        )
     state.reflections = drop_spots_touching(state.reflections, set(bad))
     _resplit(state, set(bad), bad, "auto")
     for n in bad:

@@ -31,8 +31,10 @@ from dials_gapfill.errors import GapfillError
 
 logger = logging.getLogger("dials.process_gapped.refinement")
 
-# A block needs this many indexed reflections to be refined at all.
-_MIN_REFLECTIONS_TO_REFINE = 20
+# A block needs this many indexed reflections to take part in the scan-varying
+# job: its static crystal has up to 9 parameters, DIALS' auto-reduction asks for
+# 5 reflections per parameter, and outlier rejection may take a quarter.
+_MIN_REFLECTIONS_TO_REFINE = 100
 
 
 def _macrocycle(params, reflections, experiments, what: str):
@@ -173,8 +175,6 @@ def refine(experiments, reflections, params, report):
     if blocks_p.tie_cells and len(sv_expts) > 1:
         par.crystal.unit_cell.force_static = True
         _set_tie(rp, blocks_p.tie_sigma)
-    if par.auto_reduction.action == "fail" and static_only:
-        par.auto_reduction.action = "fix"
     logger.info(
         "Scan-varying refinement of %d block(s) in one job (%d with a static crystal)",
         len(sv_expts),

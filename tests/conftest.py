@@ -59,44 +59,74 @@ def _simulate(directory, **config):
     return directory
 
 
-@pytest.fixture(scope="session")
-def sim_complete(tmp_path_factory):
-    """The complete standard sweep: images 1-120 and ground_truth.json."""
-    return _simulate(str(tmp_path_factory.mktemp("sim_complete")), **STANDARD)
+# A small sweep for runs that only need to finish (robustness, options):
+# 40 images of 1 deg on a Pilatus 300K; about 30 s through the whole pipeline.
+TINY = dict(n_images=40, osc_width=1.0, detector="pilatus300k", distance=150.0, seed=42)
 
 
-@pytest.fixture(scope="session")
-def make_sweep(sim_complete, tmp_path_factory):
-    """make_sweep(omit=..., bad={image: mode}) -> folder of the standard sweep."""
-    from dials_gapfill.simulate import Simulation, SimulationConfig
+class Sweeps:
+    """Variants of one simulated sweep: files left out (symlinks to the rest)
+    and bad images planted (only those files rewritten)."""
 
-    cache = {}
-    simulation = {}
+    def __init__(self, config, root):
+        self.config = config
+        self.root = root
+        self.complete = _simulate(str(root.mktemp("complete")), **config)
+        self._cache = {}
+        self._simulation = None
 
-    def make(omit=(), bad=None, name=None):
+    def make(self, omit=(), bad=None, name="sweep"):
+        from dials_gapfill.simulate import Simulation, SimulationConfig
+
         key = (tuple(sorted(omit)), tuple(sorted((bad or {}).items())))
-        if key in cache:
-            return cache[key]
-        d = str(tmp_path_factory.mktemp(name or "sweep"))
-        truth = json.load(open(os.path.join(sim_complete, "ground_truth.json")))
+        if key in self._cache:
+            return self._cache[key]
+        d = str(self.root.mktemp(name))
+        truth = json.load(open(os.path.join(self.complete, "ground_truth.json")))
         for f in truth["files"]:
             n = int(f.split("_")[-1].split(".")[0])
             if n in omit:
                 continue
             if bad and n in bad:
-                if "sim" not in simulation:
-                    simulation["sim"] = Simulation(SimulationConfig(**STANDARD))
-                sim = simulation["sim"]
+                if self._simulation is None:
+                    self._simulation = Simulation(SimulationConfig(**self.config))
+                sim = self._simulation
                 sim.config.bad_images = {n: bad[n]}
                 with open(os.path.join(d, f), "wb") as fh:
                     fh.write(sim.image_bytes(n))
                 sim.config.bad_images = {}
             else:
-                os.symlink(os.path.join(sim_complete, f), os.path.join(d, f))
-        cache[key] = d
+                os.symlink(os.path.join(self.complete, f), os.path.join(d, f))
+        self._cache[key] = d
         return d
 
-    return make
+
+@pytest.fixture(scope="session")
+def standard_sweeps(tmp_path_factory):
+    return Sweeps(STANDARD, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_sweeps(tmp_path_factory):
+    return Sweeps(TINY, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def sim_complete(standard_sweeps):
+    """The complete standard sweep: images 1-120 and ground_truth.json."""
+    return standard_sweeps.complete
+
+
+@pytest.fixture(scope="session")
+def make_sweep(standard_sweeps):
+    """make_sweep(omit=..., bad={image: mode}) -> folder of the standard sweep."""
+    return standard_sweeps.make
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_sweeps):
+    """The complete tiny sweep (40 images)."""
+    return tiny_sweeps.complete
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
-from conftest import GAPS, SNASE_GEOMETRY, process, run_cmd, tool
+from conftest import GAPS, SNASE_GEOMETRY, run_cmd, tool
 
 
 def _import(*args, positional=()):
@@ -101,28 +100,13 @@ def test_reference_geometry(snase, snase_gapped):
     _assert_shared(experiments)
 
 
-# ----------------------------------------------------------------------------
-# errors: one line naming the problem and the fix, non-zero exit, no traceback
-# ----------------------------------------------------------------------------
-
-
-def _fails(args, expected, tmp_path, code=1):
-    result = process(args, str(tmp_path / "out"), timeout=300)
-    assert result.returncode == code, result.stdout[-2000:] + result.stderr
-    err = result.stderr.strip()
-    assert "Traceback" not in result.stderr + result.stdout
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("dials.process_gapped: error: ")
-    for text in expected:
-        assert text in err, err
-    produced = os.listdir(tmp_path / "out") if (tmp_path / "out").exists() else []
-    assert not [f for f in produced if f.endswith((".expt", ".refl", ".mtz", ".json", ".html"))]
-    return err
+# The error cases of the import (no images, unreadable files, mixed detectors,
+# bad exclusion lists, ...) are in test_bad_inputs.py with the other bad inputs.
 
 
 @pytest.fixture
 def small_sweep(tmp_path_factory):
-    """Ten tiny images (Pilatus 300K), for import errors."""
+    """Ten tiny images (Pilatus 300K)."""
     from dials_gapfill.simulate import SimulationConfig, simulate
 
     d = tmp_path_factory.mktemp("tiny")
@@ -131,85 +115,11 @@ def small_sweep(tmp_path_factory):
     return d
 
 
-def test_error_no_images(tmp_path):
-    _fails(["/no/such/place/x_*.cbf"], ["no files match", "check the path"], tmp_path)
-    _fails(["/no/such/file_0001.cbf"], ["no such file or directory"], tmp_path)
-    (tmp_path / "empty").mkdir()
-    _fails([str(tmp_path / "empty")], ["no image files in directory"], tmp_path)
-
-
-def test_error_not_an_image(small_sweep, tmp_path):
-    (small_sweep / "notes.txt").write_text("hello")
-    _fails(
-        [f"{small_sweep}/sim_*.cbf", str(small_sweep / "notes.txt")],
-        ["not an image of a numbered sweep", "notes.txt", "remove it"],
-        tmp_path,
-    )
-
-
-def test_error_unreadable_image_without_auto_exclude(small_sweep, tmp_path):
-    (small_sweep / "sim_0005.cbf").write_bytes(b"garbage" * 1000)
-    _fails(
-        [str(small_sweep), "gaps.auto_exclude=False"],
-        ["image 5", "not a readable image", "exclude_images=5"],
-        tmp_path,
-    )
-
-
-def test_error_nothing_left_after_exclusion(small_sweep, tmp_path):
-    _fails([str(small_sweep), "exclude_images=1:10"], ["no images left"], tmp_path)
-
-
-def test_error_exclusion_outside_images(small_sweep, tmp_path):
-    _fails([str(small_sweep), "exclude_images=20:30"], ["outside the images", "1-10"], tmp_path)
-
-
-def test_error_malformed_exclusion(small_sweep, tmp_path):
-    _fails([str(small_sweep), "exclude_images=4-6"], ["cannot read '4-6'", "first:last"], tmp_path)
-    _fails([str(small_sweep), "exclude_images=6:4"], ["first <= last"], tmp_path)
-
-
-def test_error_duplicate_image_numbers(small_sweep, tmp_path):
-    other = tmp_path / "other"
-    other.mkdir()
-    shutil.copy(small_sweep / "sim_0003.cbf", other / "sim_0003.cbf")
-    _fails(
-        [f"{small_sweep}/sim_*.cbf", str(other / "sim_0003.cbf")],
-        ["image number 3 given twice"],
-        tmp_path,
-    )
-
-
 def test_same_file_twice_is_used_once(small_sweep):
     files = [str(small_sweep / "sim_0003.cbf")] * 2 + [str(small_sweep)]
     experiments, report = _import(positional=files)
     assert _blocks(experiments) == [(1, 10)]
     assert any("given twice" in w for w in report.warnings)
-
-
-def test_error_mixed_wavelengths_and_detectors(tmp_path):
-    from dials_gapfill.simulate import SimulationConfig, simulate
-
-    mixed = tmp_path / "mixed"
-    simulate(SimulationConfig(n_images=4, detector="pilatus300k", seed=1), str(mixed))
-    simulate(
-        SimulationConfig(n_images=4, first_image=5, osc_start=2.0, detector="pilatus300k", seed=1, wavelength=1.2),
-        str(mixed),
-    )
-    _fails([f"{mixed}/sim_*.cbf"], ["mixed wavelengths", "0.97950", "1.20000", "separately"], tmp_path)
-
-    detectors = tmp_path / "detectors"
-    simulate(SimulationConfig(n_images=4, detector="pilatus300k", seed=1), str(detectors))
-    simulate(
-        SimulationConfig(n_images=4, first_image=5, osc_start=2.0, detector="pilatus1m", seed=1),
-        str(detectors),
-    )
-    _fails([f"{detectors}/sim_*.cbf"], ["mixed detectors", "487x619", "981x1043"], tmp_path)
-
-
-def test_error_stills_need_an_oscillation(snase, tmp_path):
-    files = [os.path.join(snase, f"snc_newhead_{n:05d}.img.bz2") for n in range(1, 4)]
-    _fails(files, ["stills", "geometry.scan.oscillation=start,width"], tmp_path)
 
 
 def test_help_and_config(tmp_path):

@@ -1,0 +1,310 @@
+"""Bad inputs and faults: each asserts the exit code, the message and the output
+folder afterwards.
+
+A fatal case: one line on stderr naming the problem and the fix, exit != 0, no
+traceback, no result file under a final name, earlier results intact.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from conftest import NPROC, process, tool
+
+PRODUCTS = ("integrated.expt", "integrated.refl", "integrated.mtz", "dials.process_gapped.json",
+            "dials.process_gapped.html")
+
+
+def _seed_old_results(out):
+    """Earlier results with the final names, to check they survive a failure."""
+    os.makedirs(out, exist_ok=True)
+    for name in PRODUCTS:
+        with open(os.path.join(out, name), "w") as fh:
+            fh.write(f"old {name}\n")
+
+
+def _check_failure(result, out, expected, code=1):
+    err = result.stderr.strip()
+    assert result.returncode == code, (result.returncode, result.stdout[-2000:], err)
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("dials.process_gapped: error: "), err
+    for text in expected:
+        assert text in err, (text, err)
+    if os.path.isdir(out):
+        for name in PRODUCTS:  # earlier results untouched, nothing new
+            path = os.path.join(out, name)
+            assert open(path).read() == f"old {name}\n", name
+        leftovers = [f for f in os.listdir(out) if ".tmp-" in f]
+        assert not leftovers, leftovers
+        assert not glob.glob(os.path.join(out, "integrated_*.mtz"))
+    return err
+
+
+def _write_cbf(directory, config, image, data):
+    from dials_gapfill.simulate import cbf_header_text, encode_minicbf
+
+    path = os.path.join(directory, config.filename(image))
+    with open(path, "wb") as fh:
+        fh.write(encode_minicbf(cbf_header_text(config, image), data, f"img{image}"))
+
+
+def _tiny_variant(tiny, tmp_path, name, **changes):
+    """A copy of the tiny sweep header geometry with other settings (few images)."""
+    from dials_gapfill.simulate import Simulation, SimulationConfig
+
+    from conftest import TINY
+
+    d = tmp_path / name
+    d.mkdir()
+    config = SimulationConfig(**{**TINY, **changes})
+    sim = Simulation(config)
+    for n in config.image_numbers:
+        _write_cbf(str(d), config, n, sim.render(n))
+    return d, sim
+
+
+# ----------------------------------------------------------------------------
+# fatal cases (most stop before any processing)
+# ----------------------------------------------------------------------------
+
+
+def _case_nonexistent(tiny, tmp_path):
+    return ["/no/such/place/image_0001.cbf"], ["no such file or directory", "check the path"]
+
+
+def _case_empty_glob(tiny, tmp_path):
+    return [str(tmp_path / "nothing_*.cbf")], ["no files match", "check the path"]
+
+
+def _case_empty_folder(tiny, tmp_path):
+    (tmp_path / "empty").mkdir()
+    return [str(tmp_path / "empty")], ["no image files in directory"]
+
+
+def _case_non_image_among_images(tiny, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("beamline notes")
+    return [f"{tiny}/sim_*.cbf", str(notes)], ["not an image", "notes.txt", "remove it"]
+
+
+def _case_unreadable_without_auto_exclude(tiny, tmp_path):
+    d = tmp_path / "sweep"
+    shutil.copytree(tiny, d, symlinks=True)
+    os.remove(d / "sim_0007.cbf")
+    (d / "sim_0007.cbf").write_bytes(b"\x00not an image" * 400)
+    return [str(d), "gaps.auto_exclude=False"], ["image 7", "not a readable image", "exclude_images=7"]
+
+
+def _case_truncated_without_auto_exclude(tiny, tmp_path):
+    d = tmp_path / "sweep"
+    shutil.copytree(tiny, d, symlinks=True)
+    data = open(os.path.join(tiny, "sim_0009.cbf"), "rb").read()
+    os.remove(d / "sim_0009.cbf")
+    (d / "sim_0009.cbf").write_bytes(data[: len(data) // 3])
+    return [str(d), "gaps.auto_exclude=False"], ["image 9", "truncated", "exclude_images=9"]
+
+
+def _case_all_blank(tiny, tmp_path):
+    d, sim = _tiny_variant(tiny, tmp_path, "blank", n_images=12)
+    for n in range(1, 13):
+        _write_cbf(str(d), sim.config, n, sim.render(n, "blank"))
+    return [str(d)], ["no strong spots on any image", "blank"]
+
+
+def _case_mixed_detectors(tiny, tmp_path):
+    from dials_gapfill.simulate import SimulationConfig, simulate
+
+    d = tmp_path / "mixed"
+    simulate(SimulationConfig(n_images=3, detector="pilatus300k", seed=1), str(d))
+    simulate(SimulationConfig(n_images=3, first_image=4, osc_start=1.5, detector="pilatus1m", seed=1), str(d))
+    return [f"{d}/sim_*.cbf"], ["mixed detectors", "487x619", "981x1043", "separately"]
+
+
+def _case_mixed_wavelengths(tiny, tmp_path):
+    from dials_gapfill.simulate import SimulationConfig, simulate
+
+    d = tmp_path / "mixed"
+    simulate(SimulationConfig(n_images=3, detector="pilatus300k", seed=1), str(d))
+    simulate(SimulationConfig(n_images=3, first_image=4, osc_start=1.5, detector="pilatus300k", seed=1, wavelength=1.2), str(d))
+    return [f"{d}/sim_*.cbf"], ["mixed wavelengths", "0.97950", "1.20000", "separately"]
+
+
+def _case_duplicate_image_numbers(tiny, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(os.path.join(tiny, "sim_0003.cbf"), other / "sim_0003.cbf")
+    return [f"{tiny}/sim_*.cbf", str(other / "sim_0003.cbf")], ["image number 3 given twice"]
+
+
+def _case_exclude_outside(tiny, tmp_path):
+    return [tiny, "exclude_images=50:60"], ["outside the images", "1-40"]
+
+
+def _case_exclude_everything(tiny, tmp_path):
+    return [tiny, "exclude_images=1:40"], ["no images left"]
+
+
+def _case_exclude_malformed(tiny, tmp_path):
+    return [tiny, "exclude_images=4-6"], ["cannot read '4-6'", "first:last"]
+
+
+def _case_exclude_reversed(tiny, tmp_path):
+    return [tiny, "exclude_images=6:4"], ["first <= last"]
+
+
+def _case_unknown_parameter(tiny, tmp_path):
+    return [tiny, "exlude_images=4"], ["unknown parameter", "did you mean", "gaps.exclude_images"]
+
+
+def _case_wrong_type(tiny, tmp_path):
+    return [tiny, "mp.nproc=many"], ["mp.nproc", "many"]
+
+
+def _case_nproc_zero(tiny, tmp_path):
+    return [tiny, "nproc=0"], ["mp.nproc", "minimum"]
+
+
+def _case_nproc_negative(tiny, tmp_path):
+    return [tiny, "nproc=-2"], ["mp.nproc", "minimum"]
+
+
+def _case_phil_file_missing(tiny, tmp_path):
+    return [tiny, str(tmp_path / "missing.phil")], ["no such parameter file", "missing.phil"]
+
+
+def _case_phil_file_unreadable(tiny, tmp_path):
+    bad = tmp_path / "broken.phil"
+    bad.write_text("gaps {\n  exclude_images = 3\n")  # unclosed scope
+    return [tiny, str(bad)], ["broken.phil"]
+
+
+def _case_phil_file_is_a_folder(tiny, tmp_path):
+    (tmp_path / "settings.phil").mkdir()
+    return [tiny, str(tmp_path / "settings.phil")], ["settings.phil"]
+
+
+def _case_output_not_writable(tiny, tmp_path):
+    return [tiny, "output.directory=/proc/gapfill-out"], ["cannot create the output folder", "output.directory="]
+
+
+def _case_output_folder_is_a_file(tiny, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    return [tiny, f"output.directory={tmp_path / 'afile'}"], ["output folder", "output.directory="]
+
+
+def _case_indexing_impossible(tiny, tmp_path):
+    """Strong spots everywhere, but at random positions: no lattice."""
+    from dials_gapfill.simulate import Simulation, SimulationConfig
+
+    from conftest import TINY
+
+    d = tmp_path / "random"
+    d.mkdir()
+    config = SimulationConfig(**{**TINY, "n_images": 12})
+    sim = Simulation(config)
+    ny, nx = sim.background.shape
+    for n in config.image_numbers:
+        rng = np.random.default_rng([7, n])
+        image = sim.background.copy()
+        yy, xx = np.mgrid[0:ny, 0:nx]
+        for x, y in zip(rng.uniform(20, nx - 20, 80), rng.uniform(20, ny - 20, 80)):
+            sl = (slice(int(y) - 4, int(y) + 5), slice(int(x) - 4, int(x) + 5))
+            image[sl] += 400 * np.exp(-((xx[sl] - x) ** 2 + (yy[sl] - y) ** 2) / 2)
+        data = rng.poisson(image).astype(np.int32)
+        data[sim.gap_mask] = -1
+        _write_cbf(str(d), config, n, data)
+    return [str(d)], ["indexing failed", "geometry"]
+
+
+def _case_space_group_incompatible(tiny, tmp_path):
+    return [tiny, "space_group=P6"], ["indexing failed with space_group=P 6", "indexing.known_symmetry"]
+
+
+CASES = {name[6:]: f for name, f in sorted(globals().items()) if name.startswith("_case_")}
+SLOW_CASES = {"indexing_impossible", "space_group_incompatible", "all_blank"}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES],
+)
+def test_fatal_bad_input(case, tiny, tmp_path):
+    args, expected = CASES[case](tiny, tmp_path)
+    out = str(tmp_path / "out")
+    if not any("output.directory=" in a for a in args):
+        _seed_old_results(out)
+    result = process(args[0], out, *args[1:], timeout=900)
+    _check_failure(result, out, expected)
+
+
+# ----------------------------------------------------------------------------
+# faults during a run
+# ----------------------------------------------------------------------------
+
+
+def _run_until(tiny, out, marker, sig):
+    """Start a run, send `sig` when `marker` appears in its log; return the result."""
+    _seed_old_results(out)
+    args = [tool("dials.process_gapped"), tiny, f"output.directory={out}", f"nproc={NPROC}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(out, "dials.process_gapped.log")
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(log) and marker in open(log).read():
+            time.sleep(1.0)  # well inside the stage
+            proc.send_signal(sig)
+            break
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_sigint_during_integration(tiny, tmp_path):
+    out = str(tmp_path / "out")
+    result = _run_until(tiny, out, "=== Integration ===", signal.SIGINT)
+    _check_failure(result, out, ["interrupted by SIGINT", "earlier results are untouched"], code=130)
+
+
+@pytest.mark.slow
+def test_sigterm(tiny, tmp_path):
+    out = str(tmp_path / "out")
+    result = _run_until(tiny, out, "=== Refinement ===", signal.SIGTERM)
+    _check_failure(result, out, ["interrupted by SIGTERM"], code=143)
+
+
+@pytest.mark.slow
+def test_disk_full_while_writing(tiny, tmp_path):
+    """Outputs on a 1 MB tmpfs: the first big file does not fit."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    out = str(mnt / "out")
+    script = (
+        f"mount -t tmpfs -o size=1m tmpfs {mnt} && mkdir {out} && "
+        + " && ".join(f"echo 'old {n}' > {out}/{n}" for n in PRODUCTS)
+        + f" && {tool('dials.process_gapped')} {tiny} output.directory={out} nproc={NPROC}; "
+        + f"rc=$?; ls -a {out} > {tmp_path}/listing; "
+        + " ".join(f"cat {out}/{n} >> {tmp_path}/contents;" for n in PRODUCTS)
+        + f" umount {mnt}; exit $rc"
+    )
+    cmd = ["unshare", "--mount", "sh", "-c", script]
+    if os.geteuid() != 0:
+        cmd = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    err = result.stderr.strip()
+    assert result.returncode == 1, (result.stdout[-2000:], err)
+    assert "Traceback" not in result.stdout + result.stderr
+    assert len(err.splitlines()) == 1 and "disk full while writing" in err, err
+    assert "output.directory=" in err
+    listing = (tmp_path / "listing").read_text().split()
+    assert not [f for f in listing if ".tmp-" in f], listing
+    assert (tmp_path / "contents").read_text() == "".join(f"old {n}\n" for n in PRODUCTS)
