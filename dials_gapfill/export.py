@@ -2,13 +2,14 @@
 the image number, and (optionally) one MTZ per block.
 
 MTZ files are written by DIALS' own ``dials.util.export_mtz.export_mtz``.
-dxtbx gives a block starting at image n a batch offset of n - 1 (so that it
-can slice image sets by array index), and export_mtz keeps distinct offsets,
-so the later blocks' BATCH numbers would not be their image numbers (blocks
-1-40, 46-80, 84-120 come out as batches 1-40, 91-125, 167-203).  Setting
-every offset to 0 lets export_mtz number batches by image number; blocks
-never touch (a gap separates them), so batches cannot collide.  The offsets
-are zero in integrated.expt too, so ``dials.scale`` keeps the numbering.
+dxtbx gives a block starting at image n a batch offset of n - 1 (DIALS relies
+on it to slice image sets by array range), and export_mtz keeps distinct
+offsets, so the later blocks' BATCH numbers would not be their image numbers
+(blocks 1-40, 46-80, 84-120 come out as batches 1-40, 91-125, 167-203).  The
+MTZ files are written from copies of the experiments whose offsets are all 0,
+so export_mtz numbers batches by image number; blocks never touch (a gap
+separates them), so batches cannot collide.  integrated.expt keeps dxtbx'
+offsets, so DIALS programs can read and re-slice it as usual.
 """
 
 from __future__ import annotations
@@ -21,10 +22,17 @@ from dials_gapfill.errors import GapfillError
 logger = logging.getLogger("dials.process_gapped.export")
 
 
-def image_number_batches(experiments) -> None:
-    """BATCH = image number: zero batch offsets (blocks are separated by gaps)."""
+def image_number_batches(experiments):
+    """Copies of the experiments with zero batch offsets: BATCH = image number."""
+    from dxtbx.model.experiment_list import ExperimentList
+
+    out = ExperimentList()
     for exp in experiments:
-        exp.scan.set_batch_offset(0)
+        new = copy.copy(exp)
+        new.scan = copy.deepcopy(exp.scan)
+        new.scan.set_batch_offset(0)
+        out.append(new)
+    return out
 
 
 def write_mtz(reflections, experiments, params, path):
@@ -59,7 +67,7 @@ def export(experiments, reflections, params, report, outputs):
     from dials_gapfill.tables import keep_experiments
 
     out = params.output
-    image_number_batches(experiments)
+    mtz_experiments = image_number_batches(experiments)
     files = report.files
     if out.experiments:
         outputs.write(out.experiments, lambda p: experiments.as_file(p))
@@ -69,14 +77,14 @@ def export(experiments, reflections, params, report, outputs):
         files.append({"name": out.reflections, "kind": "reflections", "reflections": len(reflections)})
     if out.mtz:
         counts = {}
-        outputs.write(out.mtz, lambda p: counts.setdefault("n", write_mtz(reflections, experiments, params, p)))
+        outputs.write(out.mtz, lambda p: counts.setdefault("n", write_mtz(reflections, mtz_experiments, params, p)))
         files.append({"name": out.mtz, "kind": "mtz", "reflections": counts["n"], "blocks": len(experiments)})
         logger.info("Wrote %d reflections of %d blocks to %s", counts["n"], len(experiments), out.mtz)
     if out.mtz and out.per_block_mtz and len(experiments) > 1:
         for i, exp in enumerate(experiments):
             block = report.block(exp.identifier)
             name = out.block_mtz.format(block=block.number, first=block.first, last=block.last)
-            sub, sub_expts = keep_experiments(reflections, experiments, {exp.identifier})
+            sub, sub_expts = keep_experiments(reflections, mtz_experiments, {exp.identifier})
             counts = {}
             outputs.write(name, lambda p: counts.setdefault("n", write_mtz(sub, sub_expts, params, p)))
             files.append(

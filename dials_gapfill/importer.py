@@ -233,10 +233,12 @@ def number_files(files: list[str], report) -> tuple[str, dict[int, str]]:
 
 
 def truncated_reason(path: str) -> str | None:
-    """Why a file is shorter than its header says, or None.
+    """Why an image file is damaged, or None.
 
-    Reads only the header: miniCBF (X-Binary-Size) and SMV (HEADER_BYTES,
-    SIZE1, SIZE2, TYPE).  Compressed files are not checked here.
+    miniCBF: shorter than X-Binary-Size says, or a binary section that does not
+    match its Content-MD5 (Dectris writes one; the check reads the file once,
+    which leaves it in the page cache for spot finding).  SMV: shorter than
+    HEADER_BYTES + SIZE1 * SIZE2 * bytes.  Compressed files are not checked.
     """
     try:
         size = os.path.getsize(path)
@@ -254,6 +256,16 @@ def truncated_reason(path: str) -> str | None:
         need = marker + 4 + int(m.group(1))
         if size < need:
             return f"unreadable: truncated file ({size} of {need} bytes)"
+        md5 = re.search(rb"Content-MD5:\s*(\S+)", head)
+        if md5:
+            import base64
+            import hashlib
+
+            with open(path, "rb") as fh:
+                fh.seek(marker + 4)
+                body = fh.read(int(m.group(1)))
+            if base64.b64encode(hashlib.md5(body).digest()) != md5.group(1):
+                return "unreadable: corrupt image data (checksum does not match the header)"
     elif head.startswith(b"{\nHEADER_BYTES=") or head.startswith(b"{\r\nHEADER_BYTES="):
         text = head[:8192].decode("ascii", "ignore")
         try:
@@ -458,8 +470,12 @@ def _share_models(experiments) -> None:
         exp.imageset.set_goniometer(goniometer)
 
 
-def import_images(params, positional, report):
-    """The import stage: returns an ExperimentList with one experiment per block."""
+def import_images(params, positional, report, extra_excluded=None):
+    """The import stage: returns an ExperimentList with one experiment per block.
+
+    extra_excluded: {image number: reason} of images found bad later (e.g.
+    unreadable during spot finding); they are left out like exclude_images.
+    """
     from dxtbx.imageset import ImageSequence
     from dxtbx.model.experiment_list import ExperimentList
 
@@ -509,6 +525,9 @@ def import_images(params, positional, report):
             report.exclude(n, "missing file", "input")
         for n in sorted(excluded & set(numbers)):
             report.exclude(n, "gaps.exclude_images", "user")
+        for n, reason in sorted((extra_excluded or {}).items()):
+            report.exclude(n, reason, "auto")
+            excluded.add(n)
         keep = [n for n in numbers if n not in excluded]
         if not keep:
             raise GapfillError(
@@ -563,6 +582,9 @@ def import_images(params, positional, report):
             raise GapfillError("no images left after gaps.exclude_images: exclude fewer images")
         for n in sorted(excluded):
             report.exclude(n, "gaps.exclude_images", "user")
+        for n, reason in sorted((extra_excluded or {}).items()):
+            report.exclude(n, reason, "auto")
+            excluded.add(n)
 
     imagesets = list(experiments.imagesets())
     for imageset in imagesets:

@@ -66,7 +66,7 @@ def _index(experiments, reflections, params):
 
     from dials_gapfill.phil import dials_index_params
 
-    ip = dials_index_params(params, n_blocks=len(experiments))
+    ip = dials_index_params(params)  # one crystal: a small job
     ip.indexing.joint_indexing = True
     try:
         indexed_experiments, indexed = dials_index(experiments, [reflections], ip)

@@ -19,6 +19,10 @@ logger = logging.getLogger("dials.process_gapped.output")
 
 class Outputs:
     def __init__(self, directory: str):
+        from libtbx import Auto
+
+        if directory is Auto:  # PHIL reads the word "auto" as Auto: a folder called auto
+            directory = "auto"
         self.directory = os.path.abspath(directory or ".")
         self._pending: dict[str, str] = {}  # final path -> temporary path
         self.committed: list[str] = []

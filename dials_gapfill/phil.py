@@ -100,12 +100,12 @@ gaps
             "cannot be read (truncated, corrupt), blank images (shutter or beam"
             "failure), all-zero images (beam dump) and over-exposed images."
             "Each is logged with its reason and listed in the summary."
-  blank_fraction = 0.25
+  blank_fraction = 0.1
     .type = float(value_min=0, value_max=1)
     .expert_level = 1
-    .help = "An image is blank when its strong-spot count is below this fraction"
-            "of the median count of its neighbours (as dials.detect_blanks'"
-            "counts_fractional_loss)."
+    .help = "An image is blank when its strong-spot count is at most this fraction"
+            "of the block's best image (dials.detect_blanks' counts_fractional_loss,"
+            "applied per block with one histogram bin per image)."
   overexposed_factor = 5.0
     .type = float(value_min=1)
     .expert_level = 1
@@ -475,16 +475,18 @@ def dials_spotfinder_params(params):
     return p
 
 
-# Up to this many blocks, refinement uses dense matrices (sparse=False) when
-# refinement.parameterisation.sparse is Auto.  DIALS' Auto picks sparse for any
-# job with more than one experiment or scan-varying models; with the few dozen
-# parameters of shared models plus a handful of crystals the dense solver gives
-# the same normal equations and solution 2-3x faster (measured with dials.refine
-# on a 3-block sweep: 64 s sparse, 24 s dense, identical RMSDs).
-DENSE_MAX_BLOCKS = 6
+# Dense matrices (refinement.parameterisation.sparse=False) when sparse is Auto
+# and the job has at most this many scan-varying blocks.  DIALS' Auto picks
+# sparse for any job with more than one experiment or scan-varying models; for
+# the few dozen parameters of shared models plus a crystal per block the dense
+# solver solves the same normal equations 2-3x faster (dials.refine on a
+# 3-block sweep: 64 s sparse, 24 s dense, identical RMSDs).  Static jobs with
+# one crystal (indexing, static refinement) are always small.
+DENSE_MAX_BLOCKS = 20
 
 
 def _refinement(params, n_blocks=1):
+    """Our refinement scope as DIALS' (n_blocks: blocks with their own crystal)."""
     refinement = copy.deepcopy(params.refinement)
     _set(refinement.mp, "nproc", 1)
     _set(refinement.reflections.outlier, "nproc", resolve_nproc(params.mp.nproc))

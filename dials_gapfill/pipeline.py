@@ -63,20 +63,27 @@ def _resplit(state: State, excluded: set, reason_by_image: dict, by: str) -> Non
 def stage_find_spots(state: State) -> None:
     from dials_gapfill.spotfinding import find_spots
 
+    from dials_gapfill.importer import import_images
+
     params, report = state.params, state.report
     reflections, unreadable = find_spots(state.experiments, params, report)
     if unreadable:
+        # images the header checks could not catch (e.g. compressed files):
+        # import again without them (fresh image sets), then find spots again
         if not params.gaps.auto_exclude:
             n, reason = next(iter(sorted(unreadable.items())))
             raise GapfillError(
                 f"image {n} cannot be read ({reason}): leave it out with exclude_images={n} "
                 "(or set gaps.auto_exclude=True)"
             )
-        _resplit(state, set(unreadable), unreadable, "auto")
-        reflections, unreadable = find_spots(state.experiments, params, report)
-        if unreadable:
+        for n, reason in sorted(unreadable.items()):
+            logger.warning("Excluding image %d: %s", n, reason)
+        state.report = report = type(report)()
+        state.experiments = import_images(params, state.images, report, extra_excluded=unreadable)
+        reflections, still = find_spots(state.experiments, params, report)
+        if still:
             raise GapfillError(
-                f"images {sorted(unreadable)} cannot be read: leave them out with exclude_images="
+                f"images {sorted(still)} cannot be read: leave them out with exclude_images="
             )
     if len(reflections) == 0:
         raise GapfillError(
@@ -100,24 +107,61 @@ def _count_spots(state: State) -> None:
 
 
 def stage_bad_images(state: State) -> None:
-    from dials_gapfill.bad_images import drop_spots_touching, find_bad_images
+    """Blank, all-zero and over-exposed images become gaps.
 
-    if not state.params.gaps.auto_exclude:
+    Over-exposed images are handled first: their huge spots join the spots of
+    the neighbouring images in DIALS' 3D spot finding, which would make the
+    neighbours look blank.  After each exclusion the spots of the blocks that
+    were cut are found again, so they are exactly the spots of a run with
+    those images excluded by hand.
+    """
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials.array_family import flex
+
+    from dials_gapfill.bad_images import find_bad_images
+    from dials_gapfill.spotfinding import find_spots
+    from dials_gapfill.tables import assign_to_blocks
+
+    params = state.params
+    if not params.gaps.auto_exclude:
         return
-    bad = find_bad_images(state.reflections, state.experiments, state.params)
-    if not bad:
-        logger.info("No bad images found")
-        return
-    used = sum(b.n_images for b in state.report.blocks)
-    if len(bad) >= used:
-        raise GapfillError(
-            f"all {used} images are bad ({next(iter(bad.values()))}, ...): no diffraction "
-            "to process; check the data collection"
+    for _ in range(3):
+        bad = find_bad_images(state.reflections, state.experiments, params)
+        if not bad:
+            break
+        used = sum(b.n_images for b in state.report.blocks)
+        if len(bad) >= used:
+            raise GapfillError(
+                f"all {used} images are bad ({next(iter(bad.values()))}, ...): no diffraction "
+                "to process; check the data collection"
+            )
+        over = {n: r for n, r in bad.items() if r.startswith("over-exposed")}
+        chosen = over or bad
+        cut = [
+            e.scan.get_image_range() for e in state.experiments
+            if any(e.scan.get_image_range()[0] <= n <= e.scan.get_image_range()[1] for n in chosen)
+        ]
+        _resplit(state, set(chosen), chosen, "auto")
+        for n in chosen:
+            state.report.per_image.setdefault(n, {})["spots"] = 0
+        # spots of the cut blocks, found again on the new blocks
+        redo = ExperimentList(
+            [e for e in state.experiments if any(a <= e.scan.get_image_range()[0] <= b for a, b in cut)]
         )
-    state.reflections = drop_spots_touching(state.reflections, set(bad))
-    _resplit(state, set(bad), bad, "auto")
-    for n in bad:
-        state.report.per_image.setdefault(n, {})["spots"] = 0
+        fresh, unreadable = find_spots(redo, params, state.report)
+        if unreadable:
+            raise GapfillError(f"images {sorted(unreadable)} cannot be read: leave them out with exclude_images=")
+        keep_ids = {e.identifier for e in state.experiments} - {e.identifier for e in redo}
+        old = state.reflections
+        id_map = dict(zip(old.experiment_identifiers().keys(), old.experiment_identifiers().values()))
+        sel = flex.bool([id_map.get(i, "") in keep_ids for i in old["id"]])
+        merged = old.select(sel)
+        merged.extend(fresh)
+        assign_to_blocks(merged, state.experiments)
+        state.reflections = merged.select(merged["id"] >= 0)
+    else:
+        logger.info("Stopped looking for bad images after 3 rounds")
     _count_spots(state)
 
 

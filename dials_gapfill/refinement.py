@@ -128,7 +128,7 @@ def refine(experiments, reflections, params, report):
     reflections = reflections.select(indexed)
 
     # 1. static refinement of everything, one crystal
-    rp = dials_refine_params(params, n_blocks=len(experiments))
+    rp = dials_refine_params(params)  # one crystal: a small job
     rp.refinement.parameterisation.scan_varying = False
     logger.info("Static refinement of %d block(s) with one crystal", len(experiments))
     experiments, reflections, _ = _macrocycle(rp, reflections, experiments, "static refinement")

@@ -185,8 +185,8 @@ def scale(experiments, reflections, params, report, outputs):
     report.scaling = summary
 
     if outputs is not None:
-        for exp in experiments:
-            exp.scan.set_batch_offset(0)  # BATCH = image number (blocks are separated by gaps)
+        for exp in experiments:  # (copies) BATCH = image number; blocks are separated by gaps
+            exp.scan.set_batch_offset(0)
         ep = defaults(export_phil)
         ep.intensity = ["scale"]
         ep.mtz.partiality_threshold = sp.cut_data.partiality_cutoff

@@ -19,7 +19,8 @@ images are written.
 
 Bad-image modes, for robustness tests: ``blank`` (background only, as when the
 shutter failed), ``zero`` (all counts zero, a beam dump), ``overexposed``,
-``truncated`` (a valid file cut in half) and ``garbage`` (random bytes).
+``truncated`` (a valid file cut in half), ``garbage`` (random bytes) and
+``corrupt`` (a valid header over random bytes).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ PILATUS_MODULES = {
 MODULE_FAST, MODULE_SLOW, GAP_FAST, GAP_SLOW = 487, 195, 7, 17
 PIXEL_SIZE_MM = 0.172
 COUNT_CUTOFF = 1048500
-BAD_MODES = ("blank", "zero", "overexposed", "truncated", "garbage")
+BAD_MODES = ("blank", "zero", "overexposed", "truncated", "garbage", "corrupt")
 
 
 def detector_size(name: str) -> tuple[int, int]:
@@ -450,6 +451,13 @@ class Simulation:
         )
         if mode == "truncated":
             payload = payload[: len(payload) // 2]
+        elif mode == "corrupt":
+            # a valid header over a binary section of random bytes
+            start = payload.find(b"\x0c\x1a\x04\xd5") + 4
+            end = payload.rfind(b"\r\n--CIF-BINARY-FORMAT-SECTION----")
+            rng = np.random.default_rng([c.seed, 3000, image])
+            noise = rng.integers(0, 256, end - start, dtype=np.uint8).tobytes()
+            payload = payload[:start] + noise + payload[end:]
         return payload
 
     # ---------------------------------------------------------------- truth

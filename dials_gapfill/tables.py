@@ -34,7 +34,13 @@ def split_sequence(imageset, excluded) -> list:
             run.append(n)
             continue
         if run:
-            pieces.append(imageset[run[0] - first + offset : run[-1] - first + 1 + offset])
+            piece = imageset[run[0] - first + offset : run[-1] - first + 1 + offset]
+            # dxtbx' convention, which DIALS relies on when it slices image sets by
+            # array range (e.g. the integrator): batch offset = first image - 1
+            scan = piece.get_scan()
+            scan.set_batch_offset(run[0] - 1)
+            piece.set_scan(scan)
+            pieces.append(piece)
         run = []
     return pieces
 

@@ -42,8 +42,8 @@ omit = None
   .help = "Images not written (gaps): ranges first:last and single numbers, e.g. 41:45,81:83"
 bad_images = None
   .type = strings
-  .help = "Bad images to plant, image:mode with mode blank, zero, overexposed, truncated"
-          "or garbage, e.g. 50:blank,60:zero"
+  .help = "Bad images to plant, image:mode with mode blank, zero, overexposed, truncated,"
+          "garbage or corrupt (header over random bytes), e.g. 50:blank,60:zero"
 seed = 42
   .type = int
   .help = "Random seed: the same seed gives bit-identical files."
