@@ -36,6 +36,13 @@ def _explain(e: Exception, params) -> str:
     )
 
 
+def poorly_indexed_error(params, best_fraction):
+    """The error when no block indexes well enough."""
+    return GapfillError(
+        _explain(RuntimeError(f"at best {100 * best_fraction:.0f}% of a block's spots were indexed"), params)
+    )
+
+
 def _restore_identifiers(indexed_experiments, indexed, experiments):
     """Give the indexed experiments the identifiers of their blocks.
 

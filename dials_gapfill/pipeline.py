@@ -166,7 +166,7 @@ def stage_bad_images(state: State) -> None:
 
 
 def stage_index(state: State) -> None:
-    from dials_gapfill.indexing import index
+    from dials_gapfill.indexing import index, poorly_indexed_error
     from dials_gapfill.tables import keep_experiments
 
     params, report = state.params, state.report
@@ -197,9 +197,7 @@ def stage_index(state: State) -> None:
             for n in range(block.first, block.last + 1):
                 report.exclude(n, "block could not be indexed", "auto")
     if not keep:
-        raise GapfillError(
-            "no block could be indexed: check the geometry (geometry.*) and the spot finding"
-        )
+        raise poorly_indexed_error(params, max(b.stats.get("indexed_fraction", 0) for b in report.blocks))
     if len(keep) < len(experiments):
         indexed, experiments = keep_experiments(indexed, experiments, keep)
         report.blocks = [b for b in report.blocks if b.identifier in keep]

@@ -130,6 +130,12 @@ def tiny(tiny_sweeps):
 
 
 @pytest.fixture(scope="session")
+def truth_tiny(tiny):
+    with open(os.path.join(tiny, "ground_truth.json")) as fh:
+        return json.load(fh)
+
+
+@pytest.fixture(scope="session")
 def sim_gapped(make_sweep):
     """The standard sweep without images 41-45 and 81-83: three blocks."""
     return make_sweep(omit=GAPS, name="sim_gapped")

@@ -128,8 +128,11 @@ def finalise(state) -> None:
         weights.append(max(block.stats.get("integrated", 0), 1))
     total = sum(weights)
     mean = [sum(c[k] * w for c, w in zip(cells, weights)) / total for k in range(6)]
+    # one crystal: the esd of the mean of the block cells (inverse-variance)
     esds = [b.stats.get("unit_cell_esd") for b in report.blocks if b.stats.get("unit_cell_esd")]
-    esd = [max(e[k] for e in esds) for k in range(6)] if esds else None
+    esd = None
+    if esds and all(all(v > 0 for v in e) for e in esds):
+        esd = [1 / math.sqrt(sum(1 / e[k] ** 2 for e in esds)) for k in range(6)]
     report.crystal["final"] = {
         "unit_cell": mean,
         "unit_cell_esd": esd,

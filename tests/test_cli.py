@@ -1,0 +1,126 @@
+"""The command line: DIALS-style flags, PHIL files, and the example PHIL files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import ROOT, process, run_cmd, tool
+
+PHIL = os.path.join(ROOT, "phil")
+
+
+def test_help():
+    result = run_cmd([tool("dials.process_gapped"), "-h"])
+    assert result.returncode == 0
+    for text in ("usage: dials.process_gapped", "exclude_images", "-c", "-e", "-a", "-v"):
+        assert text in result.stdout
+
+
+def test_show_config_levels():
+    base = run_cmd([tool("dials.process_gapped"), "-c"])
+    expert = run_cmd([tool("dials.process_gapped"), "-c", "-e", "2"])
+    attrs = run_cmd([tool("dials.process_gapped"), "-c", "-a", "1"])
+    for r in (base, expert, attrs):
+        assert r.returncode == 0
+    for scope in ("input {", "gaps {", "spotfinder {", "indexing {", "refinement {", "integration {",
+                  "mtz {", "scaling {", "output {", "mp {"):
+        assert scope in base.stdout, scope
+    # expert level 2 adds dials.import's geometry scope; attributes level 1 adds the help
+    assert "geometry {" not in base.stdout and "geometry {" in expert.stdout
+    assert ".help" not in base.stdout and ".help" in attrs.stdout
+    assert "Find bad images and make them gaps" in attrs.stdout
+
+
+def test_every_own_parameter_has_help():
+    from dials_gapfill.phil import master_phil
+
+    own = ("input.", "gaps.", "scaling.", "output.", "mp.", "refinement.blocks.",
+           "indexing.blocks.", "integration.small_blocks.", "mtz.intensity")
+    for d in master_phil().all_definitions():
+        if d.path.startswith(own) and not d.path.startswith("input.tolerance"):
+            assert d.object.help, d.path
+
+
+def test_short_forms_and_phil_files_combine(tmp_path):
+    from dials_gapfill.phil import params_from
+
+    p = params_from(["nproc=3", "space_group=P4", "exclude_images=4:5", "scale=True"])
+    assert (p.mp.nproc, str(p.indexing.known_symmetry.space_group), p.scaling.run) == (3, "P 4", True)
+    assert p.gaps.exclude_images == [["4:5"]]
+    f = tmp_path / "a.phil"
+    f.write_text("refinement.blocks.tie_cells = False\n")
+    # a PHIL file, key=value and image arguments mixed, as DIALS programs take them
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.phil import master_phil
+
+    params, options, images, diff = parse([str(f), "nproc=3", "/data/x_*.cbf", "-v"], master_phil())
+    assert params.refinement.blocks.tie_cells is False and params.mp.nproc == 3
+    assert images == ["/data/x_*.cbf"] and options.verbose == 1
+    assert "tie_cells = False" in diff and "nproc = 3" in diff
+
+
+def _summary(out):
+    return json.load(open(os.path.join(out, "dials.process_gapped.json")))
+
+
+@pytest.mark.slow
+def test_known_symmetry_phil(tiny, tmp_path, truth_tiny):
+    out = str(tmp_path / "out")
+    result = process(tiny, out, os.path.join(PHIL, "known_symmetry.phil"))
+    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+    from dials_gapfill.compare import load
+
+    experiments, _ = load(out)
+    for e in experiments:
+        assert str(e.crystal.get_space_group().info()) == "P 21 21 21"
+        for v, t in zip(e.crystal.get_unit_cell().parameters(), truth_tiny["unit_cell"]):
+            assert v == pytest.approx(t, rel=0.002)
+    summary = _summary(out)
+    assert summary["scaling"]["symmetry"]["space_group"] == "P 21 21 21"
+    assert summary["scaling"]["cc_half"][0] > 0.95
+    assert os.path.exists(os.path.join(out, "merged.mtz"))
+    # the terminal shows this program's messages, the log all of DIALS'
+    log = open(os.path.join(out, "dials.process_gapped.log")).read()
+    assert "Configuring spot finder" in log and "Configuring spot finder" not in result.stdout
+    assert "The following parameters have been modified" in log and "P212121" in log
+
+
+@pytest.mark.slow
+def test_exclude_bad_images_phil(tiny, tmp_path):
+    out = str(tmp_path / "out")
+    result = process(tiny, out, os.path.join(PHIL, "exclude_bad_images.phil"))
+    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+    summary = _summary(out)
+    assert [(b["first"], b["last"]) for b in summary["blocks"]] == [(1, 20), (24, 34), (36, 40)]
+    assert {e["image"] for e in summary["excluded_images"] if e["by"] == "user"} == {21, 22, 23, 35}
+
+
+@pytest.mark.slow
+def test_high_mosaicity_phil(tiny, tmp_path):
+    gemmi = pytest.importorskip("gemmi", reason="gemmi is a test requirement")
+    out = str(tmp_path / "out")
+    result = process(tiny, out, os.path.join(PHIL, "high_mosaicity.phil"))
+    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+    summary = _summary(out)
+    assert all(b["profile_fitted"] == 0 and b["integrated"] > 1000 for b in summary["blocks"])
+    labels = gemmi.read_mtz_file(os.path.join(out, "integrated.mtz")).column_labels()
+    assert "I" in labels and "IPR" not in labels
+
+
+@pytest.mark.slow
+def test_fast_preview_phil_with_verbose(tiny, tmp_path):
+    out = str(tmp_path / "out")
+    result = process(tiny, out, os.path.join(PHIL, "fast_preview.phil"), "-v")
+    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+    summary = _summary(out)
+    assert all(b["refinement"] == "static" for b in summary["blocks"])
+    assert all("rmsd_scan_varying" not in b for b in summary["blocks"])
+    files = sorted(os.listdir(out))
+    assert "dials.process_gapped.html" not in files
+    assert not [f for f in files if f.startswith("integrated_")]
+    assert "integrated.mtz" in files
+    # -v: DIALS' own messages on the terminal too
+    assert "Configuring spot finder" in result.stdout

@@ -1,0 +1,121 @@
+"""Non-fatal faults: bad images become gaps, small blocks do not stop the run,
+and runs are reproducible."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import process
+
+pytestmark = pytest.mark.slow
+
+PLANTED = {8: "blank", 16: "zero", 24: "overexposed", 30: "truncated", 33: "corrupt", 36: "garbage"}
+REASONS = {
+    8: "blank image",
+    16: "all-zero image",
+    24: "over-exposed image",
+    30: "unreadable: truncated file",
+    33: "unreadable: corrupt image data",
+    36: "unreadable: not a recognised image format",
+}
+
+
+def _summary(out):
+    return json.load(open(os.path.join(out, "dials.process_gapped.json")))
+
+
+def _run_ok(images, out, *phil):
+    result = process(images, out, *phil)
+    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def auto_and_manual(tiny_sweeps, tiny, tmp_path_factory):
+    bad_sweep = tiny_sweeps.make(bad=PLANTED, name="planted")
+    auto = str(tmp_path_factory.mktemp("auto"))
+    manual = str(tmp_path_factory.mktemp("manual"))
+    auto_result = _run_ok(bad_sweep, auto)
+    _run_ok(tiny, manual, "exclude_images=" + ",".join(str(n) for n in sorted(PLANTED)))
+    return auto, manual, auto_result
+
+
+def test_bad_images_are_found_and_listed(auto_and_manual):
+    auto, _, result = auto_and_manual
+    excluded = {e["image"]: e for e in _summary(auto)["excluded_images"]}
+    assert sorted(excluded) == sorted(PLANTED)
+    for n, reason in REASONS.items():
+        assert excluded[n]["reason"].startswith(reason), excluded[n]
+        assert excluded[n]["by"] == "auto"
+    blocks = [(b["first"], b["last"]) for b in _summary(auto)["blocks"]]
+    assert blocks == [(1, 7), (9, 15), (17, 23), (25, 29), (31, 32), (34, 35), (37, 40)]
+    # the terminal summary lists them with their reasons
+    for reason in REASONS.values():
+        assert reason in result.stdout
+
+
+def test_auto_exclusion_equals_exclusion_by_hand(auto_and_manual):
+    from dials_gapfill.compare import compare, load
+
+    auto, manual, _ = auto_and_manual
+    result = compare(*load(manual), *load(auto))
+    assert result["blocks_a"] == result["blocks_b"]
+    assert result["cell_rel_diff_max"] < 1e-6
+    assert result["count_rel_diff"] == 0
+    assert result["matched"] > 5000 and result["cc"] > 0.99999
+    assert abs(result["median_ratio"] - 1) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def one_image_block(tiny_sweeps):
+    """Images 21 and 23 missing: image 22 is a block of its own."""
+    return tiny_sweeps.make(omit=(21, 23), name="one_image_block")
+
+
+@pytest.mark.parametrize("mode", ["pooled", "summation"])
+def test_small_blocks_do_not_stop_the_run(one_image_block, tmp_path, mode):
+    out = str(tmp_path / "out")
+    # the 1-image block has ~300 strong spots: ask for more to force the small-block path
+    twice = os.path.join(one_image_block, "sim_0005.cbf")
+    _run_ok(
+        [one_image_block, twice], out,
+        "integration.profile.gaussian_rs.min_spots.overall=1000",
+        "integration.profile.gaussian_rs.min_spots.per_degree=1000",
+        f"integration.small_blocks.profile={mode}",
+    )
+    summary = _summary(out)
+    blocks = {(b["first"], b["last"]): b for b in summary["blocks"]}
+    assert sorted(blocks) == [(1, 20), (22, 22), (24, 40)]
+    single = blocks[(22, 22)]
+    assert single["n_images"] == 1 and single["integrated"] > 300
+    assert single["refinement"] == "static crystal in the scan-varying job"
+    assert blocks[(1, 20)]["refinement"] == "scan-varying"
+    assert blocks[(1, 20)]["profile"] == "own" and blocks[(1, 20)]["profile_fitted"] > 1000
+    if mode == "pooled":
+        assert single["profile"] == "pooled over blocks"
+        assert single["profile_fitted"] > 0.5 * single["integrated"]
+    else:
+        assert single["profile"] == "summation only" and single["profile_fitted"] == 0
+    assert any("given twice" in w for w in summary["warnings"])
+
+
+def test_two_runs_give_the_same_mtz(tiny, tmp_path):
+    """Byte-identical except the MTZ history line, which holds DIALS' run time."""
+    import gemmi
+    import numpy as np
+
+    outs = [str(tmp_path / f"run{i}") for i in (1, 2)]
+    for out in outs:
+        _run_ok(tiny, out)
+    a, b = (open(os.path.join(o, "integrated.mtz"), "rb").read() for o in outs)
+    assert len(a) == len(b)
+    differ = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    history = a.find(b"From DIALS")
+    assert history > 0 and all(history <= i < history + 80 for i in differ), differ[:5]
+    ma, mb = (gemmi.read_mtz_file(os.path.join(o, "integrated.mtz")) for o in outs)
+    assert np.array_equal(np.array(ma, copy=False), np.array(mb, copy=False))
+    for name in ("integrated.expt",):
+        assert open(os.path.join(outs[0], name)).read() == open(os.path.join(outs[1], name)).read()
