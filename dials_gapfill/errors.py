@@ -13,8 +13,12 @@ class GapfillError(Exception):
     exit_code = 1
 
 
-class Interrupted(GapfillError):
-    """The run was stopped by a signal (SIGINT or SIGTERM)."""
+class Interrupted(BaseException):
+    """The run was stopped by a signal (SIGINT or SIGTERM).
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception``
+    in DIALS swallows it and carries on.
+    """
 
     def __init__(self, signum: int):
         import signal

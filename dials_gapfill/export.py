@@ -35,7 +35,7 @@ def image_number_batches(experiments):
     return out
 
 
-def write_mtz(reflections, experiments, params, path):
+def write_mtz(reflections, experiments, params, path, intensity=None):
     """DIALS' export_mtz with the mtz.* options; returns the number of reflections."""
     from dials.util.export_mtz import export_mtz
 
@@ -44,7 +44,7 @@ def write_mtz(reflections, experiments, params, path):
         mtz = export_mtz(
             copy.deepcopy(reflections),
             experiments,
-            intensity_choice=list(m.intensity),
+            intensity_choice=list(intensity or m.intensity),
             filename=path,
             best_unit_cell=m.best_unit_cell,
             partiality_threshold=m.partiality_threshold,
@@ -75,9 +75,25 @@ def export(experiments, reflections, params, report, outputs):
     if out.reflections:
         outputs.write(out.reflections, lambda p: reflections.as_file(p))
         files.append({"name": out.reflections, "kind": "reflections", "reflections": len(reflections)})
+    # blocks integrated by summation only have no profile-fitted intensities:
+    # with them, the combined MTZ holds summation intensities (DIALS' export
+    # would otherwise drop every reflection that was not profile fitted)
+    summation_blocks = [b.number for b in report.blocks if b.stats.get("profile") == "summation only"]
+    combined_intensity = list(params.mtz.intensity)
+    if summation_blocks and "profile" in combined_intensity:
+        combined_intensity = ["sum"]
+        msg = (
+            f"block(s) {', '.join(map(str, summation_blocks))} integrated by summation only: "
+            f"{out.mtz} holds summation intensities (per-block MTZ files keep profile-fitted ones)"
+        )
+        logger.warning(msg)
+        report.warnings.append(msg)
     if out.mtz:
         counts = {}
-        outputs.write(out.mtz, lambda p: counts.setdefault("n", write_mtz(reflections, mtz_experiments, params, p)))
+        outputs.write(
+            out.mtz,
+            lambda p: counts.setdefault("n", write_mtz(reflections, mtz_experiments, params, p, combined_intensity)),
+        )
         files.append({"name": out.mtz, "kind": "mtz", "reflections": counts["n"], "blocks": len(experiments)})
         logger.info("Wrote %d reflections of %d blocks to %s", counts["n"], len(experiments), out.mtz)
     if out.mtz and out.per_block_mtz and len(experiments) > 1:
@@ -86,7 +102,8 @@ def export(experiments, reflections, params, report, outputs):
             name = out.block_mtz.format(block=block.number, first=block.first, last=block.last)
             sub, sub_expts = keep_experiments(reflections, mtz_experiments, {exp.identifier})
             counts = {}
-            outputs.write(name, lambda p: counts.setdefault("n", write_mtz(sub, sub_expts, params, p)))
+            kind = ["sum"] if block.number in summation_blocks else None
+            outputs.write(name, lambda p: counts.setdefault("n", write_mtz(sub, sub_expts, params, p, kind)))
             files.append(
                 {"name": name, "kind": "block mtz", "block": block.number, "reflections": counts["n"]}
             )

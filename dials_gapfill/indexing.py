@@ -105,3 +105,62 @@ def _index(experiments, reflections, params):
         return dials_index(experiments, [reflections], ip)
     except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
         raise GapfillError(_explain(e, params)) from None
+
+
+def choose_bravais_lattice(experiments, reflections, params):
+    """Refine the Bravais settings of the P1 solution and take one, as
+    dials.refine_bravais_settings followed by dials.reindex.
+
+    Returns (experiments, reflections, description).
+    """
+    import copy as _copy
+
+    from dials.algorithms.indexing.bravais_settings import phil_scope as bravais_phil
+    from dials.algorithms.indexing.bravais_settings import (
+        refined_settings_from_refined_triclinic,
+    )
+    from dials.command_line.refine_bravais_settings import (
+        eliminate_sys_absent,
+        map_to_primitive,
+    )
+
+    from dials_gapfill.phil import _refinement, defaults, resolve_nproc
+
+    wanted = str(params.indexing.bravais_lattice).strip()
+    bp = defaults(bravais_phil)
+    bp.nproc = resolve_nproc(params.mp.nproc)
+    bp.refinement = _refinement(params)
+    bp.refinement.reflections.reflections_per_degree = 100
+    refl = reflections.select(reflections.get_flags(reflections.flags.indexed))
+    if "shoebox" in refl:
+        refl = _copy.deepcopy(refl)
+        del refl["shoebox"]
+    work = _copy.deepcopy(experiments)
+    refl = eliminate_sys_absent(work, refl)
+    cb_op_to_primitive = map_to_primitive(work, refl)
+    settings = refined_settings_from_refined_triclinic(work, refl, bp, cb_op_to_primitive=cb_op_to_primitive)
+    logger.info(str(settings))
+    if wanted.lower() == "auto":
+        chosen = next((s for s in settings if s.recommended and s.refined_experiments), settings[-1])
+    else:
+        matches = [s for s in settings if s["bravais"] == wanted and s.refined_experiments]
+        if not matches:
+            possible = ", ".join(sorted({s["bravais"] for s in settings}))
+            raise GapfillError(
+                f"indexing.bravais_lattice={wanted} is not a lattice of this cell: choose one of "
+                f"{possible} (or auto)"
+            )
+        chosen = matches[0]
+    cb_op = chosen["cb_op_inp_best"] * cb_op_to_primitive
+    new_experiments = chosen.refined_experiments
+    for new, old in zip(new_experiments, experiments):
+        new.identifier = old.identifier
+        new.imageset = old.imageset
+    out = _copy.deepcopy(reflections)
+    out["miller_index"] = cb_op.apply(out["miller_index"])
+    description = (
+        f"{chosen['bravais']} (setting {chosen.setting_number}, cb_op {cb_op.as_abc()}, "
+        f"space group {chosen.refined_crystal.get_space_group().info()})"
+    )
+    logger.info("Bravais lattice chosen: %s", description)
+    return new_experiments, out, description

@@ -198,6 +198,11 @@ def integrate(experiments, reference, params, report):
         order = ExperimentList(sorted(list(big_expts) + list(small_expts), key=lambda e: e.scan.get_image_range()[0]))
         big_refl = _renumber(big_refl, big_expts, order)
         small_refl = _renumber(small_refl, small_expts, order)
+        # summation-only rows get empty profile-fitting columns (their flags
+        # say they were not profile fitted)
+        for key in big_refl.keys():
+            if key not in small_refl:
+                small_refl[key] = big_refl[key][:1].__class__(len(small_refl))
         reflections = flex.reflection_table()
         common = [k for k in big_refl.keys() if k in small_refl]
         for part in (big_refl, small_refl):
@@ -240,3 +245,8 @@ def _record(reflections, experiments, report):
         block.stats["profile_fitted"] = int(sub.get_flags(sub.flags.integrated_prf).count(True))
         if math.isnan(block.stats["mean_isigi"]):
             block.stats["mean_isigi"] = None
+        logger.info(
+            "Block %d (images %s): %d reflections integrated (%d profile-fitted), <I/sigma> %s",
+            block.number, block.label, len(sub), block.stats["profile_fitted"],
+            f"{block.stats['mean_isigi']:.1f}" if block.stats["mean_isigi"] is not None else "-",
+        )

@@ -217,6 +217,12 @@ blocks
 """
 
 _indexing_extra = """
+bravais_lattice = None
+  .type = str
+  .help = "After indexing in P1, choose a Bravais lattice as dials.refine_bravais_settings"
+          "and dials.reindex would: auto (the highest-symmetry setting DIALS recommends)"
+          "or a lattice symbol such as oP, tP, mC, hR, cI. None: stay in P1 (unless"
+          "indexing.known_symmetry is given)."
 blocks
   .help = "Which blocks survive indexing (dials.process_gapped)."
 {
@@ -304,7 +310,8 @@ def _build_master():
 
     master.adopt_scope(copy.deepcopy(spotfinder_phil))
     indexing = _merged("indexing", _scope(index.phil_scope, "indexing"))
-    indexing.objects[0].adopt(iotbx.phil.parse(_indexing_extra).objects[0])
+    for obj in iotbx.phil.parse(_indexing_extra).objects:
+        indexing.objects[0].adopt(obj)
     master.adopt_scope(indexing)
 
     refinement = _merged("refinement", _scope(refiner_phil, "refinement"))

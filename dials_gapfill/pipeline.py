@@ -201,6 +201,11 @@ def stage_index(state: State) -> None:
     if len(keep) < len(experiments):
         indexed, experiments = keep_experiments(indexed, experiments, keep)
         report.blocks = [b for b in report.blocks if b.identifier in keep]
+    if params.indexing.bravais_lattice not in (None, "None", "none", ""):
+        from dials_gapfill.indexing import choose_bravais_lattice
+
+        experiments, indexed, chosen = choose_bravais_lattice(experiments, indexed, params)
+        report.crystal["bravais_lattice"] = chosen
     crystal = experiments[0].crystal
     report.crystal["indexing"] = {
         "unit_cell": list(crystal.get_unit_cell().parameters()),

@@ -97,12 +97,17 @@ def _static_crystals(crystals):
 def _record_rmsds(reflections, experiments, report, key):
     from dials_gapfill.tables import rmsds
 
+    what = "static" if key == "rmsd_static" else "scan-varying"
     for i, exp in enumerate(experiments):
         r = rmsds(reflections, i)
         if r is None:
             continue
         block = report.block(exp.identifier)
         block.stats[key] = {"x": r[0], "y": r[1], "phi": r[2], "n": r[3]}
+        logger.info(
+            "Block %d (images %s): RMSD x %.3f px, y %.3f px, phi %.3f images (%d reflections, %s)",
+            block.number, block.label, r[0], r[1], r[2], r[3], what,
+        )
 
 
 def split_crystals(experiments) -> None:

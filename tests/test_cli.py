@@ -90,12 +90,18 @@ def test_known_symmetry_phil(tiny, tmp_path, truth_tiny):
 
 @pytest.mark.slow
 def test_exclude_bad_images_phil(tiny, tmp_path):
+    """The example exclusions, and the Bravais lattice chosen after P1 indexing."""
     out = str(tmp_path / "out")
-    result = process(tiny, out, os.path.join(PHIL, "exclude_bad_images.phil"))
+    result = process(tiny, out, os.path.join(PHIL, "exclude_bad_images.phil"), "indexing.bravais_lattice=auto")
     assert result.returncode == 0, result.stderr + result.stdout[-2000:]
     summary = _summary(out)
     assert [(b["first"], b["last"]) for b in summary["blocks"]] == [(1, 20), (24, 34), (36, 40)]
     assert {e["image"] for e in summary["excluded_images"] if e["by"] == "user"} == {21, 22, 23, 35}
+    # orthorhombic primitive, the lowest-symmetry space group of oP
+    assert summary["crystal"]["bravais_lattice"].startswith("oP")
+    assert summary["crystal"]["final"]["space_group"] == "P 2 2 2"
+    cell = summary["crystal"]["final"]["unit_cell"]
+    assert cell[3:] == pytest.approx([90, 90, 90], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -134,8 +134,17 @@ class _OwnMessages(logging.Filter):
     """The terminal shows this program's messages and any warning; the log file
     keeps everything DIALS says (use -v to see it all on the terminal)."""
 
+    # DIALS' own progress lines that are worth seeing during long stages
+    progress = {
+        "dials.algorithms.integration.integrator": " Frames:",
+        "dials.algorithms.spot_finding.finder": "\nFinding spots in image",
+    }
+
     def filter(self, record):
-        return record.name.startswith(PROGRAM) or record.levelno >= logging.WARNING
+        if record.name.startswith(PROGRAM) or record.levelno >= logging.WARNING:
+            return True
+        prefix = self.progress.get(record.name)
+        return prefix is not None and str(record.msg).startswith(prefix)
 
 
 def _console_shows_own_messages_only():
@@ -154,7 +163,7 @@ def _log_to_file_only(message):
 
 def run(args=None, phil=None):
     """Command-line entry point: parse PHIL, set up logging, run, summarise."""
-    from dials_gapfill.errors import GapfillError, require_dials
+    from dials_gapfill.errors import GapfillError, Interrupted, require_dials
 
     verbose = 0
     outputs = None
@@ -221,12 +230,13 @@ def run(args=None, phil=None):
 
             traceback.print_exc()
         return getattr(e, "exit_code", 1)
-    except KeyboardInterrupt:
-        from dials_gapfill.errors import Interrupted
-
+    except (KeyboardInterrupt, Interrupted) as e:
         if outputs is not None:
             outputs.rollback()
-        e = Interrupted(signal.SIGINT)
+        if not isinstance(e, Interrupted):
+            e = Interrupted(signal.SIGINT)
+        if logging_ready:
+            _log_to_file_only(f"Error: {e}")
         print(f"{PROGRAM}: error: {e}", file=sys.stderr)
         return e.exit_code
     except MemoryError:

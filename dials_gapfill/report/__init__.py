@@ -131,8 +131,11 @@ def finalise(state) -> None:
     # one crystal: the esd of the mean of the block cells (inverse-variance)
     esds = [b.stats.get("unit_cell_esd") for b in report.blocks if b.stats.get("unit_cell_esd")]
     esd = None
-    if esds and all(all(v > 0 for v in e) for e in esds):
-        esd = [1 / math.sqrt(sum(1 / e[k] ** 2 for e in esds)) for k in range(6)]
+    if esds:
+        esd = [
+            0.0 if any(e[k] <= 0 for e in esds) else 1 / math.sqrt(sum(1 / e[k] ** 2 for e in esds))
+            for k in range(6)
+        ]
     report.crystal["final"] = {
         "unit_cell": mean,
         "unit_cell_esd": esd,
