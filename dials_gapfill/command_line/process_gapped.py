@@ -123,11 +123,41 @@ def parse(args, phil):
 def _install_signal_handlers():
     from dials_gapfill.errors import Interrupted
 
+    main_pid = os.getpid()
+
     def handler(signum, frame):
+        if os.getpid() != main_pid:
+            # a DIALS worker process (forked with this handler): leave quietly,
+            # the main process reports the interrupt
+            os._exit(128 + signum)
         raise Interrupted(signum)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def _stop_workers():
+    """Kill the worker processes DIALS started (they would keep this one alive)."""
+    me = os.getpid()
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo, found = [me], []
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 class _OwnMessages(logging.Filter):
@@ -238,7 +268,12 @@ def run(args=None, phil=None):
         if logging_ready:
             _log_to_file_only(f"Error: {e}")
         print(f"{PROGRAM}: error: {e}", file=sys.stderr)
-        return e.exit_code
+        # leave now: DIALS' worker processes and pools would make the exit wait
+        _stop_workers()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(e.exit_code)
     except MemoryError:
         if outputs is not None:
             outputs.rollback()
