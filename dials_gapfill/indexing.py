@@ -1,10 +1,22 @@
-"""Indexing stage: one crystal for all blocks (DIALS joint indexing).
+"""Indexing stage: one crystal for all blocks.
 
-Joint indexing is DIALS' ``dials.command_line.index.index`` on all blocks at
-once.  If it fails, the largest block is indexed alone and its crystal is
-used as the known model for all blocks.  Blocks that index poorly (a wrong
-start angle, a damaged stretch) are dropped with a warning; the run fails
-only when no block survives.
+``indexing.blocks.lattice_search`` chooses where DIALS looks for the lattice:
+
+- ``largest`` (default): DIALS' indexer (``Indexer.from_parameters``: the
+  basis-vector search, the evaluation of candidate solutions and the
+  refinement protocol of dials.index) on the largest block, then DIALS'
+  known-orientation indexer on ALL blocks with that crystal, so every block
+  is indexed and refined with the one crystal.  The cost of the search does
+  not grow with the number of blocks (each candidate is refined with every
+  block in a joint search, which is what makes dials.index slower on a
+  gapped sweep than on the same images without gaps).
+- ``joint``: dials.index's joint indexing of all blocks at once
+  (``dials.command_line.index.index``), exactly as the CLI.
+
+If the search fails on the largest block, the joint search is tried (and the
+other way round).  Blocks that index poorly (a wrong start angle, a damaged
+stretch) are dropped with a warning by the pipeline; the run fails only when
+no block survives.
 """
 
 from __future__ import annotations
@@ -62,49 +74,105 @@ def _restore_identifiers(indexed_experiments, indexed, experiments):
 
 def index(experiments, reflections, params):
     """(experiments with one shared crystal, reflections with miller indices)."""
-    return _restore_identifiers(*_index(experiments, reflections, params), experiments)
-
-
-def _index(experiments, reflections, params):
-    from dxtbx.model.experiment_list import ExperimentList
-
     from dials.algorithms.indexing import DialsIndexError
-    from dials.command_line.index import index as dials_index
 
     from dials_gapfill.phil import dials_index_params
 
-    ip = dials_index_params(params)  # one crystal: a small job
+    ip = dials_index_params(params)  # one crystal: a small refinement job
     ip.indexing.joint_indexing = True
-    try:
-        indexed_experiments, indexed = dials_index(experiments, [reflections], ip)
-        return indexed_experiments, indexed
-    except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
-        first_error = e
-        if len(experiments) == 1:
-            raise GapfillError(_explain(e, params)) from None
-    logger.warning(
-        "Joint indexing failed (%s); indexing the largest block alone",
-        " ".join(str(first_error).split())[:120],
-    )
+    searches = [_search_largest_block, _search_joint]
+    if params.indexing.blocks.lattice_search == "joint" or len(experiments) == 1:
+        searches.reverse()
+    if len(experiments) == 1:
+        searches = searches[:1]
+    failures = []
+    for search in searches:
+        try:
+            found = search(experiments, reflections, copy.deepcopy(ip))
+        except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
+            failures.append(e)
+            logger.warning(
+                "Lattice search (%s) failed: %s", search.__doc__.split(":")[0],
+                " ".join(str(e).split())[:160],
+            )
+            continue
+        return _restore_identifiers(*found, experiments)
+    raise GapfillError(_explain(failures[0], params))
+
+
+def _search_joint(experiments, reflections, ip):
+    """all blocks jointly: dials.index on every block at once."""
+    from dials.command_line.index import index as dials_index
+
+    return dials_index(experiments, [reflections], ip)
+
+
+def _search_largest_block(experiments, reflections, ip):
+    """largest block: DIALS' indexer on the block with most spots, then all
+    blocks indexed with its crystal (known orientation)."""
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials.algorithms.indexing import indexer
+    from dials.array_family import flex
+
     counts = [int((reflections["id"] == i).count(True)) for i in range(len(experiments))]
     largest = max(range(len(experiments)), key=lambda i: counts[i])
-    single = ExperimentList([experiments[largest]])
+    logger.info(
+        "Lattice search on block %d (%d spots), then all %d blocks with its crystal",
+        largest + 1, counts[largest], len(experiments),
+    )
     refl = reflections.select(reflections["id"] == largest)
-    refl["id"] = refl["id"] * 0
+    refl["id"] = flex.int(len(refl), 0)
     for k in list(refl.experiment_identifiers().keys()):
         del refl.experiment_identifiers()[k]
     refl.experiment_identifiers()[0] = experiments[largest].identifier
-    try:
-        found, _ = dials_index(single, [refl], copy.deepcopy(ip))
-    except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
-        raise GapfillError(_explain(e, params)) from None
-    crystal = found[0].crystal
-    for exp in experiments:
-        exp.crystal = crystal
-    try:
-        return dials_index(experiments, [reflections], ip)
-    except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
-        raise GapfillError(_explain(e, params)) from None
+    refl["imageset_id"] = refl["id"]
+    single = ExperimentList([copy.copy(experiments[largest])])
+    search = indexer.Indexer.from_parameters(refl, single, params=copy.deepcopy(ip))
+    search.index()
+    crystal = search.refined_experiments[0].crystal
+
+    # every block with that crystal: DIALS' known-orientation indexer, with the
+    # crystal shared by all blocks (as DIALS' joint indexing builds them)
+    table = copy.deepcopy(reflections)
+    table["imageset_id"] = table["id"]
+    if ip.indexing.known_symmetry.space_group is None:
+        ip.indexing.known_symmetry.space_group = crystal.get_space_group().info()
+    joint = _joint_known_orientation()(table, experiments, ip, [crystal])
+    joint.index()
+    indexed = copy.deepcopy(joint.refined_reflections)
+    indexed.extend(joint.unindexed_reflections)
+    return joint.refined_experiments, indexed
+
+
+def _joint_known_orientation():
+    """DIALS' IndexerKnownOrientation, but with ONE crystal for all image sets.
+
+    Its own find_lattices pairs one known crystal with one image set (it is made
+    for several lattices); joint indexing instead shares one crystal between
+    all image sets, which is what this returns.
+    """
+    from dxtbx.model import Experiment
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials.algorithms.indexing.known_orientation import IndexerKnownOrientation
+
+    class JointKnownOrientation(IndexerKnownOrientation):
+        def find_lattices(self):
+            crystal = self.known_orientations[0]
+            cb_op = crystal.get_space_group().info().change_of_basis_op_to_primitive_setting()
+            crystal = crystal.change_basis(cb_op)
+            return ExperimentList(
+                [
+                    Experiment(
+                        imageset=e.imageset, beam=e.beam, detector=e.detector,
+                        goniometer=e.goniometer, scan=e.scan, crystal=crystal,
+                    )
+                    for e in self.experiments
+                ]
+            )
+
+    return JointKnownOrientation
 
 
 def choose_bravais_lattice(experiments, reflections, params):

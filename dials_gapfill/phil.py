@@ -224,8 +224,14 @@ bravais_lattice = None
           "or a lattice symbol such as oP, tP, mC, hR, cI. None: stay in P1 (unless"
           "indexing.known_symmetry is given)."
 blocks
-  .help = "Which blocks survive indexing (dials.process_gapped)."
+  .help = "How the blocks are indexed (dials.process_gapped)."
 {
+  lattice_search = *largest joint
+    .type = choice
+    .help = "largest: search for the lattice in the block with most spots, then"
+            "index all blocks with its crystal (the cost does not grow with the"
+            "number of blocks); joint: search in all blocks at once, as dials.index."
+            "If one fails, the other is tried."
   min_indexed_fraction = 0.2
     .type = float(value_min=0, value_max=1)
     .help = "A block whose strong spots index below this fraction (e.g. a wrong"
