@@ -61,9 +61,8 @@ def _resplit(state: State, excluded: set, reason_by_image: dict, by: str) -> Non
 
 
 def stage_find_spots(state: State) -> None:
-    from dials_gapfill.spotfinding import find_spots
-
     from dials_gapfill.importer import import_images
+    from dials_gapfill.spotfinding import find_spots
 
     params, report = state.params, state.report
     reflections, unreadable = find_spots(state.experiments, params, report)
@@ -78,8 +77,8 @@ def stage_find_spots(state: State) -> None:
             )
         for n, reason in sorted(unreadable.items()):
             logger.warning("Excluding image %d: %s", n, reason)
-        state.report = report = type(report)()
         state.experiments = import_images(params, state.images, report, extra_excluded=unreadable)
+        report.warnings[:] = list(dict.fromkeys(report.warnings))
         reflections, still = find_spots(state.experiments, params, report)
         if still:
             raise GapfillError(
@@ -126,10 +125,12 @@ def stage_bad_images(state: State) -> None:
     params = state.params
     if not params.gaps.auto_exclude:
         return
+    found = False
     for _ in range(3):
         bad = find_bad_images(state.reflections, state.experiments, params)
         if not bad:
             break
+        found = True
         used = sum(b.n_images for b in state.report.blocks)
         if len(bad) >= used:
             raise GapfillError(
@@ -162,7 +163,10 @@ def stage_bad_images(state: State) -> None:
         state.reflections = merged.select(merged["id"] >= 0)
     else:
         logger.info("Stopped looking for bad images after 3 rounds")
-    _count_spots(state)
+    if found:
+        _count_spots(state)
+    else:
+        logger.info("No bad images found")
 
 
 def stage_index(state: State) -> None:

@@ -38,10 +38,16 @@ _MIN_REFLECTIONS_TO_REFINE = 100
 
 
 def _macrocycle(params, reflections, experiments, what: str):
+    import time
+
     from dials.command_line.refine import run_macrocycle
 
+    t0 = time.perf_counter()
     try:
         refiner, reflections, history = run_macrocycle(params, reflections, experiments)
+        logger.info(
+            "%s: %d steps in %.1f s", what.capitalize(), history.get_nrows(), time.perf_counter() - t0
+        )
     except SystemExit as e:  # DIALS 3.12 exits on configuration/runtime errors
         raise GapfillError(
             f"{what} failed: {' '.join(str(e.code).split())[:200]}: check refinement.* "
