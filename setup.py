@@ -14,9 +14,10 @@ setup(
     description="dials.process_gapped: one command for rotation sweeps with missing or bad images",
     long_description=__doc__,
     packages=find_packages(include=["dials_gapfill", "dials_gapfill.*"]),
+    package_data={"dials_gapfill": ["report/*.json"]},
     python_requires=">=3.9",
     install_requires=[],
-    extras_require={"test": ["pytest>=7", "gemmi>=0.5"], "bench": ["pyinstrument"]},
+    extras_require={"test": ["pytest>=7", "gemmi>=0.5", "jsonschema>=4"], "bench": ["pyinstrument"]},
     entry_points={
         "console_scripts": [
             "dials.process_gapped = dials_gapfill.command_line.process_gapped:run",

@@ -528,3 +528,15 @@ def test_report_in_chromium(tmp_path):
         _check_plots_in_browser(tab, minimal, ["plot-spots", "plot-rmsd"])
     finally:
         browser.close()
+
+
+@pytest.mark.slow
+def test_report_of_a_real_run_in_chromium(processed, tmp_path):
+    """The report dials.process_gapped wrote for the simulated 3-block sweep."""
+    chromium = _chromium()
+    path = os.path.join(processed["dir"], "dials.process_gapped.html")
+    browser = DevTools(chromium, tmp_path / "profile", tmp_path / "chromium.log")
+    try:
+        _check_plots_in_browser(Tab(browser), path, PLOT_IDS)
+    finally:
+        browser.close()

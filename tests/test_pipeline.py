@@ -152,3 +152,27 @@ def test_log_reports_blocks_and_stages(processed):
     assert "spots indexed" in log
     summary = processed["stdout"]
     assert "RMSD x (px)" in summary and "46-80" in summary and "84-120" in summary
+
+
+def test_json_summary_layout(processed):
+    """dials.process_gapped.json validates against its documented schema, and adds up."""
+    import jsonschema
+
+    schema_path = os.path.join(os.path.dirname(__import__("dials_gapfill").__file__), "report", "summary_schema.json")
+    summary = json.load(open(os.path.join(processed["dir"], "dials.process_gapped.json")))
+    jsonschema.validate(summary, json.load(open(schema_path)))
+    totals, blocks = summary["totals"], summary["blocks"]
+    assert totals["blocks"] == len(blocks) == 3
+    for key in ("spots", "indexed", "integrated"):
+        assert totals[key] == sum(b[key] for b in blocks)
+    used = sum(b["n_images"] for b in blocks)
+    first, last = summary["input"]["image_range"]
+    assert used + totals["images_excluded"] == last - first + 1 == 120
+    assert summary["per_image"]["image"] == [n for b in blocks for n in range(b["first"], b["last"] + 1)]
+    assert [s["name"] for s in summary["timing"]["stages"]] == [
+        "import", "spot finding", "bad images", "indexing", "refinement", "integration", "export", "scaling"
+    ]
+    names = {f["name"] for f in summary["files"]}
+    assert {"integrated.expt", "integrated.refl", "integrated.mtz", "scaled.mtz", "merged.mtz"} <= names
+    for name in names:
+        assert os.path.exists(os.path.join(processed["dir"], name)), name

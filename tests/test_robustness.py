@@ -125,3 +125,31 @@ def test_two_runs_give_the_same_mtz(tiny, tmp_path):
     assert np.array_equal(np.array(ma, copy=False), np.array(mb, copy=False))
     for name in ("integrated.expt",):
         assert open(os.path.join(outs[0], name)).read() == open(os.path.join(outs[1], name)).read()
+
+
+def test_a_block_that_cannot_be_indexed_is_dropped(tiny, tmp_path):
+    """Images 24-40 carry headers 30 deg off (a restart with a wrong datum):
+    that block does not index with the crystal of the others and is dropped."""
+    import dataclasses
+
+    from dials_gapfill.simulate import Simulation, SimulationConfig, cbf_header_text, encode_minicbf
+
+    from conftest import TINY
+
+    config = SimulationConfig(**TINY)
+    sim = Simulation(config)
+    wrong = dataclasses.replace(config, osc_start=config.osc_start + 30.0)
+    d = tmp_path / "wrong_start"
+    d.mkdir()
+    for n in list(range(1, 21)) + list(range(24, 41)):
+        header = cbf_header_text(wrong if n >= 24 else config, n)
+        (d / config.filename(n)).write_bytes(encode_minicbf(header, sim.render(n), f"img{n}"))
+    out = str(tmp_path / "out")
+    result = _run_ok(str(d), out)
+    summary = _summary(out)
+    assert [(b["first"], b["last"]) for b in summary["blocks"]] == [(1, 20)]
+    assert summary["dropped_blocks"][0]["first"] == 24 and "indexed" in summary["dropped_blocks"][0]["reason"]
+    assert {e["image"] for e in summary["excluded_images"] if e["reason"] == "block could not be indexed"} == set(range(24, 41))
+    assert any("starts at 53.00 deg but its image number implies 23.00 deg" in w for w in summary["warnings"])
+    assert any("dropped" in w for w in summary["warnings"]) and "dropped" in result.stdout
+    assert summary["blocks"][0]["integrated"] > 4000
