@@ -130,15 +130,23 @@ def _search_largest_block(experiments, reflections, ip):
     single = ExperimentList([copy.copy(experiments[largest])])
     search = indexer.Indexer.from_parameters(refl, single, params=copy.deepcopy(ip))
     search.index()
-    crystal = search.refined_experiments[0].crystal
+    found = search.refined_experiments[0]
+    crystal = found.crystal
 
-    # every block with that crystal: DIALS' known-orientation indexer, with the
-    # crystal shared by all blocks (as DIALS' joint indexing builds them)
+    # every block with that crystal and the geometry refined with it (the
+    # crystal only fits that geometry): DIALS' known-orientation indexer, with
+    # one crystal, beam, detector and goniometer shared by all blocks (as
+    # DIALS' joint indexing builds them)
     table = copy.deepcopy(reflections)
     table["imageset_id"] = table["id"]
+    blocks = ExperimentList()
+    for exp in experiments:
+        block = copy.copy(exp)
+        block.beam, block.detector, block.goniometer = found.beam, found.detector, found.goniometer
+        blocks.append(block)
     if ip.indexing.known_symmetry.space_group is None:
         ip.indexing.known_symmetry.space_group = crystal.get_space_group().info()
-    joint = _joint_known_orientation()(table, experiments, ip, [crystal])
+    joint = _joint_known_orientation()(table, blocks, ip, [crystal])
     joint.index()
     indexed = copy.deepcopy(joint.refined_reflections)
     indexed.extend(joint.unindexed_reflections)

@@ -43,7 +43,7 @@ def test_api_from_imported_experiments(tiny_sweeps):
 
     gapped = tiny_sweeps.make(omit=(10, 11), name="api_gapped")
     experiments = ExperimentListFactory.from_filenames(sorted(glob.glob(os.path.join(gapped, "*.cbf"))))
-    assert len(experiments) == 2 and experiments[0].beam is not experiments[1].beam
+    assert len(experiments) == 2
     result = process_gapped(experiments=experiments, params="nproc=2 scale=True")
     assert [e.scan.get_image_range() for e in result.experiments] == [(1, 9), (12, 40)]
     assert result.experiments[0].beam is result.experiments[1].beam

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -134,7 +135,13 @@ def test_snase_batches_are_image_numbers(snase_gapped, tmp_path):
     assert min(batches) <= 2 and max(batches) >= 95
     assert batches & set(range(46, 60)) and not batches & set(range(40, 46))
     mtz = gemmi.read_mtz_file(os.path.join(out, "integrated.mtz"))
-    cell = mtz.cell.parameters
-    # SNase: a = b ~ 48.5, c ~ 63.4 (P4, indexed in P1 here)
-    assert sorted(cell[:3])[2] == pytest.approx(63.4, abs=0.5)
-    assert sorted(cell[:3])[0] == pytest.approx(48.45, abs=0.5)
+    cell = sorted(mtz.cell.parameters[:3])
+    # SNase (P4, indexed in P1 here): DIALS 3.12 on the contiguous sweep gives
+    # 48.42 48.47 63.41 with 98 % of the spots indexed (../shared/README.md)
+    assert cell == pytest.approx([48.42, 48.47, 63.41], rel=0.003)
+    summary = json.load(open(os.path.join(out, "dials.process_gapped.json")))
+    assert [(b["first"], b["last"]) for b in summary["blocks"]] == [(1, 39), (46, 96)]
+    for b in summary["blocks"]:
+        assert b["indexed_fraction"] > 0.95, b
+        assert b["rmsd_scan_varying"]["x"] < 0.6 and b["rmsd_scan_varying"]["y"] < 0.6
+        assert b["rmsd_scan_varying"]["phi"] < 0.3
