@@ -14,14 +14,6 @@ import math
 import statistics
 
 
-def _mean_cell(crystal):
-    n = crystal.num_scan_points
-    if n == 0:
-        return list(crystal.get_unit_cell().parameters())
-    cells = [crystal.get_unit_cell_at_scan_point(i).parameters() for i in range(n)]
-    return [sum(c[k] for c in cells) / n for k in range(6)]
-
-
 def _basis_change(crystal_a, crystal_b):
     """Integer matrix X with h_b = X h_a for the same lattice point."""
     from scitbx import matrix
@@ -70,6 +62,8 @@ def _pearson(x, y):
 
 def compare(experiments_a, reflections_a, experiments_b, reflections_b, min_isigma=3.0) -> dict:
     """Numbers comparing run b with run a (a is the reference)."""
+    from dials_gapfill.tables import mean_cell
+
     blocks_a = {e.scan.get_image_range(): i for i, e in enumerate(experiments_a)}
     blocks_b = {e.scan.get_image_range(): i for i, e in enumerate(experiments_b)}
     common = sorted(set(blocks_a) & set(blocks_b))
@@ -77,7 +71,7 @@ def compare(experiments_a, reflections_a, experiments_b, reflections_b, min_isig
     basis = {}
     for r in common:
         ea, eb = experiments_a[blocks_a[r]], experiments_b[blocks_b[r]]
-        ca, cb = _mean_cell(ea.crystal), _mean_cell(eb.crystal)
+        ca, cb = mean_cell(ea.crystal), mean_cell(eb.crystal)
         na = int((reflections_a["id"] == blocks_a[r]).count(True))
         nb = int((reflections_b["id"] == blocks_b[r]).count(True))
         X = _basis_change(ea.crystal, eb.crystal)

@@ -19,7 +19,14 @@ import os
 import re
 
 from dials_gapfill.errors import GapfillError
-from dials_gapfill.tables import block_identifier, blocks_of, image_numbers, split_sequence
+from dials_gapfill.util import range_text
+from dials_gapfill.tables import (
+    block_identifier,
+    blocks_of,
+    drop_short_blocks,
+    image_numbers,
+    split_sequence,
+)
 
 logger = logging.getLogger("dials.process_gapped.import")
 
@@ -61,22 +68,6 @@ def parse_exclusions(values) -> list[tuple[int, int]]:
                     )
                 ranges.append((first, last))
     return ranges
-
-
-def _range_text(numbers) -> str:
-    """Compact text of a set of integers: 1-40, 46-80."""
-    numbers = sorted(numbers)
-    if not numbers:
-        return "none"
-    parts, start, prev = [], numbers[0], numbers[0]
-    for n in numbers[1:] + [None]:
-        if n is not None and n == prev + 1:
-            prev = n
-            continue
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if n is not None:
-            start = prev = n
-    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------
@@ -470,6 +461,25 @@ def _share_models(experiments) -> None:
         exp.imageset.set_goniometer(goniometer)
 
 
+def _apply_exclusions(numbers, exclusions, excluded, extra_excluded, report, where):
+    """Check the exclusion ranges against the images, record them, and add the
+    images found bad later (extra_excluded) to `excluded`."""
+    lo, hi = numbers[0], numbers[-1]
+    for first, last in exclusions:
+        if first < lo or last > hi:
+            raise GapfillError(
+                f"gaps.exclude_images range {first}:{last} lies outside the images "
+                f"({lo}-{hi}): {where}"
+            )
+    for n in sorted(excluded & set(numbers)):
+        report.exclude(n, "gaps.exclude_images", "user")
+    for n, reason in sorted((extra_excluded or {}).items()):
+        report.exclude(n, reason, "auto")
+        excluded.add(n)
+    if set(numbers) <= excluded:
+        raise GapfillError("no images left after gaps.exclude_images: exclude fewer images")
+
+
 def import_images(params, positional, report, extra_excluded=None):
     """The import stage: returns an ExperimentList with one experiment per block.
 
@@ -514,25 +524,10 @@ def import_images(params, positional, report, extra_excluded=None):
         numbers = sorted(by_number)
         lo, hi = numbers[0], numbers[-1]
         reference_image = lo
-        for first, last in exclusions:
-            if first < lo or last > hi:
-                raise GapfillError(
-                    f"gaps.exclude_images range {first}:{last} lies outside the images "
-                    f"({lo}-{hi}): give image numbers as in the file names"
-                )
-        missing = sorted(set(range(lo, hi + 1)) - set(numbers))
-        for n in missing:
+        for n in sorted(set(range(lo, hi + 1)) - set(numbers)):
             report.exclude(n, "missing file", "input")
-        for n in sorted(excluded & set(numbers)):
-            report.exclude(n, "gaps.exclude_images", "user")
-        for n, reason in sorted((extra_excluded or {}).items()):
-            report.exclude(n, reason, "auto")
-            excluded.add(n)
+        _apply_exclusions(numbers, exclusions, excluded, extra_excluded, report, "give image numbers as in the file names")
         keep = [n for n in numbers if n not in excluded]
-        if not keep:
-            raise GapfillError(
-                "no images left after gaps.exclude_images: exclude fewer images"
-            )
         # cheap header checks: truncated files never reach dxtbx
         paths = []
         for n in keep:
@@ -572,19 +567,7 @@ def import_images(params, positional, report, extra_excluded=None):
         numbers = image_numbers(experiments[0].imageset)
         lo, hi = numbers[0], numbers[-1]
         reference_image = lo
-        for first, last in exclusions:
-            if first < lo or last > hi:
-                raise GapfillError(
-                    f"gaps.exclude_images range {first}:{last} lies outside the images "
-                    f"({lo}-{hi}) of {os.path.basename(template)}"
-                )
-        if set(numbers) <= excluded:
-            raise GapfillError("no images left after gaps.exclude_images: exclude fewer images")
-        for n in sorted(excluded):
-            report.exclude(n, "gaps.exclude_images", "user")
-        for n, reason in sorted((extra_excluded or {}).items()):
-            report.exclude(n, reason, "auto")
-            excluded.add(n)
+        _apply_exclusions(numbers, exclusions, excluded, extra_excluded, report, f"the images of {os.path.basename(template)}")
 
     imagesets = list(experiments.imagesets())
     for imageset in imagesets:
@@ -622,17 +605,7 @@ def import_images(params, positional, report, extra_excluded=None):
     _warn_inconsistent_phi(sequences, report)
 
     # drop blocks that are too short to use
-    kept = ExperimentList()
-    for exp in sequences:
-        first, last = exp.scan.get_image_range()
-        if last - first + 1 < params.gaps.min_block_images:
-            reason = f"block of {last - first + 1} images is shorter than gaps.min_block_images"
-            logger.warning("Dropping images %d-%d: %s", first, last, reason)
-            report.dropped_blocks.append({"first": first, "last": last, "reason": reason})
-            for n in range(first, last + 1):
-                report.exclude(n, "block too short", "auto")
-            continue
-        kept.append(exp)
+    kept = drop_short_blocks(sequences, params.gaps.min_block_images, report, "")
     if not kept:
         raise GapfillError("no block is long enough to process: lower gaps.min_block_images")
 
@@ -690,4 +663,4 @@ def log_block_table(report) -> None:
         tabulate(rows, ["block", "images", "phi (deg)", "n images"]),
     )
     if report.excluded:
-        logger.info("Images not used: %s", _range_text([e["image"] for e in report.excluded]))
+        logger.info("Images not used: %s", range_text([e["image"] for e in report.excluded]))

@@ -115,27 +115,9 @@ def _run(ip, experiments, reference):
     return experiments, reflections
 
 
-def _renumber(reflections, from_experiments, to_experiments):
-    from dials.array_family import flex
-
-    position = {e.identifier: i for i, e in enumerate(to_experiments)}
-    ids = reflections["id"]
-    new = flex.int(len(reflections), -1)
-    for i, exp in enumerate(from_experiments):
-        new.set_selected(ids == i, position[exp.identifier])
-    reflections["id"] = new
-    for k in list(reflections.experiment_identifiers().keys()):
-        del reflections.experiment_identifiers()[k]
-    for i, exp in enumerate(to_experiments):
-        reflections.experiment_identifiers()[i] = exp.identifier
-    return reflections
-
-
 def integrate(experiments, reference, params, report):
     """Integrated (experiments, reflections) for all blocks."""
     from dxtbx.model.experiment_list import ExperimentList
-
-    from dials.array_family import flex
 
     from dials_gapfill.phil import dials_integrate_params
 
@@ -169,7 +151,7 @@ def integrate(experiments, reference, params, report):
         large = [i for i in range(len(experiments)) if i not in small]
         big_expts = ExperimentList([experiments[i] for i in large])
         small_expts = ExperimentList([experiments[i] for i in small])
-        from dials_gapfill.tables import keep_experiments
+        from dials_gapfill.tables import concat, keep_experiments, renumber
 
         big_ref, big_expts = keep_experiments(reference, experiments, {e.identifier for e in big_expts})
         big_expts, big_refl = _run(copy.deepcopy(ip), big_expts, big_ref)
@@ -196,22 +178,14 @@ def integrate(experiments, reference, params, report):
         small_ref, small_expts = keep_experiments(reference, experiments, {e.identifier for e in small_expts})
         small_expts, small_refl = _run(sp, small_expts, small_ref)
         order = ExperimentList(sorted(list(big_expts) + list(small_expts), key=lambda e: e.scan.get_image_range()[0]))
-        big_refl = _renumber(big_refl, big_expts, order)
-        small_refl = _renumber(small_refl, small_expts, order)
+        big_refl = renumber(big_refl, big_expts, order)
+        small_refl = renumber(small_refl, small_expts, order)
         # summation-only rows get empty profile-fitting columns (their flags
         # say they were not profile fitted)
         for key in big_refl.keys():
             if key not in small_refl:
                 small_refl[key] = big_refl[key][:1].__class__(len(small_refl))
-        reflections = flex.reflection_table()
-        common = [k for k in big_refl.keys() if k in small_refl]
-        for part in (big_refl, small_refl):
-            sub = flex.reflection_table()
-            for k in common:
-                sub[k] = part[k]
-            reflections.extend(sub)
-        for i, exp in enumerate(order):
-            reflections.experiment_identifiers()[i] = exp.identifier
+        reflections = concat([big_refl, small_refl], order)
         experiments = order
 
     _record(reflections, experiments, report)

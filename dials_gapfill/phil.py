@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 
 import iotbx.phil
-import libtbx.phil
 from libtbx import Auto
 
 

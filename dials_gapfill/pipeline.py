@@ -30,7 +30,7 @@ def stage_import(state: State) -> None:
 
 def _resplit(state: State, excluded: set, reason_by_image: dict, by: str) -> None:
     """Cut the excluded images out of the blocks (after spot finding)."""
-    from dials_gapfill.tables import assign_to_blocks, blocks_of, split_experiments
+    from dials_gapfill.tables import assign_to_blocks, blocks_of, drop_short_blocks, split_experiments
 
     report = state.report
     for n in sorted(excluded):
@@ -38,22 +38,10 @@ def _resplit(state: State, excluded: set, reason_by_image: dict, by: str) -> Non
         report.exclude(n, reason_by_image[n], by)
     template = report.inputs.get("template", "")
     experiments = split_experiments(state.experiments, excluded, template)
-    keep = []
-    for exp in experiments:
-        first, last = exp.scan.get_image_range()
-        if last - first + 1 < state.params.gaps.min_block_images:
-            report.dropped_blocks.append(
-                {"first": first, "last": last, "reason": "shorter than gaps.min_block_images after exclusions"}
-            )
-            for n in range(first, last + 1):
-                report.exclude(n, "block too short", "auto")
-            continue
-        keep.append(exp)
+    keep = drop_short_blocks(experiments, state.params.gaps.min_block_images, report, " after exclusions")
     if not keep:
         raise GapfillError("no usable images left after excluding bad images: check the data")
-    from dxtbx.model.experiment_list import ExperimentList
-
-    state.experiments = ExperimentList(keep)
+    state.experiments = keep
     report.blocks = blocks_of(state.experiments)
     if state.reflections is not None:
         assign_to_blocks(state.reflections, state.experiments)

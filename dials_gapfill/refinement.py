@@ -132,7 +132,7 @@ def refine(experiments, reflections, params, report):
     (and returned).  Returns (experiments, reflections).
     """
     from dials_gapfill.phil import dials_refine_params
-    from dials_gapfill.tables import keep_experiments
+    from dials_gapfill.tables import concat, keep_experiments, renumber
 
     blocks_p = params.refinement.blocks
     indexed = reflections.get_flags(reflections.flags.indexed) & (reflections["id"] >= 0)
@@ -206,12 +206,12 @@ def refine(experiments, reflections, params, report):
         if exp.identifier in refined:
             exp.crystal = refined[exp.identifier].crystal
         exp.beam, exp.detector, exp.goniometer = shared.beam, shared.detector, shared.goniometer
-    sv_refl = _reorder(sv_refl, sv_expts, experiments)
+    sv_refl = renumber(sv_refl, sv_expts, experiments)
     if len(in_job) == len(experiments):
         return experiments, sv_refl
     rest, _ = keep_experiments(reflections, experiments, {e.identifier for e in experiments} - in_job)
-    rest = _reorder(rest, [e for e in experiments if e.identifier not in in_job], experiments)
-    return experiments, _concat(sv_refl, rest, experiments)
+    rest = renumber(rest, [e for e in experiments if e.identifier not in in_job], experiments)
+    return experiments, concat([sv_refl, rest], experiments)
 
 
 def _set_tie(rp, sigmas):
@@ -230,37 +230,3 @@ def _set_tie(rp, sigmas):
     rp.refinement.parameterisation.crystal.unit_cell.restraints.tie_to_group = (
         extract.refinement.parameterisation.crystal.unit_cell.restraints.tie_to_group
     )
-
-
-def _reorder(table, table_experiments, experiments):
-    """Renumber `table` ids to the positions of its experiments in `experiments`."""
-    from dials.array_family import flex
-
-    position = {e.identifier: i for i, e in enumerate(experiments)}
-    new_ids = flex.int(len(table), -1)
-    ids = table["id"]
-    for i, exp in enumerate(table_experiments):
-        new_ids.set_selected(ids == i, position[exp.identifier])
-    table["id"] = new_ids
-    for k in list(table.experiment_identifiers().keys()):
-        del table.experiment_identifiers()[k]
-    for i, exp in enumerate(experiments):
-        if exp in table_experiments or any(e.identifier == exp.identifier for e in table_experiments):
-            table.experiment_identifiers()[i] = exp.identifier
-    return table
-
-
-def _concat(a, b, experiments):
-    """Rows of two tables (common columns), with the identifier map of both."""
-    from dials.array_family import flex
-
-    common = [k for k in a.keys() if k in b]
-    out = flex.reflection_table()
-    for part in (a, b):
-        sub = flex.reflection_table()
-        for k in common:
-            sub[k] = part[k]
-        out.extend(sub)
-    for i, exp in enumerate(experiments):
-        out.experiment_identifiers()[i] = exp.identifier
-    return out

@@ -156,3 +156,65 @@ def rmsds(reflections, experiment_id):
         math.sqrt(flex.sum_sq(zc - zo) / n),
         n,
     )
+
+
+def drop_short_blocks(experiments, min_images, report, why):
+    """Experiments of at least `min_images` images; the others are reported as dropped."""
+    import logging
+
+    from dxtbx.model.experiment_list import ExperimentList
+
+    kept = ExperimentList()
+    for exp in experiments:
+        first, last = exp.scan.get_image_range()
+        if last - first + 1 >= min_images:
+            kept.append(exp)
+            continue
+        reason = f"block of {last - first + 1} images is shorter than gaps.min_block_images{why}"
+        logging.getLogger("dials.process_gapped").warning("Dropping images %d-%d: %s", first, last, reason)
+        report.dropped_blocks.append({"first": first, "last": last, "reason": reason})
+        for n in range(first, last + 1):
+            report.exclude(n, "block too short", "auto")
+    return kept
+
+
+def renumber(table, table_experiments, experiments):
+    """Renumber the ids of `table` (made for `table_experiments`) to the
+    positions of those experiments in `experiments`, with the identifier map."""
+    position = {e.identifier: i for i, e in enumerate(experiments)}
+    ids = table["id"]
+    new_ids = flex.int(len(table), -1)
+    for i, exp in enumerate(table_experiments):
+        new_ids.set_selected(ids == i, position[exp.identifier])
+    table["id"] = new_ids
+    for k in list(table.experiment_identifiers().keys()):
+        del table.experiment_identifiers()[k]
+    present = {e.identifier for e in table_experiments}
+    for i, exp in enumerate(experiments):
+        if exp.identifier in present:
+            table.experiment_identifiers()[i] = exp.identifier
+    return table
+
+
+def concat(tables, experiments):
+    """Rows of several tables (their common columns), ids as in `experiments`."""
+    common = [k for k in tables[0].keys() if all(k in t for t in tables[1:])]
+    out = flex.reflection_table()
+    for part in tables:
+        sub = flex.reflection_table()
+        for k in common:
+            sub[k] = part[k]
+        out.extend(sub)
+    for i, exp in enumerate(experiments):
+        out.experiment_identifiers()[i] = exp.identifier
+    return out
+
+
+def mean_cell(crystal):
+    """Unit cell of a crystal: the mean over its scan points, if it has them."""
+    n = crystal.num_scan_points
+    if n == 0:
+        return list(crystal.get_unit_cell().parameters())
+    cells = [crystal.get_unit_cell_at_scan_point(i).parameters() for i in range(n)]
+    return [sum(c[k] for c in cells) / n for k in range(6)]
+

@@ -12,15 +12,6 @@ logger = logging.getLogger("dials.process_gapped.report")
 LAYOUT_VERSION = 1
 
 
-def _mean_cell(crystal):
-    """Unit cell of a crystal: the mean over its scan points, if it has them."""
-    n = crystal.num_scan_points
-    if n == 0:
-        return list(crystal.get_unit_cell().parameters())
-    cells = [crystal.get_unit_cell_at_scan_point(i).parameters() for i in range(n)]
-    return [sum(c[k] for c in cells) / n for k in range(6)]
-
-
 def _orientation_angles(U, U_ref):
     """Rotation of U relative to U_ref as angles about the lab x, y, z axes (deg)."""
     from scitbx import matrix
@@ -103,6 +94,8 @@ def _isigi_vs_resolution(reflections, experiments, report, n_bins=10):
 
 def finalise(state) -> None:
     """Crystal numbers of the final models, per block and overall, and plot data."""
+    from dials_gapfill.tables import mean_cell
+
     report, experiments = state.report, state.experiments
     if experiments is None or not len(experiments) or experiments[0].crystal is None:
         return
@@ -112,7 +105,7 @@ def finalise(state) -> None:
     cells, weights = [], []
     for exp in experiments:
         block = report.block(exp.identifier)
-        cell = _mean_cell(exp.crystal)
+        cell = mean_cell(exp.crystal)
         block.stats["unit_cell"] = cell
         try:
             esd = list(exp.crystal.get_cell_parameter_sd())

@@ -20,6 +20,10 @@ import html
 import json
 import math
 
+from dials_gapfill.report.merging import ROWS
+from dials_gapfill.util import range_text as compact_ranges
+from dials_gapfill.util import runs as _runs
+
 # Colours of the blocks, the same in every plot (no grey, red or purple: those
 # are the colours of the excluded images).
 BLOCK_COLOURS = [
@@ -53,21 +57,7 @@ PLOTS = [
 ]
 
 # The merging-statistics table (xia2 style): label, key, format.
-MERGING_ROWS = [
-    ("High resolution limit", "d_min", "{:.2f}"),
-    ("Low resolution limit", "d_max", "{:.2f}"),
-    ("Completeness (%)", "completeness", "{:.1f}"),
-    ("Multiplicity", "multiplicity", "{:.2f}"),
-    ("I/sigma", "i_over_sigma", "{:.1f}"),
-    ("CC half", "cc_half", "{:.4f}"),
-    ("Rmerge(I)", "r_merge", "{:.3f}"),
-    ("Rmeas(I)", "r_meas", "{:.3f}"),
-    ("Rpim(I)", "r_pim", "{:.3f}"),
-    ("Total observations", "n_obs", "{:.0f}"),
-    ("Total unique", "n_unique", "{:.0f}"),
-    ("Anomalous completeness (%)", "anomalous_completeness", "{:.1f}"),
-    ("Anomalous multiplicity", "anomalous_multiplicity", "{:.2f}"),
-]
+MERGING_ROWS = ROWS
 
 
 # ---------------------------------------------------------------------------
@@ -106,25 +96,6 @@ def _fmt(value, spec: str = "") -> str:
 def _int(value, default=None):
     """value as an int, or default if it is not a number."""
     return int(value) if _is_number(value) else default
-
-
-def compact_ranges(numbers) -> str:
-    """Sorted integers as compact ranges: [41, 42, 43, 45] -> "41-43, 45"."""
-    parts = []
-    for start, end in _runs(numbers):
-        parts.append(f"{start}" if start == end else f"{start}-{end}")
-    return ", ".join(parts)
-
-
-def _runs(numbers):
-    """Runs of consecutive integers: [(first, last), ...]."""
-    runs = []
-    for n in sorted(set(numbers)):
-        if runs and n == runs[-1][1] + 1:
-            runs[-1][1] = n
-        else:
-            runs.append([n, n])
-    return [tuple(r) for r in runs]
 
 
 def _json_for_script(value) -> str:

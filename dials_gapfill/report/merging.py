@@ -12,8 +12,8 @@ ROWS = [
     ("Rmerge(I)", "r_merge", "{:.3f}"),
     ("Rmeas(I)", "r_meas", "{:.3f}"),
     ("Rpim(I)", "r_pim", "{:.3f}"),
-    ("Total observations", "n_obs", "{:d}"),
-    ("Total unique", "n_unique", "{:d}"),
+    ("Total observations", "n_obs", "{:.0f}"),
+    ("Total unique", "n_unique", "{:.0f}"),
     ("Anomalous completeness (%)", "anomalous_completeness", "{:.1f}"),
     ("Anomalous multiplicity", "anomalous_multiplicity", "{:.2f}"),
 ]

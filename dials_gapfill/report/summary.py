@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import math
 
+from dials_gapfill.util import range_text
+
 
 def _f(v, fmt):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return format(v, fmt)
-
-
-def _range_text(numbers) -> str:
-    numbers = sorted(numbers)
-    if not numbers:
-        return ""
-    parts, start, prev = [], numbers[0], numbers[0]
-    for n in numbers[1:] + [None]:
-        if n is not None and n == prev + 1:
-            prev = n
-            continue
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if n is not None:
-            start = prev = n
-    return ", ".join(parts)
 
 
 def block_rows(report):
@@ -93,7 +80,7 @@ def summary_text(report, directory=None) -> str:
             by_reason.setdefault(e["reason"], []).append(e["image"])
         lines.append("Images not used:")
         for reason, images in by_reason.items():
-            lines.append(f"  {_range_text(images)}: {reason}")
+            lines.append(f"  {range_text(images)}: {reason}")
     for d in report.dropped_blocks:
         lines.append(f"Dropped block {d['first']}-{d['last']}: {d['reason']}")
     if report.scaling:
