@@ -141,12 +141,19 @@ def stage_bad_images(state: State) -> None:
         fresh, unreadable = find_spots(redo, params, state.report)
         if unreadable:
             raise GapfillError(f"images {sorted(unreadable)} cannot be read: leave them out with exclude_images=")
-        keep_ids = {e.identifier for e in state.experiments} - {e.identifier for e in redo}
+        # block by block, in block order and in the spot finder's order within a
+        # block: the same table as one spot finding on the blocks (which matters,
+        # refinement samples reflections at random from the table's order)
+        redone = {e.identifier for e in redo}
         old = state.reflections
-        id_map = dict(zip(old.experiment_identifiers().keys(), old.experiment_identifiers().values()))
-        sel = flex.bool([id_map.get(i, "") in keep_ids for i in old["id"]])
-        merged = old.select(sel)
-        merged.extend(fresh)
+        old_ids = dict(zip(old.experiment_identifiers().values(), old.experiment_identifiers().keys()))
+        new_ids = dict(zip(fresh.experiment_identifiers().values(), fresh.experiment_identifiers().keys()))
+        merged = flex.reflection_table()
+        for exp in state.experiments:
+            if exp.identifier in redone:
+                merged.extend(fresh.select(fresh["id"] == new_ids[exp.identifier]))
+            elif exp.identifier in old_ids:
+                merged.extend(old.select(old["id"] == old_ids[exp.identifier]))
         assign_to_blocks(merged, state.experiments)
         state.reflections = merged.select(merged["id"] >= 0)
     else:

@@ -120,7 +120,12 @@ def parse(args, phil):
     return params, options, images, parser.diff_phil.as_str()
 
 
-def _install_signal_handlers():
+def _install_signal_handlers(outputs, logging_ready):
+    """SIGINT and SIGTERM end the run at once, from the handler itself.
+
+    (Raising an exception instead would have to unwind through DIALS' code and
+    its worker pools, which may catch it or wait for their workers.)
+    """
     from dials_gapfill.errors import Interrupted
 
     main_pid = os.getpid()
@@ -130,10 +135,26 @@ def _install_signal_handlers():
             # a DIALS worker process (forked with this handler): leave quietly,
             # the main process reports the interrupt
             os._exit(128 + signum)
-        raise Interrupted(signum)
+        _leave(Interrupted(signum), outputs, logging_ready)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def _leave(interrupt, outputs, logging_ready):
+    """Remove temporary outputs, say why in one line, stop the workers, exit."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if outputs is not None:
+        outputs.rollback()
+    if logging_ready:
+        _log_to_file_only(f"Error: {interrupt}")
+    print(f"{PROGRAM}: error: {interrupt}", file=sys.stderr)
+    _stop_workers()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(interrupt.exit_code)
 
 
 def _stop_workers():
@@ -226,7 +247,7 @@ def run(args=None, phil=None):
         logging_ready = True
         if not options.verbose:
             _console_shows_own_messages_only()
-        _install_signal_handlers()
+        _install_signal_handlers(outputs, logging_ready)
         import warnings
 
         for category in (FutureWarning, DeprecationWarning):
@@ -261,19 +282,8 @@ def run(args=None, phil=None):
             traceback.print_exc()
         return getattr(e, "exit_code", 1)
     except (KeyboardInterrupt, Interrupted) as e:
-        if outputs is not None:
-            outputs.rollback()
-        if not isinstance(e, Interrupted):
-            e = Interrupted(signal.SIGINT)
-        if logging_ready:
-            _log_to_file_only(f"Error: {e}")
-        print(f"{PROGRAM}: error: {e}", file=sys.stderr)
-        # leave now: DIALS' worker processes and pools would make the exit wait
-        _stop_workers()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(e.exit_code)
+        # (before the handlers are installed, or from code that raised them)
+        _leave(e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT), outputs, logging_ready)
     except MemoryError:
         if outputs is not None:
             outputs.rollback()
