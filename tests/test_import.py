@@ -130,3 +130,24 @@ def test_help_and_config(tmp_path):
     for scope in ("input {", "gaps {", "spotfinder {", "indexing {", "refinement {",
                   "integration {", "mtz {", "scaling {", "output {", "mp {", "geometry {"):
         assert scope in result.stdout, scope
+
+
+def test_mixed_goniometers_are_refused(sim_gapped):
+    """miniCBF headers carry no goniometer: give one block another rotation axis."""
+    import glob
+
+    from dxtbx.model import GoniometerFactory
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.importer import adopt_experiments
+    from dials_gapfill.phil import working_params
+    from dials_gapfill.state import Report
+
+    experiments = ExperimentListFactory.from_filenames(sorted(glob.glob(os.path.join(sim_gapped, "*.cbf"))))
+    assert len(experiments) == 3
+    tilted = GoniometerFactory.known_axis((0.0, 1.0, 0.0))
+    experiments[1].goniometer = tilted
+    experiments[1].imageset.set_goniometer(tilted)
+    with pytest.raises(GapfillError, match="mixed goniometers: images 1-40 and 46-80 differ"):
+        adopt_experiments(experiments, working_params(""), Report())
