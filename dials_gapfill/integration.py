@@ -189,7 +189,59 @@ def integrate(experiments, reference, params, report):
         experiments = order
 
     _record(reflections, experiments, report)
+    flag_cut_rocking_curves(reflections, experiments, report, params.mtz.partiality_threshold)
     return experiments, reflections
+
+
+def flag_cut_rocking_curves(reflections, experiments, report, partiality_threshold):
+    """Flag reflections whose rocking curve is cut by a gap; count them per block.
+
+    DIALS clips each shoebox at the first and last image of its block and
+    computes the recorded fraction of the rocking curve (column
+    ``partiality``); export divides summation intensities by it and drops
+    reflections below ``mtz.partiality_threshold``.  Here a partial whose
+    shoebox is clipped at a block end next to missing or excluded images gets
+    ``gap_edge = True``; one clipped at the first or last image of the whole
+    sweep is cut as in any DIALS run and is only counted (``sweep_end``).
+    """
+    from dials.array_family import flex
+    from dials.constants import EPS, FULL_PARTIALITY
+
+    first_image, last_image = report.inputs.get("image_range") or (None, None)
+    n = len(reflections)
+    partial = reflections["partiality"] < FULL_PARTIALITY - EPS
+    kept = reflections["partiality"] >= partiality_threshold
+    bbox = reflections["bbox"].parts()
+    gap_edge = flex.bool(n, False)
+    for i, exp in enumerate(experiments):
+        first, last = exp.scan.get_image_range()
+        z0, z1 = exp.scan.get_array_range()
+        mine = (reflections["id"] == i) & partial
+        at_start = mine & (bbox[4] <= z0)
+        at_end = mine & (bbox[5] >= z1)
+        gap_before = first_image is not None and first > first_image
+        gap_after = last_image is not None and last < last_image
+        cut_gap = flex.bool(n, False)
+        cut_end = flex.bool(n, False)
+        for cut, at in ((gap_before, at_start), (gap_after, at_end)):
+            if cut:
+                cut_gap |= at
+            else:
+                cut_end |= at
+        gap_edge |= cut_gap
+        block = report.block(exp.identifier)
+        block.stats["gap_edge"] = cut_gap.count(True)
+        block.stats["gap_edge_exported"] = (cut_gap & kept).count(True)
+        block.stats["sweep_end"] = (cut_end & ~cut_gap).count(True)
+        if block.stats["gap_edge"]:
+            logger.info(
+                "Block %d (images %s): %d reflections with rocking curves cut by a gap "
+                "(flagged gap_edge; %d with partiality >= %.2f go to the MTZ, scaled by 1/partiality "
+                "where summation-integrated)",
+                block.number, block.label, block.stats["gap_edge"],
+                block.stats["gap_edge_exported"], partiality_threshold,
+            )
+    reflections["gap_edge"] = gap_edge
 
 
 def mean_i_over_sigma(reflections):

@@ -598,7 +598,7 @@ def block_table(data) -> str:
     header = [
         "Block", "Images", "φ range (°)", "Strong spots", "Indexed (%)",
         "RMSD x (px)", "RMSD y (px)", "RMSD φ (images)", "Refinement", "Profile",
-        "Integrated", "&lt;I/σ(I)&gt;",
+        "Integrated", "Cut by a gap", "&lt;I/σ(I)&gt;",
     ]
     rows, attrs = [], []
     for b in blocks:
@@ -618,6 +618,7 @@ def block_table(data) -> str:
                 _e(b.get("refinement")),
                 _e(b.get("profile")),
                 _fmt(b.get("integrated"), "d"),
+                _fmt(b.get("gap_edge"), "d"),
                 _fmt(b.get("mean_isigi"), ".1f"),
             ]
         )
@@ -627,7 +628,8 @@ def block_table(data) -> str:
     if totals:
         foot = [
             "Total", _fmt(totals.get("images_used"), "d"), "", _fmt(totals.get("spots"), "d"),
-            "", "", "", "", "", "", _fmt(totals.get("integrated"), "d"), "",
+            "", "", "", "", "", "", _fmt(totals.get("integrated"), "d"),
+            _fmt(totals.get("gap_edge"), "d"), "",
         ]
     return _table(header, rows, table_id="blocks-table", css="numbers", row_attrs=attrs, foot=foot)
 

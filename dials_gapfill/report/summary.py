@@ -30,6 +30,7 @@ def block_rows(report):
                 _f(rmsd.get("y"), ".3f"),
                 _f(rmsd.get("phi"), ".3f"),
                 s.get("integrated", "-"),
+                s.get("gap_edge", "-"),
                 _f(s.get("mean_isigi"), ".1f"),
             ]
         )
@@ -38,7 +39,7 @@ def block_rows(report):
 
 BLOCK_HEADER = [
     "block", "images", "phi (deg)", "spots", "% indexed",
-    "RMSD x (px)", "RMSD y (px)", "RMSD phi (img)", "integrated", "<I/sig>",
+    "RMSD x (px)", "RMSD y (px)", "RMSD phi (img)", "integrated", "cut by gap", "<I/sig>",
 ]
 
 
