@@ -91,27 +91,27 @@ class StepFailed(Exception):
 # --------------------------------------------------------------------------
 
 
-def venv_tool(name):
-    """A console script of this package: next to this python, in .venv, or on PATH."""
-    for d in (os.path.dirname(sys.executable), os.path.join(ROOT, ".venv", "bin")):
+def _program(name, folders, what):
+    """The first `name` in `folders`, else on PATH; stop with a one-line message."""
+    for d in folders:
         path = os.path.join(d, name)
         if os.path.exists(path):
             return path
     path = shutil.which(name)
     if path is None:
-        sys.exit(f"benchmark: cannot find {name}: install the package (make setup)")
+        sys.exit(f"benchmark: cannot find {name}: {what}")
     return path
+
+
+def venv_tool(name):
+    """A console script of this package: next to this python, in .venv, or on PATH."""
+    folders = (os.path.dirname(sys.executable), os.path.join(ROOT, ".venv", "bin"))
+    return _program(name, folders, "install the package (make setup)")
 
 
 def dials_tool(name):
     """A DIALS command-line program (Debian's, in /usr/bin, run by the system python)."""
-    path = os.path.join("/usr/bin", name)
-    if os.path.exists(path):
-        return path
-    path = shutil.which(name)
-    if path is None:
-        sys.exit(f"benchmark: cannot find the DIALS program {name}: install DIALS")
-    return path
+    return _program(name, ("/usr/bin",), "install DIALS")
 
 
 # --------------------------------------------------------------------------
