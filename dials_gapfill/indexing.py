@@ -189,8 +189,6 @@ def choose_bravais_lattice(experiments, reflections, params):
 
     Returns (experiments, reflections, description).
     """
-    import copy as _copy
-
     from dials.algorithms.indexing.bravais_settings import phil_scope as bravais_phil
     from dials.algorithms.indexing.bravais_settings import (
         refined_settings_from_refined_triclinic,
@@ -209,9 +207,9 @@ def choose_bravais_lattice(experiments, reflections, params):
     bp.refinement.reflections.reflections_per_degree = 100
     refl = reflections.select(reflections.get_flags(reflections.flags.indexed))
     if "shoebox" in refl:
-        refl = _copy.deepcopy(refl)
+        refl = copy.deepcopy(refl)
         del refl["shoebox"]
-    work = _copy.deepcopy(experiments)
+    work = copy.deepcopy(experiments)
     refl = eliminate_sys_absent(work, refl)
     cb_op_to_primitive = map_to_primitive(work, refl)
     settings = refined_settings_from_refined_triclinic(work, refl, bp, cb_op_to_primitive=cb_op_to_primitive)
@@ -232,7 +230,7 @@ def choose_bravais_lattice(experiments, reflections, params):
     for new, old in zip(new_experiments, experiments):
         new.identifier = old.identifier
         new.imageset = old.imageset
-    out = _copy.deepcopy(reflections)
+    out = copy.deepcopy(reflections)
     out["miller_index"] = cb_op.apply(out["miller_index"])
     description = (
         f"{chosen['bravais']} (setting {chosen.setting_number}, cb_op {cb_op.as_abc()}, "
