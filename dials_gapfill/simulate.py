@@ -86,6 +86,10 @@ class SimulationConfig:
     background_peak: float = 6.0  # extra counts per pixel at the beam centre
     background_width_px: float = 350.0
     drift: float = 0.01  # degrees of crystal rotation per degree of scan
+    # accelerating drift (a slipping crystal): the crystal is rotated about
+    # drift_axis by drift * phi + drift_acceleration * phi**2 degrees, phi in
+    # degrees from the scan start; 0 leaves the default files unchanged
+    drift_acceleration: float = 0.0
     drift_axis: tuple = (0.0, 0.6, 0.8)
     exposure_time: float = 0.1
     prefix: str = "sim"
@@ -240,6 +244,14 @@ def _rotation(axis, angle_deg: float) -> np.ndarray:
     return np.eye(3) + math.sin(a) * k + (1 - math.cos(a)) * (k @ k)
 
 
+def drift_angle(config: "SimulationConfig", phi: float) -> float:
+    """Crystal rotation (degrees) about drift_axis after phi degrees of scan."""
+    angle = config.drift * phi
+    if config.drift_acceleration:
+        angle += config.drift_acceleration * phi * phi
+    return angle
+
+
 def _initial_orientation(seed: int) -> np.ndarray:
     from scipy.spatial.transform import Rotation
 
@@ -292,7 +304,7 @@ class Simulation:
             deg=True,
         )
 
-        # crystal: U drifts about drift_axis at `drift` degrees per degree
+        # crystal: U drifts about drift_axis by drift_angle(phi) degrees
         uc = uctbx.unit_cell(config.unit_cell)
         sg = sgtbx.space_group_info(config.space_group).group()
         self.symmetry = cctbx_crystal.symmetry(unit_cell=uc, space_group=sg)
@@ -306,7 +318,7 @@ class Simulation:
         self.U_at_scan_points = []
         A_list = []
         for i in range(n + 1):
-            R = _rotation(config.drift_axis, config.drift * i * config.osc_width)
+            R = _rotation(config.drift_axis, drift_angle(config, i * config.osc_width))
             U = R @ U0
             self.U_at_scan_points.append(U)
             A_list.append(tuple((U @ B).ravel()))
@@ -350,6 +362,9 @@ class Simulation:
         pred_asu = [tuple(h) for h in pred_set.map_to_asu().indices()]
         keep = np.array([h in lookup for h in pred_asu])
         x, y, z_px = (np.array(c) for c in refl["xyzcal.px"].parts())
+        # the predictor's z is in array coordinates (image n covers [n-1, n)),
+        # which start at first_image - 1, not at 0
+        z_px = z_px - self.scan.get_array_range()[0]
         zeta = np.abs(np.array(refl["zeta"]))
         lp = np.array(refl["lp"])
         qe = np.array(refl["qe"]) if "qe" in refl else np.ones(len(refl))
@@ -487,6 +502,13 @@ class Simulation:
             "bad_images": {str(k): v for k, v in sorted(c.bad_images.items())},
             "d_min": self.d_min,
             "mosaicity_deg": c.mosaicity,
+            "drift": {
+                "comment": "U(phi) = R(axis, drift * phi + acceleration * phi**2) U(0), phi in "
+                "degrees from the scan start, angles in degrees",
+                "axis": list(c.drift_axis),
+                "rate": c.drift,
+                "acceleration": c.drift_acceleration,
+            },
             "n_predicted": int(len(self.ref_phi)),
             "orientation": {
                 "comment": "U at the scan points: the start of each image and the end of the last, "

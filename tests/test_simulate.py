@@ -139,3 +139,44 @@ def test_simulate_command(tmp_path):
     ]
     truth = json.load(open(tmp_path / "ground_truth.json"))
     assert truth["bad_images"] == {"4": "zero"}
+
+
+def test_accelerating_drift_in_orientations_and_truth(tmp_path):
+    """U(phi) = R(axis, drift*phi + acceleration*phi^2) U(0), recorded in ground_truth.json."""
+    import numpy as np
+
+    from dials_gapfill.simulate import SimulationConfig, simulate
+
+    config = dict(n_images=3, osc_width=2.0, detector="pilatus300k", seed=5,
+                  unit_cell=(57, 57, 150, 90, 90, 90), space_group="P 41 21 2",
+                  drift=0.01, drift_acceleration=0.004)
+    truth = simulate(SimulationConfig(**config), str(tmp_path))
+    assert truth["drift"]["acceleration"] == 0.004 and truth["drift"]["rate"] == 0.01
+    assert truth["space_group"] == "P 41 21 2"
+    U = [np.array(u).reshape(3, 3) for u in truth["orientation"]["U"]]
+    for k, phi in enumerate(truth["orientation"]["phi"]):
+        angle = np.degrees(np.arccos(min(1.0, (np.trace(U[k] @ U[0].T) - 1) / 2)))
+        assert angle == pytest.approx(0.01 * phi + 0.004 * phi**2, abs=1e-4)
+
+
+def test_first_image_number_does_not_move_the_spots(tmp_path):
+    """first_image=1001 writes the same spots as first_image=1 (it wrote blank images:
+    the predictor's z counts from first_image - 1, which the simulator took as 0)."""
+    import numpy as np
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.simulate import Simulation, SimulationConfig
+
+    a = Simulation(SimulationConfig(**SMALL))
+    b = Simulation(SimulationConfig(first_image=1001, **SMALL))
+    assert np.allclose(a.ref_phi, b.ref_phi) and len(b.ref_phi) > 100
+    signal_a, signal_b = a.expected_signal(3), b.expected_signal(1003)
+    assert signal_b.sum() > 1000 and np.allclose(signal_a, signal_b)
+    result = run_cmd([tool("dials.simulate_sweep"), f"output.directory={tmp_path}", "n_images=2",
+                      "first_image=1001", "detector=pilatus300k", "drift_acceleration=0.01"])
+    assert result.returncode == 0, result.stderr
+    exp = ExperimentListFactory.from_filenames([str(tmp_path / "sim_1002.cbf")])[0]
+    data = exp.imageset.get_raw_data(0)[0].as_numpy_array()
+    assert data.max() > 1000  # spots, not background only
+    truth = json.load(open(tmp_path / "ground_truth.json"))
+    assert truth["drift"]["acceleration"] == 0.01

@@ -15,6 +15,8 @@ Examples::
 
   dials.simulate_sweep n_images=90 osc_width=1 seed=7 space_group=P4 unit_cell=57,57,150,90,90,90
 
+  dials.simulate_sweep n_images=90 detector=pilatus1m space_group=P41212 unit_cell=57,57,150,90,90,90 drift_acceleration=0.002 omit=10,20,30,40,50,60,70,80,90
+
   dials.simulate_sweep bad_images=50:blank,60:zero,70:overexposed,80:truncated,90:garbage
 """
 
@@ -68,6 +70,10 @@ mosaicity = 0.12
 drift = 0.01
   .type = float
   .help = "Crystal rotation (degrees) per degree of scan, so scan-varying refinement matters."
+drift_acceleration = 0.0
+  .type = float
+  .help = "Accelerating drift, as a slipping crystal: the crystal turns by"
+          "drift * phi + drift_acceleration * phi^2 degrees after phi degrees of scan."
 intensity_scale = 1000.0
   .type = float(value_min=0)
   .help = "Mean photons of a low-resolution reflection."
@@ -128,6 +134,7 @@ def config_from_params(params):
         wavelength=params.wavelength,
         mosaicity=params.mosaicity,
         drift=params.drift,
+        drift_acceleration=params.drift_acceleration,
         intensity_scale=params.intensity_scale,
         wilson_b=params.wilson_b,
         prefix=params.prefix,
