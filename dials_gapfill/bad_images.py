@@ -2,11 +2,11 @@
 
 Runs on the strong spots of all blocks, so no image is read a second time
 (only the few suspects are opened, to tell an all-zero image from a blank
-one).  Blank images are found per block with DIALS' own
+one, or a saturated one).  Blank images are found per block with DIALS' own
 ``dials.util.detect_blanks.blank_counts_analysis`` (one histogram slot per
 image); over-exposed images by the median strong-spot intensity against their
-neighbours.  Found images are cut out of their blocks exactly like
-``gaps.exclude_images``, and spots touching them are dropped.
+neighbours.  The stage only proposes: the sweep (``Sweep.exclude``) cuts the images out of
+their blocks and gives the cut blocks their spots again.
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ from __future__ import annotations
 import logging
 import statistics
 
+from dials.util.detect_blanks import blank_counts_analysis
+
+from dials_gapfill.tables import image_numbers_of_z
+
 logger = logging.getLogger("dials.process_gapped.bad_images")
 
 
 def _blank_images(reflections, experiments, fraction) -> dict[int, int]:
     """Image number -> spot count, for images DIALS' blank analysis calls blank."""
-    from dials.util.detect_blanks import blank_counts_analysis
-
     blank = {}
     for i, exp in enumerate(experiments):
         refl = reflections.select(reflections["id"] == i)
@@ -46,8 +48,6 @@ def _blank_images(reflections, experiments, fraction) -> dict[int, int]:
 
 def _overexposed_images(reflections, experiments, factor, neighbours) -> dict[int, float]:
     """Image number -> ratio of its median spot intensity to its neighbours'."""
-    from dials_gapfill.tables import image_numbers_of_z
-
     z = reflections["xyzobs.px.value"].parts()[2]
     numbers = image_numbers_of_z(z)
     intensity = list(reflections["intensity.sum.value"])
@@ -74,13 +74,27 @@ def _overexposed_images(reflections, experiments, factor, neighbours) -> dict[in
     return found
 
 
-def _is_all_zero(experiments, image: int) -> bool:
+def _blank_reason(experiments, image: int, count: int) -> str:
+    """Why an image without spots has none: all-zero, saturated or blank."""
     for exp in experiments:
         first, last = exp.scan.get_image_range()
-        if first <= image <= last:
-            data = exp.imageset.get_raw_data(image - first)
-            return all(d.all_le(0) for d in data)
-    return False
+        if not first <= image <= last:
+            continue
+        data = exp.imageset.get_raw_data(image - first)
+        if all(d.all_le(0) for d in data):
+            return "all-zero image (beam dump or detector failure)"
+        n_valid = n_over = 0
+        for panel, d in zip(exp.detector, data):
+            d = d.as_double().as_1d()
+            valid = d >= 0
+            n_valid += valid.count(True)
+            n_over += (d >= panel.get_trusted_range()[1]).count(True)
+        if n_valid and n_over > 0.5 * n_valid:
+            return (
+                f"saturated image ({100 * n_over / n_valid:.0f}% of pixels at the overload value; "
+                "detector or beam failure)"
+            )
+    return f"blank image ({count} strong spots; shutter or beam failure)"
 
 
 def find_bad_images(reflections, experiments, params) -> dict[int, str]:
@@ -88,28 +102,9 @@ def find_bad_images(reflections, experiments, params) -> dict[int, str]:
     g = params.gaps
     bad = {}
     for n, count in _blank_images(reflections, experiments, g.blank_fraction).items():
-        if _is_all_zero(experiments, n):
-            bad[n] = "all-zero image (beam dump or detector failure)"
-        else:
-            bad[n] = f"blank image ({count} strong spots; shutter or beam failure)"
+        bad[n] = _blank_reason(experiments, n, count)
     for n, ratio in _overexposed_images(
         reflections, experiments, g.overexposed_factor, g.neighbours
     ).items():
         bad.setdefault(n, f"over-exposed image (spots {ratio:.0f}x brighter than neighbours)")
     return bad
-
-
-def drop_spots_touching(reflections, images) -> object:
-    """Remove strong spots whose shoebox touches any of the image numbers."""
-    from dials.array_family import flex
-
-    if not images:
-        return reflections
-    bbox = reflections["bbox"]
-    z0 = bbox.parts()[4]
-    z1 = bbox.parts()[5]
-    keep = flex.bool(len(reflections), True)
-    for n in images:
-        # frames [z0, z1) cover images z0 + 1 .. z1
-        keep &= ~((z0 < n) & (z1 >= n))
-    return reflections.select(keep)

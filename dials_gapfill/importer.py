@@ -19,14 +19,9 @@ import os
 import re
 
 from dials_gapfill.errors import GapfillError
+from dials_gapfill.sweep import BAD, EXCLUDED, NOT_GIVEN, Sweep
+from dials_gapfill.tables import image_numbers
 from dials_gapfill.util import range_text
-from dials_gapfill.tables import (
-    block_identifier,
-    blocks_of,
-    drop_short_blocks,
-    image_numbers,
-    split_sequence,
-)
 
 logger = logging.getLogger("dials.process_gapped.import")
 
@@ -461,9 +456,7 @@ def _share_models(experiments) -> None:
         exp.imageset.set_goniometer(goniometer)
 
 
-def _apply_exclusions(numbers, exclusions, excluded, extra_excluded, report, where):
-    """Check the exclusion ranges against the images, record them, and add the
-    images found bad later (extra_excluded) to `excluded`."""
+def _check_exclusions(numbers, exclusions, where):
     lo, hi = numbers[0], numbers[-1]
     for first, last in exclusions:
         if first < lo or last > hi:
@@ -471,28 +464,28 @@ def _apply_exclusions(numbers, exclusions, excluded, extra_excluded, report, whe
                 f"gaps.exclude_images range {first}:{last} lies outside the images "
                 f"({lo}-{hi}): {where}"
             )
-    for n in sorted(excluded & set(numbers)):
-        report.exclude(n, "gaps.exclude_images", "user")
-    for n, reason in sorted((extra_excluded or {}).items()):
-        report.exclude(n, reason, "auto")
-        excluded.add(n)
-    if set(numbers) <= excluded:
-        raise GapfillError("no images left after gaps.exclude_images: exclude fewer images")
 
 
-def import_images(params, positional, report, extra_excluded=None):
-    """The import stage: returns an ExperimentList with one experiment per block.
+def _not_given(template, numbers, given) -> set[int]:
+    """Image numbers between the first and last given whose files exist but
+    were not given (a file list that skips images, xia2-style ranges)."""
+    if "#" not in template:
+        return set()
+    try:
+        existing = _template_files(template, numbers[0], numbers[-1])
+    except GapfillError:
+        return set()
+    return set(existing) - set(given)
 
-    extra_excluded: {image number: reason} of images found bad later (e.g.
-    unreadable during spot finding); they are left out like exclude_images.
+
+def import_images(params, positional, report) -> Sweep:
+    """The import stage: the Sweep of the images given.
+
+    Excluded files (gaps.exclude_images) and files that fail the header checks
+    are never handed to dxtbx; each contiguous run of the others becomes one
+    imported sequence of the sweep.
     """
     from dxtbx.imageset import ImageSequence
-    from dxtbx.model.experiment_list import ExperimentList
-
-    from dials.command_line.dials_import import MetaDataUpdater
-    from dials.util import Sorry
-
-    from dials_gapfill.phil import dials_import_params
 
     if params.geometry.scan.image_range:
         raise GapfillError(
@@ -516,18 +509,18 @@ def import_images(params, positional, report, extra_excluded=None):
     else:
         template, by_number = number_files(files, report)
 
-    report.inputs.update(
-        {"template": template, "n_files": len(files), "exclude_images": [list(r) for r in exclusions]}
-    )
-
+    statuses: dict[int, tuple[str, str, str]] = {}
     if by_number is not None:
         numbers = sorted(by_number)
-        lo, hi = numbers[0], numbers[-1]
-        reference_image = lo
-        for n in sorted(set(range(lo, hi + 1)) - set(numbers)):
-            report.exclude(n, "missing file", "input")
-        _apply_exclusions(numbers, exclusions, excluded, extra_excluded, report, "give image numbers as in the file names")
+        report.inputs["n_files"] = len(numbers)
+        _check_exclusions(numbers, exclusions, "give image numbers as in the file names")
+        for n in _not_given(template, numbers, by_number):
+            statuses[n] = (NOT_GIVEN, "not given (the file exists)", "input")
+        for n in sorted(excluded & set(numbers)):
+            statuses[n] = (EXCLUDED, "gaps.exclude_images", "user")
         keep = [n for n in numbers if n not in excluded]
+        if not keep:
+            raise GapfillError("no images left after gaps.exclude_images: exclude fewer images")
         # cheap header checks: truncated files never reach dxtbx
         paths = []
         for n in keep:
@@ -539,7 +532,7 @@ def import_images(params, positional, report, extra_excluded=None):
                         f"leave it out with exclude_images={n} (or set gaps.auto_exclude=True)"
                     )
                 logger.warning("Excluding image %d: %s", n, reason)
-                report.exclude(n, reason, "auto")
+                statuses[n] = (BAD, reason, "auto")
             else:
                 paths.append(by_number[n])
         if not paths:
@@ -554,20 +547,23 @@ def import_images(params, positional, report, extra_excluded=None):
                     f"exclude_images={n} (or set gaps.auto_exclude=True)"
                 )
             logger.warning("Excluding image %s: not a recognised image format", n)
-            report.exclude(n, "unreadable: not a recognised image format", "auto")
+            statuses[n] = (BAD, "unreadable: not a recognised image format", "auto")
         if not experiments:
             raise GapfillError(
                 f"none of the {len(paths)} files is an image dxtbx can read "
                 f"(e.g. {paths[0]}): check the files"
             )
     else:
+        report.inputs["n_files"] = 1
         experiments, unhandled = _read_with_dxtbx([template], params)
         if unhandled or not experiments:
             raise GapfillError(f"{template} is not an image file dxtbx can read: check the file")
         numbers = image_numbers(experiments[0].imageset)
-        lo, hi = numbers[0], numbers[-1]
-        reference_image = lo
-        _apply_exclusions(numbers, exclusions, excluded, extra_excluded, report, f"the images of {os.path.basename(template)}")
+        _check_exclusions(numbers, exclusions, f"the images of {os.path.basename(template)}")
+        for n in sorted(excluded & set(numbers)):
+            statuses[n] = (EXCLUDED, "gaps.exclude_images", "user")
+    lo, hi = numbers[0], numbers[-1]
+    report.inputs.update({"template": template, "exclude_images": [list(r) for r in exclusions]})
 
     imagesets = list(experiments.imagesets())
     for imageset in imagesets:
@@ -576,50 +572,61 @@ def import_images(params, positional, report, extra_excluded=None):
                 "the images are stills, not a rotation sweep (no oscillation in the "
                 "headers): if the headers are wrong set geometry.scan.oscillation=start,width"
             )
-    # split sequences at excluded images (only containers still hold them)
-    pieces = []
-    for imageset in imagesets:
-        if isinstance(imageset, ImageSequence):
-            pieces.extend(split_sequence(imageset, excluded))
-        else:
-            pieces.append(imageset)
+    sources = _apply_geometry(imagesets, params)
+    _fix_oscillation(sources, params, lo)
+    _check_shared(sources, params)
+    _share_models(sources)
+    _warn_inconsistent_phi(sources, report)
+
+    sweep = Sweep(template, sources, (lo, hi), statuses)
+    drop_short_blocks(sweep, params.gaps.min_block_images)
+    if not sweep.used():
+        raise GapfillError("no block is long enough to process: lower gaps.min_block_images")
+    report.inputs["format"] = sources[0].imageset.get_format_class().__name__
+    report.inputs["image_range"] = [lo, hi]
+    return sweep
+
+
+def _apply_geometry(imagesets, params):
+    """dials.import's MetaDataUpdater on the imported sequences, in image order."""
+    from dxtbx.imageset import ImageSequence
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials.command_line.dials_import import MetaDataUpdater
+    from dials.util import Sorry
+
+    from dials_gapfill.phil import dials_import_params
 
     try:
-        experiments = MetaDataUpdater(dials_import_params(params))(pieces)
+        experiments = MetaDataUpdater(dials_import_params(params))(imagesets)
     except (Sorry, AssertionError, RuntimeError, ValueError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         raise GapfillError(f"applying the geometry failed: {msg}: check geometry.* and reference_geometry") from None
-
-    sequences = ExperimentList()
     for exp in experiments:
         if not isinstance(exp.imageset, ImageSequence) or exp.scan is None or exp.scan.is_still():
             raise GapfillError(
                 "the images are stills, not a rotation sweep (oscillation width 0 in the "
                 "headers): set geometry.scan.oscillation=start,width"
             )
-        sequences.append(exp)
-    sequences = ExperimentList(sorted(sequences, key=lambda e: e.scan.get_image_range()[0]))
-    _fix_oscillation(sequences, params, reference_image)
-    _check_shared(sequences, params)
-    _share_models(sequences)
-    _warn_inconsistent_phi(sequences, report)
-
-    # drop blocks that are too short to use
-    kept = drop_short_blocks(sequences, params.gaps.min_block_images, report, "")
-    if not kept:
-        raise GapfillError("no block is long enough to process: lower gaps.min_block_images")
-
-    for exp in kept:
-        exp.identifier = block_identifier(template, *exp.scan.get_image_range())
-    report.blocks = blocks_of(kept)
-    report.inputs["format"] = kept[0].imageset.get_format_class().__name__
-    report.inputs["image_range"] = [lo, hi]
-    log_block_table(report)
-    return kept
+    return ExperimentList(sorted(experiments, key=lambda e: e.scan.get_image_range()[0]))
 
 
-def adopt_experiments(experiments, params, report):
-    """Blocks from an ExperimentList made elsewhere (e.g. by dials.import).
+def drop_short_blocks(sweep, min_images, why="") -> list[dict]:
+    """Drop blocks shorter than `min_images`; returns what was dropped."""
+    dropped = []
+    for first, last in sweep.blocks():
+        if last - first + 1 >= min_images:
+            continue
+        reason = f"block of {last - first + 1} images is shorter than gaps.min_block_images{why}"
+        logger.warning("Dropping images %d-%d: %s", first, last, reason)
+        sweep.drop(first, last, "block too short")
+        dropped.append({"first": first, "last": last, "reason": reason})
+    sweep.dropped_blocks.extend(dropped)
+    return dropped
+
+
+def adopt_experiments(experiments, params, report) -> Sweep:
+    """The Sweep of an ExperimentList made elsewhere (e.g. by dials.import).
 
     The same checks and model sharing as import_images; the geometry is taken
     as it is (overrides belong to the import that made it).
@@ -633,21 +640,26 @@ def adopt_experiments(experiments, params, report):
     sequences = ExperimentList(sorted(sequences, key=lambda e: e.scan.get_image_range()[0]))
     _check_shared(sequences, params)
     _share_models(sequences)
-    template = sequences[0].imageset.get_template()
     for exp in sequences:
-        exp.identifier = block_identifier(template, *exp.scan.get_image_range())
         exp.crystal = None
+    template = sequences[0].imageset.get_template()
     first = sequences[0].scan.get_image_range()[0]
     last = sequences[-1].scan.get_image_range()[1]
-    used = {n for e in sequences for n in image_numbers(e.imageset)}
-    for n in range(first, last + 1):
-        if n not in used:
-            report.exclude(n, "missing file", "input")
+    exclusions = parse_exclusions(params.gaps.exclude_images)
+    _check_exclusions([first, last], exclusions, "give image numbers as in the file names")
+    statuses = {}
+    for a, b in exclusions:
+        for n in range(a, b + 1):
+            statuses[n] = (EXCLUDED, "gaps.exclude_images", "user")
     report.inputs.update({"template": template, "image_range": [first, last],
+                          "n_files": sum(e.scan.get_num_images() for e in sequences),
+                          "exclude_images": [list(r) for r in exclusions],
                           "format": sequences[0].imageset.get_format_class().__name__})
-    report.blocks = blocks_of(sequences)
-    log_block_table(report)
-    return sequences
+    sweep = Sweep(template, sequences, (first, last), statuses)
+    drop_short_blocks(sweep, params.gaps.min_block_images)
+    if not sweep.used():
+        raise GapfillError("no block is long enough to process: lower gaps.min_block_images")
+    return sweep
 
 
 def log_block_table(report) -> None:

@@ -15,7 +15,20 @@ import copy
 import logging
 import math
 
+import dials.extensions
+from dxtbx.model.experiment_list import ExperimentList
+
+from dials.array_family import flex
+from dials.command_line.integrate import (
+    filter_reference_pixels,
+    process_reference,
+    run_integration,
+)
+from dials.constants import EPS, FULL_PARTIALITY
+
 from dials_gapfill.errors import GapfillError
+from dials_gapfill.phil import dials_integrate_params
+from dials_gapfill.tables import join_blocks, keep_experiments
 
 logger = logging.getLogger("dials.process_gapped.integration")
 
@@ -38,15 +51,11 @@ def _too_few(n, exp, gaussian_rs) -> bool:
 
 
 def _algorithm(ip):
-    import dials.extensions
-
     return dials.extensions.ProfileModel.load(ip.profile.algorithm)().algorithm()
 
 
 def _pooled_profiles(ip, experiments, reference, small):
     """Give the small blocks a profile model from all blocks' spots."""
-    from dials.command_line.integrate import filter_reference_pixels, process_reference
-
     if ip.profile.algorithm != "gaussian_rs":
         raise GapfillError(
             f"block(s) {', '.join(str(i + 1) for i in small)} have too few strong spots for "
@@ -104,8 +113,6 @@ def _pooled_profiles(ip, experiments, reference, small):
 
 
 def _run(ip, experiments, reference):
-    from dials.command_line.integrate import run_integration
-
     try:
         experiments, reflections, _ = run_integration(ip, experiments, reference)
     except (ValueError, RuntimeError) as e:
@@ -115,12 +122,8 @@ def _run(ip, experiments, reference):
     return experiments, reflections
 
 
-def integrate(experiments, reference, params, report):
+def integrate(experiments, reference, params, report, sweep):
     """Integrated (experiments, reflections) for all blocks."""
-    from dxtbx.model.experiment_list import ExperimentList
-
-    from dials_gapfill.phil import dials_integrate_params
-
     ip = dials_integrate_params(params)
     counts = _reference_counts(reference, experiments)
     small = []
@@ -151,8 +154,6 @@ def integrate(experiments, reference, params, report):
         large = [i for i in range(len(experiments)) if i not in small]
         big_expts = ExperimentList([experiments[i] for i in large])
         small_expts = ExperimentList([experiments[i] for i in small])
-        from dials_gapfill.tables import concat, keep_experiments, renumber
-
         big_ref, big_expts = keep_experiments(reference, experiments, {e.identifier for e in big_expts})
         big_expts, big_refl = _run(copy.deepcopy(ip), big_expts, big_ref)
         Algorithm = _algorithm(ip)
@@ -178,22 +179,20 @@ def integrate(experiments, reference, params, report):
         small_ref, small_expts = keep_experiments(reference, experiments, {e.identifier for e in small_expts})
         small_expts, small_refl = _run(sp, small_expts, small_ref)
         order = ExperimentList(sorted(list(big_expts) + list(small_expts), key=lambda e: e.scan.get_image_range()[0]))
-        big_refl = renumber(big_refl, big_expts, order)
-        small_refl = renumber(small_refl, small_expts, order)
         # summation-only rows get empty profile-fitting columns (their flags
         # say they were not profile fitted)
         for key in big_refl.keys():
             if key not in small_refl:
                 small_refl[key] = big_refl[key][:1].__class__(len(small_refl))
-        reflections = concat([big_refl, small_refl], order)
+        reflections = join_blocks([big_refl, small_refl], order)
         experiments = order
 
     _record(reflections, experiments, report)
-    flag_cut_rocking_curves(reflections, experiments, report, params.mtz.partiality_threshold)
+    flag_cut_rocking_curves(reflections, experiments, report, params.mtz.partiality_threshold, sweep)
     return experiments, reflections
 
 
-def flag_cut_rocking_curves(reflections, experiments, report, partiality_threshold):
+def flag_cut_rocking_curves(reflections, experiments, report, partiality_threshold, sweep):
     """Flag reflections whose rocking curve is cut by a gap; count them per block.
 
     DIALS clips each shoebox at the first and last image of its block and
@@ -204,10 +203,6 @@ def flag_cut_rocking_curves(reflections, experiments, report, partiality_thresho
     ``gap_edge = True``; one clipped at the first or last image of the whole
     sweep is cut as in any DIALS run and is only counted (``sweep_end``).
     """
-    from dials.array_family import flex
-    from dials.constants import EPS, FULL_PARTIALITY
-
-    first_image, last_image = report.inputs.get("image_range") or (None, None)
     n = len(reflections)
     partial = reflections["partiality"] < FULL_PARTIALITY - EPS
     kept = reflections["partiality"] >= partiality_threshold
@@ -219,8 +214,8 @@ def flag_cut_rocking_curves(reflections, experiments, report, partiality_thresho
         mine = (reflections["id"] == i) & partial
         at_start = mine & (bbox[4] <= z0)
         at_end = mine & (bbox[5] >= z1)
-        gap_before = first_image is not None and first > first_image
-        gap_after = last_image is not None and last < last_image
+        gap_before = sweep.gap_before(first)
+        gap_after = sweep.gap_after(last)
         cut_gap = flex.bool(n, False)
         cut_end = flex.bool(n, False)
         for cut, at in ((gap_before, at_start), (gap_after, at_end)):
@@ -246,8 +241,6 @@ def flag_cut_rocking_curves(reflections, experiments, report, partiality_thresho
 
 def mean_i_over_sigma(reflections):
     """<I/sigma> with profile-fitted intensities where available, else summation."""
-    from dials.array_family import flex
-
     prf = reflections.get_flags(reflections.flags.integrated_prf)
     if "intensity.prf.value" in reflections and prf.count(True):
         i = reflections["intensity.prf.value"].select(prf)

@@ -26,8 +26,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import time
+
+import iotbx.phil
+
+from dials.algorithms.refinement.parameterisation import configure
+from dials.algorithms.refinement.parameterisation.crystal_parameters import (
+    CrystalOrientationParameterisation,
+    CrystalUnitCellParameterisation,
+)
+from dials.algorithms.refinement.refiner import phil_scope
+from dials.command_line.refine import run_macrocycle
 
 from dials_gapfill.errors import GapfillError
+from dials_gapfill.phil import dials_refine_params
+from dials_gapfill.tables import join_blocks, keep_experiments, rmsds
 
 logger = logging.getLogger("dials.process_gapped.refinement")
 
@@ -38,10 +51,6 @@ _MIN_REFLECTIONS_TO_REFINE = 100
 
 
 def _macrocycle(params, reflections, experiments, what: str):
-    import time
-
-    from dials.command_line.refine import run_macrocycle
-
     t0 = time.perf_counter()
     try:
         refiner, reflections, history = run_macrocycle(params, reflections, experiments)
@@ -69,12 +78,6 @@ def _static_crystals(crystals):
     if not crystals:
         yield True
         return
-    from dials.algorithms.refinement.parameterisation import configure
-    from dials.algorithms.refinement.parameterisation.crystal_parameters import (
-        CrystalOrientationParameterisation,
-        CrystalUnitCellParameterisation,
-    )
-
     original = getattr(configure, "_parameterise_crystals", None)
     if original is None:
         yield False
@@ -101,8 +104,6 @@ def _static_crystals(crystals):
 
 
 def _record_rmsds(reflections, experiments, report, key):
-    from dials_gapfill.tables import rmsds
-
     what = "static" if key == "rmsd_static" else "scan-varying"
     for i, exp in enumerate(experiments):
         r = rmsds(reflections, i)
@@ -131,9 +132,6 @@ def refine(experiments, reflections, params, report):
     `reflections` are the indexing result; only indexed reflections are used
     (and returned).  Returns (experiments, reflections).
     """
-    from dials_gapfill.phil import dials_refine_params
-    from dials_gapfill.tables import concat, keep_experiments, renumber
-
     blocks_p = params.refinement.blocks
     indexed = reflections.get_flags(reflections.flags.indexed) & (reflections["id"] >= 0)
     reflections = reflections.select(indexed)
@@ -147,8 +145,13 @@ def refine(experiments, reflections, params, report):
     static_crystal = experiments[0].crystal
     report.crystal["static"] = {
         "unit_cell": list(static_crystal.get_unit_cell().parameters()),
+        # one crystal refined against all blocks: the esds of the one cell
+        "unit_cell_esd": list(static_crystal.get_cell_parameter_sd()),
         "space_group": str(static_crystal.get_space_group().info()),
     }
+
+    report.crystal["cell_esd"] = report.crystal["static"]["unit_cell_esd"]
+    report.crystal["cells_tied"] = bool(blocks_p.tie_cells and len(experiments) > 1)
 
     # 2. one crystal per block
     split_crystals(experiments)
@@ -206,20 +209,11 @@ def refine(experiments, reflections, params, report):
         if exp.identifier in refined:
             exp.crystal = refined[exp.identifier].crystal
         exp.beam, exp.detector, exp.goniometer = shared.beam, shared.detector, shared.goniometer
-    sv_refl = renumber(sv_refl, sv_expts, experiments)
-    if len(in_job) == len(experiments):
-        return experiments, sv_refl
-    rest, _ = keep_experiments(reflections, experiments, {e.identifier for e in experiments} - in_job)
-    rest = renumber(rest, [e for e in experiments if e.identifier not in in_job], experiments)
-    return experiments, concat([sv_refl, rest], experiments)
+    return experiments, join_blocks([sv_refl, reflections], experiments)
 
 
 def _set_tie(rp, sigmas):
     """Restrain the unit cells of all crystals to their mean (tie_to_group)."""
-    import iotbx.phil
-
-    from dials.algorithms.refinement.refiner import phil_scope
-
     extract = phil_scope.fetch(
         iotbx.phil.parse(
             "refinement.parameterisation.crystal.unit_cell.restraints.tie_to_group {\n"

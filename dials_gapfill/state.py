@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +33,22 @@ class Block:
         return d
 
 
+def blocks_of(experiments, previous=()):
+    """Block records (numbered 1..n in image order) of an experiment list;
+    a block already in `previous` (same identifier) keeps its statistics."""
+    known = {b.identifier: b for b in previous}
+    blocks = []
+    for i, exp in enumerate(experiments, start=1):
+        first, last = exp.scan.get_image_range()
+        phi0, phi1 = exp.scan.get_oscillation_range()
+        old = known.get(exp.identifier)
+        blocks.append(
+            Block(number=i, first=first, last=last, phi_start=phi0, phi_end=phi1,
+                  identifier=exp.identifier, stats=old.stats if old else {})
+        )
+    return blocks
+
+
 @dataclass
 class Report:
     """Everything the summary, the JSON and the HTML report show."""
@@ -42,7 +56,7 @@ class Report:
     inputs: dict = field(default_factory=dict)
     blocks: list = field(default_factory=list)  # Block, in image order
     dropped_blocks: list = field(default_factory=list)  # dicts: block, reason
-    excluded: list = field(default_factory=list)  # dicts: image, reason, by
+    excluded: list = field(default_factory=list)  # dicts: image, status, reason, by (from the sweep)
     stages: list = field(default_factory=list)  # dicts: name, seconds, ...
     warnings: list = field(default_factory=list)
     crystal: dict = field(default_factory=dict)
@@ -50,21 +64,12 @@ class Report:
     scaling: dict = field(default_factory=dict)
     files: list = field(default_factory=list)
     plots: dict = field(default_factory=dict)  # data for the HTML report
-    dials_seconds: float = 0.0  # wall time inside DIALS calls
 
-    @contextlib.contextmanager
-    def in_dials(self):
-        """Account the wall time of a DIALS call (for the performance report)."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.dials_seconds += time.perf_counter() - t0
-
-    def exclude(self, image: int, reason: str, by: str) -> None:
-        if not any(e["image"] == image for e in self.excluded):
-            self.excluded.append({"image": int(image), "reason": reason, "by": by})
-            self.excluded.sort(key=lambda e: e["image"])
+    def sync(self, sweep, experiments) -> None:
+        """Blocks and images not used, as the sweep has them now."""
+        self.blocks = blocks_of(experiments, self.blocks)
+        self.excluded = sweep.not_used()
+        self.dropped_blocks = list(sweep.dropped_blocks)
 
     def block(self, identifier: str) -> Block:
         for b in self.blocks:
@@ -79,6 +84,7 @@ class State:
 
     params: Any
     images: list = field(default_factory=list)  # command-line image arguments
+    sweep: Any = None  # dials_gapfill.sweep.Sweep: images, blocks, exclusions
     experiments: Any = None  # dxtbx ExperimentList, one experiment per block
     reflections: Any = None  # the current dials reflection table
     report: Report = field(default_factory=Report)

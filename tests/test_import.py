@@ -15,7 +15,9 @@ def _import(*args, positional=()):
     from dials_gapfill.state import Report
 
     report = Report()
-    experiments = import_images(working_params("\n".join(args)), list(positional), report)
+    sweep = import_images(working_params("\n".join(args)), list(positional), report)
+    experiments = sweep.experiments()
+    report.sync(sweep, experiments)
     return experiments, report
 
 

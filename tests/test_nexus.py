@@ -57,7 +57,10 @@ def _import(path, *phil):
     from dials_gapfill.state import Report
 
     report = Report()
-    return import_images(working_params("\n".join(phil)), [path], report), report
+    sweep = import_images(working_params("\n".join(phil)), [path], report)
+    experiments = sweep.experiments()
+    report.sync(sweep, experiments)
+    return experiments, report
 
 
 def test_dxtbx_reads_one_sequence_with_the_cbf_geometry_and_pixels(nexus_sweep, cbf_sweep):

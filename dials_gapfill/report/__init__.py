@@ -7,6 +7,8 @@ import logging
 import math
 import platform
 
+from dials_gapfill.tables import mean_cell
+
 logger = logging.getLogger("dials.process_gapped.report")
 
 LAYOUT_VERSION = 1
@@ -94,7 +96,6 @@ def _isigi_vs_resolution(reflections, experiments, report, n_bins=10):
 
 def finalise(state) -> None:
     """Crystal numbers of the final models, per block and overall, and plot data."""
-    from dials_gapfill.tables import mean_cell
 
     report, experiments = state.report, state.experiments
     if experiments is None or not len(experiments) or experiments[0].crystal is None:
@@ -107,10 +108,10 @@ def finalise(state) -> None:
         block = report.block(exp.identifier)
         cell = mean_cell(exp.crystal)
         block.stats["unit_cell"] = cell
-        try:
-            esd = list(exp.crystal.get_cell_parameter_sd())
-        except Exception:
-            esd = []
+        # a block's own esds only where its cell is its own (not tied to the
+        # others: DIALS' esds of tied static cells in a scan-varying job are
+        # not those of the one cell they describe)
+        esd = list(exp.crystal.get_cell_parameter_sd()) if not report.crystal.get("cells_tied") else []
         block.stats["unit_cell_esd"] = esd if any(esd) else None
         if exp.crystal.num_scan_points:
             mid = exp.crystal.num_scan_points // 2
@@ -121,14 +122,9 @@ def finalise(state) -> None:
         weights.append(max(block.stats.get("integrated", 0), 1))
     total = sum(weights)
     mean = [sum(c[k] * w for c, w in zip(cells, weights)) / total for k in range(6)]
-    # one crystal: the esd of the mean of the block cells (inverse-variance)
-    esds = [b.stats.get("unit_cell_esd") for b in report.blocks if b.stats.get("unit_cell_esd")]
-    esd = None
-    if esds:
-        esd = [
-            0.0 if any(e[k] <= 0 for e in esds) else 1 / math.sqrt(sum(1 / e[k] ** 2 for e in esds))
-            for k in range(6)
-        ]
+    # the esds of the one cell, from the refinement that determined it as one
+    # (a mean of per-block esds would count the same spots several times)
+    esd = report.crystal.get("cell_esd")
     report.crystal["final"] = {
         "unit_cell": mean,
         "unit_cell_esd": esd,
