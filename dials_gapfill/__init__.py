@@ -18,11 +18,15 @@ __version__ = "0.1.0"
 
 
 def _locate_cctbx_environment() -> None:
-    """Let libtbx find its environment from a virtual environment.
+    """Let libtbx find its environment from a venv made without bootstrap.sh.
 
     libtbx looks for ``<sys.prefix>/lib/cctbx/pythonX.Y/libtbx_env``; in a venv
-    made with --system-site-packages (the Debian route) sys.prefix is the venv,
-    so point LIBTBX_BUILD at the system copy when the venv has none.
+    made with --system-site-packages (the Debian route) sys.prefix is the venv.
+    scripts/bootstrap.sh gives the venv that file (so dxtbx, dials and cctbx
+    import in any order, as with dials.python); for a venv made by hand this
+    points LIBTBX_BUILD at the system copy, which lets DIALS import once
+    dials_gapfill has been imported (run ``VENV=<venv> scripts/bootstrap.sh``
+    for the whole environment).
     """
     if os.environ.get("LIBTBX_BUILD"):
         return

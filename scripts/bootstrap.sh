@@ -35,6 +35,39 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$SYS_PYTHON" -m venv --system-site-packages "$VENV"
 fi
+
+# cctbx's libtbx finds its environment (libtbx_env) at <sys.prefix>/lib/cctbx/pythonX.Y,
+# and an installed environment anchors its paths (the DIALS, cctbx and dxtbx sources,
+# bin, lib, include) at sys.prefix, which in a venv is the venv: without this step
+# `import dxtbx` fails in the venv (FileNotFoundError .../lib/cctbx/python3.11).  Give
+# the venv its own build folder: links to the system one's contents and a copy of
+# libtbx_env whose paths stay at the system prefix, as dials.python sees them.
+"$SYS_PYTHON" - "$VENV" <<'PY'
+import os, pickle, sys, tempfile
+import libtbx.env_config as env_config
+
+venv = os.path.abspath(sys.argv[1])
+source = env_config.get_installed_path()  # e.g. /usr/lib/cctbx/python3.11
+if not os.path.isfile(os.path.join(source, "libtbx_env")):
+    sys.exit(0)  # not an installed cctbx (a conda or developer build): nothing to do
+target = os.path.join(venv, "lib", "cctbx", os.path.basename(source))
+os.makedirs(target, exist_ok=True)
+for name in os.listdir(source):
+    link = os.path.join(target, name)
+    if name != "libtbx_env" and not os.path.lexists(link):
+        os.symlink(os.path.join(source, name), link)
+env = env_config.unpickle(build_path=source)  # paths anchored at this Python's prefix
+env.installed = False  # keep those paths: do not re-anchor them at the venv's prefix
+fd, tmp = tempfile.mkstemp(dir=target, prefix=".libtbx_env.")
+with os.fdopen(fd, "wb") as fh:
+    pickle.dump(env, fh)
+os.chmod(tmp, 0o644)
+os.replace(tmp, os.path.join(target, "libtbx_env"))
+PY
+
+if [ "${BOOTSTRAP_VENV_ONLY:-0}" = 1 ]; then
+  exit 0  # (tests/test_venv.py: the environment without installing this package)
+fi
 stamp="$VENV/.installed-$(cat setup.py | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
