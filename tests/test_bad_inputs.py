@@ -20,7 +20,9 @@ import pytest
 from conftest import NPROC, process, tool
 
 PRODUCTS = ("integrated.expt", "integrated.refl", "integrated.mtz", "dials.process_gapped.json",
-            "dials.process_gapped.html")
+            "dials.process_gapped.html", "dials.process_gapped.log")
+LOG = "dials.process_gapped.log"
+FAILED_LOG = "dials.process_gapped.failed.log"
 
 
 def _seed_old_results(out):
@@ -184,7 +186,19 @@ def _case_phil_file_missing(tiny, tmp_path):
 def _case_phil_file_unreadable(tiny, tmp_path):
     bad = tmp_path / "broken.phil"
     bad.write_text("gaps {\n  exclude_images = 3\n")  # unclosed scope
-    return [tiny, str(bad)], ["broken.phil"]
+    return [tiny, str(bad)], ["syntax error", str(bad), "line 1", "no matching"]
+
+
+def _case_phil_file_syntax_error_line(tiny, tmp_path):
+    bad = tmp_path / "typo.phil"
+    bad.write_text("# settings\ngaps {\n  exclude_images = 3\n}\n}\nscaling.run = True\n")
+    return [tiny, str(bad)], ["syntax error", str(bad), "line 5", "fix that line"]
+
+
+def _case_phil_file_unknown_parameter(tiny, tmp_path):
+    bad = tmp_path / "unknown.phil"
+    bad.write_text("scaling.run = True\ngaps.exclud = 4\n")
+    return [tiny, str(bad)], [str(bad), "line 2", "unknown parameter 'gaps.exclud'", "gaps.exclude_images"]
 
 
 def _case_phil_file_is_a_folder(tiny, tmp_path):
@@ -229,6 +243,66 @@ def _case_space_group_incompatible(tiny, tmp_path):
     return [tiny, "space_group=P6"], ["indexing failed with space_group=P 6", "indexing.known_symmetry"]
 
 
+# parameters that PHIL accepts but that could only fail at the end of the run:
+# refused before any image is read
+
+
+def _case_partiality_threshold_above_one(tiny, tmp_path):
+    return [tiny, "mtz.partiality_threshold=2"], ["mtz.partiality_threshold=2", "from 0 to 1"]
+
+
+def _case_partiality_threshold_negative(tiny, tmp_path):
+    return [tiny, "mtz.partiality_threshold=-1"], ["mtz.partiality_threshold=-1", "from 0 to 1"]
+
+
+def _case_mtz_d_min_negative(tiny, tmp_path):
+    return [tiny, "mtz.d_min=-2"], ["mtz.d_min=-2", "positive"]
+
+
+def _case_scaling_d_min_zero(tiny, tmp_path):
+    return [tiny, "scale=True", "scaling.d_min=0"], ["scaling.d_min=0", "positive"]
+
+
+def _case_mtz_hklout(tiny, tmp_path):
+    return [tiny, "mtz.hklout=x.mtz"], ["mtz.hklout", "output.mtz="]
+
+
+def _case_output_name_with_folder(tiny, tmp_path):
+    return [tiny, "output.mtz=sub/x.mtz"], ["output.mtz='sub/x.mtz'", "plain file name", "output.directory="]
+
+
+def _case_experiments_extension(tiny, tmp_path):
+    return [tiny, "output.experiments=integrated.txt"], ["output.experiments", ".expt"]
+
+
+def _case_output_names_collide(tiny, tmp_path):
+    return [tiny, "output.json=integrated.mtz"], ["output.json and output.mtz", "different names"]
+
+
+def _case_block_mtz_without_block(tiny, tmp_path):
+    return [tiny, "output.block_mtz=blocks.mtz"], ["output.block_mtz", "{block}"]
+
+
+def _case_block_mtz_unknown_field(tiny, tmp_path):
+    return [tiny, "output.block_mtz=b_{blok}.mtz"], ["output.block_mtz", "{block}"]
+
+
+def _case_bravais_lattice_unknown(tiny, tmp_path):
+    return [tiny, "indexing.bravais_lattice=oQ"], ["indexing.bravais_lattice=oQ", "oP"]
+
+
+def _case_tie_sigma_zero(tiny, tmp_path):
+    return [tiny, "refinement.blocks.tie_sigma=0,0.01,0.01,0.01,0.01,0.01"], ["tie_sigma", "positive"]
+
+
+VALIDATION_CASES = {
+    "partiality_threshold_above_one", "partiality_threshold_negative", "mtz_d_min_negative",
+    "scaling_d_min_zero", "mtz_hklout", "output_name_with_folder", "experiments_extension",
+    "output_names_collide", "block_mtz_without_block", "block_mtz_unknown_field",
+    "bravais_lattice_unknown", "tie_sigma_zero",
+}
+
+
 CASES = {name[6:]: f for name, f in sorted(globals().items()) if name.startswith("_case_")}
 SLOW_CASES = {"indexing_impossible", "space_group_incompatible", "all_blank"}
 
@@ -244,6 +318,18 @@ def test_fatal_bad_input(case, tiny, tmp_path):
         _seed_old_results(out)
     result = process(args[0], out, *args[1:], timeout=900)
     _check_failure(result, out, expected)
+    if case in VALIDATION_CASES:
+        # refused before anything was read or written: not even a log
+        assert sorted(os.listdir(out)) == sorted(PRODUCTS), os.listdir(out)
+        assert "log of this run" not in result.stderr
+
+
+def test_validation_comes_before_reading_images(tmp_path):
+    """A bad parameter is reported even when the images do not exist."""
+    out = str(tmp_path / "out")
+    result = process("/no/such/images_*.cbf", out, "mtz.partiality_threshold=1.5")
+    _check_failure(result, out, ["mtz.partiality_threshold=1.5"])
+    assert not os.path.exists(out)
 
 
 # ----------------------------------------------------------------------------
@@ -256,10 +342,12 @@ def _run_until(tiny, out, marker, sig):
     _seed_old_results(out)
     args = [tool("dials.process_gapped"), tiny, f"output.directory={out}", f"nproc={NPROC}"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = os.path.join(out, "dials.process_gapped.log")
+    # the log of a run in progress has a temporary name (the old log stays)
+    pattern = os.path.join(out, ".dials.process_gapped.tmp-*.log")
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(log) and marker in open(log).read():
+        logs = glob.glob(pattern)
+        if logs and marker in open(logs[0]).read():
             time.sleep(1.0)  # well inside the stage
             proc.send_signal(sig)
             break
@@ -272,14 +360,72 @@ def _run_until(tiny, out, marker, sig):
 def test_sigint_during_integration(tiny, tmp_path):
     out = str(tmp_path / "out")
     result = _run_until(tiny, out, "=== Integration ===", signal.SIGINT)
-    _check_failure(result, out, ["interrupted by SIGINT", "earlier results are untouched"], code=130)
+    err = _check_failure(result, out, ["interrupted by SIGINT", "earlier results are untouched"], code=130)
+    # the interrupted run's log is kept aside, the previous log untouched
+    _check_failed_log(out, err, ["=== Integration ===", "interrupted by SIGINT"])
+
+
+def _check_failed_log(out, err, expected):
+    failed = os.path.join(out, FAILED_LOG)
+    assert f"log of this run: {failed}" in err, err
+    text = open(failed).read()
+    for line in expected:
+        assert line in text, line
+    assert open(os.path.join(out, LOG)).read() == f"old {LOG}\n"
+    assert not os.path.exists(os.path.join(out, ".dials.process_gapped.lock"))
 
 
 @pytest.mark.slow
 def test_sigterm(tiny, tmp_path):
     out = str(tmp_path / "out")
     result = _run_until(tiny, out, "=== Refinement ===", signal.SIGTERM)
-    _check_failure(result, out, ["interrupted by SIGTERM"], code=143)
+    err = _check_failure(result, out, ["interrupted by SIGTERM"], code=143)
+    _check_failed_log(out, err, ["=== Refinement ===", "interrupted by SIGTERM"])
+
+
+def test_failed_run_keeps_the_previous_log(tmp_path):
+    """A run that fails after its log was started: the old log stays, the new
+    one is kept as dials.process_gapped.failed.log."""
+    out = str(tmp_path / "out")
+    _seed_old_results(out)
+    result = process(str(tmp_path / "nothing_*.cbf"), out)
+    err = _check_failure(result, out, ["no files match"])
+    _check_failed_log(out, err, ["dials-gapfill", "Error: no files match"])
+
+
+def test_output_folder_in_use_is_refused(tiny, tmp_path):
+    """While a run holds the output folder (here: this test process, through
+    the same lock), a second run into it refuses with one line."""
+    from dials_gapfill.output import Outputs
+
+    out = str(tmp_path / "out")
+    _seed_old_results(out)
+    holder = Outputs(out)
+    holder.lock()
+    try:
+        result = process(tiny, out)
+        err = _check_failure(result, out, ["is in use by another dials.process_gapped run",
+                                           f"pid {os.getpid()}", "output.directory="])
+        assert "log of this run" not in err and not os.path.exists(os.path.join(out, FAILED_LOG))
+        assert open(holder.lock_path).read().split() == [str(os.getpid())]
+    finally:
+        holder.unlock()
+    assert not os.path.exists(holder.lock_path)
+
+
+def test_stale_lock_is_taken_over(tmp_path):
+    """A lock file left by a run that died does not block the next run."""
+    out = str(tmp_path / "out")
+    _seed_old_results(out)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock = os.path.join(out, ".dials.process_gapped.lock")
+    with open(lock, "w") as fh:
+        fh.write(f"{dead.pid}\n")
+    result = process(str(tmp_path / "nothing_*.cbf"), out)
+    err = _check_failure(result, out, ["no files match"])  # it ran: the lock was taken over
+    assert "in use" not in err
+    assert not os.path.exists(lock)
 
 
 @pytest.mark.slow

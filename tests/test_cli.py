@@ -130,3 +130,48 @@ def test_fast_preview_phil_with_verbose(tiny, tmp_path):
     assert "integrated.mtz" in files
     # -v: DIALS' own messages on the terminal too
     assert "Configuring spot finder" in result.stdout
+
+
+def test_value_ending_in_phil_is_a_value_not_a_file(tmp_path):
+    """output.directory=x.phil names a folder; only a plain argument is a PHIL file."""
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.phil import master_phil
+
+    params, _, images, _ = parse(["output.directory=x.phil", "/data/x_*.cbf"], master_phil())
+    assert params.output.directory == "x.phil" and images == ["/data/x_*.cbf"]
+    # the command: the folder x.phil is made and the (missing) images are the problem
+    out = tmp_path / "x.phil"
+    result = run_cmd([tool("dials.process_gapped"), str(tmp_path / "none_*.cbf"), f"output.directory={out}"])
+    assert result.returncode == 1
+    assert "no files match" in result.stderr and "parameter file" not in result.stderr, result.stderr
+    assert out.is_dir()
+
+
+def test_braces_in_a_value_need_no_quotes():
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.phil import master_phil
+
+    params, _, _, _ = parse(["output.block_mtz=run2_{block}.mtz", "/data/x.cbf"], master_phil())
+    assert params.output.block_mtz == "run2_{block}.mtz"
+
+
+def test_phil_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "settings.phil"
+    bad.write_text("scaling {\n  run = True\n  anomalous = True\n}}\n")
+    result = run_cmd([tool("dials.process_gapped"), str(bad), "/data/x_*.cbf"])
+    assert result.returncode == 1
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"syntax error in the parameter file {bad} line 4" in err, err
+
+
+def test_validate_accepts_the_defaults_and_the_example_files():
+    """Every shipped default and example parameter file passes validation."""
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.phil import master_phil
+    from dials_gapfill.validate import validate
+
+    for name in [None] + sorted(os.listdir(PHIL)):
+        args = [os.path.join(PHIL, name)] if name else []
+        params, _, _, _ = parse(args + ["/data/x_*.cbf"], master_phil())
+        validate(params)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -74,8 +75,62 @@ def _phil_error(arg, master):
     return None
 
 
+PHIL_EXTENSIONS = (".phil", ".param", ".params", ".eff", ".def")
+
+
+def _is_assignment(arg):
+    """key=value with a PHIL name as key (output.directory=x.phil is one)."""
+    name, sep, _ = arg.partition("=")
+    return bool(sep) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name.strip()) is not None
+
+
 def _is_phil_file(arg):
-    return arg.endswith((".phil", ".param", ".params", ".eff", ".def"))
+    """A parameter file: a name with a PHIL extension that is not key=value
+    (unless a file of exactly that name exists)."""
+    if arg.startswith("-") or not arg.endswith(PHIL_EXTENSIONS):
+        return False
+    return os.path.isfile(arg) or not _is_assignment(arg)
+
+
+def _phil_file_error(path, master):
+    """Why DIALS did not take the parameter file `path`: the file and line."""
+    import iotbx.phil
+
+    from dials_gapfill.errors import GapfillError
+
+    if os.path.isdir(path):
+        return GapfillError(f"the parameter file {path!r} is a folder: give a PHIL file")
+    try:
+        parsed = iotbx.phil.parse(file_name=path)
+    except Exception as e:
+        text = " ".join(str(e).split())
+        line = re.search(r"line (\d+)", text)
+        what = re.sub(r"\s*\(?(at )?file \"[^\"]*\", line \d+\)?", "", text).strip()
+        what = what.removeprefix("Syntax error:").strip().rstrip(".") or text
+        where = f" line {line.group(1)}" if line else ""
+        if not line and "end of input" in text.lower():
+            try:
+                with open(path, errors="replace") as fh:
+                    n = sum(1 for _ in fh)
+            except OSError:
+                n = 0
+            where = f" line {n} (the end of the file)" if n else " (at its end)"
+        return GapfillError(
+            f"syntax error in the parameter file {path}{where}: {what}: fix that line "
+            "(PHIL: name = value, scope { ... })"
+        )
+    try:
+        _, unused = master.fetch(source=parsed, track_unused_definitions=True)
+    except Exception as e:
+        return GapfillError(f"cannot use the parameter file {path}: {' '.join(str(e).split())}")
+    if unused:
+        first = unused[0]
+        line = getattr(first.object, "where_str", "") or ""
+        m = re.search(r"line (\d+)", line)
+        where = f" line {m.group(1)}" if m else ""
+        err = _unknown_parameter_error(first.path, master)
+        return GapfillError(f"in the parameter file {path}{where}: {err}")
+    return GapfillError(f"cannot read the parameter file {path!r}: check its syntax")
 
 
 def parse(args, phil):
@@ -91,6 +146,15 @@ def parse(args, phil):
                 raise GapfillError(f"no such parameter file: {arg!r}: check the path")
             if not os.access(arg, os.R_OK):
                 raise GapfillError(f"cannot read the parameter file {arg!r}: check its permissions")
+    # braces in a value (output.block_mtz=x_{block}.mtz) are PHIL scope syntax
+    # unless quoted: quote such values as the user meant them
+    args = [
+        f'{a.split("=", 1)[0]}="{a.split("=", 1)[1]}"'
+        if _is_assignment(a) and not os.path.exists(a) and re.search(r"[{}]", a.split("=", 1)[1])
+        and not a.split("=", 1)[1].strip().startswith(('"', "'"))
+        else a
+        for a in args
+    ]
     parser = ArgumentParser(
         usage=f"{PROGRAM} [options] [param.phil] images=/path/to/images_*.cbf",
         phil=phil,
@@ -104,14 +168,19 @@ def parse(args, phil):
         raise
     except Exception as e:
         text = " ".join(str(e).split())
+        for arg in args:
+            if _is_phil_file(arg) and os.path.isfile(arg):
+                err = _phil_file_error(arg, phil)
+                if not str(err).startswith("cannot read the parameter file"):
+                    raise err from None
         if "not recognised" in text or "Unknown" in text:
             bad = text.split("recognised", 1)[-1].strip() if "recognised" in text else text
             raise _unknown_parameter_error(bad, phil) from None
         raise GapfillError(f"cannot read the parameters: {text}") from None
     images = []
     for arg in unhandled:
-        if _is_phil_file(arg):
-            raise GapfillError(f"cannot read the parameter file {arg!r}: check its syntax")
+        if _is_phil_file(arg) or (arg.endswith(PHIL_EXTENSIONS) and os.path.exists(arg)):
+            raise _phil_file_error(arg, phil)
         if "=" in arg and not os.path.exists(arg):
             err = _phil_error(arg, phil)
             if err is not None:
@@ -149,7 +218,10 @@ def _leave(interrupt, outputs, logging_ready):
         outputs.rollback()
     if logging_ready:
         _log_to_file_only(f"Error: {interrupt}")
-    print(f"{PROGRAM}: error: {interrupt}", file=sys.stderr)
+    where = _finish_log(outputs, False)
+    if outputs is not None:
+        outputs.unlock()
+    print(f"{PROGRAM}: error: {interrupt}{where}", file=sys.stderr)
     _stop_workers()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -212,12 +284,54 @@ def _log_to_file_only(message):
             handler.emit(logging.LogRecord("dials.process_gapped", logging.ERROR, "", 0, message, None, None))
 
 
+def _finish_log(outputs, success):
+    """Rename the log (final name, or the failed-log name); say where it is."""
+    if outputs is None:
+        return ""
+    path = outputs.finish_log(success)
+    if not path or success:
+        return ""
+    return f" (log of this run: {path})"
+
+
+def _keep_integrated(pipeline, outputs, params):
+    """After a late failure: keep integrated.expt/.refl if integration finished.
+
+    Export writes them first (complete files, temporary names); if the failure
+    came before that, they are written here from the pipeline's state.
+    Returns the text to add to the error message ("" if nothing was kept).
+    """
+    if pipeline is None or outputs is None:
+        return ""
+    state = pipeline.state
+    names = [n for n in (params.output.experiments, params.output.reflections) if n]
+    stages = {s.get("name") for s in getattr(state.report, "stages", [])}
+    if not names or "integration" not in stages:
+        return ""
+    if not all(outputs.complete(n) for n in names):
+        if state.experiments is None or state.reflections is None:
+            return ""
+        try:
+            if params.output.experiments:
+                outputs.write(params.output.experiments, lambda p: state.experiments.as_file(p))
+            if params.output.reflections:
+                outputs.write(params.output.reflections, lambda p: state.reflections.as_file(p))
+        except Exception:
+            return ""
+    kept = outputs.keep(names)
+    if len(kept) != len(names):
+        return ""
+    return f"; the integrated data, complete, are kept as {' and '.join(names)} in {outputs.directory}"
+
+
 def run(args=None, phil=None):
     """Command-line entry point: parse PHIL, set up logging, run, summarise."""
     from dials_gapfill.errors import GapfillError, Interrupted, require_dials
 
     verbose = 0
     outputs = None
+    pipeline = None
+    params = None
     logging_ready = False
     try:
         require_dials()
@@ -228,6 +342,7 @@ def run(args=None, phil=None):
         from dials_gapfill.phil import master_phil
         from dials_gapfill.pipeline import Pipeline
         from dials_gapfill.report import write_reports
+        from dials_gapfill.validate import validate
 
         if phil is None:
             phil = master_phil()
@@ -239,10 +354,14 @@ def run(args=None, phil=None):
             print(f"usage: {PROGRAM} [options] [param.phil] images=/path/to/images_*.cbf")
             print(f"Run '{PROGRAM} -h' for help and '{PROGRAM} -c' for the parameters.")
             return 0
+        # every parameter checked before anything is read or written
+        validate(params)
 
         outputs = Outputs(params.output.directory)
         outputs.check_writable()
-        logfile = os.path.join(outputs.directory, params.output.log) if params.output.log else None
+        outputs.lock()
+        # the log gets its final name only at the end of a successful run
+        logfile = outputs.start_log(params.output.log) if params.output.log else None
         dials.util.log.config(verbosity=options.verbose, logfile=logfile)
         logging_ready = True
         if not options.verbose:
@@ -262,19 +381,26 @@ def run(args=None, phil=None):
 
         pipeline = Pipeline(params, images, outputs=outputs)
         state = pipeline.run()
+        if params.output.log:
+            state.report.files.append({"name": params.output.log, "kind": "log"})
         write_reports(state, outputs, diff_phil)
         outputs.commit()
+        _finish_log(outputs, True)
         from dials_gapfill.report.summary import summary_text
 
         logger.info("\n" + summary_text(state.report, outputs.directory))
+        outputs.unlock()
         return 0
     except GapfillError as e:
+        message = str(e) + _keep_integrated(pipeline, outputs, params)
         if outputs is not None:
             outputs.rollback()
-        message = str(e)
         if logging_ready:
             logger.debug("Error", exc_info=True)
             _log_to_file_only(f"Error: {message}")
+        message += _finish_log(outputs, False)
+        if outputs is not None:
+            outputs.unlock()
         print(f"{PROGRAM}: error: {message}", file=sys.stderr)
         if verbose > 1:
             import traceback
@@ -287,25 +413,33 @@ def run(args=None, phil=None):
     except MemoryError:
         if outputs is not None:
             outputs.rollback()
+        where = _finish_log(outputs, False)
+        if outputs is not None:
+            outputs.unlock()
         print(
             f"{PROGRAM}: error: out of memory: use fewer processes (nproc=) or a machine "
-            "with more memory",
+            f"with more memory{where}",
             file=sys.stderr,
         )
         return 1
     except Exception as e:  # an error we did not foresee: one line, no traceback
+        kept = _keep_integrated(pipeline, outputs, params)
         if outputs is not None:
             outputs.rollback()
-        if verbose > 1:
-            raise
         text = " ".join(str(e).split())[:300]
-        print(
-            f"{PROGRAM}: error: {type(e).__name__}: {text} (run with -vv for the traceback)",
-            file=sys.stderr,
-        )
         if logging_ready:
             logger.debug("Unexpected error", exc_info=True)
             _log_to_file_only(f"Error: {type(e).__name__}: {text}")
+        where = _finish_log(outputs, False)
+        if outputs is not None:
+            outputs.unlock()
+        if verbose > 1:
+            raise
+        print(
+            f"{PROGRAM}: error: {type(e).__name__}: {text}{kept} (run with -vv for the traceback)"
+            f"{where}",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -1,0 +1,207 @@
+"""Checks of the parameters before any image is read.
+
+``validate(params)`` raises ``GapfillError`` with one line naming the
+parameter, what is wrong and how to fix it, for every value that would
+otherwise be accepted by PHIL and fail only at the end of the run (the MTZ
+export, scaling, writing the files) or silently do something else than asked.
+The command line and the Python API call it before any work.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dials_gapfill.errors import GapfillError
+
+# Bravais lattice symbols dials.refine_bravais_settings can name
+BRAVAIS_LATTICES = ("aP", "mP", "mC", "oP", "oC", "oF", "oI", "tP", "tI", "hP", "hR", "cP", "cF", "cI")
+
+# output.* file names, with the extensions the writer needs (None: any)
+OUTPUT_FILES = {
+    "experiments": (".expt", ".json"),
+    "reflections": None,
+    "mtz": None,
+    "block_mtz": None,
+    "scaled_mtz": None,
+    "merged_mtz": None,
+    "log": None,
+    "json": None,
+    "html": None,
+}
+
+
+def _get(scope, dotted, default=None):
+    for name in dotted.split("."):
+        if scope is None or not hasattr(scope, name):
+            return default
+        scope = getattr(scope, name)
+    return scope
+
+
+def _is_set(value) -> bool:
+    return value is not None and str(value).strip() not in ("", "None", "none")
+
+
+def _number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def validate(params) -> None:
+    """Raise GapfillError (one line: the parameter, the problem, the fix) on
+    the first value that cannot work."""
+    _check_mtz(params)
+    _check_scaling(params)
+    _check_output(params)
+    _check_gaps(params)
+    _check_indexing(params)
+    _check_refinement(params)
+    _check_spotfinder(params)
+
+
+def _check_mtz(params) -> None:
+    mtz = _get(params, "mtz")
+    if mtz is None:
+        return
+    threshold = _get(mtz, "partiality_threshold")
+    if threshold is None or not _number(threshold) or not 0 <= float(threshold) <= 1:
+        raise GapfillError(
+            f"mtz.partiality_threshold={threshold} is not a fraction: give a number from 0 to 1 "
+            "(default 0.4; 0.99 keeps only nearly complete reflections)"
+        )
+    d_min = _get(mtz, "d_min")
+    if d_min is not None and (not _number(d_min) or float(d_min) <= 0):
+        raise GapfillError(f"mtz.d_min={d_min} is not a resolution: give a positive number in Å (or None)")
+    intensity = _get(mtz, "intensity")
+    if intensity is not None and not list(intensity):
+        raise GapfillError("mtz.intensity is empty: choose profile, sum or both (mtz.intensity=profile+sum)")
+    for name in ("crystal_name", "project_name"):
+        value = _get(mtz, name, "x")
+        if not _is_set(value):
+            raise GapfillError(f"mtz.{name} is empty: give a name (the MTZ file needs one)")
+        if len(str(value)) > 64:
+            raise GapfillError(f"mtz.{name} is longer than 64 characters, the MTZ limit: give a shorter name")
+    if _is_set(_get(mtz, "hklout")):
+        raise GapfillError(
+            "mtz.hklout is not used by dials.process_gapped: name the MTZ file with output.mtz= "
+            "(and output.directory=)"
+        )
+
+
+def _check_scaling(params) -> None:
+    scaling = _get(params, "scaling")
+    if scaling is None:
+        return
+    d_min = _get(scaling, "d_min")
+    if d_min is not None and (not _number(d_min) or float(d_min) <= 0):
+        raise GapfillError(f"scaling.d_min={d_min} is not a resolution: give a positive number in Å (or None)")
+    d_max = _get(scaling, "d_max")
+    if d_max is not None and d_min is not None and _number(d_max) and float(d_max) <= float(d_min):
+        raise GapfillError(
+            f"scaling.d_max={d_max} is not lower in resolution than scaling.d_min={d_min}: "
+            "d_max must be the larger number"
+        )
+    # thresholds of the automatic resolution limit, whatever they are called
+    for name, value in vars(scaling).items():
+        if name.startswith("_") or not isinstance(value, float):
+            continue
+        if ("cc_half" in name or "completeness" in name or name.endswith("fraction")) and not 0 <= value <= 1:
+            raise GapfillError(f"scaling.{name}={value} is not a fraction: give a number from 0 to 1")
+
+
+def _check_output(params) -> None:
+    out = _get(params, "output")
+    if out is None:
+        return
+    from libtbx import Auto
+
+    directory = _get(out, "directory")
+    if directory is not None and directory is not Auto and str(directory).strip() == "":
+        raise GapfillError("output.directory is empty: give a folder (. for the current one)")
+    names = {}
+    for key, extensions in OUTPUT_FILES.items():
+        value = _get(out, key)
+        if not _is_set(value):
+            continue
+        value = str(value)
+        if key == "block_mtz":
+            if not (_get(out, "per_block_mtz") and _is_set(_get(out, "mtz"))):
+                continue
+            try:
+                first = value.format(block=1, first=1, last=10)
+                second = value.format(block=2, first=12, last=20)
+            except (KeyError, IndexError, ValueError) as e:
+                raise GapfillError(
+                    f"output.block_mtz={value!r} cannot be filled in ({type(e).__name__}: {e}): "
+                    "use {block} for the block number ({first} and {last} for its images)"
+                ) from None
+            if first == second:
+                raise GapfillError(
+                    f"output.block_mtz={value!r} gives every block the same file: put {{block}} in the name, "
+                    "e.g. output.block_mtz=integrated_{block}.mtz"
+                )
+            candidates = [first]
+        else:
+            candidates = [value]
+        for name in candidates:
+            if os.sep in name or (os.altsep and os.altsep in name) or name in (".", ".."):
+                raise GapfillError(
+                    f"output.{key}={value!r} is not a plain file name: give a name without a folder "
+                    "and choose the folder with output.directory="
+                )
+            if extensions and not name.lower().endswith(extensions):
+                raise GapfillError(
+                    f"output.{key}={value!r} needs the extension {' or '.join(extensions)} (DIALS writes "
+                    f"the file by its extension): e.g. output.{key}=integrated{extensions[0]}"
+                )
+            if name in names:
+                raise GapfillError(
+                    f"output.{key} and output.{names[name]} are both {name!r}: one would overwrite the "
+                    "other; give them different names"
+                )
+            names[name] = key
+
+
+def _check_gaps(params) -> None:
+    values = _get(params, "gaps.exclude_images")
+    if not values:
+        return
+    try:
+        from dials_gapfill.importer import parse_exclusions
+    except ImportError:  # (checked again at import)
+        return
+    parse_exclusions(values)
+
+
+def _check_indexing(params) -> None:
+    wanted = _get(params, "indexing.bravais_lattice")
+    if _is_set(wanted) and str(wanted).strip().lower() != "auto" and str(wanted).strip() not in BRAVAIS_LATTICES:
+        raise GapfillError(
+            f"indexing.bravais_lattice={wanted} is not a Bravais lattice: give auto or one of "
+            f"{', '.join(BRAVAIS_LATTICES)} (or None to stay in P1)"
+        )
+
+
+def _check_refinement(params) -> None:
+    blocks = _get(params, "refinement.blocks")
+    if blocks is None:
+        return
+    sigma = _get(blocks, "tie_sigma")
+    if _get(blocks, "tie_cells") and sigma is not None and any(s <= 0 for s in sigma):
+        raise GapfillError(
+            "refinement.blocks.tie_sigma has a zero: the restraint needs six positive sigmas "
+            "(or refinement.blocks.tie_cells=False for no restraint)"
+        )
+
+
+def _check_spotfinder(params) -> None:
+    f = _get(params, "spotfinder.filter")
+    d_min, d_max = _get(f, "d_min"), _get(f, "d_max")
+    if d_min is not None and d_max is not None and _number(d_min) and _number(d_max) and float(d_max) <= float(d_min):
+        raise GapfillError(
+            f"spotfinder.filter.d_max={d_max} is not lower in resolution than spotfinder.filter.d_min={d_min}: "
+            "d_max must be the larger number"
+        )
