@@ -454,3 +454,43 @@ def test_disk_full_while_writing(tiny, tmp_path):
     listing = (tmp_path / "listing").read_text().split()
     assert not [f for f in listing if ".tmp-" in f], listing
     assert (tmp_path / "contents").read_text() == "".join(f"old {n}\n" for n in PRODUCTS)
+
+
+@pytest.mark.slow
+def test_late_failure_keeps_integrated_data_and_folder_is_locked(tiny, tmp_path):
+    """An export that fails at the end (no reflection within mtz.d_min=100, which
+    only the data can tell) keeps the complete integrated.expt/.refl under their
+    names and says so; meanwhile a second run into the folder is refused."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    out = str(tmp_path / "out")
+    _seed_old_results(out)
+    args = [tool("dials.process_gapped"), tiny, f"output.directory={out}", f"nproc={NPROC}", "mtz.d_min=100"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None:
+        if glob.glob(os.path.join(out, ".dials.process_gapped.tmp-*.log")):
+            break
+        time.sleep(0.2)
+    second = process(tiny, out)
+    stdout, stderr = first.communicate(timeout=1200)
+    assert first.poll() is not None
+    err = second.stderr.strip()
+    assert second.returncode == 1 and len(err.splitlines()) == 1, err
+    assert f"is in use by another dials.process_gapped run (pid {first.pid})" in err, err
+
+    err = stderr.strip()
+    assert first.returncode == 1, (stdout[-2000:], err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in stdout + stderr, err
+    assert "MTZ export failed" in err and "mtz." in err
+    assert f"the integrated data, complete, are kept as integrated.expt and integrated.refl in {out}" in err
+    experiments = ExperimentListFactory.from_json_file(os.path.join(out, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(out, "integrated.refl"))
+    assert len(experiments) == 1 and experiments[0].scan.get_image_range() == (1, 40)
+    assert reflections.get_flags(reflections.flags.integrated).count(True) > 5000
+    for name in PRODUCTS:  # everything else as it was
+        if name not in ("integrated.expt", "integrated.refl"):
+            assert open(os.path.join(out, name)).read() == f"old {name}\n", name
+    assert "MTZ export failed" in open(os.path.join(out, FAILED_LOG)).read()
+    assert not [f for f in os.listdir(out) if f.startswith(".")], os.listdir(out)
