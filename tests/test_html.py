@@ -26,6 +26,7 @@ import pytest
 import dials_gapfill  # noqa: F401  (sets up libtbx for the venv before dials imports)
 from dials_gapfill.report.html import (
     CATEGORIES,
+    cell_figure,
     compact_ranges,
     html_report,
     isigi_figure,
@@ -540,3 +541,53 @@ def test_report_of_a_real_run_in_chromium(processed, tmp_path):
         _check_plots_in_browser(Tab(browser), path, PLOT_IDS)
     finally:
         browser.close()
+
+
+def _noisy_summary():
+    """A summary whose scan-varying angles carry DIALS' rounding noise
+    (constant to 1e-10) while the c axis really changes."""
+    data = full_summary()
+    for sv in data["plots"]["scan_varying"]:
+        n = len(sv["image"])
+        sv["cell"] = [
+            [54.0, 62.0, 71.0 + 0.05 * i, 90.00000000000003 + (1e-11 if i % 2 else -1e-11),
+             89.99999999999997, 90.0 + 1e-10 * i]
+            for i in range(n)
+        ]
+    return data
+
+
+def test_flat_cell_angles_are_flat_lines_at_90():
+    figure = cell_figure(_noisy_summary())
+    layout = figure["layout"]
+    alpha = [t for t in figure["data"] if t["yaxis"] == "y4"]
+    assert alpha and all(v == 90.0 for t in alpha for v in t["y"])  # rounding noise rounded away
+    for k in (4, 5, 6):  # α, β, γ: a flat line at 90, ticks every 0.01 labelled with 2 decimals
+        axis = layout[f"yaxis{k}"]
+        assert axis["tickformat"] == ".2f" and axis["dtick"] == 0.01, axis
+        low, high = axis["range"]
+        assert low < 90.0 < high and (low + high) / 2 == pytest.approx(90.0) and high - low < 0.05
+    # a parameter that changes keeps plotly's own range
+    c = layout["yaxis3"]
+    assert "range" not in c and c["tickformat"] == ".2f"
+
+
+def test_flat_cell_angles_in_chromium(tmp_path):
+    """The tick labels plotly draws for the α panel: 89.99, 90.00, 90.01."""
+    chromium = _chromium()
+    path = tmp_path / "noisy.html"
+    path.write_text(html_report(_noisy_summary()), encoding="utf-8")
+    browser = DevTools(chromium, tmp_path / "profile", tmp_path / "chromium.log")
+    try:
+        tab = Tab(browser)
+        tab.load("file://" + str(path), ready="document.body.hasAttribute('data-plots-rendered')")
+        labels = json.loads(tab.evaluate(
+            "JSON.stringify(['y4tick', 'y5tick', 'y6tick', 'y3tick'].map(function (c) {"
+            " return Array.from(document.querySelectorAll('#plot-cell .' + c + ' text'))"
+            ".map(function (t) { return t.textContent; }); }))"
+        ))
+    finally:
+        browser.close()
+    for ticks in labels[:3]:
+        assert ticks == ["89.99", "90.00", "90.01"], labels
+    assert len(labels[3]) >= 3 and all(len(t.split(".")[1]) == 2 for t in labels[3]), labels[3]

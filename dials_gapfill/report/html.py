@@ -448,10 +448,40 @@ def _scan_varying_series(data, index_key, n_values):
     return out
 
 
+# Scan-varying values are plotted rounded to this many decimals (Å, degrees):
+# finer digits are numerical noise (a constant 90° angle comes out of DIALS as
+# 90.00000000000003), which plotly would otherwise scale up to fill the panel.
+PLOT_DECIMALS = 5
+# A panel spans at least this much (Å or degrees): a constant or nearly
+# constant parameter is drawn as a flat line, labelled to 0.01.
+MIN_SPAN = 0.02
+
+
+def _rounded(values):
+    return [round(v, PLOT_DECIMALS) if _is_number(v) else None for v in values]
+
+
+def _value_axis(series, k):
+    """y-axis settings of panel k: the range and tick labels the values deserve."""
+    values = [v for _, _, _, vals in series for v in vals[k] if _is_number(v)]
+    if not values:
+        return {}
+    low, high = min(values), max(values)
+    span = high - low
+    if span < MIN_SPAN:
+        # flat (to plotting precision): centre the line, ticks every 0.01
+        mid = round((low + high) / 2, 2)
+        half = max(0.6 * MIN_SPAN, (max(high - mid, mid - low)) * 1.2)
+        return {"range": [mid - half, mid + half], "dtick": 0.01, "tickformat": ".2f", "autorange": False}
+    decimals = min(PLOT_DECIMALS, max(2, math.ceil(-math.log10(span / 10))))
+    return {"tickformat": f".{decimals}f"}
+
+
 def _scan_varying_figure(data, index_key, labels, rows, cols, height):
     series = _scan_varying_series(data, index_key, len(labels))
     if not series:
         return None
+    series = [(number, x, where, [_rounded(v) for v in values]) for number, x, where, values in series]
     colours = _block_colours(data)
     excluded = _excluded(data)
     image_range = _image_range(data)
@@ -481,7 +511,9 @@ def _scan_varying_figure(data, index_key, labels, rows, cols, height):
         if k:
             xaxis["matches"] = "x"
         layout["xaxis" + suffix] = xaxis
-        layout["yaxis" + suffix] = _axis(domain=y_domains[row], anchor="x" + suffix, exponentformat="none")
+        layout["yaxis" + suffix] = _axis(
+            domain=y_domains[row], anchor="x" + suffix, exponentformat="none", **_value_axis(series, k)
+        )
         shapes += _exclusion_shapes(excluded, "x" + suffix, f"y{suffix} domain")
         annotations.append(_subplot_title(label, f"x{suffix} domain", y_domains[row][1]))
     layout.update(shapes=shapes, annotations=annotations)
