@@ -177,6 +177,21 @@ def _check_gaps(params) -> None:
 
 
 def _check_indexing(params) -> None:
+    known = _get(params, "indexing.known_symmetry")
+    cell, group = _get(known, "unit_cell"), _get(known, "space_group")
+    if cell is not None and group is not None:
+        try:
+            fits = group.group().is_compatible_unit_cell(cell, relative_length_tolerance=0.01,
+                                                          absolute_angle_tolerance=1.0)
+            system = group.group().crystal_system()
+        except Exception:
+            fits, system = True, ""
+        if not fits:
+            values = ",".join(f"{v:g}" for v in cell.parameters())
+            raise GapfillError(
+                f"unit_cell={values} does not fit space_group={group} (a {system.lower()} cell): "
+                "fix the cell or the space group (indexing.known_symmetry)"
+            )
     wanted = _get(params, "indexing.bravais_lattice")
     if _is_set(wanted) and str(wanted).strip().lower() != "auto" and str(wanted).strip() not in BRAVAIS_LATTICES:
         raise GapfillError(

@@ -295,7 +295,13 @@ def _case_tie_sigma_zero(tiny, tmp_path):
     return [tiny, "refinement.blocks.tie_sigma=0,0.01,0.01,0.01,0.01,0.01"], ["tie_sigma", "positive"]
 
 
+def _case_cell_does_not_fit_space_group(tiny, tmp_path):
+    return [tiny, "space_group=P4", "unit_cell=54,62,71,90,90,90"], [
+        "unit_cell=54,62,71,90,90,90 does not fit space_group=P 4", "tetragonal"]
+
+
 VALIDATION_CASES = {
+    "cell_does_not_fit_space_group",
     "partiality_threshold_above_one", "partiality_threshold_negative", "mtz_d_min_negative",
     "scaling_d_min_zero", "mtz_hklout", "output_name_with_folder", "experiments_extension",
     "output_names_collide", "block_mtz_without_block", "block_mtz_unknown_field",
