@@ -21,7 +21,7 @@ import re
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.sweep import BAD, EXCLUDED, NOT_GIVEN, Sweep
 from dials_gapfill.tables import image_numbers
-from dials_gapfill.util import range_text
+from dials_gapfill.util import captured, range_text
 
 logger = logging.getLogger("dials.process_gapped.import")
 
@@ -316,30 +316,11 @@ def _quiet_scan_join_messages():
     dxtbx prints them from C++ while it tries (and fails, as it should) to
     join the scans of two blocks across a gap; they are not errors.
     """
-    import ctypes
-    import sys
-    import tempfile
-
-    try:
-        fflush = ctypes.CDLL(None).fflush
-    except (OSError, AttributeError):
-        fflush = None
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with tempfile.TemporaryFile(mode="w+b") as capture:
-        os.dup2(capture.fileno(), 1)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            if fflush is not None:
-                fflush(None)  # C++ output is buffered by C stdio
-            os.dup2(saved, 1)
-            os.close(saved)
-            capture.seek(0)
-            for line in capture.read().decode(errors="replace").splitlines():
-                if "DXTBX_ASSERT(image_range_" not in line:
-                    print(line)
+    with captured(1) as out:
+        yield
+    for line in out.text.splitlines():
+        if "DXTBX_ASSERT(image_range_" not in line:
+            print(line)
 
 
 def _read_with_dxtbx(paths, params):

@@ -39,7 +39,7 @@ import numpy as np
 # dxtbx' imgCIF frame -> NeXus' McStas frame (its own inverse), as in dxtbx.nexus
 MCSTAS_FROM_IMGCIF = np.diag([-1.0, 1.0, -1.0])
 DETECTOR_PATH = "/entry/instrument/detector"
-FILE_MODES = ("blank", "zero", "overexposed")  # bad-image modes a NeXus file can hold
+FILE_MODES = ("blank", "zero", "overexposed", "flare", "saturated")  # bad-image modes a NeXus file can hold
 INSTRUMENT_NAME = "dials-gapfill simulator"
 
 

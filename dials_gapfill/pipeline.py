@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from dials_gapfill.bad_images import find_bad_images
+from dials_gapfill.bad_images import find_bad_images, whole_frame_faults
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.export import export
 from dials_gapfill.importer import drop_short_blocks, import_images, log_block_table
@@ -20,7 +20,7 @@ from dials_gapfill.integration import integrate
 from dials_gapfill.refinement import refine
 from dials_gapfill.report import finalise
 from dials_gapfill.scaling import scale
-from dials_gapfill.spotfinding import find_spots, spot_counts_per_image
+from dials_gapfill.spotfinding import TooManyStrongPixels, find_spots, spot_counts_per_image
 from dials_gapfill.state import State
 from dials_gapfill.sweep import BAD
 from dials_gapfill.tables import join_blocks, keep_experiments
@@ -56,9 +56,20 @@ def _spot_finder(params):
     return find
 
 
+def _find_or_blame(experiments, params):
+    """find_spots, or the images to blame when it failed: (reflections, bad)."""
+    try:
+        return find_spots(experiments, params)
+    except TooManyStrongPixels:
+        bad = whole_frame_faults(experiments, params) if params.gaps.auto_exclude else {}
+        if not bad:
+            raise
+        return None, bad
+
+
 def stage_find_spots(state: State) -> None:
     params, sweep = state.params, state.sweep
-    reflections, bad = find_spots(state.experiments, params)
+    reflections, bad = _find_or_blame(state.experiments, params)
     for _ in range(3):
         if not bad:
             break
@@ -72,7 +83,7 @@ def stage_find_spots(state: State) -> None:
             )
         state.experiments, _ = sweep.exclude(bad, "auto")
         _drop_short(state)
-        reflections, bad = find_spots(state.experiments, params)
+        reflections, bad = _find_or_blame(state.experiments, params)
     if bad:
         raise GapfillError(f"images {range_text(sorted(bad))} cannot be read: leave them out with exclude_images=")
     if len(reflections) == 0:

@@ -18,8 +18,10 @@ seed gives bit-identical files and an image does not depend on which other
 images are written.
 
 Bad-image modes, for robustness tests: ``blank`` (background only, as when the
-shutter failed), ``zero`` (all counts zero, a beam dump), ``overexposed``,
-``truncated`` (a valid file cut in half), ``garbage`` (random bytes) and
+shutter failed), ``zero`` (all counts zero, a beam dump), ``overexposed``
+(400x the flux: spots far brighter than the neighbours'), ``flare`` (every
+count 40x: the whole frame strong, above DIALS' strong-pixel cap),
+``saturated`` (every pixel at the overload value), ``truncated`` (a valid file cut in half), ``garbage`` (random bytes) and
 ``corrupt`` (a valid header over random bytes).
 """
 
@@ -47,7 +49,7 @@ PILATUS_MODULES = {
 MODULE_FAST, MODULE_SLOW, GAP_FAST, GAP_SLOW = 487, 195, 7, 17
 PIXEL_SIZE_MM = 0.172
 COUNT_CUTOFF = 1048500
-BAD_MODES = ("blank", "zero", "overexposed", "truncated", "garbage", "corrupt")
+BAD_MODES = ("blank", "zero", "overexposed", "flare", "saturated", "truncated", "garbage", "corrupt")
 
 
 def detector_size(name: str) -> tuple[int, int]:
@@ -449,6 +451,10 @@ class Simulation:
             if mode == "overexposed":
                 expected *= 400.0
             data = rng.poisson(expected)
+            if mode == "flare":
+                data = data * 40  # every count 40x: noise far above Poisson, every pixel "strong"
+        if mode == "saturated":
+            data = np.full(self.background.shape, COUNT_CUTOFF, dtype=np.int64)
         data = np.minimum(data, COUNT_CUTOFF + 76)
         data[self.gap_mask] = -1
         return data.astype(np.int32)

@@ -23,6 +23,7 @@ from dials.array_family import flex
 
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.tables import join_blocks
+from dials_gapfill.util import runs
 
 logger = logging.getLogger("dials.process_gapped.sweep")
 
@@ -50,17 +51,6 @@ class Image:
 
     def as_dict(self) -> dict:
         return {"image": self.number, "status": self.status, "reason": self.reason, "by": self.by}
-
-
-def runs(numbers) -> list[tuple[int, int]]:
-    """[(first, last), ...] of the contiguous runs in `numbers`."""
-    out: list[list[int]] = []
-    for n in sorted(numbers):
-        if out and n == out[-1][1] + 1:
-            out[-1][1] = n
-        else:
-            out.append([n, n])
-    return [tuple(r) for r in out]
 
 
 def _slice(imageset, first: int, last: int):

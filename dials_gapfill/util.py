@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import sys
+import tempfile
+
 
 def runs(numbers) -> list:
     """Runs of consecutive integers: [41, 42, 43, 45] -> [(41, 43), (45, 45)]."""
@@ -17,3 +23,34 @@ def runs(numbers) -> list:
 def range_text(numbers) -> str:
     """Compact text of a set of integers: [41, 42, 43, 45] -> "41-43, 45"."""
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs(numbers))
+
+
+class Captured:
+    text = ""
+
+
+@contextlib.contextmanager
+def captured(fd: int):
+    """Capture what this process and its children write to file descriptor
+    `fd` (1 or 2, C++ and worker processes included); the text is in the
+    yielded object's ``text`` afterwards, for the caller to pass on or drop."""
+    try:
+        fflush = ctypes.CDLL(None).fflush
+    except (OSError, AttributeError):
+        fflush = None
+    stream = sys.stdout if fd == 1 else sys.stderr
+    stream.flush()
+    holder = Captured()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), fd)
+        try:
+            yield holder
+        finally:
+            stream.flush()
+            if fflush is not None:
+                fflush(None)  # C++ output is buffered by C stdio
+            os.dup2(saved, fd)
+            os.close(saved)
+            capture.seek(0)
+            holder.text = capture.read().decode(errors="replace")

@@ -1,0 +1,181 @@
+"""Bad images wherever they sit, whatever the input: every kind of bad image in
+every position a user meets (first block, a later block, the first image after
+a gap, the last image before a gap), from a file list, a template and a NeXus
+file, is found, named and cut out exactly as if the user had excluded it by
+hand: same blocks, same statuses, and the same spot table, row for row.
+
+The cells run the pipeline's first stages (import, spot finding, bad images)
+in this process on a 20-image sweep with images 8-9 missing; a few cells run
+to the MTZ in test_robustness.py and below (marked slow).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+
+from conftest import NPROC, Sweeps, process
+
+MATRIX = dict(n_images=20, osc_width=1.0, detector="pilatus300k", distance=150.0, seed=7)
+GAP = (8, 9)
+POSITIONS = {"first block": 4, "later block": 15, "first after gap": 10, "last before gap": 7}
+KINDS = {
+    "zero": "all-zero image",
+    "blank": "blank image",
+    "flare": "over-exposed image",
+    "saturated": "saturated image",
+    "truncated": "unreadable: truncated file",
+    "corrupt": "unreadable: corrupt image data",
+}
+NEXUS_KINDS = ("zero", "blank", "flare", "saturated")  # a NeXus frame cannot be a broken file
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory):
+    return Sweeps(MATRIX, tmp_path_factory)
+
+
+def _first_stages(images, *phil):
+    """Import, spot finding and bad images, in this process: the state."""
+    from dials_gapfill import pipeline
+    from dials_gapfill.phil import params_from
+
+    params = params_from([f"mp.nproc={NPROC}", *phil])
+    run = pipeline.Pipeline(params, images)
+    for name, stage, _ in pipeline.STAGES[:3]:
+        stage(run.state)
+    return run.state
+
+
+def _inputs(folder, how):
+    if how == "file list":
+        return sorted(glob.glob(os.path.join(folder, "sim_*.cbf"))), ()
+    return [], (f"input.template={os.path.join(folder, 'sim_####.cbf')}",)
+
+
+def _assert_same(auto, manual, image, reason):
+    blocks = lambda s: [e.scan.get_image_range() for e in s.experiments]  # noqa: E731
+    assert blocks(auto) == blocks(manual)
+    not_used = {e["image"]: e for e in auto.report.excluded}
+    assert not_used[image]["status"] == "bad" and not_used[image]["by"] == "auto"
+    assert not_used[image]["reason"].startswith(reason), not_used[image]
+    others = {n: (e["status"], e["reason"]) for n, e in not_used.items() if n != image}
+    assert others == {n: (e["status"], e["reason"]) for n, e in
+                      ((e["image"], e) for e in manual.report.excluded) if n != image}
+    a, m = auto.reflections, manual.reflections
+    assert len(a) == len(m) > 1000
+    assert list(a["id"]) == list(m["id"])
+    assert list(a["xyzobs.px.value"]) == list(m["xyzobs.px.value"])
+    assert list(a["intensity.sum.value"]) == list(m["intensity.sum.value"])
+    assert list(a["bbox"]) == list(m["bbox"])
+
+
+@pytest.fixture(scope="module")
+def manual_runs(sweeps):
+    """Hand-excluded runs, by (input, image)."""
+    cache = {}
+
+    def get(how, image):
+        if (how, image) not in cache:
+            folder = sweeps.make(omit=GAP, name="clean")
+            images, phil = _inputs(folder, how)
+            cache[(how, image)] = _first_stages(images, *phil, f"exclude_images={image}")
+        return cache[(how, image)]
+
+    return get
+
+
+@pytest.mark.parametrize("how", ["file list", "template"])
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_image_equals_exclusion_by_hand(sweeps, manual_runs, kind, position, how):
+    image = POSITIONS[position]
+    folder = sweeps.make(omit=GAP, bad={image: kind}, name=f"{kind}_{image}")
+    images, phil = _inputs(folder, how)
+    auto = _first_stages(images, *phil)
+    _assert_same(auto, manual_runs(how, image), image, KINDS[kind])
+
+
+@pytest.fixture(scope="module")
+def nexus_files(tmp_path_factory):
+    from dials_gapfill.nexus_writer import write_nxmx
+    from dials_gapfill.simulate import Simulation, SimulationConfig
+
+    sim = Simulation(SimulationConfig(**MATRIX))
+    root = tmp_path_factory.mktemp("nexus_matrix")
+    cache = {}
+
+    def get(bad=None):
+        key = tuple(sorted((bad or {}).items()))
+        if key not in cache:
+            sim.config.bad_images = dict(bad or {})
+            path = str(root / f"sim_{len(cache)}_master.h5")
+            write_nxmx(sim, path, compression=None)
+            sim.config.bad_images = {}
+            cache[key] = path
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("kind", NEXUS_KINDS)
+def test_bad_nexus_frame_equals_exclusion_by_hand(nexus_files, kind, position):
+    image = POSITIONS[position]
+    gap = "exclude_images=%d:%d" % GAP
+    auto = _first_stages([nexus_files({image: kind})], gap)
+    manual = _first_stages([nexus_files()], f"{gap},{image}")
+    # the gap is the user's here: the NeXus file holds every image
+    _assert_same(auto, manual, image, KINDS[kind])
+
+
+def test_not_given_is_not_missing(sweeps):
+    """Files left out of a list are 'not given'; files that do not exist are
+    'missing file'; exclude_images are 'excluded' by the user."""
+    complete = sweeps.make(name="complete")
+    files = [f for f in sorted(glob.glob(os.path.join(complete, "sim_*.cbf")))
+             if int(f[-8:-4]) not in GAP]
+    state = _first_stages(files, "exclude_images=15")
+    statuses = {e["image"]: (e["status"], e["by"]) for e in state.report.excluded}
+    assert statuses == {8: ("not given", "input"), 9: ("not given", "input"), 15: ("excluded", "user")}
+    gapped = sweeps.make(omit=GAP, name="clean")
+    state = _first_stages([gapped])
+    assert {e["image"]: e["status"] for e in state.report.excluded} == {8: "missing file", 9: "missing file"}
+    # xia2-style ranges that skip images: not given either
+    template = os.path.join(complete, "sim_0001.cbf")
+    state = _first_stages([], f"input.image={template}:1:7", f"input.image={template}:10:20")
+    assert {e["image"]: e["status"] for e in state.report.excluded} == {8: "not given", 9: "not given"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,position,how", [
+    ("zero", "later block", "file list"),
+    ("flare", "first after gap", "template"),
+])
+def test_bad_image_run_to_the_mtz_equals_exclusion_by_hand(sweeps, tmp_path, kind, position, how):
+    """The whole run, to the MTZ: same blocks, same integrated count, same cell."""
+    import gemmi
+
+    image = POSITIONS[position]
+    bad = sweeps.make(omit=GAP, bad={image: kind}, name=f"{kind}_{image}")
+    clean = sweeps.make(omit=GAP, name="clean")
+    outs = {}
+    for label, folder, extra in (("auto", bad, ()), ("manual", clean, (f"exclude_images={image}",))):
+        images, phil = _inputs(folder, how)
+        out = str(tmp_path / label)
+        result = process(images or [], out, *phil, *extra)
+        assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+        outs[label] = out
+    summaries = {k: json.load(open(os.path.join(v, "dials.process_gapped.json"))) for k, v in outs.items()}
+    auto, manual = summaries["auto"], summaries["manual"]
+    assert [(b["first"], b["last"]) for b in auto["blocks"]] == [(b["first"], b["last"]) for b in manual["blocks"]]
+    assert auto["totals"]["integrated"] == manual["totals"]["integrated"] > 3000
+    for x, y in zip(auto["crystal"]["final"]["unit_cell"], manual["crystal"]["final"]["unit_cell"]):
+        assert abs(x - y) < 1e-4
+    mtz = {k: gemmi.read_mtz_file(os.path.join(v, "integrated.mtz")) for k, v in outs.items()}
+    assert mtz["auto"].nreflections == mtz["manual"].nreflections
+    batches = sorted({int(b) for b in mtz["auto"].column_with_label("BATCH")})
+    assert image not in batches and set(GAP).isdisjoint(batches)
