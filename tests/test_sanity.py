@@ -1,0 +1,140 @@
+"""Data sanity warnings (dials_gapfill.sanity) on real DIALS outputs.
+
+SNase (../shared/data/snase: stepped stills, 16-bit overloads that wrapped, a
+dewarped image whose outside reads 0) must give the warnings; the simulator's
+rotation sweeps (complete, gapped, small) must give none.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from conftest import NPROC, SNASE_GEOMETRY, process, run_cmd, tool
+
+from dials_gapfill import sanity
+
+
+def _import_and_find_spots(images, directory, *geometry):
+    """dials.import + dials.find_spots (the DIALS programs); (experiments, strong spots)."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    os.makedirs(directory, exist_ok=True)
+    result = run_cmd([tool("dials.import"), *images, *geometry], cwd=directory)
+    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+    result = run_cmd([tool("dials.find_spots"), "imported.expt", f"nproc={NPROC}"], cwd=directory)
+    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+    experiments = ExperimentListFactory.from_json_file(
+        os.path.join(directory, "imported.expt"), check_format=True
+    )
+    reflections = flex.reflection_table.from_file(os.path.join(directory, "strong.refl"))
+    return experiments, reflections
+
+
+def _integrated(directory):
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    experiments = ExperimentListFactory.from_json_file(
+        os.path.join(directory, "integrated.expt"), check_format=False
+    )
+    reflections = flex.reflection_table.from_file(os.path.join(directory, "integrated.refl"))
+    return experiments, reflections
+
+
+def _snase_files(snase, first, last):
+    return [os.path.join(snase, f"snc_newhead_{n:05d}.img.bz2") for n in range(first, last + 1)]
+
+
+# ---------------------------------------------------------------- detector
+
+
+def test_snase_detector_warnings(snase, tmp_path):
+    """Wrapped overloads and the unmasked zero outside of the dewarped image,
+    from spot finding on 10 SNase images."""
+    experiments, spots = _import_and_find_spots(_snase_files(snase, 1, 10), str(tmp_path), *SNASE_GEOMETRY)
+    stats = sanity.detector_stats(experiments, 5)
+    # ../shared/README.md: about 16 wrapped pixels and 107 >= 60000 per image,
+    # 44,479 zero pixels per image; the trusted range flags none of them
+    assert len(stats["images"]) == 5
+    assert 5 <= stats["wrapped"] / 5 <= 40
+    assert 80 <= stats["near_ceiling"] / 5 <= 200
+    assert stats["zeros"] / 5 == pytest.approx(44479, rel=0.02)
+    warnings = sanity.spot_warnings(experiments, spots, None)
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("wrapped detector overloads") and "65535" in warnings[0]
+    assert "read exactly 0" in warnings[1] and "4.2 %" in warnings[1]
+    assert all("\n" not in w for w in warnings)
+
+
+@pytest.mark.parametrize("omit", [(), tuple(range(15, 19))], ids=["complete", "gapped"])
+def test_simulated_sweeps_no_detector_warnings(tiny_sweeps, tmp_path, omit):
+    sweep = tiny_sweeps.make(omit=omit, name="sanity_tiny") if omit else tiny_sweeps.complete
+    images = sorted(glob.glob(os.path.join(sweep, "*.cbf")))
+    experiments, spots = _import_and_find_spots(images, str(tmp_path))
+    assert len(experiments) == (2 if omit else 1)
+    stats = sanity.detector_stats(experiments, 5)
+    assert stats["wrapped"] == 0 and stats["near_ceiling"] == 0 and stats["zeros"] == 0
+    assert sanity.spot_warnings(experiments, spots, None) == []
+
+
+def test_sanity_can_be_switched_off(tiny_sweeps, tmp_path):
+    from types import SimpleNamespace
+
+    off = SimpleNamespace(sanity=SimpleNamespace(run=False, sample_images=5))
+    assert sanity.spot_warnings([], None, off) == []
+    assert sanity.integration_warnings([], None, off) == []
+    # nothing to read or too few reflections: no warning, no exception
+    assert sanity.spot_warnings([], None, None) == []
+    from dials.array_family import flex
+
+    assert sanity.integration_warnings(None, flex.reflection_table(), None) == []
+
+
+# ---------------------------------------------------------------- integrated
+
+
+@pytest.fixture(scope="module")
+def snase_integrated(snase, tmp_path_factory):
+    """dials.process_gapped on SNase images 1-30 (one block)."""
+    out = str(tmp_path_factory.mktemp("snase_sanity"))
+    result = process(_snase_files(snase, 1, 30), out, *SNASE_GEOMETRY)
+    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_snase_stills_warning(snase_integrated):
+    experiments, reflections = _integrated(snase_integrated)
+    stats = sanity.stills_statistic(reflections)
+    # measured on the whole gapped sweep: edge/centre 0.54 (22 % vs 41 % strong)
+    assert stats["ratio"] < 0.65 and stats["z"] > 10, stats
+    warnings = sanity.integration_warnings(experiments, reflections, None)
+    assert any(w.startswith("stills posing as rotation data") for w in warnings), warnings
+    # and the background: about 30 % of the fully recorded reflections below -3 sigma
+    assert any("I/σ < -3" in w for w in warnings), warnings
+
+
+@pytest.mark.slow
+def test_simulated_sweep_no_integration_warnings(processed):
+    """The gapped standard sweep (0.5° images, three blocks): no false alarm."""
+    experiments, reflections = _integrated(processed["dir"])
+    stats = sanity.stills_statistic(reflections)
+    assert 0.9 < stats["ratio"] < 1.1, stats
+    assert sanity.integration_warnings(experiments, reflections, None) == []
+
+
+@pytest.mark.slow
+def test_small_gapped_sweep_no_integration_warnings(tiny_sweeps, tmp_path):
+    """40 images of 1° with a gap (two small blocks): no false alarm."""
+    sweep = tiny_sweeps.make(omit=tuple(range(15, 19)), name="sanity_tiny")
+    out = str(tmp_path / "out")
+    result = process(sweep, out)
+    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    experiments, reflections = _integrated(out)
+    assert len(experiments) == 2
+    assert sanity.integration_warnings(experiments, reflections, None) == []
+    assert "stills posing" not in result.stdout
