@@ -2,7 +2,7 @@
 
 When every block has enough strong spots for its own profile model this is
 exactly ``dials.integrate``.  Blocks below DIALS' profile-modelling minimum
-(``integration.profile.gaussian_rs.min_spots``) would stop dials.integrate
+(``profile.gaussian_rs.min_spots``) would stop dials.integrate
 ("Too few reflections for profile modelling"); here they either take the
 profile model pooled over all blocks (sigma_b and sigma_m averaged, weighted
 by spot count) or are integrated by summation only, as chosen by
@@ -85,7 +85,7 @@ def _pooled_profiles(ip, experiments, reference, small):
     if total < ip.profile.gaussian_rs.min_spots.overall:
         raise GapfillError(
             f"only {total} strong spots in the whole sweep, too few for a profile model: set "
-            "integration.profile.gaussian_rs.parameters.sigma_b= and sigma_m= (degrees)"
+            "profile.gaussian_rs.parameters.sigma_b= and sigma_m= (degrees)"
         )
     sigma_b = sum(own[i].sigma_b(deg=True) * w for i, w in weights.items()) / total
     sigma_m = sum(own[i].sigma_m(deg=True) * w for i, w in weights.items()) / total

@@ -7,9 +7,8 @@ included, not copied, so every DIALS option of each step stays available:
 - ``spotfinder``: dials.find_spots'
 - ``indexing``: dials.index's (``indexing.*``)
 - ``refinement``: dials.refine's (``refinement.*``), plus ``refinement.blocks``
-- ``integration``: dials.integrate's ``integration``, with its ``profile`` and
-  ``prediction`` scopes adopted as ``integration.profile`` and
-  ``integration.prediction``, plus ``integration.small_blocks``
+- ``integration``, ``profile`` and ``prediction``: dials.integrate's, plus
+  ``integration.small_blocks``
 - ``mtz``: dials.export's ``mtz`` scope plus ``mtz.intensity``
 
 Helpers at the bottom turn an extract of this scope into the parameter objects
@@ -291,12 +290,11 @@ def _remove(master, path):
 def _build_master():
     from dials.algorithms.integration.integrator import phil_scope as integrator_phil
     from dials.algorithms.profile_model.factory import phil_scope as profile_phil
-    from dials.algorithms.refinement.refiner import phil_scope as refiner_phil
     from dials.algorithms.spot_finding.factory import phil_scope as spotfinder_phil
     from dials.algorithms.spot_prediction.reflection_predictor import (
         phil_scope as prediction_phil,
     )
-    from dials.command_line import dials_import, export, index
+    from dials.command_line import dials_import, export, index, refine
     from dials.util.options import (
         format_phil_scope,
         geometry_phil_scope,
@@ -319,16 +317,17 @@ def _build_master():
         indexing.objects[0].adopt(obj)
     master.adopt_scope(indexing)
 
-    refinement = _merged("refinement", _scope(refiner_phil, "refinement"))
+    # dials.refine's refinement scope, with its program defaults
+    refinement = _merged("refinement", _scope(refine.working_phil, "refinement"))
     refinement.objects[0].adopt(iotbx.phil.parse(_refinement_extra).objects[0])
     master.adopt_scope(refinement)
 
     integration = _merged("integration", _scope(integrator_phil, "integration"))
-    for scope in (profile_phil, prediction_phil):
-        for obj in scope.objects:
-            integration.objects[0].adopt(copy.deepcopy(obj))
     integration.objects[0].adopt(iotbx.phil.parse(_integration_extra).objects[0])
     master.adopt_scope(integration)
+    # dials.integrate's profile and prediction scopes, at the top as there
+    for scope in (profile_phil, prediction_phil):
+        master.adopt_scope(copy.deepcopy(scope))
 
     mtz = _merged(
         "mtz",
@@ -500,6 +499,10 @@ DENSE_MAX_BLOCKS = 20
 def _refinement(params, n_blocks=1):
     """Our refinement scope as DIALS' (n_blocks: blocks with their own crystal)."""
     refinement = copy.deepcopy(params.refinement)
+    # dials.refine's Auto, which DIALS' Refiner does not take: each step of
+    # the pipeline sets static or scan-varying itself
+    if refinement.parameterisation.scan_varying is Auto:
+        refinement.parameterisation.scan_varying = False
     _set(refinement.mp, "nproc", 1)
     _set(refinement.reflections.outlier, "nproc", resolve_nproc(params.mp.nproc))
     if refinement.parameterisation.sparse is Auto and n_blocks <= DENSE_MAX_BLOCKS:
@@ -514,7 +517,8 @@ def dials_index_params(params, n_blocks=1):
     p.indexing = copy.deepcopy(params.indexing)
     _set(p.indexing, "nproc", resolve_nproc(params.mp.nproc))
     refinement = _refinement(params, n_blocks)
-    # dials.index's own default: refine on a sample of 100 reflections per degree
+    # dials.index's own defaults where they differ from dials.refine's: static,
+    # on a sample of 100 reflections per degree
     if refinement.reflections.reflections_per_degree is Auto:
         refinement.reflections.reflections_per_degree = 100
     p.refinement = refinement
@@ -534,7 +538,7 @@ def dials_integrate_params(params):
 
     p = defaults(integrate.working_phil)
     p.integration = copy.deepcopy(params.integration)
-    p.profile = p.integration.profile
-    p.prediction = p.integration.prediction
+    p.profile = copy.deepcopy(params.profile)
+    p.prediction = copy.deepcopy(params.prediction)
     _set_mp(p.integration.mp, params, "multiprocessing")
     return p

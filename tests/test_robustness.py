@@ -82,8 +82,8 @@ def test_small_blocks_do_not_stop_the_run(one_image_block, tmp_path, mode):
     twice = os.path.join(one_image_block, "sim_0005.cbf")
     _run_ok(
         [one_image_block, twice], out,
-        "integration.profile.gaussian_rs.min_spots.overall=1000",
-        "integration.profile.gaussian_rs.min_spots.per_degree=1000",
+        "profile.gaussian_rs.min_spots.overall=1000",
+        "profile.gaussian_rs.min_spots.per_degree=1000",
         f"integration.small_blocks.profile={mode}",
     )
     summary = _summary(out)
