@@ -8,7 +8,13 @@
 2. Scaling: DIALS' ScalingAlgorithm (what dials.scale runs) on all blocks at
    once: one set of merged intensities, a scaling model per block (each block
    is a scan).
-3. scaled.mtz (unmerged, DIALS' export_mtz with the scaled intensities, BATCH
+3. Resolution limit (as xia2): unless scaling.d_min is given, CC½ in
+   resolution bins is fitted as dials.estimate_resolution does (DIALS'
+   Resolutionizer, tanh fit) and the limit is where the fit falls to
+   scaling.resolution.cc_half; when that cuts data, the blocks are scaled again
+   with that limit (cut_data.d_min), so the scale model, merging statistics,
+   scaled.mtz and merged.mtz all end at the same d_min.
+4. scaled.mtz (unmerged, DIALS' export_mtz with the scaled intensities, BATCH
    = image number) and merged.mtz (dials.merge's merge_data_to_mtz), and the
    merging statistics (overall / inner / outer shell) for the summary.
 """
@@ -17,11 +23,28 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.phil import defaults
 
 logger = logging.getLogger("dials.process_gapped.scaling")
+
+# PHIL for the automatic resolution limit, to go inside the `scaling` scope.
+resolution_phil_str = """
+  resolution
+    .help = "Automatic high resolution limit (as xia2 and dials.estimate_resolution)"
+            "when scaling.d_min is not given."
+  {
+    cc_half = 0.3
+      .type = float(value_min=0, value_max=1)
+      .help = "Cut the data where a fit of CC1/2 against resolution (tanh, as"
+              "dials.estimate_resolution) falls to this value; the blocks are then"
+              "scaled again with that limit. None: no automatic limit (all data"
+              "to the detector edge). Ignored when scaling.d_min is set."
+  }
+"""
+DEFAULT_CC_HALF = 0.3
 
 
 def determine_symmetry(experiments, reflections):
@@ -92,13 +115,13 @@ def determine_symmetry(experiments, reflections):
     }
 
 
-def _scale_params(params):
+def _scale_params(params, d_min=None):
     from dials.command_line.scale import phil_scope
 
     sp = defaults(phil_scope)
     sp.anomalous = params.scaling.anomalous
-    if params.scaling.d_min:
-        sp.cut_data.d_min = params.scaling.d_min
+    if d_min:
+        sp.cut_data.d_min = d_min
     sp.output.html = None
     sp.output.json = None
     sp.output.delete_integration_shoeboxes = True
@@ -108,6 +131,128 @@ def _scale_params(params):
 def _shell(stats, key):
     overall = getattr(stats.overall, key)
     return [overall, getattr(stats.bins[0], key), getattr(stats.bins[-1], key)]
+
+
+def cc_half_threshold(params):
+    """scaling.resolution.cc_half (read defensively: None means no automatic limit)."""
+    resolution = getattr(params.scaling, "resolution", None)
+    if resolution is None:
+        return DEFAULT_CC_HALF
+    return getattr(resolution, "cc_half", DEFAULT_CC_HALF)
+
+
+def _tables_by_experiment(experiments, joint):
+    """One reflection table per experiment (as dials.estimate_resolution reads them)."""
+    tables = []
+    for i, exp in enumerate(experiments):
+        ids = [k for k, v in joint.experiment_identifiers() if v == exp.identifier]
+        t = joint.select(joint["id"] == (ids[0] if ids else i))
+        tables.append(t)
+    return tables
+
+
+def data_d_min(experiments, joint) -> float | None:
+    """The highest resolution among the reflections used in scaling."""
+    from dials.algorithms.scaling.scaling_library import determine_best_unit_cell
+
+    good = joint.select(~joint.get_flags(joint.flags.bad_for_scaling, all=False))
+    if not len(good):
+        return None
+    return min(determine_best_unit_cell(experiments).d(good["miller_index"]))
+
+
+def estimate_resolution(experiments, joint, cc_half):
+    """(d_min, crossed): where DIALS' CC½ fit falls to cc_half.
+
+    DIALS' Resolutionizer on the scaled reflections, exactly as
+    dials.estimate_resolution runs it (tanh fit, half-dataset CC½, up to 100
+    bins of at least 10 reflections, Wilson outliers with E² > 16 left out,
+    bins whose CC½ is not significant not fitted), and DIALS' interpolation
+    of the fitted curve. One difference: when every significant bin's
+    observed CC½ is above cc_half, dials.estimate_resolution returns the last
+    significant bin even if the fitted curve crosses cc_half well before it;
+    on sparse data that bin is an isolated noisy one (weak simulated sweep:
+    2.55 Å with outer-shell CC½ 0.20 and I/σ 0.2, where the fit crosses 0.3 at
+    3.0 Å), so the crossing of the fit is used whenever there is one.
+    crossed is False when the fit stays above cc_half: then d_min is DIALS'
+    answer, the last bin where CC½ is significant (beyond it, too few repeated
+    observations). Raises RuntimeError when nothing can be fitted or CC½ is
+    below cc_half everywhere (no limit can be chosen).
+    """
+    from dials.util import resolution_analysis
+    from dials.util.resolution_analysis import interpolate_value, metrics
+
+    rp = resolution_analysis.phil_defaults.extract().resolution
+    rp.cc_half = cc_half
+    tables = [copy.deepcopy(t) for t in _tables_by_experiment(experiments, joint)]
+    resolutionizer = resolution_analysis.Resolutionizer.from_reflections_and_experiments(
+        tables, experiments, rp
+    )
+    result = resolutionizer.resolution(metrics.CC_HALF, limit=cc_half)
+    if len(result.y_obs) and max(result.y_obs) < cc_half:
+        raise RuntimeError(f"CC½ is below {cc_half:g} in every resolution bin")
+    y_fit = result.y_fit
+    if y_fit is not None and len(y_fit) and min(y_fit) < cc_half < max(y_fit):
+        d_star_sq = interpolate_value(result.d_star_sq, y_fit, cc_half)
+        if d_star_sq:
+            return 1 / math.sqrt(d_star_sq), True
+    return result.d_min, False
+
+
+def choose_resolution(params, experiments, joint) -> dict:
+    """The high resolution limit to apply after a first scaling of all data.
+
+    Returns {"d_min": limit or None (no cut), "method": "user" | "cc_half" |
+    "none", "cc_half": threshold, "d_min_data": highest resolution of the
+    scaled data, "message": one line saying the limit and why}.
+    """
+    user = params.scaling.d_min
+    d_data = data_d_min(experiments, joint)
+    threshold = cc_half_threshold(params)
+    out = {"d_min": None, "method": "none", "cc_half": threshold, "d_min_data": d_data}
+    if user:
+        out.update(d_min=user, method="user", message=f"d_min {user:.2f} Å from scaling.d_min")
+        return out
+    if threshold is None:
+        out["message"] = (
+            f"no resolution limit (scaling.resolution.cc_half=None): all data to "
+            f"{d_data:.2f} Å"
+        )
+        return out
+    try:
+        d_fit, crossed = estimate_resolution(experiments, joint, threshold)
+    except (RuntimeError, ValueError, AssertionError, ZeroDivisionError) as e:
+        out["message"] = (
+            f"no resolution limit: {' '.join(str(e).split())[:100]}; "
+            f"all data to {d_data:.2f} Å"
+        )
+        return out
+    out["d_min_fit"] = d_fit
+    if d_fit is None:
+        out["message"] = (
+            f"no resolution cut: the CC½ fit does not cross {threshold:g} (CC½ too "
+            f"noisy or too few repeated observations); all data to {d_data:.2f} Å"
+        )
+        return out
+    if d_data is None or d_fit <= d_data * 1.001:
+        out["message"] = (
+            f"no resolution cut: CC½ stays above {threshold:g} to the edge of the "
+            f"data ({d_data:.2f} Å)"
+        )
+        return out
+    d_fit = round(d_fit, 2)  # the number printed is the number applied
+    if crossed:
+        why = f"from CC½ fit = {threshold:g}"
+    else:
+        why = (
+            f"where CC½ can last be measured (above {threshold:g} up to there; "
+            "beyond, too few repeated observations)"
+        )
+    out.update(
+        d_min=d_fit, method="cc_half", crossed=crossed,
+        message=f"d_min {d_fit:.2f} Å {why}; data extend to {d_data:.2f} Å",
+    )
+    return out
 
 
 def merging_summary(stats, anom=None) -> dict:
@@ -168,20 +313,44 @@ def scale(experiments, reflections, params, report, outputs):
             report.warnings.append(f"symmetry determination failed ({e}); scaling in P1")
             logger.warning("Symmetry determination failed (%s); scaling in P 1", e)
     logger.info("Scaling %d block(s) in %s", len(experiments), symmetry["space_group"])
-    sp = _scale_params(params)
-    try:
-        algorithm = ScalingAlgorithm(sp, experiments, [reflections])
-        algorithm.run()
-        stats, anom = algorithm.merging_statistics_result, algorithm.anom_merging_statistics_result
-        experiments, joint = algorithm.finish()
-    except (ValueError, RuntimeError, AssertionError) as e:
-        raise GapfillError(
-            f"scaling failed: {' '.join(str(e).split())[:200]}: run without scaling.run "
-            "and scale integrated.expt/integrated.refl with dials.scale"
-        ) from None
-    summary = {"symmetry": symmetry, "blocks": len(experiments)}
+    user_d_min = params.scaling.d_min
+    automatic = not user_d_min and cc_half_threshold(params) is not None
+    unscaled = (copy.deepcopy(experiments), copy.deepcopy(reflections)) if automatic else None
+
+    def run_scaling(d_min, experiments, reflections):
+        sp = _scale_params(params, d_min)
+        try:
+            algorithm = ScalingAlgorithm(sp, experiments, [reflections])
+            algorithm.run()
+            stats, anom = algorithm.merging_statistics_result, algorithm.anom_merging_statistics_result
+            experiments, joint = algorithm.finish()
+        except (ValueError, RuntimeError, AssertionError) as e:
+            raise GapfillError(
+                f"scaling failed: {' '.join(str(e).split())[:200]}: run without scaling.run "
+                "and scale integrated.expt/integrated.refl with dials.scale"
+            ) from None
+        return sp, stats, anom, experiments, joint
+
+    sp, stats, anom, scaled_experiments, joint = run_scaling(user_d_min, experiments, reflections)
+    resolution = choose_resolution(params, scaled_experiments, joint)
+    if resolution["method"] == "cc_half":
+        logger.info("Scaling again with the resolution limit: %s", resolution["message"])
+        sp, stats, anom, scaled_experiments, joint = run_scaling(resolution["d_min"], *unscaled)
+    del unscaled
+    experiments = scaled_experiments
+    logger.info("Resolution limit: %s", resolution["message"])
+    summary = {"symmetry": symmetry, "blocks": len(experiments), "resolution": resolution}
     if stats is not None:
         summary.update(merging_summary(stats, anom if params.scaling.anomalous else None))
+        overall = summary["cc_half"][0]
+        if overall is not None and overall < 0.3:
+            msg = (
+                f"the intensities hardly agree: overall CC½ {overall:.2f} (Rmerge "
+                f"{summary['r_merge'][0]:.2f}) after scaling in {symmetry['space_group']}; "
+                "read the other warnings, and check the space group"
+            )
+            report.warnings.append(msg)
+            logger.warning("Warning: %s", msg)
     report.scaling = summary
 
     if outputs is not None:

@@ -1,0 +1,106 @@
+"""The automatic resolution limit of the scaling stage (scaling.resolution.cc_half,
+overridden by scaling.d_min), on a simulated sweep whose signal fades before the
+detector edge (B = 120 Å², P 41 21 2: CC½ falls through 0.3 near 3.0 Å while the
+detector reaches 2.3 Å)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import gemmi
+import pytest
+
+from conftest import process
+
+# the tiny sweep's geometry, weak at high resolution, with 4-fold symmetry for
+# enough repeated observations to measure CC½ in thin shells
+WEAK = dict(n_images=40, osc_width=1.0, detector="pilatus300k", distance=150.0, seed=42,
+            wilson_b=120.0, space_group="P 41 21 2", unit_cell=(54.0, 54.0, 71.0, 90.0, 90.0, 90.0))
+
+
+@pytest.fixture(scope="module")
+def weak(tmp_path_factory):
+    from dials_gapfill.simulate import SimulationConfig, simulate
+
+    directory = str(tmp_path_factory.mktemp("weak"))
+    simulate(SimulationConfig(**WEAK), directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def weak_scaled(weak, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("weak_scaled"))
+    result = process(weak, out, "scale=True")
+    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    summary = json.load(open(os.path.join(out, "dials.process_gapped.json")))
+    return {"dir": out, "stdout": result.stdout, "scaling": summary["scaling"]}
+
+
+def _mtz_d_min(path):
+    return gemmi.read_mtz_file(path).resolution_high()
+
+
+@pytest.mark.slow
+def test_resolution_limit_from_cc_half(weak_scaled):
+    s = weak_scaled["scaling"]
+    res = s["resolution"]
+    # the limit is where the CC½ fit crosses 0.3, well inside the detector's 2.3 Å
+    assert res["method"] == "cc_half" and res["crossed"] and res["cc_half"] == 0.3
+    assert 2.7 < res["d_min"] < 3.4, res
+    assert res["d_min_data"] < 2.4
+    # said on the terminal, with the reason
+    assert f"d_min {res['d_min']:.2f} Å from CC½ fit = 0.3" in weak_scaled["stdout"]
+    # the merging statistics end at the limit, and their outer shell is meaningful
+    # (without the cut: CC½ 0.20, 47 % complete, I/σ 0.2 in the corner shell)
+    assert s["d_min"][0] == pytest.approx(res["d_min"], abs=0.02)
+    assert s["cc_half"][2] > 0.15
+    assert s["completeness"][2] > 75
+    assert s["shells"][-1]["cc_half"] > 0.15
+    # scaled.mtz and merged.mtz end at the same limit
+    for name in ("merged.mtz", "scaled.mtz"):
+        d = _mtz_d_min(os.path.join(weak_scaled["dir"], name))
+        assert res["d_min"] <= d < res["d_min"] + 0.03, (name, d)
+
+
+@pytest.mark.slow
+def test_scaling_d_min_overrides(weak_scaled, tmp_path):
+    """scaling.d_min wins over the CC½ fit; scale() in process on the run's
+    integrated.expt/.refl (DIALS outputs), writing the MTZ files again."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.output import Outputs
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.scaling import scale
+    from dials_gapfill.state import Report
+
+    d = weak_scaled["dir"]
+    experiments = ExperimentListFactory.from_json_file(os.path.join(d, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(d, "integrated.refl"))
+    out = str(tmp_path)
+    params = params_from(["scale=True", "scaling.d_min=2.6", f"output.directory={out}"])
+    outputs = Outputs(out)
+    outputs.check_writable()
+    report = Report()
+    scale(experiments, reflections, params, report, outputs)
+    outputs.commit()
+    res = report.scaling["resolution"]
+    assert res["method"] == "user" and res["d_min"] == 2.6
+    assert res["message"] == "d_min 2.60 Å from scaling.d_min"
+    assert report.scaling["d_min"][0] == pytest.approx(2.6, abs=0.02)
+    for name in ("merged.mtz", "scaled.mtz"):
+        assert 2.6 <= _mtz_d_min(os.path.join(out, name)) < 2.63
+
+
+def test_cc_half_threshold_read_defensively():
+    """scaling.resolution.cc_half=None switches the automatic limit off; a
+    parameter set without scaling.resolution gets the default 0.3."""
+    from types import SimpleNamespace
+
+    from dials_gapfill.scaling import cc_half_threshold
+
+    params = SimpleNamespace(scaling=SimpleNamespace(d_min=None, resolution=SimpleNamespace(cc_half=None)))
+    assert cc_half_threshold(params) is None
+    # older parameter sets without scaling.resolution: the default threshold
+    assert cc_half_threshold(SimpleNamespace(scaling=SimpleNamespace(d_min=None))) == 0.3
