@@ -34,4 +34,7 @@ def merging_table(scaling: dict) -> str:
             except (ValueError, TypeError):
                 cells.append(str(v))
         lines.append(f"{label:32s}" + "".join(f"{c:>10s}" for c in cells))
+    resolution = scaling.get("resolution") or {}
+    if resolution.get("message"):
+        lines.append(f"Resolution limit: {resolution['message']}")
     return "\n".join(lines)
