@@ -130,6 +130,12 @@ def test_fast_preview_phil_with_verbose(tiny, tmp_path):
     assert "integrated.mtz" in files
     # -v: DIALS' own messages on the terminal too
     assert "Configuring spot finder" in result.stdout
+    # the log is among the files written, under its final name; no lock or
+    # temporary file is left
+    assert "  dials.process_gapped.log  (log)" in result.stdout
+    assert {"name": "dials.process_gapped.log", "kind": "log"} in summary["files"]
+    assert "dials.process_gapped.log" in files and "dials.process_gapped.failed.log" not in files
+    assert not [f for f in files if f.startswith(".")], files
 
 
 def test_value_ending_in_phil_is_a_value_not_a_file(tmp_path):
