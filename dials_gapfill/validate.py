@@ -104,12 +104,27 @@ def _check_scaling(params) -> None:
             f"scaling.d_max={d_max} is not lower in resolution than scaling.d_min={d_min}: "
             "d_max must be the larger number"
         )
-    # thresholds of the automatic resolution limit, whatever they are called
-    for name, value in vars(scaling).items():
-        if name.startswith("_") or not isinstance(value, float):
+    # thresholds (e.g. of the automatic resolution limit) are fractions
+    for name, value in _leaves(scaling, "scaling"):
+        leaf = name.rsplit(".", 1)[-1]
+        if not isinstance(value, float):
             continue
-        if ("cc_half" in name or "completeness" in name or name.endswith("fraction")) and not 0 <= value <= 1:
-            raise GapfillError(f"scaling.{name}={value} is not a fraction: give a number from 0 to 1")
+        if ("cc_half" in leaf or "completeness" in leaf or leaf.endswith("fraction")) and not 0 <= value <= 1:
+            raise GapfillError(f"{name}={value:g} is not a fraction: give a number from 0 to 1")
+
+
+def _leaves(scope, prefix, depth=0):
+    """(dotted name, value) of the parameters of a PHIL extract, nested scopes included."""
+    from libtbx.phil import scope_extract
+
+    for name, value in vars(scope).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, scope_extract):
+            if depth < 4:
+                yield from _leaves(value, f"{prefix}.{name}", depth + 1)
+        else:
+            yield f"{prefix}.{name}", value
 
 
 def _check_output(params) -> None:
