@@ -8,10 +8,17 @@ raise on odd input (a check that cannot be made is skipped) and cost little:
   reads a few images (``sanity.sample_images``, default 5) and looks for
   16-bit overloads that wrapped around (pixels inside saturated spot cores
   that read below the local background), near-saturated pixels that the
-  trusted range does not flag, and large regions of pixels that read exactly
-  0 but count as valid (outside the active area, unmasked).
+  trusted range does not flag, large regions of pixels that read exactly
+  0 but count as valid (outside the active area, unmasked), and an unmasked
+  beamstop shadow (rings around the beam centre far darker than outside).
+- ``refinement_warnings(experiments, reflections, params)`` after
+  refinement (indexed strong spots with predictions ``xyzcal.px``): stepped
+  stills posing as rotation data, seen early: the strong spots are predicted
+  mostly near image centres, whereas in rotation data where a reflection
+  crosses the Ewald sphere within its image is uniform.
 - ``integration_warnings(experiments, reflections, params)`` after
-  integration: stepped stills posing as rotation data (fully recorded
+  integration: stepped stills posing as rotation data (the same spot
+  statistic when the table keeps the strong flags, and: fully recorded
   reflections predicted near an image boundary are rarely strong, whereas in
   rotation data the recorded intensity does not depend on where in its image
   a reflection crosses the Ewald sphere), and a large fraction of
@@ -46,9 +53,14 @@ sanity
 
 # stills: fraction of strong (I/sigma > 3) fully recorded reflections predicted
 # within EDGE of an image boundary, relative to those within EDGE of an image
-# centre. SNase 0.53, simulated rotation sweeps 0.95-1.05.
+# centre. SNase 0.54; simulated rotation sweeps 0.93-0.98 (tiny, weak).
 STILLS_EDGE = 0.1  # images
 STILLS_RATIO = 0.75
+# stills, from the indexed strong spots: how many are predicted within
+# STILLS_EDGE of a boundary relative to within STILLS_EDGE of a centre.
+# SNase 0.26; simulated rotation sweeps 0.92 (tiny), 0.76 (weak: B = 120 Å², split
+# weak spots at boundaries fall below the spot-finding threshold).
+SPOTS_RATIO = 0.45
 STILLS_MIN_Z = 5.0  # significance of the difference (two-proportion z)
 STILLS_MIN_N = 100  # reflections in each group
 STILLS_MIN_STRONG = 30  # strong reflections at image centres
@@ -65,6 +77,13 @@ WRAPPED_PER_IMAGE = 1.0
 # above ZERO_FRACTION of the detector (SNase: 44,479 px, 4.2 %).
 ZERO_REGION = 1000
 ZERO_FRACTION = 0.01
+# beamstop shadow: rings around the beam centre (5 px wide, out to SHADOW_SEARCH
+# px) whose median is below SHADOW_LEVEL * the brightest ring, contiguous from
+# the centre, at least SHADOW_MIN_RADIUS px and mostly unmasked. SNase: radius
+# 20 px, 0.07-0.4 of the ring outside it; simulated sweeps: flat (no shadow).
+SHADOW_SEARCH = 150
+SHADOW_LEVEL = 0.5
+SHADOW_MIN_RADIUS = 10
 
 
 def _setting(params, name, default):
@@ -93,11 +112,32 @@ def _sample(experiments, n):
         seen.add(id(imageset))
         first = exp.scan.get_image_range()[0] if exp.scan is not None else 1
         for i in range(len(imageset)):
-            images.append((imageset, i, first + i))
+            images.append((exp, i, first + i))
     if len(images) <= n:
         return images
     step = len(images) / n
     return [images[int(step * (k + 0.5))] for k in range(n)]
+
+
+def _ring_medians(a, valid, centre, r_max=SHADOW_SEARCH, step=5):
+    """Median of the valid pixels in rings of `step` px around centre (fast, slow)."""
+    import numpy as np
+
+    cx, cy = centre
+    x0, x1 = max(int(cx - r_max), 0), min(int(cx + r_max) + 1, a.shape[1])
+    y0, y1 = max(int(cy - r_max), 0), min(int(cy + r_max) + 1, a.shape[0])
+    if x0 >= x1 or y0 >= y1:
+        return None, None
+    crop, ok = a[y0:y1, x0:x1], valid[y0:y1, x0:x1]
+    yy, xx = np.indices(crop.shape)
+    r = np.hypot(xx + x0 - cx, yy + y0 - cy)
+    medians, unmasked = [], []
+    for lo in range(0, r_max, step):
+        ring = (r >= lo) & (r < lo + step)
+        good = ring & ok
+        medians.append(float(np.median(crop[good])) if good.sum() >= 10 else None)
+        unmasked.append(int(good.sum()) / max(int(ring.sum()), 1))
+    return medians, unmasked
 
 
 def _panel_stats(data, trusted_max):
@@ -127,21 +167,48 @@ def _panel_stats(data, trusted_max):
     return near_ceiling, wrapped, values, zeros, a.size
 
 
+def _shadow_radius(medians, step=5):
+    """(radius, brightest ring inside, background outside) of the largest disc
+    around the beam centre whose every ring is below SHADOW_LEVEL times the
+    median of the 5 rings just outside it; None when there is none."""
+    import numpy as np
+
+    best = None
+    for n in range(SHADOW_MIN_RADIUS // step, min(100 // step, len(medians) - 5) + 1):
+        inside = medians[:n]
+        outside = [m for m in medians[n : n + 5] if m is not None]
+        if any(m is None for m in inside) or len(outside) < 3:
+            continue
+        level = float(np.median(outside))
+        if level > 0 and max(inside) < SHADOW_LEVEL * level:
+            best = (n * step, max(inside), level)
+    return best
+
+
 def detector_stats(experiments, n_images=5) -> dict:
     """Pixel statistics of up to n_images images (for spot_warnings and the report)."""
+    import numpy as np
+
     out = {"images": [], "near_ceiling": 0, "wrapped": 0, "wrapped_values": [], "zeros": 0,
-           "pixels": 0, "trusted_max": None, "trusted_min": None}
-    for imageset, index, number in _sample(experiments, n_images):
+           "pixels": 0, "trusted_max": None, "trusted_min": None, "shadow": None}
+    rings = []
+    for exp, index, number in _sample(experiments, n_images):
         try:
-            data = imageset.get_raw_data(index)
+            data = exp.imageset.get_raw_data(index)
         except Exception:  # unreadable images are the bad-image stage's business
             continue
-        detector = imageset.get_detector(index) if hasattr(imageset, "get_detector") else None
-        panels = list(detector) if detector is not None else []
+        panels = list(exp.detector) if exp.detector is not None else []
         if not panels:
             continue
+        masks = None  # the static mask (dials.generate_mask, format masks), if any
+        try:
+            lookup = exp.imageset.external_lookup.mask
+            if lookup.data is not None and not lookup.data.empty():
+                masks = tuple(lookup.data.tile(k).data() for k in range(len(panels)))
+        except Exception:
+            masks = None
         out["images"].append(number)
-        for panel, pixels in zip(panels, data):
+        for k, (panel, pixels) in enumerate(zip(panels, data)):
             tmin, tmax = panel.get_trusted_range()
             out["trusted_max"] = tmax if out["trusted_max"] is None else max(out["trusted_max"], tmax)
             out["trusted_min"] = tmin if out["trusted_min"] is None else min(out["trusted_min"], tmin)
@@ -152,6 +219,39 @@ def detector_stats(experiments, n_images=5) -> dict:
             if tmin < 0:  # a 0 counts as a valid pixel
                 out["zeros"] += zeros
             out["pixels"] += size
+            # the beam centre on this panel: rings around it
+            try:
+                fast, slow = panel.get_beam_centre_px(exp.beam.get_s0())
+            except (RuntimeError, ValueError):
+                continue
+            nf, ns = panel.get_image_size()
+            if not (0 <= fast < nf and 0 <= slow < ns):
+                continue
+            a = pixels.as_numpy_array()
+            valid = (a > tmin) & (a < tmax)
+            if masks is not None:
+                valid &= masks[k].as_numpy_array()
+            medians, unmasked = _ring_medians(a, valid, (fast, slow))
+            if medians is not None:
+                rings.append((medians, unmasked, (fast, slow)))
+    if rings:
+        medians = [
+            float(np.median([m[i] for m, _, _ in rings if m[i] is not None]))
+            if any(m[i] is not None for m, _, _ in rings) else None
+            for i in range(len(rings[0][0]))
+        ]
+        unmasked = [float(np.mean([u[i] for _, u, _ in rings])) for i in range(len(rings[0][1]))]
+        shadow = _shadow_radius(medians)
+        if shadow:
+            radius, inside, outside = shadow
+            n = radius // 5
+            if np.mean(unmasked[:n]) > 0.5:
+                out["shadow"] = {
+                    "radius": radius, "centre": rings[0][2],
+                    "inside": min(m for m in medians[:n] if m is not None) / outside,
+                    "inside_max": inside / outside,
+                    "unmasked": float(np.mean(unmasked[:n])),
+                }
     return out
 
 
@@ -198,6 +298,16 @@ def spot_warnings(experiments, reflections=None, params=None) -> list[str]:
             "dewarped CCD image); mask them (dials.generate_mask) so that background and "
             "completeness are not computed from them"
         )
+    shadow = stats.get("shadow")
+    if shadow:
+        fx, sy = shadow["centre"]
+        warnings.append(
+            f"unmasked beamstop shadow? Within {shadow['radius']} px of the beam centre "
+            f"({fx:.0f}, {sy:.0f}) the pixels read {shadow['inside']:.2f}-{shadow['inside_max']:.2f} "
+            f"of the background around it, and {100 * shadow['unmasked']:.0f} % of them count as "
+            f"valid ({which}): mask it, e.g. dials.generate_mask untrusted.circle="
+            f"{fx:.0f},{sy:.0f},{shadow['radius'] + 5}, so that spots and background there are not used"
+        )
     return warnings
 
 
@@ -227,6 +337,80 @@ def _fully_recorded_sums(reflections):
     return isig, z
 
 
+def _two_proportions(k1, n1, k2, n2):
+    """z of the difference of two proportions (pooled standard error)."""
+    pooled = (k1 + k2) / (n1 + n2)
+    se = math.sqrt(max(pooled * (1 - pooled) * (1 / n1 + 1 / n2), 1e-12))
+    return (k1 / n1 - k2 / n2) / se
+
+
+def spot_position_statistic(reflections) -> dict | None:
+    """Where in their images the indexed strong spots are predicted.
+
+    Uses reflections flagged indexed (or strong) with xyzcal.px. Returns
+    {"centre": spots within STILLS_EDGE of an image centre, "edge": within
+    STILLS_EDGE of a boundary, "ratio": edge / centre, "z": significance of the
+    difference from equal numbers}, or None when too few spots. In rotation
+    data the ratio is about 1 (a reflection crosses the Ewald sphere anywhere
+    in its image); stepped stills record only reflections near image centres.
+    """
+    import numpy as np
+
+    r = reflections
+    if r is None or "xyzcal.px" not in r or not len(r):
+        return None
+    sel = r.get_flags(r.flags.indexed) | r.get_flags(r.flags.used_in_refinement)
+    if sel.count(True) == 0:
+        return None
+    z = np.array(r["xyzcal.px"].parts()[2])[np.array(sel)]
+    distance = np.abs(z - np.floor(z) - 0.5)
+    n_c = int((distance < STILLS_EDGE).sum())
+    n_e = int((distance > 0.5 - STILLS_EDGE).sum())
+    if n_c < STILLS_MIN_N:
+        return None
+    # equal numbers expected: binomial z of the centre share of centre + edge
+    n = n_c + n_e
+    zscore = (n_c - n / 2) / math.sqrt(n / 4)
+    return {"centre": n_c, "edge": n_e, "ratio": n_e / n_c, "z": zscore}
+
+
+def _spot_evidence(stats):
+    return (
+        f"indexed strong spots are predicted within {STILLS_EDGE:g} image of an image boundary "
+        f"{stats['ratio']:.2f} times as often as within {STILLS_EDGE:g} of an image centre "
+        f"({stats['edge']} vs {stats['centre']}; rotation data: about 1)"
+    )
+
+
+def _stills_consequence(experiments):
+    osc = None
+    try:
+        if experiments is not None and len(experiments) and experiments[0].scan is not None:
+            osc = experiments[0].scan.get_oscillation()[1]
+    except Exception:
+        pass
+    width = f"{osc:g}° " if osc else ""
+    return (
+        f"each image records only part of its {width}oscillation (stepped stills, or a "
+        "shutter/rotation fault), so partials do not add up and the intensities will not merge"
+    )
+
+
+def refinement_warnings(experiments, reflections, params=None) -> list[str]:
+    """Stills posing as rotation data, from the indexed strong spots (call after
+    refinement, with the reflections used in refinement and their xyzcal.px).
+    Pure numpy: milliseconds."""
+    if not enabled(params):
+        return []
+    try:
+        stats = spot_position_statistic(reflections)
+        if stats and stats["ratio"] < SPOTS_RATIO and stats["z"] > STILLS_MIN_Z:
+            return [f"stills posing as rotation data? {_spot_evidence(stats)}: {_stills_consequence(experiments)}"]
+    except Exception as e:  # a sanity check must never stop processing
+        logger.debug("refinement checks skipped: %s", e)
+    return []
+
+
 def stills_statistic(reflections) -> dict | None:
     """How strongly the recorded intensity depends on where in its image a
     reflection is predicted (rotation data: not at all).
@@ -248,9 +432,7 @@ def stills_statistic(reflections) -> dict | None:
     if n_c < STILLS_MIN_N or n_e < STILLS_MIN_N or s_c < STILLS_MIN_STRONG:
         return None
     f_c, f_e = s_c / n_c, s_e / n_e
-    pooled = (s_c + s_e) / (n_c + n_e)
-    se = math.sqrt(max(pooled * (1 - pooled) * (1 / n_c + 1 / n_e), 1e-12))
-    return {"centre": f_c, "edge": f_e, "ratio": f_e / f_c, "z": (f_c - f_e) / se,
+    return {"centre": f_c, "edge": f_e, "ratio": f_e / f_c, "z": _two_proportions(s_c, n_c, s_e, n_e),
             "n_centre": n_c, "n_edge": n_e}
 
 
@@ -269,19 +451,20 @@ def integration_warnings(experiments, reflections, params=None) -> list[str]:
     warnings = []
     try:
         stats = stills_statistic(reflections)
-        osc = None
-        if experiments is not None and len(experiments) and experiments[0].scan is not None:
-            osc = experiments[0].scan.get_oscillation()[1]
+        spots = spot_position_statistic(reflections)
+        evidence = []
+        if spots and spots["ratio"] < SPOTS_RATIO and spots["z"] > STILLS_MIN_Z:
+            evidence.append(_spot_evidence(spots))
         if stats and stats["ratio"] < STILLS_RATIO and stats["z"] > STILLS_MIN_Z:
-            width = f"{osc:g}° " if osc else ""
+            evidence.append(
+                f"fully recorded reflections predicted within {STILLS_EDGE:g} image of an image "
+                f"boundary are strong (I/σ > 3) {stats['ratio']:.2f} times as often as those at "
+                f"image centres ({100 * stats['edge']:.0f} % vs {100 * stats['centre']:.0f} % of "
+                f"{stats['n_edge']} and {stats['n_centre']}; rotation data: about 1)"
+            )
+        if evidence:
             warnings.append(
-                "stills posing as rotation data? Fully recorded reflections predicted within "
-                f"{STILLS_EDGE:g} image of an image boundary are strong (I/σ > 3) "
-                f"{stats['ratio']:.2f} times as often as those predicted at image centres "
-                f"({100 * stats['edge']:.0f} % vs {100 * stats['centre']:.0f} %, "
-                f"{stats['n_edge']} vs {stats['n_centre']} reflections; rotation data: about 1): "
-                f"each image records only part of its {width}oscillation (stepped stills, or a "
-                "shutter/rotation fault), so partials do not add up and the intensities will not merge"
+                f"stills posing as rotation data? {'; '.join(evidence)}: {_stills_consequence(experiments)}"
             )
         isig, _ = _fully_recorded_sums(reflections)
         if isig is not None and len(isig) >= STILLS_MIN_N:

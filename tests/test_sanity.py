@@ -63,10 +63,14 @@ def test_snase_detector_warnings(snase, tmp_path):
     assert 5 <= stats["wrapped"] / 5 <= 40
     assert 80 <= stats["near_ceiling"] / 5 <= 200
     assert stats["zeros"] / 5 == pytest.approx(44479, rel=0.02)
+    # the beamstop shadow, a circle of radius about 20 px at (533, 500), is not masked
+    assert stats["shadow"]["radius"] == 20 and stats["shadow"]["unmasked"] == 1.0
+    assert stats["shadow"]["centre"] == pytest.approx((532.61, 500.53), abs=0.01)
     warnings = sanity.spot_warnings(experiments, spots, None)
-    assert len(warnings) == 2, warnings
+    assert len(warnings) == 3, warnings
     assert warnings[0].startswith("wrapped detector overloads") and "65535" in warnings[0]
     assert "read exactly 0" in warnings[1] and "4.2 %" in warnings[1]
+    assert warnings[2].startswith("unmasked beamstop shadow") and "untrusted.circle=533,501,25" in warnings[2]
     assert all("\n" not in w for w in warnings)
 
 
@@ -78,6 +82,7 @@ def test_simulated_sweeps_no_detector_warnings(tiny_sweeps, tmp_path, omit):
     assert len(experiments) == (2 if omit else 1)
     stats = sanity.detector_stats(experiments, 5)
     assert stats["wrapped"] == 0 and stats["near_ceiling"] == 0 and stats["zeros"] == 0
+    assert stats["shadow"] is None
     assert sanity.spot_warnings(experiments, spots, None) == []
 
 
@@ -87,11 +92,13 @@ def test_sanity_can_be_switched_off(tiny_sweeps, tmp_path):
     off = SimpleNamespace(sanity=SimpleNamespace(run=False, sample_images=5))
     assert sanity.spot_warnings([], None, off) == []
     assert sanity.integration_warnings([], None, off) == []
+    assert sanity.refinement_warnings([], None, off) == []
     # nothing to read or too few reflections: no warning, no exception
     assert sanity.spot_warnings([], None, None) == []
     from dials.array_family import flex
 
     assert sanity.integration_warnings(None, flex.reflection_table(), None) == []
+    assert sanity.refinement_warnings(None, flex.reflection_table(), None) == []
 
 
 # ---------------------------------------------------------------- integrated
@@ -112,8 +119,15 @@ def test_snase_stills_warning(snase_integrated):
     stats = sanity.stills_statistic(reflections)
     # measured on the whole gapped sweep: edge/centre 0.54 (22 % vs 41 % strong)
     assert stats["ratio"] < 0.65 and stats["z"] > 10, stats
+    # the indexed strong spots are predicted mostly near image centres
+    # (whole gapped sweep: 2011 within 0.1 image of a boundary vs 7868 of a centre)
+    spots = sanity.spot_position_statistic(reflections)
+    assert spots["ratio"] < 0.4 and spots["z"] > 10, spots
+    early = sanity.refinement_warnings(experiments, reflections, None)
+    assert len(early) == 1 and early[0].startswith("stills posing as rotation data"), early
     warnings = sanity.integration_warnings(experiments, reflections, None)
-    assert any(w.startswith("stills posing as rotation data") for w in warnings), warnings
+    stills = [w for w in warnings if w.startswith("stills posing as rotation data")]
+    assert len(stills) == 1 and "indexed strong spots" in stills[0] and "I/σ > 3" in stills[0], warnings
     # and the background: about 30 % of the fully recorded reflections below -3 sigma
     assert any("I/σ < -3" in w for w in warnings), warnings
 
@@ -124,6 +138,8 @@ def test_simulated_sweep_no_integration_warnings(processed):
     experiments, reflections = _integrated(processed["dir"])
     stats = sanity.stills_statistic(reflections)
     assert 0.9 < stats["ratio"] < 1.1, stats
+    assert sanity.spot_position_statistic(reflections)["ratio"] > 0.7
+    assert sanity.refinement_warnings(experiments, reflections, None) == []
     assert sanity.integration_warnings(experiments, reflections, None) == []
 
 
@@ -136,5 +152,6 @@ def test_small_gapped_sweep_no_integration_warnings(tiny_sweeps, tmp_path):
     assert result.returncode == 0, result.stderr + result.stdout[-3000:]
     experiments, reflections = _integrated(out)
     assert len(experiments) == 2
+    assert sanity.refinement_warnings(experiments, reflections, None) == []
     assert sanity.integration_warnings(experiments, reflections, None) == []
     assert "stills posing" not in result.stdout
