@@ -128,3 +128,210 @@ def load(directory, experiments="integrated.expt", reflections="integrated.refl"
     expts = ExperimentListFactory.from_json_file(os.path.join(directory, experiments), check_format=False)
     refl = flex.reflection_table.from_file(os.path.join(directory, reflections))
     return expts, refl
+
+
+# --------------------------------------------------------------------------
+# Refined models against the simulator's ground truth
+# --------------------------------------------------------------------------
+
+
+def _rotation_angle_deg(R) -> float:
+    import numpy as np
+
+    c = (np.trace(R) - 1.0) / 2.0
+    s = np.linalg.norm([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]]) / 2.0
+    return float(np.degrees(np.arctan2(s, c)))
+
+
+def _nearest_rotation(M):
+    import numpy as np
+
+    u, _, vt = np.linalg.svd(M)
+    d = np.sign(np.linalg.det(u @ vt))
+    return u @ np.diag([1.0, 1.0, d]) @ vt
+
+
+def _axis_rotation(axis, angle_deg):
+    import numpy as np
+
+    axis = np.asarray(axis, dtype=float)
+    axis = axis / np.linalg.norm(axis)
+    a = math.radians(angle_deg)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(a) * k + (1 - math.cos(a)) * (k @ k)
+
+
+def _crystal_A_mid(crystal, index: int):
+    """A (numpy 3x3) at the mid-point of array index `index` of the crystal's scan
+    (scan points are image boundaries; DIALS interpolates A linearly between them)."""
+    import numpy as np
+
+    if crystal.num_scan_points == 0:
+        return np.array(crystal.get_A()).reshape(3, 3)
+    a = np.array(crystal.get_A_at_scan_point(index)).reshape(3, 3)
+    b = np.array(crystal.get_A_at_scan_point(index + 1)).reshape(3, 3)
+    return 0.5 * (a + b)
+
+
+def truth_A_mid(truth: dict, image: int):
+    """The simulator's A = U B at the mid-point of image `image` (numpy 3x3)."""
+    import numpy as np
+
+    first = truth["image_range"][0]
+    U = truth["orientation"]["U"]
+    B = np.array(truth["orientation"]["B"]).reshape(3, 3)
+    k = image - first
+    Ua = np.array(U[k]).reshape(3, 3)
+    Ub = np.array(U[k + 1]).reshape(3, 3)
+    return _nearest_rotation(0.5 * (Ua + Ub)) @ B
+
+
+def _lab(goniometer_SRF, phi_deg, A):
+    S, axis, F = goniometer_SRF
+    return S @ _axis_rotation(axis, phi_deg) @ F @ A
+
+
+def _goniometer_SRF(goniometer):
+    import numpy as np
+
+    return (
+        np.array(goniometer.get_setting_rotation()).reshape(3, 3),
+        np.array(goniometer.get_rotation_axis_datum()),
+        np.array(goniometer.get_fixed_rotation()).reshape(3, 3),
+    )
+
+
+def basis_to_truth(A_refined, A_true):
+    """Integer matrix X (numpy) with A_refined X = A_true up to a small rotation,
+    i.e. the refined indexing basis mapped onto the truth's; None if none fits."""
+    import numpy as np
+
+    X = np.linalg.inv(A_refined) @ A_true
+    Xr = np.round(X)
+    if np.max(np.abs(X - Xr)) > 0.25 or abs(abs(np.linalg.det(Xr)) - 1) > 1e-6:
+        return None
+    return Xr
+
+
+def orientation_errors(experiments, truth: dict) -> dict:
+    """Orientation of refined crystals against the simulator's truth.
+
+    For every image of every experiment, the refined setting matrix at the
+    image mid-point and the true one are taken to the laboratory frame
+    S R(phi) F A (S setting rotation, R(phi) about the axis, F fixed rotation,
+    A = UB); the refined basis is mapped onto the truth's (integer matrix);
+    the one rotation common to all images (DIALS' gauge freedom: beam and
+    detector turning about the sample, every orientation following) is the
+    rotation mean of the per-image rotations and is removed.  The error of an
+    image is the angle of what remains.
+
+    Returns {"images", "errors_deg", "median", "worst", "gauge_deg"}.
+    """
+    import numpy as np
+
+    osc0, width = truth["oscillation"]
+    first = truth["image_range"][0]
+    truth_gonio = (np.eye(3), np.array(truth["rotation_axis"]), np.eye(3))
+    images, rotations = [], []
+    X = None
+    for exp in experiments:
+        srf = _goniometer_SRF(exp.goniometer)
+        f, l = exp.scan.get_image_range()
+        for n in range(f, l + 1):
+            A = _crystal_A_mid(exp.crystal, n - f)
+            At = truth_A_mid(truth, n)
+            if X is None:
+                X = basis_to_truth(A, At)
+                if X is None:
+                    raise ValueError("the refined lattice does not match the truth's")
+            phi = osc0 + (n - first + 0.5) * width
+            # the refined phi of image n: the refined scan's, which is the truth's
+            phi_ref = exp.scan.get_angle_from_array_index(n - 1 + 0.5, deg=True)
+            Mr = _lab(srf, phi_ref, A @ X)
+            Mt = _lab(truth_gonio, phi, At)
+            # Mr = R Mt with R a rotation (cells equal up to refinement error)
+            rotations.append(_nearest_rotation(Mr @ np.linalg.inv(Mt)))
+            images.append(n)
+    gauge = _nearest_rotation(sum(rotations))
+    errors = [_rotation_angle_deg(gauge.T @ R) for R in rotations]
+    return {
+        "images": images,
+        "errors_deg": errors,
+        "median": float(np.median(errors)),
+        "worst": float(np.max(errors)),
+        "gauge_deg": _rotation_angle_deg(gauge),
+    }
+
+
+def cell_error(crystal, truth: dict) -> dict:
+    """Unit cell of a crystal (mean over scan points) in the truth's basis, and
+    its largest relative error in a, b, c and largest error in the angles (degrees)."""
+    import numpy as np
+    from cctbx import uctbx
+
+    first = truth["image_range"][0]
+    A = _crystal_A_mid(crystal, 0) if crystal.num_scan_points == 0 else None
+    if crystal.num_scan_points:
+        mats = [np.array(crystal.get_A_at_scan_point(i)).reshape(3, 3) for i in range(crystal.num_scan_points)]
+    else:
+        mats = [A]
+    At = truth_A_mid(truth, first)
+    X = basis_to_truth(mats[0], At)
+    if X is None:
+        raise ValueError("the refined lattice does not match the truth's")
+    cells = []
+    for M in mats:
+        Ax = M @ X
+        G = Ax.T @ Ax  # reciprocal metric
+        cells.append(uctbx.unit_cell(metrical_matrix=tuple(G[i, j] for i, j in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)))).reciprocal().parameters())
+    cell = [float(np.mean([c[k] for c in cells])) for k in range(6)]
+    true = truth["unit_cell"]
+    return {
+        "cell": cell,
+        "rel_error_max": max(abs(a - b) / b for a, b in zip(cell[:3], true[:3])),
+        "angle_error_max": max(abs(a - b) for a, b in zip(cell[3:], true[3:])),
+    }
+
+
+# --------------------------------------------------------------------------
+# A minimal harness from DIALS itself (import, blocks, strong spots), for
+# tests and benchmarks that must not depend on the pipeline
+# --------------------------------------------------------------------------
+
+
+def import_blocks(filenames):
+    """Block experiments of image files: dxtbx makes one ImageSequence per
+    contiguous run; beam, detector and goniometer are shared (the first
+    block's), identifiers "block-<first>-<last>"."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    experiments = ExperimentListFactory.from_filenames(sorted(filenames))
+    experiments = sorted(experiments, key=lambda e: e.scan.get_image_range()[0])
+    from dxtbx.model.experiment_list import ExperimentList
+
+    out = ExperimentList()
+    first = experiments[0]
+    for exp in experiments:
+        exp.beam, exp.detector, exp.goniometer = first.beam, first.detector, first.goniometer
+        exp.imageset.set_beam(first.beam)
+        exp.imageset.set_detector(first.detector)
+        exp.imageset.set_goniometer(first.goniometer)
+        f, l = exp.scan.get_image_range()
+        exp.identifier = f"block-{f}-{l}"
+        out.append(exp)
+    return out
+
+
+def strong_spots(experiments, nproc=1):
+    """dials.find_spots' strong spots of all blocks (DIALS defaults), id = block."""
+    import iotbx.phil  # noqa: F401
+
+    from dials.array_family import flex
+    from dials.command_line import find_spots
+
+    params = find_spots.working_phil.extract()
+    params.spotfinder.mp.nproc = nproc
+    reflections = flex.reflection_table.from_observations(experiments, params)
+    for i, exp in enumerate(experiments):
+        reflections.experiment_identifiers()[i] = exp.identifier
+    return reflections

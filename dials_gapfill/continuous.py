@@ -1,0 +1,702 @@
+"""ONE continuous crystal model across the gaps (issue 12).
+
+The blocks of a gapped sweep are joined onto ONE experiment whose scan covers
+the whole image range, gaps included (indexing and refinement need no pixels:
+its ImageSequence is made with ``check_format=False`` and is never read).
+DIALS' own indexing (``dials.command_line.index.index``) and refinement
+(``dials.command_line.refine.run_macrocycle``: static, then scan-varying with
+a smoother over the whole range) work on that experiment; the result is
+sliced back onto the blocks (``dials.util.slice.slice_crystal``: each block's
+crystal gets the n_images + 1 scan points of its own images), so each block
+keeps its own image set and scan and the rest of the pipeline (integration
+per block, export) runs unchanged.
+
+Gap-edge spots
+--------------
+A spot whose shoebox touches a block's first frame with missing images before
+it, or its last frame with missing images after it, was recorded only in part:
+its z centroid is pulled into the block.  Such spots (:func:`gap_edge_spots`;
+the sweep's own first and last image are not gaps) are
+
+- left out of the lattice search;
+- indexed against the predictions of the indexed model (:func:`index_gap_edges`:
+  nearest prediction in x, y whose predicted z lies within the spot's frames
+  widened by ``z_window`` frames into the gap);
+- in refinement, with the default ``gap_edge="xy"``, used for x and y only:
+  their phi observation is replaced by the model's prediction and its variance
+  inflated by ``PHI_VARIANCE_INFLATION`` so phi carries no weight and outlier
+  rejection (which looks at unweighted residuals) does not reject them for a
+  z they never had; ``"exclude"`` leaves them out of refinement, ``"full"``
+  uses them like any spot (biased z).
+
+Entry points: :func:`index`, :func:`refine`, :func:`gap_edge_spots`,
+:func:`join_blocks`, :func:`slice_onto_blocks`, :func:`combine_gap_partials`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+from dials_gapfill.errors import GapfillError
+
+logger = logging.getLogger("dials.process_gapped.continuous")
+
+# z variance of gap-edge spots in refinement, times their own (phi gets ~no weight)
+PHI_VARIANCE_INFLATION = 1.0e6
+GAP_EDGE_TREATMENTS = ("xy", "exclude", "full")
+
+
+# --------------------------------------------------------------------------
+# Blocks <-> one continuous experiment
+# --------------------------------------------------------------------------
+
+
+def _block_ranges(experiments):
+    return [e.scan.get_image_range() for e in experiments]
+
+
+def check_blocks(experiments) -> None:
+    """The blocks must be in image order, not overlap, share beam, detector and
+    goniometer, and lie on one rotation (same width, start angles consistent)."""
+    if len(experiments) == 0:
+        raise GapfillError("no blocks to join")
+    first = experiments[0]
+    phi0, width = first.scan.get_oscillation()
+    f0 = first.scan.get_image_range()[0]
+    previous_last = None
+    for i, exp in enumerate(experiments):
+        f, l = exp.scan.get_image_range()
+        if previous_last is not None and f <= previous_last:
+            raise GapfillError(f"block {i + 1} (images {f}-{l}) is not after the block before it")
+        previous_last = l
+        start, w = exp.scan.get_oscillation()
+        if abs(w - width) > 1e-6 * max(1.0, abs(width)):
+            raise GapfillError(f"block {i + 1}: oscillation width {w} differs from {width}")
+        expected = phi0 + (f - f0) * width
+        if abs(start - expected) > 1e-3 * abs(width):
+            raise GapfillError(
+                f"block {i + 1} (images {f}-{l}) starts at {start:.4f} deg, not on the rotation of "
+                f"the first block ({expected:.4f} deg): one continuous model needs one rotation"
+            )
+        for name in ("beam", "detector", "goniometer"):
+            if getattr(exp, name) is not getattr(first, name):
+                raise GapfillError(f"block {i + 1} does not share the {name} of the first block")
+
+
+def join_blocks(experiments):
+    """ONE experiment whose scan covers images first..last of all blocks (gaps
+    included), with the blocks' beam, detector, goniometer and crystal.
+
+    Its ImageSequence is made with ``check_format=False`` from the first
+    block's template: indexing and refinement never read it.  The identifier is
+    "continuous".
+    """
+    from dxtbx.imageset import ImageSetFactory
+    from dxtbx.model import Experiment, Scan
+    from scitbx.array_family import flex as sflex
+
+    check_blocks(experiments)
+    first_exp = experiments[0]
+    f0 = first_exp.scan.get_image_range()[0]
+    l1 = experiments[-1].scan.get_image_range()[1]
+    phi0, width = first_exp.scan.get_oscillation()
+    n = l1 - f0 + 1
+    exposure = first_exp.scan.get_exposure_times()[0] if len(first_exp.scan.get_exposure_times()) else 0.0
+    epochs0 = first_exp.scan.get_epochs()
+    e0 = epochs0[0] if len(epochs0) else 0.0
+    dt = (epochs0[1] - epochs0[0]) if len(epochs0) > 1 else exposure
+    scan = Scan(
+        (f0, l1),
+        (phi0, width),
+        sflex.double(n, exposure),
+        sflex.double([e0 + k * dt for k in range(n)]),
+        f0 - 1,
+        True,
+    )
+    imageset = first_exp.imageset
+    template = imageset.get_template() if hasattr(imageset, "get_template") else None
+    sequence = None
+    if template:
+        try:
+            sequence = ImageSetFactory.make_sequence(
+                template,
+                list(range(f0, l1 + 1)),
+                format_class=imageset.get_format_class(),
+                beam=first_exp.beam,
+                detector=first_exp.detector,
+                goniometer=first_exp.goniometer,
+                scan=scan,
+                check_format=False,
+            )
+        except Exception as e:  # an unusual format: fall back to the first block's sequence
+            logger.debug("make_sequence failed (%s): using the first block's image set", e)
+    if sequence is None:
+        sequence = copy.deepcopy(imageset)
+        sequence.set_scan(scan)
+    return Experiment(
+        imageset=sequence,
+        beam=first_exp.beam,
+        detector=first_exp.detector,
+        goniometer=first_exp.goniometer,
+        scan=scan,
+        crystal=first_exp.crystal,
+        identifier="continuous",
+    )
+
+
+def slice_onto_blocks(continuous, experiments):
+    """Block experiments (copies of `experiments`, same identifiers, image sets
+    and scans) with the refined beam, detector and goniometer of `continuous`
+    (shared) and each its slice of the continuous crystal: scan points of its
+    own images (n_images + 1), as ``dials.util.slice``; a static crystal is
+    shared as it is."""
+    from dxtbx.model.experiment_list import Experiment, ExperimentList
+
+    from dials.util.slice import slice_crystal
+
+    f0 = continuous.scan.get_image_range()[0]
+    out = ExperimentList()
+    for exp in experiments:
+        f, l = exp.scan.get_image_range()
+        crystal = continuous.crystal
+        if crystal.num_scan_points > 0:
+            crystal = slice_crystal(crystal, (f - f0, l - f0 + 1))
+        out.append(
+            Experiment(
+                imageset=exp.imageset,
+                beam=continuous.beam,
+                detector=continuous.detector,
+                goniometer=continuous.goniometer,
+                scan=exp.scan,
+                crystal=crystal,
+                profile=exp.profile,
+                scaling_model=exp.scaling_model,
+                identifier=exp.identifier,
+            )
+        )
+    return out
+
+
+def _set_identifiers(table, experiments):
+    ids = table.experiment_identifiers()
+    for k in list(ids.keys()):
+        del ids[k]
+    for i, exp in enumerate(experiments):
+        ids[i] = exp.identifier
+
+
+def _to_continuous(reflections, continuous):
+    """A copy of `reflections` on the one continuous experiment (id 0)."""
+    from dials.array_family import flex
+
+    table = copy.deepcopy(reflections)
+    keep = table["id"] >= 0
+    table["block"] = table["id"]  # remember the block
+    table["id"] = flex.int(len(table), 0)
+    table["id"].set_selected(~keep, -1)
+    table["imageset_id"] = flex.int(len(table), 0)
+    _set_identifiers(table, [continuous])
+    return table
+
+
+def _to_blocks(table, experiments):
+    """Ids of a continuous table mapped back to blocks (by the image of z)."""
+    from dials.array_family import flex
+
+    z = table["xyzobs.px.value"].parts()[2]
+    image = flex.floor(z).iround() + 1
+    block = flex.int(len(table), -1)
+    for i, exp in enumerate(experiments):
+        f, l = exp.scan.get_image_range()
+        block.set_selected((image >= f) & (image <= l), i)
+    ids = table["id"]
+    table["id"] = flex.int(len(table), -1)
+    table["id"].set_selected(ids >= 0, block.select(ids >= 0))
+    table["block"] = block
+    _set_identifiers(table, experiments)
+    return table
+
+
+# --------------------------------------------------------------------------
+# Gap edges
+# --------------------------------------------------------------------------
+
+
+def gap_edge_spots(experiments, reflections):
+    """flex.bool: spots whose shoebox (bbox) touches a block's first frame with
+    missing images before it, or its last frame with missing images after it.
+    The sweep's own first and last image are not gaps."""
+    from dials.array_family import flex
+
+    ranges = _block_ranges(experiments)
+    z0 = reflections["bbox"].parts()[4]
+    z1 = reflections["bbox"].parts()[5]
+    if "block" in reflections:
+        blocks = reflections["block"]
+    else:
+        blocks = reflections["id"]
+    edge = flex.bool(len(reflections), False)
+    for i, (f, l) in enumerate(ranges):
+        here = blocks == i
+        if i > 0 and ranges[i - 1][1] < f - 1:
+            edge |= here & (z0 <= f - 1)
+        if i + 1 < len(ranges) and ranges[i + 1][0] > l + 1:
+            edge |= here & (z1 >= l)
+    return edge
+
+
+def _predict(experiment, dmin=None):
+    """DIALS' predictions over the whole continuous scan (static or scan-varying)."""
+    from dials.array_family import flex
+
+    pred = flex.reflection_table.from_predictions(experiment, dmin=dmin, padding=0)
+    return pred
+
+
+def index_against_predictions(continuous, table, selection, z_window=2.0, xy_tolerance=3.0):
+    """Index the spots `selection` of `table` (on `continuous`, id 0) against
+    DIALS' predictions of its crystal (static or scan-varying): the nearest
+    prediction in x, y within `xy_tolerance` px whose predicted z lies within
+    the spot's frames, widened into the gap by `z_window` frames for gap-edge
+    spots (column ``gap_edge``) and within 1 frame of the observed z for the
+    others.  Sets miller_index, id 0 and the indexed flag of the matched
+    spots, clears them for the others; returns the number matched."""
+    import numpy as np
+    from scipy.spatial import cKDTree
+
+    from dials.array_family import flex
+
+    isel = selection.iselection()
+    if len(isel) == 0:
+        return 0
+    pred = _predict(continuous)
+    px, py, pz = (np.array(c) for c in pred["xyzcal.px"].parts())
+    if len(px) == 0:
+        return 0
+    tree = cKDTree(np.column_stack([px, py]))
+    obs = table.select(isel)
+    ox, oy, oz = (np.array(c) for c in obs["xyzobs.px.value"].parts())
+    edge = np.array(obs["gap_edge"]) if "gap_edge" in obs else np.zeros(len(obs), dtype=bool)
+    lo = np.where(edge, np.array(obs["bbox"].parts()[4], dtype=float) - z_window, oz - 1.0)
+    hi = np.where(edge, np.array(obs["bbox"].parts()[5], dtype=float) + z_window, oz + 1.0)
+    hkl_pred = pred["miller_index"]
+    miller = table["miller_index"] if "miller_index" in table else flex.miller_index(len(table))
+    ids = table["id"]
+    found = flex.bool(len(table), False)
+    matched = 0
+    for k, hits in enumerate(tree.query_ball_point(np.column_stack([ox, oy]), xy_tolerance)):
+        best, best_d = None, None
+        for j in hits:
+            if not (lo[k] <= pz[j] <= hi[k]):
+                continue
+            d = (px[j] - ox[k]) ** 2 + (py[j] - oy[k]) ** 2 + (0.0 if edge[k] else (pz[j] - oz[k]) ** 2)
+            if best is None or d < best_d:
+                best, best_d = j, d
+        row = int(isel[k])
+        if best is None:
+            ids[row] = -1
+            miller[row] = (0, 0, 0)
+            continue
+        miller[row] = hkl_pred[best]
+        ids[row] = 0
+        found[row] = True
+        matched += 1
+    table["miller_index"] = miller
+    table["id"] = ids
+    table.unset_flags(selection, table.flags.indexed)
+    table.set_flags(found, table.flags.indexed)
+    return matched
+
+
+def index_gap_edges(continuous, table, selection, z_window=2.0, xy_tolerance=3.0):
+    """:func:`index_against_predictions` for the gap-edge spots `selection`."""
+    return index_against_predictions(continuous, table, selection, z_window, xy_tolerance)
+
+
+# --------------------------------------------------------------------------
+# Indexing
+# --------------------------------------------------------------------------
+
+
+def index(experiments, reflections, params, z_window=2.0):
+    """Index all blocks with ONE crystal found on the joined scan.
+
+    `experiments`: block experiments (image order, shared beam, detector and
+    goniometer, stable identifiers); `reflections`: strong spots with ``id`` =
+    block index, z in absolute frame coordinates, ``bbox``.  DIALS' indexing
+    (``dials.command_line.index.index``, parameters ``dials_index_params(params)``)
+    runs on one experiment covering the whole image range with the spots not
+    cut by a gap; gap-edge spots are then indexed against the indexed model's
+    predictions (:func:`index_gap_edges`).
+
+    Returns (block experiments sharing the one crystal, and the indexed beam,
+    detector and goniometer; all reflections with ``miller_index``, ``flags``
+    (indexed), ``id`` = block or -1 if unindexed, bool column ``gap_edge``).
+    """
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials.algorithms.indexing import DialsIndexError
+    from dials.array_family import flex
+    from dials.command_line.index import index as dials_index
+
+    from dials_gapfill.phil import dials_index_params
+
+    continuous = join_blocks(experiments)
+    table = _to_continuous(reflections, continuous)
+    for column in ("miller_index", "xyzcal.px", "xyzcal.mm", "s1", "entering", "rlp"):
+        if column in table:
+            del table[column]
+    table.unset_flags(flex.bool(len(table), True), table.flags.indexed)
+    edge = gap_edge_spots(experiments, table)
+    table["gap_edge"] = edge
+    search = table.select(~edge & (table["id"] >= 0))
+    if "shoebox" in search:
+        del search["shoebox"]
+    logger.info(
+        "Continuous model: lattice search on one scan of images %d-%d (%d blocks), %d spots "
+        "(%d cut by a gap left out)",
+        *continuous.scan.get_image_range(), len(experiments), len(search), edge.count(True),
+    )
+    ip = dials_index_params(params)
+    try:
+        indexed_expts, indexed = dials_index(ExperimentList([continuous]), [search], ip)
+    except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
+        from dials_gapfill.indexing import _explain
+
+        raise GapfillError(_explain(e, params)) from None
+    found = indexed_expts[0]
+    found.identifier = "continuous"
+    found.imageset = continuous.imageset
+    # the search table's rows come back reordered: put its results onto all spots
+    out = _merge_search(table, search, indexed)
+    # every spot (edge spots included) in mm, then the edge spots indexed
+    out.centroid_px_to_mm(ExperimentList([found]))
+    edge = out["gap_edge"]
+    n_edge = index_gap_edges(found, out, edge, z_window=z_window)
+    logger.info("Gap-edge spots indexed against predictions: %d of %d", n_edge, edge.count(True))
+    blocks = slice_onto_blocks(found, experiments)
+    out = _to_blocks(out, blocks)
+    return blocks, out
+
+
+def _merge_search(table, search, indexed):
+    """`table` with the indexing result of its subset `search` (matched by the
+    observed centroid, which the indexer does not change)."""
+    from dials.array_family import flex
+
+    out = copy.deepcopy(table)
+    out["id"] = flex.int(len(out), -1)
+    out["miller_index"] = flex.miller_index(len(out))
+    key = {}
+    for i, xyz in enumerate(out["xyzobs.px.value"]):
+        key[xyz] = i
+    ids, hkl, xyzs = indexed["id"], indexed["miller_index"], indexed["xyzobs.px.value"]
+    idx_flag = indexed.get_flags(indexed.flags.indexed)
+    new_ids, new_hkl = out["id"], out["miller_index"]
+    for j in range(len(indexed)):
+        i = key.get(xyzs[j])
+        if i is None or not idx_flag[j] or ids[j] < 0:
+            continue
+        new_ids[i] = 0
+        new_hkl[i] = hkl[j]
+    out["id"], out["miller_index"] = new_ids, new_hkl
+    out.set_flags(new_ids >= 0, out.flags.indexed)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Refinement
+# --------------------------------------------------------------------------
+
+
+def _macrocycle(rp, reflections, experiments, what):
+    import time
+
+    from dials.command_line.refine import run_macrocycle
+
+    t0 = time.perf_counter()
+    try:
+        refiner, reflections, history = run_macrocycle(rp, reflections, experiments)
+    except SystemExit as e:  # DIALS 3.12 exits on configuration/runtime errors
+        raise GapfillError(
+            f"{what} failed: {' '.join(str(e.code).split())[:200]}: check refinement.*"
+        ) from None
+    logger.info("%s: %d steps in %.1f s", what.capitalize(), history.get_nrows(), time.perf_counter() - t0)
+    return refiner.get_experiments(), reflections, refiner
+
+
+def _inflate_edge_phi_variance(table, selection):
+    """For `selection` rows: the phi variance times PHI_VARIANCE_INFLATION
+    (x, y keep their weight; phi keeps its observed value, ~no weight)."""
+    from dials.array_family import flex
+
+    isel = selection.iselection()
+    if len(isel) == 0:
+        return
+    vx, vy, vz = table["xyzobs.mm.variance"].select(isel).parts()
+    table["xyzobs.mm.variance"].set_selected(isel, flex.vec3_double(vx, vy, vz * PHI_VARIANCE_INFLATION))
+
+
+def reject_outliers(table, selection, model, rp):
+    """DIALS' centroid outlier rejection (the algorithm of `rp`, as the
+    refiner would run it on the current model), run separately on the spots
+    not cut by a gap (x, y and phi residuals) and on the gap-edge spots (x and
+    y residuals only: their phi is biased by the cut, and mixed with the others
+    they would narrow or widen the distribution the algorithm estimates).
+    Sets ``centroid_outlier`` on `table` for the rejected rows of `selection`;
+    returns the number rejected per group."""
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials.algorithms.refinement.outlier_detection.outlier_base import (
+        CentroidOutlierFactory,
+    )
+    from dials.algorithms.refinement.prediction.managed_predictors import (
+        ExperimentsPredictorFactory,
+    )
+    from dials.algorithms.refinement.refinement_helpers import set_obs_s1
+    from dials.array_family import flex
+
+    table.unset_flags(flex.bool(len(table), True), table.flags.centroid_outlier)
+    algorithm = rp.refinement.reflections.outlier.algorithm
+    if algorithm in ("null", None):
+        return {}
+    experiments = ExperimentList([model])
+    counts = {}
+    for name, group, cols in (
+        ("inner", selection & ~table["gap_edge"], ["x_resid", "y_resid", "phi_resid"]),
+        ("gap_edge", selection & table["gap_edge"], ["x_resid", "y_resid"]),
+    ):
+        isel = group.iselection()
+        if len(isel) == 0:
+            continue
+        sub = table.select(isel)
+        sub["id"] = flex.int(len(sub), 0)
+        _set_identifiers(sub, experiments)
+        sub["s1"] = flex.vec3_double(len(sub), (0.0, 0.0, 0.0))
+        set_obs_s1(sub, experiments)
+        sub.calculate_entering_flags(experiments)
+        ExperimentsPredictorFactory.from_experiments(experiments)(sub)
+        xo, yo, zo = sub["xyzobs.mm.value"].parts()
+        xc, yc, zc = sub["xyzcal.mm"].parts()
+        sub["x_resid"], sub["y_resid"], sub["phi_resid"] = xc - xo, yc - yo, zc - zo
+        sub.set_flags(flex.bool(len(sub), True), sub.flags.predicted)
+        ro = copy.deepcopy(rp.refinement.reflections)
+        if ro.outlier.algorithm in ("auto", Auto()):
+            ro.outlier.algorithm = "mcd"
+        detector = CentroidOutlierFactory.from_parameters_and_colnames(ro, cols)
+        if detector.get_block_width() is Auto():
+            detector.set_block_width(18.0)  # DIALS' choice without a centroid analysis
+        detector(sub)
+        bad = sub.get_flags(sub.flags.centroid_outlier)
+        full = flex.bool(len(table), False)
+        full.set_selected(isel, bad)
+        table.set_flags(full, table.flags.centroid_outlier)
+        counts[name] = bad.count(True)
+    return counts
+
+
+def Auto():
+    import libtbx
+
+    return libtbx.Auto
+
+
+def _job_selection(table, refinable, model, rp, gap_edge):
+    """Rows of one refinement job.  With gap_edge="xy" outliers are rejected
+    here (:func:`reject_outliers`) and the job runs without DIALS' own
+    rejection (which would judge the edge spots' unweighted, biased phi
+    residuals together with the others)."""
+    if gap_edge != "xy" or not table["gap_edge"].count(True):
+        return refinable.iselection(), rp
+    counts = reject_outliers(table, refinable, model, rp)
+    if counts:
+        logger.info("Outliers rejected (not cut by a gap / cut by a gap): %s", counts)
+    job_rp = copy.deepcopy(rp)
+    job_rp.refinement.reflections.outlier.algorithm = "null"
+    return (refinable & ~table.get_flags(table.flags.centroid_outlier)).iselection(), job_rp
+
+
+def block_rmsds(table, experiments):
+    """Per block: RMSD x, y (px), phi (images) and n of the spots used in
+    refinement that are not cut by a gap, and x, y, n of the gap-edge spots."""
+    from dials.array_family import flex
+
+    used = table.get_flags(table.flags.used_in_refinement)
+    edge = table["gap_edge"] if "gap_edge" in table else flex.bool(len(table), False)
+    out = {}
+    for i, exp in enumerate(experiments):
+        rec = {}
+        for name, sel in (("inner", used & ~edge), ("edge", used & edge)):
+            sub = table.select(sel & (table["id"] == i))
+            if len(sub) == 0:
+                rec[name] = None
+                continue
+            xo, yo, zo = sub["xyzobs.px.value"].parts()
+            xc, yc, zc = sub["xyzcal.px"].parts()
+            n = len(sub)
+            rec[name] = {
+                "x": math.sqrt(flex.sum_sq(xc - xo) / n),
+                "y": math.sqrt(flex.sum_sq(yc - yo) / n),
+                "phi": math.sqrt(flex.sum_sq(zc - zo) / n),
+                "n": n,
+            }
+        r = rec["inner"] or {"x": None, "y": None, "phi": None, "n": 0}
+        if rec["edge"]:
+            r = dict(r, edge_x=rec["edge"]["x"], edge_y=rec["edge"]["y"], edge_n=rec["edge"]["n"])
+        out[exp.identifier] = r
+    return out
+
+
+def refine(
+    experiments,
+    reflections,
+    params,
+    gap_edge="xy",
+    scan_varying_cell=False,
+    reindex_gap_edges=True,
+    reindex_cycles=1,
+    z_window=2.0,
+):
+    """Static, then scan-varying refinement of ONE crystal over the whole range.
+
+    `experiments`, `reflections`: as returned by :func:`index` (block
+    experiments sharing one crystal; reflections with ``id`` = block, -1 for
+    unindexed, ``gap_edge``).  Refinement runs on the joined scan with DIALS'
+    ``run_macrocycle`` and ``dials_refine_params(params)``: static, then
+    scan-varying orientation (smoother intervals from the whole range, as
+    DIALS sets them), cell static unless `scan_varying_cell`; beam, detector
+    and goniometer shared, parameterised as DIALS' defaults.  Gap-edge spots:
+    see the module doc (`gap_edge` = "xy", "exclude" or "full"); with
+    `reindex_gap_edges` they are indexed again against the statically refined
+    model before the scan-varying job; with `reindex_cycles` > 0 all spots are
+    indexed again against the scan-varying model (:func:`index_against_predictions`)
+    and the scan-varying job is repeated, that many times.
+
+    Returns (block experiments, each with its slice of the refined crystal
+    and the shared refined beam, detector and goniometer; all input
+    reflections with predictions for those used, ``id`` = block; record).
+    record = {"blocks": {identifier: {"rmsd_static": {...}, "rmsd_scan_varying":
+    {...}, "refinement": text}}, "crystal": {"unit_cell", "unit_cell_esd",
+    "space_group", "scan_varying_cell"}, "gap_edge": treatment}.  RMSDs x, y
+    in px, phi in images, over spots used in refinement and not cut by a gap
+    (gap-edge spots: edge_x, edge_y, edge_n).
+    """
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials.array_family import flex
+
+    from dials_gapfill.phil import dials_refine_params
+
+    if gap_edge not in GAP_EDGE_TREATMENTS:
+        raise ValueError(f"gap_edge must be one of {GAP_EDGE_TREATMENTS}")
+    continuous = join_blocks(experiments)
+    table = _to_continuous(reflections, continuous)
+    if "gap_edge" not in table:
+        table["gap_edge"] = gap_edge_spots(experiments, table)
+    edge = table["gap_edge"]
+    if "xyzobs.mm.value" not in table:
+        table.centroid_px_to_mm(ExperimentList([continuous]))
+    if "s1" not in table:  # DIALS sets the observed s1 where it is zero
+        table["s1"] = flex.vec3_double(len(table), (0.0, 0.0, 0.0))
+    original_mm = (copy.deepcopy(table["xyzobs.mm.value"]), copy.deepcopy(table["xyzobs.mm.variance"]))
+    record = {"blocks": {e.identifier: {} for e in experiments}, "gap_edge": gap_edge}
+
+    def refinable(t):
+        ok = t.get_flags(t.flags.indexed) & (t["id"] >= 0)
+        if gap_edge == "exclude":
+            ok &= ~t["gap_edge"]
+        return ok
+
+    # 1. static
+    rp = dials_refine_params(params)
+    rp.refinement.parameterisation.scan_varying = False
+    if gap_edge == "xy":
+        _inflate_edge_phi_variance(table, edge)
+    sel, job_rp = _job_selection(table, refinable(table), continuous, rp, gap_edge)
+    work = table.select(sel)
+    logger.info("Continuous model: static refinement, %d reflections", len(work))
+    expts, work, _ = _macrocycle(job_rp, work, ExperimentList([continuous]), "static refinement")
+    static = expts[0]
+    _write_back(table, sel, work)
+    table["xyzobs.mm.value"].set_selected(edge.iselection(), original_mm[0].select(edge.iselection()))
+    table["xyzobs.mm.variance"].set_selected(edge.iselection(), original_mm[1].select(edge.iselection()))
+    for ident, r in block_rmsds(_to_blocks(copy.deepcopy(table), experiments), experiments).items():
+        record["blocks"][ident]["rmsd_static"] = r
+
+    # 2. the gap-edge spots again, against the refined model
+    if reindex_gap_edges and edge.count(True):
+        n = index_gap_edges(static, table, edge, z_window=z_window)
+        logger.info("Gap-edge spots indexed against the refined model: %d of %d", n, edge.count(True))
+
+    # 3. scan-varying orientation (cell static unless asked), one crystal;
+    # then every spot indexed again against the scan-varying model (a static
+    # model cannot index a crystal that turns by degrees) and refined again
+    rp = dials_refine_params(params)
+    par = rp.refinement.parameterisation
+    par.scan_varying = True
+    par.crystal.unit_cell.force_static = not scan_varying_cell
+    model = static
+    for cycle in range(1 + max(0, int(reindex_cycles))):
+        if cycle > 0:
+            everything = table["id"] >= -1
+            n = index_against_predictions(model, table, everything, z_window=z_window)
+            logger.info("All spots indexed against the scan-varying model: %d of %d", n, len(table))
+        if gap_edge == "xy":
+            _inflate_edge_phi_variance(table, edge)
+        table.unset_flags(flex.bool(len(table), True), table.flags.used_in_refinement)
+        sel, job_rp = _job_selection(table, refinable(table), model, rp, gap_edge)
+        work = table.select(sel)
+        logger.info("Continuous model: scan-varying refinement, %d reflections", len(work))
+        expts, work, refiner = _macrocycle(job_rp, work, ExperimentList([model]), "scan-varying refinement")
+        model = expts[0]
+        _write_back(table, sel, work)
+        # the edge spots' phi back to what was observed
+        table["xyzobs.mm.value"].set_selected(edge.iselection(), original_mm[0].select(edge.iselection()))
+        table["xyzobs.mm.variance"].set_selected(edge.iselection(), original_mm[1].select(edge.iselection()))
+    final = model
+
+    blocks = slice_onto_blocks(final, experiments)
+    out = _to_blocks(table, blocks)
+    what = "continuous: one crystal over images %d-%d, orientation scan-varying, cell %s" % (
+        *final.scan.get_image_range(), "scan-varying" if scan_varying_cell else "static",
+    )
+    for ident, r in block_rmsds(out, blocks).items():
+        record["blocks"][ident]["rmsd_scan_varying"] = r
+        record["blocks"][ident]["refinement"] = what
+    crystal = final.crystal
+    record["crystal"] = {
+        "unit_cell": list(crystal.get_unit_cell().parameters()),
+        "unit_cell_esd": _cell_esd(crystal),
+        "space_group": str(crystal.get_space_group().info()),
+        "scan_varying_cell": bool(scan_varying_cell),
+        "num_scan_points": crystal.num_scan_points,
+    }
+    return blocks, out, record
+
+
+def _cell_esd(crystal):
+    try:
+        sd = crystal.get_cell_parameter_sd()
+        return list(sd) if len(sd) else None
+    except Exception:
+        return None
+
+
+def _write_back(table, sel, work):
+    """Columns the refiner wrote into `work` (a selection `sel` of `table`)."""
+    from dials.array_family import flex
+
+    for key in ("xyzcal.mm", "xyzcal.px", "s1", "entering", "delpsical.rad"):
+        if key not in work:
+            continue
+        if key not in table:
+            col = work[key]
+            table[key] = type(col)(len(table))
+        table[key].set_selected(sel, work[key])
+    for flag in (table.flags.used_in_refinement, table.flags.centroid_outlier):
+        full = flex.bool(len(table), False)
+        full.set_selected(sel, work.get_flags(flag))
+        table.unset_flags(sel, flag)
+        table.set_flags(full, flag)
