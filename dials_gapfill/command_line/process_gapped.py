@@ -318,10 +318,22 @@ def _keep_integrated(pipeline, outputs, params):
                 outputs.write(params.output.reflections, lambda p: state.reflections.as_file(p))
         except Exception:
             return ""
-    kept = outputs.keep(names)
-    if len(kept) != len(names):
+    extra = []
+    if "export" in stages and params.output.mtz:
+        # export finished: its MTZ files are complete too (scaling failed)
+        extra = [params.output.mtz] + [
+            f["name"] for f in state.report.files if f.get("kind") == "block mtz"
+        ]
+        extra = [n for n in extra if outputs.complete(n)]
+    kept = outputs.keep(names + extra)
+    if not all(os.path.join(outputs.directory, n) in kept for n in names):
         return ""
-    return f"; the integrated data, complete, are kept as {' and '.join(names)} in {outputs.directory}"
+    extra = [n for n in extra if os.path.join(outputs.directory, n) in kept]
+    shown = names + extra[:1]
+    if len(extra) > 1:
+        shown.append(f"{len(extra) - 1} per-block MTZ files")
+    listed = ", ".join(shown[:-1]) + " and " + shown[-1]
+    return f"; the integrated data, complete, are kept as {listed} in {outputs.directory}"
 
 
 def run(args=None, phil=None):
