@@ -164,7 +164,7 @@ def integrate(experiments, reference, params, report, sweep):
         sp = copy.deepcopy(ip)
         sp.profile.gaussian_rs.parameters.sigma_b = sigma_b
         sp.profile.gaussian_rs.parameters.sigma_m = sigma_m
-        sp.profile.fitting = False
+        sp.integration.profile.fitting = False
         sp.create_profile_model = False
         for exp in small_expts:
             exp.profile = Algorithm.create(

@@ -74,6 +74,7 @@ class SimulationConfig:
     omit: tuple = ()
     bad_images: dict = field(default_factory=dict)  # image number -> mode
     seed: int = 42
+    noise_seed: int = 0  # 0: noise from `seed`; else another noise draw of the same sweep
     unit_cell: tuple = (54.0, 62.0, 71.0, 90.0, 90.0, 90.0)
     space_group: str = "P 21 21 21"
     detector: str = "pilatus1m"
@@ -441,7 +442,10 @@ class Simulation:
 
     def render(self, image: int, mode: str | None = None) -> np.ndarray:
         """Counts of one image; its own random stream, so independent of others."""
-        rng = np.random.default_rng([self.config.seed, 1000, image])
+        key = [self.config.seed, 1000, image]
+        if self.config.noise_seed:  # other noise, same crystal and intensities
+            key.append(self.config.noise_seed)
+        rng = np.random.default_rng(key)
         if mode == "zero":
             data = np.zeros(self.background.shape, dtype=np.int64)
         else:
