@@ -1,0 +1,218 @@
+"""ONE continuous crystal model across the gaps (dials_gapfill.continuous), on
+real DIALS runs against the simulator's truth.  The harness is DIALS only
+(dxtbx import, shared models, from_observations), not the pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import TINY, Sweeps
+
+# the tiny sweep (40 x 1 deg, Pilatus 300K) with every 8th image missing:
+# blocks 1-7, 9-15, 17-23, 25-31, 33-39, 40 (and the sweep's own ends)
+EVERY_8TH = [8, 16, 24, 32, 39]
+
+
+def _files(folder):
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".cbf"))
+    return [os.path.join(folder, f) for f in names]
+
+
+def _run(folder, truth_folder, **refine_kw):
+    from dials_gapfill import compare, continuous
+    from dials_gapfill.phil import params_from
+
+    files = _files(folder)
+    with open(os.path.join(truth_folder, "ground_truth.json")) as fh:
+        truth = json.load(fh)
+    experiments = compare.import_blocks(files)
+    spots = compare.strong_spots(experiments, nproc=2)
+    params = params_from(["nproc=2"])
+    blocks, indexed = continuous.index(experiments, spots, params)
+    refined_blocks, refined, record = continuous.refine(blocks, indexed, params, **refine_kw)
+    return dict(
+        experiments=experiments, spots=spots, blocks=blocks, indexed=indexed,
+        refined_blocks=refined_blocks, refined=refined, record=record, truth=truth,
+    )
+
+
+@pytest.fixture(scope="module")
+def every_8th(tiny_sweeps, tiny):
+    return _run(tiny_sweeps.make(omit=EVERY_8TH, name="every8"), tiny)
+
+
+@pytest.fixture(scope="module")
+def gapless(tiny):
+    return _run(tiny, tiny)
+
+
+def _indexed_fraction(table):
+    ok = table.get_flags(table.flags.indexed) & (table["id"] >= 0)
+    return ok.count(True) / len(table)
+
+
+def test_blocks_keep_their_images_and_share_one_crystal_after_indexing(every_8th):
+    experiments, blocks = every_8th["experiments"], every_8th["blocks"]
+    assert [e.scan.get_image_range() for e in blocks] == [
+        (1, 7), (9, 15), (17, 23), (25, 31), (33, 38), (40, 40)
+    ]
+    assert [e.identifier for e in blocks] == [e.identifier for e in experiments]
+    assert len(blocks.crystals()) == 1 and len(blocks.detectors()) == 1 and len(blocks.beams()) == 1
+    for exp, block in zip(experiments, blocks):
+        assert block.imageset is exp.imageset and block.scan is exp.scan
+    # reflections: ids are blocks, z on each block's own images
+    table = every_8th["indexed"]
+    assert set(table.experiment_identifiers().values()) == {e.identifier for e in blocks}
+    z = table["xyzobs.px.value"].parts()[2]
+    for i, exp in enumerate(blocks):
+        f, l = exp.scan.get_image_range()
+        zi = z.select(table["id"] == i)
+        assert len(zi) > 0 and min(zi) >= f - 1 and max(zi) < l
+
+
+def test_gap_edge_spots_touch_a_gap_and_not_the_sweep_ends(every_8th):
+    from dials_gapfill.continuous import gap_edge_spots
+
+    table, blocks = every_8th["spots"], every_8th["experiments"]
+    edge = gap_edge_spots(blocks, table)
+    z0, z1 = table["bbox"].parts()[4], table["bbox"].parts()[5]
+    ids = table["id"]
+    for i in range(len(table)):
+        f, l = blocks[ids[i]].scan.get_image_range()
+        touches_gap = (f > 1 and z0[i] <= f - 1) or (l < 40 and z1[i] >= l)
+        assert edge[i] == touches_gap
+    # the sweep's first image (1) and last image (40) are not gaps, but 40 is
+    # a one-image block after a gap: all its spots touch that gap
+    first_block = ids == 0
+    assert (edge & first_block & (z0 == 0) & (z1 < 7)).count(True) == 0
+    assert (edge & (ids == 5)).count(True) == (ids == 5).count(True) > 0
+    # short blocks: most spots are cut by a gap, which is the point
+    assert 0.25 < edge.count(True) / len(table) < 0.95
+
+
+def test_gap_edge_spots_are_indexed_like_the_others(every_8th, gapless):
+    table = every_8th["refined"]
+    edge = table["gap_edge"]
+    ok = table.get_flags(table.flags.indexed) & (table["id"] >= 0)
+    edge_fraction = (ok & edge).count(True) / edge.count(True)
+    inner_fraction = (ok & ~edge).count(True) / (~edge).count(True)
+    assert edge_fraction > 0.9 and edge_fraction > inner_fraction - 0.05
+    # indexed fraction of ALL spots within 2 points of the same images without gaps
+    assert _indexed_fraction(table) >= _indexed_fraction(gapless["refined"]) - 0.02
+
+
+def test_one_crystal_sliced_onto_the_blocks(every_8th):
+    import numpy as np
+
+    blocks = every_8th["refined_blocks"]
+    assert [e.identifier for e in blocks] == [e.identifier for e in every_8th["experiments"]]
+    assert len(blocks.detectors()) == len(blocks.beams()) == len(blocks.goniometers()) == 1
+    for exp in blocks:
+        assert exp.crystal.num_scan_points == exp.scan.get_num_images() + 1
+    # continuity: the slices are cut from one smooth model, so the orientation
+    # changes across a one-image gap (two scan intervals) by about twice the
+    # change within one image
+    a, b = blocks[0].crystal, blocks[1].crystal
+    last = np.array(a.get_A_at_scan_point(a.num_scan_points - 1))
+    first = np.array(b.get_A_at_scan_point(0))
+    step = np.array(a.get_A_at_scan_point(a.num_scan_points - 2))
+    assert np.abs(first - last).max() < 3 * np.abs(last - step).max() + 1e-9
+    # one cell for all blocks
+    cells = {tuple(round(v, 6) for v in e.crystal.get_unit_cell().parameters()) for e in blocks}
+    assert len(cells) == 1
+    record = every_8th["record"]
+    assert set(record["blocks"]) == {e.identifier for e in blocks}
+    for r in record["blocks"].values():
+        assert {"rmsd_static", "rmsd_scan_varying", "refinement"} <= set(r)
+    assert len(record["crystal"]["unit_cell_esd"]) == 6
+
+
+def test_orientation_and_cell_against_truth(every_8th, gapless):
+    from dials_gapfill import compare
+
+    truth = every_8th["truth"]
+    gapped = compare.orientation_errors(every_8th["refined_blocks"], truth)
+    full = compare.orientation_errors(gapless["refined_blocks"], truth)
+    assert gapped["median"] < 0.05 and gapped["worst"] < 0.15
+    assert gapped["median"] <= 1.25 * full["median"] + 0.005
+    assert gapped["worst"] <= 1.25 * full["worst"] + 0.01
+    for exp in every_8th["refined_blocks"]:
+        assert compare.cell_error(exp.crystal, truth)["rel_error_max"] < 0.002
+    # the static model of indexing is worse than the scan-varying one
+    assert compare.orientation_errors(every_8th["blocks"], truth)["median"] > gapped["median"]
+
+
+def test_orientation_error_metric_is_zero_for_the_truth(tiny):
+    """The metric itself: the simulator's own crystal gives zero error, and a
+    common rotation of everything (the gauge) is removed."""
+    import numpy as np
+    from dxtbx.model import Crystal
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials_gapfill import compare
+
+    files = _files(tiny)
+    with open(os.path.join(tiny, "ground_truth.json")) as fh:
+        truth = json.load(fh)
+    experiments = ExperimentList([compare.import_blocks(files)[0]])
+    B = np.array(truth["orientation"]["B"]).reshape(3, 3)
+    # a gauge rotation G: beam and detector turned about the sample, every
+    # laboratory-frame setting matrix R(phi) A follows, A' = R(phi)^-1 G R(phi) A
+    G = compare._axis_rotation((0.3, 0.5, 0.8), 0.7)
+    axis = truth["rotation_axis"]
+    mats = []
+    for phi, U in zip(truth["orientation"]["phi"], truth["orientation"]["U"]):
+        Rphi = compare._axis_rotation(axis, phi)
+        mats.append(Rphi.T @ G @ Rphi @ np.array(U).reshape(3, 3) @ B)
+    real = np.linalg.inv(mats[0])
+    crystal = Crystal(tuple(real[0]), tuple(real[1]), tuple(real[2]), space_group_symbol="P1")
+    crystal.set_A_at_scan_points([tuple(m.ravel()) for m in mats])
+    experiments[0].crystal = crystal
+    result = compare.orientation_errors(experiments, truth)
+    assert result["worst"] < 1e-3 and result["gauge_deg"] == pytest.approx(0.7, abs=1e-3)
+    # an error at one image is seen there
+    mats[10] = compare._axis_rotation((1, 0, 0), 0.2) @ mats[10]
+    mats[11] = compare._axis_rotation((1, 0, 0), 0.2) @ mats[11]
+    crystal.set_A_at_scan_points([tuple(m.ravel()) for m in mats])
+    result = compare.orientation_errors(experiments, truth)
+    assert result["errors_deg"][10] == pytest.approx(0.2, abs=0.02)
+    assert result["median"] < 0.02
+
+
+def test_tiny_blocks_of_one_to_three_images(tiny_sweeps, tiny):
+    """Blocks of 1, 2 and 3 images inside the continuous model just work."""
+    from dials_gapfill import compare
+
+    omit = [5, 7, 10, 14, 18, 19, 20]  # blocks 1-4, 6, 8-9, 11-13, 15-17, 21-40
+    run = _run(tiny_sweeps.make(omit=omit, name="tiny_blocks"), tiny)
+    blocks = run["refined_blocks"]
+    assert [e.scan.get_num_images() for e in blocks] == [4, 1, 2, 3, 3, 20]
+    table = run["refined"]
+    for i, exp in enumerate(blocks):
+        assert exp.crystal.num_scan_points == exp.scan.get_num_images() + 1
+        ok = table.get_flags(table.flags.indexed) & (table["id"] == i)
+        assert ok.count(True) >= 0.85 * (table["id"] == i).count(True) or i == 1
+    errors = compare.orientation_errors(blocks, run["truth"])
+    small = [e for n, e in zip(errors["images"], errors["errors_deg"]) if n <= 17]
+    assert max(small) < 0.1
+    assert _indexed_fraction(table) > 0.9
+
+
+@pytest.mark.slow
+def test_a_30_degree_gap_is_not_singular(tmp_path_factory):
+    """60 x 1 deg with images 16-45 missing: the smoother's checkpoints inside
+    the gap have no data; refinement must still converge and be right."""
+    from dials_gapfill import compare
+
+    sweeps = Sweeps(dict(TINY, n_images=60), tmp_path_factory)
+    run = _run(sweeps.make(omit=range(16, 46), name="gap30"), sweeps.complete)
+    blocks = run["refined_blocks"]
+    assert [e.scan.get_image_range() for e in blocks] == [(1, 15), (46, 60)]
+    errors = compare.orientation_errors(blocks, run["truth"])
+    assert errors["worst"] < 0.1
+    assert compare.cell_error(blocks[0].crystal, run["truth"])["rel_error_max"] < 0.002
+    esd = run["record"]["crystal"]["unit_cell_esd"]
+    assert all(v == v and v < 0.05 for v in esd[:3])  # finite, small: not singular
