@@ -40,8 +40,15 @@ resolution_phil_str = """
       .type = float(value_min=0, value_max=1)
       .help = "Cut the data where a fit of CC1/2 against resolution (tanh, as"
               "dials.estimate_resolution) falls to this value; the blocks are then"
-              "scaled again with that limit. None: no automatic limit (all data"
-              "to the detector edge). Ignored when scaling.d_min is set."
+              "scaled again with that limit. None: no CC1/2 criterion (with"
+              "completeness=None too, all data to the detector edge). Ignored"
+              "when scaling.d_min is set."
+    completeness = None
+      .type = float(value_min=0, value_max=1)
+      .help = "Also cut where a fit of completeness against resolution (as"
+              "dials.estimate_resolution completeness=) falls to this fraction,"
+              "e.g. 0.5 to leave out the detector corners; the lower resolution"
+              "of the two limits is used. None: completeness is not a criterion."
   }
 """
 DEFAULT_CC_HALF = 0.3
@@ -128,9 +135,19 @@ def _scale_params(params, d_min=None):
     return sp
 
 
+# statistics that need repeated observations: undefined (None, shown "-") in a
+# shell where every unique reflection was measured once (iotbx reports 0)
+NEED_PAIRS = ("cc_one_half", "r_merge", "r_meas", "r_pim")
+
+
+def _value(shell, key):
+    if key in NEED_PAIRS and shell.n_obs <= shell.n_uniq:
+        return None
+    return getattr(shell, key)
+
+
 def _shell(stats, key):
-    overall = getattr(stats.overall, key)
-    return [overall, getattr(stats.bins[0], key), getattr(stats.bins[-1], key)]
+    return [_value(stats.overall, key), _value(stats.bins[0], key), _value(stats.bins[-1], key)]
 
 
 def cc_half_threshold(params):
@@ -199,59 +216,95 @@ def estimate_resolution(experiments, joint, cc_half):
     return result.d_min, False
 
 
+def completeness_threshold(params):
+    """scaling.resolution.completeness (read defensively; None: not used)."""
+    resolution = getattr(params.scaling, "resolution", None)
+    return getattr(resolution, "completeness", None) if resolution is not None else None
+
+
+def estimate_resolution_completeness(experiments, joint, completeness):
+    """d_min where DIALS' completeness fit (as dials.estimate_resolution
+    completeness=...) falls to `completeness` (a fraction), or None."""
+    from dials.util import resolution_analysis
+    from dials.util.resolution_analysis import metrics
+
+    rp = resolution_analysis.phil_defaults.extract().resolution
+    rp.cc_half = None
+    rp.completeness = completeness
+    tables = [copy.deepcopy(t) for t in _tables_by_experiment(experiments, joint)]
+    resolutionizer = resolution_analysis.Resolutionizer.from_reflections_and_experiments(
+        tables, experiments, rp
+    )
+    return resolutionizer.resolution(metrics.COMPLETENESS, limit=completeness).d_min
+
+
 def choose_resolution(params, experiments, joint) -> dict:
     """The high resolution limit to apply after a first scaling of all data.
 
     Returns {"d_min": limit or None (no cut), "method": "user" | "cc_half" |
-    "none", "cc_half": threshold, "d_min_data": highest resolution of the
-    scaled data, "message": one line saying the limit and why}.
+    "completeness" | "none", "cc_half": threshold, "d_min_data": highest
+    resolution of the scaled data, "d_min_fit" (CC½), "crossed", "message":
+    one line saying the limit and why}. With scaling.resolution.completeness
+    also set, the lower-resolution of the two limits is taken (as
+    dials.estimate_resolution does with several criteria).
     """
     user = params.scaling.d_min
     d_data = data_d_min(experiments, joint)
     threshold = cc_half_threshold(params)
+    completeness = completeness_threshold(params)
     out = {"d_min": None, "method": "none", "cc_half": threshold, "d_min_data": d_data}
+    if completeness is not None:
+        out["completeness"] = completeness
     if user:
         out.update(d_min=user, method="user", message=f"d_min {user:.2f} Å from scaling.d_min")
         return out
+    edge = f"all data to {d_data:.2f} Å" if d_data else "all data"
+    candidates = []  # (d_min, method, why, crossed)
+    notes = []
     if threshold is None:
-        out["message"] = (
-            f"no resolution limit (scaling.resolution.cc_half=None): all data to "
-            f"{d_data:.2f} Å"
-        )
-        return out
-    try:
-        d_fit, crossed = estimate_resolution(experiments, joint, threshold)
-    except (RuntimeError, ValueError, AssertionError, ZeroDivisionError) as e:
-        out["message"] = (
-            f"no resolution limit: {' '.join(str(e).split())[:100]}; "
-            f"all data to {d_data:.2f} Å"
-        )
-        return out
-    out["d_min_fit"] = d_fit
-    if d_fit is None:
-        out["message"] = (
-            f"no resolution cut: the CC½ fit does not cross {threshold:g} (CC½ too "
-            f"noisy or too few repeated observations); all data to {d_data:.2f} Å"
-        )
-        return out
-    if d_data is None or d_fit <= d_data * 1.001:
-        out["message"] = (
-            f"no resolution cut: CC½ stays above {threshold:g} to the edge of the "
-            f"data ({d_data:.2f} Å)"
-        )
-        return out
-    d_fit = round(d_fit, 2)  # the number printed is the number applied
-    if crossed:
-        why = f"from CC½ fit = {threshold:g}"
+        notes.append("no CC½ limit (scaling.resolution.cc_half=None)")
     else:
-        why = (
-            f"where CC½ can last be measured (above {threshold:g} up to there; "
-            "beyond, too few repeated observations)"
-        )
-    out.update(
-        d_min=d_fit, method="cc_half", crossed=crossed,
-        message=f"d_min {d_fit:.2f} Å {why}; data extend to {d_data:.2f} Å",
-    )
+        try:
+            d_fit, crossed = estimate_resolution(experiments, joint, threshold)
+        except (RuntimeError, ValueError, AssertionError, ZeroDivisionError) as e:
+            d_fit, crossed = None, False
+            notes.append(" ".join(str(e).split())[:100])
+        else:
+            out["d_min_fit"] = d_fit
+            if d_fit is None:
+                notes.append(
+                    f"the CC½ fit does not cross {threshold:g} (CC½ too noisy or too few "
+                    "repeated observations)"
+                )
+            elif d_data is None or d_fit <= d_data * 1.001:
+                notes.append(f"CC½ stays above {threshold:g} to the edge of the data")
+            elif crossed:
+                candidates.append((d_fit, "cc_half", f"from CC½ fit = {threshold:g}", True))
+            else:
+                candidates.append((
+                    d_fit, "cc_half",
+                    f"where CC½ can last be measured (above {threshold:g} up to there; "
+                    "beyond, too few repeated observations)", False,
+                ))
+    if completeness is not None:
+        try:
+            d_c = estimate_resolution_completeness(experiments, joint, completeness)
+        except (RuntimeError, ValueError, AssertionError, ZeroDivisionError) as e:
+            d_c = None
+            notes.append(f"completeness fit failed ({' '.join(str(e).split())[:80]})")
+        out["d_min_completeness"] = d_c
+        if d_c and d_data and d_c > d_data * 1.001:
+            candidates.append((d_c, "completeness", f"from completeness fit = {completeness:g}", None))
+        elif d_c is not None:
+            notes.append(f"completeness stays above {completeness:g} to the edge of the data")
+    if not candidates:
+        out["message"] = f"no resolution cut: {'; '.join(notes) or 'no criterion'}; {edge}"
+        return out
+    d_min, method, why, crossed = max(candidates)
+    d_min = round(d_min, 2)  # the number printed is the number applied
+    out.update(d_min=d_min, method=method, message=f"d_min {d_min:.2f} Å {why}; data extend to {d_data:.2f} Å")
+    if crossed is not None:
+        out["crossed"] = crossed
     return out
 
 
@@ -276,8 +329,8 @@ def merging_summary(stats, anom=None) -> dict:
         {
             "d_max": b.d_max, "d_min": b.d_min, "n_obs": b.n_obs, "n_unique": b.n_uniq,
             "completeness": 100 * b.completeness, "multiplicity": b.mean_redundancy,
-            "i_over_sigma": b.i_over_sigma_mean, "cc_half": b.cc_one_half,
-            "r_merge": b.r_merge, "r_pim": b.r_pim,
+            "i_over_sigma": b.i_over_sigma_mean, "cc_half": _value(b, "cc_one_half"),
+            "r_merge": _value(b, "r_merge"), "r_pim": _value(b, "r_pim"),
         }
         for b in stats.bins
     ]
@@ -314,7 +367,9 @@ def scale(experiments, reflections, params, report, outputs):
             logger.warning("Symmetry determination failed (%s); scaling in P 1", e)
     logger.info("Scaling %d block(s) in %s", len(experiments), symmetry["space_group"])
     user_d_min = params.scaling.d_min
-    automatic = not user_d_min and cc_half_threshold(params) is not None
+    automatic = not user_d_min and (
+        cc_half_threshold(params) is not None or completeness_threshold(params) is not None
+    )
     unscaled = (copy.deepcopy(experiments), copy.deepcopy(reflections)) if automatic else None
 
     def run_scaling(d_min, experiments, reflections):
@@ -333,7 +388,7 @@ def scale(experiments, reflections, params, report, outputs):
 
     sp, stats, anom, scaled_experiments, joint = run_scaling(user_d_min, experiments, reflections)
     resolution = choose_resolution(params, scaled_experiments, joint)
-    if resolution["method"] == "cc_half":
+    if resolution["method"] in ("cc_half", "completeness"):
         logger.info("Scaling again with the resolution limit: %s", resolution["message"])
         sp, stats, anom, scaled_experiments, joint = run_scaling(resolution["d_min"], *unscaled)
     del unscaled
