@@ -41,6 +41,43 @@ def _mtz_d_min(path):
     return gemmi.read_mtz_file(path).resolution_high()
 
 
+def _params(*args, resolution=None):
+    """Working parameters; scaling.resolution.* set even where phil.py does not
+    (yet) define the scope (the scaling code reads it defensively)."""
+    from types import SimpleNamespace
+
+    from dials_gapfill.phil import params_from
+
+    params = params_from(["scale=True", *args])
+    if resolution is not None:
+        if hasattr(params.scaling, "resolution"):
+            for k, v in resolution.items():
+                setattr(params.scaling.resolution, k, v)
+        else:
+            params.scaling.__inject__("resolution", SimpleNamespace(**resolution))
+    return params
+
+
+def _scale_in_process(directory, out, params):
+    """scale() in process on a run's integrated.expt/.refl (DIALS outputs), writing the MTZ files."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.output import Outputs
+    from dials_gapfill.scaling import scale
+    from dials_gapfill.state import Report
+
+    experiments = ExperimentListFactory.from_json_file(os.path.join(directory, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(directory, "integrated.refl"))
+    params.output.directory = out
+    outputs = Outputs(out)
+    outputs.check_writable()
+    report = Report()
+    scale(experiments, reflections, params, report, outputs)
+    outputs.commit()
+    return report
+
+
 @pytest.mark.slow
 def test_resolution_limit_from_cc_half(weak_scaled):
     s = weak_scaled["scaling"]
@@ -65,32 +102,64 @@ def test_resolution_limit_from_cc_half(weak_scaled):
 
 @pytest.mark.slow
 def test_scaling_d_min_overrides(weak_scaled, tmp_path):
-    """scaling.d_min wins over the CC½ fit; scale() in process on the run's
-    integrated.expt/.refl (DIALS outputs), writing the MTZ files again."""
-    from dials.array_family import flex
-    from dxtbx.model.experiment_list import ExperimentListFactory
-
-    from dials_gapfill.output import Outputs
-    from dials_gapfill.phil import params_from
-    from dials_gapfill.scaling import scale
-    from dials_gapfill.state import Report
-
-    d = weak_scaled["dir"]
-    experiments = ExperimentListFactory.from_json_file(os.path.join(d, "integrated.expt"), check_format=False)
-    reflections = flex.reflection_table.from_file(os.path.join(d, "integrated.refl"))
-    out = str(tmp_path)
-    params = params_from(["scale=True", "scaling.d_min=2.6", f"output.directory={out}"])
-    outputs = Outputs(out)
-    outputs.check_writable()
-    report = Report()
-    scale(experiments, reflections, params, report, outputs)
-    outputs.commit()
+    """scaling.d_min wins over the CC½ fit (one scaling, cut at 2.6 Å)."""
+    report = _scale_in_process(weak_scaled["dir"], str(tmp_path), _params("scaling.d_min=2.6"))
     res = report.scaling["resolution"]
     assert res["method"] == "user" and res["d_min"] == 2.6
     assert res["message"] == "d_min 2.60 Å from scaling.d_min"
     assert report.scaling["d_min"][0] == pytest.approx(2.6, abs=0.02)
     for name in ("merged.mtz", "scaled.mtz"):
-        assert 2.6 <= _mtz_d_min(os.path.join(out, name)) < 2.63
+        assert 2.6 <= _mtz_d_min(os.path.join(str(tmp_path), name)) < 2.63
+
+
+@pytest.mark.slow
+def test_completeness_criterion_and_no_cut(weak_scaled, tmp_path):
+    """scaling.resolution.completeness cuts the detector corners (DIALS'
+    completeness fit); with both criteria off all data are kept, and a shell
+    without repeated observations has no CC½ (None, shown "-"), not 0."""
+    from dials_gapfill.report.merging import merging_table
+
+    report = _scale_in_process(
+        weak_scaled["dir"], str(tmp_path / "c"), _params(resolution={"cc_half": None, "completeness": 0.5})
+    )
+    res = report.scaling["resolution"]
+    assert res["method"] == "completeness" and res["completeness"] == 0.5
+    # the weak sweep's completeness falls to 50 % near 2.6 Å (corner of the detector at 2.3 Å)
+    assert 2.4 < res["d_min"] < 2.9, res
+    assert res["message"].startswith(f"d_min {res['d_min']:.2f} Å from completeness fit = 0.5")
+    assert report.scaling["completeness"][2] > 35
+    assert 0 <= _mtz_d_min(os.path.join(str(tmp_path / "c"), "merged.mtz")) - res["d_min"] < 0.03
+
+    report = _scale_in_process(
+        weak_scaled["dir"], str(tmp_path / "n"), _params(resolution={"cc_half": None, "completeness": None})
+    )
+    s = report.scaling
+    assert s["resolution"]["method"] == "none" and s["resolution"]["d_min"] is None
+    assert s["resolution"]["message"].startswith("no resolution cut")
+    assert s["d_min"][0] == pytest.approx(s["resolution"]["d_min_data"], abs=0.01)
+    for shell in s["shells"]:
+        if shell["n_obs"] == shell["n_unique"]:
+            assert shell["cc_half"] is None and shell["r_merge"] is None
+    table = merging_table(s)
+    assert "Resolution limit: no resolution cut" in table
+
+
+def test_undefined_statistics_without_repeated_observations():
+    from types import SimpleNamespace
+
+    from dials_gapfill.scaling import merging_summary
+
+    def shell(d_min, n_obs, n_uniq, cc):
+        return SimpleNamespace(
+            d_max=d_min + 1, d_min=d_min, n_obs=n_obs, n_uniq=n_uniq, completeness=0.5,
+            mean_redundancy=n_obs / n_uniq, i_over_sigma_mean=5.0, cc_one_half=cc,
+            r_merge=0.0 if n_obs == n_uniq else 0.1, r_meas=0.0, r_pim=0.0,
+        )
+
+    stats = SimpleNamespace(overall=shell(2.0, 300, 150, 0.99), bins=[shell(5.0, 200, 100, 0.99), shell(2.0, 6, 6, 0.0)])
+    out = merging_summary(stats)
+    assert out["cc_half"] == [0.99, 0.99, None] and out["r_merge"][2] is None
+    assert out["shells"][-1]["cc_half"] is None and out["shells"][0]["cc_half"] == 0.99
 
 
 def test_cc_half_threshold_read_defensively():
