@@ -17,14 +17,17 @@ from __future__ import annotations
 import copy
 import logging
 
+from dials.util.export_mtz import export_mtz
+from dxtbx.model.experiment_list import ExperimentList
+
 from dials_gapfill.errors import GapfillError
+from dials_gapfill.tables import keep_experiments
 
 logger = logging.getLogger("dials.process_gapped.export")
 
 
 def image_number_batches(experiments):
     """Copies of the experiments with zero batch offsets: BATCH = image number."""
-    from dxtbx.model.experiment_list import ExperimentList
 
     out = ExperimentList()
     for exp in experiments:
@@ -37,7 +40,6 @@ def image_number_batches(experiments):
 
 def write_mtz(reflections, experiments, params, path, intensity=None):
     """DIALS' export_mtz with the mtz.* options; returns the number of reflections."""
-    from dials.util.export_mtz import export_mtz
 
     m = params.mtz
     try:
@@ -64,7 +66,6 @@ def write_mtz(reflections, experiments, params, path, intensity=None):
 
 
 def export(experiments, reflections, params, report, outputs):
-    from dials_gapfill.tables import keep_experiments
 
     out = params.output
     mtz_experiments = image_number_batches(experiments)

@@ -12,13 +12,28 @@ one beam, detector and goniometer object is shared by all blocks.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import glob
+import hashlib
 import logging
 import os
 import re
 
+from dials.command_line.dials_import import MetaDataUpdater
+from dials.util import Sorry, tabulate
+from dxtbx.imageset import ImageSequence
+from dxtbx.model.experiment_list import (
+    BeamComparison,
+    DetectorComparison,
+    ExperimentList,
+    ExperimentListFactory,
+    GoniometerComparison,
+)
+from dxtbx.sequence_filenames import template_regex
+
 from dials_gapfill.errors import GapfillError
+from dials_gapfill.phil import dials_import_params
 from dials_gapfill.sweep import BAD, EXCLUDED, NOT_GIVEN, Sweep
 from dials_gapfill.tables import image_numbers
 from dials_gapfill.util import captured, range_text
@@ -110,7 +125,6 @@ def _template_files(template: str, first=None, last=None) -> dict[int, str]:
 
 def _xia2_image(spec: str) -> dict[int, str]:
     """``/path/name_0001.cbf:1:40`` -> the existing files of images 1..40."""
-    from dxtbx.sequence_filenames import template_regex
 
     m = re.fullmatch(r"(.+?):(\d+):(\d+)", spec)
     if not m:
@@ -177,7 +191,6 @@ def _is_container(path: str) -> bool:
 
 def number_files(files: list[str], report) -> tuple[str, dict[int, str]]:
     """(template, {image number: path}) for single-image files of one sweep."""
-    from dxtbx.sequence_filenames import template_regex
 
     by_number: dict[int, str] = {}
     templates: dict[str, list[str]] = {}
@@ -244,8 +257,6 @@ def truncated_reason(path: str) -> str | None:
             return f"unreadable: truncated file ({size} of {need} bytes)"
         md5 = re.search(rb"Content-MD5:\s*(\S+)", head)
         if md5:
-            import base64
-            import hashlib
 
             with open(path, "rb") as fh:
                 fh.seek(marker + 4)
@@ -281,11 +292,6 @@ def _format_kwargs(params):
 
 
 def _comparisons(params):
-    from dxtbx.model.experiment_list import (
-        BeamComparison,
-        DetectorComparison,
-        GoniometerComparison,
-    )
 
     t = params.input.tolerance
     return dict(
@@ -325,7 +331,6 @@ def _quiet_scan_join_messages():
 
 def _read_with_dxtbx(paths, params):
     """ExperimentList from files, and the files dxtbx could not read."""
-    from dxtbx.model.experiment_list import ExperimentListFactory
 
     unhandled: list[str] = []
     try:
@@ -466,8 +471,6 @@ def import_images(params, positional, report) -> Sweep:
     are never handed to dxtbx; each contiguous run of the others becomes one
     imported sequence of the sweep.
     """
-    from dxtbx.imageset import ImageSequence
-
     if params.geometry.scan.image_range:
         raise GapfillError(
             "geometry.scan.image_range is not supported here: leave images out with "
@@ -570,13 +573,6 @@ def import_images(params, positional, report) -> Sweep:
 
 def _apply_geometry(imagesets, params):
     """dials.import's MetaDataUpdater on the imported sequences, in image order."""
-    from dxtbx.imageset import ImageSequence
-    from dxtbx.model.experiment_list import ExperimentList
-
-    from dials.command_line.dials_import import MetaDataUpdater
-    from dials.util import Sorry
-
-    from dials_gapfill.phil import dials_import_params
 
     try:
         experiments = MetaDataUpdater(dials_import_params(params))(imagesets)
@@ -612,9 +608,6 @@ def adopt_experiments(experiments, params, report) -> Sweep:
     The same checks and model sharing as import_images; the geometry is taken
     as it is (overrides belong to the import that made it).
     """
-    from dxtbx.imageset import ImageSequence
-    from dxtbx.model.experiment_list import ExperimentList
-
     sequences = [e for e in experiments if isinstance(e.imageset, ImageSequence) and e.scan and not e.scan.is_still()]
     if not sequences:
         raise GapfillError("the experiments hold no rotation sweep: import the images as sequences")
@@ -644,7 +637,6 @@ def adopt_experiments(experiments, params, report) -> Sweep:
 
 
 def log_block_table(report) -> None:
-    from dials.util import tabulate
 
     rows = [
         [b.number, f"{b.first}-{b.last}", f"{b.phi_start:.2f} to {b.phi_end:.2f}", b.n_images]

@@ -24,7 +24,23 @@ from __future__ import annotations
 import copy
 import logging
 
+from dials.algorithms.indexing import DialsIndexError, indexer
+from dials.algorithms.indexing.bravais_settings import phil_scope as bravais_phil
+from dials.algorithms.indexing.bravais_settings import (
+    refined_settings_from_refined_triclinic,
+)
+from dials.algorithms.indexing.known_orientation import IndexerKnownOrientation
+from dials.array_family import flex
+from dials.command_line.index import index as dials_index
+from dials.command_line.refine_bravais_settings import (
+    eliminate_sys_absent,
+    map_to_primitive,
+)
+from dxtbx.model import Experiment
+from dxtbx.model.experiment_list import ExperimentList
+
 from dials_gapfill.errors import GapfillError
+from dials_gapfill.phil import _refinement, defaults, dials_index_params, resolve_nproc
 
 logger = logging.getLogger("dials.process_gapped.indexing")
 
@@ -74,9 +90,6 @@ def _restore_identifiers(indexed_experiments, indexed, experiments):
 
 def index(experiments, reflections, params):
     """(experiments with one shared crystal, reflections with miller indices)."""
-    from dials.algorithms.indexing import DialsIndexError
-
-    from dials_gapfill.phil import dials_index_params
 
     ip = dials_index_params(params)  # one crystal: a small refinement job
     ip.indexing.joint_indexing = True
@@ -102,7 +115,6 @@ def index(experiments, reflections, params):
 
 def _search_joint(experiments, reflections, ip):
     """all blocks jointly: dials.index on every block at once."""
-    from dials.command_line.index import index as dials_index
 
     return dials_index(experiments, [reflections], ip)
 
@@ -110,10 +122,6 @@ def _search_joint(experiments, reflections, ip):
 def _search_largest_block(experiments, reflections, ip):
     """largest block: DIALS' indexer on the block with most spots, then all
     blocks indexed with its crystal (known orientation)."""
-    from dxtbx.model.experiment_list import ExperimentList
-
-    from dials.algorithms.indexing import indexer
-    from dials.array_family import flex
 
     counts = [int((reflections["id"] == i).count(True)) for i in range(len(experiments))]
     largest = max(range(len(experiments)), key=lambda i: counts[i])
@@ -146,41 +154,33 @@ def _search_largest_block(experiments, reflections, ip):
         blocks.append(block)
     if ip.indexing.known_symmetry.space_group is None:
         ip.indexing.known_symmetry.space_group = crystal.get_space_group().info()
-    joint = _joint_known_orientation()(table, blocks, ip, [crystal])
+    joint = JointKnownOrientation(table, blocks, ip, [crystal])
     joint.index()
     indexed = copy.deepcopy(joint.refined_reflections)
     indexed.extend(joint.unindexed_reflections)
     return joint.refined_experiments, indexed
 
 
-def _joint_known_orientation():
+class JointKnownOrientation(IndexerKnownOrientation):
     """DIALS' IndexerKnownOrientation, but with ONE crystal for all image sets.
 
     Its own find_lattices pairs one known crystal with one image set (it is made
     for several lattices); joint indexing instead shares one crystal between
     all image sets, which is what this returns.
     """
-    from dxtbx.model import Experiment
-    from dxtbx.model.experiment_list import ExperimentList
-
-    from dials.algorithms.indexing.known_orientation import IndexerKnownOrientation
-
-    class JointKnownOrientation(IndexerKnownOrientation):
-        def find_lattices(self):
-            crystal = self.known_orientations[0]
-            cb_op = crystal.get_space_group().info().change_of_basis_op_to_primitive_setting()
-            crystal = crystal.change_basis(cb_op)
-            return ExperimentList(
-                [
-                    Experiment(
-                        imageset=e.imageset, beam=e.beam, detector=e.detector,
-                        goniometer=e.goniometer, scan=e.scan, crystal=crystal,
-                    )
-                    for e in self.experiments
-                ]
-            )
-
-    return JointKnownOrientation
+    def find_lattices(self):
+        crystal = self.known_orientations[0]
+        cb_op = crystal.get_space_group().info().change_of_basis_op_to_primitive_setting()
+        crystal = crystal.change_basis(cb_op)
+        return ExperimentList(
+            [
+                Experiment(
+                    imageset=e.imageset, beam=e.beam, detector=e.detector,
+                    goniometer=e.goniometer, scan=e.scan, crystal=crystal,
+                )
+                for e in self.experiments
+            ]
+        )
 
 
 def choose_bravais_lattice(experiments, reflections, params):
@@ -189,17 +189,6 @@ def choose_bravais_lattice(experiments, reflections, params):
 
     Returns (experiments, reflections, description).
     """
-    from dials.algorithms.indexing.bravais_settings import phil_scope as bravais_phil
-    from dials.algorithms.indexing.bravais_settings import (
-        refined_settings_from_refined_triclinic,
-    )
-    from dials.command_line.refine_bravais_settings import (
-        eliminate_sys_absent,
-        map_to_primitive,
-    )
-
-    from dials_gapfill.phil import _refinement, defaults, resolve_nproc
-
     wanted = str(params.indexing.bravais_lattice).strip()
     bp = defaults(bravais_phil)
     bp.nproc = resolve_nproc(params.mp.nproc)

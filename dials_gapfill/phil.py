@@ -19,9 +19,32 @@ command's working PHIL so that its defaults are DIALS' defaults.
 from __future__ import annotations
 
 import copy
+import shlex
 
 import iotbx.phil
+from dials.algorithms.integration.integrator import phil_scope as integrator_phil
+from dials.algorithms.profile_model.factory import phil_scope as profile_phil
+from dials.algorithms.spot_finding.factory import phil_scope as spotfinder_phil
+from dials.algorithms.spot_prediction.reflection_predictor import (
+    phil_scope as prediction_phil,
+)
+from dials.command_line import (
+    dials_import,
+    export,
+    find_spots,
+    index,
+    integrate,
+    refine,
+)
+from dials.util.mp import available_cores
+from dials.util.options import (
+    format_phil_scope,
+    geometry_phil_scope,
+    tolerance_phil_scope,
+)
 from libtbx import Auto
+
+from dials_gapfill.errors import GapfillError
 
 
 def _merged(name, scopes, help_text=None):
@@ -288,18 +311,6 @@ def _remove(master, path):
 
 
 def _build_master():
-    from dials.algorithms.integration.integrator import phil_scope as integrator_phil
-    from dials.algorithms.profile_model.factory import phil_scope as profile_phil
-    from dials.algorithms.spot_finding.factory import phil_scope as spotfinder_phil
-    from dials.algorithms.spot_prediction.reflection_predictor import (
-        phil_scope as prediction_phil,
-    )
-    from dials.command_line import dials_import, export, index, refine
-    from dials.util.options import (
-        format_phil_scope,
-        geometry_phil_scope,
-        tolerance_phil_scope,
-    )
 
     master = iotbx.phil.parse(_own_phil)
     # input.tolerance: the tolerances dials.import uses to decide shared models
@@ -375,7 +386,6 @@ def rewrite_aliases(args):
 
 def params_from(params=None):
     """A working extract from None, PHIL text, a list of key=value strings or an extract."""
-    import shlex
 
     if params is None:
         return working_params("")
@@ -398,7 +408,6 @@ def _has_unknown(text):
 
 
 def _from_args(args):
-    from dials_gapfill.errors import GapfillError
 
     interpreter = master_phil().command_line_argument_interpreter()
     sources = []
@@ -434,7 +443,6 @@ def defaults(scope):
 
 def resolve_nproc(nproc):
     if nproc is Auto or nproc is None:
-        from dials.util.mp import available_cores
 
         return available_cores()
     return int(nproc)
@@ -442,7 +450,6 @@ def resolve_nproc(nproc):
 
 def dials_import_params(params):
     """Parameters in the shape dials.import's MetaDataUpdater expects."""
-    from dials.command_line import dials_import
 
     p = defaults(dials_import.phil_scope)
     p.geometry = params.geometry
@@ -477,7 +484,6 @@ def _set_mp(scope, params, none_word):
 
 
 def dials_spotfinder_params(params):
-    from dials.command_line import find_spots
 
     p = defaults(find_spots.working_phil)
     p.spotfinder = copy.deepcopy(params.spotfinder)
@@ -511,7 +517,6 @@ def _refinement(params, n_blocks=1):
 
 
 def dials_index_params(params, n_blocks=1):
-    from dials.command_line import index
 
     p = defaults(index.working_phil)
     p.indexing = copy.deepcopy(params.indexing)
@@ -526,7 +531,6 @@ def dials_index_params(params, n_blocks=1):
 
 
 def dials_refine_params(params, n_blocks=1):
-    from dials.command_line import refine
 
     p = defaults(refine.working_phil)
     p.refinement = _refinement(params, n_blocks)
@@ -534,7 +538,6 @@ def dials_refine_params(params, n_blocks=1):
 
 
 def dials_integrate_params(params):
-    from dials.command_line import integrate
 
     p = defaults(integrate.working_phil)
     p.integration = copy.deepcopy(params.integration)

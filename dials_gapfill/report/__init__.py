@@ -7,6 +7,13 @@ import logging
 import math
 import platform
 
+from dials.array_family import flex
+from dials.util.version import dials_version
+from scitbx import matrix
+
+from dials_gapfill import __version__
+from dials_gapfill.phil import master_phil
+from dials_gapfill.report.html import html_report
 from dials_gapfill.tables import mean_cell
 
 logger = logging.getLogger("dials.process_gapped.report")
@@ -16,7 +23,6 @@ LAYOUT_VERSION = 1
 
 def _orientation_angles(U, U_ref):
     """Rotation of U relative to U_ref as angles about the lab x, y, z axes (deg)."""
-    from scitbx import matrix
 
     R = matrix.sqr(U) * matrix.sqr(U_ref).transpose()
     # small-angle decomposition R = Rz Ry Rx
@@ -56,7 +62,6 @@ def _scan_varying_plots(experiments, report):
 
 def _isigi_vs_resolution(reflections, experiments, report, n_bins=10):
     """Mean I/sigma in shells of equal 1/d^2, per block."""
-    from dials.array_family import flex
 
     if reflections is None or "intensity.sum.value" not in reflections:
         return None
@@ -147,9 +152,6 @@ def _clean(value):
 
 def summary_dict(state, diff_phil: str = "") -> dict:
     """Everything of the summary, machine-readable (layout in README.md)."""
-    from dials.util.version import dials_version
-
-    from dials_gapfill import __version__
 
     report = state.report
     blocks = []
@@ -204,7 +206,6 @@ def summary_dict(state, diff_phil: str = "") -> dict:
 
 
 def _working_phil_text(params) -> str:
-    from dials_gapfill.phil import master_phil
 
     return master_phil().format(python_object=params).as_str()
 
@@ -227,7 +228,6 @@ def write_reports(state, outputs, diff_phil: str = "") -> None:
 
         outputs.write(out.json, write_json)
     if out.html:
-        from dials_gapfill.report.html import html_report
 
         text = html_report(data)
 
