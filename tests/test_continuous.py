@@ -21,7 +21,7 @@ def _files(folder):
     return [os.path.join(folder, f) for f in names]
 
 
-def _run(folder, truth_folder, **refine_kw):
+def _run(folder, truth_folder, phil=(), **refine_kw):
     from dials_gapfill import compare, continuous
     from dials_gapfill.phil import params_from
 
@@ -30,7 +30,7 @@ def _run(folder, truth_folder, **refine_kw):
         truth = json.load(fh)
     experiments = compare.import_blocks(files)
     spots = compare.strong_spots(experiments, nproc=2)
-    params = params_from(["nproc=2"])
+    params = params_from(["nproc=2", *phil])
     blocks, indexed = continuous.index(experiments, spots, params)
     refined_blocks, refined, record = continuous.refine(blocks, indexed, params, **refine_kw)
     return dict(
@@ -203,16 +203,21 @@ def test_tiny_blocks_of_one_to_three_images(tiny_sweeps, tiny):
 
 @pytest.mark.slow
 def test_a_30_degree_gap_is_not_singular(tmp_path_factory):
-    """60 x 1 deg with images 16-45 missing: the smoother's checkpoints inside
-    the gap have no data; refinement must still converge and be right."""
+    """60 x 1 deg with images 16-45 missing, smoother checkpoints every 10 deg:
+    two or three checkpoints inside the gap have no data; refinement must still
+    converge and be right (and the cell esds come from the static job)."""
     from dials_gapfill import compare
 
     sweeps = Sweeps(dict(TINY, n_images=60), tmp_path_factory)
-    run = _run(sweeps.make(omit=range(16, 46), name="gap30"), sweeps.complete)
+    run = _run(
+        sweeps.make(omit=range(16, 46), name="gap30"), sweeps.complete,
+        phil=["refinement.parameterisation.crystal.orientation.smoother.interval_width_degrees=10"],
+    )
     blocks = run["refined_blocks"]
     assert [e.scan.get_image_range() for e in blocks] == [(1, 15), (46, 60)]
     errors = compare.orientation_errors(blocks, run["truth"])
-    assert errors["worst"] < 0.1
-    assert compare.cell_error(blocks[0].crystal, run["truth"])["rel_error_max"] < 0.002
+    assert errors["worst"] < 0.06 and errors["median"] < 0.03
+    assert compare.cell_error(blocks[0].crystal, run["truth"])["rel_error_max"] < 0.001
     esd = run["record"]["crystal"]["unit_cell_esd"]
-    assert all(v == v and v < 0.05 for v in esd[:3])  # finite, small: not singular
+    assert all(v == v and v < 0.02 for v in esd[:3])  # finite, small
+    assert blocks[0].crystal.num_scan_points == 16 and blocks[1].crystal.num_scan_points == 16
