@@ -3,10 +3,13 @@
 
 For each simulated sweep it compares, on the same images,
 
-- ``gapless``: the same sweep without gaps, through ``dials.process_gapped``
-  (one block, one scan-varying crystal);
-- ``per_block``: today's per-block model, ``dials.process_gapped`` on the
-  gapped images;
+- ``gapless``: the same sweep without gaps, today's pipeline (one block, one
+  scan-varying crystal);
+- ``per_block``: today's per-block model on the gapped images;
+
+(both through the pipeline's own indexing and refinement stages on the
+same harness, or with ``--full-pipeline`` through ``process_gapped``,
+integration included: the same numbers, several minutes more);
 - ``continuous``: ``dials_gapfill.continuous`` (index + refine) on the
   gapped images, with a harness made from DIALS only (dxtbx import of the
   file list: one experiment per contiguous run; shared beam, detector,
@@ -107,6 +110,37 @@ def run_pipeline(files, truth, label):
     )
 
 
+def run_stages(files, truth, label):
+    """Today's per-block model without integration: the pipeline's own indexing
+    and refinement stages (dials_gapfill.indexing.index, refinement.refine) on
+    the same DIALS-only harness (import, spots) as the continuous model."""
+    from dials_gapfill import compare, indexing, refinement
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.state import Report, blocks_of
+
+    experiments = compare.import_blocks(files)
+    spots = compare.strong_spots(experiments, nproc=2)
+    t0 = time.time()
+    params = params_from(["nproc=2"])
+    report = Report(blocks=blocks_of(experiments))
+    experiments, indexed = indexing.index(experiments, spots, params)
+    ok = indexed.get_flags(indexed.flags.indexed) & (indexed["id"] >= 0)
+    fraction = ok.count(True) / len(spots)
+    experiments, refined = refinement.refine(experiments, indexed, params, report)
+    seconds = time.time() - t0
+    parts = []
+    for b in report.blocks:
+        r = b.stats.get("rmsd_scan_varying") or b.stats.get("rmsd_static")
+        if r:
+            parts.append((r["x"], r["y"], r["phi"], r["n"]))
+    oe, cell = _errors(experiments, truth)
+    return dict(
+        label=label, blocks=len(experiments), spots=len(spots), indexed=fraction,
+        rmsd=_combine_rmsds(parts), median=oe["median"], worst=oe["worst"], cell=cell,
+        seconds=seconds, note="pipeline stages index + refine (no integration)",
+    )
+
+
 def run_continuous(files, truth, label, gap_edge="xy", reindex_cycles=0):
     from dials.array_family import flex
 
@@ -147,6 +181,92 @@ def run_continuous(files, truth, label, gap_edge="xy", reindex_cycles=0):
     )
 
 
+def _truth_lookup(truth, crystal):
+    """h (refined basis) -> true I, via the basis change to the truth and its asu."""
+    import numpy as np
+    from cctbx import crystal as cctbx_crystal
+    from cctbx import miller, sgtbx, uctbx
+    from cctbx.array_family import flex as cflex
+
+    from dials_gapfill import compare
+
+    A = np.array(crystal.get_A_at_scan_point(0) if crystal.num_scan_points else crystal.get_A()).reshape(3, 3)
+    first = truth["image_range"][0]
+    X = compare.basis_to_truth(A, compare.truth_A_mid(truth, first))
+    Xinv = np.round(np.linalg.inv(X)).astype(int)
+    sym = cctbx_crystal.symmetry(
+        unit_cell=uctbx.unit_cell(truth["unit_cell"]),
+        space_group=sgtbx.space_group_info(truth["space_group"]).group(),
+    )
+    table = {tuple(h): I for h, I in zip(truth["intensities"]["miller_index"], truth["intensities"]["I"])}
+
+    def lookup(hkls):
+        mapped = cflex.miller_index([tuple(int(v) for v in Xinv @ np.array(h)) for h in hkls])
+        asu = miller.set(sym, mapped, anomalous_flag=False).map_to_asu().indices()
+        return [table.get(tuple(h)) for h in asu]
+
+    return lookup
+
+
+def partials(workdir):
+    """Reflections whose rocking curve spans a one-image gap: the two partial
+    observations of today's pipeline (per-block model) against the one
+    combined by continuous.combine_gap_partials, CC with the truth (I/sigma > 3)."""
+    from dials_gapfill import continuous, process_gapped
+    from dials_gapfill.simulate import SimulationConfig, simulate
+
+    d = os.path.join(workdir, "partials")
+    config = dict(n_images=60, osc_width=0.5, detector="pilatus300k", distance=150.0, seed=42)
+    if not os.path.exists(os.path.join(d, "ground_truth.json")):
+        simulate(SimulationConfig(**config), d)
+    with open(os.path.join(d, "ground_truth.json")) as fh:
+        truth = json.load(fh)
+    omit = set(range(6, 61, 6))
+    files = [os.path.join(d, f) for f, n in zip(truth["files"], truth["images_written"]) if n not in omit]
+    result = process_gapped(files, ["nproc=2"])
+    expts, refl = result.experiments, result.reflections
+    lookup = _truth_lookup(truth, expts[0].crystal)
+    pairs = continuous.gap_partial_pairs(expts, refl)
+    combined, n = continuous.combine_gap_partials(expts, refl)
+
+    def cc(table, rows, kind):
+        xs, ys = [], []
+        true = lookup([table["miller_index"][i] for i in rows])
+        for i, t in zip(rows, true):
+            if t is None:
+                continue
+            if kind == "prf":
+                if not table.get_flags(table.flags.integrated_prf)[i]:
+                    continue
+                I, V = table["intensity.prf.value"][i], table["intensity.prf.variance"][i]
+            else:
+                p = table["partiality"][i]
+                I, V = table["intensity.sum.value"][i] / p, table["intensity.sum.variance"][i] / p**2
+            scale = table["lp"][i] / table["qe"][i]
+            if V <= 0 or I / math.sqrt(V) < 3:
+                continue
+            xs.append(I * scale)
+            ys.append(t)
+        from dials_gapfill.compare import _pearson
+
+        return (_pearson(xs, ys) if len(xs) > 2 else float("nan")), len(xs)
+
+    part = refl["partiality"]
+    edge = refl["gap_edge"] if "gap_edge" in refl else None
+    uncut = [i for i in range(len(refl)) if part[i] > 0.99 and (edge is None or not edge[i])]
+    singles = [i for p in pairs for i in p]
+    comb = [i for i in range(len(combined)) if combined["gap_combined"][i]]
+    print(f"\n== partials: 60 x 0.5 deg, every 6th image missing; {len(pairs)} gap-spanning pairs, {n} combined ==")
+    for kind in ("sum", "prf"):
+        for label, table_, rows in (
+            ("uncut (partiality > 0.99)", refl, uncut),
+            ("each part alone", refl, singles),
+            ("combined (measured once)", combined, comb),
+        ):
+            c, m = cc(table_, rows, kind)
+            print(f"  {kind:<4} {label:<28} CC {c:.4f}  n {m}")
+
+
 def table(rows):
     head = (
         f"{'model':<28} {'blocks':>6} {'spots':>7} {'indexed':>8} {'rmsd x':>7} {'rmsd y':>7} "
@@ -170,9 +290,18 @@ def main(argv=None):
     parser.add_argument("--treatments", default="xy,exclude,full")
     parser.add_argument("--reindex-cycles", type=int, default=0)
     parser.add_argument("--no-pipeline", action="store_true", help="only the continuous model")
+    parser.add_argument(
+        "--full-pipeline", action="store_true",
+        help="gapless and per-block runs through process_gapped (with integration) instead of "
+        "its indexing and refinement stages",
+    )
+    parser.add_argument("--no-gapless", default="", help="sweeps without the gapless run (comma-separated)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--partials", action="store_true", help="only the gap-spanning partials measurement")
     args = parser.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
+    if args.partials:
+        return partials(args.workdir)
     results = {}
     for name in args.sweeps.split(","):
         folder, truth = simulated(args.workdir, name)
@@ -181,8 +310,10 @@ def main(argv=None):
         gapped = [f for f, n in zip(all_files, truth["images_written"]) if n not in omit]
         rows = []
         if not args.no_pipeline:
-            rows.append(run_pipeline(all_files, truth, "gapless (process_gapped)"))
-            rows.append(run_pipeline(gapped, truth, "per-block (process_gapped)"))
+            run, what = (run_pipeline, "process_gapped") if args.full_pipeline else (run_stages, "stages")
+            if name not in args.no_gapless.split(","):
+                rows.append(run(all_files, truth, f"gapless ({what})"))
+            rows.append(run(gapped, truth, f"per-block ({what})"))
         for treatment in args.treatments.split(","):
             rows.append(
                 run_continuous(gapped, truth, f"continuous, gap edge {treatment}", treatment, args.reindex_cycles)
