@@ -1,7 +1,7 @@
 """Export stage: integrated.expt/.refl, one unmerged MTZ with BATCH equal to
 the image number, and (optionally) one MTZ per block.
 
-MTZ files are written by DIALS' own ``dials.util.export_mtz.export_mtz``.
+MTZ files are written by dials.export's own ``export_mtz`` (its mtz.* options).
 dxtbx gives a block starting at image n a batch offset of n - 1 (DIALS relies
 on it to slice image sets by array range), and export_mtz keeps distinct
 offsets, so the later blocks' BATCH numbers would not be their image numbers
@@ -17,10 +17,13 @@ from __future__ import annotations
 import copy
 import logging
 
-from dials.util.export_mtz import export_mtz
+import iotbx.mtz
+from dials.command_line.export import export_mtz as dials_export_mtz
+from dials.command_line.export import phil_scope as export_phil
 from dxtbx.model.experiment_list import ExperimentList
 
 from dials_gapfill.errors import GapfillError
+from dials_gapfill.phil import defaults
 from dials_gapfill.tables import keep_experiments
 
 logger = logging.getLogger("dials.process_gapped.export")
@@ -39,30 +42,20 @@ def image_number_batches(experiments):
 
 
 def write_mtz(reflections, experiments, params, path, intensity=None):
-    """DIALS' export_mtz with the mtz.* options; returns the number of reflections."""
-
-    m = params.mtz
+    """dials.export's MTZ export with the mtz.* options; returns the number of
+    reflections written."""
+    ep = defaults(export_phil)
+    for name in (n for n in vars(ep.mtz) if not n.startswith("_")):  # dials.export's mtz scope is ours
+        setattr(ep.mtz, name, copy.deepcopy(getattr(params.mtz, name)))
+    ep.mtz.hklout = path
+    ep.intensity = list(intensity or params.mtz.intensity)
     try:
-        mtz = export_mtz(
-            copy.deepcopy(reflections),
-            experiments,
-            intensity_choice=list(intensity or m.intensity),
-            filename=path,
-            best_unit_cell=m.best_unit_cell,
-            partiality_threshold=m.partiality_threshold,
-            combine_partials=m.combine_partials,
-            min_isigi=m.min_isigi,
-            filter_ice_rings=m.filter_ice_rings,
-            d_min=m.d_min,
-            force_static_model=m.force_static_model,
-            crystal_name=m.crystal_name,
-            project_name=m.project_name,
-        )
+        dials_export_mtz(ep, experiments, [copy.deepcopy(reflections)])
     except (ValueError, AssertionError, RuntimeError) as e:
         raise GapfillError(
             f"MTZ export failed: {' '.join(str(e).split())[:200]}: check mtz.*"
         ) from None
-    return mtz.n_reflections()
+    return iotbx.mtz.object(path).n_reflections()
 
 
 def export(experiments, reflections, params, report, outputs):
