@@ -154,7 +154,39 @@ scaling
     .help = "Keep Friedel pairs separate in scaling and merging statistics."
   d_min = None
     .type = float(value_min=0)
-    .help = "High resolution limit for scaling and merging."
+    .help = "High resolution limit for scaling and merging (overrides"
+            "scaling.resolution)."
+  resolution
+    .help = "Automatic high resolution limit (as xia2 and dials.estimate_resolution)"
+            "when scaling.d_min is not given."
+  {
+    cc_half = 0.3
+      .type = float(value_min=0, value_max=1)
+      .help = "Cut the data where a fit of CC1/2 against resolution (tanh, as"
+              "dials.estimate_resolution) falls to this value; the blocks are then"
+              "scaled again with that limit. None: no CC1/2 criterion (with"
+              "completeness=None too, all data to the detector edge). Ignored"
+              "when scaling.d_min is set."
+    completeness = None
+      .type = float(value_min=0, value_max=1)
+      .help = "Also cut where a fit of completeness against resolution (as"
+              "dials.estimate_resolution completeness=) falls to this fraction,"
+              "e.g. 0.5 to leave out the detector corners; the lower resolution"
+              "of the two limits is used. None: completeness is not a criterion."
+  }
+}
+
+sanity
+  .help = "Data sanity checks: warnings about data that are not what the"
+          "headers say (stills posing as rotation data, wrapped overloads, ...)."
+{
+  run = True
+    .type = bool
+    .help = "Run the checks and report their warnings (summary, log, JSON)."
+  sample_images = 5
+    .type = int(value_min=1)
+    .expert_level = 1
+    .help = "Images read for the detector checks (evenly spaced over the blocks)."
 }
 
 output

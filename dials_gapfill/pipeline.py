@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+from dials_gapfill import sanity
 from dials_gapfill.bad_images import find_bad_images, whole_frame_faults
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.export import export
@@ -130,8 +131,6 @@ def stage_bad_images(state: State) -> None:
     hand.
     """
     params, sweep = state.params, state.sweep
-    if not params.gaps.auto_exclude:
-        return
     found = False
     for _ in range(3):
         bad = find_bad_images(state.reflections, state.experiments, params)
@@ -156,6 +155,11 @@ def stage_bad_images(state: State) -> None:
         _count_spots(state)
     else:
         logger.info("No bad images found")
+
+
+def stage_detector_checks(state: State) -> None:
+    """Data sanity: the detector as it is, read on a few of the images used."""
+    _warn(state, sanity.spot_warnings(state.experiments, state.reflections, state.params))
 
 
 def stage_index(state: State) -> None:
@@ -206,12 +210,24 @@ def stage_refine(state: State) -> None:
     state.experiments, state.reflections = refine(
         state.experiments, state.reflections, state.params, state.report
     )
+    if sanity.enabled(state.params):
+        _warn(state, sanity.refinement_warnings(state.experiments, state.reflections, state.params))
+
+
+def _warn(state: State, lines) -> None:
+    """Data sanity warnings: logged, and in the summary."""
+    for line in lines:
+        logger.warning("Warning: %s", line)
+        if line not in state.report.warnings:
+            state.report.warnings.append(line)
 
 
 def stage_integrate(state: State) -> None:
     state.experiments, state.reflections = integrate(
         state.experiments, state.reflections, state.params, state.report, state.sweep
     )
+    if sanity.enabled(state.params):
+        _warn(state, sanity.integration_warnings(state.experiments, state.reflections, state.params))
 
 
 def stage_export(state: State) -> None:
@@ -234,6 +250,7 @@ STAGES = [
     ("import", stage_import, _always),
     ("spot finding", stage_find_spots, _always),
     ("bad images", stage_bad_images, lambda p: p.gaps.auto_exclude),
+    ("detector checks", stage_detector_checks, sanity.enabled),
     ("indexing", stage_index, _always),
     ("refinement", stage_refine, _always),
     ("integration", stage_integrate, _always),

@@ -35,21 +35,6 @@ import math
 
 logger = logging.getLogger("dials.process_gapped.sanity")
 
-# PHIL for a `sanity` scope (top level), for the lead to include.
-phil_str = """
-sanity
-  .help = "Data sanity checks: warnings about data that are not what the"
-          "headers say (stills posing as rotation data, wrapped overloads, ...)."
-{
-  run = True
-    .type = bool
-    .help = "Run the checks and report their warnings (summary, log, JSON)."
-  sample_images = 5
-    .type = int(value_min=1)
-    .expert_level = 1
-    .help = "Images read for the detector checks (evenly spaced over the blocks)."
-}
-"""
 
 # stills: fraction of strong (I/sigma > 3) fully recorded reflections predicted
 # within EDGE of an image boundary, relative to those within EDGE of an image

@@ -30,28 +30,6 @@ from dials_gapfill.phil import defaults
 
 logger = logging.getLogger("dials.process_gapped.scaling")
 
-# PHIL for the automatic resolution limit, to go inside the `scaling` scope.
-resolution_phil_str = """
-  resolution
-    .help = "Automatic high resolution limit (as xia2 and dials.estimate_resolution)"
-            "when scaling.d_min is not given."
-  {
-    cc_half = 0.3
-      .type = float(value_min=0, value_max=1)
-      .help = "Cut the data where a fit of CC1/2 against resolution (tanh, as"
-              "dials.estimate_resolution) falls to this value; the blocks are then"
-              "scaled again with that limit. None: no CC1/2 criterion (with"
-              "completeness=None too, all data to the detector edge). Ignored"
-              "when scaling.d_min is set."
-    completeness = None
-      .type = float(value_min=0, value_max=1)
-      .help = "Also cut where a fit of completeness against resolution (as"
-              "dials.estimate_resolution completeness=) falls to this fraction,"
-              "e.g. 0.5 to leave out the detector corners; the lower resolution"
-              "of the two limits is used. None: completeness is not a criterion."
-  }
-"""
-DEFAULT_CC_HALF = 0.3
 
 
 def determine_symmetry(experiments, reflections):
@@ -151,11 +129,8 @@ def _shell(stats, key):
 
 
 def cc_half_threshold(params):
-    """scaling.resolution.cc_half (read defensively: None means no automatic limit)."""
-    resolution = getattr(params.scaling, "resolution", None)
-    if resolution is None:
-        return DEFAULT_CC_HALF
-    return getattr(resolution, "cc_half", DEFAULT_CC_HALF)
+    """scaling.resolution.cc_half (None: no CC1/2 criterion)."""
+    return params.scaling.resolution.cc_half
 
 
 def _tables_by_experiment(experiments, joint):
@@ -217,9 +192,8 @@ def estimate_resolution(experiments, joint, cc_half):
 
 
 def completeness_threshold(params):
-    """scaling.resolution.completeness (read defensively; None: not used)."""
-    resolution = getattr(params.scaling, "resolution", None)
-    return getattr(resolution, "completeness", None) if resolution is not None else None
+    """scaling.resolution.completeness (None: not used)."""
+    return params.scaling.resolution.completeness
 
 
 def estimate_resolution_completeness(experiments, joint, completeness):

@@ -160,16 +160,3 @@ def test_undefined_statistics_without_repeated_observations():
     out = merging_summary(stats)
     assert out["cc_half"] == [0.99, 0.99, None] and out["r_merge"][2] is None
     assert out["shells"][-1]["cc_half"] is None and out["shells"][0]["cc_half"] == 0.99
-
-
-def test_cc_half_threshold_read_defensively():
-    """scaling.resolution.cc_half=None switches the automatic limit off; a
-    parameter set without scaling.resolution gets the default 0.3."""
-    from types import SimpleNamespace
-
-    from dials_gapfill.scaling import cc_half_threshold
-
-    params = SimpleNamespace(scaling=SimpleNamespace(d_min=None, resolution=SimpleNamespace(cc_half=None)))
-    assert cc_half_threshold(params) is None
-    # older parameter sets without scaling.resolution: the default threshold
-    assert cc_half_threshold(SimpleNamespace(scaling=SimpleNamespace(d_min=None))) == 0.3
