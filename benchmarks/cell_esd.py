@@ -28,14 +28,8 @@ def refine_once(folder, phil, nproc):
     from dials_gapfill.phil import params_from
 
     params = params_from([f"mp.nproc={nproc}", *phil])
-    run = pipeline.Pipeline(params, [folder])
-    for name, stage, runs in pipeline.STAGES:
-        if name == "integration":
-            break
-        if runs(params):
-            stage(run.state)
-    pipeline.finalise(run.state)
-    final = run.state.report.crystal["final"]
+    state = pipeline.Pipeline(params, [folder]).run(stop_before="integration")
+    final = state.report.crystal["final"]
     return final["unit_cell"], final["unit_cell_esd"]
 
 

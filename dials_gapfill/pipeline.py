@@ -275,10 +275,13 @@ class Pipeline:
         """A Sweep made elsewhere (importer.adopt_experiments): no import."""
         self.state.sweep = sweep
 
-    def run(self) -> State:
+    def run(self, stop_before: str | None = None) -> State:
+        """Run the stages in order (up to, not including, `stop_before`)."""
         state = self.state
         t_start = time.perf_counter()
         for name, stage, runs in STAGES:
+            if name == stop_before:
+                break
             if not runs(state.params):
                 continue
             logger.info("")

@@ -44,10 +44,7 @@ def _first_stages(images, *phil):
     from dials_gapfill.phil import params_from
 
     params = params_from([f"mp.nproc={NPROC}", *phil])
-    run = pipeline.Pipeline(params, images)
-    for name, stage, _ in pipeline.STAGES[:3]:
-        stage(run.state)
-    return run.state
+    return pipeline.Pipeline(params, images).run(stop_before="detector checks")
 
 
 def _inputs(folder, how):

@@ -16,14 +16,8 @@ def _refined(images, *phil):
     from dials_gapfill.phil import params_from
 
     params = params_from([f"mp.nproc={NPROC}", *phil])
-    run = pipeline.Pipeline(params, images)
-    for name, stage, runs in pipeline.STAGES:
-        if name == "integration":
-            break
-        if runs(params):
-            stage(run.state)
-    pipeline.finalise(run.state)
-    return run.state.report
+    state = pipeline.Pipeline(params, images).run(stop_before="integration")
+    return state.report
 
 
 @pytest.fixture(scope="module")
