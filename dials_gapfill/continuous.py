@@ -156,13 +156,26 @@ def slice_onto_blocks(continuous, experiments):
 
     from dials.util.slice import slice_crystal
 
-    f0 = continuous.scan.get_image_range()[0]
+    f0, l0 = continuous.scan.get_image_range()
     out = ExperimentList()
     for exp in experiments:
         f, l = exp.scan.get_image_range()
         crystal = continuous.crystal
         if crystal.num_scan_points > 0:
-            crystal = slice_crystal(crystal, (f - f0, l - f0 + 1))
+            if f < f0 or l > l0:
+                # DIALS trims a scan to the images with observations: a block
+                # beyond them keeps the orientation of the nearest end
+                logger.warning(
+                    "Images %d-%d lie outside the refined scan %d-%d: the orientation of its "
+                    "nearest end is used", f, l, f0, l0,
+                )
+                n = crystal.num_scan_points
+                A = [crystal.get_A_at_scan_point(min(max(k - f0, 0), n - 1)) for k in range(f, l + 2)]
+                crystal = copy.deepcopy(crystal)
+                crystal.reset_scan_points()
+                crystal.set_A_at_scan_points(A)
+            else:
+                crystal = slice_crystal(crystal, (f - f0, l - f0 + 1))
         out.append(
             Experiment(
                 imageset=exp.imageset,
@@ -194,8 +207,9 @@ def _to_continuous(reflections, continuous):
     table = copy.deepcopy(reflections)
     keep = table["id"] >= 0
     table["block"] = table["id"]  # remember the block
-    table["id"] = flex.int(len(table), 0)
-    table["id"].set_selected(~keep, -1)
+    ids = flex.int(len(table), 0)
+    ids.set_selected(~keep, -1)
+    table["id"] = ids
     table["imageset_id"] = flex.int(len(table), 0)
     _set_identifiers(table, [continuous])
     return table
@@ -212,8 +226,9 @@ def _to_blocks(table, experiments):
         f, l = exp.scan.get_image_range()
         block.set_selected((image >= f) & (image <= l), i)
     ids = table["id"]
-    table["id"] = flex.int(len(table), -1)
-    table["id"].set_selected(ids >= 0, block.select(ids >= 0))
+    new = flex.int(len(table), -1)
+    new.set_selected(ids >= 0, block.select(ids >= 0))
+    table["id"] = new
     table["block"] = block
     _set_identifiers(table, experiments)
     return table
