@@ -571,7 +571,8 @@ def refine(
     gap_edge="xy",
     scan_varying_cell=False,
     reindex_gap_edges=True,
-    reindex_cycles=1,
+    reindex_cycles=0,
+    final_reindex=True,
     z_window=2.0,
 ):
     """Static, then scan-varying refinement of ONE crystal over the whole range.
@@ -587,7 +588,9 @@ def refine(
     `reindex_gap_edges` they are indexed again against the statically refined
     model before the scan-varying job; with `reindex_cycles` > 0 all spots are
     indexed again against the scan-varying model (:func:`index_against_predictions`)
-    and the scan-varying job is repeated, that many times.
+    and the scan-varying job is repeated, that many times; with
+    `final_reindex` all spots are indexed against the final model's
+    predictions at the end (no further refinement).
 
     Returns (block experiments, each with its slice of the refined crystal
     and the shared refined beam, detector and goniometer; all input
@@ -677,6 +680,14 @@ def refine(
         table["xyzobs.mm.value"].set_selected(edge.iselection(), original_mm[0].select(edge.iselection()))
         table["xyzobs.mm.variance"].set_selected(edge.iselection(), original_mm[1].select(edge.iselection()))
     final = model
+    if final_reindex:
+        # every spot indexed against the final model (no more refinement):
+        # the indexed fraction of the model that is handed on
+        used = table.get_flags(table.flags.used_in_refinement)
+        n = index_against_predictions(final, table, table["id"] >= -1, z_window=z_window)
+        lost = used & ~table.get_flags(table.flags.indexed)
+        table.unset_flags(lost, table.flags.used_in_refinement)
+        logger.info("All spots indexed against the final model: %d of %d", n, len(table))
 
     blocks = slice_onto_blocks(final, experiments)
     out = _to_blocks(table, blocks)
