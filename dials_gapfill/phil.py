@@ -246,8 +246,23 @@ mp
 
 _refinement_extra = """
 blocks
-  .help = "How the per-block crystal models are refined (dials.process_gapped)."
+  .help = "The crystal model of a sweep with gaps (dials.process_gapped)."
 {
+  model = continuous *per_block
+    .type = choice
+    .help = "continuous: ONE crystal for the whole rotation, gaps included (as"
+            "XDS): indexed and refined on one scan over all images, orientation"
+            "scan-varying and smooth across the gaps, cell static; each block"
+            "takes its slice of it for integration. Spots cut by a gap are kept"
+            "out of the lattice search and give x, y but not phi to refinement."
+            "per_block: a copy of the crystal per block, refined scan-varying in"
+            "one job with shared beam, detector and goniometer, cells tied (the"
+            "documented DIALS recipe for missing images). The options below"
+            "are those of per_block."
+  continuous_scan_varying_cell = False
+    .type = bool
+    .expert_level = 1
+    .help = "continuous: let the cell vary through the scan too."
   tie_cells = True
     .type = bool
     .help = "Restrain the unit cells of all blocks to their common mean (DIALS'"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from dials_gapfill import sanity
+from dials_gapfill import continuous, sanity
 from dials_gapfill.bad_images import find_bad_images, whole_frame_faults
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.export import export
@@ -165,7 +165,10 @@ def stage_detector_checks(state: State) -> None:
 def stage_index(state: State) -> None:
     params, report, sweep = state.params, state.report, state.sweep
     strong_counts = [int((state.reflections["id"] == i).count(True)) for i in range(len(state.experiments))]
-    experiments, indexed = index(state.experiments, state.reflections, params)
+    if params.refinement.blocks.model == "continuous":
+        experiments, indexed = continuous.index(state.experiments, state.reflections, params)
+    else:
+        experiments, indexed = index(state.experiments, state.reflections, params)
     flags = indexed.get_flags(indexed.flags.indexed)
     keep = set()
     for i, exp in enumerate(experiments):
@@ -207,9 +210,35 @@ def stage_index(state: State) -> None:
 
 
 def stage_refine(state: State) -> None:
-    state.experiments, state.reflections = refine(
-        state.experiments, state.reflections, state.params, state.report
-    )
+    params, report = state.params, state.report
+    if params.refinement.blocks.model == "continuous":
+        experiments, reflections, record = continuous.refine(
+            state.experiments, state.reflections, params,
+            scan_varying_cell=params.refinement.blocks.continuous_scan_varying_cell,
+        )
+        for identifier, stats in record["blocks"].items():
+            block = report.block(identifier)
+            block.stats.update(stats)
+            r = stats.get("rmsd_scan_varying")
+            if r:
+                logger.info(
+                    "Block %d (images %s): RMSD x %.3f px, y %.3f px, phi %.3f images (%d reflections)",
+                    block.number, block.label, r["x"], r["y"], r["phi"], r["n"],
+                )
+        crystal = record["crystal"]
+        # the cell is static: the static job's cell, with its esds
+        report.crystal["static"] = {
+            "unit_cell": crystal["unit_cell"],
+            "unit_cell_esd": crystal["unit_cell_esd"],
+            "space_group": crystal["space_group"],
+        }
+        report.crystal["cell_esd"] = crystal["unit_cell_esd"]
+        report.crystal["cells_tied"] = True  # one cell: no per-block esds
+        report.crystal["model"] = "continuous"
+        state.experiments, state.reflections = experiments, reflections
+    else:
+        state.experiments, state.reflections = refine(state.experiments, state.reflections, params, report)
+        report.crystal["model"] = "per_block"
     if sanity.enabled(state.params):
         _warn(state, sanity.refinement_warnings(state.experiments, state.reflections, state.params))
 
