@@ -141,7 +141,7 @@ def run_stages(files, truth, label):
     )
 
 
-def run_continuous(files, truth, label, gap_edge="xy", reindex_cycles=0):
+def run_continuous(files, truth, label, gap_edge="xy", reindex_cycles=0, phil=()):
     from dials.array_family import flex
 
     from dials_gapfill import compare, continuous
@@ -151,7 +151,7 @@ def run_continuous(files, truth, label, gap_edge="xy", reindex_cycles=0):
     experiments = compare.import_blocks(files)
     spots = compare.strong_spots(experiments, nproc=2)
     t1 = time.time()
-    params = params_from(["nproc=2"])
+    params = params_from(["nproc=2", *phil])
     blocks, indexed = continuous.index(experiments, spots, params)
     n_edge = indexed["gap_edge"].count(True)
     ok = indexed.get_flags(indexed.flags.indexed) & (indexed["id"] >= 0)
@@ -296,6 +296,7 @@ def main(argv=None):
         "its indexing and refinement stages",
     )
     parser.add_argument("--no-gapless", default="", help="sweeps without the gapless run (comma-separated)")
+    parser.add_argument("--phil", action="append", default=[], help="PHIL for the continuous model")
     parser.add_argument("--json", default=None)
     parser.add_argument("--partials", action="store_true", help="only the gap-spanning partials measurement")
     args = parser.parse_args(argv)
@@ -316,7 +317,9 @@ def main(argv=None):
             rows.append(run(gapped, truth, f"per-block ({what})"))
         for treatment in args.treatments.split(","):
             rows.append(
-                run_continuous(gapped, truth, f"continuous, gap edge {treatment}", treatment, args.reindex_cycles)
+                run_continuous(
+                    gapped, truth, f"continuous, gap edge {treatment}", treatment, args.reindex_cycles, args.phil
+                )
             )
         results[name] = rows
         print(f"\n== {name}: {len(all_files)} images, {len(omit)} missing ==")
