@@ -172,7 +172,7 @@ def run_continuous(files, truth, label, gap_edge="xy", reindex_cycles=0, phil=()
     )
     oe, cell = _errors(blocks, truth)
     return dict(
-        label=label, blocks=len(blocks), spots=len(refined), indexed=ok.count(True) / len(refined),
+        label=label, blocks=len(blocks), spots=len(spots), indexed=ok.count(True) / len(spots),
         rmsd=rmsd, median=oe["median"], worst=oe["worst"], cell=cell, seconds=seconds,
         note=f"gap-edge spots {n_edge}, indexed {edge_indexed / max(1, n_edge):.1%}; "
         f"cell esd {['%.3g' % v for v in (record['crystal']['unit_cell_esd'] or [])[:3]]}; "

@@ -229,7 +229,9 @@ def _to_blocks(table, experiments):
     new = flex.int(len(table), -1)
     new.set_selected(ids >= 0, block.select(ids >= 0))
     table["id"] = new
-    table["block"] = block
+    table["imageset_id"] = block  # each block has its own image set
+    if "block" in table:
+        del table["block"]
     _set_identifiers(table, experiments)
     return table
 
@@ -557,9 +559,16 @@ def block_rmsds(table, experiments):
                 "phi": math.sqrt(flex.sum_sq(zc - zo) / n),
                 "n": n,
             }
-        r = rec["inner"] or {"x": None, "y": None, "phi": None, "n": 0}
-        if rec["edge"]:
-            r = dict(r, edge_x=rec["edge"]["x"], edge_y=rec["edge"]["y"], edge_n=rec["edge"]["n"])
+        if rec["inner"]:
+            r = dict(rec["inner"])
+            if rec["edge"]:
+                r.update(edge_x=rec["edge"]["x"], edge_y=rec["edge"]["y"], edge_n=rec["edge"]["n"])
+        elif rec["edge"]:
+            # every spot of the block is cut by a gap (a block of one or two
+            # images): x, y of those; their phi is biased by the cut
+            r = dict(rec["edge"], phi_biased=True, edge_n=rec["edge"]["n"])
+        else:
+            r = None
         out[exp.identifier] = r
     return out
 
@@ -593,8 +602,9 @@ def refine(
     predictions at the end (no further refinement).
 
     Returns (block experiments, each with its slice of the refined crystal
-    and the shared refined beam, detector and goniometer; all input
-    reflections with predictions for those used, ``id`` = block; record).
+    and the shared refined beam, detector and goniometer; the indexed
+    reflections (as ``refinement.refine``), ``id`` = ``imageset_id`` = block,
+    predictions for those used in refinement, ``gap_edge``; record).
     record = {"blocks": {identifier: {"rmsd_static": {...}, "rmsd_scan_varying":
     {...}, "refinement": text}}, "crystal": {"unit_cell", "unit_cell_esd",
     "unit_cell_esd_scan_varying_job", "space_group", "scan_varying_cell",
@@ -604,7 +614,9 @@ def refine(
     near-null directions: on a 60 x 1 deg sweep without gaps c 0.29 A against
     0.006 A static, with checkpoints inside a 30 deg gap gamma 16 deg).  RMSDs x, y
     in px, phi in images, over spots used in refinement and not cut by a gap
-    (gap-edge spots: edge_x, edge_y, edge_n).
+    (gap-edge spots: edge_x, edge_y, edge_n; a block whose spots are all cut
+    by a gap reports x, y, phi of those, with phi_biased=True; None for a
+    block without refined spots).
     """
     from dxtbx.model.experiment_list import ExperimentList
 
@@ -691,6 +703,7 @@ def refine(
 
     blocks = slice_onto_blocks(final, experiments)
     out = _to_blocks(table, blocks)
+    out = out.select(out.get_flags(out.flags.indexed) & (out["id"] >= 0))
     what = "continuous: one crystal over images %d-%d, orientation scan-varying, cell %s" % (
         *final.scan.get_image_range(), "scan-varying" if scan_varying_cell else "static",
     )

@@ -49,9 +49,11 @@ def gapless(tiny):
     return _run(tiny, tiny)
 
 
-def _indexed_fraction(table):
+def _indexed_fraction(run):
+    """Indexed spots after refinement (refine returns the indexed ones) / all spots."""
+    table = run["refined"]
     ok = table.get_flags(table.flags.indexed) & (table["id"] >= 0)
-    return ok.count(True) / len(table)
+    return ok.count(True) / len(run["spots"])
 
 
 def test_blocks_keep_their_images_and_share_one_crystal_after_indexing(every_8th):
@@ -94,14 +96,17 @@ def test_gap_edge_spots_touch_a_gap_and_not_the_sweep_ends(every_8th):
 
 
 def test_gap_edge_spots_are_indexed_like_the_others(every_8th, gapless):
-    table = every_8th["refined"]
-    edge = table["gap_edge"]
+    spots, table = every_8th["indexed"], every_8th["refined"]  # all spots / indexed ones
+    assert len(spots) == len(every_8th["spots"])
     ok = table.get_flags(table.flags.indexed) & (table["id"] >= 0)
-    edge_fraction = (ok & edge).count(True) / edge.count(True)
-    inner_fraction = (ok & ~edge).count(True) / (~edge).count(True)
+    assert ok.count(True) == len(table)
+    edge_fraction = table["gap_edge"].count(True) / spots["gap_edge"].count(True)
+    inner_fraction = (~table["gap_edge"]).count(True) / (~spots["gap_edge"]).count(True)
     assert edge_fraction > 0.9 and edge_fraction > inner_fraction - 0.05
+    # ids and image sets are the blocks
+    assert list(table["imageset_id"]) == list(table["id"])
     # indexed fraction of ALL spots within 2 points of the same images without gaps
-    assert _indexed_fraction(table) >= _indexed_fraction(gapless["refined"]) - 0.02
+    assert _indexed_fraction(every_8th) >= _indexed_fraction(gapless) - 0.02
 
 
 def test_one_crystal_sliced_onto_the_blocks(every_8th):
@@ -190,15 +195,19 @@ def test_tiny_blocks_of_one_to_three_images(tiny_sweeps, tiny):
     run = _run(tiny_sweeps.make(omit=omit, name="tiny_blocks"), tiny)
     blocks = run["refined_blocks"]
     assert [e.scan.get_num_images() for e in blocks] == [4, 1, 2, 3, 3, 20]
-    table = run["refined"]
+    table, spots = run["refined"], run["spots"]
     for i, exp in enumerate(blocks):
         assert exp.crystal.num_scan_points == exp.scan.get_num_images() + 1
-        ok = table.get_flags(table.flags.indexed) & (table["id"] == i)
-        assert ok.count(True) >= 0.85 * (table["id"] == i).count(True) or i == 1
+        assert (table["id"] == i).count(True) >= 0.85 * (spots["id"] == i).count(True)
     errors = compare.orientation_errors(blocks, run["truth"])
     small = [e for n, e in zip(errors["images"], errors["errors_deg"]) if n <= 17]
     assert max(small) < 0.1
-    assert _indexed_fraction(table) > 0.9
+    assert _indexed_fraction(run) > 0.9
+    # every block has RMSDs; the one-image block's spots are all cut by gaps
+    for exp in blocks:
+        r = run["record"]["blocks"][exp.identifier]["rmsd_scan_varying"]
+        assert r is not None and r["x"] < 1.0 and r["y"] < 1.0
+    assert run["record"]["blocks"][blocks[1].identifier]["rmsd_scan_varying"].get("phi_biased")
 
 
 @pytest.mark.slow
