@@ -1,10 +1,10 @@
 """Optional scaling stage: all blocks scaled together as one crystal, in process.
 
 1. Symmetry: when indexing ran in P1 (no indexing.known_symmetry), the Laue
-   group is found with DIALS' own dials.symmetry machinery (LaueGroupAnalysis
-   on the minimum cell, then the systematic-absence check), called piece by
-   piece because dials.command_line.symmetry.symmetry() writes files instead
-   of returning its result.
+   group and space group are found by dials.symmetry itself
+   (dials.command_line.symmetry.symmetry: Laue group analysis on the minimum
+   cell, then the systematic-absence check). It returns nothing but writes its
+   results, so they are read back from a temporary directory.
 2. Scaling: DIALS' ScalingAlgorithm (what dials.scale runs) on all blocks at
    once: one set of merged intensities, a scaling model per block (each block
    is a scan).
@@ -16,94 +16,87 @@
    scaled.mtz and merged.mtz all end at the same d_min.
 4. scaled.mtz (unmerged, DIALS' export_mtz with the scaled intensities, BATCH
    = image number) and merged.mtz (dials.merge's merge_data_to_mtz), and the
-   merging statistics (overall / inner / outer shell) for the summary.
+   merging statistics (overall / inner / outer shell, DIALS' table_1_stats)
+   for the summary.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
+import os
+import tempfile
+
+from dials.algorithms.scaling.algorithm import ScalingAlgorithm
+from dials.algorithms.scaling.scaling_library import determine_best_unit_cell
+from dials.array_family import flex
+from dials.command_line.export import export_mtz
+from dials.command_line.export import phil_scope as export_phil
+from dials.command_line.merge import merge_data_to_mtz
+from dials.command_line.merge import phil_scope as merge_phil
+from dials.command_line.scale import phil_scope as scale_phil
+from dials.command_line.symmetry import phil_scope as symmetry_phil
+from dials.command_line.symmetry import symmetry
+from dials.report.analysis import table_1_stats
+from dials.util import resolution_analysis
+from dials.util.resolution_analysis import interpolate_value, metrics
+from dxtbx.model import ExperimentList
 
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.phil import defaults
+from dials_gapfill.report.merging import LABELS
 
 logger = logging.getLogger("dials.process_gapped.scaling")
 
 
+def _tables_by_experiment(experiments, joint):
+    """One reflection table per experiment, in the order of experiments (as
+    dials.symmetry and dials.estimate_resolution read them)."""
+    return [joint.select_on_experiment_identifiers([exp.identifier]) for exp in experiments]
+
 
 def determine_symmetry(experiments, reflections):
-    """(experiments, reflections) reindexed into the best space group."""
-    from dials.algorithms.symmetry.absences.run_absences_checks import (
-        run_systematic_absences_checks,
-    )
-    from dials.algorithms.merging.merge import prepare_merged_reflection_table
-    from dials.algorithms.symmetry.absences.laue_groups_info import (
-        laue_groups as laue_groups_for_absence_analysis,
-    )
-    from dials.algorithms.symmetry.laue_group import LaueGroupAnalysis
-    from dials.array_family import flex
-    from dials.command_line import symmetry as sym
-    from dials.util.filter_reflections import filtered_arrays_from_experiments_reflections
+    """(experiments, reflections) reindexed into the best space group, and a
+    record {laue_group, space_group, cb_op, determined}.
 
-    p = defaults(sym.phil_scope)
-    tables = [reflections.select(reflections["id"] == i) for i in range(len(experiments))]
-    for i, t in enumerate(tables):
-        for k in list(t.experiment_identifiers().keys()):
-            del t.experiment_identifiers()[k]
-        t["id"] = flex.int(len(t), i)
-        t.experiment_identifiers()[i] = experiments[i].identifier
-    cb_ops = sym.change_of_basis_ops_to_minimum_cell(
-        experiments, p.lattice_symmetry_max_delta, p.relative_length_tolerance, p.absolute_angle_tolerance
-    )
-    tables = sym.eliminate_sys_absent(experiments, tables)
-    experiments, tables = sym.apply_change_of_basis_ops(experiments, tables, cb_ops)
-    subset = sym.get_subset_for_symmetry(experiments, tables, p.exclude_images)
-    datasets = filtered_arrays_from_experiments_reflections(
-        experiments, subset, outlier_rejection_after_filter=True, partiality_threshold=p.partiality_threshold
-    )
-    datasets = [ma.as_anomalous_array().merge_equivalents().array() for ma in datasets]
-    result = LaueGroupAnalysis(
-        datasets,
-        normalisation=p.normalisation,
-        d_min=p.d_min,
-        min_i_mean_over_sigma_mean=p.min_i_mean_over_sigma_mean,
-        lattice_symmetry_max_delta=p.lattice_symmetry_max_delta,
-        relative_length_tolerance=p.relative_length_tolerance,
-        absolute_angle_tolerance=p.absolute_angle_tolerance,
-        best_monoclinic_beta=p.best_monoclinic_beta,
-    )
-    logger.info(str(result))
-    cb_op = result.best_solution.subgroup["cb_op_inp_best"]
-    best = result.best_solution.subgroup["best_subsym"].space_group().build_derived_acentric_group()
-    experiments, tables = sym._reindex_experiments_reflections(experiments, tables, best, cb_op)
-    laue = str(best.build_derived_patterson_group().info())
-    if laue in laue_groups_for_absence_analysis:
-        subset = sym.get_subset_for_symmetry(experiments, tables, p.exclude_images)
-        joint = flex.reflection_table()
-        for t in subset:
-            joint.extend(t)
-        d_min = result.intensities.resolution_range()[1]
-        merged = prepare_merged_reflection_table(experiments, joint, d_min, partiality_threshold=p.partiality_threshold)
-        run_systematic_absences_checks(
-            experiments, merged, float(p.systematic_absences.significance_level),
-            method=p.systematic_absences.method,
-        )
-    joint = flex.reflection_table()
-    for t in tables:
-        joint.extend(t)
-    return experiments, joint, {
-        "laue_group": laue,
-        "space_group": str(experiments[0].crystal.get_space_group().info()),
-        "cb_op": str(cb_op),
+    dials.symmetry's symmetry() with its default parameters; its log (the
+    Laue group table, the absences) goes to the log file. The input is not
+    changed.
+    """
+    params = defaults(symmetry_phil)
+    params.output.html = None
+    work = copy.deepcopy(experiments)  # symmetry() moves them to the minimum cell
+    tables = _tables_by_experiment(experiments, reflections)
+    with tempfile.TemporaryDirectory(prefix="dials_gapfill_symmetry_") as tmp:
+        out = params.output
+        out.experiments = os.path.join(tmp, "symmetrized.expt")
+        out.reflections = os.path.join(tmp, "symmetrized.refl")
+        out.json = os.path.join(tmp, "dials.symmetry.json")
+        symmetry(work, tables, params)
+        reindexed = ExperimentList.from_file(out.experiments, check_format=False)
+        joint = flex.reflection_table.from_file(out.reflections)
+        with open(out.json) as fh:
+            best = json.load(fh)["subgroup_scores"][0]
+    for exp, new in zip(work, reindexed):
+        exp.crystal = new.crystal
+    space_group = work[0].crystal.get_space_group()
+    record = {
+        "laue_group": str(space_group.build_derived_patterson_group().info()),
+        "space_group": str(space_group.info()),
+        "cb_op": best["cb_op"],
         "determined": True,
     }
+    logger.info(
+        "Laue group %s (likelihood %.3f, confidence %.3f), space group %s, reindexing %s",
+        record["laue_group"], best["likelihood"], best["confidence"], record["space_group"], record["cb_op"],
+    )
+    return work, joint, record
 
 
 def _scale_params(params, d_min=None):
-    from dials.command_line.scale import phil_scope
-
-    sp = defaults(phil_scope)
+    sp = defaults(scale_phil)
     sp.anomalous = params.scaling.anomalous
     if d_min:
         sp.cut_data.d_min = d_min
@@ -113,44 +106,28 @@ def _scale_params(params, d_min=None):
     return sp
 
 
-# statistics that need repeated observations: undefined (None, shown "-") in a
-# shell where every unique reflection was measured once (iotbx reports 0)
-NEED_PAIRS = ("cc_one_half", "r_merge", "r_meas", "r_pim")
-
-
-def _value(shell, key):
-    if key in NEED_PAIRS and shell.n_obs <= shell.n_uniq:
-        return None
-    return getattr(shell, key)
-
-
-def _shell(stats, key):
-    return [_value(stats.overall, key), _value(stats.bins[0], key), _value(stats.bins[-1], key)]
-
-
 def cc_half_threshold(params):
     """scaling.resolution.cc_half (None: no CC1/2 criterion)."""
     return params.scaling.resolution.cc_half
 
 
-def _tables_by_experiment(experiments, joint):
-    """One reflection table per experiment (as dials.estimate_resolution reads them)."""
-    tables = []
-    for i, exp in enumerate(experiments):
-        ids = [k for k, v in joint.experiment_identifiers() if v == exp.identifier]
-        t = joint.select(joint["id"] == (ids[0] if ids else i))
-        tables.append(t)
-    return tables
-
-
 def data_d_min(experiments, joint) -> float | None:
     """The highest resolution among the reflections used in scaling."""
-    from dials.algorithms.scaling.scaling_library import determine_best_unit_cell
-
     good = joint.select(~joint.get_flags(joint.flags.bad_for_scaling, all=False))
     if not len(good):
         return None
     return min(determine_best_unit_cell(experiments).d(good["miller_index"]))
+
+
+def _resolutionizer(experiments, joint, cc_half=None, completeness=None):
+    """DIALS' Resolutionizer on the scaled reflections, as
+    dials.estimate_resolution sets it up (its defaults, these criteria)."""
+    rp = resolution_analysis.phil_defaults.extract().resolution
+    rp.cc_half = cc_half
+    rp.completeness = completeness
+    return resolution_analysis.Resolutionizer.from_reflections_and_experiments(
+        _tables_by_experiment(experiments, joint), experiments, rp
+    )
 
 
 def estimate_resolution(experiments, joint, cc_half):
@@ -171,16 +148,7 @@ def estimate_resolution(experiments, joint, cc_half):
     observations). Raises RuntimeError when nothing can be fitted or CC½ is
     below cc_half everywhere (no limit can be chosen).
     """
-    from dials.util import resolution_analysis
-    from dials.util.resolution_analysis import interpolate_value, metrics
-
-    rp = resolution_analysis.phil_defaults.extract().resolution
-    rp.cc_half = cc_half
-    tables = [copy.deepcopy(t) for t in _tables_by_experiment(experiments, joint)]
-    resolutionizer = resolution_analysis.Resolutionizer.from_reflections_and_experiments(
-        tables, experiments, rp
-    )
-    result = resolutionizer.resolution(metrics.CC_HALF, limit=cc_half)
+    result = _resolutionizer(experiments, joint, cc_half=cc_half).resolution(metrics.CC_HALF, limit=cc_half)
     if len(result.y_obs) and max(result.y_obs) < cc_half:
         raise RuntimeError(f"CC½ is below {cc_half:g} in every resolution bin")
     y_fit = result.y_fit
@@ -199,16 +167,7 @@ def completeness_threshold(params):
 def estimate_resolution_completeness(experiments, joint, completeness):
     """d_min where DIALS' completeness fit (as dials.estimate_resolution
     completeness=...) falls to `completeness` (a fraction), or None."""
-    from dials.util import resolution_analysis
-    from dials.util.resolution_analysis import metrics
-
-    rp = resolution_analysis.phil_defaults.extract().resolution
-    rp.cc_half = None
-    rp.completeness = completeness
-    tables = [copy.deepcopy(t) for t in _tables_by_experiment(experiments, joint)]
-    resolutionizer = resolution_analysis.Resolutionizer.from_reflections_and_experiments(
-        tables, experiments, rp
-    )
+    resolutionizer = _resolutionizer(experiments, joint, completeness=completeness)
     return resolutionizer.resolution(metrics.COMPLETENESS, limit=completeness).d_min
 
 
@@ -282,46 +241,39 @@ def choose_resolution(params, experiments, joint) -> dict:
     return out
 
 
+# statistics that need repeated observations: undefined (None, shown "-") in a
+# shell where every unique reflection was measured once (iotbx reports 0)
+NEED_PAIRS = ("cc_half", "r_merge", "r_meas", "r_pim")
+
+
 def merging_summary(stats, anom=None) -> dict:
-    """xia2-style numbers: overall, inner shell, outer shell."""
-    keys = {
-        "d_max": "d_max",
-        "d_min": "d_min",
-        "n_obs": "n_obs",
-        "n_unique": "n_uniq",
-        "completeness": "completeness",
-        "multiplicity": "mean_redundancy",
-        "i_over_sigma": "i_over_sigma_mean",
-        "cc_half": "cc_one_half",
-        "r_merge": "r_merge",
-        "r_meas": "r_meas",
-        "r_pim": "r_pim",
+    """The merging statistics of the summary: DIALS' table_1_stats (the
+    numbers of dials.scale's summary table) as {key: [overall, inner shell,
+    outer shell]}, and "shells", one dict per resolution shell."""
+    table = table_1_stats(stats, anom)
+    out = {
+        key: list(table.get(label, [None] * 3))
+        for key, label in LABELS.items()
+        if anom is not None or not key.startswith("anomalous")
     }
-    out = {name: _shell(stats, key) for name, key in keys.items()}
-    out["completeness"] = [100 * v for v in out["completeness"]]
-    out["shells"] = [
-        {
+    for key in NEED_PAIRS:
+        out[key] = [None if n <= u else v for v, n, u in zip(out[key], out["n_obs"], out["n_unique"])]
+    out["shells"] = []
+    for b in stats.bins:
+        shell = {
             "d_max": b.d_max, "d_min": b.d_min, "n_obs": b.n_obs, "n_unique": b.n_uniq,
             "completeness": 100 * b.completeness, "multiplicity": b.mean_redundancy,
-            "i_over_sigma": b.i_over_sigma_mean, "cc_half": _value(b, "cc_one_half"),
-            "r_merge": _value(b, "r_merge"), "r_pim": _value(b, "r_pim"),
+            "i_over_sigma": b.i_over_sigma_mean, "cc_half": b.cc_one_half,
+            "r_merge": b.r_merge, "r_pim": b.r_pim,
         }
-        for b in stats.bins
-    ]
-    if anom is not None:
-        out["anomalous_completeness"] = [100 * v for v in _shell(anom, "anom_completeness")]
-        out["anomalous_multiplicity"] = _shell(anom, "mean_redundancy")
+        if b.n_obs <= b.n_uniq:
+            shell.update({key: None for key in NEED_PAIRS if key in shell})
+        out["shells"].append(shell)
     return out
 
 
 def scale(experiments, reflections, params, report, outputs):
     """Scale, merge and (if outputs) write scaled.mtz and merged.mtz."""
-    from dials.algorithms.scaling.algorithm import ScalingAlgorithm
-    from dials.command_line.export import export_mtz
-    from dials.command_line.export import phil_scope as export_phil
-    from dials.command_line.merge import merge_data_to_mtz
-    from dials.command_line.merge import phil_scope as merge_phil
-
     experiments = copy.deepcopy(experiments)
     reflections = copy.deepcopy(reflections)
     if "shoebox" in reflections:

@@ -160,3 +160,25 @@ def test_undefined_statistics_without_repeated_observations():
     out = merging_summary(stats)
     assert out["cc_half"] == [0.99, 0.99, None] and out["r_merge"][2] is None
     assert out["shells"][-1]["cc_half"] is None and out["shells"][0]["cc_half"] == 0.99
+
+
+def test_merging_table_is_dials_table():
+    """The summary's table is DIALS' (format_statistics of table_1_stats'
+    labels); an undefined statistic is left blank, as DIALS leaves it."""
+    from dials.report.analysis import format_statistics
+
+    from dials_gapfill.report.merging import merging_table
+
+    scaling = {
+        "symmetry": {"space_group": "P 4 21 2"},
+        "d_min": [2.0, 5.0, 2.0], "d_max": [30.0, 30.0, 2.1], "completeness": [99.0, 98.0, 97.0],
+        "multiplicity": [3.0, 3.1, 1.0], "i_over_sigma": [10.0, 30.0, 1.0], "cc_half": [0.99, 0.995, None],
+        "r_merge": [0.05, 0.02, None], "r_meas": [0.06, 0.03, None], "r_pim": [0.03, 0.01, None],
+        "n_obs": [300, 100, 6], "n_unique": [100, 30, 6],
+        "resolution": {"message": "d_min 2.00 Å from scaling.d_min"},
+    }
+    text = merging_table(scaling)
+    dials_rows = format_statistics({"CC half": [0.99, 0.995, None], "Completeness": [99.0, 98.0, 97.0]})
+    assert dials_rows.splitlines()[2] in text.splitlines()  # the CC half row, as DIALS writes it
+    assert text.splitlines()[0].startswith("Merging statistics (space group P 4 21 2):")
+    assert text.splitlines()[-1] == "Resolution limit: d_min 2.00 Å from scaling.d_min"

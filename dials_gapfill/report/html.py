@@ -20,7 +20,9 @@ import html
 import json
 import math
 
-from dials_gapfill.report.merging import ROWS
+from dials.report.analysis import formats as DIALS_FORMATS
+
+from dials_gapfill.report.merging import LABELS as MERGING_LABELS
 from dials_gapfill.util import range_text as compact_ranges
 from dials_gapfill.util import runs as _runs
 
@@ -55,10 +57,6 @@ PLOTS = [
     ("plot-orientation", "Scan-varying crystal orientation"),
     ("plot-isigi", "<I/σ(I)> against resolution"),
 ]
-
-# The merging-statistics table (xia2 style): label, key, format.
-MERGING_ROWS = ROWS
-
 
 # ---------------------------------------------------------------------------
 # Small helpers
@@ -706,14 +704,16 @@ def excluded_table(data) -> str:
 
 
 def merging_table(scaling) -> str:
-    """The xia2-style merging statistics: Overall, Low and High resolution shells."""
+    """The merging statistics as DIALS tabulates them (labels, digits):
+    Overall, Low and High resolution shells."""
     rows = []
-    for label, key, fmt in MERGING_ROWS:
+    for key, label in MERGING_LABELS.items():
         values = scaling.get(key)
         if not isinstance(values, (list, tuple)) or not values:
             continue
         values = list(values)[:3] + [None] * (3 - len(values[:3]))
-        rows.append([_e(label)] + [_fmt(v, fmt) for v in values])
+        spec = DIALS_FORMATS[label].strip().lstrip("%0123456789")  # " %7.2f" -> ".2f"
+        rows.append([_e(label)] + [_fmt(v, spec) for v in values])
     if not rows:
         return '<p class="note">No merging statistics.</p>'
     return _table(["", "Overall", "Low", "High"], rows, table_id="merging-table", css="numbers")

@@ -1,40 +1,36 @@
-"""The xia2-style merging-statistics table."""
+"""The merging-statistics table (overall, inner shell, outer shell): the
+numbers of dials.scale's summary table (dials.report.analysis.table_1_stats),
+printed by DIALS' format_statistics."""
 
 from __future__ import annotations
 
-ROWS = [
-    ("High resolution limit", "d_min", "{:.2f}"),
-    ("Low resolution limit", "d_max", "{:.2f}"),
-    ("Completeness (%)", "completeness", "{:.1f}"),
-    ("Multiplicity", "multiplicity", "{:.2f}"),
-    ("I/sigma", "i_over_sigma", "{:.1f}"),
-    ("CC half", "cc_half", "{:.4f}"),
-    ("Rmerge(I)", "r_merge", "{:.3f}"),
-    ("Rmeas(I)", "r_meas", "{:.3f}"),
-    ("Rpim(I)", "r_pim", "{:.3f}"),
-    ("Total observations", "n_obs", "{:.0f}"),
-    ("Total unique", "n_unique", "{:.0f}"),
-    ("Anomalous completeness (%)", "anomalous_completeness", "{:.1f}"),
-    ("Anomalous multiplicity", "anomalous_multiplicity", "{:.2f}"),
-]
+from dials.report.analysis import format_statistics
+
+# The summary's keys (scaling.<key>: [overall, inner shell, outer shell]) and
+# DIALS' labels for them (table_1_stats, format_statistics), in table order.
+LABELS = {
+    "d_min": "High resolution limit",
+    "d_max": "Low resolution limit",
+    "completeness": "Completeness",
+    "multiplicity": "Multiplicity",
+    "i_over_sigma": "I/sigma",
+    "cc_half": "CC half",
+    "r_merge": "Rmerge(I)",
+    "r_meas": "Rmeas(I)",
+    "r_pim": "Rpim(I)",
+    "n_obs": "Total observations",
+    "n_unique": "Total unique",
+    "anomalous_completeness": "Anomalous completeness",
+    "anomalous_multiplicity": "Anomalous multiplicity",
+}
 
 
 def merging_table(scaling: dict) -> str:
+    """DIALS' table of scaling (the summary's dict); undefined values blank."""
     sym = scaling.get("symmetry", {})
-    lines = [f"Merging statistics (space group {sym.get('space_group', '?')}):"]
-    lines.append(f"{'':32s}{'Overall':>10s}{'Low':>10s}{'High':>10s}")
-    for label, key, fmt in ROWS:
-        values = scaling.get(key)
-        if not values:
-            continue
-        cells = []
-        for v in values:
-            try:
-                cells.append(fmt.format(v) if v is not None else "-")
-            except (ValueError, TypeError):
-                cells.append(str(v))
-        lines.append(f"{label:32s}" + "".join(f"{c:>10s}" for c in cells))
+    stats = {label: scaling[key] for key, label in LABELS.items() if scaling.get(key)}
+    text = format_statistics(stats, caption=f"Merging statistics (space group {sym.get('space_group', '?')}):")
     resolution = scaling.get("resolution") or {}
     if resolution.get("message"):
-        lines.append(f"Resolution limit: {resolution['message']}")
-    return "\n".join(lines)
+        text += f"Resolution limit: {resolution['message']}"
+    return text.rstrip("\n")

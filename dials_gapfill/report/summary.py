@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+from dials.util import tabulate
+
+from dials_gapfill.report.merging import merging_table
 from dials_gapfill.util import range_text
 
 
@@ -44,8 +47,6 @@ BLOCK_HEADER = [
 
 
 def summary_text(report, directory=None) -> str:
-    from dials.util import tabulate
-
     lines = ["", "=" * 30 + " dials.process_gapped summary " + "=" * 30, ""]
     lines.append(tabulate(block_rows(report), BLOCK_HEADER))
     lines.append("")
@@ -85,8 +86,6 @@ def summary_text(report, directory=None) -> str:
     for d in report.dropped_blocks:
         lines.append(f"Dropped block {d['first']}-{d['last']}: {d['reason']}")
     if report.scaling:
-        from dials_gapfill.report.merging import merging_table
-
         lines.append("")
         lines.append(merging_table(report.scaling))
     if report.warnings:
