@@ -7,6 +7,9 @@ import logging
 import math
 import platform
 
+from dials.algorithms.refinement.rotation_decomposition import (
+    solve_r3_rotation_for_angles_given_axes,
+)
 from dials.array_family import flex
 from dials.util.version import dials_version
 from scitbx import matrix
@@ -21,20 +24,28 @@ logger = logging.getLogger("dials.process_gapped.report")
 LAYOUT_VERSION = 1
 
 
-def _orientation_angles(U, U_ref):
-    """Rotation of U relative to U_ref as angles about the lab x, y, z axes (deg)."""
+# dials.report's orientation decomposition axes (orientation_decomposition
+# e1, e2, e3 defaults): the lab x, y and z axes
+LAB_X, LAB_Y, LAB_Z = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
 
+
+def _orientation_angles(U, U_ref):
+    """Rotation U U_ref^T as angles about the lab x, y, z axes (deg), decomposed
+    as dials.report's ScanVaryingCrystalAnalyser does (R = Rz Ry Rx)."""
     R = matrix.sqr(U) * matrix.sqr(U_ref).transpose()
-    # small-angle decomposition R = Rz Ry Rx
-    r = R.elems
-    x = math.degrees(math.atan2(r[7], r[8]))
-    y = math.degrees(math.asin(max(-1.0, min(1.0, -r[6]))))
-    z = math.degrees(math.atan2(r[3], r[0]))
+    z, y, x = solve_r3_rotation_for_angles_given_axes(R, LAB_Z, LAB_Y, LAB_X, deg=True)
     return [x, y, z]
 
 
 def _scan_varying_plots(experiments, report):
-    """Per block: cell and orientation at each scan point (image boundary)."""
+    """Per block: cell and orientation at each scan point (image boundary).
+
+    What dials.report's ScanVaryingCrystalAnalyser plots, but per block on one
+    reference (the first block's first orientation, so that blocks line up
+    across gaps), against image number, and with a scan-static block as one
+    point; the analyser takes each crystal relative to its own static U and
+    leaves static crystals out.
+    """
     out = []
     U_ref = None
     for exp in experiments:
