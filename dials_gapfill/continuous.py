@@ -468,7 +468,7 @@ def _inflate_edge_phi_variance(table, selection):
     table["xyzobs.mm.variance"].set_selected(isel, flex.vec3_double(vx, vy, vz * PHI_VARIANCE_INFLATION))
 
 
-def reject_outliers(table, selection, model, rp):
+def reject_outliers(table, selection, model, rp, edge=None):
     """DIALS' centroid outlier rejection (the algorithm of `rp`, as the
     refiner would run it on the current model), run separately on the spots
     not cut by a gap (x, y and phi residuals) and on the gap-edge spots (x and
@@ -488,14 +488,16 @@ def reject_outliers(table, selection, model, rp):
     from dials.array_family import flex
 
     table.unset_flags(flex.bool(len(table), True), table.flags.centroid_outlier)
+    if edge is None:
+        edge = table["gap_edge"]
     algorithm = rp.refinement.reflections.outlier.algorithm
     if algorithm in ("null", None):
         return {}
     experiments = ExperimentList([model])
     counts = {}
     for name, group, cols in (
-        ("inner", selection & ~table["gap_edge"], ["x_resid", "y_resid", "phi_resid"]),
-        ("gap_edge", selection & table["gap_edge"], ["x_resid", "y_resid"]),
+        ("inner", selection & ~edge, ["x_resid", "y_resid", "phi_resid"]),
+        ("gap_edge", selection & edge, ["x_resid", "y_resid"]),
     ):
         isel = group.iselection()
         if len(isel) == 0:
@@ -532,14 +534,16 @@ def Auto():
     return libtbx.Auto
 
 
-def _job_selection(table, refinable, model, rp, gap_edge):
+def _job_selection(table, refinable, model, rp, gap_edge, edge=None):
     """Rows of one refinement job.  With gap_edge="xy" outliers are rejected
     here (:func:`reject_outliers`) and the job runs without DIALS' own
     rejection (which would judge the edge spots' unweighted, biased phi
     residuals together with the others)."""
-    if gap_edge != "xy" or not table["gap_edge"].count(True):
+    if edge is None:
+        edge = table["gap_edge"]
+    if gap_edge != "xy" or not edge.count(True):
         return refinable.iselection(), rp
-    counts = reject_outliers(table, refinable, model, rp)
+    counts = reject_outliers(table, refinable, model, rp, edge)
     if counts:
         logger.info("Outliers rejected (not cut by a gap / cut by a gap): %s", counts)
     job_rp = copy.deepcopy(rp)
@@ -646,6 +650,17 @@ def refine(
     if "gap_edge" not in table:
         table["gap_edge"] = gap_edge_spots(experiments, table)
     edge = table["gap_edge"]
+    # "xy": phi of gap-edge spots without weight, except in blocks where every
+    # spot is cut (blocks of one or two images): there the biased phi is the
+    # only phi information for that stretch of the rotation, and a smoother
+    # left without it at the sweep's end extrapolates (tiny sweep, last block
+    # one image after a gap: worst error 0.052 deg without, 0.018 with it)
+    xy_edge = copy.deepcopy(edge)
+    blocks_of_rows = table["block"]
+    for i in range(len(experiments)):
+        rows = blocks_of_rows == i
+        if rows.count(True) and (rows & ~edge).count(True) == 0:
+            xy_edge.set_selected(rows, False)
     if "xyzobs.mm.value" not in table:
         table.centroid_px_to_mm(ExperimentList([continuous]))
     if "s1" not in table:  # DIALS sets the observed s1 where it is zero
@@ -663,8 +678,8 @@ def refine(
     rp = dials_refine_params(params)
     rp.refinement.parameterisation.scan_varying = False
     if gap_edge == "xy":
-        _inflate_edge_phi_variance(table, edge)
-    sel, job_rp = _job_selection(table, refinable(table), continuous, rp, gap_edge)
+        _inflate_edge_phi_variance(table, xy_edge)
+    sel, job_rp = _job_selection(table, refinable(table), continuous, rp, gap_edge, xy_edge)
     work = table.select(sel)
     logger.info("Continuous model: static refinement, %d reflections", len(work))
     expts, work, _ = _macrocycle(job_rp, work, ExperimentList([continuous]), "static refinement")
@@ -704,9 +719,9 @@ def refine(
             n = index_against_predictions(model, table, everything, z_window=z_window)
             logger.info("All spots indexed against the scan-varying model: %d of %d", n, len(table))
         if gap_edge == "xy":
-            _inflate_edge_phi_variance(table, edge)
+            _inflate_edge_phi_variance(table, xy_edge)
         table.unset_flags(flex.bool(len(table), True), table.flags.used_in_refinement)
-        sel, job_rp = _job_selection(table, refinable(table), model, rp, gap_edge)
+        sel, job_rp = _job_selection(table, refinable(table), model, rp, gap_edge, xy_edge)
         work = table.select(sel)
         logger.info("Continuous model: scan-varying refinement, %d reflections", len(work))
         expts, work, refiner = _macrocycle(job_rp, work, ExperimentList([model]), "scan-varying refinement")
