@@ -38,8 +38,30 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 
-from dials_gapfill.errors import GapfillError
+import libtbx
+import numpy as np
+from dials.algorithms.indexing import DialsIndexError
+from dials.algorithms.refinement.outlier_detection.outlier_base import (
+    CentroidOutlierFactory,
+)
+from dials.algorithms.refinement.prediction.managed_predictors import (
+    ExperimentsPredictorFactory,
+)
+from dials.algorithms.refinement.refinement_helpers import set_obs_s1
+from dials.array_family import flex
+from dials.command_line.index import index as dials_index
+from dials.command_line.refine import run_macrocycle
+from dials.util.slice import slice_crystal
+from dxtbx.imageset import ImageSetFactory
+from dxtbx.model import Experiment, Scan
+from dxtbx.model.experiment_list import ExperimentList
+from scipy.spatial import cKDTree
+from scitbx.array_family import flex as sflex
+
+from dials_gapfill.errors import GapfillError, indexing_failure
+from dials_gapfill.phil import dials_index_params, dials_refine_params
 
 logger = logging.getLogger("dials.process_gapped.continuous")
 
@@ -105,10 +127,6 @@ def join_blocks(experiments):
     block's template: indexing and refinement never read it.  The identifier is
     "continuous".
     """
-    from dxtbx.imageset import ImageSetFactory
-    from dxtbx.model import Experiment, Scan
-    from scitbx.array_family import flex as sflex
-
     check_blocks(experiments)
     first_exp = experiments[0]
     f0 = first_exp.scan.get_image_range()[0]
@@ -164,9 +182,6 @@ def slice_onto_blocks(continuous, experiments):
     (shared) and each its slice of the continuous crystal: scan points of its
     own images (n_images + 1), as ``dials.util.slice``; a static crystal is
     shared as it is."""
-    from dxtbx.model.experiment_list import Experiment, ExperimentList
-
-    from dials.util.slice import slice_crystal
 
     f0, l0 = continuous.scan.get_image_range()
     out = ExperimentList()
@@ -214,7 +229,6 @@ def _set_identifiers(table, experiments):
 
 def _to_continuous(reflections, continuous):
     """A copy of `reflections` on the one continuous experiment (id 0)."""
-    from dials.array_family import flex
 
     table = copy.deepcopy(reflections)
     keep = table["id"] >= 0
@@ -229,7 +243,6 @@ def _to_continuous(reflections, continuous):
 
 def _to_blocks(table, experiments):
     """Ids of a continuous table mapped back to blocks (by the image of z)."""
-    from dials.array_family import flex
 
     z = table["xyzobs.px.value"].parts()[2]
     image = flex.floor(z).iround() + 1
@@ -257,7 +270,6 @@ def gap_edge_spots(experiments, reflections):
     """flex.bool: spots whose shoebox (bbox) touches a block's first frame with
     missing images before it, or its last frame with missing images after it.
     The sweep's own first and last image are not gaps."""
-    from dials.array_family import flex
 
     ranges = _block_ranges(experiments)
     z0 = reflections["bbox"].parts()[4]
@@ -278,7 +290,6 @@ def gap_edge_spots(experiments, reflections):
 
 def _predict(experiment, dmin=None):
     """DIALS' predictions over the whole continuous scan (static or scan-varying)."""
-    from dials.array_family import flex
 
     pred = flex.reflection_table.from_predictions(experiment, dmin=dmin, padding=0)
     return pred
@@ -292,10 +303,6 @@ def index_against_predictions(continuous, table, selection, z_window=2.0, xy_tol
     spots (column ``gap_edge``) and within 1 frame of the observed z for the
     others.  Sets miller_index, id 0 and the indexed flag of the matched
     spots, clears them for the others; returns the number matched."""
-    import numpy as np
-    from scipy.spatial import cKDTree
-
-    from dials.array_family import flex
 
     isel = selection.iselection()
     if len(isel) == 0:
@@ -364,14 +371,6 @@ def index(experiments, reflections, params, z_window=2.0):
     detector and goniometer; all reflections with ``miller_index``, ``flags``
     (indexed), ``id`` = block or -1 if unindexed, bool column ``gap_edge``).
     """
-    from dxtbx.model.experiment_list import ExperimentList
-
-    from dials.algorithms.indexing import DialsIndexError
-    from dials.array_family import flex
-    from dials.command_line.index import index as dials_index
-
-    from dials_gapfill.phil import dials_index_params
-
     continuous = join_blocks(experiments)
     table = _to_continuous(reflections, continuous)
     for column in ("miller_index", "xyzcal.px", "xyzcal.mm", "s1", "entering", "rlp"):
@@ -392,9 +391,7 @@ def index(experiments, reflections, params, z_window=2.0):
     try:
         indexed_expts, indexed = dials_index(ExperimentList([continuous]), [search], ip)
     except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
-        from dials_gapfill.indexing import _explain
-
-        raise GapfillError(_explain(e, params)) from None
+        raise GapfillError(indexing_failure(e, params)) from None
     found = indexed_expts[0]
     found.identifier = "continuous"
     found.imageset = continuous.imageset
@@ -413,7 +410,6 @@ def index(experiments, reflections, params, z_window=2.0):
 def _merge_search(table, search, indexed):
     """`table` with the indexing result of its subset `search` (matched by the
     observed centroid, which the indexer does not change)."""
-    from dials.array_family import flex
 
     out = copy.deepcopy(table)
     out["id"] = flex.int(len(out), -1)
@@ -441,9 +437,6 @@ def _merge_search(table, search, indexed):
 
 
 def _macrocycle(rp, reflections, experiments, what):
-    import time
-
-    from dials.command_line.refine import run_macrocycle
 
     t0 = time.perf_counter()
     try:
@@ -459,7 +452,6 @@ def _macrocycle(rp, reflections, experiments, what):
 def _inflate_edge_phi_variance(table, selection):
     """For `selection` rows: the phi variance times PHI_VARIANCE_INFLATION
     (x, y keep their weight; phi keeps its observed value, ~no weight)."""
-    from dials.array_family import flex
 
     isel = selection.iselection()
     if len(isel) == 0:
@@ -476,16 +468,6 @@ def reject_outliers(table, selection, model, rp, edge=None):
     they would narrow or widen the distribution the algorithm estimates).
     Sets ``centroid_outlier`` on `table` for the rejected rows of `selection`;
     returns the number rejected per group."""
-    from dxtbx.model.experiment_list import ExperimentList
-
-    from dials.algorithms.refinement.outlier_detection.outlier_base import (
-        CentroidOutlierFactory,
-    )
-    from dials.algorithms.refinement.prediction.managed_predictors import (
-        ExperimentsPredictorFactory,
-    )
-    from dials.algorithms.refinement.refinement_helpers import set_obs_s1
-    from dials.array_family import flex
 
     table.unset_flags(flex.bool(len(table), True), table.flags.centroid_outlier)
     if edge is None:
@@ -529,7 +511,6 @@ def reject_outliers(table, selection, model, rp, edge=None):
 
 
 def Auto():
-    import libtbx
 
     return libtbx.Auto
 
@@ -554,7 +535,6 @@ def _job_selection(table, refinable, model, rp, gap_edge, edge=None):
 def block_rmsds(table, experiments):
     """Per block: RMSD x, y (px), phi (images) and n of the spots used in
     refinement that are not cut by a gap, and x, y, n of the gap-edge spots."""
-    from dials.array_family import flex
 
     used = table.get_flags(table.flags.used_in_refinement)
     edge = table["gap_edge"] if "gap_edge" in table else flex.bool(len(table), False)
@@ -600,8 +580,10 @@ def refine(
     final_reindex=True,
     z_window=2.0,
     interval_width_degrees=CONTINUOUS_INTERVAL_WIDTH,
+    scan_varying=True,
 ):
-    """Static, then scan-varying refinement of ONE crystal over the whole range.
+    """Static, then scan-varying refinement of ONE crystal over the whole range
+    (static only when not `scan_varying`).
 
     `experiments`, `reflections`: as returned by :func:`index` (block
     experiments sharing one crystal; reflections with ``id`` = block, -1 for
@@ -637,12 +619,6 @@ def refine(
     by a gap reports x, y, phi of those, with phi_biased=True; None for a
     block without refined spots).
     """
-    from dxtbx.model.experiment_list import ExperimentList
-
-    from dials.array_family import flex
-
-    from dials_gapfill.phil import dials_refine_params
-
     if gap_edge not in GAP_EDGE_TREATMENTS:
         raise ValueError(f"gap_edge must be one of {GAP_EDGE_TREATMENTS}")
     continuous = join_blocks(experiments)
@@ -713,7 +689,7 @@ def refine(
             smoother.interval_width_degrees = interval_width_degrees
         widths.append(smoother.interval_width_degrees)
     model = static
-    for cycle in range(1 + max(0, int(reindex_cycles))):
+    for cycle in range(1 + max(0, int(reindex_cycles)) if scan_varying else 0):
         if cycle > 0:
             everything = table["id"] >= -1
             n = index_against_predictions(model, table, everything, z_window=z_window)
@@ -743,11 +719,15 @@ def refine(
     blocks = slice_onto_blocks(final, experiments)
     out = _to_blocks(table, blocks)
     out = out.select(out.get_flags(out.flags.indexed) & (out["id"] >= 0))
-    what = "continuous: one crystal over images %d-%d, orientation scan-varying (checkpoints every %g deg), cell %s" % (
-        *final.scan.get_image_range(), widths[0], "scan-varying" if scan_varying_cell else "static",
-    )
+    if scan_varying:
+        what = "continuous: one crystal over images %d-%d, orientation scan-varying (checkpoints every %g deg), cell %s" % (
+            *final.scan.get_image_range(), widths[0], "scan-varying" if scan_varying_cell else "static",
+        )
+    else:
+        what = "continuous: one crystal over images %d-%d, static" % final.scan.get_image_range()
     for ident, r in block_rmsds(out, blocks).items():
-        record["blocks"][ident]["rmsd_scan_varying"] = r
+        if scan_varying:
+            record["blocks"][ident]["rmsd_scan_varying"] = r
         record["blocks"][ident]["refinement"] = what
     crystal = final.crystal
     record["crystal"] = {
@@ -775,7 +755,6 @@ def _cell_esd(crystal):
 
 def _write_back(table, sel, work):
     """Columns the refiner wrote into `work` (a selection `sel` of `table`)."""
-    from dials.array_family import flex
 
     for key in ("xyzcal.mm", "xyzcal.px", "s1", "entering", "delpsical.rad"):
         if key not in work:
@@ -803,7 +782,6 @@ def gap_partial_pairs(experiments, reflections, max_dz=1.5):
     and in part at the start of the next block after a gap (row j).  Rows must
     have ``partiality`` < 1 (DIALS clipped their shoebox) and be integrated
     (summation or profile fitting)."""
-    from dials.array_family import flex
 
     ranges = _block_ranges(experiments)
     ids = reflections["id"]
@@ -846,8 +824,6 @@ def combine_gap_partials(experiments, reflections, max_dz=1.5):
 
     Returns (table, number of pairs combined).
     """
-    from dials.array_family import flex
-
     pairs = gap_partial_pairs(experiments, reflections, max_dz=max_dz)
     table = copy.deepcopy(reflections)
     combined = flex.bool(len(table), False)

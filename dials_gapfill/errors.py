@@ -44,3 +44,23 @@ def require_dials():
             "'--system-site-packages'); with conda run 'conda install -c conda-forge dials' "
             "and then 'dials.python -m pip install .'"
         ) from None
+
+
+def indexing_failure(e: Exception, params) -> str:
+    """The one-line message of a failed indexing (names the known symmetry)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    ks = params.indexing.known_symmetry
+    if ks.space_group is not None or ks.unit_cell is not None:
+        sym = []
+        if ks.space_group is not None:
+            sym.append(f"space_group={ks.space_group}")
+        if ks.unit_cell is not None:
+            sym.append("unit_cell=" + ",".join(f"{v:g}" for v in ks.unit_cell.parameters()))
+        return (
+            f"indexing failed with {' '.join(sym)}: {text[:160]}: the lattice of the spots "
+            "does not fit this symmetry; check indexing.known_symmetry (or leave it out)"
+        )
+    return (
+        f"indexing failed: {text[:160]}: check the geometry (beam centre, distance, "
+        "oscillation: geometry.*) or the spot finding (spotfinder.*)"
+    )

@@ -39,35 +39,16 @@ from dials.command_line.refine_bravais_settings import (
 from dxtbx.model import Experiment
 from dxtbx.model.experiment_list import ExperimentList
 
-from dials_gapfill.errors import GapfillError
+from dials_gapfill.errors import GapfillError, indexing_failure
 from dials_gapfill.phil import _refinement, defaults, dials_index_params, resolve_nproc
 
 logger = logging.getLogger("dials.process_gapped.indexing")
 
 
-def _explain(e: Exception, params) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    ks = params.indexing.known_symmetry
-    if ks.space_group is not None or ks.unit_cell is not None:
-        sym = []
-        if ks.space_group is not None:
-            sym.append(f"space_group={ks.space_group}")
-        if ks.unit_cell is not None:
-            sym.append("unit_cell=" + ",".join(f"{v:g}" for v in ks.unit_cell.parameters()))
-        return (
-            f"indexing failed with {' '.join(sym)}: {text[:160]}: the lattice of the spots "
-            "does not fit this symmetry; check indexing.known_symmetry (or leave it out)"
-        )
-    return (
-        f"indexing failed: {text[:160]}: check the geometry (beam centre, distance, "
-        "oscillation: geometry.*) or the spot finding (spotfinder.*)"
-    )
-
-
 def poorly_indexed_error(params, best_fraction):
     """The error when no block indexes well enough."""
     return GapfillError(
-        _explain(RuntimeError(f"at best {100 * best_fraction:.0f}% of a block's spots were indexed"), params)
+        indexing_failure(RuntimeError(f"at best {100 * best_fraction:.0f}% of a block's spots were indexed"), params)
     )
 
 
@@ -110,7 +91,7 @@ def index(experiments, reflections, params):
             )
             continue
         return _restore_identifiers(*found, experiments)
-    raise GapfillError(_explain(failures[0], params))
+    raise GapfillError(indexing_failure(failures[0], params))
 
 
 def _search_joint(experiments, reflections, ip):

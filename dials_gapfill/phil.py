@@ -248,7 +248,7 @@ _refinement_extra = """
 blocks
   .help = "The crystal model of a sweep with gaps (dials.process_gapped)."
 {
-  model = continuous *per_block
+  model = *continuous per_block
     .type = choice
     .help = "continuous: ONE crystal for the whole rotation, gaps included (as"
             "XDS): indexed and refined on one scan over all images, orientation"
@@ -257,8 +257,8 @@ blocks
             "out of the lattice search and give x, y but not phi to refinement."
             "per_block: a copy of the crystal per block, refined scan-varying in"
             "one job with shared beam, detector and goniometer, cells tied (the"
-            "documented DIALS recipe for missing images). The options below"
-            "are those of per_block."
+            "documented DIALS recipe for missing images). tie_cells, tie_sigma"
+            "and min_*_scan_varying below are per_block's; scan_varying is both's."
   continuous_scan_varying_cell = False
     .type = bool
     .expert_level = 1

@@ -215,6 +215,7 @@ def stage_refine(state: State) -> None:
         experiments, reflections, record = continuous.refine(
             state.experiments, state.reflections, params,
             scan_varying_cell=params.refinement.blocks.continuous_scan_varying_cell,
+            scan_varying=params.refinement.blocks.scan_varying,
         )
         for identifier, stats in record["blocks"].items():
             block = report.block(identifier)

@@ -62,7 +62,11 @@ def test_blocks_and_shared_models(integrated):
     assert len(experiments.crystals()) == 3
     assert len({id(e.crystal) for e in experiments}) == 3
     assert all(e.crystal.num_scan_points == e.scan.get_num_images() + 1 for e in experiments)
-    assert [b["refinement"] for b in summary["blocks"]] == ["scan-varying"] * 3
+    # the continuous model (default): each block holds the slice of one
+    # scan-varying crystal over images 1-120
+    assert all(b["refinement"].startswith("continuous: one crystal over images 1-120, orientation scan-varying")
+               for b in summary["blocks"])
+    assert summary["crystal"]["model"] == "continuous"
 
 
 def test_cell_matches_truth(integrated, truth):

@@ -85,6 +85,7 @@ def test_small_blocks_do_not_stop_the_run(one_image_block, tmp_path, mode):
         "profile.gaussian_rs.min_spots.overall=1000",
         "profile.gaussian_rs.min_spots.per_degree=1000",
         f"integration.small_blocks.profile={mode}",
+        "refinement.blocks.model=per_block",  # the per-block model's small-block refinement
     )
     summary = _summary(out)
     blocks = {(b["first"], b["last"]): b for b in summary["blocks"]}
