@@ -52,6 +52,13 @@ def process(images, out, *phil, cwd=None, timeout=1200):
     return run_cmd(args, cwd=cwd, timeout=timeout)
 
 
+def process_ok(images, out, *phil):
+    """Run dials.process_gapped, which must succeed; the CompletedProcess."""
+    result = process(images, out, *phil)
+    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    return result
+
+
 def _simulate(directory, **config):
     from dials_gapfill.simulate import SimulationConfig, simulate
 
@@ -151,8 +158,7 @@ def truth(sim_complete):
 def processed(sim_gapped, tmp_path_factory):
     """dials.process_gapped on the gapped standard sweep, with scaling."""
     out = str(tmp_path_factory.mktemp("processed"))
-    result = process(sim_gapped, out, "scale=True")
-    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    result = process_ok(sim_gapped, out, "scale=True")
     return {"dir": out, "stdout": result.stdout, "stderr": result.stderr}
 
 

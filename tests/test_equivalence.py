@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import NPROC, process, run_cmd
+from conftest import NPROC, process_ok, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +39,7 @@ def cli_chain(sim_gapped, tmp_path_factory):
 def per_block(sim_gapped, tmp_path_factory):
     """dials.process_gapped with the per-block model: the CLI chain's model."""
     out = str(tmp_path_factory.mktemp("per_block"))
-    result = process(sim_gapped, out, "refinement.blocks.model=per_block")
-    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    process_ok(sim_gapped, out, "refinement.blocks.model=per_block")
     return out
 
 
