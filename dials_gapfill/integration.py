@@ -28,6 +28,7 @@ from dials.constants import EPS, FULL_PARTIALITY
 
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.phil import dials_integrate_params
+from dials_gapfill.state import Record
 from dials_gapfill.tables import join_blocks, keep_experiments
 
 logger = logging.getLogger("dials.process_gapped.integration")
@@ -122,8 +123,9 @@ def _run(ip, experiments, reference):
     return experiments, reflections
 
 
-def integrate(experiments, reference, params, report, sweep):
-    """Integrated (experiments, reflections) for all blocks."""
+def integrate(experiments, reference, params, sweep):
+    """Integrated (experiments, reflections, record) for all blocks."""
+    record = Record(experiments)
     ip = dials_integrate_params(params)
     counts = _reference_counts(reference, experiments)
     small = []
@@ -132,7 +134,7 @@ def integrate(experiments, reference, params, report, sweep):
         if g.parameters.sigma_b is None or g.parameters.sigma_m is None:
             small = [i for i, exp in enumerate(experiments) if _too_few(counts[i], exp, g)]
     for i, exp in enumerate(experiments):
-        report.block(exp.identifier).stats["profile"] = "own"
+        record.block(exp.identifier)["profile"] = "own"
 
     if not small:
         experiments, reflections = _run(ip, experiments, reference)
@@ -141,12 +143,11 @@ def integrate(experiments, reference, params, report, sweep):
             logger.warning("All blocks are small: using the pooled profile model")
         _pooled_profiles(ip, experiments, reference, small)
         for i in small:
-            block = report.block(experiments[i].identifier)
-            block.stats["profile"] = "pooled over blocks"
+            record.block(experiments[i].identifier)["profile"] = "pooled over blocks"
             logger.info(
-                "Block %d (images %s): %d strong spots, too few for its own profile model: "
+                "%s: %d strong spots, too few for its own profile model: "
                 "profile model pooled over all blocks",
-                block.number, block.label, counts[i],
+                record.name(experiments[i].identifier), counts[i],
             )
         ip.create_profile_model = False
         experiments, reflections = _run(ip, experiments, reference)
@@ -170,11 +171,10 @@ def integrate(experiments, reference, params, report, sweep):
             exp.profile = Algorithm.create(
                 sp.profile, None, exp.crystal, exp.beam, exp.detector, exp.goniometer, exp.scan
             )
-            block = report.block(exp.identifier)
-            block.stats["profile"] = "summation only"
+            record.block(exp.identifier)["profile"] = "summation only"
             logger.info(
-                "Block %d (images %s): too few strong spots for a profile model: "
-                "integrated by summation", block.number, block.label,
+                "%s: too few strong spots for a profile model: integrated by summation",
+                record.name(exp.identifier),
             )
         small_ref, small_expts = keep_experiments(reference, experiments, {e.identifier for e in small_expts})
         small_expts, small_refl = _run(sp, small_expts, small_ref)
@@ -187,12 +187,12 @@ def integrate(experiments, reference, params, report, sweep):
         reflections = join_blocks([big_refl, small_refl], order)
         experiments = order
 
-    _record(reflections, experiments, report)
-    flag_cut_rocking_curves(reflections, experiments, report, params.mtz.partiality_threshold, sweep)
-    return experiments, reflections
+    _record(reflections, experiments, record)
+    flag_cut_rocking_curves(reflections, experiments, record, params.mtz.partiality_threshold, sweep)
+    return experiments, reflections, record
 
 
-def flag_cut_rocking_curves(reflections, experiments, report, partiality_threshold, sweep):
+def flag_cut_rocking_curves(reflections, experiments, record, partiality_threshold, sweep):
     """Flag reflections whose rocking curve is cut by a gap; count them per block.
 
     DIALS clips each shoebox at the first and last image of its block and
@@ -224,17 +224,17 @@ def flag_cut_rocking_curves(reflections, experiments, report, partiality_thresho
             else:
                 cut_end |= at
         gap_edge |= cut_gap
-        block = report.block(exp.identifier)
-        block.stats["gap_edge"] = cut_gap.count(True)
-        block.stats["gap_edge_exported"] = (cut_gap & kept).count(True)
-        block.stats["sweep_end"] = (cut_end & ~cut_gap).count(True)
-        if block.stats["gap_edge"]:
+        stats = record.block(exp.identifier)
+        stats["gap_edge"] = cut_gap.count(True)
+        stats["gap_edge_exported"] = (cut_gap & kept).count(True)
+        stats["sweep_end"] = (cut_end & ~cut_gap).count(True)
+        if stats["gap_edge"]:
             logger.info(
-                "Block %d (images %s): %d reflections with rocking curves cut by a gap "
+                "%s: %d reflections with rocking curves cut by a gap "
                 "(flagged gap_edge; %d with partiality >= %.2f go to the MTZ, scaled by 1/partiality "
                 "where summation-integrated)",
-                block.number, block.label, block.stats["gap_edge"],
-                block.stats["gap_edge_exported"], partiality_threshold,
+                record.name(exp.identifier), stats["gap_edge"],
+                stats["gap_edge_exported"], partiality_threshold,
             )
     reflections["gap_edge"] = gap_edge
 
@@ -255,17 +255,16 @@ def mean_i_over_sigma(reflections):
     return float(flex.mean(i.select(ok) / flex.sqrt(v.select(ok))))
 
 
-def _record(reflections, experiments, report):
+def _record(reflections, experiments, record):
     for i, exp in enumerate(experiments):
         sub = reflections.select(reflections["id"] == i)
-        block = report.block(exp.identifier)
-        block.stats["integrated"] = len(sub)
-        block.stats["mean_isigi"] = mean_i_over_sigma(sub) if len(sub) else float("nan")
-        block.stats["profile_fitted"] = int(sub.get_flags(sub.flags.integrated_prf).count(True))
-        if math.isnan(block.stats["mean_isigi"]):
-            block.stats["mean_isigi"] = None
+        stats = record.block(exp.identifier)
+        stats["integrated"] = len(sub)
+        isigi = mean_i_over_sigma(sub) if len(sub) else float("nan")
+        stats["mean_isigi"] = None if math.isnan(isigi) else isigi
+        stats["profile_fitted"] = int(sub.get_flags(sub.flags.integrated_prf).count(True))
         logger.info(
-            "Block %d (images %s): %d reflections integrated (%d profile-fitted), <I/sigma> %s",
-            block.number, block.label, len(sub), block.stats["profile_fitted"],
-            f"{block.stats['mean_isigi']:.1f}" if block.stats["mean_isigi"] is not None else "-",
+            "%s: %d reflections integrated (%d profile-fitted), <I/sigma> %s",
+            record.name(exp.identifier), len(sub), stats["profile_fitted"],
+            f"{stats['mean_isigi']:.1f}" if stats["mean_isigi"] is not None else "-",
         )

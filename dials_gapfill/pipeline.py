@@ -238,7 +238,8 @@ def stage_refine(state: State) -> None:
         report.crystal["model"] = "continuous"
         state.experiments, state.reflections = experiments, reflections
     else:
-        state.experiments, state.reflections = refine(state.experiments, state.reflections, params, report)
+        state.experiments, state.reflections, record = refine(state.experiments, state.reflections, params)
+        report.add(record)
         report.crystal["model"] = "per_block"
     if sanity.enabled(state.params):
         _warn(state, sanity.refinement_warnings(state.experiments, state.reflections, state.params))
@@ -253,9 +254,10 @@ def _warn(state: State, lines) -> None:
 
 
 def stage_integrate(state: State) -> None:
-    state.experiments, state.reflections = integrate(
-        state.experiments, state.reflections, state.params, state.report, state.sweep
+    state.experiments, state.reflections, record = integrate(
+        state.experiments, state.reflections, state.params, state.sweep
     )
+    state.report.add(record)
     if sanity.enabled(state.params):
         _warn(state, sanity.integration_warnings(state.experiments, state.reflections, state.params))
 

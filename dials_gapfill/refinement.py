@@ -40,6 +40,7 @@ from dials.command_line.refine import run_macrocycle
 
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.phil import dials_refine_params
+from dials_gapfill.state import Record
 from dials_gapfill.tables import join_blocks, keep_experiments, rmsds
 
 logger = logging.getLogger("dials.process_gapped.refinement")
@@ -103,17 +104,16 @@ def _static_crystals(crystals):
         configure._parameterise_crystals = original
 
 
-def _record_rmsds(reflections, experiments, report, key):
+def _record_rmsds(reflections, experiments, record, key):
     what = "static" if key == "rmsd_static" else "scan-varying"
     for i, exp in enumerate(experiments):
         r = rmsds(reflections, i)
         if r is None:
             continue
-        block = report.block(exp.identifier)
-        block.stats[key] = {"x": r[0], "y": r[1], "phi": r[2], "n": r[3]}
+        record.block(exp.identifier)[key] = {"x": r[0], "y": r[1], "phi": r[2], "n": r[3]}
         logger.info(
-            "Block %d (images %s): RMSD x %.3f px, y %.3f px, phi %.3f images (%d reflections, %s)",
-            block.number, block.label, r[0], r[1], r[2], r[3], what,
+            "%s: RMSD x %.3f px, y %.3f px, phi %.3f images (%d reflections, %s)",
+            record.name(exp.identifier), r[0], r[1], r[2], r[3], what,
         )
 
 
@@ -126,12 +126,13 @@ def split_crystals(experiments) -> None:
         seen.add(id(exp.crystal))
 
 
-def refine(experiments, reflections, params, report):
+def refine(experiments, reflections, params):
     """Static joint refinement, then scan-varying per-block refinement.
 
     `reflections` are the indexing result; only indexed reflections are used
-    (and returned).  Returns (experiments, reflections).
+    (and returned).  Returns (experiments, reflections, record).
     """
+    record = Record(experiments)
     blocks_p = params.refinement.blocks
     indexed = reflections.get_flags(reflections.flags.indexed) & (reflections["id"] >= 0)
     reflections = reflections.select(indexed)
@@ -141,32 +142,32 @@ def refine(experiments, reflections, params, report):
     rp.refinement.parameterisation.scan_varying = False
     logger.info("Static refinement of %d block(s) with one crystal", len(experiments))
     experiments, reflections, _ = _macrocycle(rp, reflections, experiments, "static refinement")
-    _record_rmsds(reflections, experiments, report, "rmsd_static")
+    _record_rmsds(reflections, experiments, record, "rmsd_static")
     static_crystal = experiments[0].crystal
-    report.crystal["static"] = {
+    record.crystal["static"] = {
         "unit_cell": list(static_crystal.get_unit_cell().parameters()),
         # one crystal refined against all blocks: the esds of the one cell
         "unit_cell_esd": list(static_crystal.get_cell_parameter_sd()),
         "space_group": str(static_crystal.get_space_group().info()),
     }
 
-    report.crystal["cell_esd"] = report.crystal["static"]["unit_cell_esd"]
-    report.crystal["cells_tied"] = bool(blocks_p.tie_cells and len(experiments) > 1)
+    record.crystal["cell_esd"] = record.crystal["static"]["unit_cell_esd"]
+    record.crystal["cells_tied"] = bool(blocks_p.tie_cells and len(experiments) > 1)
 
     # 2. one crystal per block
     split_crystals(experiments)
     if not blocks_p.scan_varying:
         for exp in experiments:
-            report.block(exp.identifier).stats["refinement"] = "static"
-        return experiments, reflections
+            record.block(exp.identifier)["refinement"] = "static"
+        return experiments, reflections, record
 
     # 3. scan-varying refinement of all blocks in one job
     counts = [int((reflections["id"] == i).count(True)) for i in range(len(experiments))]
     in_job, static_only = set(), set()
     for exp, n in zip(experiments, counts):
-        block = report.block(exp.identifier)
+        block = record.block(exp.identifier)
         if n < _MIN_REFLECTIONS_TO_REFINE:
-            block.stats["refinement"] = "static (joint result: too few reflections)"
+            block["refinement"] = "static (joint result: too few reflections)"
             continue
         in_job.add(exp.identifier)
         small = (
@@ -175,12 +176,12 @@ def refine(experiments, reflections, params, report):
         )
         if small:
             static_only.add(exp.crystal)
-            block.stats["refinement"] = "static crystal in the scan-varying job"
+            block["refinement"] = "static crystal in the scan-varying job"
         else:
-            block.stats["refinement"] = "scan-varying"
+            block["refinement"] = "scan-varying"
     if len(static_only) == len(in_job):
         logger.info("No block is large enough for scan-varying refinement")
-        return experiments, reflections
+        return experiments, reflections, record
 
     sv_refl, sv_expts = keep_experiments(reflections, experiments, in_job)
     rp = dials_refine_params(params, n_blocks=len(sv_expts))
@@ -200,7 +201,7 @@ def refine(experiments, reflections, params, report):
                 "This DIALS cannot mix static and scan-varying crystals: all are scan-varying"
             )
         sv_expts, sv_refl, _ = _macrocycle(rp, sv_refl, sv_expts, "scan-varying refinement")
-    _record_rmsds(sv_refl, sv_expts, report, "rmsd_scan_varying")
+    _record_rmsds(sv_refl, sv_expts, record, "rmsd_scan_varying")
 
     # put the refined models in place; beam, detector, goniometer stay shared
     refined = {e.identifier: e for e in sv_expts}
@@ -209,7 +210,7 @@ def refine(experiments, reflections, params, report):
         if exp.identifier in refined:
             exp.crystal = refined[exp.identifier].crystal
         exp.beam, exp.detector, exp.goniometer = shared.beam, shared.detector, shared.goniometer
-    return experiments, join_blocks([sv_refl, reflections], experiments)
+    return experiments, join_blocks([sv_refl, reflections], experiments), record
 
 
 def _set_tie(rp, sigmas):

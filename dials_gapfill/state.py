@@ -33,6 +33,25 @@ class Block:
         return d
 
 
+class Record:
+    """What a stage found: statistics per block (by identifier) and about the
+    crystal, for the pipeline to put into the report."""
+
+    def __init__(self, experiments):
+        self._names = {
+            e.identifier: "Block %d (images %d-%d)" % (i, *e.scan.get_image_range())
+            for i, e in enumerate(experiments, start=1)
+        }
+        self.blocks: dict[str, dict] = {}
+        self.crystal: dict = {}
+
+    def block(self, identifier: str) -> dict:
+        return self.blocks.setdefault(identifier, {})
+
+    def name(self, identifier: str) -> str:
+        return self._names[identifier]
+
+
 def blocks_of(experiments, previous=()):
     """Block records (numbered 1..n in image order) of an experiment list;
     a block already in `previous` (same identifier) keeps its statistics."""
@@ -70,6 +89,12 @@ class Report:
         self.blocks = blocks_of(experiments, self.blocks)
         self.excluded = sweep.not_used()
         self.dropped_blocks = list(sweep.dropped_blocks)
+
+    def add(self, record) -> None:
+        """A stage's Record: its block statistics and crystal entries."""
+        for identifier, stats in record.blocks.items():
+            self.block(identifier).stats.update(stats)
+        self.crystal.update(record.crystal)
 
     def block(self, identifier: str) -> Block:
         for b in self.blocks:
