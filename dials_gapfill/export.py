@@ -69,10 +69,17 @@ def export(experiments, reflections, params, report, outputs):
     if out.reflections:
         outputs.write(out.reflections, lambda p: reflections.as_file(p))
         files.append({"name": out.reflections, "kind": "reflections", "reflections": len(reflections)})
-    # blocks integrated by summation only have no profile-fitted intensities:
+    # blocks integrated by summation only (integration.small_blocks.profile=
+    # summation) have no profile-fitted intensities while the others have:
     # with them, the combined MTZ holds summation intensities (DIALS' export
     # would otherwise drop every reflection that was not profile fitted)
-    summation_blocks = [b.number for b in report.blocks if b.stats.get("profile") == "summation only"]
+    prf = reflections.get_flags(reflections.flags.integrated_prf)
+    summation_blocks = [
+        i + 1 for i in range(len(experiments))
+        if (reflections["id"] == i).count(True) and not ((reflections["id"] == i) & prf).count(True)
+    ]
+    if len(summation_blocks) == len(experiments):  # no profile fitting at all
+        summation_blocks = []
     combined_intensity = list(params.mtz.intensity)
     if summation_blocks and "profile" in combined_intensity:
         combined_intensity = ["sum"]
@@ -92,12 +99,12 @@ def export(experiments, reflections, params, report, outputs):
         logger.info("Wrote %d reflections of %d blocks to %s", counts["n"], len(experiments), out.mtz)
     if out.mtz and out.per_block_mtz and len(experiments) > 1:
         for i, exp in enumerate(experiments):
-            block = report.block(exp.identifier)
-            name = out.block_mtz.format(block=block.number, first=block.first, last=block.last)
+            number, (first, last) = i + 1, exp.scan.get_image_range()
+            name = out.block_mtz.format(block=number, first=first, last=last)
             sub, sub_expts = keep_experiments(reflections, mtz_experiments, {exp.identifier})
             counts = {}
-            kind = ["sum"] if block.number in summation_blocks else None
+            kind = ["sum"] if number in summation_blocks else None
             outputs.write(name, lambda p: counts.setdefault("n", write_mtz(sub, sub_expts, params, p, kind)))
             files.append(
-                {"name": name, "kind": "block mtz", "block": block.number, "reflections": counts["n"]}
+                {"name": name, "kind": "block mtz", "block": number, "reflections": counts["n"]}
             )
