@@ -30,6 +30,7 @@ from dials.algorithms.indexing.bravais_settings import (
     refined_settings_from_refined_triclinic,
 )
 from dials.algorithms.indexing.known_orientation import IndexerKnownOrientation
+from dials.algorithms.refinement.refinement_helpers import set_obs_s1
 from dials.array_family import flex
 from dials.command_line.index import index as dials_index
 from dials.command_line.refine_bravais_settings import (
@@ -176,6 +177,9 @@ def choose_bravais_lattice(experiments, reflections, params):
     bp.refinement = _refinement(params)
     bp.refinement.reflections.reflections_per_degree = 100
     refl = reflections.select(reflections.get_flags(reflections.flags.indexed))
+    if "s1" not in refl:  # the continuous model's indexing hands on no s1: the observed one
+        refl["s1"] = flex.vec3_double(len(refl), (0.0, 0.0, 0.0))
+        set_obs_s1(refl, experiments)
     if "shoebox" in refl:
         refl = copy.deepcopy(refl)
         del refl["shoebox"]
