@@ -35,6 +35,9 @@ def test_api_from_images_writes_only_when_asked(tiny, tmp_path, monkeypatch):
     written = process_gapped(
         [tiny], f"mp.nproc=2\ngaps.exclude_images=21:23\noutput.directory={out}", write_files=True
     )
+    # a stage that does not run (scaling, scale=False) is not listed as taking 0.0 s
+    assert "scaling" not in [s["name"] for s in written.summary["timing"]["stages"]]
+    assert "integration" in [s["name"] for s in written.summary["timing"]["stages"]]
     names = sorted(os.path.basename(f) for f in written.files)
     assert names == sorted(os.listdir(out)) and "integrated.mtz" in names
     assert "dials.process_gapped.log" not in names  # the log belongs to the command line

@@ -122,6 +122,7 @@ def test_same_file_twice_is_used_once(small_sweep):
     experiments, report = _import(positional=files)
     assert _blocks(experiments) == [(1, 10)]
     assert any("given twice" in w for w in report.warnings)
+    assert report.inputs["n_files"] == 10  # each file counted once
 
 
 def test_help_and_config(tmp_path):
