@@ -166,6 +166,16 @@ def stage_index(state: State) -> None:
     params, report, sweep = state.params, state.report, state.sweep
     strong_counts = [int((state.reflections["id"] == i).count(True)) for i in range(len(state.experiments))]
     if params.refinement.blocks.model == "continuous":
+        try:
+            continuous.check_blocks(state.experiments)
+        except GapfillError as e:
+            # e.g. a block whose start angle is not on the rotation (a wrong
+            # header): per-block crystals, and such a block is dropped below
+            msg = f"{e}: using refinement.blocks.model=per_block"
+            logger.warning("Warning: %s", msg)
+            report.warnings.append(msg)
+            params.refinement.blocks.model = "per_block"
+    if params.refinement.blocks.model == "continuous":
         experiments, indexed = continuous.index(state.experiments, state.reflections, params)
     else:
         experiments, indexed = index(state.experiments, state.reflections, params)

@@ -180,7 +180,8 @@ def test_json_summary_layout(processed):
     assert used + totals["images_excluded"] == last - first + 1 == 120
     assert summary["per_image"]["image"] == [n for b in blocks for n in range(b["first"], b["last"] + 1)]
     assert [s["name"] for s in summary["timing"]["stages"]] == [
-        "import", "spot finding", "bad images", "indexing", "refinement", "integration", "export", "scaling"
+        "import", "spot finding", "bad images", "detector checks", "indexing", "refinement",
+        "integration", "export", "scaling"
     ]
     names = {f["name"] for f in summary["files"]}
     assert {"integrated.expt", "integrated.refl", "integrated.mtz", "scaled.mtz", "merged.mtz"} <= names

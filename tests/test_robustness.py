@@ -154,3 +154,5 @@ def test_a_block_that_cannot_be_indexed_is_dropped(tiny, tmp_path):
     assert any("starts at 53.00 deg but its image number implies 23.00 deg" in w for w in summary["warnings"])
     assert any("dropped" in w for w in summary["warnings"]) and "dropped" in result.stdout
     assert summary["blocks"][0]["integrated"] > 4000
+    # not on the rotation of the first block: per-block crystals instead of one
+    assert any("one continuous model needs one rotation" in w for w in summary["warnings"])
