@@ -44,8 +44,10 @@ omit = None
   .help = "Images not written (gaps): ranges first:last and single numbers, e.g. 41:45,81:83"
 bad_images = None
   .type = strings
-  .help = "Bad images to plant, image:mode with mode blank, zero, overexposed, truncated,"
-          "garbage or corrupt (header over random bytes), e.g. 50:blank,60:zero"
+  .help = "Bad images to plant, image:mode with mode blank, zero, overexposed,"
+          "flare (every count x40: above DIALS' strong-pixel cap), saturated (every"
+          "pixel at the overload value), truncated, garbage or corrupt (header over"
+          "random bytes), e.g. 50:blank,60:zero"
 seed = 42
   .type = int
   .help = "Random seed: the same seed gives bit-identical files."
@@ -87,7 +89,8 @@ format = *cbf nexus
   .type = choice
   .help = "cbf: one Pilatus miniCBF file per image. nexus: the whole sweep as one"
           "NeXus NXmx HDF5 file, <prefix>_master.h5 (same geometry and pixels; no"
-          "omit, first_image 1, bad images only blank, zero or overexposed)."
+          "omit, first_image 1, bad images only blank, zero, overexposed, flare or"
+          "saturated)."
 output {
   directory = simulated
     .type = path
