@@ -2,13 +2,22 @@
 #   make demo   simulate a small gapped sweep and process it with dials.process_gapped
 #   make test   run the test suite (make test-fast: the quick subset)
 # Both first run scripts/bootstrap.sh (idempotent): DIALS from Debian if missing, a venv, the package.
+# Where Debian has no DIALS package (Debian 13 and newer), or with GAPFILL_DIALS=root, the same
+# targets run inside a Debian 12 root with DIALS (scripts/dials-root.sh), with the venv .venv-root.
 
-VENV ?= .venv
-PY := $(VENV)/bin/python
+ROUTE := $(shell bash scripts/bootstrap.sh --route)
 NPROC ?= 2
 DEMO ?= demo
 
 .PHONY: setup setup-test demo test test-fast bench clean
+
+ifeq ($(ROUTE),root)
+VENV ?= .venv-root
+setup setup-test demo test test-fast bench:
+	@bash scripts/dials-root.sh run make --no-print-directory $@ VENV=$(VENV) NPROC=$(NPROC) DEMO=$(DEMO)
+else
+VENV ?= .venv
+PY := $(VENV)/bin/python
 
 setup:
 	@VENV=$(VENV) bash scripts/bootstrap.sh
@@ -28,6 +37,7 @@ test-fast: setup-test
 
 bench: setup
 	$(PY) benchmarks/benchmark.py --nproc $(NPROC)
+endif
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -4,10 +4,43 @@
 #      plus python3-venv, and (WITH_TEST_TOOLS=1) chromium for the HTML report test;
 #   2. a virtual environment made with --system-site-packages so it sees DIALS;
 #   3. this package installed into it (pip install -e .[test]).
+# Where DIALS comes from (`bash scripts/bootstrap.sh --route` prints it; the Makefile asks):
+#   system  /usr/bin/python3 imports DIALS (or this runs inside the DIALS root): as above;
+#   apt     apt has a `dials` candidate (Debian 12): apt-get install it, as above;
+#   root    neither (Debian 13 and newer have no DIALS package), or GAPFILL_DIALS=root:
+#           everything runs in a Debian 12 root with DIALS (scripts/dials-root.sh, built once),
+#           with the checkout mounted at the same path, and the venv is .venv-root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
 SYS_PYTHON=${SYS_PYTHON:-/usr/bin/python3}
+
+dials_route() {
+  # inside the root (its marker file): DIALS is there, never a root in the root
+  if [ -e "${GAPFILL_ROOT_MARKER:-/etc/dials-gapfill-root}" ]; then echo system; return; fi
+  case "${GAPFILL_DIALS:-auto}" in
+    root) echo root; return ;;
+    auto | "") ;;
+    *) echo "bootstrap: GAPFILL_DIALS=$GAPFILL_DIALS: use GAPFILL_DIALS=root (or auto)" >&2; return 2 ;;
+  esac
+  if "$SYS_PYTHON" -c "import dials, dxtbx, cctbx" >/dev/null 2>&1; then
+    echo system
+  elif "${APT_CACHE:-apt-cache}" policy dials 2>/dev/null | grep -Eq '^[[:space:]]*Candidate:[[:space:]]*[^([:space:]]'; then
+    echo apt
+  else
+    echo root
+  fi
+}
+
+route=$(dials_route)
+if [ "${1:-}" = --route ]; then
+  echo "$route"
+  exit 0
+fi
+if [ "$route" = root ]; then
+  # the venv, made inside the root, is not the host's .venv
+  VENV=${VENV:-.venv-root} exec bash scripts/dials-root.sh run bash scripts/bootstrap.sh
+fi
+VENV=${VENV:-.venv}
 
 packages=()
 if ! "$SYS_PYTHON" -c "import dials, dxtbx, cctbx" >/dev/null 2>&1 || ! command -v dials.version >/dev/null 2>&1; then
@@ -34,6 +67,9 @@ fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$SYS_PYTHON" -m venv --system-site-packages "$VENV"
+  if [ -n "${GAPFILL_IN_ROOT:-}" ] && [ ! -e "$VENV/.gitignore" ]; then
+    echo '*' >"$VENV/.gitignore"  # (.venv-root: git status stays clean)
+  fi
 fi
 
 # cctbx's libtbx finds its environment (libtbx_env) at <sys.prefix>/lib/cctbx/pythonX.Y,
