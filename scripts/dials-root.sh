@@ -10,6 +10,7 @@
 #                                      current folder, with this checkout and ../shared mounted
 #                                      at the same paths, so outputs land in the checkout
 #   scripts/dials-root.sh path         print where the root is
+#   scripts/dials-root.sh mirrors      print the Debian mirror and security mirror it would use
 #
 # The root is built in $GAPFILL_ROOT.build.<pid> and renamed when complete, so an interrupted
 # build is never taken for a root.  Mounts (/proc, /sys, /dev, the checkout, ../shared) are
@@ -28,7 +29,7 @@ say() { echo "dials-root: $*" >&2; }
 die() { say "$*"; exit 1; }
 
 # ---- privileges: debootstrap, mount and chroot need root --------------------------------
-if [ "$(id -u)" != 0 ] && [ "${1:-}" != path ]; then
+if [ "$(id -u)" != 0 ] && [ "${1:-}" != path ] && [ "${1:-}" != mirrors ]; then
   command -v sudo >/dev/null 2>&1 || die "needs root (debootstrap, mount, chroot) and there is no sudo"
   # run the command inside the root as the calling user, so files in the checkout stay theirs
   exec sudo -E GAPFILL_ROOT_USER="$(id -u):$(id -g)" bash "$SELF" "$@"
@@ -37,14 +38,15 @@ fi
 # ---- the machine's Debian mirror -----------------------------------------------------------
 # Prints "MIRROR SECURITY_MIRROR" (security may be "-"): the first enabled Debian source of
 # /etc/apt/sources.list and /etc/apt/sources.list.d/*.{list,sources} (one-line or deb822).
+APT_ETC=${GAPFILL_APT_ETC:-/etc/apt}  # (tests/test_bootstrap.py gives its own)
 apt_mirrors() {
   local codenames='^(buster|bullseye|bookworm|trixie|forky|duke|sid|oldstable|stable|testing|unstable)(-updates|-security|-backports)?$'
   {
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    for f in "$APT_ETC"/sources.list "$APT_ETC"/sources.list.d/*.list; do
       [ -f "$f" ] || continue
       sed -e 's/#.*//' -e 's/\[[^]]*\]//' "$f" | awk '$1 == "deb" { print $2, $3 }'
     done
-    for f in /etc/apt/sources.list.d/*.sources; do
+    for f in "$APT_ETC"/sources.list.d/*.sources; do
       [ -f "$f" ] || continue
       awk 'function flush() { if (uris != "" && enabled != "no") { n = split(uris, u, " "); m = split(suites, s, " ");
                                 for (i = 1; i <= n; i++) for (j = 1; j <= m; j++) print u[i], s[j] }
@@ -218,6 +220,7 @@ case "${1:-}" in
   build) build ;;
   run) shift; run "$@" ;;
   path) echo "$ROOT" ;;
+  mirrors) mirrors ;;
   _build) shift; build_inside "$@" ;;
   _run) shift; run_inside "$@" ;;
   *) sed -n '2,/^set -euo/p' "$SELF" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
