@@ -13,7 +13,8 @@
 #   scripts/dials-root.sh mirrors      print the Debian mirror and security mirror it would use
 #
 # The root is built in $GAPFILL_ROOT.build.<pid> and renamed when complete, so an interrupted
-# build is never taken for a root.  Mounts (/proc, /sys, /dev, the checkout, ../shared) are
+# build is never taken for a root.  Mounts (/proc, /sys, /dev, the machine's /etc/ssl/certs
+# read-only, the checkout, ../shared) are
 # made in a private mount namespace (unshare) and unmounted on exit and on Ctrl-C.  debootstrap
 # uses this machine's Debian mirror (from /etc/apt/sources.list*), or $GAPFILL_ROOT_MIRROR.
 # Needs root (or sudo): debootstrap, mount and chroot do.
@@ -183,6 +184,11 @@ run_inside() {  # (in the namespace) run_inside CWD CMD...
   trap 'exit 143' TERM
   local cwd=$1; shift
   system_mounts
+  # the machine's CA certificates (read-only), so pip reaches PyPI through the same TLS proxies
+  if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+    mount_in_root bind /etc/ssl/certs /etc/ssl/certs
+    mount -o remount,bind,ro "$ROOT_DIR/etc/ssl/certs"
+  fi
   mount_in_root bind "$CHECKOUT" "$CHECKOUT"
   if [ -d "$CHECKOUT/../shared" ]; then
     local shared; shared=$(cd "$CHECKOUT/../shared" && pwd -P)
