@@ -14,9 +14,9 @@
 #
 # The root is built in $GAPFILL_ROOT.build.<pid> and renamed when complete, so an interrupted
 # build is never taken for a root.  Mounts (/proc, /sys, /dev, the machine's /etc/ssl/certs
-# read-only, the checkout, ../shared) are
-# made in a private mount namespace (unshare) and unmounted on exit and on Ctrl-C.  debootstrap
-# uses this machine's Debian mirror (from /etc/apt/sources.list*), or $GAPFILL_ROOT_MIRROR.
+# read-only, the checkout, ../shared) are made in a private mount namespace (unshare) and
+# unmounted on exit and on Ctrl-C.  debootstrap uses this machine's Debian mirror (from
+# /etc/apt/sources.list*), or $GAPFILL_ROOT_MIRROR.
 # Needs root (or sudo): debootstrap, mount and chroot do.
 set -euo pipefail
 SELF=$(cd "$(dirname "$0")" && pwd -P)/$(basename "$0")
