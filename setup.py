@@ -17,7 +17,12 @@ setup(
     package_data={"dials_gapfill": ["report/*.json"]},
     python_requires=">=3.9",
     install_requires=[],
-    extras_require={"test": ["pytest>=7", "gemmi>=0.5", "jsonschema>=4"], "bench": ["pyinstrument"]},
+    extras_require={
+        "test": ["pytest>=7", "gemmi>=0.5", "jsonschema>=4", "distributed>=2023.1", "dask-jobqueue>=0.8"],
+        "bench": ["pyinstrument"],
+        # mp.method=slurm|sge|pbs|lsf (README: Running on a cluster)
+        "cluster": ["distributed>=2023.1", "dask-jobqueue>=0.8"],
+    },
     entry_points={
         "console_scripts": [
             "dials.process_gapped = dials_gapfill.command_line.process_gapped:run",

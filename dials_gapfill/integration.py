@@ -26,6 +26,7 @@ from dials.command_line.integrate import (
 )
 from dials.constants import EPS, FULL_PARTIALITY
 
+from dials_gapfill import cluster
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.phil import dials_integrate_params
 from dials_gapfill.state import Record
@@ -113,9 +114,13 @@ def _pooled_profiles(ip, experiments, reference, small):
     return sigma_b, sigma_m
 
 
-def _run(ip, experiments, reference):
+def _run(ip, experiments, reference, params=None):
     try:
-        experiments, reflections, _ = run_integration(ip, experiments, reference)
+        if params is not None and cluster.is_cluster(params):
+            # --- cluster: one task per block on the jobs (dials_gapfill/cluster.py)
+            experiments, reflections = cluster.integrate(ip, experiments, reference, params)
+        else:
+            experiments, reflections, _ = run_integration(ip, experiments, reference)
     except (ValueError, RuntimeError) as e:
         raise GapfillError(
             f"integration failed: {' '.join(str(e).split())[:200]}: check integration.*"
@@ -137,7 +142,7 @@ def integrate(experiments, reference, params, sweep):
         record.block(exp.identifier)["profile"] = "own"
 
     if not small:
-        experiments, reflections = _run(ip, experiments, reference)
+        experiments, reflections = _run(ip, experiments, reference, params)
     elif params.integration.small_blocks.profile == "pooled" or len(small) == len(experiments):
         if len(small) == len(experiments) and params.integration.small_blocks.profile == "summation":
             logger.warning("All blocks are small: using the pooled profile model")
@@ -150,13 +155,13 @@ def integrate(experiments, reference, params, sweep):
                 record.name(experiments[i].identifier), counts[i],
             )
         ip.create_profile_model = False
-        experiments, reflections = _run(ip, experiments, reference)
+        experiments, reflections = _run(ip, experiments, reference, params)
     else:
         large = [i for i in range(len(experiments)) if i not in small]
         big_expts = ExperimentList([experiments[i] for i in large])
         small_expts = ExperimentList([experiments[i] for i in small])
         big_ref, big_expts = keep_experiments(reference, experiments, {e.identifier for e in big_expts})
-        big_expts, big_refl = _run(copy.deepcopy(ip), big_expts, big_ref)
+        big_expts, big_refl = _run(copy.deepcopy(ip), big_expts, big_ref, params)
         Algorithm = _algorithm(ip)
         weights = [counts[i] for i in large]
         total = sum(weights)
@@ -177,7 +182,7 @@ def integrate(experiments, reference, params, sweep):
                 record.name(exp.identifier),
             )
         small_ref, small_expts = keep_experiments(reference, experiments, {e.identifier for e in small_expts})
-        small_expts, small_refl = _run(sp, small_expts, small_ref)
+        small_expts, small_refl = _run(sp, small_expts, small_ref, params)
         order = ExperimentList(sorted(list(big_expts) + list(small_expts), key=lambda e: e.scan.get_image_range()[0]))
         # summation-only rows get empty profile-fitting columns (their flags
         # say they were not profile fitted)

@@ -226,6 +226,19 @@ output
   html = dials.process_gapped.html
     .type = str
     .help = "Self-contained HTML report with plots. None: do not write."
+  # --- progress (dials_gapfill/progress.py) ---
+  progress = *auto bar lines none
+    .type = choice
+    .help = "Progress of each stage on the terminal (stdout): auto is a bar with"
+            "the count of images, the percentage and the time left when stdout is"
+            "a terminal, else a plain line every progress_interval seconds; bar,"
+            "lines or none force one. The log file gets the plain lines (never the bar)."
+  progress_interval = 10
+    .type = float(value_min=0.1)
+    .expert_level = 1
+    .help = "Seconds between the plain progress lines (and so the longest silence"
+            "during a stage)."
+  # --- end progress ---
 }
 
 mp
@@ -234,13 +247,51 @@ mp
   nproc = Auto
     .type = int(value_min=1)
     .help = "Number of processes. Auto: the number of available cores."
-  method = *multiprocessing drmaa sge lsf pbs
+  method = *multiprocessing slurm sge pbs lsf drmaa
     .type = choice
-    .help = "multiprocessing on this machine, or a cluster back-end of DIALS"
-            "(drmaa, sge, lsf, pbs) for spot finding and integration."
+    .help = "multiprocessing on this machine, or a batch cluster for spot finding"
+            "and integration through Dask (slurm, sge, pbs, lsf: dask-jobqueue,"
+            "pip install 'dials-gapfill[cluster]'; README: Running on a cluster)."
+            "drmaa (DIALS' own route) does not work with DIALS 3.12 and is refused."
   njobs = 1
     .type = int(value_min=1)
     .help = "Number of cluster jobs (with a cluster method)."
+  # --- cluster (dials_gapfill/cluster.py) ---
+  cluster
+    .help = "The jobs of mp.method=slurm|sge|pbs|lsf (dask-jobqueue)."
+  {
+    queue = None
+      .type = str
+      .help = "Queue (Slurm partition). None: the scheduler's default."
+    cores = 1
+      .type = int(value_min=1)
+      .help = "Cores per job; each task runs DIALS with this many processes."
+    memory = 4GB
+      .type = str
+      .help = "Memory per job, e.g. 4GB."
+    walltime = 01:00:00
+      .type = str
+      .help = "Time limit per job (HH:MM:SS). A job that reaches it is replaced."
+    job_extra = None
+      .type = str
+      .multiple = True
+      .help = "Extra scheduler lines, e.g. --account=mx1234 (one per line, repeatable)."
+    retries = 2
+      .type = int(value_min=0)
+      .help = "How often a task whose job died (killed, out of time or memory) is"
+              "run again on another job before the run stops."
+    start_timeout = 600
+      .type = float(value_min=1)
+      .help = "Seconds to wait for the first job to start."
+    python = None
+      .type = path
+      .help = "Python of the jobs. None: this one (the cluster shares the filesystem)."
+    log_directory = None
+      .type = path
+      .help = "Shared folder for job scripts and logs (a folder of the run inside it is"
+              "removed at the end). None: ~/.cache/dials-gapfill."
+  }
+  # --- end cluster ---
 }
 """
 
@@ -528,6 +579,9 @@ def _set_mp(scope, params, none_word):
     method = params.mp.method
     _set(scope, "method", none_word if method == "multiprocessing" else method)
     _set(scope, "njobs", params.mp.njobs)
+    if method in ("slurm", "sge", "pbs", "lsf"):
+        # cluster runs (dials_gapfill/cluster.py): DIALS cuts njobs x cores pieces
+        _set(scope, "nproc", params.mp.cluster.cores)
 
 
 def dials_spotfinder_params(params):

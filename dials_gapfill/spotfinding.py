@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
 from dials.algorithms.shoebox import MaskCode
 from dials.array_family import flex
 
+from dials_gapfill import cluster
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.phil import dials_spotfinder_params
 from dials_gapfill.sweep import canonical_order
@@ -46,12 +48,16 @@ def find_spots(experiments, params):
     whole (the caller finds which).
     """
     sf_params = dials_spotfinder_params(params)
+    if cluster.is_cluster(params):
+        cluster.session(params)  # --- cluster: the jobs start here (its messages not captured)
     try:
         # a worker that fails prints its traceback (libtbx easy_mp, to stdout):
         # it goes to the log only
         with captured(1) as out, captured(2) as err:
-            reflections = flex.reflection_table.from_observations(experiments, sf_params)
-    except (KeyboardInterrupt, SystemExit):
+            # --- cluster: mp.method=slurm|sge|pbs|lsf sends DIALS' image chunks to the jobs
+            with cluster.spot_finding(params) if cluster.is_cluster(params) else contextlib.nullcontext():
+                reflections = flex.reflection_table.from_observations(experiments, sf_params)
+    except (KeyboardInterrupt, SystemExit, cluster.ClusterError):
         raise
     except Exception as e:
         logger.debug("Spot finding failed:\n%s%s", out.text, err.text)

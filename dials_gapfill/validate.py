@@ -60,6 +60,7 @@ def validate(params) -> None:
     _check_indexing(params)
     _check_refinement(params)
     _check_spotfinder(params)
+    _check_mp(params)
 
 
 def _check_mtz(params) -> None:
@@ -235,3 +236,12 @@ def _check_spotfinder(params) -> None:
             f"spotfinder.filter.d_max={d_max} is not lower in resolution than spotfinder.filter.d_min={d_min}: "
             "d_max must be the larger number"
         )
+
+
+def _check_mp(params) -> None:
+    """mp.method: a cluster route that cannot work stops here (dials_gapfill/cluster.py)."""
+    if _get(params, "mp.method") in (None, "multiprocessing"):
+        return
+    from dials_gapfill import cluster
+
+    cluster.check(params)

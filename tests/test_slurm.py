@@ -1,0 +1,337 @@
+"""mp.method=slurm on a real one-node Slurm (scripts/slurm_one_node.sh).
+
+The module brings Slurm up (as root; Debian's munge, slurmctld, slurmd,
+slurm-client, installed with apt-get if missing) and takes it down again if
+it started it.  A small gapped sweep (3 blocks of 10 images) is processed on
+this machine and through Slurm; the jobs must show in Slurm's job record and
+the results must be the local run's.  Then the failures: settings Slurm
+refuses, a job killed under a task, Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT, Sweeps, process, run_cmd, tool
+
+SCRIPT = os.path.join(ROOT, "scripts", "slurm_one_node.sh")
+# 3 blocks (1-10, 12-21, 23-32) of 1 deg images on a Pilatus 300K
+CONFIG = dict(n_images=32, osc_width=1.0, detector="pilatus300k", distance=150.0, seed=42)
+OMIT = (11, 22)
+SLURM = ["mp.method=slurm", "mp.njobs=2", "mp.cluster.cores=1", "mp.cluster.memory=2GB"]
+
+
+def _skip_reason():
+    if os.geteuid() != 0:
+        return "needs root to start munged, slurmctld and slurmd (scripts/slurm_one_node.sh)"
+    if shutil.which("dpkg-query") is None or shutil.which("apt-get") is None:
+        return "needs Debian (apt-get) for the Slurm packages"
+    try:
+        import dask_jobqueue  # noqa: F401
+        import distributed  # noqa: F401
+    except ImportError:
+        return "needs Dask: pip install -e '.[cluster]'"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+
+
+def _our_jobs():
+    r = run_cmd(["squeue", "-h", "-n", "dials-gapfill", "-o", "%i %T"])
+    return [line.split() for line in r.stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A one-node Slurm: (path of the job record)."""
+    status = run_cmd(["bash", SCRIPT, "status"])
+    was_up = "slurmd: running" in status.stdout and "slurmctld: running" in status.stdout
+    t0 = time.time()
+    up = run_cmd(["bash", SCRIPT, "up"], timeout=900)
+    if up.returncode != 0:
+        pytest.skip(f"no one-node Slurm here: {up.stderr.strip()[-300:]}")
+    print(f"Slurm up in {time.time() - t0:.1f} s")
+    jobcomp = run_cmd(["bash", SCRIPT, "jobcomp"]).stdout.strip()
+    yield jobcomp
+    assert not _our_jobs(), "jobs of dials-gapfill left in the queue"
+    if not was_up:
+        down = run_cmd(["bash", SCRIPT, "down"], timeout=120)
+        assert down.returncode == 0, down.stderr
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    return Sweeps(CONFIG, tmp_path_factory).make(omit=OMIT, name="slurm_sweep")
+
+
+@pytest.fixture(scope="module")
+def job_folder(tmp_path_factory):
+    """mp.cluster.log_directory of the runs (must be empty after each)."""
+    return str(tmp_path_factory.mktemp("cluster_jobs"))
+
+
+def _records(jobcomp):
+    """Slurm's job record (jobcomp/filetxt): job id -> fields."""
+    out = {}
+    if not os.path.exists(jobcomp):
+        return out
+    for line in open(jobcomp):
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        if "JobId" in fields:
+            out[fields["JobId"]] = fields
+    return out
+
+
+def _cluster_lines(out):
+    log = open(os.path.join(out, "dials.process_gapped.log")).read()
+    return re.findall(r"Cluster: (spot finding|integration) in (\d+) task\(s\) on slurm job\(s\) ([\d, ]+)", log)
+
+
+@pytest.fixture(scope="module")
+def runs(slurm, sweep, tmp_path_factory, job_folder):
+    """The sweep processed locally (nproc=1) and through Slurm (2 jobs of 1 core)."""
+    local = str(tmp_path_factory.mktemp("local"))
+    on_slurm = str(tmp_path_factory.mktemp("on_slurm"))
+    t0 = time.time()
+    r = process(sweep, local, "nproc=1")
+    assert r.returncode == 0, r.stderr + r.stdout[-2000:]
+    t1 = time.time()
+    r = process(sweep, on_slurm, *SLURM, f"mp.cluster.log_directory={job_folder}")
+    assert r.returncode == 0, r.stderr + r.stdout[-2000:]
+    print(f"local {t1 - t0:.1f} s, slurm {time.time() - t1:.1f} s")
+    return local, on_slurm
+
+
+def _tables(out):
+    import dials_gapfill  # noqa: F401
+    from dials.array_family import flex
+
+    return flex.reflection_table.from_file(os.path.join(out, "integrated.refl"))
+
+
+# bookkeeping columns of DIALS' integrator that number rows within one run of
+# it (a block integrated alone starts them at 0)
+RUN_COUNTERS = {"partial_id"}
+
+
+def assert_same_reflections(a, b):
+    from dials.array_family import flex
+
+    assert len(a) == len(b)
+    assert sorted(a.keys()) == sorted(b.keys())
+    assert list(a["miller_index"]) == list(b["miller_index"])
+    for key in a.keys():
+        if key in RUN_COUNTERS:
+            continue
+        x, y = a[key], b[key]
+        if hasattr(x, "parts"):
+            pairs = list(zip(x.parts(), y.parts()))
+        elif isinstance(x, (flex.double, flex.float)):
+            pairs = [(x, y)]
+        else:
+            assert list(x) == list(y), key
+            continue
+        for p, q in pairs:
+            p, q = p.as_double(), q.as_double()
+            # floating-point tolerance: profile fitting sums in another order
+            tol = 1e-9 * flex.max(flex.abs(p)) + 1e-12 if len(p) else 0
+            assert flex.max(flex.abs(p - q)) <= tol, (key, flex.max(flex.abs(p - q)))
+
+
+def assert_same_mtz(a, b):
+    import gemmi
+    import numpy
+
+    ma, mb = gemmi.read_mtz_file(a), gemmi.read_mtz_file(b)
+    assert [c.label for c in ma.columns] == [c.label for c in mb.columns]
+    assert ma.nreflections == mb.nreflections
+    assert [x.number for x in ma.batches] == [x.number for x in mb.batches]
+    for x, y in zip(ma.batches, mb.batches):
+        numpy.testing.assert_allclose(list(x.floats), list(y.floats), rtol=1e-6, atol=1e-6)
+    da, db = numpy.array(ma, copy=False), numpy.array(mb, copy=False)
+    assert da.shape == db.shape
+    numpy.testing.assert_allclose(da, db, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.slow
+def test_slurm_run_equals_local_run(runs, slurm, job_folder):
+    local, on_slurm = runs
+    # the jobs ran through Slurm: the log names them, Slurm's record has them
+    lines = _cluster_lines(on_slurm)
+    stages = {stage for stage, _, _ in lines}
+    assert stages == {"spot finding", "integration"}, lines
+    jobs = {j.strip() for _, _, ids in lines for j in ids.split(",")}
+    assert ("integration", "3", ) == next((s, n) for s, n, _ in lines if s == "integration")
+    time.sleep(2)  # the record is written when the job ends
+    records = _records(slurm)
+    for job in jobs:
+        assert job in records, (job, sorted(records))
+        assert records[job]["Name"] == "dials-gapfill"
+        assert records[job]["Partition"] == "debug"
+    # nothing left behind: no job, no job folder, no stray file in the output
+    assert not _our_jobs()
+    assert os.listdir(job_folder) == []
+    assert sorted(os.listdir(local)) == sorted(os.listdir(on_slurm))
+    # same blocks, spots, integrated reflections and intensities, MTZ content
+    sa = json.load(open(os.path.join(local, "dials.process_gapped.json")))
+    sb = json.load(open(os.path.join(on_slurm, "dials.process_gapped.json")))
+    assert [(b["first"], b["last"]) for b in sa["blocks"]] == [(b["first"], b["last"]) for b in sb["blocks"]]
+    assert [(b["first"], b["last"]) for b in sa["blocks"]] == [(1, 10), (12, 21), (23, 32)]
+    for key in ("spots", "indexed", "integrated", "gap_edge"):
+        assert [b.get(key) for b in sa["blocks"]] == [b.get(key) for b in sb["blocks"]], key
+    assert_same_reflections(_tables(local), _tables(on_slurm))
+    for name in sorted(os.listdir(local)):
+        if name.endswith(".mtz"):
+            assert_same_mtz(os.path.join(local, name), os.path.join(on_slurm, name))
+
+
+# ---------------------------------------------------------------------------
+# failures
+# ---------------------------------------------------------------------------
+
+
+def _refused(sweep, tmp_path, *phil, env=None):
+    out = str(tmp_path / "out")
+    args = [tool("dials.process_gapped"), sweep, f"output.directory={out}", *phil]
+    r = run_cmd(args, env=env, timeout=120)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert not os.path.exists(out), "refused before any work: nothing written"
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "phil, expected",
+    [
+        (["mp.cluster.queue=nosuchqueue"], "invalid partition"),
+        (["mp.cluster.memory=100TB"], "mp.cluster"),
+        (["mp.cluster.memory=lots"], "mp.cluster.memory=lots is not an amount of memory"),
+        (["mp.cluster.walltime=soon"], "mp.cluster.walltime=soon is not a time"),
+        (["mp.cluster.job_extra=--constraint=nosuchfeature"], "job_extra"),
+    ],
+)
+def test_bad_scheduler_settings_refused_up_front(slurm, sweep, tmp_path, phil, expected):
+    line = _refused(sweep, tmp_path, "mp.method=slurm", *phil)
+    assert expected in line, line
+
+
+def test_dials_drmaa_route_refused_with_the_alternative(sweep, tmp_path):
+    line = _refused(sweep, tmp_path, "mp.method=drmaa")
+    assert "use mp.method=slurm" in line, line
+
+
+def test_no_scheduler(sweep, tmp_path):
+    # a PATH without the Slurm commands: no scheduler on this machine
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    env = {"PATH": str(bare)}
+    line = _refused(sweep, tmp_path, "mp.method=slurm", env=env)
+    assert "no SLURM scheduler here (sbatch, squeue, scancel not found)" in line, line
+    line = _refused(sweep, tmp_path, "mp.method=sge", env=env)
+    assert "no SGE scheduler here" in line, line
+
+
+def test_slurm_that_does_not_answer(slurm, sweep, tmp_path):
+    conf = tmp_path / "slurm.conf"
+    text = open("/etc/slurm/slurm.conf").read().replace("SlurmctldPort=6817", "SlurmctldPort=6999")
+    conf.write_text(text + "MessageTimeout=2\n")
+    line = _refused(sweep, tmp_path, "mp.method=slurm", env={"SLURM_CONF": str(conf)})
+    assert "Slurm does not answer" in line, line
+
+
+def _start(sweep, out, *phil):
+    args = [tool("dials.process_gapped"), sweep, f"output.directory={out}", *SLURM, *phil]
+    return args, subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc, out, marker, timeout=600):
+    pattern = os.path.join(out, ".dials.process_gapped.tmp-*.log")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        logs = glob.glob(pattern)
+        if logs and marker in open(logs[0]).read():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _running_jobs(timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        running = [j for j, state in _our_jobs() if state == "RUNNING"]
+        if running:
+            return running
+        time.sleep(0.2)
+    return []
+
+
+@pytest.mark.slow
+def test_killed_job_is_replaced_and_the_result_unchanged(runs, sweep, slurm, tmp_path, job_folder):
+    local, _ = runs
+    out = str(tmp_path / "out")
+    args, proc = _start(sweep, out, f"mp.cluster.log_directory={job_folder}")
+    assert _wait_for(proc, out, "=== Integration ===")
+    time.sleep(1.0)
+    killed = _running_jobs()
+    assert killed
+    subprocess.run(["scancel", "--full", "--signal=KILL", killed[0]], check=True)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr + stdout[-2000:]
+    time.sleep(2)
+    records = _records(slurm)
+    assert killed[0] in records
+    assert_same_reflections(_tables(local), _tables(out))
+    assert os.listdir(job_folder) == []
+
+
+@pytest.mark.slow
+def test_job_that_keeps_dying_stops_the_run_with_one_line(sweep, slurm, tmp_path, job_folder):
+    out = str(tmp_path / "out")
+    args, proc = _start(sweep, out, "mp.njobs=1", "mp.cluster.retries=0", f"mp.cluster.log_directory={job_folder}")
+    assert _wait_for(proc, out, "=== Integration ===")
+    time.sleep(1.0)
+    killed = _running_jobs()
+    assert killed
+    subprocess.run(["scancel", "--full", "--signal=KILL", killed[0]], check=True)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 1, stderr + stdout[-2000:]
+    message = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(message) == 1 and "integration: a slurm job died" in message[0], stderr
+    assert "mp.cluster" in message[0]
+    assert not _our_jobs()
+    assert os.listdir(job_folder) == []
+    assert not os.path.exists(os.path.join(out, "integrated.refl"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_the_jobs(sweep, slurm, tmp_path, job_folder):
+    out = str(tmp_path / "out")
+    args, proc = _start(sweep, out, f"mp.cluster.log_directory={job_folder}")
+    # (during integration: spot finding captures the terminal's output, which
+    # an interrupt there would take with it)
+    assert _wait_for(proc, out, "=== Integration ===")
+    time.sleep(1.0)
+    assert _running_jobs()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted by SIGINT" in stderr
+    # the jobs are gone at once, and nothing is left behind
+    deadline = time.time() + 20
+    while _our_jobs() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _our_jobs()
+    assert os.listdir(job_folder) == []
+    left = sorted(os.listdir(out)) if os.path.exists(out) else []
+    assert all(name == "dials.process_gapped.failed.log" for name in left), left
