@@ -226,6 +226,19 @@ output
   html = dials.process_gapped.html
     .type = str
     .help = "Self-contained HTML report with plots. None: do not write."
+  # --- progress (dials_gapfill/progress.py) ---
+  progress = *auto bar lines none
+    .type = choice
+    .help = "Progress of each stage on the terminal (stdout): auto is a bar with"
+            "the count of images, the percentage and the time left when stdout is"
+            "a terminal, else a plain line every progress_interval seconds; bar,"
+            "lines or none force one. The log file gets the plain lines (never the bar)."
+  progress_interval = 10
+    .type = float(value_min=0.1)
+    .expert_level = 1
+    .help = "Seconds between the plain progress lines (and so the longest silence"
+            "during a stage)."
+  # --- end progress ---
 }
 
 mp

@@ -18,6 +18,7 @@ from dials_gapfill.export import export
 from dials_gapfill.importer import drop_short_blocks, import_images, log_block_table
 from dials_gapfill.indexing import choose_bravais_lattice, index, poorly_indexed_error
 from dials_gapfill.integration import integrate
+from dials_gapfill.progress import stage_progress
 from dials_gapfill.refinement import refine
 from dials_gapfill.report import finalise
 from dials_gapfill.scaling import scale
@@ -304,9 +305,10 @@ STAGES = [
 class Pipeline:
     """Run the stages in order over one State."""
 
-    def __init__(self, params, images=(), outputs=None, sweep=None):
+    def __init__(self, params, images=(), outputs=None, sweep=None, progress=None):
         self.state = State(params=params, images=list(images or []), sweep=sweep)
         self.state.outputs = outputs
+        self.progress = progress  # progress.Progress of the command line, or None
 
     @property
     def preloaded(self):
@@ -329,7 +331,8 @@ class Pipeline:
             logger.info("")
             logger.info("=== %s ===", name.capitalize())
             t0 = time.perf_counter()
-            stage(state)
+            with stage_progress(self.progress, name, state):  # and image numbers in DIALS' messages
+                stage(state)
             seconds = time.perf_counter() - t0
             state.report.stages.append({"name": name, "seconds": seconds})
             logger.info("%s done in %.1f s", name.capitalize(), seconds)

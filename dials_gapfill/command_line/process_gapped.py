@@ -214,6 +214,12 @@ def _leave(interrupt, outputs, logging_ready):
     """Remove temporary outputs, say why in one line, stop the workers, exit."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:  # the progress bar off the terminal before the message
+        from dials_gapfill.progress import abort
+
+        abort()
+    except Exception:
+        pass
     if outputs is not None:
         outputs.rollback()
     if logging_ready:
@@ -391,8 +397,14 @@ def run(args=None, phil=None):
             logger.info("The following parameters have been modified:\n")
             logger.info(diff_phil)
 
-        pipeline = Pipeline(params, images, outputs=outputs)
-        state = pipeline.run()
+        from dials_gapfill.progress import Progress
+
+        progress = Progress(params.output.progress, params.output.progress_interval)
+        pipeline = Pipeline(params, images, outputs=outputs, progress=progress)
+        try:
+            state = pipeline.run()
+        finally:
+            progress.close()
         if params.output.log:
             state.report.files.append({"name": params.output.log, "kind": "log"})
         write_reports(state, outputs, diff_phil)
