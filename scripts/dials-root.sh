@@ -95,10 +95,10 @@ unmount_all() {
 }
 mounts_under() { awk -v d="$1" '$2 == d || index($2, d "/") == 1' /proc/self/mounts; }
 in_namespace() {  # run this script's internal command in a private mount namespace
-  if unshare --mount --propagation private true 2>/dev/null; then
+  if [ "${GAPFILL_ROOT_UNSHARE:-1}" != 0 ] && unshare --mount --propagation private true 2>/dev/null; then
     unshare --mount --propagation private bash "$SELF" "$@"
   else
-    bash "$SELF" "$@"  # no namespaces here: the traps below unmount
+    bash "$SELF" "$@"  # no namespaces here (or GAPFILL_ROOT_UNSHARE=0): the traps below unmount
   fi
 }
 system_mounts() {
