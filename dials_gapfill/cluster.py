@@ -190,6 +190,7 @@ class Session:
         # job scripts and job logs: a folder of this run, outside the output folder, removed at the end
         self.directory = tempfile.mkdtemp(prefix=f"cluster-{os.getpid()}-", dir=base)
         self.job_ids: set[str] = set()
+        self.submitted: set[str] = set()
         self.tasks = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -251,6 +252,7 @@ class Session:
                 "and its limits, or raise the timeout"
             ) from None
         self.start_seconds = time.perf_counter() - t0
+        self.submitted |= set(self.job_ids_now())
         logger.info("Cluster: first job up after %.1f s", self.start_seconds)
 
     def _job_states(self) -> str:
@@ -271,8 +273,12 @@ class Session:
 
         try:
             t0 = time.perf_counter()
-            shared_future = self.client.scatter(shared, broadcast=True, hash=False) if shared is not None else None
-            shared_bytes = len(pickle.dumps(shared)) if shared is not None else 0
+            # sent as bytes, unpickled by each task: a DIALS object that a job has
+            # used may hold C++ state that cannot be pickled again (the spot
+            # finder's threshold), so a job must never have to pass it on
+            shared_data = pickle.dumps(shared) if shared is not None else None
+            shared_future = self.client.scatter(shared_data, broadcast=True, hash=False) if shared is not None else None
+            shared_bytes = len(shared_data) if shared is not None else 0
             sent = received = 0
             futures = []
             for i, task in enumerate(tasks):
@@ -289,6 +295,7 @@ class Session:
                     jobs.add(job)
                 results.append(result)
             wall = time.perf_counter() - t0
+            self.submitted |= jobs | set(self.job_ids_now())
             self.tasks += len(futures)
             self.job_ids |= jobs
             self.bytes_in += sent + shared_bytes
@@ -298,9 +305,10 @@ class Session:
             logger.info(
                 "Cluster: %s in %d task(s) on %s job(s) %s (per task: %.1f kB in, %.1f kB out, %.2f s "
                 "on the job; once per job: %.1f kB; %.2f s wall for all)",
-                what, len(futures), self.method, ", ".join(sorted(jobs, key=lambda j: int(j) if j.isdigit() else 0)),
+                what, len(futures), self.method, ", ".join(sorted(jobs, key=_job_order)),
                 sent / n / 1e3, received / n / 1e3, busy / n, shared_bytes / 1e3, wall,
             )
+            logger.info("Cluster: jobs submitted so far: %s", ", ".join(sorted(self.submitted, key=_job_order)))
             return results
         except KilledWorker as e:
             self.close()
@@ -410,6 +418,10 @@ def _restore_signal_handlers(saved) -> None:
             signal.signal(signum, previous)
 
 
+def _job_order(job: str):
+    return (0, int(job), "") if job.isdigit() else (1, 0, job)
+
+
 def _is_comm_error(e) -> bool:
     try:
         from distributed.comm.core import CommClosedError
@@ -487,6 +499,8 @@ def _call(function, shared, task):
     import dials_gapfill  # noqa: F401  (libtbx environment of a venv, before DIALS)
 
     t0 = time.perf_counter()
+    if shared is not None:
+        shared = pickle.loads(shared)
     result = function(shared, task)
     return result, _job_id(), time.perf_counter() - t0
 

@@ -97,19 +97,53 @@ def _cluster_lines(out):
     return re.findall(r"Cluster: (spot finding|integration) in (\d+) task\(s\) on slurm job\(s\) ([\d, ]+)", log)
 
 
+def _start(sweep, out, *phil):
+    args = [tool("dials.process_gapped"), sweep, f"output.directory={out}", *SLURM, *phil]
+    return args, subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc, out, marker, timeout=600):
+    pattern = os.path.join(out, ".dials.process_gapped.tmp-*.log")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        logs = glob.glob(pattern)
+        if logs and marker in open(logs[0]).read():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _running_jobs(timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        running = [j for j, state in _our_jobs() if state == "RUNNING"]
+        if running:
+            return running
+        time.sleep(0.2)
+    return []
+
+
 @pytest.fixture(scope="module")
 def runs(slurm, sweep, tmp_path_factory, job_folder):
-    """The sweep processed locally (nproc=1) and through Slurm (2 jobs of 1 core)."""
+    """The sweep processed locally (nproc=1) and through Slurm (2 jobs of 1
+    core), where one job is killed (SIGKILL, as the kernel's OOM killer or a
+    node failure would) while integration tasks run: (local, on_slurm, killed job)."""
     local = str(tmp_path_factory.mktemp("local"))
     on_slurm = str(tmp_path_factory.mktemp("on_slurm"))
     t0 = time.time()
     r = process(sweep, local, "nproc=1")
     assert r.returncode == 0, r.stderr + r.stdout[-2000:]
     t1 = time.time()
-    r = process(sweep, on_slurm, *SLURM, f"mp.cluster.log_directory={job_folder}")
-    assert r.returncode == 0, r.stderr + r.stdout[-2000:]
+    args, proc = _start(sweep, on_slurm, f"mp.cluster.log_directory={job_folder}")
+    assert _wait_for(proc, on_slurm, "=== Integration ==="), proc.communicate()
+    time.sleep(1.0)
+    running = _running_jobs()
+    assert running
+    subprocess.run(["scancel", "--full", "--signal=KILL", running[0]], check=True)
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr + stdout[-2000:]
     print(f"local {t1 - t0:.1f} s, slurm {time.time() - t1:.1f} s")
-    return local, on_slurm
+    return local, on_slurm, running[0]
 
 
 def _tables(out):
@@ -165,7 +199,7 @@ def assert_same_mtz(a, b):
 
 @pytest.mark.slow
 def test_slurm_run_equals_local_run(runs, slurm, job_folder):
-    local, on_slurm = runs
+    local, on_slurm, _ = runs
     # the jobs ran through Slurm: the log names them, Slurm's record has them
     lines = _cluster_lines(on_slurm)
     stages = {stage for stage, _, _ in lines}
@@ -250,49 +284,19 @@ def test_slurm_that_does_not_answer(slurm, sweep, tmp_path):
     assert "Slurm does not answer" in line, line
 
 
-def _start(sweep, out, *phil):
-    args = [tool("dials.process_gapped"), sweep, f"output.directory={out}", *SLURM, *phil]
-    return args, subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(proc, out, marker, timeout=600):
-    pattern = os.path.join(out, ".dials.process_gapped.tmp-*.log")
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        logs = glob.glob(pattern)
-        if logs and marker in open(logs[0]).read():
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def _running_jobs(timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        running = [j for j, state in _our_jobs() if state == "RUNNING"]
-        if running:
-            return running
-        time.sleep(0.2)
-    return []
-
-
 @pytest.mark.slow
-def test_killed_job_is_replaced_and_the_result_unchanged(runs, sweep, slurm, tmp_path, job_folder):
-    local, _ = runs
-    out = str(tmp_path / "out")
-    args, proc = _start(sweep, out, f"mp.cluster.log_directory={job_folder}")
-    assert _wait_for(proc, out, "=== Integration ===")
-    time.sleep(1.0)
-    killed = _running_jobs()
-    assert killed
-    subprocess.run(["scancel", "--full", "--signal=KILL", killed[0]], check=True)
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr + stdout[-2000:]
-    time.sleep(2)
+def test_killed_job_is_replaced_and_the_result_unchanged(runs, slurm):
+    """The run of test_slurm_run_equals_local_run lost a job during integration."""
+    local, on_slurm, killed = runs
     records = _records(slurm)
-    assert killed[0] in records
-    assert_same_reflections(_tables(local), _tables(out))
-    assert os.listdir(job_folder) == []
+    assert killed in records
+    # it was replaced (the number of jobs is held), and its block integrated on another
+    log = open(os.path.join(on_slurm, "dials.process_gapped.log")).read()
+    submitted = re.findall(r"Cluster: jobs submitted so far: ([\d, ]+)", log)[-1].split(", ")
+    assert killed in submitted and len(submitted) >= 3, submitted
+    integration = [ids for stage, _, ids in _cluster_lines(on_slurm) if stage == "integration"]
+    assert {j.strip() for j in integration[0].split(",")} - {killed}, integration
+    assert_same_reflections(_tables(local), _tables(on_slurm))
 
 
 @pytest.mark.slow
@@ -318,9 +322,9 @@ def test_job_that_keeps_dying_stops_the_run_with_one_line(sweep, slurm, tmp_path
 def test_ctrl_c_cancels_the_jobs(sweep, slurm, tmp_path, job_folder):
     out = str(tmp_path / "out")
     args, proc = _start(sweep, out, f"mp.cluster.log_directory={job_folder}")
-    # (during integration: spot finding captures the terminal's output, which
-    # an interrupt there would take with it)
-    assert _wait_for(proc, out, "=== Integration ===")
+    # (after spot finding, which captures the terminal's output that an
+    # interrupt there would take with it; the jobs are held for integration)
+    assert _wait_for(proc, out, "=== Indexing ===")
     time.sleep(1.0)
     assert _running_jobs()
     proc.send_signal(signal.SIGINT)
