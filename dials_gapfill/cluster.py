@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 from dials_gapfill.errors import GapfillError
 
@@ -276,11 +277,15 @@ class Session:
             # sent as bytes, unpickled by each task: a DIALS object that a job has
             # used may hold C++ state that cannot be pickled again (the spot
             # finder's threshold), so a job must never have to pass it on
+            # (a task that returns the bytes, not scatter: if every job that
+            # holds them dies, the scheduler runs it again on a new job)
             shared_data = pickle.dumps(shared) if shared is not None else None
-            shared_future = self.client.scatter(shared_data, broadcast=True, hash=False) if shared is not None else None
+            shared_future = self.client.submit(_identity, shared_data, pure=False) if shared is not None else None
             shared_bytes = len(shared_data) if shared is not None else 0
             sent = received = 0
             futures = []
+            # the task data travel in the task graph (Dask warns above 10 MB)
+            warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
             for i, task in enumerate(tasks):
                 sent += len(pickle.dumps(task))
                 futures.append(
@@ -492,6 +497,10 @@ class _Records(logging.Handler):
             self.records.append((record.name, record.levelno, record.getMessage()))
         except Exception:
             pass
+
+
+def _identity(data):
+    return data
 
 
 def _call(function, shared, task):
