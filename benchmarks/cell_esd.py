@@ -5,10 +5,15 @@ Simulates the default 3-block sweep (120 x 0.5 deg, Pilatus 1M, images 41-45
 and 81-83 missing) with N noise seeds (same crystal, same geometry: only the
 Poisson noise differs), runs dials.process_gapped's stages up to refinement
 on each, and prints the standard deviation of the refined cell over the seeds
-against the mean reported esd, per cell parameter.  Issue 11's criterion: the
-ratio esd / sd within a factor of 2.
+against the mean reported esd, per cell parameter, and the root-mean-square
+error of the cell against the simulator's (the seeds share one crystal, so
+part of the error, e.g. from centroids biased by the image sampling, is the
+same in every seed: a bias that the sd over seeds does not see and the esds,
+scaled by the residuals, do).  Issue 11's criterion: the ratio esd / sd
+within a factor of 2 for a, b, c.  The sd of 5 seeds is itself uncertain by
+about 35 %: use 10.
 
-    .venv/bin/python benchmarks/cell_esd.py --seeds 5 --nproc 2 [--phil refinement.blocks.model=continuous]
+    .venv/bin/python benchmarks/cell_esd.py --seeds 10 --nproc 2 [--phil refinement.blocks.model=per_block]
 """
 
 from __future__ import annotations
@@ -37,11 +42,12 @@ def main(argv=None):
     from dials_gapfill.simulate import SimulationConfig, simulate
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--phil", nargs="*", default=[])
     args = ap.parse_args(argv)
     omit = list(range(41, 46)) + list(range(81, 84))
+    truth = SimulationConfig().unit_cell
     cells, esds = [], []
     with tempfile.TemporaryDirectory(prefix="cell_esd_") as tmp:
         for seed in range(1, args.seeds + 1):
@@ -55,15 +61,17 @@ def main(argv=None):
             print(f"seed {seed}: cell {' '.join(f'{v:.4f}' for v in cell)}  esd "
                   f"{' '.join(f'{v:.4f}' for v in esd)}  ({time.time() - t0:.0f} s)", flush=True)
     names = ["a", "b", "c", "alpha", "beta", "gamma"]
-    print(f"\n{'':6} {'sd over seeds':>14} {'mean esd':>10} {'esd/sd':>8}")
+    print(f"\n{'':6} {'sd over seeds':>14} {'mean esd':>10} {'esd/sd':>8} {'rms error':>10} {'esd/rms error':>14}")
     worst = 0.0
     for k, name in enumerate(names):
         sd = statistics.stdev(c[k] for c in cells)
         esd = statistics.mean(e[k] for e in esds)
         ratio = esd / sd if sd > 0 else float("inf")
-        worst = max(worst, ratio, 1 / ratio if ratio else float("inf"))
-        print(f"{name:6} {sd:14.5f} {esd:10.5f} {ratio:8.2f}")
-    print(f"\nworst factor between esd and sd: {worst:.2f} (criterion: <= 2)")
+        rmse = statistics.mean((c[k] - truth[k]) ** 2 for c in cells) ** 0.5
+        if k < 3:
+            worst = max(worst, ratio, 1 / ratio if ratio else float("inf"))
+        print(f"{name:6} {sd:14.5f} {esd:10.5f} {ratio:8.2f} {rmse:10.5f} {esd / rmse:14.2f}")
+    print(f"\nworst factor between esd and sd of a, b, c: {worst:.2f} (criterion: <= 2)")
     return 0 if worst <= 2 else 1
 
 

@@ -49,6 +49,9 @@ from dials.algorithms.refinement.outlier_detection.outlier_base import (
 from dials.algorithms.refinement.prediction.managed_predictors import (
     ExperimentsPredictorFactory,
 )
+from dials.algorithms.refinement.parameterisation.scan_varying_model_parameters import (
+    ScanVaryingModelParameterisation,
+)
 from dials.algorithms.refinement.refinement_helpers import set_obs_s1
 from dials.array_family import flex
 from dials.command_line.index import index as dials_index
@@ -608,12 +611,12 @@ def refine(
     predictions for those used in refinement, ``gap_edge``; record).
     record = {"blocks": {identifier: {"rmsd_static": {...}, "rmsd_scan_varying":
     {...}, "refinement": text}}, "crystal": {"unit_cell", "unit_cell_esd",
-    "unit_cell_esd_scan_varying_job", "space_group", "scan_varying_cell",
-    "num_scan_points"}, "gap_edge": treatment}.  With a static cell,
-    unit_cell_esd comes from the static job (DIALS' covariance of the one
-    crystal); the scan-varying job's is kept for reference (it is inflated by
-    near-null directions: on a 60 x 1 deg sweep without gaps c 0.29 A against
-    0.006 A static, with checkpoints inside a 30 deg gap gamma 16 deg).  RMSDs x, y
+    "unit_cell_esd_static_job", "space_group", "scan_varying_cell",
+    "num_scan_points", "reduced_chi_squared": {"static", "scan_varying"}},
+    "gap_edge": treatment}.  unit_cell_esd comes from the covariance of the
+    last job (with a static cell, the block of the cell's own parameters:
+    :func:`set_static_cell_covariance`); the static job's is kept for
+    reference.  RMSDs x, y
     in px, phi in images, over spots used in refinement and not cut by a gap
     (gap-edge spots: edge_x, edge_y, edge_n; a block whose spots are all cut
     by a gap reports x, y, phi of those, with phi_biased=True; None for a
@@ -658,8 +661,9 @@ def refine(
     sel, job_rp = _job_selection(table, refinable(table), continuous, rp, gap_edge, xy_edge)
     work = table.select(sel)
     logger.info("Continuous model: static refinement, %d reflections", len(work))
-    expts, work, _ = _macrocycle(job_rp, work, ExperimentList([continuous]), "static refinement")
+    expts, work, refiner = _macrocycle(job_rp, work, ExperimentList([continuous]), "static refinement")
     static = expts[0]
+    chi2 = {"static": _reduced_chi_squared(refiner)}
     static_esd = _cell_esd(static.crystal)
     _write_back(table, sel, work)
     table["xyzobs.mm.value"].set_selected(edge.iselection(), original_mm[0].select(edge.iselection()))
@@ -702,6 +706,9 @@ def refine(
         logger.info("Continuous model: scan-varying refinement, %d reflections", len(work))
         expts, work, refiner = _macrocycle(job_rp, work, ExperimentList([model]), "scan-varying refinement")
         model = expts[0]
+        chi2["scan_varying"] = _reduced_chi_squared(refiner)
+        if not scan_varying_cell:
+            set_static_cell_covariance(refiner, model.crystal)
         _write_back(table, sel, work)
         # the edge spots' phi back to what was observed
         table["xyzobs.mm.value"].set_selected(edge.iselection(), original_mm[0].select(edge.iselection()))
@@ -732,17 +739,76 @@ def refine(
     crystal = final.crystal
     record["crystal"] = {
         "unit_cell": list(crystal.get_unit_cell().parameters()),
-        # the cell is static, so its esds are those of the static job: the
-        # scan-varying job's covariance of the same cell parameters is inflated
-        # by near-null directions (the gauge rotation of beam, detector and
-        # orientations; smoother checkpoints with little data, e.g. in a gap)
-        "unit_cell_esd": static_esd if not scan_varying_cell else _cell_esd(crystal),
-        "unit_cell_esd_scan_varying_job": _cell_esd(crystal),
+        # the esds of the cell handed on: from the last job's covariance
+        # (with a static cell, the block of its parameters: see
+        # set_static_cell_covariance); the static job's for reference
+        "unit_cell_esd": _cell_esd(crystal) if scan_varying else static_esd,
+        "unit_cell_esd_static_job": static_esd,
         "space_group": str(crystal.get_space_group().info()),
         "scan_varying_cell": bool(scan_varying_cell),
         "num_scan_points": crystal.num_scan_points,
+        "reduced_chi_squared": chi2,
     }
     return blocks, out, record
+
+
+def set_static_cell_covariance(refiner, crystal):
+    """Give `crystal` (refined with a static cell in a scan-varying job) the
+    covariance of its B matrix from that job's parameter covariance.
+
+    DIALS 3.12 sets it wrongly: ``PredictionParameterisation.
+    calculate_model_state_uncertainties`` walks the parameterisations in
+    order (detector, beam, crystal orientation, unit cell, goniometer) taking
+    consecutive blocks of the covariance matrix, but skips the advance past a
+    parameterisation whose ``calculate_state_uncertainties`` returns None, as
+    the scan-varying orientation's does (it caches the block instead).  The
+    static cell then receives the block of the orientation's first smoother
+    parameters: on the default 3-block sweep a, b, c esds of 0.042, 0.019,
+    0.028 A where the cell parameters' own block gives 0.00063, 0.00081,
+    0.0010 A.  This takes the cell's own block, in the same order, and lets
+    the cell parameterisation turn it into the B covariance.  Returns True
+    when it did; False (crystal untouched) where this DIALS keeps its
+    parameterisations or covariance elsewhere."""
+
+    pred = getattr(refiner, "_pred_param", None)
+    refinery = getattr(refiner, "_refinery", None)
+    var_cov = getattr(refinery, "parameter_var_cov", None)
+    if pred is None or var_cov is None:
+        return False
+    try:
+        groups = [
+            getattr(pred, "_" + name)
+            for name in (
+                "detector_parameterisations", "beam_parameterisations", "xl_orientation_parameterisations",
+                "xl_unit_cell_parameterisations", "goniometer_parameterisations",
+            )
+        ]
+    except AttributeError:
+        return False
+    if sum(m.num_free() for g in groups for m in g) != var_cov.focus()[0]:
+        return False  # not the layout this was written for
+    cells = groups[3]
+    if len(cells) != 1 or isinstance(cells[0], ScanVaryingModelParameterisation) or cells[0].is_multi_state():
+        return False  # one static cell expected
+    i = 0
+    for group in groups:
+        for model in group:
+            n = model.num_free()
+            if model is cells[0]:
+                covs = model.calculate_state_uncertainties(var_cov.matrix_copy_block(i, i, n, n))
+                if not covs:
+                    return False
+                crystal.set_B_covariance(covs[0])
+                return True
+            i += n
+    return False
+
+
+def _reduced_chi_squared(refiner):
+    history = refiner.history
+    if "reduced_chi_squared" not in history or not history.get_nrows():
+        return None
+    return float(history["reduced_chi_squared"][-1])
 
 
 def _cell_esd(crystal):

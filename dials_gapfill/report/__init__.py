@@ -76,9 +76,15 @@ def _isigi_vs_resolution(reflections, experiments, report, n_bins=10):
 
     if reflections is None or "intensity.sum.value" not in reflections:
         return None
-    r = reflections
+    # integrated reflections only (a run stopped before integration holds
+    # spot-finder intensities and unindexed rows)
+    integrated = reflections.get_flags(reflections.flags.integrated_sum) | reflections.get_flags(
+        reflections.flags.integrated_prf
+    )
+    r = reflections.select(integrated & (reflections["id"] >= 0))
+    if len(r) == 0:
+        return None
     if "d" not in r:
-        r = r.select(flex.bool(len(r), True))
         r.compute_d(experiments)
     prf = r.get_flags(r.flags.integrated_prf)
     I = flex.double(len(r), 0)
