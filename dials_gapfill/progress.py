@@ -356,7 +356,8 @@ class Progress:
     """
 
     def __init__(self, mode="auto", interval=INTERVAL, fd=1):
-        mode = str(mode or "auto")
+        # PHIL turns output.progress=none (or None) into no choice at all: None
+        mode = "none" if mode is None else str(mode).lower()  # (and =auto Auto)
         if mode not in MODES:
             raise ValueError(f"progress mode must be one of {', '.join(MODES)}")
         self.interval = float(interval or INTERVAL)
