@@ -315,12 +315,13 @@ class Session:
             )
             logger.info("Cluster: jobs submitted so far: %s", ", ".join(sorted(self.submitted, key=_job_order)))
             return results
-        except KilledWorker as e:
+        except KilledWorker:
+            n = self.cluster_retries() + 1
             self.close()
             raise ClusterError(
-                f"{what}: a {self.method} job died {self.cluster_retries() + 1} times running the same "
-                f"task ({e.args[0] if e.args else ''}): check the job logs' reason (memory: "
-                "mp.cluster.memory; time: mp.cluster.walltime)"
+                f"{what}: {self.method} jobs died {n} time{'s' if n > 1 else ''} running the same task "
+                f"(mp.cluster.retries={n - 1}): check why in the scheduler's accounting (out of memory: "
+                "raise mp.cluster.memory; out of time: mp.cluster.walltime)"
             ) from None
         except GapfillError:
             self.close()
@@ -545,11 +546,14 @@ def _spot_chunks(func, chunks):
     chunksize = max(len(c) for c in chunks)
     nproc = min(_cores(), len(chunks))
     if nproc > 1:
-        # the results of the image indices, in order
-        return batch_multi_node_parallel_map(
+        # the results of the image indices as DIALS' local route hands them
+        # to its callback
+        results = []
+        batch_multi_node_parallel_map(
             func=func, iterable=indices, nproc=nproc, njobs=1, cluster_method="multiprocessing",
-            chunksize=chunksize,
+            chunksize=chunksize, callback=results.append,
         )
+        return results
     return [func(i) for i in indices]
 
 
