@@ -81,15 +81,20 @@ MOUNTED=()
 mount_in_root() {  # mount_in_root TYPE SOURCE PATH-INSIDE
   local target=$ROOT_DIR$3
   mkdir -p "$target"
-  if [ "$1" = proc ]; then mount -t proc proc "$target"
-  else mount --rbind "$2" "$target"; mount --make-rslave "$target"
-  fi
+  case "$1" in
+    proc) mount -t proc proc "$target" ;;
+    self) mount --bind "$target" "$target" ;;  # the root a mount point: `unshare --mount` works inside
+    *) mount --rbind "$2" "$target"; mount --make-rslave "$target" ;;
+  esac
   MOUNTED+=("$target")
 }
 unmount_all() {
-  local i
+  local i m
   for ((i = ${#MOUNTED[@]} - 1; i >= 0; i--)); do
-    umount -R "${MOUNTED[i]}" 2>/dev/null || umount -R -l "${MOUNTED[i]}" 2>/dev/null || say "could not unmount ${MOUNTED[i]}"
+    m=${MOUNTED[i]}
+    if [ "$m" = "$ROOT_DIR" ]; then umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || say "could not unmount $m"
+    else umount -R "$m" 2>/dev/null || umount -R -l "$m" 2>/dev/null || say "could not unmount $m"
+    fi
   done
   MOUNTED=()
 }
@@ -102,6 +107,7 @@ in_namespace() {  # run this script's internal command in a private mount namesp
   fi
 }
 system_mounts() {
+  mount_in_root self "" ""
   mount_in_root proc proc /proc
   mount_in_root bind /sys /sys
   mount_in_root bind /dev /dev   # with /dev/pts and /dev/shm (multiprocessing needs /dev/shm)
