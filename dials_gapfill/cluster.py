@@ -197,28 +197,7 @@ class Session:
         self.bytes_out = 0
         self.task_seconds = []
         cls = getattr(dask_jobqueue, METHODS[mp.method][0])
-        kwargs = dict(
-            cores=c.cores,
-            processes=1,  # one worker per job, one task at a time, using `cores` processes
-            memory=str(c.memory),
-            walltime=c.walltime,
-            job_name=JOB_NAME,
-            log_directory=self.directory,
-            python=c.python or sys.executable,
-            nanny=False,  # the worker forks DIALS' processes itself
-            death_timeout=60,
-            worker_extra_args=["--nthreads", "1"],
-            job_extra_directives=list(c.job_extra or []),
-            job_script_prologue=[
-                "export OMP_NUM_THREADS=1",
-                f"export DIALS_GAPFILL_CLUSTER_CORES={c.cores}",
-            ],
-            scheduler_options={"dashboard": False},
-        )
-        if c.queue:
-            kwargs["queue"] = c.queue
-        if mp.method == "slurm":
-            kwargs["job_cpu"] = c.cores
+        kwargs = job_options(params, self.directory)
         self._config = dask.config.set(
             {
                 # a task whose worker dies is given to another job this often, then fails
@@ -379,6 +358,41 @@ class Session:
         if getattr(self, "directory", None):
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None
+
+
+def job_options(params, directory) -> dict:
+    """Keyword arguments of the dask-jobqueue cluster class for mp.method."""
+    mp = params.mp
+    c = mp.cluster
+    walltime = c.walltime
+    if mp.method == "lsf" and walltime:
+        # LSF's -W is [hours:]minutes
+        parts = [int(p) for p in str(walltime).split(":")] + [0, 0]
+        h, m = (parts[0], parts[1]) if str(walltime).count(":") else (0, parts[0])
+        walltime = f"{h}:{m:02d}"
+    kwargs = dict(
+        cores=c.cores,
+        processes=1,  # one worker per job, one task at a time, using `cores` processes
+        memory=str(c.memory),
+        walltime=walltime,
+        job_name=JOB_NAME,
+        log_directory=directory,
+        python=c.python or sys.executable,
+        nanny=False,  # the worker forks DIALS' processes itself
+        death_timeout=60,
+        worker_extra_args=["--nthreads", "1"],
+        job_extra_directives=list(c.job_extra or []),
+        job_script_prologue=[
+            "export OMP_NUM_THREADS=1",
+            f"export DIALS_GAPFILL_CLUSTER_CORES={c.cores}",
+        ],
+        scheduler_options={"dashboard": False},
+    )
+    if c.queue:
+        kwargs["queue"] = c.queue
+    if mp.method == "slurm":
+        kwargs["job_cpu"] = c.cores
+    return kwargs
 
 
 def _wrap_signal_handlers(s):

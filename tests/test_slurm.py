@@ -32,20 +32,16 @@ OMIT = (11, 22)
 SLURM = ["mp.method=slurm", "mp.njobs=2", "mp.cluster.cores=2", "mp.cluster.memory=2GB"]
 
 
-def _skip_reason():
-    if os.geteuid() != 0:
-        return "needs root to start munged, slurmctld and slurmd (scripts/slurm_one_node.sh)"
-    if shutil.which("dpkg-query") is None or shutil.which("apt-get") is None:
-        return "needs Debian (apt-get) for the Slurm packages"
+def _no_dask():
     try:
         import dask_jobqueue  # noqa: F401
         import distributed  # noqa: F401
     except ImportError:
-        return "needs Dask: pip install -e '.[cluster]'"
-    return None
+        return True
+    return False
 
 
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+pytestmark = pytest.mark.skipif(_no_dask(), reason="needs Dask: pip install -e '.[cluster]'")
 
 
 def _our_jobs():
@@ -56,6 +52,10 @@ def _our_jobs():
 @pytest.fixture(scope="module")
 def slurm():
     """A one-node Slurm: (path of the job record)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start munged, slurmctld and slurmd (scripts/slurm_one_node.sh)")
+    if shutil.which("dpkg-query") is None or shutil.which("apt-get") is None:
+        pytest.skip("needs Debian (apt-get) for the Slurm packages")
     status = run_cmd(["bash", SCRIPT, "status"])
     was_up = "slurmd: running" in status.stdout and "slurmctld: running" in status.stdout
     t0 = time.time()
@@ -341,3 +341,31 @@ def test_ctrl_c_cancels_the_jobs(sweep, slurm, tmp_path, job_folder):
     assert os.listdir(job_folder) == []
     left = sorted(os.listdir(out)) if os.path.exists(out) else []
     assert all(name == "dials.process_gapped.failed.log" for name in left), left
+
+
+def test_job_scripts_of_every_scheduler(tmp_path):
+    """The job each scheduler gets (dask-jobqueue's script; no scheduler needed)."""
+    import dask_jobqueue
+
+    from dials_gapfill import cluster
+    from dials_gapfill.phil import working_params
+
+    expected = {
+        "slurm": ["#SBATCH -p q1", "--cpus-per-task=4", "--mem=8G", "#SBATCH -t 02:30:00", "#SBATCH -A proj"],
+        "sge": ["#$ -q q1", "#$ -l h_rt=02:30:00", "#$ -A proj"],
+        "pbs": ["#PBS -q q1", "ncpus=4", "#PBS -l walltime=02:30:00", "#PBS -A proj"],
+        "lsf": ["#BSUB -q q1", "#BSUB -n 4", "#BSUB -W 2:30", "#BSUB -A proj"],
+    }
+    for method, lines in expected.items():
+        params = working_params(
+            f"mp.method={method}\nmp.cluster.queue=q1\nmp.cluster.cores=4\nmp.cluster.memory=8GB\n"
+            "mp.cluster.walltime=02:30:00\nmp.cluster.job_extra=-A proj"
+        )
+        cls = getattr(dask_jobqueue, cluster.METHODS[method][0])
+        c = cls(**cluster.job_options(params, str(tmp_path)))
+        try:
+            script = c.job_script()
+        finally:
+            c.close()
+        for line in lines + ["DIALS_GAPFILL_CLUSTER_CORES=4", "--no-nanny", "dials-gapfill"]:
+            assert line in script, (method, line, script)
