@@ -25,9 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dials_gapfill  # noqa: E402,F401
-from dials_gapfill import cluster  # noqa: E402
-from dials_gapfill.phil import working_params  # noqa: E402
+import dials_gapfill  # noqa: F401
+from dials_gapfill import cluster
+from dials_gapfill.phil import working_params
 
 
 def _noop(shared, task):

@@ -407,10 +407,10 @@ def _wrap_signal_handlers(s):
     if threading.current_thread() is not threading.main_thread():
         return None
     saved = {}
+    main_pid = os.getpid()
     for signum in (signal.SIGINT, signal.SIGTERM):
         previous = signal.getsignal(signum)
         saved[signum] = previous
-        main_pid = os.getpid()
 
         def handler(sig, frame, previous=previous):
             if os.getpid() == main_pid:

@@ -20,7 +20,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import ROOT, Sweeps, process, run_cmd, tool
 
 SCRIPT = os.path.join(ROOT, "scripts", "slurm_one_node.sh")
@@ -149,8 +148,9 @@ def runs(slurm, sweep, tmp_path_factory, job_folder):
 
 
 def _tables(out):
-    import dials_gapfill  # noqa: F401
     from dials.array_family import flex
+
+    import dials_gapfill  # noqa: F401
 
     return flex.reflection_table.from_file(os.path.join(out, "integrated.refl"))
 
