@@ -208,6 +208,10 @@ class Session:
         )
         self._config.__enter__()
         self._handlers = _wrap_signal_handlers(self)
+        # at exit, this close runs before distributed's own exit hooks (last
+        # registered, first run): the workers are told to stop while the
+        # scheduler still runs, then the jobs are cancelled
+        atexit.register(close)
         t0 = time.perf_counter()
         self.cluster = cls(**kwargs)
         self.client = Client(self.cluster)
@@ -377,7 +381,10 @@ def job_options(params, directory) -> dict:
         walltime=walltime,
         job_name=JOB_NAME,
         log_directory=directory,
-        python=c.python or sys.executable,
+        # exec: the worker is the job's own process, so the scheduler's signals
+        # reach it (with proctrack/linuxproc a child of the batch shell that
+        # outlives the shell escapes the job's kill)
+        python="exec " + (c.python or sys.executable),
         nanny=False,  # the worker forks DIALS' processes itself
         death_timeout=60,
         worker_extra_args=["--nthreads", "1"],
