@@ -31,6 +31,9 @@ Usage (2 cores, about 40 minutes for everything)::
 
     .venv/bin/python benchmarks/continuous.py [--workdir DIR] [--sweeps every10,standard,gap30]
         [--treatments xy,exclude,full] [--no-pipeline] [--json out.json]
+    .venv/bin/python benchmarks/continuous.py --partials         # gap-spanning reflections
+    .venv/bin/python benchmarks/continuous.py --intensities --sweeps standard,gap30
+        # whole pipeline, per_block against continuous: CC with the true intensities, time
 """
 
 from __future__ import annotations
@@ -92,7 +95,8 @@ def run_pipeline(files, truth, label):
     from dials_gapfill import process_gapped
 
     t0 = time.time()
-    result = process_gapped(files, ["nproc=2"])
+    model = "continuous" if label.startswith("gapless") else "per_block"
+    result = process_gapped(files, ["nproc=2", f"refinement.blocks.model={model}"])
     seconds = time.time() - t0
     blocks = result.summary["blocks"]
     spots = sum(b["spots"] for b in blocks)
@@ -210,9 +214,12 @@ def _truth_lookup(truth, crystal):
 
 def partials(workdir):
     """Reflections whose rocking curve spans a one-image gap: the two partial
-    observations of today's pipeline (per-block model) against the one
-    combined by continuous.combine_gap_partials, CC with the truth (I/sigma > 3)."""
-    from dials_gapfill import continuous, process_gapped
+    observations (integration.gap_partials=separate) against the one row
+    integration.combine_gap_partials makes of them (what the default,
+    gap_partials=combine, hands on), CC with the truth (I/sigma > 3; summation
+    intensities / partiality for rows with partiality >= 0.4, what the MTZ
+    holds), and uncut reflections of the same resolution range."""
+    from dials_gapfill import integration, process_gapped
     from dials_gapfill.simulate import SimulationConfig, simulate
 
     d = os.path.join(workdir, "partials")
@@ -223,11 +230,11 @@ def partials(workdir):
         truth = json.load(fh)
     omit = set(range(6, 61, 6))
     files = [os.path.join(d, f) for f, n in zip(truth["files"], truth["images_written"]) if n not in omit]
-    result = process_gapped(files, ["nproc=2"])
+    result = process_gapped(files, ["nproc=2", "integration.gap_partials=separate"])
     expts, refl = result.experiments, result.reflections
     lookup = _truth_lookup(truth, expts[0].crystal)
-    pairs = continuous.gap_partial_pairs(expts, refl)
-    combined, n = continuous.combine_gap_partials(expts, refl)
+    pairs = integration.gap_partial_pairs(expts, refl)
+    combined, n = integration.combine_gap_partials(expts, refl)
 
     def cc(table, rows, kind):
         xs, ys = [], []
@@ -241,6 +248,8 @@ def partials(workdir):
                 I, V = table["intensity.prf.value"][i], table["intensity.prf.variance"][i]
             else:
                 p = table["partiality"][i]
+                if p < 0.4:  # below mtz.partiality_threshold: not exported
+                    continue
                 I, V = table["intensity.sum.value"][i] / p, table["intensity.sum.variance"][i] / p**2
             scale = table["lp"][i] / table["qe"][i]
             if V <= 0 or I / math.sqrt(V) < 3:
@@ -253,18 +262,76 @@ def partials(workdir):
 
     part = refl["partiality"]
     edge = refl["gap_edge"] if "gap_edge" in refl else None
-    uncut = [i for i in range(len(refl)) if part[i] > 0.99 and (edge is None or not edge[i])]
     singles = [i for p in pairs for i in p]
     comb = [i for i in range(len(combined)) if combined["gap_combined"][i]]
+    # uncut reflections in the resolution range of the combined ones
+    d = refl["d"] if "d" in refl else refl.compute_d(expts)
+    dc = [d[i] for p in pairs for i in p]
+    lo, hi = (min(dc), max(dc)) if dc else (0.0, float("inf"))
+    uncut = [
+        i for i in range(len(refl)) if part[i] > 0.99 and (edge is None or not edge[i]) and lo <= d[i] <= hi
+    ]
     print(f"\n== partials: 60 x 0.5 deg, every 6th image missing; {len(pairs)} gap-spanning pairs, {n} combined ==")
     for kind in ("sum", "prf"):
         for label, table_, rows in (
-            ("uncut (partiality > 0.99)", refl, uncut),
+            (f"uncut, d {lo:.2f}-{hi:.2f} A", refl, uncut),
             ("each part alone", refl, singles),
             ("combined (measured once)", combined, comb),
         ):
             c, m = cc(table_, rows, kind)
             print(f"  {kind:<4} {label:<28} CC {c:.4f}  n {m}")
+
+
+def _cc_truth(experiments, reflections, truth, min_isigma=3.0):
+    """CC of integrated intensities with the truth (profile-fitted where
+    available, else summation / partiality; lp / qe applied), I/sigma > 3."""
+    from dials_gapfill.compare import _pearson
+
+    lookup = _truth_lookup(truth, experiments[0].crystal)
+    r = reflections
+    true = lookup(list(r["miller_index"]))
+    prf = r.get_flags(r.flags.integrated_prf)
+    summ = r.get_flags(r.flags.integrated_sum)
+    xs, ys = [], []
+    for i, t in enumerate(true):
+        if t is None:
+            continue
+        if prf[i]:
+            I, V = r["intensity.prf.value"][i], r["intensity.prf.variance"][i]
+        elif summ[i] and r["partiality"][i] >= 0.4:
+            p = r["partiality"][i]
+            I, V = r["intensity.sum.value"][i] / p, r["intensity.sum.variance"][i] / p**2
+        else:
+            continue
+        if V <= 0 or I / math.sqrt(V) < min_isigma:
+            continue
+        xs.append(I * r["lp"][i] / r["qe"][i])
+        ys.append(t)
+    return _pearson(xs, ys), len(xs)
+
+
+def intensities(workdir, names):
+    """The whole pipeline (process_gapped, integration included) with each
+    model on the same gapped images: orientation and cell against the truth,
+    CC of the integrated intensities with the truth, time; side by side."""
+    from dials_gapfill import process_gapped
+
+    for name in names:
+        folder, truth = simulated(workdir, name)
+        omit = set(SWEEPS[name]["omit"])
+        files = [os.path.join(folder, f) for f, n in zip(truth["files"], truth["images_written"]) if n not in omit]
+        print(f"\n== {name}: whole pipeline, {len(files)} images ==")
+        print(f"{'model':<12} {'integrated':>10} {'CC(I,Itrue)':>12} {'n':>7} {'ori med':>8} {'ori worst':>9} {'cell err':>8} {'s':>6}")
+        for model in ("per_block", "continuous"):
+            t0 = time.time()
+            result = process_gapped(files, ["nproc=2", f"refinement.blocks.model={model}"])
+            seconds = time.time() - t0
+            oe, cell = _errors(result.experiments, truth)
+            cc, n = _cc_truth(result.experiments, result.reflections, truth)
+            print(
+                f"{model:<12} {len(result.reflections):>10} {cc:>12.5f} {n:>7} {oe['median']:>7.3f}° "
+                f"{oe['worst']:>8.3f}° {100 * cell:>7.3f}% {seconds:>6.0f}", flush=True,
+            )
 
 
 def table(rows):
@@ -299,10 +366,16 @@ def main(argv=None):
     parser.add_argument("--phil", action="append", default=[], help="PHIL for the continuous model")
     parser.add_argument("--json", default=None)
     parser.add_argument("--partials", action="store_true", help="only the gap-spanning partials measurement")
+    parser.add_argument(
+        "--intensities", action="store_true",
+        help="only the whole pipeline with each model: CC with the true intensities, orientation, cell, time",
+    )
     args = parser.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     if args.partials:
         return partials(args.workdir)
+    if args.intensities:
+        return intensities(args.workdir, args.sweeps.split(","))
     results = {}
     for name in args.sweeps.split(","):
         folder, truth = simulated(args.workdir, name)

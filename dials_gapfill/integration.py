@@ -192,8 +192,20 @@ def integrate(experiments, reference, params, sweep):
         reflections = join_blocks([big_refl, small_refl], order)
         experiments = order
 
+    if params.integration.gap_partials == "combine":
+        reflections, _ = combine_gap_partials(experiments, reflections)
     _record(reflections, experiments, record)
+    # counted on the rows handed on (a combined row is still cut at its gap)
     flag_cut_rocking_curves(reflections, experiments, record, params.mtz.partiality_threshold, sweep)
+    if "gap_combined" in reflections:
+        for i, exp in enumerate(experiments):
+            n = ((reflections["id"] == i) & reflections["gap_combined"]).count(True)
+            record.block(exp.identifier)["gap_combined"] = n
+            if n:
+                logger.info(
+                    "%s: %d reflections that span a gap measured once (the parts on either "
+                    "side combined into this block's row)", record.name(exp.identifier), n,
+                )
     return experiments, reflections, record
 
 
@@ -273,3 +285,96 @@ def _record(reflections, experiments, record):
             record.name(exp.identifier), len(sub), stats["profile_fitted"],
             f"{stats['mean_isigi']:.1f}" if stats["mean_isigi"] is not None else "-",
         )
+
+
+# --------------------------------------------------------------------------
+# Reflections whose rocking curve spans a gap: measured once (issue 12)
+# --------------------------------------------------------------------------
+
+
+def gap_partial_pairs(experiments, reflections, max_dz=1.5):
+    """Pairs (i, j) of rows of integrated `reflections`: the same reflection
+    (same Miller index, the same crystal position, i.e. predicted centroids
+    within `max_dz` frames) observed in part at the end of one block (row i)
+    and in part at the start of the next block after a gap (row j).  Rows must
+    have ``partiality`` < 1 (DIALS clipped their shoebox) and be integrated
+    (summation or profile fitting)."""
+
+    ranges = [e.scan.get_image_range() for e in experiments]
+    ids = reflections["id"]
+    hkl = reflections["miller_index"]
+    zc = reflections["xyzcal.px"].parts()[2]
+    part = reflections["partiality"]
+    z0, z1 = reflections["bbox"].parts()[4:6]
+    integrated = reflections.get_flags(reflections.flags.integrated_sum) | reflections.get_flags(
+        reflections.flags.integrated_prf
+    )
+    pairs = []
+    for b in range(len(ranges) - 1):
+        (_, l), (f, _) = ranges[b], ranges[b + 1]
+        if f <= l + 1:
+            continue  # no gap between these blocks
+        # clipped at the gap: i at the end of block b, j at the start of b + 1
+        before = ((ids == b) & integrated & (part < 0.999) & (z1 >= l)).iselection()
+        after = ((ids == b + 1) & integrated & (part < 0.999) & (z0 <= f - 1)).iselection()
+        index = {}
+        for j in after:
+            index.setdefault(hkl[j], []).append(j)
+        for i in before:
+            for j in index.get(hkl[i], ()):
+                if abs(zc[i] - zc[j]) <= max_dz:
+                    pairs.append((int(i), int(j)))
+    return pairs
+
+
+def combine_gap_partials(experiments, reflections, max_dz=1.5):
+    """Integrated reflections with each gap-spanning reflection measured once.
+
+    For every pair of :func:`gap_partial_pairs` the two partial observations
+    become one row (the one with the larger partiality, the other is removed):
+
+    - summation: counts and variances add, ``partiality`` = p1 + p2 (capped at
+      1), so the partiality correction of export (I / partiality) estimates
+      the full intensity from both parts;
+    - profile fitting (each part already estimates the full intensity):
+      inverse-variance weighted mean and its variance;
+    - a bool column ``gap_combined`` marks the combined rows.
+
+    Returns (table, number of pairs combined).
+    """
+    pairs = gap_partial_pairs(experiments, reflections, max_dz=max_dz)
+    table = copy.deepcopy(reflections)
+    combined = flex.bool(len(table), False)
+    remove = flex.bool(len(table), False)
+    part = table["partiality"]
+    has_sum = "intensity.sum.value" in table
+    has_prf = "intensity.prf.value" in table
+    if has_sum:
+        Is, Vs = table["intensity.sum.value"], table["intensity.sum.variance"]
+    if has_prf:
+        Ip, Vp = table["intensity.prf.value"], table["intensity.prf.variance"]
+        prf_ok = table.get_flags(table.flags.integrated_prf)
+    for i, j in pairs:
+        keep, drop = (i, j) if part[i] >= part[j] else (j, i)
+        if remove[keep] or remove[drop]:
+            continue  # a reflection in more than one pair: leave as it is
+        if has_sum:
+            Is[keep] = Is[i] + Is[j]
+            Vs[keep] = Vs[i] + Vs[j]
+        if has_prf and prf_ok[i] and prf_ok[j] and Vp[i] > 0 and Vp[j] > 0:
+            w1, w2 = 1.0 / Vp[i], 1.0 / Vp[j]
+            Ip[keep] = (w1 * Ip[i] + w2 * Ip[j]) / (w1 + w2)
+            Vp[keep] = 1.0 / (w1 + w2)
+        elif has_prf and prf_ok[drop] and not prf_ok[keep]:
+            Ip[keep], Vp[keep] = Ip[drop], Vp[drop]
+        part[keep] = min(1.0, part[i] + part[j])
+        combined[keep] = True
+        remove[drop] = True
+    if has_sum:
+        table["intensity.sum.value"], table["intensity.sum.variance"] = Is, Vs
+    if has_prf:
+        table["intensity.prf.value"], table["intensity.prf.variance"] = Ip, Vp
+    table["partiality"] = part
+    table["gap_combined"] = combined
+    table = table.select(~remove)
+    return table, int(combined.count(True))

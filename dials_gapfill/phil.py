@@ -8,7 +8,7 @@ included, not copied, so every DIALS option of each step stays available:
 - ``indexing``: dials.index's (``indexing.*``)
 - ``refinement``: dials.refine's (``refinement.*``), plus ``refinement.blocks``
 - ``integration``, ``profile`` and ``prediction``: dials.integrate's, plus
-  ``integration.small_blocks``
+  ``integration.small_blocks`` and ``integration.gap_partials``
 - ``mtz``: dials.export's ``mtz`` scope plus ``mtz.intensity``
 
 Helpers at the bottom turn an extract of this scope into the parameter objects
@@ -367,6 +367,15 @@ small_blocks
     .help = "pooled: take the profile model (sigma_b, sigma_m) from all blocks"
             "together; summation: integrate such blocks by summation only."
 }
+gap_partials = *combine separate
+  .type = choice
+  .help = "A reflection whose rocking curve spans a short gap is recorded in"
+          "part at the end of one block and in part at the start of the next."
+          "combine: measure it once (the two parts' summation counts and"
+          "variances added, their partialities added; profile-fitted"
+          "intensities averaged with inverse-variance weights), one row in"
+          "integrated.refl and the MTZ files; separate: two partial"
+          "observations, as DIALS gives them."
 """
 
 _mtz_extra = """
@@ -432,7 +441,8 @@ def _build_master():
     master.adopt_scope(refinement)
 
     integration = _merged("integration", _scope(integrator_phil, "integration"))
-    integration.objects[0].adopt(iotbx.phil.parse(_integration_extra).objects[0])
+    for definition in iotbx.phil.parse(_integration_extra).objects:
+        integration.objects[0].adopt(definition)
     master.adopt_scope(integration)
     # dials.integrate's profile and prediction scopes, at the top as there
     for scope in (profile_phil, prediction_phil):

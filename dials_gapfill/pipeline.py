@@ -8,6 +8,8 @@ between stages.  Only the export stage writes files, through ``Outputs``
 
 from __future__ import annotations
 
+import copy
+
 import logging
 import time
 
@@ -175,6 +177,8 @@ def stage_index(state: State) -> None:
             msg = f"{e}: using refinement.blocks.model=per_block"
             logger.warning("Warning: %s", msg)
             report.warnings.append(msg)
+            # this run's own copy: the caller's parameters stay as given
+            state.params = params = copy.deepcopy(params)
             params.refinement.blocks.model = "per_block"
     if params.refinement.blocks.model == "continuous":
         experiments, indexed = continuous.index(state.experiments, state.reflections, params)

@@ -509,13 +509,7 @@ class Progress:
             for logger_name, level in levels.items():
                 logging.getLogger(logger_name).setLevel(level)
             with self.lock:
-                if self.bar is not None:
-                    try:
-                        self.bar.close()
-                    except Exception:
-                        pass
-                    self.bar = None
-                self._count = None
+                self._drop_bar()
             if ok and lines and count.snapshot()[1]:
                 # the count the stage ended with, after lines during it
                 self._write_line(count.line(final=True), self.mode == "lines")
@@ -540,19 +534,23 @@ class Progress:
                 # after a wait for the interpreter lock, no catching up
                 next_line = max(next_line + self.interval, time.monotonic() + self.interval / 2)
 
+    def _drop_bar(self):
+        """Close the bar (if any) and forget the stage's count; under the lock."""
+        if self.bar is not None:
+            try:
+                self.bar.close()
+            except Exception:
+                pass
+            self.bar = None
+        self._count = None
+
     def close(self):
         """End the progress output (the bar cleared, stdout as it was)."""
         global _active
         if not self.lock.acquire(timeout=2):
             return
         try:
-            if self.bar is not None:
-                try:
-                    self.bar.close()
-                except Exception:
-                    pass
-                self.bar = None
-            self._count = None
+            self._drop_bar()
             self._restore_stdout()
             if self.term is not None:
                 try:

@@ -17,6 +17,7 @@ def _refined(images, *phil):
 
     params = params_from([f"mp.nproc={NPROC}", *phil])
     state = pipeline.Pipeline(params, images).run(stop_before="integration")
+    state.report.experiments = state.experiments
     return state.report
 
 
@@ -38,6 +39,10 @@ def test_gapped_esds_match_one_block(tiny_sweeps, one_block, model):
     # which the esds include, grows with the length of a block)
     for e, s in zip(esd, single):
         assert 0.5 * s < e < 2 * s, (esd, single)
+    if model == "continuous":
+        # the esds are those of the crystal handed on (integrated.expt)
+        for exp in report.experiments:
+            assert list(exp.crystal.get_cell_parameter_sd()) == pytest.approx(esd, rel=1e-9)
     if model == "per_block":
         # its short blocks are refined static, and their misfit to the drifting
         # crystal moves the tied cell by more than its esds (measured: beta

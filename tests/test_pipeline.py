@@ -218,7 +218,9 @@ def test_gap_edge_reflections_flagged_with_true_partiality(integrated, truth, si
     for j, h in enumerate(map(tuple, simulation.ref_hkl)):
         by_hkl.setdefault(h, []).append(j)
     osc0, width = truth["oscillation"]
-    sel = reflections.select(flagged)
+    # (rows whose two parts either side of a gap were combined hold the sum of
+    # two blocks' fractions: tests/test_gap_partials.py)
+    sel = reflections.select(flagged & ~reflections["gap_combined"])
     hkl = np.array(list(sel["miller_index"]), dtype=float) @ C.T
     phi = osc0 + np.array(sel["xyzcal.px"].parts()[2]) * width
     ranges = [e.scan.get_image_range() for e in experiments]

@@ -205,6 +205,7 @@ def summary_dict(state, diff_phil: str = "") -> dict:
                 "indexed": sum(b.stats.get("indexed", 0) for b in report.blocks),
                 "integrated": sum(b.stats.get("integrated", 0) for b in report.blocks),
                 "gap_edge": sum(b.stats.get("gap_edge", 0) for b in report.blocks),
+                "gap_combined": sum(b.stats.get("gap_combined", 0) for b in report.blocks),
             },
             "per_image": {
                 "image": [n for n, _ in per_image],
