@@ -30,7 +30,7 @@ demo: setup
 	$(VENV)/bin/dials.process_gapped images=$(DEMO)/images nproc=$(NPROC) output.directory=$(DEMO)/processed
 
 test: setup-test
-	$(PY) -m pytest -ra tests
+	$(PY) -m pytest -ra --durations=30 tests
 
 test-fast: setup-test
 	$(PY) -m pytest -ra -m "not slow" tests
