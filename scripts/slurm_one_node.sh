@@ -104,6 +104,11 @@ up() {
         echo "already up (slurmctld $(pid_of slurmctld), slurmd $(pid_of slurmd))"
         return 0
     fi
+    # a Slurm this script did not start (e.g. left by another checkout) holds
+    # the ports: say so instead of starting daemons that cannot bind
+    if command -v ss >/dev/null 2>&1 && ss -ltn 2>/dev/null | grep -qE ':(6817|6818)[[:space:]]'; then
+        die "another Slurm listens on port 6817 or 6818 (not started from $DIR): stop it first"
+    fi
     write_conf
     # munge: use one that answers, else start our own
     if munge_answers; then
