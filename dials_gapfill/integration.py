@@ -356,8 +356,8 @@ def combine_gap_partials(experiments, reflections, max_dz=1.5):
         prf_ok = table.get_flags(table.flags.integrated_prf)
     for i, j in pairs:
         keep, drop = (i, j) if part[i] >= part[j] else (j, i)
-        if remove[keep] or remove[drop]:
-            continue  # a reflection in more than one pair: leave as it is
+        if remove[keep] or remove[drop] or combined[keep] or combined[drop]:
+            continue  # a part in more than one pair: combined once, the other pair left as it is
         if has_sum:
             Is[keep] = Is[i] + Is[j]
             Vs[keep] = Vs[i] + Vs[j]
