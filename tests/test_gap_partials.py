@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import process_ok
+from conftest import process_ok, summation_against_truth
 
 OMIT = tuple(range(6, 41, 6))
 
@@ -85,16 +85,7 @@ def test_each_gap_spanning_reflection_becomes_one_row(separate, combined):
 
 
 def _cc_with_truth(table, rows, truth):
-    from cctbx import crystal, miller
-
-    sub = table.select(rows)
-    scale = np.array(sub["lp"]) / np.array(sub["qe"]) / np.array(sub["partiality"])
-    I = np.array(sub["intensity.sum.value"]) * scale
-    sigma = np.sqrt(np.maximum(np.array(sub["intensity.sum.variance"]), 0)) * scale
-    symmetry = crystal.symmetry(unit_cell=truth["unit_cell"], space_group_symbol=truth["space_group"])
-    asu = miller.set(symmetry, sub["miller_index"], anomalous_flag=False).map_to_asu().indices()
-    lookup = {tuple(h): v for h, v in zip(truth["intensities"]["miller_index"], truth["intensities"]["I"])}
-    true_I = np.array([lookup.get(tuple(h), np.nan) for h in asu])
+    I, sigma, true_I = summation_against_truth(table.select(rows), truth)
     good = (sigma > 0) & (I > 3 * sigma) & ~np.isnan(true_I)
     return np.corrcoef(I[good], true_I[good])[0, 1], int(good.sum())
 

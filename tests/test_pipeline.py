@@ -246,19 +246,13 @@ def test_gap_edge_reflections_flagged_with_true_partiality(integrated, truth, si
 def test_gap_edge_intensities_corrected_by_partiality(integrated, truth):
     """Flagged partials above the export threshold, scaled by 1/partiality as
     DIALS' export does, agree with the true intensities as well as full ones."""
-    from cctbx import crystal, miller
+    from conftest import summation_against_truth
 
     _, reflections, summary = integrated
     r = reflections.select(reflections.get_flags(reflections.flags.integrated_sum))
     r = r.select(r["partiality"] > 0)
     partiality = np.array(r["partiality"])
-    scale = np.array(r["lp"]) / np.array(r["qe"]) / partiality
-    I = np.array(r["intensity.sum.value"]) * scale
-    sigma = np.sqrt(np.maximum(np.array(r["intensity.sum.variance"]), 0)) * scale
-    symmetry = crystal.symmetry(unit_cell=truth["unit_cell"], space_group_symbol=truth["space_group"])
-    asu = miller.set(symmetry, r["miller_index"], anomalous_flag=False).map_to_asu().indices()
-    lookup = {tuple(h): v for h, v in zip(truth["intensities"]["miller_index"], truth["intensities"]["I"])}
-    true_I = np.array([lookup.get(tuple(h), np.nan) for h in asu])
+    I, sigma, true_I = summation_against_truth(r, truth)
     good = (sigma > 0) & (I > 3 * sigma) & ~np.isnan(true_I)
     edge = np.array(r["gap_edge"]) & (partiality >= 0.4) & good
     full = ~np.array(r["gap_edge"]) & (partiality > 0.99) & good
