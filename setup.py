@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.9",
     install_requires=[],
     extras_require={
-        "test": ["pytest>=7", "gemmi>=0.5", "jsonschema>=4", "distributed>=2023.1", "dask-jobqueue>=0.8"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "gemmi>=0.5", "jsonschema>=4", "distributed>=2023.1", "dask-jobqueue>=0.8"],
         "bench": ["pyinstrument"],
         # mp.method=slurm|sge|pbs|lsf (README: Running on a cluster)
         "cluster": ["distributed>=2023.1", "dask-jobqueue>=0.8"],

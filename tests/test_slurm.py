@@ -295,15 +295,18 @@ def test_slurm_that_does_not_answer(slurm, sweep, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_job_is_replaced_and_the_result_unchanged(runs, slurm):
+def test_killed_job_is_taken_over_and_the_result_unchanged(runs, slurm):
     """The run of test_slurm_run_equals_local_run lost a job during integration."""
     local, on_slurm, killed = runs
     records = _records(slurm)
     assert killed in records
-    # it was replaced (the number of jobs is held), and its block integrated on another
+    # its block was integrated on another job.  Whether a replacement job is
+    # also submitted depends on timing (dask's adapt notices the dead worker
+    # about a second later; the other job may finish every task before that:
+    # CI saw jobs ['142', '143'] only), so that is not asserted.
     log = open(os.path.join(on_slurm, "dials.process_gapped.log")).read()
     submitted = re.findall(r"Cluster: jobs submitted so far: ([\d, ]+)", log)[-1].split(", ")
-    assert killed in submitted and len(submitted) >= 3, submitted
+    assert killed in submitted and len(submitted) >= 2, submitted
     integration = [ids for stage, _, ids in _cluster_lines(on_slurm) if stage == "integration"]
     assert {j.strip() for j in integration[0].split(",")} - {killed}, integration
     assert_same_reflections(_tables(local), _tables(on_slurm))
