@@ -19,14 +19,35 @@ the local run gives, row for row):
   multiprocessing); each task returns DIALS' per-image strong-pixel lists,
   and DIALS joins them in this process into 3D spots exactly as it joins its
   worker processes' lists (spots across a chunk boundary are not cut).
-- integration: one task per block: the block's experiment (as a dict, the
-  content of an .expt file), its reference reflections and DIALS' integration
-  parameters; the job runs DIALS' ``run_integration`` on it with ``mp.nproc``
-  processes and returns the integrated table and the block's profile model.
-  DIALS models profiles and integrates each experiment on its own, so a block
-  integrated alone is integrated as in the run over all blocks; the small
-  blocks' pooled profile model is made in this process beforehand, as in a
-  local run.
+- integration, at least as many blocks as jobs: one task per block: the
+  block's experiment (as a dict, the content of an .expt file), its reference
+  reflections and DIALS' integration parameters; the job runs DIALS'
+  ``run_integration`` on it with ``mp.nproc`` processes and returns the
+  integrated table and the block's profile model.  DIALS models profiles and
+  integrates each experiment on its own, so a block integrated alone is
+  integrated as in the run over all blocks; the small blocks' pooled profile
+  model is made in this process beforehand, as in a local run.
+- integration, fewer blocks than jobs (a sweep that is one long block):
+  frame ranges.  DIALS' ``run_integration`` runs in this process with its
+  cluster parameters ``njobs`` = k = ceil(mp.njobs / blocks), ``nproc`` =
+  cores: its processor cuts each block into k x cores frame ranges (its
+  ``JobList``: block size from ``integration.block.*``, overlap from the
+  reflections' bounding boxes), splits the reflections between them
+  (``JobList.split``, ``ReflectionManager``: a reflection across a boundary
+  becomes partial rows, none lost or counted twice) and hands its per-range
+  tasks to ``multi_node_parallel_map``, grouped by ``nproc``.  That function
+  is replaced here, for the duration of the call, by one that sends each
+  group to a job, which runs the tasks as DIALS runs them locally
+  (``execute_parallel_task``, ``cores`` processes).  Each pass goes through
+  it: profile modelling (each range returns its modeller; DIALS accumulates
+  them here and finalizes the block's reference profiles from all ranges),
+  profile validation if DIALS does it, then integration with the finalized
+  model.  DIALS' executors (Boost.Python) cannot be pickled, their content
+  can: a task travels as its parts (the executor's class, arguments and
+  state, the experiments and the processor parameters once per job; frame
+  range and reflections per task) and is rebuilt on the job, together with
+  the background and centroid algorithms DIALS set for the run.  The result
+  is the local run's with ``nproc`` = k x cores.
 
 DIALS' own cluster routes (``drmaa``, and ``sge``/``lsf``/``pbs`` through
 libtbx) do not work with DIALS 3.12 (SGE syntax sent to any DRMAA, the
@@ -265,6 +286,15 @@ class Session:
             shared_data = pickle.dumps(shared) if shared is not None else None
             shared_future = self.client.submit(_identity, shared_data, pure=False) if shared is not None else None
             shared_bytes = len(shared_data) if shared is not None else 0
+            if shared_future is not None:
+                # on every job now: the scheduler gives a task only to a worker
+                # that holds its data, so with one copy the tasks would all
+                # queue on one job until work stealing moves some
+                with contextlib.suppress(Exception):
+                    from distributed import wait
+
+                    wait([shared_future])
+                    self.client.replicate([shared_future])
             sent = received = 0
             futures = []
             # the task data travel in the task graph (Dask warns above 10 MB)
@@ -642,11 +672,22 @@ def _integrate_task(ip, task):
     return ("ok", experiments.to_dict(), reflections, records)
 
 
-def integrate(ip, experiments, reference, params):
-    """DIALS' run_integration over the blocks, one cluster task per block.
+def frame_range_jobs(n_blocks: int, njobs: int) -> int:
+    """DIALS' integration ``njobs`` for a cluster run: 1 (one task per block)
+    when there are at least as many blocks as jobs, else ceil(njobs / blocks)
+    (each block cut into that many x cores frame ranges)."""
+    if n_blocks <= 0 or n_blocks >= njobs:
+        return 1
+    return -(-njobs // n_blocks)
 
-    Returns (experiments, reflections) as run_integration does on all blocks
-    (profile models of the blocks set, rows in block order).
+
+def integrate(ip, experiments, reference, params):
+    """DIALS' run_integration over the blocks on the cluster jobs.
+
+    One task per block when there are at least as many blocks as jobs, else
+    frame ranges (:func:`_integrate_frame_ranges`).  Returns (experiments,
+    reflections) as run_integration does on all blocks (profile models of the
+    blocks set, rows in block order).
     """
     from dials.array_family import flex
     from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
@@ -654,6 +695,9 @@ def integrate(ip, experiments, reference, params):
     from dials_gapfill.tables import join_blocks
 
     s = session(params)
+    k = frame_range_jobs(len(experiments), params.mp.njobs)
+    if k > 1:
+        return _integrate_frame_ranges(ip, experiments, reference, s, k)
     tasks = []
     for i, exp in enumerate(experiments):
         ref = reference.select(reference["id"] == i)
@@ -679,3 +723,206 @@ def integrate(ip, experiments, reference, params):
         tables.append(reflections)
         kept.append(exp)
     return ExperimentList(kept), join_blocks(tables, ExperimentList(kept))
+
+
+# ---- integration in frame ranges -------------------------------------------
+
+# DIALS' executor of each processing pass -> the name of the pass (as the
+# progress output names it)
+PASSES = {
+    "ProfileModellerExecutor": "profile modelling",
+    "ProfileValidatorExecutor": "profile validation",
+    "IntegratorExecutor": "integrating",
+}
+
+
+def _integrate_frame_ranges(ip, experiments, reference, s, k):
+    """DIALS' run_integration here, its per-frame-range tasks on the jobs.
+
+    DIALS' cluster parameters njobs=k, nproc=cores: its processor cuts each
+    block into k x cores frame ranges (Auto block size: nproc x njobs pieces)
+    and groups its tasks by nproc for multi_node_parallel_map, which sends
+    each group to a job here.  Everything DIALS does between the passes
+    (splitting the reflections, accumulating and finalizing the profile
+    modellers, joining the partial rows) runs in this process, as locally.
+    """
+    import copy
+
+    from dials.command_line.integrate import run_integration
+
+    ip = copy.deepcopy(ip)
+    ip.integration.mp.method = "multiprocessing"
+    ip.integration.mp.njobs = k
+    ip.integration.mp.nproc = s.cores
+    logger.info(
+        "Cluster: %d block(s) for %d job(s): each block's integration in %d x %d frame ranges "
+        "(DIALS' block rule with njobs=%d, nproc=%d), tasks of %d range(s) on the jobs; "
+        "profiles modelled over all ranges of a block",
+        len(experiments), s.njobs, k, s.cores, k, s.cores, s.cores,
+    )
+    with _frame_ranges_on_cluster(s):
+        experiments, reflections, _ = run_integration(ip, experiments, reference)
+    return experiments, reflections
+
+
+@contextlib.contextmanager
+def _frame_ranges_on_cluster(s):
+    """While active, DIALS' integration processor sends its tasks to the jobs."""
+    from dials.algorithms.integration import processor
+
+    original = processor.multi_node_parallel_map
+
+    def cluster_map(func=None, iterable=None, njobs=1, nproc=1, cluster_method=None,
+                    asynchronous=True, callback=None, preserve_order=True):
+        if func is not processor.execute_parallel_task:
+            return original(func=func, iterable=iterable, njobs=njobs, nproc=nproc,
+                            cluster_method=cluster_method, asynchronous=asynchronous,
+                            callback=callback, preserve_order=preserve_order)
+        tasks = list(iterable)
+        shared, phase = _pack_shared(tasks)
+        # DIALS' own grouping (dials.util.mp.multi_node_parallel_map): nproc
+        # consecutive tasks per cluster job
+        groups = [tasks[i : i + nproc] for i in range(0, len(tasks), nproc)]
+        payloads = [[_pack_task(t) for t in group] for group in groups]
+        results = s.map(_frame_range_task, payloads, f"integration ({phase})", shared=shared)
+        out = []
+        for result in results:
+            if result[0] == "error":
+                _, kind, message = result
+                raise (ValueError if kind == "ValueError" else RuntimeError)(message)
+            for item in result[1]:
+                # DIALS' callback: its log records replayed, the result accumulated
+                if callback is not None:
+                    callback(item)
+                out.append(item)
+        return out
+
+    processor.multi_node_parallel_map = cluster_map
+    try:
+        yield
+    finally:
+        processor.multi_node_parallel_map = original
+
+
+def _pack_shared(tasks):
+    """What all tasks of one pass share, pickled: (bytes, name of the pass).
+
+    The executor as its class, constructor arguments and state (DIALS'
+    executors derive from a Boost.Python class that refuses to pickle an
+    instance with a __dict__; the modellers and experiments in it pickle),
+    the experiments and processor parameters, and the background and
+    centroid algorithms that DIALS' create_integrator set on the reflection
+    table class in this process (a forked local worker inherits them).
+    """
+    from dials.array_family import flex
+
+    first = next((t for t in tasks if hasattr(t, "executor")), None)
+    executor = None
+    phase = "integration"
+    if first is not None:
+        ex = first.executor
+        executor = (type(ex), tuple(ex.__getinitargs__()), dict(ex.__dict__))
+        phase = PASSES.get(type(ex).__name__, type(ex).__name__)
+    shared = {
+        "executor": executor,
+        "experiments": first.experiments if first is not None else None,
+        "params": first.params if first is not None else None,
+        "algorithms": (flex.reflection_table.background_algorithm, flex.reflection_table.centroid_algorithm),
+    }
+    return pickle.dumps(shared, protocol=pickle.HIGHEST_PROTOCOL), phase
+
+
+def _pack_task(task):
+    from dials.algorithms.integration.processor import NullTask
+
+    if isinstance(task, NullTask):
+        return ("null", task.index, task.reflections)
+    return ("task", task.index, tuple(task.job), task.reflections)
+
+
+def _unpack_task(shared_bytes, packed):
+    """A DIALS task as the processor made it, with an executor of its own."""
+    from dials.algorithms.integration.processor import NullTask, Task
+
+    if packed[0] == "null":
+        return NullTask(index=packed[1], reflections=packed[2])
+    shared = pickle.loads(shared_bytes)
+    cls, initargs, state = shared["executor"]
+    executor = cls(*initargs)
+    executor.__dict__.update(state)
+    _, index, job, reflections = packed
+    return Task(index=index, job=job, experiments=shared["experiments"], reflections=reflections,
+                params=shared["params"], executor=executor)
+
+
+@contextlib.contextmanager
+def _algorithms(shared_bytes):
+    """DIALS' background and centroid algorithms of the run, on this job."""
+    from dials.array_family import flex
+
+    background, centroid = pickle.loads(shared_bytes)["algorithms"]
+    table = flex.reflection_table
+    saved = (table.background_algorithm, table.centroid_algorithm)
+    table.background_algorithm, table.centroid_algorithm = background, centroid
+    try:
+        yield
+    finally:
+        table.background_algorithm, table.centroid_algorithm = saved
+
+
+@contextlib.contextmanager
+def _dials_logging_kept():
+    """DIALS' execute_parallel_task configures the "dials" logger for its
+    worker process; run in this (the job's) process, it is put back after."""
+    dials_logger = logging.getLogger("dials")
+    saved = (list(dials_logger.handlers), dials_logger.level, dials_logger.propagate)
+    try:
+        yield
+    finally:
+        dials_logger.handlers[:] = saved[0]
+        dials_logger.setLevel(saved[1])
+        dials_logger.propagate = saved[2]
+
+
+@contextlib.contextmanager
+def _fork():
+    """Processes started by fork while active: DIALS' local route hands its
+    tasks (which cannot be pickled) to its worker processes by fork."""
+    import multiprocessing
+
+    method = multiprocessing.get_start_method(allow_none=True)
+    if method != "fork":
+        multiprocessing.set_start_method("fork", force=True)
+    try:
+        yield
+    finally:
+        if method != "fork":
+            multiprocessing.set_start_method(method, force=True)
+
+
+def _frame_range_task(shared_bytes, packed_tasks):
+    """Job side: DIALS' tasks of some frame ranges, run as DIALS runs them locally.
+
+    Returns ("ok", [(result, log records), ...]) in task order, what DIALS'
+    execute_parallel_task returns to its callback, or ("error", kind, message).
+    """
+    from dials.algorithms.integration.processor import execute_parallel_task
+    from dials.util.mp import multi_node_parallel_map
+
+    try:
+        tasks = [_unpack_task(shared_bytes, p) for p in packed_tasks]
+        nproc = min(_cores(), len(tasks))
+        with _algorithms(shared_bytes):
+            if nproc > 1:
+                # DIALS' local route: one forked process per task
+                with _fork():
+                    results = multi_node_parallel_map(
+                        func=execute_parallel_task, iterable=tasks, njobs=1, nproc=nproc,
+                        cluster_method="multiprocessing", preserve_order=True,
+                    )
+            else:
+                with _dials_logging_kept():
+                    results = [execute_parallel_task(t) for t in tasks]
+    except Exception as e:  # noqa: BLE001  (any DIALS failure: one line in this run, the jobs kept)
+        return ("error", type(e).__name__, str(e))
+    return ("ok", list(results))

@@ -79,8 +79,19 @@ def slurm():
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    return Sweeps(CONFIG, tmp_path_factory).make(omit=OMIT, name="slurm_sweep")
+def sweeps(tmp_path_factory):
+    return Sweeps(CONFIG, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sweep(sweeps):
+    return sweeps.make(omit=OMIT, name="slurm_sweep")
+
+
+@pytest.fixture(scope="module")
+def one_block(sweeps):
+    """The same 32 images without gaps: one block."""
+    return sweeps.make(omit=(), name="slurm_one_block")
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +245,73 @@ def test_slurm_run_equals_local_run(runs, slurm, job_folder):
     for key in ("spots", "indexed", "integrated", "gap_edge"):
         assert [b.get(key) for b in sa["blocks"]] == [b.get(key) for b in sb["blocks"]], key
     assert_same_reflections(_tables(local), _tables(on_slurm))
+    for name in sorted(os.listdir(local)):
+        if name.endswith(".mtz"):
+            assert_same_mtz(os.path.join(local, name), os.path.join(on_slurm, name))
+
+
+def _read(*path):
+    with open(os.path.join(*path)) as fh:
+        return fh.read()
+
+
+def test_frame_range_jobs():
+    """How many frame-range pieces (DIALS' integration njobs) per block."""
+    from dials_gapfill.cluster import frame_range_jobs
+
+    # at least as many blocks as jobs: one task per block
+    assert [frame_range_jobs(b, 2) for b in (2, 3, 12)] == [1, 1, 1]
+    assert frame_range_jobs(12, 4) == 1
+    # fewer: each block cut so that there are at least njobs tasks
+    assert frame_range_jobs(1, 2) == 2
+    assert frame_range_jobs(1, 16) == 16
+    assert frame_range_jobs(3, 4) == 2
+    assert frame_range_jobs(5, 16) == 4
+
+
+@pytest.mark.slow
+def test_one_block_integrated_in_frame_ranges_on_several_jobs(slurm, one_block, tmp_path, job_folder):
+    """A sweep that is one block, 2 jobs of 1 core: DIALS' integration cut
+    into 2 frame ranges (its block rule with njobs=2, nproc=1), each pass
+    (profile modelling, integrating) one task per range, spread over both
+    jobs; the result is the local run's with nproc=2, which cuts the block
+    into the same 2 ranges."""
+    local, on_slurm = str(tmp_path / "local"), str(tmp_path / "on_slurm")
+    t0 = time.time()
+    r = process(one_block, local, "nproc=2")
+    assert r.returncode == 0, r.stderr + r.stdout[-2000:]
+    t1 = time.time()
+    r = run_cmd(
+        [tool("dials.process_gapped"), one_block, f"output.directory={on_slurm}", "nproc=2",
+         "mp.method=slurm", "mp.njobs=2", "mp.cluster.cores=1", "mp.cluster.memory=2GB",
+         f"mp.cluster.log_directory={job_folder}"],
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr + r.stdout[-2000:]
+    print(f"local {t1 - t0:.1f} s, slurm {time.time() - t1:.1f} s")
+    log = _read(on_slurm, "dials.process_gapped.log")
+    assert "Cluster: 1 block(s) for 2 job(s): each block's integration in 2 x 1 frame ranges" in log
+    passes = re.findall(r"Cluster: integration \(([a-z ]+)\) in (\d+) task\(s\) on slurm job\(s\) ([\d, ]+)", log)
+    print(passes)
+    assert [p for p, _, _ in passes][:1] == ["profile modelling"] and passes[-1][0] == "integrating", passes
+    assert all(int(n) == 2 for _, n, _ in passes), passes
+    jobs = {j.strip() for _, _, ids in passes for j in ids.split(",")}
+    assert len(jobs) >= 2, passes
+    # the same frame ranges as the local run
+    ranges = re.compile(r"Processing reflections in the following blocks of images:.*?\n\n(.*?)\n\n", re.DOTALL)
+    local_log = _read(local, "dials.process_gapped.log")
+    assert ranges.findall(log) == ranges.findall(local_log)
+    # nothing left behind, the same files, blocks, counts and results
+    assert _queue_drains()
+    assert os.listdir(job_folder) == []
+    assert sorted(os.listdir(local)) == sorted(os.listdir(on_slurm))
+    sa = json.loads(_read(local, "dials.process_gapped.json"))
+    sb = json.loads(_read(on_slurm, "dials.process_gapped.json"))
+    assert [(b["first"], b["last"]) for b in sa["blocks"]] == [(b["first"], b["last"]) for b in sb["blocks"]] == [(1, 32)]
+    for key in ("spots", "indexed", "integrated"):
+        assert [b.get(key) for b in sa["blocks"]] == [b.get(key) for b in sb["blocks"]], key
+    a, b = _tables(local), _tables(on_slurm)
+    assert_same_reflections(a, b)
     for name in sorted(os.listdir(local)):
         if name.endswith(".mtz"):
             assert_same_mtz(os.path.join(local, name), os.path.join(on_slurm, name))
