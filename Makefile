@@ -30,10 +30,10 @@ demo: setup
 	$(VENV)/bin/dials.process_gapped images=$(DEMO)/images nproc=$(NPROC) output.directory=$(DEMO)/processed
 
 test: setup-test
-	$(PY) -m pytest -ra --durations=30 -n $(NPROC) --dist loadfile tests
+	$(PY) -m pytest -ra --durations=30 -n $(NPROC) --dist loadgroup tests
 
 test-fast: setup-test
-	$(PY) -m pytest -ra -n $(NPROC) --dist loadfile -m "not slow" tests
+	$(PY) -m pytest -ra -n $(NPROC) --dist loadgroup -m "not slow" tests
 
 bench: setup
 	$(PY) benchmarks/benchmark.py --nproc $(NPROC)

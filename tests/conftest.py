@@ -187,6 +187,52 @@ def snase():
     return SNASE
 
 
+@pytest.fixture(scope="session")
+def snase_processed(snase_gapped, tmp_path_factory):
+    """dials.process_gapped on the gapped SNase sweep (blocks 1-39, 46-96):
+    one run shared by the export and sanity tests."""
+    out = str(tmp_path_factory.mktemp("snase_processed"))
+    result = process(snase_gapped, out, *SNASE_GEOMETRY)
+    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Running the suite on several pytest-xdist workers (make test: -n 2 --dist loadgroup)
+# ---------------------------------------------------------------------------
+
+# Files whose tests share a session fixture that runs the whole pipeline go
+# to one worker (each worker has its own session: on two workers the run
+# would be made twice).
+GROUPS = {
+    "test_pipeline.py": "processed",
+    "test_html.py": "processed",
+    "test_export.py": "processed",
+    "test_sanity.py": "processed",
+    "test_equivalence.py": "processed",
+}
+# Minutes on an idle 2-core machine, roughly (make test prints the slowest
+# tests): the longest groups start first, so that no long group starts last
+# while the other worker idles.
+COST = {"processed": 14, "test_slurm.py": 6, "test_bad_inputs.py": 4, "test_api.py": 3,
+        "test_bad_image_matrix.py": 3, "test_robustness.py": 3, "test_cli.py": 3}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+
+    def group(item):
+        name = os.path.basename(str(item.fspath))
+        return GROUPS.get(name, name)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(name=group(item)))
+    # stable: within a group the collection order stays
+    items.sort(key=lambda item: -COST.get(group(item), 1))
+
+
 SNASE_GEOMETRY = [
     "geometry.scan.oscillation=0,1",
     "geometry.detector.fast_slow_beam_centre=532.61,500.53",

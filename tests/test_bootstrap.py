@@ -122,7 +122,7 @@ def test_makefile_runs_the_targets_in_the_root_only_on_the_root_route(stubs):
     assert normal[0] == "VENV=.venv bash scripts/bootstrap.sh"
     assert normal[1].startswith(".venv/bin/dials.simulate_sweep ")
     assert not any("dials-root" in line for line in normal)
-    assert dry_run("test", stubs["not importable"], stubs["apt candidate"])[-1] == ".venv/bin/python -m pytest -ra --durations=30 -n 2 --dist loadfile tests"
+    assert dry_run("test", stubs["not importable"], stubs["apt candidate"])[-1] == ".venv/bin/python -m pytest -ra --durations=30 -n 2 --dist loadgroup tests"
 
     for target in ("demo", "test", "test-fast", "setup"):
         for python, apt, extra in (("not importable", "no candidate", {}),

@@ -104,18 +104,10 @@ def test_sanity_can_be_switched_off(tiny_sweeps, tmp_path):
 # ---------------------------------------------------------------- integrated
 
 
-@pytest.fixture(scope="module")
-def snase_integrated(snase, tmp_path_factory):
-    """dials.process_gapped on SNase images 1-30 (one block)."""
-    out = str(tmp_path_factory.mktemp("snase_sanity"))
-    result = process(_snase_files(snase, 1, 30), out, *SNASE_GEOMETRY)
-    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
-    return out
-
-
 @pytest.mark.slow
-def test_snase_stills_warning(snase_integrated):
-    experiments, reflections = _integrated(snase_integrated)
+def test_snase_stills_warning(snase_processed):
+    """The gapped SNase sweep (blocks 1-39, 46-96), the run of test_export."""
+    experiments, reflections = _integrated(snase_processed)
     stats = sanity.stills_statistic(reflections)
     # measured on the whole gapped sweep: edge/centre 0.54 (22 % vs 41 % strong)
     assert stats["ratio"] < 0.65 and stats["z"] > 10, stats
