@@ -32,8 +32,11 @@ Usage (2 cores, about 40 minutes for everything)::
     .venv/bin/python benchmarks/continuous.py [--workdir DIR] [--sweeps every10,standard,gap30]
         [--treatments xy,exclude,full] [--no-pipeline] [--json out.json]
     .venv/bin/python benchmarks/continuous.py --partials         # gap-spanning reflections
-    .venv/bin/python benchmarks/continuous.py --intensities --sweeps standard,gap30
-        # whole pipeline, per_block against continuous: CC with the true intensities, time
+    .venv/bin/python benchmarks/continuous.py --intensities [--runs gapless,per_block,continuous_v1,continuous]
+        # whole pipeline: CC with the true intensities, orientation, cell, time; the
+        # same images without gaps, per_block, the continuous model before the
+        # profile model from all blocks and the automatic re-index (continuous_v1),
+        # and as it is
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ def run_stages(files, truth, label):
     )
 
 
-def run_continuous(files, truth, label, gap_edge="xy", reindex_cycles=0, phil=()):
+def run_continuous(files, truth, label, gap_edge="xy", reindex_cycles=None, phil=()):
     from dials.array_family import flex
 
     from dials_gapfill import compare, continuous
@@ -310,26 +313,42 @@ def _cc_truth(experiments, reflections, truth, min_isigma=3.0):
     return _pearson(xs, ys), len(xs)
 
 
-def intensities(workdir, names):
-    """The whole pipeline (process_gapped, integration included) with each
-    model on the same gapped images: orientation and cell against the truth,
-    CC of the integrated intensities with the truth, time; side by side."""
+# --intensities: the runs compared on each sweep (label, gapped?, PHIL)
+INTENSITY_RUNS = {
+    "gapless": (False, []),
+    "per_block": (True, ["refinement.blocks.model=per_block"]),
+    # the continuous model as it was before the profile model from all
+    # blocks and the automatic re-index cycles
+    "continuous_v1": (True, ["integration.profile_model=per_block", "refinement.blocks.continuous_reindex_cycles=0"]),
+    "continuous": (True, []),
+}
+
+
+def intensities(workdir, names, runs=tuple(INTENSITY_RUNS)):
+    """The whole pipeline (process_gapped, integration included) on the same
+    images: orientation and cell against the truth, CC of the integrated
+    intensities with the truth, time; side by side.  `runs`: keys of
+    INTENSITY_RUNS (gapless: the same sweep without its gaps)."""
     from dials_gapfill import process_gapped
 
     for name in names:
         folder, truth = simulated(workdir, name)
         omit = set(SWEEPS[name]["omit"])
-        files = [os.path.join(folder, f) for f, n in zip(truth["files"], truth["images_written"]) if n not in omit]
-        print(f"\n== {name}: whole pipeline, {len(files)} images ==")
-        print(f"{'model':<12} {'integrated':>10} {'CC(I,Itrue)':>12} {'n':>7} {'ori med':>8} {'ori worst':>9} {'cell err':>8} {'s':>6}")
-        for model in ("per_block", "continuous"):
+        print(f"\n== {name}: whole pipeline, {len(truth['files']) - len(omit)} images ({len(omit)} missing) ==")
+        print(f"{'run':<14} {'integrated':>10} {'CC(I,Itrue)':>12} {'n':>7} {'ori med':>8} {'ori worst':>9} {'cell err':>8} {'s':>6}")
+        for label in runs:
+            gapped, phil = INTENSITY_RUNS[label]
+            files = [
+                os.path.join(folder, f) for f, n in zip(truth["files"], truth["images_written"])
+                if not (gapped and n in omit)
+            ]
             t0 = time.time()
-            result = process_gapped(files, ["nproc=2", f"refinement.blocks.model={model}"])
+            result = process_gapped(files, ["nproc=2", *phil])
             seconds = time.time() - t0
             oe, cell = _errors(result.experiments, truth)
             cc, n = _cc_truth(result.experiments, result.reflections, truth)
             print(
-                f"{model:<12} {len(result.reflections):>10} {cc:>12.5f} {n:>7} {oe['median']:>7.3f}° "
+                f"{label:<14} {len(result.reflections):>10} {cc:>12.5f} {n:>7} {oe['median']:>7.3f}° "
                 f"{oe['worst']:>8.3f}° {100 * cell:>7.3f}% {seconds:>6.0f}", flush=True,
             )
 
@@ -355,7 +374,7 @@ def main(argv=None):
     parser.add_argument("--workdir", default="/tmp/gapfill_continuous_bench")
     parser.add_argument("--sweeps", default="every10,standard,gap30")
     parser.add_argument("--treatments", default="xy,exclude,full")
-    parser.add_argument("--reindex-cycles", type=int, default=0)
+    parser.add_argument("--reindex-cycles", type=int, default=None, help="default: auto (the pipeline's)")
     parser.add_argument("--no-pipeline", action="store_true", help="only the continuous model")
     parser.add_argument(
         "--full-pipeline", action="store_true",
@@ -365,6 +384,10 @@ def main(argv=None):
     parser.add_argument("--no-gapless", default="", help="sweeps without the gapless run (comma-separated)")
     parser.add_argument("--phil", action="append", default=[], help="PHIL for the continuous model")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--runs", default=",".join(INTENSITY_RUNS),
+        help=f"with --intensities: which runs ({', '.join(INTENSITY_RUNS)})",
+    )
     parser.add_argument("--partials", action="store_true", help="only the gap-spanning partials measurement")
     parser.add_argument(
         "--intensities", action="store_true",
@@ -375,7 +398,7 @@ def main(argv=None):
     if args.partials:
         return partials(args.workdir)
     if args.intensities:
-        return intensities(args.workdir, args.sweeps.split(","))
+        return intensities(args.workdir, args.sweeps.split(","), args.runs.split(","))
     results = {}
     for name in args.sweeps.split(","):
         folder, truth = simulated(args.workdir, name)

@@ -572,6 +572,17 @@ def block_rmsds(table, experiments):
     return out
 
 
+# refinement.blocks.continuous_reindex_cycles=None (auto): index all spots
+# against the scan-varying model and refine again while that adds at least
+# this fraction of the spots, at most AUTO_REINDEX_MAX times.  On 90 x 0.5
+# deg, every 10th image missing, a crystal whose drift accelerates to 0.1
+# deg/deg, the lattice search indexes 56 % of the last block and the model
+# refined from that predicts the end of the sweep badly (README, "Profile
+# model and re-indexing": the numbers, benchmarks/continuous.py --intensities).
+AUTO_REINDEX_GAIN = 0.01
+AUTO_REINDEX_MAX = 3
+
+
 def refine(
     experiments,
     reflections,
@@ -579,7 +590,7 @@ def refine(
     gap_edge="xy",
     scan_varying_cell=False,
     reindex_gap_edges=True,
-    reindex_cycles=0,
+    reindex_cycles=None,
     final_reindex=True,
     z_window=2.0,
     interval_width_degrees=CONTINUOUS_INTERVAL_WIDTH,
@@ -599,7 +610,11 @@ def refine(
     `reindex_gap_edges` they are indexed again against the statically refined
     model before the scan-varying job; with `reindex_cycles` > 0 all spots are
     indexed again against the scan-varying model (:func:`index_against_predictions`)
-    and the scan-varying job is repeated, that many times; with
+    and the scan-varying job is repeated, that many times; None (auto): as
+    long as that indexes at least AUTO_REINDEX_GAIN of the spots more than the
+    previous job had (a crystal that turns faster than the lattice search's
+    static model can follow leaves the ends of the sweep under-indexed), at
+    most AUTO_REINDEX_MAX times; with
     `final_reindex` all spots are indexed against the final model's
     predictions at the end (no further refinement).  The smoothers'
     checkpoint spacing is `interval_width_degrees` where the parameters
@@ -693,11 +708,17 @@ def refine(
             smoother.interval_width_degrees = interval_width_degrees
         widths.append(smoother.interval_width_degrees)
     model = static
-    for cycle in range(1 + max(0, int(reindex_cycles)) if scan_varying else 0):
+    auto = reindex_cycles is None
+    cycles = AUTO_REINDEX_MAX if auto else max(0, int(reindex_cycles))
+    for cycle in range(1 + cycles if scan_varying else 0):
         if cycle > 0:
+            before = (table.get_flags(table.flags.indexed) & (table["id"] >= 0)).count(True)
             everything = table["id"] >= -1
             n = index_against_predictions(model, table, everything, z_window=z_window)
-            logger.info("All spots indexed against the scan-varying model: %d of %d", n, len(table))
+            logger.info("All spots indexed against the scan-varying model: %d of %d (%+d)", n, len(table), n - before)
+            if auto and n - before < AUTO_REINDEX_GAIN * len(table):
+                break
+            logger.info("Continuous model: refined again with them (cycle %d)", cycle)
         if gap_edge == "xy":
             _inflate_edge_phi_variance(table, xy_edge)
         table.unset_flags(flex.bool(len(table), True), table.flags.used_in_refinement)

@@ -56,16 +56,64 @@ def _algorithm(ip):
     return dials.extensions.ProfileModel.load(ip.profile.algorithm)().algorithm()
 
 
-def _pooled_profiles(ip, experiments, reference, small):
-    """Give the small blocks a profile model from all blocks' spots."""
+def _cut_by_a_gap(reference, experiments, sweep):
+    """flex.bool: reference spots whose shoebox touches a block end next to
+    missing or excluded images (their rocking curves were recorded in part)."""
+    cut = flex.bool(len(reference), False)
+    z0s, z1s = reference["bbox"].parts()[4], reference["bbox"].parts()[5]
+    for i, exp in enumerate(experiments):
+        first, last = exp.scan.get_image_range()
+        a0, a1 = exp.scan.get_array_range()
+        mine = reference["id"] == i
+        if sweep.gap_before(first):
+            cut |= mine & (z0s <= a0)
+        if sweep.gap_after(last):
+            cut |= mine & (z1s >= a1)
+    return cut
+
+
+def _matched_reference(ip, experiments, reference):
+    """The reference spots as dials.integrate models profiles from them: DIALS'
+    process_reference and filter_reference_pixels, then matched to the
+    predictions of the refined models (which set s1 and xyzcal; spots without
+    a prediction are dropped)."""
+    ref, _ = process_reference(copy.deepcopy(reference))
+    ref = filter_reference_pixels(ref, experiments)
+    predicted = flex.reflection_table.from_predictions_multi(
+        experiments,
+        dmin=ip.prediction.d_min,
+        dmax=ip.prediction.d_max,
+        margin=ip.prediction.margin,
+        force_static=ip.prediction.force_static,
+        padding=ip.prediction.padding,
+    )
+    _, ref, _ = predicted.match_with_reference(ref)
+    return ref
+
+
+def _pooled_profiles(ip, experiments, reference, small, sweep=None):
+    """Give the blocks in `small` a profile model (sigma_b, sigma_m) from all
+    blocks' spots; the others keep their own, as dials.integrate.
+
+    With `sweep`, spots cut by a gap are left out of the sigma calculation
+    (a truncated rocking curve makes sigma_m too small), unless too few
+    others remain."""
     if ip.profile.algorithm != "gaussian_rs":
         raise GapfillError(
             f"block(s) {', '.join(str(i + 1) for i in small)} have too few strong spots for "
             f"their own {ip.profile.algorithm} profile model: set "
             "integration.small_blocks.profile=summation (or use the gaussian_rs profile model)"
         )
-    ref, _ = process_reference(copy.deepcopy(reference))
-    ref = filter_reference_pixels(ref, experiments)
+    ref = _matched_reference(ip, experiments, reference)
+    whole = ref
+    if sweep is not None:
+        cut = _cut_by_a_gap(ref, experiments, sweep)
+        if len(ref) - cut.count(True) >= ip.profile.gaussian_rs.min_spots.overall:
+            logger.info(
+                "Profile model: %d of %d reference spots cut by a gap left out of the sigma calculation",
+                cut.count(True), len(ref),
+            )
+            ref = ref.select(~cut)
     relaxed = copy.deepcopy(ip.profile)
     relaxed.gaussian_rs.min_spots.overall = 0
     relaxed.gaussian_rs.min_spots.per_degree = 0
@@ -79,7 +127,8 @@ def _pooled_profiles(ip, experiments, reference, small):
             model = Algorithm.create(
                 relaxed, sub, exp.crystal, exp.beam, exp.detector, exp.goniometer, exp.scan
             )
-        except RuntimeError:
+        except RuntimeError as e:
+            logger.debug("Block %d: no profile model from its spots: %s", i + 1, " ".join(str(e).split()))
             continue
         own[i] = model
         weights[i] = len(sub)
@@ -89,8 +138,9 @@ def _pooled_profiles(ip, experiments, reference, small):
             f"only {total} strong spots in the whole sweep, too few for a profile model: set "
             "profile.gaussian_rs.parameters.sigma_b= and sigma_m= (degrees)"
         )
-    sigma_b = sum(own[i].sigma_b(deg=True) * w for i, w in weights.items()) / total
-    sigma_m = sum(own[i].sigma_m(deg=True) * w for i, w in weights.items()) / total
+    # spot-weighted mean of the variances: the blocks' spots taken together
+    sigma_b = math.sqrt(sum(own[i].sigma_b(deg=True) ** 2 * w for i, w in weights.items()) / total)
+    sigma_m = math.sqrt(sum(own[i].sigma_m(deg=True) ** 2 * w for i, w in weights.items()) / total)
     logger.info(
         "Profile model pooled over all blocks (%d spots): sigma_b %.4f, sigma_m %.4f deg",
         total,
@@ -108,7 +158,7 @@ def _pooled_profiles(ip, experiments, reference, small):
         else:
             # a large block: its own model from its own spots, as dials.integrate
             exp.profile = Algorithm.create(
-                ip.profile, ref.select(ref["id"] == i), exp.crystal, exp.beam,
+                ip.profile, whole.select(whole["id"] == i), exp.crystal, exp.beam,
                 exp.detector, exp.goniometer, exp.scan,
             )
     return sigma_b, sigma_m
@@ -141,12 +191,24 @@ def integrate(experiments, reference, params, sweep):
     for i, exp in enumerate(experiments):
         record.block(exp.identifier)["profile"] = "own"
 
-    if not small:
+    choice = params.integration.profile_model
+    if choice == "auto":
+        choice = "all_blocks" if params.refinement.blocks.model == "continuous" else "per_block"
+    all_blocks = choice == "all_blocks" and ip.profile.algorithm == "gaussian_rs" and len(experiments) > 1
+    if all_blocks and ip.create_profile_model and (
+        ip.profile.gaussian_rs.parameters.sigma_b is None or ip.profile.gaussian_rs.parameters.sigma_m is None
+    ):
+        _pooled_profiles(ip, experiments, reference, list(range(len(experiments))), sweep)
+        for exp in experiments:
+            record.block(exp.identifier)["profile"] = "all blocks"
+        ip.create_profile_model = False
+        experiments, reflections = _run(ip, experiments, reference, params)
+    elif not small:
         experiments, reflections = _run(ip, experiments, reference, params)
     elif params.integration.small_blocks.profile == "pooled" or len(small) == len(experiments):
         if len(small) == len(experiments) and params.integration.small_blocks.profile == "summation":
             logger.warning("All blocks are small: using the pooled profile model")
-        _pooled_profiles(ip, experiments, reference, small)
+        _pooled_profiles(ip, experiments, reference, small, sweep)
         for i in small:
             record.block(experiments[i].identifier)["profile"] = "pooled over blocks"
             logger.info(

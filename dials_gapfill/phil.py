@@ -310,6 +310,13 @@ blocks
             "one job with shared beam, detector and goniometer, cells tied (the"
             "documented DIALS recipe for missing images). tie_cells, tie_sigma"
             "and min_*_scan_varying below are per_block's; scan_varying is both's."
+  continuous_reindex_cycles = None
+    .type = int(value_min=0)
+    .expert_level = 1
+    .help = "continuous: after the scan-varying refinement, index all spots"
+            "again against it and refine again, this many times. None (auto):"
+            "while that indexes at least 1 % more of the spots (at most 3 times;"
+            "a crystal that turns faster than the lattice search can follow)."
   continuous_scan_varying_cell = False
     .type = bool
     .expert_level = 1
@@ -359,6 +366,15 @@ blocks
 """
 
 _integration_extra = """
+profile_model = *auto per_block all_blocks
+  .type = choice
+  .help = "The gaussian_rs profile model (sigma_b, sigma_m). per_block: each"
+          "block its own from its own strong spots, as dials.integrate (blocks"
+          "with too few spots: integration.small_blocks); all_blocks: one model"
+          "from the strong spots of all blocks together (dials/dials#1992),"
+          "spots whose rocking curves are cut by a gap left out; auto:"
+          "all_blocks with refinement.blocks.model=continuous (one crystal),"
+          "per_block with refinement.blocks.model=per_block."
 small_blocks
   .help = "Blocks with too few strong spots for their own profile model."
 {

@@ -231,6 +231,7 @@ def stage_refine(state: State) -> None:
             state.experiments, state.reflections, params,
             scan_varying_cell=params.refinement.blocks.continuous_scan_varying_cell,
             scan_varying=params.refinement.blocks.scan_varying,
+            reindex_cycles=params.refinement.blocks.continuous_reindex_cycles,
         )
         for identifier, stats in record["blocks"].items():
             block = report.block(identifier)

@@ -153,3 +153,18 @@ def test_the_mtz_holds_each_reflection_once(separate, combined):
     osc0, w = s_expts[0].scan.get_oscillation()
     sep_hkl = np.array(list(s_refl["miller_index"]), dtype=int)
     assert duplicates(sep_hkl, np.zeros(len(z), dtype=int), osc0 + z * w) > 100
+
+
+def test_one_profile_model_from_all_blocks(combined, truth_tiny):
+    """With the continuous model (the default) the blocks share one profile
+    model (integration.profile_model=auto: all_blocks), made from the strong
+    spots of all blocks whose rocking curves are not cut by a gap; its
+    mosaicity is the simulator's."""
+    experiments, _, summary, out = combined
+    sigma_b = {round(e.profile.sigma_b(deg=True), 9) for e in experiments}
+    sigma_m = {round(e.profile.sigma_m(deg=True), 9) for e in experiments}
+    assert len(experiments) == 7 and len(sigma_b) == 1 and len(sigma_m) == 1, (sigma_b, sigma_m)
+    assert [b["profile"] for b in summary["blocks"]] == ["all blocks"] * 7
+    assert sigma_m.pop() == pytest.approx(truth_tiny["mosaicity_deg"], rel=0.05)
+    log = open(os.path.join(out, "dials.process_gapped.log")).read()
+    assert "reference spots cut by a gap left out of the sigma calculation" in log

@@ -151,7 +151,7 @@ def test_intensities_match_truth(integrated, truth):
     for b in summary["blocks"]:
         assert b["integrated"] > 9000
         assert b["profile_fitted"] > 0.85 * b["integrated"]
-        assert b["profile"] == "own"
+        assert b["profile"] == "all blocks"  # the continuous model: one profile model
 
 
 def test_log_reports_blocks_and_stages(processed):
