@@ -123,21 +123,20 @@ def run_stages(files, truth, label):
     the same DIALS-only harness (import, spots) as the continuous model."""
     from dials_gapfill import compare, indexing, refinement
     from dials_gapfill.phil import params_from
-    from dials_gapfill.state import Report, blocks_of
 
     experiments = compare.import_blocks(files)
     spots = compare.strong_spots(experiments, nproc=2)
     t0 = time.time()
-    params = params_from(["nproc=2"])
-    report = Report(blocks=blocks_of(experiments))
-    experiments, indexed = indexing.index(experiments, spots, params)
+    params = params_from(["nproc=2", "refinement.blocks.model=per_block"])
+    experiments, indexed = indexing.index(experiments, spots, params)[:2]
     ok = indexed.get_flags(indexed.flags.indexed) & (indexed["id"] >= 0)
     fraction = ok.count(True) / len(spots)
-    experiments, refined = refinement.refine(experiments, indexed, params, report)
+    experiments, refined, record = refinement.refine(experiments, indexed, params)
     seconds = time.time() - t0
     parts = []
-    for b in report.blocks:
-        r = b.stats.get("rmsd_scan_varying") or b.stats.get("rmsd_static")
+    for exp in experiments:
+        stats = record.block(exp.identifier)
+        r = stats.get("rmsd_scan_varying") or stats.get("rmsd_static")
         if r:
             parts.append((r["x"], r["y"], r["phi"], r["n"]))
     oe, cell = _errors(experiments, truth)
