@@ -304,6 +304,7 @@ class Session:
                 futures.append(
                     self.client.submit(_call, function, shared_future, task, pure=False, key=f"{what}-{i}-{time.time_ns()}")
                 )
+            logger.info("Cluster: %s: %d task(s) submitted", what, len(futures))
             results, jobs, busy = [], set(), 0.0
             for future in futures:
                 result, job, seconds = future.result()

@@ -106,7 +106,7 @@ def test_sanity_can_be_switched_off(tiny_sweeps, tmp_path):
 
 @pytest.mark.slow
 def test_snase_stills_warning(snase_processed):
-    """The gapped SNase sweep (blocks 1-39, 46-96), the run of test_export."""
+    """SNase images 1-39 and 46-70, the run of test_export."""
     experiments, reflections = _integrated(snase_processed)
     stats = sanity.stills_statistic(reflections)
     # measured on the whole gapped sweep: edge/centre 0.54 (22 % vs 41 % strong)

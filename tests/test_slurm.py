@@ -133,6 +133,12 @@ def _wait_for(proc, out, marker, timeout=600):
     return False
 
 
+# the integration tasks are on the jobs (the integration stage first does
+# work in this process, e.g. the profile model from all blocks: a job
+# killed then would be idle and kill no task)
+INTEGRATION_SUBMITTED = "Cluster: integration"
+
+
 def _running_jobs(timeout=60):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -155,7 +161,7 @@ def runs(slurm, sweep, tmp_path_factory, job_folder):
     assert r.returncode == 0, r.stderr + r.stdout[-2000:]
     t1 = time.time()
     args, proc = _start(sweep, on_slurm, f"mp.cluster.log_directory={job_folder}")
-    assert _wait_for(proc, on_slurm, "=== Integration ==="), proc.communicate()
+    assert _wait_for(proc, on_slurm, INTEGRATION_SUBMITTED), proc.communicate()
     time.sleep(1.0)
     running = _running_jobs()
     assert running
@@ -394,7 +400,7 @@ def test_killed_job_is_taken_over_and_the_result_unchanged(runs, slurm):
 def test_job_that_keeps_dying_stops_the_run_with_one_line(sweep, slurm, tmp_path, job_folder):
     out = str(tmp_path / "out")
     args, proc = _start(sweep, out, "mp.njobs=1", "mp.cluster.retries=0", f"mp.cluster.log_directory={job_folder}")
-    assert _wait_for(proc, out, "=== Integration ===")
+    assert _wait_for(proc, out, INTEGRATION_SUBMITTED)
     time.sleep(1.0)
     killed = _running_jobs()
     assert killed
