@@ -64,6 +64,7 @@ from scipy.spatial import cKDTree
 from scitbx.array_family import flex as sflex
 
 from dials_gapfill.errors import GapfillError, indexing_failure
+from dials_gapfill.lattice import staged_search
 from dials_gapfill.phil import dials_index_params, dials_refine_params
 
 logger = logging.getLogger("dials.process_gapped.continuous")
@@ -392,7 +393,9 @@ def index(experiments, reflections, params, z_window=2.0):
     )
     ip = dials_index_params(params)
     try:
-        indexed_expts, indexed = dials_index(ExperimentList([continuous]), [search], ip)
+        indexed_expts, indexed = staged_search(
+            lambda p: dials_index(ExperimentList([continuous]), [search], p), ip, len(search), params
+        )
     except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
         raise GapfillError(indexing_failure(e, params)) from None
     found = indexed_expts[0]

@@ -41,6 +41,7 @@ from dxtbx.model import Experiment
 from dxtbx.model.experiment_list import ExperimentList
 
 from dials_gapfill.errors import GapfillError, indexing_failure
+from dials_gapfill.lattice import staged_search
 from dials_gapfill.phil import _refinement, defaults, dials_index_params, resolve_nproc
 
 logger = logging.getLogger("dials.process_gapped.indexing")
@@ -83,7 +84,7 @@ def index(experiments, reflections, params):
     failures = []
     for search in searches:
         try:
-            found = search(experiments, reflections, copy.deepcopy(ip))
+            found = search(experiments, reflections, copy.deepcopy(ip), params)
         except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
             failures.append(e)
             logger.warning(
@@ -95,13 +96,14 @@ def index(experiments, reflections, params):
     raise GapfillError(indexing_failure(failures[0], params))
 
 
-def _search_joint(experiments, reflections, ip):
+def _search_joint(experiments, reflections, ip, params):
     """all blocks jointly: dials.index on every block at once."""
 
-    return dials_index(experiments, [reflections], ip)
+    n_spots = int((reflections["id"] >= 0).count(True))
+    return staged_search(lambda p: dials_index(experiments, [reflections], p), ip, n_spots, params)
 
 
-def _search_largest_block(experiments, reflections, ip):
+def _search_largest_block(experiments, reflections, ip, params):
     """largest block: DIALS' indexer on the block with most spots, then all
     blocks indexed with its crystal (known orientation)."""
 
@@ -118,9 +120,13 @@ def _search_largest_block(experiments, reflections, ip):
     refl.experiment_identifiers()[0] = experiments[largest].identifier
     refl["imageset_id"] = refl["id"]
     single = ExperimentList([copy.copy(experiments[largest])])
-    search = indexer.Indexer.from_parameters(refl, single, params=copy.deepcopy(ip))
-    search.index()
-    found = search.refined_experiments[0]
+
+    def run(p):
+        search = indexer.Indexer.from_parameters(copy.deepcopy(refl), single, params=copy.deepcopy(p))
+        search.index()
+        return search.refined_experiments, search.refined_reflections
+
+    found = staged_search(run, ip, len(refl), params)[0][0]
     crystal = found.crystal
 
     # every block with that crystal and the geometry refined with it (the

@@ -362,6 +362,17 @@ blocks
     .type = float(value_min=0, value_max=1)
     .help = "A block whose strong spots index below this fraction (e.g. a wrong"
             "start angle, or no diffraction) is dropped with a warning."
+  quick_search = True
+    .type = bool
+    .help = "With indexing.basis_vector_combinations.max_refine=Auto: let DIALS"
+            "refine only its first 5 candidate lattices (its number for stills)"
+            "and keep the best when it indexes at least quick_search_fraction of"
+            "the searched spots; else search all 50 candidates as dials.index does."
+            "False: always all 50."
+  quick_search_fraction = 0.9
+    .type = float(value_min=0, value_max=1)
+    .expert_level = 1
+    .help = "Fraction of the searched spots the quick search must index to be kept."
 }
 """
 

@@ -1,0 +1,72 @@
+"""The lattice search, cheap first: DIALS' indexer on its first few candidates.
+
+DIALS' basis-vector search turns the FFT's basis vectors into candidate
+lattices and refines each of the first ``indexing.basis_vector_combinations.
+max_refine`` of them (Auto: 50 for rotation data, 5 for stills) before keeping
+the best.  On a clean sweep the right lattice is among the first few (the
+shortest vectors come first); refining 50 candidates cost two thirds of the
+indexing stage (``benchmarks/profile.py``).  So when ``max_refine`` is Auto
+and ``indexing.blocks.quick_search`` is on, dials.process_gapped first lets
+DIALS refine only its first ``QUICK_CANDIDATES`` candidates (DIALS' own number
+for stills), keeps that result when it indexes at least
+``indexing.blocks.quick_search_fraction`` of the searched spots, and otherwise
+(or when that search fails) runs DIALS' search over all 50 candidates, exactly
+as dials.index would.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from dials.algorithms.indexing import DialsIndexError
+from libtbx import Auto
+
+logger = logging.getLogger("dials.process_gapped.indexing")
+
+QUICK_CANDIDATES = 5  # DIALS' max_refine for stills
+SEARCH_ERRORS = (DialsIndexError, ValueError, RuntimeError, AssertionError)
+
+
+def indexed_fraction(reflections, n_spots):
+    """Indexed rows of `reflections` (flag and id >= 0) over `n_spots`."""
+    if not n_spots:
+        return 0.0
+    ok = reflections.get_flags(reflections.flags.indexed) & (reflections["id"] >= 0)
+    return ok.count(True) / n_spots
+
+
+def staged_search(run, ip, n_spots, params):
+    """`run(ip)` -> (experiments, indexed reflections): DIALS' indexer on
+    `n_spots` spots with the dials.index parameters `ip`.  First with
+    QUICK_CANDIDATES candidates when DIALS would choose the number (Auto) and
+    the quick search is on, then, if needed, as given."""
+
+    bvc = ip.indexing.basis_vector_combinations
+    quick_on = params.indexing.blocks.quick_search
+    if not quick_on or bvc.max_refine is not Auto or ip.indexing.method not in ("fft3d", "fft1d", "real_space_grid_search"):
+        return run(ip)
+    quick = copy.deepcopy(ip)
+    quick.indexing.basis_vector_combinations.max_refine = QUICK_CANDIDATES
+    wanted = params.indexing.blocks.quick_search_fraction
+    try:
+        found = run(quick)
+    except SEARCH_ERRORS as e:
+        logger.info(
+            "Lattice search on the first %d candidate lattices failed (%s): all candidates evaluated",
+            QUICK_CANDIDATES, " ".join(str(e).split())[:120],
+        )
+        return run(ip)
+    fraction = indexed_fraction(found[1], n_spots)
+    if fraction >= wanted:
+        logger.info(
+            "Lattice search: the best of the first %d candidate lattices indexes %.1f%% of the "
+            "searched spots (>= %.0f%%): kept", QUICK_CANDIDATES, 100 * fraction, 100 * wanted,
+        )
+        return found
+    logger.info(
+        "Lattice search: the best of the first %d candidate lattices indexes %.1f%% of the searched "
+        "spots (< %.0f%%): all candidates evaluated, as dials.index does",
+        QUICK_CANDIDATES, 100 * fraction, 100 * wanted,
+    )
+    return run(ip)

@@ -1,0 +1,101 @@
+"""The lattice search, cheap first (dials_gapfill.lattice): DIALS' indexer on
+its first 5 candidate lattices, all 50 only when those index too few spots.
+
+Real DIALS runs of the indexing stage of both crystal models on the tiny
+sweep with a gap, compared with DIALS' full search (quick_search=False)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import pytest
+
+GAP = (21, 22, 23)
+
+
+def _files(folder):
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".cbf")]
+
+
+@pytest.fixture(scope="module")
+def blocks_and_spots(tiny_sweeps):
+    from dials_gapfill import compare
+
+    experiments = compare.import_blocks(_files(tiny_sweeps.make(omit=GAP, name="gap21")))
+    return experiments, compare.strong_spots(experiments, nproc=2)
+
+
+def _index(model, experiments, spots, *phil):
+    import copy
+
+    from dials_gapfill import continuous, indexing
+    from dials_gapfill.phil import params_from
+
+    params = params_from(["nproc=2", f"refinement.blocks.model={model}", *phil])
+    run = continuous.index if model == "continuous" else indexing.index
+    blocks, indexed = run(copy.deepcopy(experiments), copy.deepcopy(spots), params)[:2]
+    return blocks, indexed
+
+
+def _counts(blocks, indexed):
+    ok = indexed.get_flags(indexed.flags.indexed) & (indexed["id"] >= 0)
+    return [(ok & (indexed["id"] == i)).count(True) for i in range(len(blocks))]
+
+
+def _same_lattice(a, b, tol=1e-3):
+    """The two crystals' lattices coincide, up to the choice of basis (P1
+    indexing may take (-a, -b, c) where the other took (a, b, c)): A_b^-1 A_a
+    is an integer matrix of determinant +-1, to `tol`."""
+    from scitbx import matrix
+
+    m = matrix.sqr(b.get_A()).inverse() * matrix.sqr(a.get_A())
+    rounded = [round(v) for v in m.elems]
+    return max(abs(v - r) for v, r in zip(m.elems, rounded)) < tol and abs(abs(matrix.sqr(rounded).determinant()) - 1) < 1e-9
+
+
+@pytest.mark.parametrize("model", ["continuous", "per_block"])
+def test_quick_search_finds_the_lattice_of_the_full_search(blocks_and_spots, model, caplog):
+    experiments, spots = blocks_and_spots
+    with caplog.at_level(logging.INFO, logger="dials.process_gapped"):
+        quick = _index(model, experiments, spots)
+    assert "the best of the first 5 candidate lattices indexes" in caplog.text
+    assert ": kept" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dials.process_gapped"):
+        full = _index(model, experiments, spots, "indexing.blocks.quick_search=False")
+    assert "candidate lattices" not in caplog.text
+    # the same spots indexed in every block, the same cell and orientation
+    assert _counts(*quick) == _counts(*full)
+    assert min(_counts(*quick)) > 0.99 * min(_counts(*full))
+    for q, f in zip(quick[0], full[0]):
+        a, b = q.crystal.get_unit_cell().parameters(), f.crystal.get_unit_cell().parameters()
+        assert all(abs(x - y) < 1e-3 * max(1.0, abs(y)) for x, y in zip(a, b)), (a, b)
+        assert _same_lattice(q.crystal, f.crystal)
+
+
+def test_too_few_indexed_falls_back_to_all_candidates(blocks_and_spots, caplog):
+    """A quarter of the spots moved off the lattice: the first 5 candidates
+    index about 75 % of them, below quick_search_fraction (0.9), so DIALS'
+    full search runs, and its result is that of quick_search=False."""
+    from dials.array_family import flex
+
+    experiments, spots = blocks_and_spots
+    junk = spots.select(flex.bool(len(spots), True))
+    rng = random.Random(7)
+    xyz = junk["xyzobs.px.value"]
+    for i in range(len(junk)):
+        if rng.random() < 0.25:
+            x, y, z = xyz[i]
+            xyz[i] = (x + rng.choice((-1, 1)) * rng.uniform(6, 12), y + rng.choice((-1, 1)) * rng.uniform(6, 12), z)
+    junk["xyzobs.px.value"] = xyz
+    with caplog.at_level(logging.INFO, logger="dials.process_gapped"):
+        fallback = _index("continuous", experiments, junk)
+    assert "all candidates evaluated, as dials.index does" in caplog.text
+    full = _index("continuous", experiments, junk, "indexing.blocks.quick_search=False")
+    assert _counts(*fallback) == _counts(*full)
+    a = fallback[0][0].crystal.get_unit_cell().parameters()
+    b = full[0][0].crystal.get_unit_cell().parameters()
+    assert all(abs(x - y) < 1e-6 * max(1.0, abs(y)) for x, y in zip(a, b)), (a, b)
+    assert _same_lattice(fallback[0][0].crystal, full[0][0].crystal, tol=1e-6)
