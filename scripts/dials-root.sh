@@ -15,7 +15,8 @@
 # The root is built in $GAPFILL_ROOT.build.<pid> and renamed when complete, so an interrupted
 # build is never taken for a root.  Mounts (/proc, /sys, /dev, the machine's /etc/ssl/certs
 # read-only, the checkout, ../shared) are made in a private mount namespace (unshare) and
-# unmounted on exit and on Ctrl-C.  debootstrap uses this machine's Debian mirror (from
+# unmounted on exit and on Ctrl-C, after stopping any process left running in the root
+# (a daemon a command started).  debootstrap uses this machine's Debian mirror (from
 # /etc/apt/sources.list*), or $GAPFILL_ROOT_MIRROR.
 # Needs root (or sudo): debootstrap, mount and chroot do.
 set -euo pipefail
@@ -97,6 +98,17 @@ unmount_all() {
     fi
   done
   MOUNTED=()
+}
+kill_left_in_root() {  # daemons started inside the root (a test's Slurm, say) outlive the chroot
+  local pid pids=()
+  for pid in /proc/[0-9]*; do
+    [ "$(readlink "$pid/root" 2>/dev/null)" = "$ROOT_DIR" ] && pids+=("${pid#/proc/}")
+  done
+  [ ${#pids[@]} -gt 0 ] || return 0
+  say "stopping ${#pids[@]} process(es) left running in the root"
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  sleep 2
+  kill -KILL "${pids[@]}" 2>/dev/null || true
 }
 mounts_under() { awk -v d="$1" '$2 == d || index($2, d "/") == 1' /proc/self/mounts; }
 in_namespace() {  # run this script's internal command in a private mount namespace
@@ -185,7 +197,7 @@ discard_build() {  # an unfinished build is removed, never renamed (never if som
 # ---- run -----------------------------------------------------------------------------------------
 run_inside() {  # (in the namespace) run_inside CWD CMD...
   ROOT_DIR=$ROOT
-  trap unmount_all EXIT
+  trap 'kill_left_in_root; unmount_all' EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
   local cwd=$1; shift
