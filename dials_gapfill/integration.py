@@ -25,6 +25,7 @@ from dials.command_line.integrate import (
     run_integration,
 )
 from dials.constants import EPS, FULL_PARTIALITY
+from libtbx import easy_mp
 
 from dials_gapfill import cluster
 from dials_gapfill.errors import GapfillError
@@ -118,20 +119,33 @@ def _pooled_profiles(ip, experiments, reference, small, sweep=None):
     relaxed.gaussian_rs.min_spots.overall = 0
     relaxed.gaussian_rs.min_spots.per_degree = 0
     Algorithm = _algorithm(ip)
-    own, weights = {}, {}
-    for i, exp in enumerate(experiments):
-        sub = ref.select(ref["id"] == i)
-        if len(sub) == 0:
-            continue
+
+    def block_sigmas(i):
+        """(sigma_b, sigma_m) in degrees of block i from its own spots, or the reason."""
+        exp, sub = experiments[i], ref.select(ref["id"] == i)
         try:
-            model = Algorithm.create(
-                relaxed, sub, exp.crystal, exp.beam, exp.detector, exp.goniometer, exp.scan
-            )
+            model = Algorithm.create(relaxed, sub, exp.crystal, exp.beam, exp.detector, exp.goniometer, exp.scan)
         except RuntimeError as e:
-            logger.debug("Block %d: no profile model from its spots: %s", i + 1, " ".join(str(e).split()))
+            return None, " ".join(str(e).split())
+        return (model.sigma_b(deg=True), model.sigma_m(deg=True)), None
+
+    counts = {i: (ref["id"] == i).count(True) for i in range(len(experiments))}
+    blocks = [i for i in range(len(experiments)) if counts[i]]
+    # DIALS' estimate (a simplex fit per block, in one process in dials.integrate):
+    # the blocks in parallel, as DIALS' lattice search runs its candidates
+    mp = ip.integration.mp
+    nproc = min(len(blocks), max(1, int(mp.nproc))) if mp.method == "multiprocessing" else 1
+    if nproc > 1:
+        results = easy_mp.parallel_map(block_sigmas, blocks, processes=nproc, preserve_exception_message=True)
+    else:
+        results = [block_sigmas(i) for i in blocks]
+    own, weights = {}, {}
+    for i, (sigmas, reason) in zip(blocks, results):
+        if sigmas is None:
+            logger.debug("Block %d: no profile model from its spots: %s", i + 1, reason)
             continue
-        own[i] = model
-        weights[i] = len(sub)
+        own[i] = sigmas
+        weights[i] = counts[i]
     total = sum(weights.values())
     if total < ip.profile.gaussian_rs.min_spots.overall:
         raise GapfillError(
@@ -139,8 +153,8 @@ def _pooled_profiles(ip, experiments, reference, small, sweep=None):
             "profile.gaussian_rs.parameters.sigma_b= and sigma_m= (degrees)"
         )
     # spot-weighted mean of the variances: the blocks' spots taken together
-    sigma_b = math.sqrt(sum(own[i].sigma_b(deg=True) ** 2 * w for i, w in weights.items()) / total)
-    sigma_m = math.sqrt(sum(own[i].sigma_m(deg=True) ** 2 * w for i, w in weights.items()) / total)
+    sigma_b = math.sqrt(sum(own[i][0] ** 2 * w for i, w in weights.items()) / total)
+    sigma_m = math.sqrt(sum(own[i][1] ** 2 * w for i, w in weights.items()) / total)
     logger.info(
         "Profile model pooled over all blocks (%d spots): sigma_b %.4f, sigma_m %.4f deg",
         total,
