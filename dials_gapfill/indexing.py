@@ -122,7 +122,14 @@ def _search_largest_block(experiments, reflections, ip, params):
     single = ExperimentList([copy.copy(experiments[largest])])
 
     def run(p):
-        search = indexer.Indexer.from_parameters(copy.deepcopy(refl), single, params=copy.deepcopy(p))
+        # DIALS' indexer refines the beam and detector in place: each search
+        # (the quick one, then perhaps the full one) starts from the input models
+        e = single[0]
+        fresh = ExperimentList([Experiment(
+            imageset=e.imageset, beam=copy.deepcopy(e.beam), detector=copy.deepcopy(e.detector),
+            goniometer=copy.deepcopy(e.goniometer), scan=copy.deepcopy(e.scan), identifier=e.identifier,
+        )])
+        search = indexer.Indexer.from_parameters(copy.deepcopy(refl), fresh, params=copy.deepcopy(p))
         search.index()
         return search.refined_experiments, search.refined_reflections
 

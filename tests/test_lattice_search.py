@@ -75,7 +75,8 @@ def test_quick_search_finds_the_lattice_of_the_full_search(blocks_and_spots, mod
         assert _same_lattice(q.crystal, f.crystal)
 
 
-def test_too_few_indexed_falls_back_to_all_candidates(blocks_and_spots, caplog):
+@pytest.mark.parametrize("model", ["continuous", "per_block"])
+def test_too_few_indexed_falls_back_to_all_candidates(blocks_and_spots, model, caplog):
     """A quarter of the spots moved off the lattice: the first 5 candidates
     index about 75 % of them, below quick_search_fraction (0.9), so DIALS'
     full search runs, and its result is that of quick_search=False."""
@@ -91,9 +92,9 @@ def test_too_few_indexed_falls_back_to_all_candidates(blocks_and_spots, caplog):
             xyz[i] = (x + rng.choice((-1, 1)) * rng.uniform(6, 12), y + rng.choice((-1, 1)) * rng.uniform(6, 12), z)
     junk["xyzobs.px.value"] = xyz
     with caplog.at_level(logging.INFO, logger="dials.process_gapped"):
-        fallback = _index("continuous", experiments, junk)
+        fallback = _index(model, experiments, junk)
     assert "all candidates evaluated, as dials.index does" in caplog.text
-    full = _index("continuous", experiments, junk, "indexing.blocks.quick_search=False")
+    full = _index(model, experiments, junk, "indexing.blocks.quick_search=False")
     assert _counts(*fallback) == _counts(*full)
     a = fallback[0][0].crystal.get_unit_cell().parameters()
     b = full[0][0].crystal.get_unit_cell().parameters()
