@@ -11,6 +11,7 @@ by spot count) or are integrated by summation only, as chosen by
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -55,6 +56,115 @@ def _too_few(n, exp, gaussian_rs) -> bool:
 
 def _algorithm(ip):
     return dials.extensions.ProfileModel.load(ip.profile.algorithm)().algorithm()
+
+
+class _Collect(logging.Handler):
+    """Keeps the log records of a worker process, to be logged by the parent."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append((record.name, record.levelno, record.getMessage()))
+
+
+def _nproc(ip, n_jobs):
+    mp = ip.integration.mp
+    if mp.method != "multiprocessing":
+        return 1
+    return min(n_jobs, max(1, int(mp.nproc)))
+
+
+def _profile_models(profile_params, jobs, nproc):
+    """DIALS' profile model of each job (reflections, experiment): the
+    gaussian_rs ``Algorithm.create`` that ProfileModelFactory.create calls per
+    experiment (a simplex fit of sigma_m over the block's spots, in one
+    process in dials.integrate), here the blocks in parallel.
+
+    Returns [(model, None) or (None, reason)] in the order of `jobs`; each
+    worker's log lines are logged here, in that order."""
+    Algorithm = dials.extensions.ProfileModel.load("gaussian_rs")().algorithm()
+
+    def one(k):
+        reflections, exp = jobs[k]
+        collect = _Collect()
+        top = logging.getLogger("dials")
+        handlers, top.handlers = top.handlers, [collect]
+        propagate, top.propagate = top.propagate, False
+        try:
+            model = Algorithm.create(
+                profile_params, reflections, exp.crystal, exp.beam, exp.detector, exp.goniometer, exp.scan
+            )
+            # the model's own numbers (radians), so the parent's copy is exact
+            result = (model.n_sigma(), model.sigma_b(deg=False), model.sigma_m(deg=False)), None
+        except RuntimeError as e:
+            result = None, " ".join(str(e).split())
+        finally:
+            top.handlers, top.propagate = handlers, propagate
+        return result, collect.records
+
+    if nproc > 1 and len(jobs) > 1:
+        results = easy_mp.parallel_map(one, range(len(jobs)), processes=nproc, preserve_exception_message=True)
+    else:
+        results = [one(k) for k in range(len(jobs))]
+    models = []
+    for (numbers, reason), records in results:
+        for name, level, message in records:
+            logging.getLogger(name).log(level, message)
+        if numbers is None:
+            models.append((None, reason))
+            continue
+        n_sigma, sigma_b, sigma_m = numbers
+        models.append((Algorithm(params=profile_params, n_sigma=n_sigma, sigma_b=sigma_b, sigma_m=sigma_m), None))
+    return models
+
+
+@contextlib.contextmanager
+def _blocks_profiled_in_parallel(ip):
+    """dials.integrate's profile models (ProfileModelFactory.create inside
+    run_integration: one gaussian_rs model per experiment from its reference
+    spots) with the experiments in parallel processes: the same calls on the
+    same spots, so the same models.  Where run_integration does not use
+    ProfileModelFactory by that name (another DIALS), or for another profile
+    algorithm or fixed sigmas, DIALS' own serial code runs."""
+    import dials.command_line.integrate as dials_integrate
+
+    original = getattr(dials_integrate, "ProfileModelFactory", None)
+    g = ip.profile.gaussian_rs
+    if (
+        original is None
+        or ip.profile.algorithm != "gaussian_rs"
+        or g.parameters.sigma_b is not None
+        or g.parameters.sigma_m is not None
+    ):
+        yield
+        return
+
+    class ParallelProfileModelFactory:
+        @staticmethod
+        def create(params, experiments, reflections=None):
+            nproc = _nproc(params, len(experiments))
+            if (
+                nproc < 2
+                or not getattr(params, "create_profile_model", True)
+                or reflections is None
+                or "shoebox" not in reflections
+            ):
+                return original.create(params, experiments, reflections)
+            pairs = list(reflections.iterate_experiments_and_indices(experiments))
+            jobs = [(reflections.select(indices), exp) for exp, indices in pairs]
+            for (exp, _), (model, reason) in zip(pairs, _profile_models(params.profile, jobs, nproc)):
+                if model is None:
+                    raise RuntimeError(reason)
+                exp.profile = model
+            return experiments
+
+    dials_integrate.ProfileModelFactory = ParallelProfileModelFactory
+    try:
+        yield
+    finally:
+        dials_integrate.ProfileModelFactory = original
 
 
 def _cut_by_a_gap(reference, experiments, sweep):
@@ -119,26 +229,14 @@ def _pooled_profiles(ip, experiments, reference, small, sweep=None):
     relaxed.gaussian_rs.min_spots.overall = 0
     relaxed.gaussian_rs.min_spots.per_degree = 0
     Algorithm = _algorithm(ip)
-
-    def block_sigmas(i):
-        """(sigma_b, sigma_m) in degrees of block i from its own spots, or the reason."""
-        exp, sub = experiments[i], ref.select(ref["id"] == i)
-        try:
-            model = Algorithm.create(relaxed, sub, exp.crystal, exp.beam, exp.detector, exp.goniometer, exp.scan)
-        except RuntimeError as e:
-            return None, " ".join(str(e).split())
-        return (model.sigma_b(deg=True), model.sigma_m(deg=True)), None
-
     counts = {i: (ref["id"] == i).count(True) for i in range(len(experiments))}
     blocks = [i for i in range(len(experiments)) if counts[i]]
-    # DIALS' estimate (a simplex fit per block, in one process in dials.integrate):
-    # the blocks in parallel, as DIALS' lattice search runs its candidates
-    mp = ip.integration.mp
-    nproc = min(len(blocks), max(1, int(mp.nproc))) if mp.method == "multiprocessing" else 1
-    if nproc > 1:
-        results = easy_mp.parallel_map(block_sigmas, blocks, processes=nproc, preserve_exception_message=True)
-    else:
-        results = [block_sigmas(i) for i in blocks]
+    # each block's (sigma_b, sigma_m) from its own spots, the blocks in parallel
+    jobs = [(ref.select(ref["id"] == i), experiments[i]) for i in blocks]
+    results = [
+        (None, reason) if model is None else ((model.sigma_b(deg=True), model.sigma_m(deg=True)), None)
+        for model, reason in _profile_models(relaxed, jobs, _nproc(ip, len(blocks)))
+    ]
     own, weights = {}, {}
     for i, (sigmas, reason) in zip(blocks, results):
         if sigmas is None:
@@ -184,7 +282,8 @@ def _run(ip, experiments, reference, params=None):
             # --- cluster: one task per block on the jobs (dials_gapfill/cluster.py)
             experiments, reflections = cluster.integrate(ip, experiments, reference, params)
         else:
-            experiments, reflections, _ = run_integration(ip, experiments, reference)
+            with _blocks_profiled_in_parallel(ip):
+                experiments, reflections, _ = run_integration(ip, experiments, reference)
     except (ValueError, RuntimeError) as e:
         raise GapfillError(
             f"integration failed: {' '.join(str(e).split())[:200]}: check integration.*"
