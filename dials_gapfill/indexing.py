@@ -119,12 +119,10 @@ def _search_largest_block(experiments, reflections, ip, params):
         del refl.experiment_identifiers()[k]
     refl.experiment_identifiers()[0] = experiments[largest].identifier
     refl["imageset_id"] = refl["id"]
-    single = ExperimentList([copy.copy(experiments[largest])])
-
     def run(p):
         # DIALS' indexer refines the beam and detector in place: each search
         # (the quick one, then perhaps the full one) starts from the input models
-        e = single[0]
+        e = experiments[largest]
         fresh = ExperimentList([Experiment(
             imageset=e.imageset, beam=copy.deepcopy(e.beam), detector=copy.deepcopy(e.detector),
             goniometer=copy.deepcopy(e.goniometer), scan=copy.deepcopy(e.scan), identifier=e.identifier,

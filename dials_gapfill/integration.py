@@ -233,16 +233,12 @@ def _pooled_profiles(ip, experiments, reference, small, sweep=None):
     blocks = [i for i in range(len(experiments)) if counts[i]]
     # each block's (sigma_b, sigma_m) from its own spots, the blocks in parallel
     jobs = [(ref.select(ref["id"] == i), experiments[i]) for i in blocks]
-    results = [
-        (None, reason) if model is None else ((model.sigma_b(deg=True), model.sigma_m(deg=True)), None)
-        for model, reason in _profile_models(relaxed, jobs, _nproc(ip, len(blocks)))
-    ]
     own, weights = {}, {}
-    for i, (sigmas, reason) in zip(blocks, results):
-        if sigmas is None:
+    for i, (model, reason) in zip(blocks, _profile_models(relaxed, jobs, _nproc(ip, len(blocks)))):
+        if model is None:
             logger.debug("Block %d: no profile model from its spots: %s", i + 1, reason)
             continue
-        own[i] = sigmas
+        own[i] = (model.sigma_b(deg=True), model.sigma_m(deg=True))
         weights[i] = counts[i]
     total = sum(weights.values())
     if total < ip.profile.gaussian_rs.min_spots.overall:
