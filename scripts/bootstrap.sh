@@ -6,7 +6,8 @@
 #   3. this package installed into it (pip install -e .[test]).
 # Where DIALS comes from (`bash scripts/bootstrap.sh --route` prints it; the Makefile asks):
 #   system  /usr/bin/python3 imports DIALS (or this runs inside the DIALS root): as above;
-#   apt     apt has a `dials` candidate (Debian 12): apt-get install it, as above;
+#   apt     Debian 12 (from /etc/os-release, whether or not its apt lists were ever
+#           read), or apt has a `dials` candidate: apt-get update, then install it;
 #   root    neither (Debian 13 and newer have no DIALS package), or GAPFILL_DIALS=root:
 #           everything runs in a Debian 12 root with DIALS (scripts/dials-root.sh, built once),
 #           with the checkout mounted at the same path, and the venv is .venv-root.
@@ -24,11 +25,25 @@ dials_route() {
   esac
   if "$SYS_PYTHON" -c "import dials, dxtbx, cctbx" >/dev/null 2>&1; then
     echo system
+  elif debian_with_dials; then
+    # the distribution has the package: its apt lists may simply never have been
+    # read (a new container or VM), which apt-get update below mends
+    echo apt
   elif "${APT_CACHE:-apt-cache}" policy dials 2>/dev/null | grep -Eq '^[[:space:]]*Candidate:[[:space:]]*[^([:space:]]'; then
     echo apt
   else
     echo root
   fi
+}
+
+# Debian 12 (bookworm) ships DIALS 3.12 in main; Debian 13 and newer do not.
+debian_with_dials() {
+  local release=${OS_RELEASE:-/etc/os-release} id="" version="" codename=""
+  [ -r "$release" ] || return 1
+  id=$(. "$release" 2>/dev/null && echo "${ID:-}")
+  version=$(. "$release" 2>/dev/null && echo "${VERSION_ID:-}")
+  codename=$(. "$release" 2>/dev/null && echo "${VERSION_CODENAME:-}")
+  [ "$id" = debian ] && { [ "$version" = 12 ] || [ "$codename" = bookworm ]; }
 }
 
 route=$(dials_route)

@@ -54,13 +54,20 @@ def stubs(tmp_path):
         "no apt": str(tmp_path / "no-such-apt-cache"),
         "no marker": str(tmp_path / "no-marker"),
     }
+    (tmp_path / "os-release-13").write_text('ID=debian\nVERSION_ID="13"\nVERSION_CODENAME=trixie\n')
+    (tmp_path / "os-release-12").write_text('ID=debian\nVERSION_ID="12"\nVERSION_CODENAME=bookworm\n')
+    made["debian 13"] = str(tmp_path / "os-release-13")
+    made["debian 12"] = str(tmp_path / "os-release-12")
+    made["no os-release"] = str(tmp_path / "no-os-release")
     return made
 
 
 def _env(python, apt_cache, marker, **extra):
     env = dict(os.environ)
-    for name in ("GAPFILL_DIALS", "GAPFILL_ROOT_MARKER", "VENV", "MAKEFLAGS", "MFLAGS"):
+    for name in ("GAPFILL_DIALS", "GAPFILL_ROOT_MARKER", "VENV", "MAKEFLAGS", "MFLAGS", "OS_RELEASE"):
         env.pop(name, None)
+    # the distribution: Debian 13 (no dials package) unless a test says otherwise
+    extra.setdefault("OS_RELEASE", os.path.join(os.path.dirname(python), "os-release-13"))
     env.update(SYS_PYTHON=python, APT_CACHE=apt_cache, GAPFILL_ROOT_MARKER=marker, **extra)
     return env
 
@@ -87,6 +94,19 @@ def test_apt_candidate_installs_from_debian(stubs):
 def test_neither_takes_the_root(stubs):
     for apt in ("no candidate", "unknown", "no apt"):
         assert route(stubs["not importable"], stubs[apt], stubs["no marker"]) == "root", apt
+        assert route(stubs["not importable"], stubs[apt], stubs["no marker"],
+                     OS_RELEASE=stubs["no os-release"]) == "root", apt
+
+
+def test_debian_12_with_apt_lists_never_read_installs_from_debian(stubs):
+    # a new Debian 12 container: apt-cache knows no dials until apt-get update
+    # has run, but the distribution has it: apt (update, install), not a 5 GB root
+    for apt in ("no candidate", "unknown", "apt candidate"):
+        assert route(stubs["not importable"], stubs[apt], stubs["no marker"],
+                     OS_RELEASE=stubs["debian 12"]) == "apt", apt
+    # DIALS already there: the system, whatever the distribution
+    assert route(stubs["importable"], stubs["no candidate"], stubs["no marker"],
+                 OS_RELEASE=stubs["debian 12"]) == "system"
 
 
 def test_switch_forces_the_root(stubs):
