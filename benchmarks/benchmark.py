@@ -25,7 +25,7 @@ folds the parent's resident set into a child's ru_maxrss at exec).
 Then: totals and ratios c/a and c/b; the per-stage breakdown of (c) from its
 dials.process_gapped.json; the share of (c)'s wall time outside its pipeline
 stages; (c)'s peak RSS against the largest single CLI step; the science check
-of (b) against (c) (dials_gapfill.compare); PASS/FAIL against the targets; a
+of (b) against (c) (dials_gapfill.simulation.compare); PASS/FAIL against the targets; a
 Markdown table; everything in a JSON file with --json.
 
 --blocks-scaling runs only (c), on the same sweep cut into 1, 3 and 10 blocks
@@ -497,11 +497,11 @@ def markdown_table(chains):
 
 
 def science_check(dir_ref, dir_c):
-    """dials_gapfill.compare of a CLI chain (reference) with dials.process_gapped."""
+    """dials_gapfill.simulation.compare of a CLI chain (reference) with dials.process_gapped."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     import dials_gapfill  # noqa: F401  (libtbx environment before dials/dxtbx)
-    from dials_gapfill.compare import compare, load
+    from dials_gapfill.simulation.compare import compare, load
 
     result = compare(*load(dir_ref), *load(dir_c))
     result["cell_compared"] = "same basis"
@@ -521,7 +521,7 @@ def science_check(dir_ref, dir_c):
 
 def print_science(label, s, names=("CLI", "process_gapped")):
     ref, other = names
-    print(f"Science check {label} (dials_gapfill.compare; reference = {ref}):")
+    print(f"Science check {label} (dials_gapfill.simulation.compare; reference = {ref}):")
     print(f"  blocks ({ref}){' ' * max(1, 16 - len(ref))}{s['blocks_a']}")
     print(f"  blocks ({other}){' ' * max(1, 16 - len(other))}{s['blocks_b']}")
     print(f"  max relative cell diff  {fmt(s['cell_rel_diff_max'], '.2e')}  ({s['cell_compared']}; a, b, c, mean "

@@ -39,7 +39,7 @@ def refine_once(folder, phil, nproc):
 
 
 def main(argv=None):
-    from dials_gapfill.simulate import SimulationConfig, simulate
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=10)

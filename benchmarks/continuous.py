@@ -10,7 +10,7 @@ For each simulated sweep it compares, on the same images,
 (both through the pipeline's own indexing and refinement stages on the
 same harness, or with ``--full-pipeline`` through ``process_gapped``,
 integration included: the same numbers, several minutes more);
-- ``continuous``: ``dials_gapfill.continuous`` (index + refine) on the
+- ``continuous``: ``dials_gapfill.crystal_model.continuous`` (index + refine) on the
   gapped images, with a harness made from DIALS only (dxtbx import of the
   file list: one experiment per contiguous run; shared beam, detector,
   goniometer; ``flex.reflection_table.from_observations``), one line per
@@ -18,7 +18,7 @@ integration included: the same numbers, several minutes more);
 
 and prints indexed fraction, RMSD x / y (px) / phi (images), orientation
 error against the simulator's truth (median / worst over images; see
-``dials_gapfill.compare.orientation_errors``) and the largest relative cell
+``dials_gapfill.simulation.compare.orientation_errors``) and the largest relative cell
 error.  Sweeps:
 
 - ``every10``: 90 x 0.5 deg, every 10th image missing (9 blocks of 9 images),
@@ -67,7 +67,7 @@ SWEEPS = {
 
 
 def simulated(workdir, name):
-    from dials_gapfill.simulate import SimulationConfig, simulate
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
     d = os.path.join(workdir, name)
     if not os.path.exists(os.path.join(d, "ground_truth.json")):
@@ -87,8 +87,7 @@ def _combine_rmsds(parts):
 
 
 def _errors(experiments, truth):
-    from dials_gapfill import compare
-
+    from dials_gapfill.simulation import compare
     oe = compare.orientation_errors(experiments, truth)
     cell = max(compare.cell_error(e.crystal, truth)["rel_error_max"] for e in experiments)
     return oe, cell
@@ -96,7 +95,6 @@ def _errors(experiments, truth):
 
 def run_pipeline(files, truth, label):
     from dials_gapfill import process_gapped
-
     t0 = time.time()
     model = "continuous" if label.startswith("gapless") else "per_block"
     result = process_gapped(files, ["nproc=2", f"refinement.blocks.model={model}"])
@@ -119,9 +117,10 @@ def run_pipeline(files, truth, label):
 
 def run_stages(files, truth, label):
     """Today's per-block model without integration: the pipeline's own indexing
-    and refinement stages (dials_gapfill.indexing.index, refinement.refine) on
+    and refinement stages (dials_gapfill.stages.indexing.index, refinement.refine) on
     the same DIALS-only harness (import, spots) as the continuous model."""
-    from dials_gapfill import compare, indexing, refinement
+    from dials_gapfill.simulation import compare
+    from dials_gapfill.stages import indexing, refinement
     from dials_gapfill.phil import params_from
 
     experiments = compare.import_blocks(files)
@@ -150,7 +149,8 @@ def run_stages(files, truth, label):
 def run_continuous(files, truth, label, gap_edge="xy", reindex_cycles=None, phil=()):
     from dials.array_family import flex
 
-    from dials_gapfill import compare, continuous
+    from dials_gapfill.simulation import compare
+    from dials_gapfill.crystal_model import continuous
     from dials_gapfill.phil import params_from
 
     t0 = time.time()
@@ -194,8 +194,7 @@ def _truth_lookup(truth, crystal):
     from cctbx import miller, sgtbx, uctbx
     from cctbx.array_family import flex as cflex
 
-    from dials_gapfill import compare
-
+    from dials_gapfill.simulation import compare
     A = np.array(crystal.get_A_at_scan_point(0) if crystal.num_scan_points else crystal.get_A()).reshape(3, 3)
     first = truth["image_range"][0]
     X = compare.basis_to_truth(A, compare.truth_A_mid(truth, first))
@@ -221,8 +220,9 @@ def partials(workdir):
     gap_partials=combine, hands on), CC with the truth (I/sigma > 3; summation
     intensities / partiality for rows with partiality >= 0.4, what the MTZ
     holds), and uncut reflections of the same resolution range."""
-    from dials_gapfill import integration, process_gapped
-    from dials_gapfill.simulate import SimulationConfig, simulate
+    from dials_gapfill import process_gapped
+    from dials_gapfill.stages import integration
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
     d = os.path.join(workdir, "partials")
     config = dict(n_images=60, osc_width=0.5, detector="pilatus300k", distance=150.0, seed=42)
@@ -258,7 +258,7 @@ def partials(workdir):
                 continue
             xs.append(I * scale)
             ys.append(t)
-        from dials_gapfill.compare import _pearson
+        from dials_gapfill.simulation.compare import _pearson
 
         return (_pearson(xs, ys) if len(xs) > 2 else float("nan")), len(xs)
 
@@ -287,7 +287,7 @@ def partials(workdir):
 def _cc_truth(experiments, reflections, truth, min_isigma=3.0):
     """CC of integrated intensities with the truth (profile-fitted where
     available, else summation / partiality; lp / qe applied), I/sigma > 3."""
-    from dials_gapfill.compare import _pearson
+    from dials_gapfill.simulation.compare import _pearson
 
     lookup = _truth_lookup(truth, experiments[0].crystal)
     r = reflections
@@ -329,7 +329,6 @@ def intensities(workdir, names, runs=tuple(INTENSITY_RUNS)):
     intensities with the truth, time; side by side.  `runs`: keys of
     INTENSITY_RUNS (gapless: the same sweep without its gaps)."""
     from dials_gapfill import process_gapped
-
     for name in names:
         folder, truth = simulated(workdir, name)
         omit = set(SWEEPS[name]["omit"])

@@ -38,7 +38,7 @@ class Result:
     experiments: Any  # dxtbx ExperimentList: one experiment per block
     reflections: Any  # integrated reflections
     summary: dict  # the content of dials.process_gapped.json
-    report: Any = None  # dials_gapfill.state.Report
+    report: Any = None  # dials_gapfill.model.state.Report
     scaled: Any = None  # (experiments, reflections) after scaling.run=True
     files: list = field(default_factory=list)  # paths written (write_files=True)
 
@@ -82,8 +82,8 @@ def process_gapped(images=None, params=None, experiments=None, write_files=False
     from dials_gapfill.errors import GapfillError, require_dials
 
     require_dials()
-    from dials_gapfill.importer import adopt_experiments
-    from dials_gapfill.output import Outputs
+    from dials_gapfill.stages.importer import adopt_experiments
+    from dials_gapfill.handlers.outputs import Outputs
     from dials_gapfill.phil import params_from
     from dials_gapfill.pipeline import Pipeline
     from dials_gapfill.report import write_reports

@@ -693,7 +693,7 @@ def integrate(ip, experiments, reference, params):
     from dials.array_family import flex
     from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
 
-    from dials_gapfill.tables import join_blocks
+    from dials_gapfill.model.tables import join_blocks
 
     s = session(params)
     k = frame_range_jobs(len(experiments), params.mp.njobs)

@@ -13,21 +13,22 @@ import copy
 import logging
 import time
 
-from dials_gapfill import continuous, sanity
-from dials_gapfill.bad_images import find_bad_images, whole_frame_faults
+from dials_gapfill.crystal_model import continuous
+from dials_gapfill.stages import sanity
+from dials_gapfill.stages.bad_images import find_bad_images, whole_frame_faults
 from dials_gapfill.errors import GapfillError
-from dials_gapfill.export import export
-from dials_gapfill.importer import drop_short_blocks, import_images, log_block_table
-from dials_gapfill.indexing import choose_bravais_lattice, index, poorly_indexed_error
-from dials_gapfill.integration import integrate
-from dials_gapfill.progress import stage_progress
-from dials_gapfill.refinement import refine
+from dials_gapfill.stages.export import export
+from dials_gapfill.stages.importer import drop_short_blocks, import_images, log_block_table
+from dials_gapfill.stages.indexing import choose_bravais_lattice, index, poorly_indexed_error
+from dials_gapfill.stages.integration import integrate
+from dials_gapfill.handlers.progress import stage_progress
+from dials_gapfill.stages.refinement import refine
 from dials_gapfill.report import finalise
-from dials_gapfill.scaling import scale
-from dials_gapfill.spotfinding import TooManyStrongPixels, find_spots, spot_counts_per_image
-from dials_gapfill.state import State
-from dials_gapfill.sweep import BAD
-from dials_gapfill.tables import join_blocks, keep_experiments
+from dials_gapfill.stages.scaling import scale
+from dials_gapfill.stages.spotfinding import TooManyStrongPixels, find_spots, spot_counts_per_image
+from dials_gapfill.model.state import State
+from dials_gapfill.model.sweep import BAD
+from dials_gapfill.model.tables import join_blocks, keep_experiments
 from dials_gapfill.util import range_text
 
 logger = logging.getLogger("dials.process_gapped")

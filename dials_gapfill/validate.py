@@ -186,7 +186,7 @@ def _check_gaps(params) -> None:
     if not values:
         return
     try:
-        from dials_gapfill.importer import parse_exclusions
+        from dials_gapfill.stages.importer import parse_exclusions
     except ImportError:  # (checked again at import)
         return
     parse_exclusions(values)
@@ -243,5 +243,4 @@ def _check_mp(params) -> None:
     if _get(params, "mp.method") in (None, "multiprocessing"):
         return
     from dials_gapfill import cluster
-
     cluster.check(params)

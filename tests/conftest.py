@@ -78,7 +78,7 @@ def process_ok(images, out, *phil):
 
 
 def _simulate(directory, **config):
-    from dials_gapfill.simulate import SimulationConfig, simulate
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
     simulate(SimulationConfig(**config), directory)
     return directory
@@ -101,7 +101,7 @@ class Sweeps:
         self._simulation = None
 
     def make(self, omit=(), bad=None, name="sweep"):
-        from dials_gapfill.simulate import Simulation, SimulationConfig
+        from dials_gapfill.simulation.simulate import Simulation, SimulationConfig
 
         key = (tuple(sorted(omit)), tuple(sorted((bad or {}).items())))
         if key in self._cache:

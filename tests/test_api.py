@@ -17,7 +17,6 @@ def _imported(folder):
 @pytest.mark.slow
 def test_api_from_images_writes_only_when_asked(tiny, tmp_path, monkeypatch):
     from dials_gapfill import process_gapped
-
     monkeypatch.chdir(tmp_path)
     result = process_gapped(tiny, ["nproc=2", "exclude_images=21:23"])
     assert os.listdir(tmp_path) == []  # nothing written
@@ -49,7 +48,6 @@ def test_api_from_imported_experiments(tiny_sweeps):
     """Start from an ExperimentList (e.g. what dials.import made): the same
     options as from images, exclude_images included."""
     from dials_gapfill import process_gapped
-
     gapped = tiny_sweeps.make(omit=(10, 11), name="api_gapped")
     experiments = _imported(gapped)
     assert len(experiments) == 2
@@ -116,7 +114,7 @@ def test_api_validates_parameters_first(tmp_path, monkeypatch):
 def test_api_refuses_a_folder_in_use(tiny, tmp_path):
     from dials_gapfill import process_gapped
     from dials_gapfill.errors import GapfillError
-    from dials_gapfill.output import Outputs
+    from dials_gapfill.handlers.outputs import Outputs
 
     out = tmp_path / "out"
     holder = Outputs(str(out))

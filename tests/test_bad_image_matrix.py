@@ -98,8 +98,8 @@ def test_bad_image_equals_exclusion_by_hand(sweeps, manual_runs, kind, position,
 
 @pytest.fixture(scope="module")
 def nexus_files(tmp_path_factory):
-    from dials_gapfill.nexus_writer import write_nxmx
-    from dials_gapfill.simulate import Simulation, SimulationConfig
+    from dials_gapfill.simulation.nexus_writer import write_nxmx
+    from dials_gapfill.simulation.simulate import Simulation, SimulationConfig
 
     sim = Simulation(SimulationConfig(**MATRIX))
     root = tmp_path_factory.mktemp("nexus_matrix")

@@ -52,7 +52,7 @@ def _check_failure(result, out, expected, code=1):
 
 
 def _write_cbf(directory, config, image, data):
-    from dials_gapfill.simulate import cbf_header_text, encode_minicbf
+    from dials_gapfill.simulation.simulate import cbf_header_text, encode_minicbf
 
     path = os.path.join(directory, config.filename(image))
     with open(path, "wb") as fh:
@@ -61,7 +61,7 @@ def _write_cbf(directory, config, image, data):
 
 def _tiny_variant(tiny, tmp_path, name, **changes):
     """A copy of the tiny sweep header geometry with other settings (few images)."""
-    from dials_gapfill.simulate import Simulation, SimulationConfig
+    from dials_gapfill.simulation.simulate import Simulation, SimulationConfig
 
     from conftest import TINY
 
@@ -123,7 +123,7 @@ def _case_all_blank(tiny, tmp_path):
 
 
 def _case_mixed_detectors(tiny, tmp_path):
-    from dials_gapfill.simulate import SimulationConfig, simulate
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
     d = tmp_path / "mixed"
     simulate(SimulationConfig(n_images=3, detector="pilatus300k", seed=1), str(d))
@@ -132,7 +132,7 @@ def _case_mixed_detectors(tiny, tmp_path):
 
 
 def _case_mixed_wavelengths(tiny, tmp_path):
-    from dials_gapfill.simulate import SimulationConfig, simulate
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
     d = tmp_path / "mixed"
     simulate(SimulationConfig(n_images=3, detector="pilatus300k", seed=1), str(d))
@@ -217,7 +217,7 @@ def _case_output_folder_is_a_file(tiny, tmp_path):
 
 def _case_indexing_impossible(tiny, tmp_path):
     """Strong spots everywhere, but at random positions: no lattice."""
-    from dials_gapfill.simulate import Simulation, SimulationConfig
+    from dials_gapfill.simulation.simulate import Simulation, SimulationConfig
 
     from conftest import TINY
 
@@ -402,7 +402,7 @@ def test_failed_run_keeps_the_previous_log(tmp_path):
 def test_output_folder_in_use_is_refused(tiny, tmp_path):
     """While a run holds the output folder (here: this test process, through
     the same lock), a second run into it refuses with one line."""
-    from dials_gapfill.output import Outputs
+    from dials_gapfill.handlers.outputs import Outputs
 
     out = str(tmp_path / "out")
     _seed_old_results(out)

@@ -71,7 +71,7 @@ def test_known_symmetry_phil(tiny, tmp_path, truth_tiny):
     out = str(tmp_path / "out")
     result = process(tiny, out, os.path.join(PHIL, "known_symmetry.phil"))
     assert result.returncode == 0, result.stderr + result.stdout[-2000:]
-    from dials_gapfill.compare import load
+    from dials_gapfill.simulation.compare import load
 
     experiments, _ = load(out)
     for e in experiments:

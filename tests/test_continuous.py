@@ -1,4 +1,4 @@
-"""ONE continuous crystal model across the gaps (dials_gapfill.continuous), on
+"""ONE continuous crystal model across the gaps (dials_gapfill.crystal_model.continuous), on
 real DIALS runs against the simulator's truth.  The harness is DIALS only
 (dxtbx import, shared models, from_observations), not the pipeline."""
 
@@ -22,7 +22,8 @@ def _files(folder):
 
 
 def _run(folder, truth_folder, phil=(), **refine_kw):
-    from dials_gapfill import compare, continuous
+    from dials_gapfill.simulation import compare
+    from dials_gapfill.crystal_model import continuous
     from dials_gapfill.phil import params_from
 
     files = _files(folder)
@@ -76,7 +77,7 @@ def test_blocks_keep_their_images_and_share_one_crystal_after_indexing(every_8th
 
 
 def test_gap_edge_spots_touch_a_gap_and_not_the_sweep_ends(every_8th):
-    from dials_gapfill.continuous import gap_edge_spots
+    from dials_gapfill.crystal_model.continuous import gap_edge_spots
 
     table, blocks = every_8th["spots"], every_8th["experiments"]
     edge = gap_edge_spots(blocks, table)
@@ -136,8 +137,7 @@ def test_one_crystal_sliced_onto_the_blocks(every_8th):
 
 
 def test_orientation_and_cell_against_truth(every_8th, gapless):
-    from dials_gapfill import compare
-
+    from dials_gapfill.simulation import compare
     truth = every_8th["truth"]
     gapped = compare.orientation_errors(every_8th["refined_blocks"], truth)
     full = compare.orientation_errors(gapless["refined_blocks"], truth)
@@ -164,8 +164,7 @@ def test_orientation_error_metric_is_zero_for_the_truth(tiny):
     from dxtbx.model import Crystal
     from dxtbx.model.experiment_list import ExperimentList
 
-    from dials_gapfill import compare
-
+    from dials_gapfill.simulation import compare
     files = _files(tiny)
     with open(os.path.join(tiny, "ground_truth.json")) as fh:
         truth = json.load(fh)
@@ -196,8 +195,7 @@ def test_orientation_error_metric_is_zero_for_the_truth(tiny):
 
 def test_tiny_blocks_of_one_to_three_images(tiny_sweeps, tiny):
     """Blocks of 1, 2 and 3 images inside the continuous model just work."""
-    from dials_gapfill import compare
-
+    from dials_gapfill.simulation import compare
     omit = [5, 7, 10, 14, 18, 19, 20]  # blocks 1-4, 6, 8-9, 11-13, 15-17, 21-40
     run = _run(tiny_sweeps.make(omit=omit, name="tiny_blocks"), tiny)
     blocks = run["refined_blocks"]
@@ -222,8 +220,7 @@ def test_a_30_degree_gap_is_not_singular(tmp_path_factory):
     """60 x 1 deg with images 16-45 missing, smoother checkpoints every 10 deg:
     two or three checkpoints inside the gap have no data; refinement must still
     converge and be right (and the cell esds come from the static job)."""
-    from dials_gapfill import compare
-
+    from dials_gapfill.simulation import compare
     sweeps = Sweeps(dict(TINY, n_images=60), tmp_path_factory)
     run = _run(
         sweeps.make(omit=range(16, 46), name="gap30"), sweeps.complete,

@@ -45,7 +45,7 @@ def per_block(sim_gapped, tmp_path_factory):
 
 
 def test_same_science_as_the_cli_chain(cli_chain, per_block):
-    from dials_gapfill.compare import compare, load
+    from dials_gapfill.simulation.compare import compare, load
 
     cli = load(cli_chain)
     ours = load(per_block)
@@ -69,7 +69,7 @@ def test_continuous_model_against_the_cli_chain(cli_chain, processed):
     over the whole rotation instead of one per block): its cell and
     orientations are checked against the truth in test_pipeline.py; against
     the CLI chain the same reflections are integrated and measured alike."""
-    from dials_gapfill.compare import compare, load
+    from dials_gapfill.simulation.compare import compare, load
 
     result = compare(*load(cli_chain), *load(processed["dir"]))
     assert result["blocks_a"] == result["blocks_b"]

@@ -25,7 +25,7 @@ def every_6th(tiny_sweeps):
 
 @pytest.fixture(scope="module")
 def separate(every_6th, tmp_path_factory):
-    from dials_gapfill.compare import load
+    from dials_gapfill.simulation.compare import load
 
     out = str(tmp_path_factory.mktemp("gap_partials_separate"))
     process_ok(every_6th, out, "integration.gap_partials=separate")
@@ -34,7 +34,7 @@ def separate(every_6th, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def combined(every_6th, tmp_path_factory):
-    from dials_gapfill.compare import load
+    from dials_gapfill.simulation.compare import load
 
     out = str(tmp_path_factory.mktemp("gap_partials"))
     process_ok(every_6th, out)
@@ -49,7 +49,7 @@ def _key(table, i):
 
 
 def test_each_gap_spanning_reflection_becomes_one_row(separate, combined):
-    from dials_gapfill.integration import gap_partial_pairs
+    from dials_gapfill.stages.integration import gap_partial_pairs
 
     s_expts, s_refl = separate
     c_expts, c_refl, summary, _ = combined
@@ -101,7 +101,7 @@ def test_measured_once_agrees_with_the_truth_as_uncut_reflections_do(separate, c
     0.75 each part alone.)"""
     from dials.array_family import flex
 
-    from dials_gapfill.integration import gap_partial_pairs
+    from dials_gapfill.stages.integration import gap_partial_pairs
 
     c_expts, c_refl, _, _ = combined
     s_expts, s_refl = separate

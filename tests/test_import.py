@@ -10,9 +10,9 @@ from conftest import GAPS, SNASE_GEOMETRY, run_cmd, tool
 
 
 def _import(*args, positional=()):
-    from dials_gapfill.importer import import_images
+    from dials_gapfill.stages.importer import import_images
     from dials_gapfill.phil import working_params
-    from dials_gapfill.state import Report
+    from dials_gapfill.model.state import Report
 
     report = Report()
     sweep = import_images(working_params("\n".join(args)), list(positional), report)
@@ -109,7 +109,7 @@ def test_reference_geometry(snase, snase_gapped):
 @pytest.fixture
 def small_sweep(tmp_path_factory):
     """Ten tiny images (Pilatus 300K)."""
-    from dials_gapfill.simulate import SimulationConfig, simulate
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
     d = tmp_path_factory.mktemp("tiny")
     simulate(SimulationConfig(n_images=10, detector="pilatus300k", seed=3), str(d))
@@ -143,9 +143,9 @@ def test_mixed_goniometers_are_refused(sim_gapped):
     from dxtbx.model.experiment_list import ExperimentListFactory
 
     from dials_gapfill.errors import GapfillError
-    from dials_gapfill.importer import adopt_experiments
+    from dials_gapfill.stages.importer import adopt_experiments
     from dials_gapfill.phil import working_params
-    from dials_gapfill.state import Report
+    from dials_gapfill.model.state import Report
 
     experiments = ExperimentListFactory.from_filenames(sorted(glob.glob(os.path.join(sim_gapped, "*.cbf"))))
     assert len(experiments) == 3

@@ -1,4 +1,4 @@
-"""The lattice search, cheap first (dials_gapfill.lattice): DIALS' indexer on
+"""The lattice search, cheap first (dials_gapfill.crystal_model.lattice): DIALS' indexer on
 its first 5 candidate lattices, all 50 only when those index too few spots.
 
 Real DIALS runs of the indexing stage of both crystal models on the tiny
@@ -21,8 +21,7 @@ def _files(folder):
 
 @pytest.fixture(scope="module")
 def blocks_and_spots(tiny_sweeps):
-    from dials_gapfill import compare
-
+    from dials_gapfill.simulation import compare
     experiments = compare.import_blocks(_files(tiny_sweeps.make(omit=GAP, name="gap21")))
     return experiments, compare.strong_spots(experiments, nproc=2)
 
@@ -30,7 +29,8 @@ def blocks_and_spots(tiny_sweeps):
 def _index(model, experiments, spots, *phil):
     import copy
 
-    from dials_gapfill import continuous, indexing
+    from dials_gapfill.crystal_model import continuous
+    from dials_gapfill.stages import indexing
     from dials_gapfill.phil import params_from
 
     params = params_from(["nproc=2", f"refinement.blocks.model={model}", *phil])

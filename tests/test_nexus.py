@@ -17,14 +17,14 @@ TINY = dict(n_images=12, osc_width=0.5, detector="pilatus300k", seed=11)
 
 @pytest.fixture(scope="module")
 def simulation():
-    from dials_gapfill.simulate import Simulation, SimulationConfig
+    from dials_gapfill.simulation.simulate import Simulation, SimulationConfig
 
     return Simulation(SimulationConfig(**TINY))
 
 
 @pytest.fixture(scope="module")
 def cbf_sweep(tmp_path_factory):
-    from dials_gapfill.simulate import SimulationConfig, simulate
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
     d = str(tmp_path_factory.mktemp("tiny_cbf"))
     truth = simulate(SimulationConfig(**TINY), d)
@@ -33,8 +33,8 @@ def cbf_sweep(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def nexus_sweep(tmp_path_factory):
-    from dials_gapfill.nexus_writer import simulate_nexus
-    from dials_gapfill.simulate import SimulationConfig
+    from dials_gapfill.simulation.nexus_writer import simulate_nexus
+    from dials_gapfill.simulation.simulate import SimulationConfig
 
     d = str(tmp_path_factory.mktemp("tiny_nexus"))
     truth = simulate_nexus(SimulationConfig(**TINY), d)
@@ -52,9 +52,9 @@ def _pixels(imageset, index):
 
 
 def _import(path, *phil):
-    from dials_gapfill.importer import import_images
+    from dials_gapfill.stages.importer import import_images
     from dials_gapfill.phil import working_params
-    from dials_gapfill.state import Report
+    from dials_gapfill.model.state import Report
 
     report = Report()
     sweep = import_images(working_params("\n".join(phil)), [path], report)
@@ -139,7 +139,7 @@ def test_dxtbx_reads_one_sequence_with_the_cbf_geometry_and_pixels(nexus_sweep, 
 def test_the_file_is_nxmx_and_deterministic(simulation, nexus_sweep, tmp_path):
     import h5py
 
-    from dials_gapfill.nexus_writer import write_nxmx
+    from dials_gapfill.simulation.nexus_writer import write_nxmx
 
     path, _ = nexus_sweep
     again = str(tmp_path / "again.h5")
@@ -159,7 +159,7 @@ def test_the_file_is_nxmx_and_deterministic(simulation, nexus_sweep, tmp_path):
 
 
 def test_a_contiguous_part_of_the_sweep(simulation, tmp_path):
-    from dials_gapfill.nexus_writer import write_nxmx
+    from dials_gapfill.simulation.nexus_writer import write_nxmx
 
     path = str(tmp_path / "part.h5")
     assert write_nxmx(simulation, path, images=[7, 5, 6]) == [5, 6, 7]
@@ -184,8 +184,8 @@ def test_a_contiguous_part_of_the_sweep(simulation, tmp_path):
 
 
 def test_bad_image_modes(tmp_path):
-    from dials_gapfill.nexus_writer import write_nxmx
-    from dials_gapfill.simulate import Simulation, SimulationConfig
+    from dials_gapfill.simulation.nexus_writer import write_nxmx
+    from dials_gapfill.simulation.simulate import Simulation, SimulationConfig
 
     sim = Simulation(SimulationConfig(**dict(TINY, n_images=3, bad_images={2: "zero"})))
     path = str(tmp_path / "bad.h5")

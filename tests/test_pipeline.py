@@ -45,7 +45,7 @@ def integrated(processed):
 @pytest.fixture(scope="module")
 def simulation(truth):
     """The simulator that made the sweep: its predicted reflections are the truth."""
-    from dials_gapfill.simulate import Simulation, SimulationConfig
+    from dials_gapfill.simulation.simulate import Simulation, SimulationConfig
 
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in truth["config"].items()}
     return Simulation(SimulationConfig(**config))

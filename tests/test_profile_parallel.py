@@ -36,7 +36,7 @@ def refined(tiny_sweeps):
 
 
 def _integrate(state, parallel, profile_model, caplog, monkeypatch):
-    from dials_gapfill import integration
+    from dials_gapfill.stages import integration
     from dials_gapfill.phil import params_from
 
     params = params_from(

@@ -231,7 +231,7 @@ def test_ctrl_c_clears_the_bar(short_sweep, tmp_path):
 
 def test_stage_ends_its_thread_on_error(tmp_path):
     """An error inside a stage: the timer thread stops, no line comes after."""
-    from dials_gapfill.progress import Progress
+    from dials_gapfill.handlers.progress import Progress
 
     r, w = os.pipe()
     progress = Progress("lines", interval=0.1, fd=w)
@@ -254,7 +254,7 @@ def test_stage_ends_its_thread_on_error(tmp_path):
 def test_the_modes_from_the_parameters():
     """output.progress: auto is lines on a pipe; none (which PHIL makes None) is off."""
     from dials_gapfill.phil import params_from
-    from dials_gapfill.progress import Progress
+    from dials_gapfill.handlers.progress import Progress
 
     r, w = os.pipe()
     try:

@@ -58,7 +58,7 @@ def test_bad_images_are_found_and_listed(auto_and_manual):
 
 
 def test_auto_exclusion_equals_exclusion_by_hand(auto_and_manual):
-    from dials_gapfill.compare import compare, load
+    from dials_gapfill.simulation.compare import compare, load
 
     auto, manual, _ = auto_and_manual
     result = compare(*load(manual), *load(auto))
@@ -133,7 +133,7 @@ def test_a_block_that_cannot_be_indexed_is_dropped(tiny, tmp_path):
     that block does not index with the crystal of the others and is dropped."""
     import dataclasses
 
-    from dials_gapfill.simulate import Simulation, SimulationConfig, cbf_header_text, encode_minicbf
+    from dials_gapfill.simulation.simulate import Simulation, SimulationConfig, cbf_header_text, encode_minicbf
 
     from conftest import TINY
 

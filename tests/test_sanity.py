@@ -1,4 +1,4 @@
-"""Data sanity warnings (dials_gapfill.sanity) on real DIALS outputs.
+"""Data sanity warnings (dials_gapfill.stages.sanity) on real DIALS outputs.
 
 SNase (../shared/data/snase: stepped stills, 16-bit overloads that wrapped, a
 dewarped image whose outside reads 0) must give the warnings; the simulator's
@@ -14,9 +14,7 @@ import pytest
 
 from conftest import NPROC, SNASE_GEOMETRY, process, run_cmd, tool
 
-from dials_gapfill import sanity
-
-
+from dials_gapfill.stages import sanity
 def _import_and_find_spots(images, directory, *geometry):
     """dials.import + dials.find_spots (the DIALS programs); (experiments, strong spots)."""
     from dials.array_family import flex

@@ -21,7 +21,7 @@ WEAK = dict(n_images=40, osc_width=1.0, detector="pilatus300k", distance=150.0, 
 
 @pytest.fixture(scope="module")
 def weak(tmp_path_factory):
-    from dials_gapfill.simulate import SimulationConfig, simulate
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
     directory = str(tmp_path_factory.mktemp("weak"))
     simulate(SimulationConfig(**WEAK), directory)
@@ -62,9 +62,9 @@ def _scale_in_process(directory, out, params):
     from dials.array_family import flex
     from dxtbx.model.experiment_list import ExperimentListFactory
 
-    from dials_gapfill.output import Outputs
-    from dials_gapfill.scaling import scale
-    from dials_gapfill.state import Report
+    from dials_gapfill.handlers.outputs import Outputs
+    from dials_gapfill.stages.scaling import scale
+    from dials_gapfill.model.state import Report
 
     experiments = ExperimentListFactory.from_json_file(os.path.join(directory, "integrated.expt"), check_format=False)
     reflections = flex.reflection_table.from_file(os.path.join(directory, "integrated.refl"))
@@ -146,7 +146,7 @@ def test_completeness_criterion_and_no_cut(weak_scaled, tmp_path):
 def test_undefined_statistics_without_repeated_observations():
     from types import SimpleNamespace
 
-    from dials_gapfill.scaling import merging_summary
+    from dials_gapfill.stages.scaling import merging_summary
 
     def shell(d_min, n_obs, n_uniq, cc):
         return SimpleNamespace(

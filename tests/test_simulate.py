@@ -24,7 +24,7 @@ SMALL = dict(n_images=6, detector="pilatus300k", seed=5)
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    from dials_gapfill.simulate import SimulationConfig, simulate
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
     d = str(tmp_path_factory.mktemp("small"))
     simulate(SimulationConfig(**SMALL), d)
@@ -69,7 +69,7 @@ def test_ground_truth_content(truth):
 
 
 def test_same_seed_gives_identical_files(small, tmp_path):
-    from dials_gapfill.simulate import SimulationConfig, simulate
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
     simulate(SimulationConfig(**SMALL), str(tmp_path))
     assert _hashes(str(tmp_path)) == _hashes(small)
@@ -77,7 +77,7 @@ def test_same_seed_gives_identical_files(small, tmp_path):
 
 
 def test_omitting_images_does_not_change_the_others(small, tmp_path):
-    from dials_gapfill.simulate import SimulationConfig, simulate
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
     simulate(SimulationConfig(omit=(2, 3), **SMALL), str(tmp_path))
     full, gapped = _hashes(small), _hashes(str(tmp_path))
@@ -89,7 +89,7 @@ def test_omitting_images_does_not_change_the_others(small, tmp_path):
 
 
 def test_another_seed_gives_other_images(small, tmp_path):
-    from dials_gapfill.simulate import SimulationConfig, simulate
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
     simulate(SimulationConfig(**{**SMALL, "seed": 6}), str(tmp_path))
     assert set(_hashes(str(tmp_path)).values()).isdisjoint(_hashes(small).values())
@@ -98,7 +98,7 @@ def test_another_seed_gives_other_images(small, tmp_path):
 def test_bad_image_modes(tmp_path):
     from dxtbx.model.experiment_list import ExperimentListFactory
 
-    from dials_gapfill.simulate import SimulationConfig, simulate
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
     bad = {2: "blank", 3: "zero", 4: "overexposed", 5: "truncated", 6: "garbage"}
     simulate(SimulationConfig(bad_images=bad, **SMALL), str(tmp_path))
@@ -116,7 +116,7 @@ def test_bad_image_modes(tmp_path):
     assert 0.5 < blank[active].mean() / normal[active].mean() < 1.0
     assert over[active].mean() > 100 * normal[active].mean()
     # truncated: a CBF header promising more bytes than the file has
-    from dials_gapfill.importer import truncated_reason
+    from dials_gapfill.stages.importer import truncated_reason
 
     assert truncated_reason(path(5)).startswith("unreadable: truncated file")
     assert truncated_reason(path(1)) is None
@@ -145,7 +145,7 @@ def test_accelerating_drift_in_orientations_and_truth(tmp_path):
     """U(phi) = R(axis, drift*phi + acceleration*phi^2) U(0), recorded in ground_truth.json."""
     import numpy as np
 
-    from dials_gapfill.simulate import SimulationConfig, simulate
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
     config = dict(n_images=3, osc_width=2.0, detector="pilatus300k", seed=5,
                   unit_cell=(57, 57, 150, 90, 90, 90), space_group="P 41 21 2",
@@ -165,7 +165,7 @@ def test_first_image_number_does_not_move_the_spots(tmp_path):
     import numpy as np
     from dxtbx.model.experiment_list import ExperimentListFactory
 
-    from dials_gapfill.simulate import Simulation, SimulationConfig
+    from dials_gapfill.simulation.simulate import Simulation, SimulationConfig
 
     a = Simulation(SimulationConfig(**SMALL))
     b = Simulation(SimulationConfig(first_image=1001, **SMALL))

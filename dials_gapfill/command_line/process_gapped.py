@@ -215,7 +215,7 @@ def _leave(interrupt, outputs, logging_ready):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:  # the progress bar off the terminal before the message
-        from dials_gapfill.progress import abort
+        from dials_gapfill.handlers.progress import abort
 
         abort()
     except Exception:
@@ -356,7 +356,7 @@ def run(args=None, phil=None):
         import dials.util.log
         from dials.util.version import dials_version
 
-        from dials_gapfill.output import Outputs
+        from dials_gapfill.handlers.outputs import Outputs
         from dials_gapfill.phil import master_phil
         from dials_gapfill.pipeline import Pipeline
         from dials_gapfill.report import write_reports
@@ -391,13 +391,12 @@ def run(args=None, phil=None):
             warnings.filterwarnings("ignore", category=category)
         logger.info(dials_version())
         from dials_gapfill import __version__
-
         logger.info("dials-gapfill %s", __version__)
         if diff_phil:
             logger.info("The following parameters have been modified:\n")
             logger.info(diff_phil)
 
-        from dials_gapfill.progress import Progress
+        from dials_gapfill.handlers.progress import Progress
 
         progress = Progress(params.output.progress, params.output.progress_interval)
         pipeline = Pipeline(params, images, outputs=outputs, progress=progress)

@@ -100,7 +100,7 @@ output {
 
 
 def _parse_ranges(values):
-    from dials_gapfill.importer import parse_exclusions
+    from dials_gapfill.stages.importer import parse_exclusions
 
     out = []
     for first, last in parse_exclusions(values):
@@ -120,7 +120,7 @@ def _parse_bad(values):
 
 
 def config_from_params(params):
-    from dials_gapfill.simulate import SimulationConfig
+    from dials_gapfill.simulation.simulate import SimulationConfig
 
     return SimulationConfig(
         n_images=params.n_images,
@@ -153,7 +153,7 @@ def run(args=None):
 
         from dials.util.options import ArgumentParser
 
-        from dials_gapfill.simulate import simulate
+        from dials_gapfill.simulation.simulate import simulate
 
         parser = ArgumentParser(
             usage=f"{PROGRAM} [options] [param.phil]",
@@ -166,7 +166,7 @@ def run(args=None):
         except (ValueError, KeyError) as e:
             raise GapfillError(str(e)) from None
         if params.format == "nexus":
-            from dials_gapfill.nexus_writer import FILE_MODES, simulate_nexus
+            from dials_gapfill.simulation.nexus_writer import FILE_MODES, simulate_nexus
 
             if config.omit:
                 raise GapfillError(

@@ -17,7 +17,7 @@ from scitbx import matrix
 from dials_gapfill import __version__
 from dials_gapfill.phil import master_phil
 from dials_gapfill.report.html import html_report
-from dials_gapfill.tables import mean_cell
+from dials_gapfill.model.tables import mean_cell
 
 logger = logging.getLogger("dials.process_gapped.report")
 

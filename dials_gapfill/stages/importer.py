@@ -34,8 +34,8 @@ from dxtbx.sequence_filenames import template_regex
 
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.phil import dials_import_params
-from dials_gapfill.sweep import BAD, EXCLUDED, NOT_GIVEN, Sweep
-from dials_gapfill.tables import image_numbers
+from dials_gapfill.model.sweep import BAD, EXCLUDED, NOT_GIVEN, Sweep
+from dials_gapfill.model.tables import image_numbers
 from dials_gapfill.util import captured, range_text
 
 logger = logging.getLogger("dials.process_gapped.import")

@@ -12,8 +12,8 @@ from dials.array_family import flex
 from dials_gapfill import cluster
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.phil import dials_spotfinder_params
-from dials_gapfill.sweep import canonical_order
-from dials_gapfill.tables import image_numbers_of_z
+from dials_gapfill.model.sweep import canonical_order
+from dials_gapfill.model.tables import image_numbers_of_z
 from dials_gapfill.util import captured
 
 logger = logging.getLogger("dials.process_gapped.spotfinding")

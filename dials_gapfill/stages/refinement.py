@@ -40,8 +40,8 @@ from dials.command_line.refine import run_macrocycle
 
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.phil import dials_refine_params
-from dials_gapfill.state import Record
-from dials_gapfill.tables import join_blocks, keep_experiments, rmsds
+from dials_gapfill.model.state import Record
+from dials_gapfill.model.tables import join_blocks, keep_experiments, rmsds
 
 logger = logging.getLogger("dials.process_gapped.refinement")
 

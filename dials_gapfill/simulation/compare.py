@@ -62,7 +62,7 @@ def _pearson(x, y):
 
 def compare(experiments_a, reflections_a, experiments_b, reflections_b, min_isigma=3.0) -> dict:
     """Numbers comparing run b with run a (a is the reference)."""
-    from dials_gapfill.tables import mean_cell
+    from dials_gapfill.model.tables import mean_cell
 
     blocks_a = {e.scan.get_image_range(): i for i, e in enumerate(experiments_a)}
     blocks_b = {e.scan.get_image_range(): i for i, e in enumerate(experiments_b)}

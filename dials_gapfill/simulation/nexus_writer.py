@@ -1,7 +1,7 @@
 """Write a simulated sweep as one NeXus NXmx HDF5 file that dxtbx reads.
 
 The file holds the same sweep as the miniCBF files of
-:mod:`dials_gapfill.simulate`: the geometry is taken from the dxtbx models the
+:mod:`dials_gapfill.simulation.simulate`: the geometry is taken from the dxtbx models the
 simulation itself uses (the ones dxtbx builds from the CBF headers), converted
 from dxtbx' imgCIF frame to the McStas frame of NeXus, and the pixels are
 ``Simulation.render`` of each image, bit for bit.  dxtbx (``FormatNXmx``)
@@ -156,7 +156,7 @@ def _write(fh, simulation, images, compression) -> None:
     first = config.first_image
 
     fh.attrs["default"] = "entry"
-    fh.attrs["creator"] = "dials_gapfill.nexus_writer"
+    fh.attrs["creator"] = "dials_gapfill.simulation.nexus_writer"
     entry = _group(fh, "entry", "NXentry")
     entry.attrs["default"] = "data"
     _text(entry, "definition", "NXmx")
@@ -302,7 +302,7 @@ def simulate_nexus(config, directory: str) -> dict:
     with ``files`` = [the master file], ``format_class`` = the dxtbx class that
     reads it and ``image_numbers_in_file`` = [1, n]) into `directory`.
     """
-    from dials_gapfill.simulate import Simulation
+    from dials_gapfill.simulation.simulate import Simulation
 
     os.makedirs(directory, exist_ok=True)
     sim = Simulation(config)

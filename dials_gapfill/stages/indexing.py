@@ -41,7 +41,7 @@ from dxtbx.model import Experiment
 from dxtbx.model.experiment_list import ExperimentList
 
 from dials_gapfill.errors import GapfillError, indexing_failure
-from dials_gapfill.lattice import staged_search
+from dials_gapfill.crystal_model.lattice import staged_search
 from dials_gapfill.phil import _refinement, defaults, dials_index_params, resolve_nproc
 
 logger = logging.getLogger("dials.process_gapped.indexing")

@@ -31,8 +31,8 @@ from libtbx import easy_mp
 from dials_gapfill import cluster
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.phil import dials_integrate_params
-from dials_gapfill.state import Record
-from dials_gapfill.tables import join_blocks, keep_experiments
+from dials_gapfill.model.state import Record
+from dials_gapfill.model.tables import join_blocks, keep_experiments
 
 logger = logging.getLogger("dials.process_gapped.integration")
 

@@ -109,9 +109,9 @@ class State:
 
     params: Any
     images: list = field(default_factory=list)  # command-line image arguments
-    sweep: Any = None  # dials_gapfill.sweep.Sweep: images, blocks, exclusions
+    sweep: Any = None  # dials_gapfill.model.sweep.Sweep: images, blocks, exclusions
     experiments: Any = None  # dxtbx ExperimentList, one experiment per block
     reflections: Any = None  # the current dials reflection table
     report: Report = field(default_factory=Report)
     scaled: Any = None  # (experiments, reflections) after optional scaling
-    outputs: Any = None  # dials_gapfill.output.Outputs, or None: write nothing
+    outputs: Any = None  # dials_gapfill.handlers.outputs.Outputs, or None: write nothing

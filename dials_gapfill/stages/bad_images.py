@@ -17,7 +17,7 @@ import statistics
 from dials.array_family import flex
 from dials.util.detect_blanks import blank_counts_analysis
 
-from dials_gapfill.tables import image_numbers_of_z
+from dials_gapfill.model.tables import image_numbers_of_z
 
 logger = logging.getLogger("dials.process_gapped.bad_images")
 

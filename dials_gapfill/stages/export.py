@@ -24,7 +24,7 @@ from dxtbx.model.experiment_list import ExperimentList
 
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.phil import defaults
-from dials_gapfill.tables import keep_experiments
+from dials_gapfill.model.tables import keep_experiments
 
 logger = logging.getLogger("dials.process_gapped.export")
 

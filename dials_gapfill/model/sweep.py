@@ -22,7 +22,7 @@ from dxtbx.model.experiment_list import Experiment, ExperimentList
 from dials.array_family import flex
 
 from dials_gapfill.errors import GapfillError
-from dials_gapfill.tables import join_blocks
+from dials_gapfill.model.tables import join_blocks
 from dials_gapfill.util import runs
 
 logger = logging.getLogger("dials.process_gapped.sweep")

@@ -64,7 +64,7 @@ from scipy.spatial import cKDTree
 from scitbx.array_family import flex as sflex
 
 from dials_gapfill.errors import GapfillError, indexing_failure
-from dials_gapfill.lattice import staged_search
+from dials_gapfill.crystal_model.lattice import staged_search
 from dials_gapfill.phil import dials_index_params, dials_refine_params
 
 logger = logging.getLogger("dials.process_gapped.continuous")
