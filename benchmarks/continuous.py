@@ -117,20 +117,21 @@ def run_pipeline(files, truth, label):
 
 def run_stages(files, truth, label):
     """Today's per-block model without integration: the pipeline's own indexing
-    and refinement stages (dials_gapfill.stages.indexing.index, refinement.refine) on
+    and refinement (dials_gapfill.crystal_model.PerBlockModel: index, refine) on
     the same DIALS-only harness (import, spots) as the continuous model."""
     from dials_gapfill.simulation import compare
-    from dials_gapfill.stages import indexing, refinement
+    from dials_gapfill.crystal_model import PerBlockModel
     from dials_gapfill.phil import params_from
 
     experiments = compare.import_blocks(files)
     spots = compare.strong_spots(experiments, nproc=2)
     t0 = time.time()
     params = params_from(["nproc=2", "refinement.blocks.model=per_block"])
-    experiments, indexed = indexing.index(experiments, spots, params)[:2]
+    model = PerBlockModel(params)
+    experiments, indexed, _ = model.index(experiments, spots)
     ok = indexed.get_flags(indexed.flags.indexed) & (indexed["id"] >= 0)
     fraction = ok.count(True) / len(spots)
-    experiments, refined, record = refinement.refine(experiments, indexed, params)
+    experiments, refined, record = model.refine(experiments, indexed)
     seconds = time.time() - t0
     parts = []
     for exp in experiments:
@@ -150,7 +151,7 @@ def run_continuous(files, truth, label, gap_edge="xy", reindex_cycles=None, phil
     from dials.array_family import flex
 
     from dials_gapfill.simulation import compare
-    from dials_gapfill.crystal_model import continuous
+    from dials_gapfill.crystal_model import ContinuousModel
     from dials_gapfill.phil import params_from
 
     t0 = time.time()
@@ -158,13 +159,12 @@ def run_continuous(files, truth, label, gap_edge="xy", reindex_cycles=None, phil
     spots = compare.strong_spots(experiments, nproc=2)
     t1 = time.time()
     params = params_from(["nproc=2", *phil])
-    blocks, indexed = continuous.index(experiments, spots, params)
+    model = ContinuousModel(params, gap_edge=gap_edge, reindex_cycles=reindex_cycles)
+    blocks, indexed, _ = model.index(experiments, spots)
     n_edge = indexed["gap_edge"].count(True)
     ok = indexed.get_flags(indexed.flags.indexed) & (indexed["id"] >= 0)
     edge_indexed = (ok & indexed["gap_edge"]).count(True)
-    blocks, refined, record = continuous.refine(
-        blocks, indexed, params, gap_edge=gap_edge, reindex_cycles=reindex_cycles
-    )
+    blocks, refined, record = model.refine(blocks, indexed)
     seconds = time.time() - t1
     ok = refined.get_flags(refined.flags.indexed) & (refined["id"] >= 0)
     used = refined.get_flags(refined.flags.used_in_refinement) & ~refined["gap_edge"]
@@ -181,7 +181,7 @@ def run_continuous(files, truth, label, gap_edge="xy", reindex_cycles=None, phil
         label=label, blocks=len(blocks), spots=len(spots), indexed=ok.count(True) / len(spots),
         rmsd=rmsd, median=oe["median"], worst=oe["worst"], cell=cell, seconds=seconds,
         note=f"gap-edge spots {n_edge}, indexed {edge_indexed / max(1, n_edge):.1%}; "
-        f"cell esd {['%.3g' % v for v in (record['crystal']['unit_cell_esd'] or [])[:3]]}; "
+        f"cell esd {['%.3g' % v for v in (record.crystal['cell_esd'] or [])[:3]]}; "
         f"spot finding {t1 - t0:.0f} s",
         errors_deg=oe["errors_deg"], images=oe["images"],
     )

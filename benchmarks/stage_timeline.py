@@ -32,7 +32,7 @@ def main(argv=None):
     from dials_gapfill import pipeline
     from dials_gapfill.phil import params_from
 
-    names = [name for name, _, _ in pipeline.STAGES]
+    names = [stage.name for stage in pipeline.STAGES]
     if args.stage not in names:
         p.error(f"--stage must be one of: {', '.join(names)}")
     images = [a for a in args.args if "=" not in a]
@@ -60,7 +60,7 @@ def main(argv=None):
     top = logging.getLogger("dials")
     top.setLevel(logging.INFO)
     top.addHandler(Stamp())
-    stage = dict((name, fn) for name, fn, _ in pipeline.STAGES)[args.stage]
+    stage = {stage.name: stage.run for stage in pipeline.STAGES}[args.stage]
     clock["t0"] = time.perf_counter()
     stage(state)
     total = time.perf_counter() - clock["t0"]

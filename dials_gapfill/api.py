@@ -1,4 +1,4 @@
-"""The Python API: process a gapped sweep in the calling process (xia2-style).
+"""The library call that runs a whole job: dials.process_gapped in this process.
 
     from dials_gapfill import process_gapped
     result = process_gapped(["/data/x_*.cbf"], "exclude_images=41:45 nproc=4")
@@ -13,18 +13,31 @@ with one line on the experiments path, as they belong to the import that made
 the experiments.  Every parameter is validated before any work
 (``dials_gapfill.validate``).
 
-Nothing is written unless ``write_files=True`` (then exactly what the command
-writes, in ``output.directory``, with the same temporary-name-and-rename rule
-and the same lock on the folder; the log belongs to the command line).  If a
-stage after integration fails, the GapfillError carries the integrated data
-as ``error.result`` (a Result) and, with ``write_files=True``, the complete
+Nothing is written unless ``write_files=True``: then exactly what the command
+writes, in ``output.directory``, with the temporary-name-and-rename rule and
+the lock on the folder (:class:`Job`, which the command line uses too, so
+both give the same outputs for the same parameters).  If a stage after
+integration fails, the GapfillError carries the integrated data as
+``error.result`` (a Result) and, with ``write_files=True``, the complete
 integrated.expt/.refl are kept under their names.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+from dials_gapfill.errors import GapfillError, Interrupted
+from dials_gapfill.handlers.outputs import Outputs
+from dials_gapfill.phil import master_phil, params_from
+from dials_gapfill.pipeline import Pipeline
+from dials_gapfill.report import finalise, summary_dict, write_reports
+from dials_gapfill.stages.importer import adopt_experiments
+from dials_gapfill.validate import validate
+
+logger = logging.getLogger("dials.process_gapped")
 
 # parameters that belong to importing images: no meaning for experiments
 # that are already imported (input.tolerance does apply: it decides which
@@ -45,8 +58,6 @@ class Result:
 
 def _modified_paths(params) -> list[str]:
     """Full PHIL paths of the parameters that differ from the defaults."""
-    from dials_gapfill.phil import master_phil
-
     master = master_phil()
     diff = master.fetch_diff(source=master.format(python_object=params))
     return [d.path for d in diff.all_definitions()]
@@ -54,8 +65,6 @@ def _modified_paths(params) -> list[str]:
 
 def check_experiments_params(params) -> None:
     """Refuse, with one line, parameters that cannot apply to imported experiments."""
-    from dials_gapfill.errors import GapfillError
-
     for path in _modified_paths(params):
         if path.startswith(IMPORT_ONLY) and not path.startswith(IMPORT_ALSO_APPLIES):
             if path.startswith("input.") and path.split(".")[1] in ("images", "template", "image"):
@@ -69,7 +78,185 @@ def check_experiments_params(params) -> None:
             )
 
 
-def process_gapped(images=None, params=None, experiments=None, write_files=False):
+class Job:
+    """One run: parameters checked, the output folder taken, the stages run,
+    the reports written; on any failure nothing half-written is left and
+    earlier results (the log included) are untouched.
+
+    Use as a context manager around :meth:`run`.  images / experiments /
+    params: as :func:`process_gapped`.  write_files: write the outputs (and
+    take the output folder's lock).  log: with write_files, a function that
+    directs logging to the given (temporary) log file path; the log gets its
+    final name at the end of a successful run and is kept as
+    ``<log>.failed.log`` after a failure.  progress: a handlers.progress
+    Progress, or None.  diff_phil: the modified parameters, for the reports.
+
+    After a failure, ``kept`` says which complete outputs were kept (text for
+    the error message, "" if none) and ``failed_log`` where the log is.
+    """
+
+    def __init__(self, params=None, images=None, experiments=None, write_files=False,
+                 log: Callable[[str], None] | None = None, progress=None, diff_phil: str = ""):
+        self.params = params_from(params)
+        if isinstance(images, str):
+            images = [images]
+        self.images = list(images or [])
+        self.experiments = experiments
+        self.write_files = write_files
+        self.log = log
+        self.progress = progress
+        self.diff_phil = diff_phil
+        self.outputs = None
+        self.pipeline = None
+        self.kept = ""
+        self.failed_log = None
+
+    def __enter__(self) -> Job:
+        validate(self.params)
+        if self.experiments is not None:
+            if self.images:
+                raise GapfillError("give either images or experiments=, not both")
+            check_experiments_params(self.params)
+        elif not self.images and not (
+            self.params.input.images or self.params.input.template or self.params.input.image
+        ):
+            raise GapfillError("no images: give image paths (or input.template=, input.image=) or experiments=")
+        if self.write_files:
+            outputs = Outputs(self.params.output.directory)
+            outputs.check_writable()
+            outputs.lock()
+            self.outputs = outputs
+            if self.log is not None and self.params.output.log:
+                self.log(outputs.start_log(self.params.output.log))
+        return self
+
+    def run(self) -> Result:
+        self.pipeline = Pipeline(self.params, self.images, outputs=self.outputs, progress=self.progress)
+        state = self.pipeline.state
+        if self.experiments is not None:
+            state.sweeps, record = adopt_experiments(self.experiments, self.params)
+            state.report.merge(record)
+        try:
+            self.pipeline.run()
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+        if self.outputs is not None:
+            if self.log is not None and self.params.output.log:
+                state.report.files.append({"name": self.params.output.log, "kind": "log"})
+            write_reports(state, self.outputs, self.diff_phil)
+        return self.result()
+
+    def result(self) -> Result:
+        state = self.pipeline.state
+        return Result(
+            experiments=state.experiments,
+            reflections=state.reflections,
+            summary=summary_dict(state, self.diff_phil),
+            report=state.report,
+            scaled=state.scaled,
+            files=list(self.outputs.committed) if self.outputs is not None else [],
+        )
+
+    def __exit__(self, exc_type, exc, tb):
+        outputs = self.outputs
+        if exc_type is None:
+            if outputs is not None:
+                outputs.commit()
+                outputs.finish_log(True)
+                outputs.unlock()
+            return False
+        if outputs is not None:
+            self.kept = self._keep_integrated()
+            outputs.rollback()
+            if self.log is not None:
+                _log_error(exc, self.kept)
+            self.failed_log = outputs.finish_log(False)
+            outputs.unlock()
+        if isinstance(exc, GapfillError) and self._integrated():
+            # a failure after integration: the integrated data come with the error
+            new = GapfillError(f"{exc}{self.kept}; the integrated experiments and reflections are in this error's .result")
+            new.exit_code = getattr(exc, "exit_code", 1)
+            finalise(self.pipeline.state)
+            new.result = self.result()
+            new.kept, new.core = self.kept, str(exc)
+            raise new from None
+        return False
+
+    def abandon(self, error) -> str | None:
+        """Stop now (a signal): remove the temporary outputs, keep the log as
+        the failed log with `error` at its end, free the folder.  Returns the
+        failed log's path."""
+        if self.outputs is None:
+            return None
+        self.outputs.rollback()
+        if self.log is not None:
+            _log_error(error)
+        path = self.outputs.finish_log(False)
+        self.outputs.unlock()
+        return path
+
+    def _integrated(self) -> bool:
+        if self.pipeline is None:
+            return False
+        state = self.pipeline.state
+        done = {s.get("name") for s in state.report.stages}
+        return "integration" in done and state.experiments is not None and state.reflections is not None
+
+    def _keep_integrated(self) -> str:
+        """After a late failure: keep integrated.expt/.refl if integration finished.
+
+        Export writes them first (complete files, temporary names); if the
+        failure came before that, they are written here from the pipeline's
+        state.  Returns the text to add to the error message ("" if nothing
+        was kept)."""
+        outputs, params = self.outputs, self.params
+        if not self._integrated():
+            return ""
+        state = self.pipeline.state
+        names = [n for n in (params.output.experiments, params.output.reflections) if n]
+        if not names:
+            return ""
+        if not all(outputs.complete(n) for n in names):
+            try:
+                if params.output.experiments:
+                    outputs.write(params.output.experiments, lambda p: state.experiments.as_file(p))
+                if params.output.reflections:
+                    outputs.write(params.output.reflections, lambda p: state.reflections.as_file(p))
+            except Exception:
+                return ""
+        stages = {s.get("name") for s in state.report.stages}
+        extra = []
+        if "export" in stages and params.output.mtz:
+            # export finished: its MTZ files are complete too (scaling failed)
+            extra = [params.output.mtz] + [f["name"] for f in state.report.files if f.get("kind") == "block mtz"]
+            extra = [n for n in extra if outputs.complete(n)]
+        kept = outputs.keep(names + extra)
+        if not all(os.path.join(outputs.directory, n) in kept for n in names):
+            return ""
+        extra = [n for n in extra if os.path.join(outputs.directory, n) in kept]
+        shown = names + extra[:1]
+        if len(extra) > 1:
+            shown.append(f"{len(extra) - 1} per-block MTZ files")
+        listed = ", ".join(shown[:-1]) + " and " + shown[-1]
+        return f"; the integrated data, complete, are kept as {listed} in {outputs.directory}"
+
+
+def _log_error(error, extra: str = "") -> None:
+    """The error at the end of the log file (the terminal gets it once, from
+    the command line); an unforeseen error with its traceback."""
+    foreseen = isinstance(error, (GapfillError, Interrupted, MemoryError, KeyboardInterrupt))
+    text = (str(error) if foreseen else f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") + extra
+    record = logging.LogRecord(
+        "dials.process_gapped", logging.ERROR, "", 0, f"Error: {text}", None,
+        None if foreseen else (type(error), error, error.__traceback__),
+    )
+    for handler in logging.getLogger("dials").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(record)
+
+
+def process_gapped(images=None, params=None, experiments=None, write_files=False) -> Result:
     """Run dials.process_gapped in this process.
 
     images: a path, glob or directory, or a list of them (as on the command line).
@@ -77,88 +264,8 @@ def process_gapped(images=None, params=None, experiments=None, write_files=False
         nproc= and exclude_images= work) or an extract of master_phil().
     experiments: instead of images, an ExperimentList of imported sequences;
         gaps.exclude_images cuts them as it cuts images.
-    write_files: also write the command's output files.
+    write_files: also write the command's output files (not the log, which
+        belongs to the command line).
     """
-    from dials_gapfill.errors import GapfillError, require_dials
-
-    require_dials()
-    from dials_gapfill.stages.importer import adopt_experiments
-    from dials_gapfill.handlers.outputs import Outputs
-    from dials_gapfill.phil import params_from
-    from dials_gapfill.pipeline import Pipeline
-    from dials_gapfill.report import write_reports
-    from dials_gapfill.validate import validate
-
-    params = params_from(params)
-    if isinstance(images, str):
-        images = [images]
-    validate(params)
-    if experiments is not None:
-        if images:
-            raise GapfillError("give either images or experiments=, not both")
-        check_experiments_params(params)
-    elif not images and not (params.input.images or params.input.template or params.input.image):
-        raise GapfillError("no images: give image paths (or input.template=, input.image=) or experiments=")
-    outputs = None
-    if write_files:
-        outputs = Outputs(params.output.directory)
-        outputs.check_writable()
-        outputs.lock()
-    pipeline = Pipeline(params, images or [], outputs=outputs)
-    try:
-        if experiments is not None:
-            pipeline.preloaded = adopt_experiments(experiments, params, pipeline.state.report)
-        state = pipeline.run()
-        if outputs is not None:
-            write_reports(state, outputs)
-            outputs.commit()
-    except GapfillError as e:
-        error = _late_failure(e, pipeline, outputs, params)
-        if error is e:
-            raise
-        raise error from None
-    except BaseException:
-        if outputs is not None:
-            outputs.rollback()
-        raise
-    finally:
-        if outputs is not None:
-            outputs.unlock()
-    return _result(state, outputs)
-
-
-def _result(state, outputs) -> Result:
-    from dials_gapfill.report import summary_dict
-
-    return Result(
-        experiments=state.experiments,
-        reflections=state.reflections,
-        summary=summary_dict(state),
-        report=state.report,
-        scaled=state.scaled,
-        files=list(outputs.committed) if outputs is not None else [],
-    )
-
-
-def _late_failure(error, pipeline, outputs, params):
-    """A failure after integration: keep what is complete, say so."""
-    from dials_gapfill.command_line.process_gapped import _keep_integrated
-    from dials_gapfill.errors import GapfillError
-
-    state = pipeline.state
-    done = {s.get("name") for s in state.report.stages}
-    kept = _keep_integrated(pipeline, outputs, params) if outputs is not None else ""
-    if outputs is not None:
-        outputs.rollback()
-    if "integration" not in done or state.experiments is None or state.reflections is None:
-        return error
-    new = GapfillError(
-        f"{error}{kept}; the integrated experiments and reflections are in this error's .result"
-    )
-    new.exit_code = getattr(error, "exit_code", 1)
-    try:
-        new.result = _result(state, outputs)
-    except Exception:
-        new.result = Result(experiments=state.experiments, reflections=state.reflections, summary={},
-                            report=state.report)
-    return new
+    with Job(params, images, experiments=experiments, write_files=write_files) as job:
+        return job.run()

@@ -22,9 +22,9 @@ def _files(folder):
 
 
 def _run(folder, truth_folder, phil=(), **refine_kw):
-    from dials_gapfill.simulation import compare
-    from dials_gapfill.crystal_model import continuous
+    from dials_gapfill.crystal_model import ContinuousModel
     from dials_gapfill.phil import params_from
+    from dials_gapfill.simulation import compare
 
     files = _files(folder)
     with open(os.path.join(truth_folder, "ground_truth.json")) as fh:
@@ -32,8 +32,9 @@ def _run(folder, truth_folder, phil=(), **refine_kw):
     experiments = compare.import_blocks(files)
     spots = compare.strong_spots(experiments, nproc=2)
     params = params_from(["nproc=2", *phil])
-    blocks, indexed = continuous.index(experiments, spots, params)
-    refined_blocks, refined, record = continuous.refine(blocks, indexed, params, **refine_kw)
+    model = ContinuousModel(params, **refine_kw)
+    blocks, indexed, _ = model.index(experiments, spots)
+    refined_blocks, refined, record = model.refine(blocks, indexed)
     return dict(
         experiments=experiments, spots=spots, blocks=blocks, indexed=indexed,
         refined_blocks=refined_blocks, refined=refined, record=record, truth=truth,
@@ -130,10 +131,10 @@ def test_one_crystal_sliced_onto_the_blocks(every_8th):
     cells = {tuple(round(v, 6) for v in e.crystal.get_unit_cell().parameters()) for e in blocks}
     assert len(cells) == 1
     record = every_8th["record"]
-    assert set(record["blocks"]) == {e.identifier for e in blocks}
-    for r in record["blocks"].values():
+    assert set(record.blocks) == {e.identifier for e in blocks}
+    for r in record.blocks.values():
         assert {"rmsd_static", "rmsd_scan_varying", "refinement"} <= set(r)
-    assert len(record["crystal"]["unit_cell_esd"]) == 6
+    assert len(record.crystal["cell_esd"]) == 6
 
 
 def test_orientation_and_cell_against_truth(every_8th, gapless):
@@ -210,9 +211,9 @@ def test_tiny_blocks_of_one_to_three_images(tiny_sweeps, tiny):
     assert _indexed_fraction(run) > 0.9
     # every block has RMSDs; the one-image block's spots are all cut by gaps
     for exp in blocks:
-        r = run["record"]["blocks"][exp.identifier]["rmsd_scan_varying"]
+        r = run["record"].blocks[exp.identifier]["rmsd_scan_varying"]
         assert r is not None and r["x"] < 1.0 and r["y"] < 1.0
-    assert run["record"]["blocks"][blocks[1].identifier]["rmsd_scan_varying"].get("phi_biased")
+    assert run["record"].blocks[blocks[1].identifier]["rmsd_scan_varying"].get("phi_biased")
 
 
 @pytest.mark.slow
@@ -231,6 +232,6 @@ def test_a_30_degree_gap_is_not_singular(tmp_path_factory):
     errors = compare.orientation_errors(blocks, run["truth"])
     assert errors["worst"] < 0.06 and errors["median"] < 0.03
     assert compare.cell_error(blocks[0].crystal, run["truth"])["rel_error_max"] < 0.001
-    esd = run["record"]["crystal"]["unit_cell_esd"]
+    esd = run["record"].crystal["cell_esd"]
     assert all(v == v and v < 0.02 for v in esd[:3])  # finite, small
     assert blocks[0].crystal.num_scan_points == 16 and blocks[1].crystal.num_scan_points == 16

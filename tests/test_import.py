@@ -15,9 +15,10 @@ def _import(*args, positional=()):
     from dials_gapfill.model.state import Report
 
     report = Report()
-    sweep = import_images(working_params("\n".join(args)), list(positional), report)
-    experiments = sweep.experiments()
-    report.sync(sweep, experiments)
+    sweeps, record = import_images(working_params("\n".join(args)), list(positional))
+    experiments = sweeps.experiments()
+    report.sync(sweeps, experiments)
+    report.merge(record)
     return experiments, report
 
 
@@ -153,4 +154,4 @@ def test_mixed_goniometers_are_refused(sim_gapped):
     experiments[1].goniometer = tilted
     experiments[1].imageset.set_goniometer(tilted)
     with pytest.raises(GapfillError, match="mixed goniometers: images 1-40 and 46-80 differ"):
-        adopt_experiments(experiments, working_params(""), Report())
+        adopt_experiments(experiments, working_params(""))

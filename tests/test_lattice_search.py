@@ -29,13 +29,11 @@ def blocks_and_spots(tiny_sweeps):
 def _index(model, experiments, spots, *phil):
     import copy
 
-    from dials_gapfill.crystal_model import continuous
-    from dials_gapfill.stages import indexing
+    from dials_gapfill import crystal_model
     from dials_gapfill.phil import params_from
 
     params = params_from(["nproc=2", f"refinement.blocks.model={model}", *phil])
-    run = continuous.index if model == "continuous" else indexing.index
-    blocks, indexed = run(copy.deepcopy(experiments), copy.deepcopy(spots), params)[:2]
+    blocks, indexed, _ = crystal_model.make(params).index(copy.deepcopy(experiments), copy.deepcopy(spots))
     return blocks, indexed
 
 

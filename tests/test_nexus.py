@@ -57,9 +57,10 @@ def _import(path, *phil):
     from dials_gapfill.model.state import Report
 
     report = Report()
-    sweep = import_images(working_params("\n".join(phil)), [path], report)
-    experiments = sweep.experiments()
-    report.sync(sweep, experiments)
+    sweeps, record = import_images(working_params("\n".join(phil)), [path])
+    experiments = sweeps.experiments()
+    report.sync(sweeps, experiments)
+    report.merge(record)
     return experiments, report
 
 

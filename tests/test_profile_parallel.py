@@ -49,7 +49,8 @@ def _integrate(state, parallel, profile_model, caplog, monkeypatch):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dials"):
         experiments, reflections, _ = integration.integrate(
-            copy.deepcopy(state.experiments), copy.deepcopy(state.reflections), params, state.sweep
+            copy.deepcopy(state.experiments), copy.deepcopy(state.reflections), params, state.sweeps,
+            "all_blocks" if profile_model == "all_blocks" else "per_block",
         )
     # DIALS' lines of the sigma estimate (gaussian_rs calculator), in order
     lines = [

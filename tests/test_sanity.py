@@ -14,7 +14,7 @@ import pytest
 
 from conftest import NPROC, SNASE_GEOMETRY, process, run_cmd, tool
 
-from dials_gapfill.stages import sanity
+from dials_gapfill import sanity
 def _import_and_find_spots(images, directory, *geometry):
     """dials.import + dials.find_spots (the DIALS programs); (experiments, strong spots)."""
     from dials.array_family import flex

@@ -72,7 +72,8 @@ def _scale_in_process(directory, out, params):
     outputs = Outputs(out)
     outputs.check_writable()
     report = Report()
-    scale(experiments, reflections, params, report, outputs)
+    _, record = scale(experiments, reflections, params, outputs)
+    report.merge(record)
     outputs.commit()
     return report
 

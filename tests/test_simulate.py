@@ -116,10 +116,10 @@ def test_bad_image_modes(tmp_path):
     assert 0.5 < blank[active].mean() / normal[active].mean() < 1.0
     assert over[active].mean() > 100 * normal[active].mean()
     # truncated: a CBF header promising more bytes than the file has
-    from dials_gapfill.stages.importer import truncated_reason
+    from dials_gapfill.stages.importer import damaged_reason
 
-    assert truncated_reason(path(5)).startswith("unreadable: truncated file")
-    assert truncated_reason(path(1)) is None
+    assert damaged_reason(path(5)).startswith("unreadable: truncated file")
+    assert damaged_reason(path(1)) is None
     # garbage: not a CBF at all
     assert open(path(6), "rb").read(6) != b"###CBF"
     unhandled = []

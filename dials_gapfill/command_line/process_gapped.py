@@ -1,15 +1,19 @@
 # DIALS_ENABLE_COMMAND_LINE_COMPLETION
+# (imports of DIALS, cctbx and their dependencies are deferred to the functions
+# that need them: without DIALS the command says in one line how to install it)
 """
 Process a rotation sweep with missing or bad images in one command.
 
-Images are imported (gaps in the image numbers found automatically, or made
-with gaps.exclude_images), bad images excluded (gaps.auto_exclude), spots
-found, all blocks indexed jointly (one crystal), refined statically and then
-scan-varying with one crystal model per block and shared beam, detector and
-goniometer, integrated and exported: integrated.expt/.refl, one unmerged MTZ
-whose BATCH is the image number, one MTZ per block and optionally scaled and
-merged MTZ files (scaling.run=True).  Everything runs in this one process
-with DIALS' own Python API; only the final products are written.
+Images are imported (one sweep per file-name template or NeXus file; gaps in
+the image numbers found automatically, or made with gaps.exclude_images), bad
+images excluded (gaps.auto_exclude), spots found, all blocks of all sweeps
+indexed with one crystal, refined as one crystal whose orientation follows
+each sweep smoothly across its gaps (refinement.blocks.model=continuous; or a
+crystal per block: per_block), integrated and exported: integrated.expt/.refl,
+one unmerged MTZ whose BATCH is the image number (plus a per-sweep offset
+when there are several sweeps), one MTZ per block and optionally scaled and
+merged MTZ files (scaling.run=True).  Everything runs in this one process with
+DIALS' own Python API; only the final products are written.
 
 Examples::
 
@@ -37,6 +41,9 @@ import os
 import re
 import signal
 import sys
+import warnings
+
+from dials_gapfill.errors import GapfillError, Interrupted, require_dials
 
 logger = logging.getLogger("dials.process_gapped")
 
@@ -45,8 +52,6 @@ PROGRAM = "dials.process_gapped"
 
 def _unknown_parameter_error(arg, master):
     """DIALS' unknown-parameter message, with the closest parameter names."""
-    from dials_gapfill.errors import GapfillError
-
     name = arg.split("=", 1)[0].strip()
     paths = [d.path for d in master.all_definitions()]
     leaves = {}
@@ -63,8 +68,6 @@ def _unknown_parameter_error(arg, master):
 
 def _phil_error(arg, master):
     """Why a key=value argument was not accepted, as a GapfillError."""
-    from dials_gapfill.errors import GapfillError
-
     try:
         master.command_line_argument_interpreter().process_arg(arg=arg)
     except Exception as e:
@@ -94,9 +97,7 @@ def _is_phil_file(arg):
 
 def _phil_file_error(path, master):
     """Why DIALS did not take the parameter file `path`: the file and line."""
-    import iotbx.phil
-
-    from dials_gapfill.errors import GapfillError
+    import iotbx.phil  # (DIALS is known to be installed here)
 
     if os.path.isdir(path):
         return GapfillError(f"the parameter file {path!r} is a folder: give a PHIL file")
@@ -135,9 +136,8 @@ def _phil_file_error(path, master):
 
 def parse(args, phil):
     """(params, options, image arguments, diff phil text) as DIALS parses them."""
-    from dials.util.options import ArgumentParser
+    from dials.util.options import ArgumentParser  # (DIALS is known to be installed here)
 
-    from dials_gapfill.errors import GapfillError
     from dials_gapfill.phil import rewrite_aliases
 
     for arg in args:
@@ -189,73 +189,14 @@ def parse(args, phil):
     return params, options, images, parser.diff_phil.as_str()
 
 
-def _install_signal_handlers(outputs, logging_ready):
-    """SIGINT and SIGTERM end the run at once, from the handler itself.
-
-    (Raising an exception instead would have to unwind through DIALS' code and
-    its worker pools, which may catch it or wait for their workers.)
-    """
-    from dials_gapfill.errors import Interrupted
-
-    main_pid = os.getpid()
-
-    def handler(signum, frame):
-        if os.getpid() != main_pid:
-            # a DIALS worker process (forked with this handler): leave quietly,
-            # the main process reports the interrupt
-            os._exit(128 + signum)
-        _leave(Interrupted(signum), outputs, logging_ready)
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
-
-def _leave(interrupt, outputs, logging_ready):
-    """Remove temporary outputs, say why in one line, stop the workers, exit."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:  # the progress bar off the terminal before the message
-        from dials_gapfill.handlers.progress import abort
-
-        abort()
-    except Exception:
-        pass
-    if outputs is not None:
-        outputs.rollback()
-    if logging_ready:
-        _log_to_file_only(f"Error: {interrupt}")
-    where = _finish_log(outputs, False)
-    if outputs is not None:
-        outputs.unlock()
-    print(f"{PROGRAM}: error: {interrupt}{where}", file=sys.stderr)
-    _stop_workers()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(interrupt.exit_code)
-
-
-def _stop_workers():
+def _stop_workers() -> None:
     """Kill the worker processes DIALS started (they would keep this one alive)."""
-    me = os.getpid()
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    todo, found = [me], []
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    for pid in found:
+    import psutil  # (a DIALS dependency: installed with it)
+
+    for child in psutil.Process().children(recursive=True):
         try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
+            child.kill()
+        except psutil.Error:
             pass
 
 
@@ -276,194 +217,118 @@ class _OwnMessages(logging.Filter):
         return prefix is not None and str(record.msg).startswith(prefix)
 
 
-def _console_shows_own_messages_only():
-    for name in ("dials", "dxtbx", "py.warnings"):
-        for handler in logging.getLogger(name).handlers:
-            if type(handler) is logging.StreamHandler:
-                handler.addFilter(_OwnMessages())
+def _logging_to(verbosity):
+    """The Job's log callback: DIALS' logging (dials.util.log.config) to the
+    given file, the terminal showing this program's own messages."""
+
+    def start(path):
+        import dials.util.log
+
+        dials.util.log.config(verbosity=verbosity, logfile=path)
+        if not verbosity:
+            for name in ("dials", "dxtbx", "py.warnings"):
+                for handler in logging.getLogger(name).handlers:
+                    if type(handler) is logging.StreamHandler:
+                        handler.addFilter(_OwnMessages())
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
+
+    return start
 
 
-def _log_to_file_only(message):
-    """Put the error in the log file; the terminal gets it once, on stderr."""
-    for handler in logging.getLogger("dials").handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.emit(logging.LogRecord("dials.process_gapped", logging.ERROR, "", 0, message, None, None))
+def _fail(message, job=None, code=1) -> int:
+    """One line on stderr, with where the failed run's log is."""
+    where = f" (log of this run: {job.failed_log})" if job is not None and job.failed_log else ""
+    print(f"{PROGRAM}: error: {message}{where}", file=sys.stderr)
+    return code
 
 
-def _finish_log(outputs, success):
-    """Rename the log (final name, or the failed-log name); say where it is."""
-    if outputs is None:
-        return ""
-    path = outputs.finish_log(success)
-    if not path or success:
-        return ""
-    return f" (log of this run: {path})"
+def _interrupted(job, interrupt):
+    """End the run at once (from the signal handler itself: raising instead
+    would unwind through DIALS' code and its worker pools, which may catch it
+    or wait for their workers): temporary outputs removed, the log kept as the
+    failed log, workers stopped, one line, exit."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from dials_gapfill.handlers.progress import abort
+
+    abort()  # the progress bar off the terminal before the message
+    if job is not None and job.failed_log is None:
+        job.failed_log = job.abandon(interrupt)
+    _fail(interrupt, job)
+    _stop_workers()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(interrupt.exit_code)
 
 
-def _keep_integrated(pipeline, outputs, params):
-    """After a late failure: keep integrated.expt/.refl if integration finished.
+def _install_signal_handlers(job) -> None:
+    main_pid = os.getpid()
 
-    Export writes them first (complete files, temporary names); if the failure
-    came before that, they are written here from the pipeline's state.
-    Returns the text to add to the error message ("" if nothing was kept).
-    """
-    if pipeline is None or outputs is None:
-        return ""
-    state = pipeline.state
-    names = [n for n in (params.output.experiments, params.output.reflections) if n]
-    stages = {s.get("name") for s in getattr(state.report, "stages", [])}
-    if not names or "integration" not in stages:
-        return ""
-    if not all(outputs.complete(n) for n in names):
-        if state.experiments is None or state.reflections is None:
-            return ""
-        try:
-            if params.output.experiments:
-                outputs.write(params.output.experiments, lambda p: state.experiments.as_file(p))
-            if params.output.reflections:
-                outputs.write(params.output.reflections, lambda p: state.reflections.as_file(p))
-        except Exception:
-            return ""
-    extra = []
-    if "export" in stages and params.output.mtz:
-        # export finished: its MTZ files are complete too (scaling failed)
-        extra = [params.output.mtz] + [
-            f["name"] for f in state.report.files if f.get("kind") == "block mtz"
-        ]
-        extra = [n for n in extra if outputs.complete(n)]
-    kept = outputs.keep(names + extra)
-    if not all(os.path.join(outputs.directory, n) in kept for n in names):
-        return ""
-    extra = [n for n in extra if os.path.join(outputs.directory, n) in kept]
-    shown = names + extra[:1]
-    if len(extra) > 1:
-        shown.append(f"{len(extra) - 1} per-block MTZ files")
-    listed = ", ".join(shown[:-1]) + " and " + shown[-1]
-    return f"; the integrated data, complete, are kept as {listed} in {outputs.directory}"
+    def handler(signum, frame):
+        if os.getpid() != main_pid:
+            # a DIALS worker process (forked with this handler): leave quietly,
+            # the main process reports the interrupt
+            os._exit(128 + signum)
+        _interrupted(job, Interrupted(signum))
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
-def run(args=None, phil=None):
-    """Command-line entry point: parse PHIL, set up logging, run, summarise."""
-    from dials_gapfill.errors import GapfillError, Interrupted, require_dials
-
-    verbose = 0
-    outputs = None
-    pipeline = None
-    params = None
-    logging_ready = False
+def run(args=None, phil=None) -> int:
+    """Command-line entry point: parse PHIL, run the job, print the summary."""
+    args = sys.argv[1:] if args is None else list(args)
+    verbose = sum(a.count("v") for a in args if a.startswith("-v"))
+    job = None
     try:
         require_dials()
-        import dials.util.log
         from dials.util.version import dials_version
 
-        from dials_gapfill.handlers.outputs import Outputs
+        from dials_gapfill import __version__
+        from dials_gapfill.api import Job
+        from dials_gapfill.handlers.progress import Progress
         from dials_gapfill.phil import master_phil
-        from dials_gapfill.pipeline import Pipeline
-        from dials_gapfill.report import write_reports
-        from dials_gapfill.validate import validate
+        from dials_gapfill.report.summary import summary_text
 
-        if phil is None:
-            phil = master_phil()
-        args = sys.argv[1:] if args is None else list(args)
-        verbose = sum(a.count("v") for a in args if a.startswith("-v"))
-        params, options, images, diff_phil = parse(args, phil)
+        params, options, images, diff_phil = parse(args, phil or master_phil())
         verbose = options.verbose
         if not images and not (params.input.images or params.input.template or params.input.image):
             print(f"usage: {PROGRAM} [options] [param.phil] images=/path/to/images_*.cbf")
             print(f"Run '{PROGRAM} -h' for help and '{PROGRAM} -c' for the parameters.")
             return 0
-        # every parameter checked before anything is read or written
-        validate(params)
-
-        outputs = Outputs(params.output.directory)
-        outputs.check_writable()
-        outputs.lock()
-        # the log gets its final name only at the end of a successful run
-        logfile = outputs.start_log(params.output.log) if params.output.log else None
-        dials.util.log.config(verbosity=options.verbose, logfile=logfile)
-        logging_ready = True
-        if not options.verbose:
-            _console_shows_own_messages_only()
-        _install_signal_handlers(outputs, logging_ready)
-        import warnings
-
-        for category in (FutureWarning, DeprecationWarning):
-            warnings.filterwarnings("ignore", category=category)
-        logger.info(dials_version())
-        from dials_gapfill import __version__
-        logger.info("dials-gapfill %s", __version__)
-        if diff_phil:
-            logger.info("The following parameters have been modified:\n")
-            logger.info(diff_phil)
-
-        from dials_gapfill.handlers.progress import Progress
-
-        progress = Progress(params.output.progress, params.output.progress_interval)
-        pipeline = Pipeline(params, images, outputs=outputs, progress=progress)
-        try:
-            state = pipeline.run()
-        finally:
-            progress.close()
-        if params.output.log:
-            state.report.files.append({"name": params.output.log, "kind": "log"})
-        write_reports(state, outputs, diff_phil)
-        outputs.commit()
-        _finish_log(outputs, True)
-        from dials_gapfill.report.summary import summary_text
-
-        logger.info("\n" + summary_text(state.report, outputs.directory))
-        outputs.unlock()
+        job = Job(params, images, write_files=True, log=_logging_to(options.verbose),
+                  progress=Progress(params.output.progress, params.output.progress_interval),
+                  diff_phil=diff_phil)
+        with job:
+            _install_signal_handlers(job)
+            logger.info(dials_version())
+            logger.info("dials-gapfill %s", __version__)
+            if diff_phil:
+                logger.info("The following parameters have been modified:\n")
+                logger.info(diff_phil)
+            result = job.run()
+        logger.info("\n" + summary_text(result.report, job.outputs.directory))
         return 0
     except GapfillError as e:
-        message = str(e) + _keep_integrated(pipeline, outputs, params)
-        if outputs is not None:
-            outputs.rollback()
-        if logging_ready:
-            logger.debug("Error", exc_info=True)
-            _log_to_file_only(f"Error: {message}")
-        message += _finish_log(outputs, False)
-        if outputs is not None:
-            outputs.unlock()
-        print(f"{PROGRAM}: error: {message}", file=sys.stderr)
+        message = getattr(e, "core", str(e)) + (job.kept if job is not None else "")
         if verbose > 1:
             import traceback
 
             traceback.print_exc()
-        return getattr(e, "exit_code", 1)
+        return _fail(message, job, getattr(e, "exit_code", 1))
     except (KeyboardInterrupt, Interrupted) as e:
         # (before the handlers are installed, or from code that raised them)
-        _leave(e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT), outputs, logging_ready)
+        _interrupted(job, e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT))
     except MemoryError:
-        if outputs is not None:
-            outputs.rollback()
-        where = _finish_log(outputs, False)
-        if outputs is not None:
-            outputs.unlock()
-        print(
-            f"{PROGRAM}: error: out of memory: use fewer processes (nproc=) or a machine "
-            f"with more memory{where}",
-            file=sys.stderr,
-        )
-        return 1
-    except Exception as e:  # an error we did not foresee: one line, no traceback
-        kept = _keep_integrated(pipeline, outputs, params)
-        if outputs is not None:
-            outputs.rollback()
-        text = " ".join(str(e).split())[:300]
-        if logging_ready:
-            logger.debug("Unexpected error", exc_info=True)
-            _log_to_file_only(f"Error: {type(e).__name__}: {text}")
-        where = _finish_log(outputs, False)
-        if outputs is not None:
-            outputs.unlock()
+        return _fail("out of memory: use fewer processes (nproc=) or a machine with more memory", job)
+    except Exception as e:  # an error we did not foresee: one line, no traceback (it is in the log)
         if verbose > 1:
             raise
-        print(
-            f"{PROGRAM}: error: {type(e).__name__}: {text}{kept} (run with -vv for the traceback)"
-            f"{where}",
-            file=sys.stderr,
-        )
-        return 2
+        text = " ".join(str(e).split())[:300]
+        kept = job.kept if job is not None else ""
+        return _fail(f"{type(e).__name__}: {text}{kept} (run with -vv for the traceback)", job, 2)
 
 
 def main():

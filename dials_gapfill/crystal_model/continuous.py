@@ -1,4 +1,4 @@
-"""ONE continuous crystal model across the gaps (issue 12).
+"""The continuous crystal model: ONE crystal across the gaps.
 
 The blocks of a gapped sweep are joined onto ONE experiment whose scan covers
 the whole image range, gaps included (indexing and refinement need no pixels:
@@ -29,16 +29,18 @@ the sweep's own first and last image are not gaps) are
   z they never had; ``"exclude"`` leaves them out of refinement, ``"full"``
   uses them like any spot (biased z).
 
-Entry points: :func:`index`, :func:`refine`, :func:`gap_edge_spots`,
-:func:`join_blocks`, :func:`slice_onto_blocks`, :func:`combine_gap_partials`.
+Entry points: :class:`ContinuousModel` (``index``, ``refine``),
+:func:`gap_edge_spots`, :func:`join_blocks`, :func:`slice_onto_blocks`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
+from typing import Any
 
 import libtbx
 import numpy as np
@@ -48,9 +50,6 @@ from dials.algorithms.refinement.outlier_detection.outlier_base import (
 )
 from dials.algorithms.refinement.prediction.managed_predictors import (
     ExperimentsPredictorFactory,
-)
-from dials.algorithms.refinement.parameterisation.scan_varying_model_parameters import (
-    ScanVaryingModelParameterisation,
 )
 from dials.algorithms.refinement.refinement_helpers import set_obs_s1
 from dials.array_family import flex
@@ -63,8 +62,12 @@ from dxtbx.model.experiment_list import ExperimentList
 from scipy.spatial import cKDTree
 from scitbx.array_family import flex as sflex
 
-from dials_gapfill.errors import GapfillError, indexing_failure
+from dials_gapfill import dials_compat
+from dials_gapfill.crystal_model.base import CrystalModel
 from dials_gapfill.crystal_model.lattice import staged_search
+from dials_gapfill.errors import GapfillError, indexing_failure
+from dials_gapfill.model.state import Record, block_names
+from dials_gapfill.model.tables import set_identifiers
 from dials_gapfill.phil import dials_index_params, dials_refine_params
 
 logger = logging.getLogger("dials.process_gapped.continuous")
@@ -223,14 +226,6 @@ def slice_onto_blocks(continuous, experiments):
     return out
 
 
-def _set_identifiers(table, experiments):
-    ids = table.experiment_identifiers()
-    for k in list(ids.keys()):
-        del ids[k]
-    for i, exp in enumerate(experiments):
-        ids[i] = exp.identifier
-
-
 def _to_continuous(reflections, continuous):
     """A copy of `reflections` on the one continuous experiment (id 0)."""
 
@@ -241,7 +236,7 @@ def _to_continuous(reflections, continuous):
     ids.set_selected(~keep, -1)
     table["id"] = ids
     table["imageset_id"] = flex.int(len(table), 0)
-    _set_identifiers(table, [continuous])
+    set_identifiers(table, [continuous])
     return table
 
 
@@ -261,7 +256,7 @@ def _to_blocks(table, experiments):
     table["imageset_id"] = block  # each block has its own image set
     if "block" in table:
         del table["block"]
-    _set_identifiers(table, experiments)
+    set_identifiers(table, experiments)
     return table
 
 
@@ -356,62 +351,320 @@ def index_gap_edges(continuous, table, selection, z_window=2.0, xy_tolerance=3.0
 
 
 # --------------------------------------------------------------------------
-# Indexing
+# The model
 # --------------------------------------------------------------------------
 
+# refinement.blocks.continuous_reindex_cycles=None (auto): index all spots
+# against the scan-varying model and refine again while that adds at least
+# this fraction of the spots, at most AUTO_REINDEX_MAX times.  On 90 x 0.5
+# deg, every 10th image missing, a crystal whose drift accelerates to 0.1
+# deg/deg, the lattice search indexes 56 % of the last block and the model
+# refined from that predicts the end of the sweep badly (docs/crystal-model.md:
+# the numbers, benchmarks/continuous.py --intensities).
+AUTO_REINDEX_GAIN = 0.01
+AUTO_REINDEX_MAX = 3
 
-def index(experiments, reflections, params, z_window=2.0):
-    """Index all blocks with ONE crystal found on the joined scan.
 
-    `experiments`: block experiments (image order, shared beam, detector and
-    goniometer, stable identifiers); `reflections`: strong spots with ``id`` =
-    block index, z in absolute frame coordinates, ``bbox``.  DIALS' indexing
-    (``dials.command_line.index.index``, parameters ``dials_index_params(params)``)
-    runs on one experiment covering the whole image range with the spots not
-    cut by a gap; gap-edge spots are then indexed against the indexed model's
-    predictions (:func:`index_gap_edges`).
+@dataclasses.dataclass
+class _Job:
+    """One refinement of the continuous model: the joined experiment, its
+    table and what stays fixed between the jobs."""
 
-    Returns (block experiments sharing the one crystal, and the indexed beam,
-    detector and goniometer; all reflections with ``miller_index``, ``flags``
-    (indexed), ``id`` = block or -1 if unindexed, bool column ``gap_edge``).
+    continuous: Any  # the one experiment over all images (its crystal: the indexed one)
+    table: Any  # all indexed spots on it (id 0; column "block")
+    edge: Any  # flex.bool: spots cut by a gap
+    xy_edge: Any  # the gap-edge spots whose phi gets no weight
+    original_mm: tuple  # observed mm centroids and variances, to restore after a job
+    record: Record
+    chi2: dict
+    static_esd: Any = None  # the static job's cell esds
+
+
+class ContinuousModel(CrystalModel):
+    """ONE crystal over the whole rotation: indexed and refined on one scan
+    over all images (gaps included), orientation scan-varying, cell static;
+    each block takes its slice of it.
+
+    Options (keywords; the parameters give the others): gap_edge ("xy",
+    "exclude", "full": see the module doc), reindex_gap_edges (index the
+    gap-edge spots again against the statically refined model before the
+    scan-varying job), final_reindex (all spots indexed against the final
+    model at the end, no further refinement), z_window (frames into a gap a
+    gap-edge spot's prediction may lie), interval_width_degrees (smoother
+    checkpoint spacing where the parameters leave DIALS' default; None keeps
+    DIALS'); from refinement.blocks: scan_varying, scan_varying_cell
+    (continuous_scan_varying_cell) and reindex_cycles
+    (continuous_reindex_cycles: after the scan-varying job, all spots indexed
+    again against it and the job repeated, that many times; None: while that
+    indexes at least AUTO_REINDEX_GAIN of the spots more, at most
+    AUTO_REINDEX_MAX times).
     """
-    continuous = join_blocks(experiments)
-    table = _to_continuous(reflections, continuous)
-    for column in ("miller_index", "xyzcal.px", "xyzcal.mm", "s1", "entering", "rlp"):
-        if column in table:
-            del table[column]
-    table.unset_flags(flex.bool(len(table), True), table.flags.indexed)
-    edge = gap_edge_spots(experiments, table)
-    table["gap_edge"] = edge
-    search = table.select(~edge & (table["id"] >= 0))
-    if "shoebox" in search:
-        del search["shoebox"]
-    logger.info(
-        "Continuous model: lattice search on one scan of images %d-%d (%d blocks), %d spots "
-        "(%d cut by a gap left out)",
-        *continuous.scan.get_image_range(), len(experiments), len(search), edge.count(True),
-    )
-    ip = dials_index_params(params)
-    try:
-        indexed_expts, indexed = staged_search(
-            lambda p: dials_index(ExperimentList([continuous]), [search], p), ip, len(search), params
-        )
-    except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
-        raise GapfillError(indexing_failure(e, params)) from None
-    found = indexed_expts[0]
-    found.identifier = "continuous"
-    found.imageset = continuous.imageset
-    # the search table's rows come back reordered: put its results onto all spots
-    out = _merge_search(table, search, indexed)
-    # every spot (edge spots included) in mm, then the edge spots indexed
-    out.centroid_px_to_mm(ExperimentList([found]))
-    edge = out["gap_edge"]
-    n_edge = index_gap_edges(found, out, edge, z_window=z_window)
-    logger.info("Gap-edge spots indexed against predictions: %d of %d", n_edge, edge.count(True))
-    blocks = slice_onto_blocks(found, experiments)
-    out = _to_blocks(out, blocks)
-    return blocks, out
 
+    name = "continuous"
+    profile_model = "all_blocks"
+
+    def __init__(self, params, gap_edge="xy", reindex_gap_edges=True, final_reindex=True, z_window=2.0,
+                 interval_width_degrees=CONTINUOUS_INTERVAL_WIDTH, **overrides):
+        super().__init__(params)
+        if gap_edge not in GAP_EDGE_TREATMENTS:
+            raise ValueError(f"gap_edge must be one of {GAP_EDGE_TREATMENTS}")
+        blocks = params.refinement.blocks
+        self.gap_edge = gap_edge
+        self.reindex_gap_edges = reindex_gap_edges
+        self.final_reindex = final_reindex
+        self.z_window = z_window
+        self.interval_width_degrees = interval_width_degrees
+        self.scan_varying = overrides.pop("scan_varying", blocks.scan_varying)
+        self.scan_varying_cell = overrides.pop("scan_varying_cell", blocks.continuous_scan_varying_cell)
+        self.reindex_cycles = overrides.pop("reindex_cycles", blocks.continuous_reindex_cycles)
+        if overrides:
+            raise TypeError(f"unknown options: {', '.join(overrides)}")
+
+    # ---- indexing ----------------------------------------------------------
+
+    def index(self, experiments, reflections):
+        """Index all blocks with ONE crystal found on the joined scan.
+
+        DIALS' indexing (``dials.command_line.index.index``, parameters
+        ``dials_index_params(params)``) runs on one experiment covering the
+        whole image range with the spots not cut by a gap; gap-edge spots are
+        then indexed against the indexed model's predictions
+        (:func:`index_gap_edges`).  Returns (block experiments sharing the one
+        crystal and the indexed beam, detector and goniometer; all spots with
+        ``miller_index``, ``flags`` (indexed), ``id`` = block or -1 if
+        unindexed, bool column ``gap_edge``; record).
+        """
+        continuous = join_blocks(experiments)
+        table = _to_continuous(reflections, continuous)
+        for column in ("miller_index", "xyzcal.px", "xyzcal.mm", "s1", "entering", "rlp"):
+            if column in table:
+                del table[column]
+        table.unset_flags(flex.bool(len(table), True), table.flags.indexed)
+        edge = gap_edge_spots(experiments, table)
+        table["gap_edge"] = edge
+        search = table.select(~edge & (table["id"] >= 0))
+        if "shoebox" in search:
+            del search["shoebox"]
+        logger.info(
+            "Continuous model: lattice search on one scan of images %d-%d (%d blocks), %d spots "
+            "(%d cut by a gap left out)",
+            *continuous.scan.get_image_range(), len(experiments), len(search), edge.count(True),
+        )
+        ip = dials_index_params(self.params)
+        try:
+            indexed_expts, indexed = staged_search(
+                lambda p: dials_index(ExperimentList([continuous]), [search], p), ip, len(search), self.params
+            )
+        except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
+            raise GapfillError(indexing_failure(e, self.params)) from None
+        found = indexed_expts[0]
+        found.identifier = "continuous"
+        found.imageset = continuous.imageset
+        # the search table's rows come back reordered: put its results onto all spots
+        out = _merge_search(table, search, indexed)
+        # every spot (edge spots included) in mm, then the edge spots indexed
+        out.centroid_px_to_mm(ExperimentList([found]))
+        edge = out["gap_edge"]
+        n_edge = index_gap_edges(found, out, edge, z_window=self.z_window)
+        logger.info("Gap-edge spots indexed against predictions: %d of %d", n_edge, edge.count(True))
+        blocks = slice_onto_blocks(found, experiments)
+        return blocks, _to_blocks(out, blocks), Record()
+
+    # ---- refinement --------------------------------------------------------
+
+    def refine(self, experiments, reflections):
+        """Static, then scan-varying refinement of ONE crystal over the whole
+        range (static only without scan_varying), on the joined scan with
+        DIALS' ``run_macrocycle`` and ``dials_refine_params(params)``:
+        orientation scan-varying (smoother intervals from the whole range, as
+        DIALS sets them), cell static unless scan_varying_cell; beam, detector
+        and goniometer shared, parameterised as DIALS' defaults.
+
+        `experiments`, `reflections`: as returned by :meth:`index`.  Returns
+        (block experiments, each with its slice of the refined crystal and the
+        shared refined beam, detector and goniometer; the indexed reflections,
+        ``id`` = ``imageset_id`` = block, predictions for those used in
+        refinement, ``gap_edge``; record).  The cell's esds (crystal
+        ``cell_esd``) come from the covariance of the last job (with a static
+        cell, the block of the cell's own parameters:
+        dials_compat.set_static_cell_covariance).  RMSDs x, y in px, phi in
+        images, over spots used in refinement and not cut by a gap (gap-edge
+        spots: edge_x, edge_y, edge_n; a block whose spots are all cut by a gap
+        reports x, y, phi of those, with phi_biased=True; None for a block
+        without refined spots).
+        """
+        job = self._start(experiments, reflections)
+        static = self._static_job(job, experiments)
+        if self.reindex_gap_edges and job.edge.count(True):
+            n = index_gap_edges(static, job.table, job.edge, z_window=self.z_window)
+            logger.info("Gap-edge spots indexed against the refined model: %d of %d", n, job.edge.count(True))
+        final, widths = self._scan_varying_jobs(job, static)
+        if self.final_reindex:
+            self._final_reindex(job, final)
+        return self._finish(job, final, experiments, widths)
+
+    def _start(self, experiments, reflections) -> _Job:
+        continuous = join_blocks(experiments)
+        table = _to_continuous(reflections, continuous)
+        if "gap_edge" not in table:
+            table["gap_edge"] = gap_edge_spots(experiments, table)
+        edge = table["gap_edge"]
+        # "xy": phi of gap-edge spots without weight, except in blocks where every
+        # spot is cut (blocks of one or two images): there the biased phi is the
+        # only phi information for that stretch of the rotation, and a smoother
+        # left without it at the sweep's end extrapolates (tiny sweep, last block
+        # one image after a gap: worst error 0.052 deg without, 0.018 with it)
+        xy_edge = copy.deepcopy(edge)
+        blocks_of_rows = table["block"]
+        for i in range(len(experiments)):
+            rows = blocks_of_rows == i
+            if rows.count(True) and (rows & ~edge).count(True) == 0:
+                xy_edge.set_selected(rows, False)
+        if "xyzobs.mm.value" not in table:
+            table.centroid_px_to_mm(ExperimentList([continuous]))
+        if "s1" not in table:  # DIALS sets the observed s1 where it is zero
+            table["s1"] = flex.vec3_double(len(table), (0.0, 0.0, 0.0))
+        original_mm = (copy.deepcopy(table["xyzobs.mm.value"]), copy.deepcopy(table["xyzobs.mm.variance"]))
+        record = Record()
+        for e in experiments:
+            record.block(e.identifier)
+        return _Job(continuous, table, edge, xy_edge, original_mm, record, {})
+
+    def _refinable(self, table):
+        ok = table.get_flags(table.flags.indexed) & (table["id"] >= 0)
+        if self.gap_edge == "exclude":
+            ok &= ~table["gap_edge"]
+        return ok
+
+    def _restore_edge_phi(self, job) -> None:
+        """The edge spots' phi back to what was observed."""
+        edge, table = job.edge.iselection(), job.table
+        table["xyzobs.mm.value"].set_selected(edge, job.original_mm[0].select(edge))
+        table["xyzobs.mm.variance"].set_selected(edge, job.original_mm[1].select(edge))
+
+    def _static_job(self, job, experiments):
+        """1. static refinement of the one crystal; returns the refined experiment."""
+        rp = dials_refine_params(self.params)
+        rp.refinement.parameterisation.scan_varying = False
+        table = job.table
+        if self.gap_edge == "xy":
+            _inflate_edge_phi_variance(table, job.xy_edge)
+        sel, job_rp = _job_selection(table, self._refinable(table), job.continuous, rp, self.gap_edge, job.xy_edge)
+        work = table.select(sel)
+        logger.info("Continuous model: static refinement, %d reflections", len(work))
+        expts, work, refiner = _macrocycle(job_rp, work, ExperimentList([job.continuous]), "static refinement")
+        static = expts[0]
+        job.chi2["static"] = _reduced_chi_squared(refiner)
+        job.static_esd = _cell_esd(static.crystal)
+        _write_back(table, sel, work)
+        self._restore_edge_phi(job)
+        for ident, r in block_rmsds(_to_blocks(copy.deepcopy(table), experiments), experiments).items():
+            job.record.block(ident)["rmsd_static"] = r
+        return static
+
+    def _scan_varying_jobs(self, job, static):
+        """2. scan-varying orientation (cell static unless asked), one crystal;
+        then every spot indexed again against the scan-varying model (a static
+        model cannot index a crystal that turns by degrees) and refined again.
+        Returns (final experiment, smoother interval widths)."""
+        rp = dials_refine_params(self.params)
+        par = rp.refinement.parameterisation
+        par.scan_varying = True
+        par.crystal.unit_cell.force_static = not self.scan_varying_cell
+        widths = []
+        for smoother in (par.crystal.orientation.smoother, par.crystal.unit_cell.smoother):
+            if (
+                self.interval_width_degrees
+                and smoother.absolute_num_intervals is None
+                and smoother.interval_width_degrees == DIALS_INTERVAL_WIDTH
+            ):
+                smoother.interval_width_degrees = self.interval_width_degrees
+            widths.append(smoother.interval_width_degrees)
+        table, model = job.table, static
+        auto = self.reindex_cycles is None
+        cycles = AUTO_REINDEX_MAX if auto else max(0, int(self.reindex_cycles))
+        for cycle in range(1 + cycles if self.scan_varying else 0):
+            if cycle > 0:
+                before = (table.get_flags(table.flags.indexed) & (table["id"] >= 0)).count(True)
+                everything = table["id"] >= -1
+                n = index_against_predictions(model, table, everything, z_window=self.z_window)
+                logger.info("All spots indexed against the scan-varying model: %d of %d (%+d)", n, len(table), n - before)
+                if auto and n - before < AUTO_REINDEX_GAIN * len(table):
+                    break
+                logger.info("Continuous model: refined again with them (cycle %d)", cycle)
+            if self.gap_edge == "xy":
+                _inflate_edge_phi_variance(table, job.xy_edge)
+            table.unset_flags(flex.bool(len(table), True), table.flags.used_in_refinement)
+            sel, job_rp = _job_selection(table, self._refinable(table), model, rp, self.gap_edge, job.xy_edge)
+            work = table.select(sel)
+            logger.info("Continuous model: scan-varying refinement, %d reflections", len(work))
+            expts, work, refiner = _macrocycle(job_rp, work, ExperimentList([model]), "scan-varying refinement")
+            model = expts[0]
+            job.chi2["scan_varying"] = _reduced_chi_squared(refiner)
+            if not self.scan_varying_cell:
+                dials_compat.set_static_cell_covariance(refiner, model.crystal)
+            _write_back(table, sel, work)
+            self._restore_edge_phi(job)
+        return model, widths
+
+    def _final_reindex(self, job, final) -> None:
+        """3. every spot indexed against the final model (no more refinement):
+        the indexed fraction of the model that is handed on."""
+        table = job.table
+        used = table.get_flags(table.flags.used_in_refinement)
+        n = index_against_predictions(final, table, table["id"] >= -1, z_window=self.z_window)
+        lost = used & ~table.get_flags(table.flags.indexed)
+        table.unset_flags(lost, table.flags.used_in_refinement)
+        logger.info("All spots indexed against the final model: %d of %d", n, len(table))
+
+    def _finish(self, job, final, experiments, widths):
+        """The blocks with their slices of the final model, their reflections
+        and the record."""
+        blocks = slice_onto_blocks(final, experiments)
+        out = _to_blocks(job.table, blocks)
+        out = out.select(out.get_flags(out.flags.indexed) & (out["id"] >= 0))
+        if self.scan_varying:
+            what = "continuous: one crystal over images %d-%d, orientation scan-varying (checkpoints every %g deg), cell %s" % (
+                *final.scan.get_image_range(), widths[0], "scan-varying" if self.scan_varying_cell else "static",
+            )
+        else:
+            what = "continuous: one crystal over images %d-%d, static" % final.scan.get_image_range()
+        names = block_names(blocks)
+        record = job.record
+        for ident, r in block_rmsds(out, blocks).items():
+            stats = record.block(ident)
+            if self.scan_varying:
+                stats["rmsd_scan_varying"] = r
+                if r:
+                    logger.info(
+                        "%s: RMSD x %.3f px, y %.3f px, phi %.3f images (%d reflections)",
+                        names[ident], r["x"], r["y"], r["phi"], r["n"],
+                    )
+            stats["refinement"] = what
+            stats["unit_cell_esd"] = None  # one cell: no per-block esds
+        crystal = final.crystal
+        static_esd = job.static_esd
+        # the esds of the cell handed on: from the last job's covariance (with
+        # a static cell, the block of its parameters); the static job's else
+        esd = _cell_esd(crystal) if self.scan_varying else static_esd
+        record.crystal.update({
+            # the cell is static: the static job's cell, with the esds of the one cell
+            "static": {
+                "unit_cell": list(crystal.get_unit_cell().parameters()),
+                "unit_cell_esd": esd,
+                "space_group": str(crystal.get_space_group().info()),
+            },
+            "cell_esd": esd,
+            "cells_tied": True,  # one cell: no per-block esds
+            "model": self.name,
+        })
+        self.last = {  # what the report does not show, for benchmarks and tests
+            "unit_cell_esd_static_job": static_esd,
+            "scan_varying_cell": bool(self.scan_varying_cell),
+            "num_scan_points": crystal.num_scan_points,
+            "reduced_chi_squared": job.chi2,
+        }
+        return blocks, out, record
 
 def _merge_search(table, search, indexed):
     """`table` with the indexing result of its subset `search` (matched by the
@@ -492,7 +745,7 @@ def reject_outliers(table, selection, model, rp, edge=None):
             continue
         sub = table.select(isel)
         sub["id"] = flex.int(len(sub), 0)
-        _set_identifiers(sub, experiments)
+        set_identifiers(sub, experiments)
         sub["s1"] = flex.vec3_double(len(sub), (0.0, 0.0, 0.0))
         set_obs_s1(sub, experiments)
         sub.calculate_entering_flags(experiments)
@@ -502,10 +755,10 @@ def reject_outliers(table, selection, model, rp, edge=None):
         sub["x_resid"], sub["y_resid"], sub["phi_resid"] = xc - xo, yc - yo, zc - zo
         sub.set_flags(flex.bool(len(sub), True), sub.flags.predicted)
         ro = copy.deepcopy(rp.refinement.reflections)
-        if ro.outlier.algorithm in ("auto", Auto()):
+        if ro.outlier.algorithm in ("auto", libtbx.Auto):
             ro.outlier.algorithm = "mcd"
         detector = CentroidOutlierFactory.from_parameters_and_colnames(ro, cols)
-        if detector.get_block_width() is Auto():
+        if detector.get_block_width() is libtbx.Auto:
             detector.set_block_width(18.0)  # DIALS' choice without a centroid analysis
         detector(sub)
         bad = sub.get_flags(sub.flags.centroid_outlier)
@@ -514,11 +767,6 @@ def reject_outliers(table, selection, model, rp, edge=None):
         table.set_flags(full, table.flags.centroid_outlier)
         counts[name] = bad.count(True)
     return counts
-
-
-def Auto():
-
-    return libtbx.Auto
 
 
 def _job_selection(table, refinable, model, rp, gap_edge, edge=None):
@@ -573,259 +821,6 @@ def block_rmsds(table, experiments):
             r = None
         out[exp.identifier] = r
     return out
-
-
-# refinement.blocks.continuous_reindex_cycles=None (auto): index all spots
-# against the scan-varying model and refine again while that adds at least
-# this fraction of the spots, at most AUTO_REINDEX_MAX times.  On 90 x 0.5
-# deg, every 10th image missing, a crystal whose drift accelerates to 0.1
-# deg/deg, the lattice search indexes 56 % of the last block and the model
-# refined from that predicts the end of the sweep badly (README, "Profile
-# model and re-indexing": the numbers, benchmarks/continuous.py --intensities).
-AUTO_REINDEX_GAIN = 0.01
-AUTO_REINDEX_MAX = 3
-
-
-def refine(
-    experiments,
-    reflections,
-    params,
-    gap_edge="xy",
-    scan_varying_cell=False,
-    reindex_gap_edges=True,
-    reindex_cycles=None,
-    final_reindex=True,
-    z_window=2.0,
-    interval_width_degrees=CONTINUOUS_INTERVAL_WIDTH,
-    scan_varying=True,
-):
-    """Static, then scan-varying refinement of ONE crystal over the whole range
-    (static only when not `scan_varying`).
-
-    `experiments`, `reflections`: as returned by :func:`index` (block
-    experiments sharing one crystal; reflections with ``id`` = block, -1 for
-    unindexed, ``gap_edge``).  Refinement runs on the joined scan with DIALS'
-    ``run_macrocycle`` and ``dials_refine_params(params)``: static, then
-    scan-varying orientation (smoother intervals from the whole range, as
-    DIALS sets them), cell static unless `scan_varying_cell`; beam, detector
-    and goniometer shared, parameterised as DIALS' defaults.  Gap-edge spots:
-    see the module doc (`gap_edge` = "xy", "exclude" or "full"); with
-    `reindex_gap_edges` they are indexed again against the statically refined
-    model before the scan-varying job; with `reindex_cycles` > 0 all spots are
-    indexed again against the scan-varying model (:func:`index_against_predictions`)
-    and the scan-varying job is repeated, that many times; None (auto): as
-    long as that indexes at least AUTO_REINDEX_GAIN of the spots more than the
-    previous job had (a crystal that turns faster than the lattice search's
-    static model can follow leaves the ends of the sweep under-indexed), at
-    most AUTO_REINDEX_MAX times; with
-    `final_reindex` all spots are indexed against the final model's
-    predictions at the end (no further refinement).  The smoothers'
-    checkpoint spacing is `interval_width_degrees` where the parameters
-    leave DIALS' default (see CONTINUOUS_INTERVAL_WIDTH); None keeps DIALS'.
-
-    Returns (block experiments, each with its slice of the refined crystal
-    and the shared refined beam, detector and goniometer; the indexed
-    reflections (as ``refinement.refine``), ``id`` = ``imageset_id`` = block,
-    predictions for those used in refinement, ``gap_edge``; record).
-    record = {"blocks": {identifier: {"rmsd_static": {...}, "rmsd_scan_varying":
-    {...}, "refinement": text}}, "crystal": {"unit_cell", "unit_cell_esd",
-    "unit_cell_esd_static_job", "space_group", "scan_varying_cell",
-    "num_scan_points", "reduced_chi_squared": {"static", "scan_varying"}},
-    "gap_edge": treatment}.  unit_cell_esd comes from the covariance of the
-    last job (with a static cell, the block of the cell's own parameters:
-    :func:`set_static_cell_covariance`); the static job's is kept for
-    reference.  RMSDs x, y
-    in px, phi in images, over spots used in refinement and not cut by a gap
-    (gap-edge spots: edge_x, edge_y, edge_n; a block whose spots are all cut
-    by a gap reports x, y, phi of those, with phi_biased=True; None for a
-    block without refined spots).
-    """
-    if gap_edge not in GAP_EDGE_TREATMENTS:
-        raise ValueError(f"gap_edge must be one of {GAP_EDGE_TREATMENTS}")
-    continuous = join_blocks(experiments)
-    table = _to_continuous(reflections, continuous)
-    if "gap_edge" not in table:
-        table["gap_edge"] = gap_edge_spots(experiments, table)
-    edge = table["gap_edge"]
-    # "xy": phi of gap-edge spots without weight, except in blocks where every
-    # spot is cut (blocks of one or two images): there the biased phi is the
-    # only phi information for that stretch of the rotation, and a smoother
-    # left without it at the sweep's end extrapolates (tiny sweep, last block
-    # one image after a gap: worst error 0.052 deg without, 0.018 with it)
-    xy_edge = copy.deepcopy(edge)
-    blocks_of_rows = table["block"]
-    for i in range(len(experiments)):
-        rows = blocks_of_rows == i
-        if rows.count(True) and (rows & ~edge).count(True) == 0:
-            xy_edge.set_selected(rows, False)
-    if "xyzobs.mm.value" not in table:
-        table.centroid_px_to_mm(ExperimentList([continuous]))
-    if "s1" not in table:  # DIALS sets the observed s1 where it is zero
-        table["s1"] = flex.vec3_double(len(table), (0.0, 0.0, 0.0))
-    original_mm = (copy.deepcopy(table["xyzobs.mm.value"]), copy.deepcopy(table["xyzobs.mm.variance"]))
-    record = {"blocks": {e.identifier: {} for e in experiments}, "gap_edge": gap_edge}
-
-    def refinable(t):
-        ok = t.get_flags(t.flags.indexed) & (t["id"] >= 0)
-        if gap_edge == "exclude":
-            ok &= ~t["gap_edge"]
-        return ok
-
-    # 1. static
-    rp = dials_refine_params(params)
-    rp.refinement.parameterisation.scan_varying = False
-    if gap_edge == "xy":
-        _inflate_edge_phi_variance(table, xy_edge)
-    sel, job_rp = _job_selection(table, refinable(table), continuous, rp, gap_edge, xy_edge)
-    work = table.select(sel)
-    logger.info("Continuous model: static refinement, %d reflections", len(work))
-    expts, work, refiner = _macrocycle(job_rp, work, ExperimentList([continuous]), "static refinement")
-    static = expts[0]
-    chi2 = {"static": _reduced_chi_squared(refiner)}
-    static_esd = _cell_esd(static.crystal)
-    _write_back(table, sel, work)
-    table["xyzobs.mm.value"].set_selected(edge.iselection(), original_mm[0].select(edge.iselection()))
-    table["xyzobs.mm.variance"].set_selected(edge.iselection(), original_mm[1].select(edge.iselection()))
-    for ident, r in block_rmsds(_to_blocks(copy.deepcopy(table), experiments), experiments).items():
-        record["blocks"][ident]["rmsd_static"] = r
-
-    # 2. the gap-edge spots again, against the refined model
-    if reindex_gap_edges and edge.count(True):
-        n = index_gap_edges(static, table, edge, z_window=z_window)
-        logger.info("Gap-edge spots indexed against the refined model: %d of %d", n, edge.count(True))
-
-    # 3. scan-varying orientation (cell static unless asked), one crystal;
-    # then every spot indexed again against the scan-varying model (a static
-    # model cannot index a crystal that turns by degrees) and refined again
-    rp = dials_refine_params(params)
-    par = rp.refinement.parameterisation
-    par.scan_varying = True
-    par.crystal.unit_cell.force_static = not scan_varying_cell
-    widths = []
-    for smoother in (par.crystal.orientation.smoother, par.crystal.unit_cell.smoother):
-        if (
-            interval_width_degrees
-            and smoother.absolute_num_intervals is None
-            and smoother.interval_width_degrees == DIALS_INTERVAL_WIDTH
-        ):
-            smoother.interval_width_degrees = interval_width_degrees
-        widths.append(smoother.interval_width_degrees)
-    model = static
-    auto = reindex_cycles is None
-    cycles = AUTO_REINDEX_MAX if auto else max(0, int(reindex_cycles))
-    for cycle in range(1 + cycles if scan_varying else 0):
-        if cycle > 0:
-            before = (table.get_flags(table.flags.indexed) & (table["id"] >= 0)).count(True)
-            everything = table["id"] >= -1
-            n = index_against_predictions(model, table, everything, z_window=z_window)
-            logger.info("All spots indexed against the scan-varying model: %d of %d (%+d)", n, len(table), n - before)
-            if auto and n - before < AUTO_REINDEX_GAIN * len(table):
-                break
-            logger.info("Continuous model: refined again with them (cycle %d)", cycle)
-        if gap_edge == "xy":
-            _inflate_edge_phi_variance(table, xy_edge)
-        table.unset_flags(flex.bool(len(table), True), table.flags.used_in_refinement)
-        sel, job_rp = _job_selection(table, refinable(table), model, rp, gap_edge, xy_edge)
-        work = table.select(sel)
-        logger.info("Continuous model: scan-varying refinement, %d reflections", len(work))
-        expts, work, refiner = _macrocycle(job_rp, work, ExperimentList([model]), "scan-varying refinement")
-        model = expts[0]
-        chi2["scan_varying"] = _reduced_chi_squared(refiner)
-        if not scan_varying_cell:
-            set_static_cell_covariance(refiner, model.crystal)
-        _write_back(table, sel, work)
-        # the edge spots' phi back to what was observed
-        table["xyzobs.mm.value"].set_selected(edge.iselection(), original_mm[0].select(edge.iselection()))
-        table["xyzobs.mm.variance"].set_selected(edge.iselection(), original_mm[1].select(edge.iselection()))
-    final = model
-    if final_reindex:
-        # every spot indexed against the final model (no more refinement):
-        # the indexed fraction of the model that is handed on
-        used = table.get_flags(table.flags.used_in_refinement)
-        n = index_against_predictions(final, table, table["id"] >= -1, z_window=z_window)
-        lost = used & ~table.get_flags(table.flags.indexed)
-        table.unset_flags(lost, table.flags.used_in_refinement)
-        logger.info("All spots indexed against the final model: %d of %d", n, len(table))
-
-    blocks = slice_onto_blocks(final, experiments)
-    out = _to_blocks(table, blocks)
-    out = out.select(out.get_flags(out.flags.indexed) & (out["id"] >= 0))
-    if scan_varying:
-        what = "continuous: one crystal over images %d-%d, orientation scan-varying (checkpoints every %g deg), cell %s" % (
-            *final.scan.get_image_range(), widths[0], "scan-varying" if scan_varying_cell else "static",
-        )
-    else:
-        what = "continuous: one crystal over images %d-%d, static" % final.scan.get_image_range()
-    for ident, r in block_rmsds(out, blocks).items():
-        if scan_varying:
-            record["blocks"][ident]["rmsd_scan_varying"] = r
-        record["blocks"][ident]["refinement"] = what
-    crystal = final.crystal
-    record["crystal"] = {
-        "unit_cell": list(crystal.get_unit_cell().parameters()),
-        # the esds of the cell handed on: from the last job's covariance
-        # (with a static cell, the block of its parameters: see
-        # set_static_cell_covariance); the static job's for reference
-        "unit_cell_esd": _cell_esd(crystal) if scan_varying else static_esd,
-        "unit_cell_esd_static_job": static_esd,
-        "space_group": str(crystal.get_space_group().info()),
-        "scan_varying_cell": bool(scan_varying_cell),
-        "num_scan_points": crystal.num_scan_points,
-        "reduced_chi_squared": chi2,
-    }
-    return blocks, out, record
-
-
-def set_static_cell_covariance(refiner, crystal):
-    """Give `crystal` (refined with a static cell in a scan-varying job) the
-    covariance of its B matrix from that job's parameter covariance.
-
-    DIALS 3.12 sets it wrongly: ``PredictionParameterisation.
-    calculate_model_state_uncertainties`` walks the parameterisations in
-    order (detector, beam, crystal orientation, unit cell, goniometer) taking
-    consecutive blocks of the covariance matrix, but skips the advance past a
-    parameterisation whose ``calculate_state_uncertainties`` returns None, as
-    the scan-varying orientation's does (it caches the block instead).  The
-    static cell then receives the block of the orientation's first smoother
-    parameters: on the default 3-block sweep a, b, c esds of 0.042, 0.019,
-    0.028 A where the cell parameters' own block gives 0.00063, 0.00081,
-    0.0010 A.  This takes the cell's own block, in the same order, and lets
-    the cell parameterisation turn it into the B covariance.  Returns True
-    when it did; False (crystal untouched) where this DIALS keeps its
-    parameterisations or covariance elsewhere."""
-
-    pred = getattr(refiner, "_pred_param", None)
-    refinery = getattr(refiner, "_refinery", None)
-    var_cov = getattr(refinery, "parameter_var_cov", None)
-    if pred is None or var_cov is None:
-        return False
-    try:
-        groups = [
-            getattr(pred, "_" + name)
-            for name in (
-                "detector_parameterisations", "beam_parameterisations", "xl_orientation_parameterisations",
-                "xl_unit_cell_parameterisations", "goniometer_parameterisations",
-            )
-        ]
-    except AttributeError:
-        return False
-    if sum(m.num_free() for g in groups for m in g) != var_cov.focus()[0]:
-        return False  # not the layout this was written for
-    cells = groups[3]
-    if len(cells) != 1 or isinstance(cells[0], ScanVaryingModelParameterisation) or cells[0].is_multi_state():
-        return False  # one static cell expected
-    i = 0
-    for group in groups:
-        for model in group:
-            n = model.num_free()
-            if model is cells[0]:
-                covs = model.calculate_state_uncertainties(var_cov.matrix_copy_block(i, i, n, n))
-                if not covs:
-                    return False
-                crystal.set_B_covariance(covs[0])
-                return True
-            i += n
-    return False
 
 
 def _reduced_chi_squared(refiner):

@@ -1,4 +1,5 @@
-"""The state the pipeline's stages share: models, reflections and the report."""
+"""What the pipeline's stages share: the state that flows through them, the
+record each stage returns, and the report the pipeline builds from them."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from typing import Any
 class Block:
     """One contiguous run of images: one experiment (one ImageSequence + Scan)."""
 
-    number: int  # 1, 2, ... in image order
+    number: int  # 1, 2, ... in run order (sweep by sweep, image order within)
     first: int  # first image number (as in the file names)
     last: int
     phi_start: float
     phi_end: float
     identifier: str = ""
-    stats: dict = field(default_factory=dict)  # filled by the stages
+    sweep: int = 1
+    stats: dict = field(default_factory=dict)  # from the stages' records
 
     @property
     def n_images(self) -> int:
@@ -33,27 +35,38 @@ class Block:
         return d
 
 
-class Record:
-    """What a stage found: statistics per block (by identifier) and about the
-    crystal, for the pipeline to put into the report."""
+def block_names(experiments) -> dict[str, str]:
+    """identifier -> 'Block k (images a-b)', for log messages."""
+    return {
+        e.identifier: "Block %d (images %d-%d)" % (i, *e.scan.get_image_range())
+        for i, e in enumerate(experiments, start=1)
+    }
 
-    def __init__(self, experiments):
-        self._names = {
-            e.identifier: "Block %d (images %d-%d)" % (i, *e.scan.get_image_range())
-            for i, e in enumerate(experiments, start=1)
-        }
-        self.blocks: dict[str, dict] = {}
-        self.crystal: dict = {}
+
+@dataclass
+class Record:
+    """What a stage found, for the pipeline to merge into the report: the one
+    way a stage reports."""
+
+    blocks: dict = field(default_factory=dict)  # identifier -> statistics
+    crystal: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+    inputs: dict = field(default_factory=dict)
+    per_image: dict = field(default_factory=dict)  # (sweep, image) -> dict
+    files: list = field(default_factory=list)  # dicts: name, kind, ...
+    scaling: dict = field(default_factory=dict)
+    plots: dict = field(default_factory=dict)
 
     def block(self, identifier: str) -> dict:
         return self.blocks.setdefault(identifier, {})
 
-    def name(self, identifier: str) -> str:
-        return self._names[identifier]
+    def warn(self, line: str) -> None:
+        if line not in self.warnings:
+            self.warnings.append(line)
 
 
-def blocks_of(experiments, previous=()):
-    """Block records (numbered 1..n in image order) of an experiment list;
+def blocks_of(experiments, sweeps, previous=()):
+    """Block records (numbered 1..n in run order) of an experiment list;
     a block already in `previous` (same identifier) keeps its statistics."""
     known = {b.identifier: b for b in previous}
     blocks = []
@@ -63,44 +76,70 @@ def blocks_of(experiments, previous=()):
         old = known.get(exp.identifier)
         blocks.append(
             Block(number=i, first=first, last=last, phi_start=phi0, phi_end=phi1,
-                  identifier=exp.identifier, stats=old.stats if old else {})
+                  identifier=exp.identifier, sweep=sweeps.sweep_of(exp).number if sweeps else 1,
+                  stats=old.stats if old else {})
         )
     return blocks
 
 
 @dataclass
 class Report:
-    """Everything the summary, the JSON and the HTML report show."""
+    """Everything the summary, the JSON and the HTML report show.
+
+    Written only by the pipeline: the stages' records are merged in
+    (``merge``), the blocks and images not used come from the sweeps
+    (``sync``)."""
 
     inputs: dict = field(default_factory=dict)
-    blocks: list = field(default_factory=list)  # Block, in image order
-    dropped_blocks: list = field(default_factory=list)  # dicts: block, reason
-    excluded: list = field(default_factory=list)  # dicts: image, status, reason, by (from the sweep)
-    stages: list = field(default_factory=list)  # dicts: name, seconds, ...
+    sweeps: list = field(default_factory=list)  # dicts: number, template, image_range, ...
+    blocks: list = field(default_factory=list)  # Block, in run order
+    dropped_blocks: list = field(default_factory=list)  # dicts: first, last, reason
+    excluded: list = field(default_factory=list)  # dicts: image, status, reason, by
+    stages: list = field(default_factory=list)  # dicts: name, seconds
     warnings: list = field(default_factory=list)
     crystal: dict = field(default_factory=dict)
-    per_image: dict = field(default_factory=dict)  # image number -> dict
+    per_image: dict = field(default_factory=dict)  # (sweep, image) -> dict
     scaling: dict = field(default_factory=dict)
     files: list = field(default_factory=list)
     plots: dict = field(default_factory=dict)  # data for the HTML report
 
-    def sync(self, sweep, experiments) -> None:
-        """Blocks and images not used, as the sweep has them now."""
-        self.blocks = blocks_of(experiments, self.blocks)
-        self.excluded = sweep.not_used()
-        self.dropped_blocks = list(sweep.dropped_blocks)
+    def sync(self, sweeps, experiments) -> None:
+        """Blocks and images not used, as the sweeps have them now."""
+        if sweeps is None:
+            return
+        if experiments is not None:
+            self.blocks = blocks_of(experiments, sweeps, self.blocks)
+        self.sweeps = [s.describe() for s in sweeps]
+        self.excluded = sweeps.not_used()
+        self.dropped_blocks = sweeps.dropped_blocks
 
-    def add(self, record) -> None:
-        """A stage's Record: its block statistics and crystal entries."""
+    def merge(self, record: Record | None) -> None:
+        """A stage's record."""
+        if record is None:
+            return
         for identifier, stats in record.blocks.items():
-            self.block(identifier).stats.update(stats)
+            block = self.find_block(identifier)
+            if block is not None:
+                block.stats.update(stats)
         self.crystal.update(record.crystal)
+        for line in record.warnings:
+            if line not in self.warnings:
+                self.warnings.append(line)
+        self.inputs.update(record.inputs)
+        for key, values in record.per_image.items():
+            self.per_image.setdefault(key, {}).update(values)
+        self.files.extend(record.files)
+        self.scaling.update(record.scaling)
+        self.plots.update(record.plots)
+
+    def find_block(self, identifier: str) -> Block | None:
+        return next((b for b in self.blocks if b.identifier == identifier), None)
 
     def block(self, identifier: str) -> Block:
-        for b in self.blocks:
-            if b.identifier == identifier:
-                return b
-        raise KeyError(identifier)
+        block = self.find_block(identifier)
+        if block is None:
+            raise KeyError(identifier)
+        return block
 
 
 @dataclass
@@ -109,9 +148,11 @@ class State:
 
     params: Any
     images: list = field(default_factory=list)  # command-line image arguments
-    sweep: Any = None  # dials_gapfill.model.sweep.Sweep: images, blocks, exclusions
+    sweeps: Any = None  # dials_gapfill.model.sweep.Sweeps: images, blocks, exclusions
     experiments: Any = None  # dxtbx ExperimentList, one experiment per block
     reflections: Any = None  # the current dials reflection table
+    crystal_model: Any = None  # dials_gapfill.crystal_model.CrystalModel, chosen at indexing
+    find_spots: Any = None  # experiments -> strong spots (set by spot finding; cut blocks need it)
     report: Report = field(default_factory=Report)
     scaled: Any = None  # (experiments, reflections) after optional scaling
     outputs: Any = None  # dials_gapfill.handlers.outputs.Outputs, or None: write nothing

@@ -1,14 +1,20 @@
-"""The sweep: ONE rotation with holes.
+"""The sweeps of a run: each ONE rotation with holes.
 
-A ``Sweep`` owns every image number from the first to the last image of the
-rotation, each with its status (used, missing file, not given, excluded by the
-user, found bad, dropped with its block) and who decided it; the blocks (runs
-of used images) follow from the statuses, and so do the experiments, one per
-block, cut from the imported image sequences.  Nothing else decides what a
-block is: stages *propose* images to exclude and ``Sweep.exclude`` carries it
-out, returning the new experiments and giving each block its spots: the spots
-it had if the block is unchanged, spots found again on the new block if it was
-cut, in the order one spot finding over the hand-excluded blocks gives.
+A ``Sweep`` owns every image number from the first to the last image of one
+rotation (one template or one NeXus scan, at one goniometer setting), each
+with its status (used, missing file, not given, excluded by the user, found
+bad, dropped with its block) and who decided it; the blocks (runs of used
+images) follow from the statuses, and so do the experiments, one per block,
+cut from the imported image sequences.
+
+``Sweeps`` holds the sweeps of one run, in order, and is the only place that
+changes statuses: stages *propose* images to exclude, keyed by (sweep number,
+image number), and ``Sweeps.exclude`` carries it out, returning the new
+experiments and giving each block its spots: the spots it had if the block is
+unchanged, spots found again on the new block if it was cut, in the order one
+spot finding over the hand-excluded blocks gives.  Dropping blocks (too short,
+not indexable) goes through it too, so the report's blocks, exclusions and
+dropped blocks all come from here.
 """
 
 from __future__ import annotations
@@ -17,15 +23,16 @@ import dataclasses
 import logging
 import uuid
 
+from dials.array_family import flex
 from dxtbx.model.experiment_list import Experiment, ExperimentList
 
-from dials.array_family import flex
-
 from dials_gapfill.errors import GapfillError
-from dials_gapfill.model.tables import join_blocks
+from dials_gapfill.model.state import Record, block_names
+from dials_gapfill.model.tables import image_numbers_of_z, join_blocks
 from dials_gapfill.util import runs
 
 logger = logging.getLogger("dials.process_gapped.sweep")
+spots_logger = logging.getLogger("dials.process_gapped")
 
 USED = "used"
 MISSING = "missing file"  # no file for this image number
@@ -70,16 +77,18 @@ def _slice(imageset, first: int, last: int):
 
 
 class Sweep:
-    """Images, blocks and exclusions of one rotation sweep.
+    """Images and blocks of one rotation.
 
     sources: experiments of the imported image sequences (contiguous runs of
-    readable files, or the images of one NeXus file), in image order, with one
-    shared beam, detector and goniometer and the start angle of each taken
-    from its image number.
+    readable files, or the images of one NeXus file), in image order, sharing
+    one beam, detector and goniometer, the start angle of each taken from its
+    image number.  number: the sweep's place in the run (1, 2, ...).
     """
 
-    def __init__(self, template: str, sources, image_range, statuses=None):
+    def __init__(self, template: str, sources, image_range, statuses=None, number: int = 1):
         self.template = template
+        self.number = number
+        self.n_files = 0  # files given (for the summary)
         self.sources = list(sources)
         first, last = image_range
         self.images = {n: Image(n) for n in range(first, last + 1)}
@@ -92,7 +101,7 @@ class Sweep:
                 image.status, image.reason, image.by = MISSING, "missing file", "input"
         for n, (status, reason, by) in (statuses or {}).items():
             self.images[n] = Image(n, status, reason, by)
-        self.dropped_blocks: list[dict] = []  # {first, last, reason}
+        self.dropped_blocks: list[dict] = []  # {first, last, reason[, stats]}
         self._experiments: dict[tuple[int, int], Experiment] = {}
         if not self.used():
             raise GapfillError("no images left to process: exclude fewer images")
@@ -120,6 +129,27 @@ class Sweep:
     def gap_after(self, last: int) -> bool:
         return last < self.image_range[1]
 
+    @property
+    def goniometer(self):
+        return self.sources[0].goniometer
+
+    def setting_text(self) -> str:
+        """The goniometer's angles (multi-axis: the scan axis named) or its rotation axis."""
+        g = self.goniometer
+        if hasattr(g, "get_names"):
+            scan_axis = g.get_scan_axis()
+            return ", ".join(
+                f"{n} scan" if k == scan_axis else f"{n} {a:.1f}"
+                for k, (n, a) in enumerate(zip(g.get_names(), g.get_angles()))
+            )
+        return "axis " + ", ".join(f"{v:.3f}" for v in g.get_rotation_axis())
+
+    def describe(self) -> dict:
+        return {
+            "number": self.number, "template": self.template, "image_range": list(self.image_range),
+            "n_files": self.n_files, "n_blocks": len(self.blocks()), "goniometer": self.setting_text(),
+        }
+
     # -- experiments ----------------------------------------------------------
 
     def experiments(self) -> ExperimentList:
@@ -133,6 +163,9 @@ class Sweep:
                 self._experiments[(first, last)] = exp
             out.append(exp)
         return out
+
+    def identifiers(self) -> set[str]:
+        return {block_identifier(self.template, first, last) for first, last in self.blocks()}
 
     def _make(self, first: int, last: int) -> Experiment:
         for src in self.sources:
@@ -149,9 +182,9 @@ class Sweep:
                 )
         raise AssertionError(f"block {first}-{last} lies in no imported sequence")
 
-    # -- the one operation that changes blocks --------------------------------
+    # -- changes (through Sweeps) ---------------------------------------------
 
-    def set_status(self, images: dict[int, str], status: str, by: str) -> list[int]:
+    def _set_status(self, images: dict[int, str], status: str, by: str) -> list[int]:
         """Mark used images; returns the image numbers that changed."""
         changed = []
         for n, reason in sorted(images.items()):
@@ -162,10 +195,89 @@ class Sweep:
             changed.append(n)
         return changed
 
-    def exclude(self, images: dict[int, str], by: str, reflections=None, find_spots=None,
-                status: str = BAD):
-        """Exclude images (number -> reason): (experiments, reflections).
 
+class Sweeps:
+    """The sweeps of one run, in order; the one place that changes images and blocks.
+
+    Images are named by (sweep number, image number).  The experiments of the
+    run are the blocks of every sweep, sweep by sweep, each in image order.
+    """
+
+    def __init__(self, sweeps):
+        self.sweeps = list(sweeps)
+        for k, sweep in enumerate(self.sweeps, start=1):
+            sweep.number = k
+
+    def __iter__(self):
+        return iter(self.sweeps)
+
+    def __len__(self):
+        return len(self.sweeps)
+
+    def __getitem__(self, k):
+        return self.sweeps[k]
+
+    # -- what there is ----------------------------------------------------------
+
+    def experiments(self) -> ExperimentList:
+        out = ExperimentList()
+        for sweep in self.sweeps:
+            out.extend(sweep.experiments())
+        return out
+
+    def used(self) -> list[tuple[int, int]]:
+        return [(s.number, n) for s in self.sweeps for n in s.used()]
+
+    def not_used(self) -> list[dict]:
+        """Images not used, each with its status, reason, who decided and (for
+        several sweeps) the sweep."""
+        out = []
+        for s in self.sweeps:
+            for d in s.not_used():
+                if len(self.sweeps) > 1:
+                    d["sweep"] = s.number
+                out.append(d)
+        return out
+
+    @property
+    def dropped_blocks(self) -> list[dict]:
+        out = []
+        for s in self.sweeps:
+            for d in s.dropped_blocks:
+                out.append(dict(d, sweep=s.number) if len(self.sweeps) > 1 else d)
+        return out
+
+    def sweep_of(self, experiment) -> Sweep:
+        """The sweep a block experiment belongs to."""
+        for s in self.sweeps:
+            if experiment.identifier in s.identifiers():
+                return s
+        raise KeyError(experiment.identifier)
+
+    def image_name(self, key: tuple[int, int]) -> str:
+        """'image 12', or 'image 12 of sweep 2' when the run has several sweeps."""
+        s, n = key
+        return f"image {n}" if len(self.sweeps) == 1 else f"image {n} of sweep {s}"
+
+    def exclude_images_value(self, key: tuple[int, int]) -> str:
+        """The gaps.exclude_images value that leaves out one image."""
+        s, n = key
+        return f"{n}" if len(self.sweeps) == 1 else f"{s}:{n}:{n}"
+
+    def gap_before(self, experiment) -> bool:
+        """Images are missing just before the block (not its sweep's start)."""
+        return self.sweep_of(experiment).gap_before(experiment.scan.get_image_range()[0])
+
+    def gap_after(self, experiment) -> bool:
+        return self.sweep_of(experiment).gap_after(experiment.scan.get_image_range()[1])
+
+    # -- the operations that change images and blocks ----------------------------
+
+    def exclude(self, images: dict[tuple[int, int], str], by: str, reflections=None, find_spots=None,
+                status: str = BAD, min_block_images: int = 1):
+        """Exclude images ((sweep, image) -> reason): (experiments, reflections).
+
+        Blocks the exclusion makes shorter than `min_block_images` are dropped.
         With `reflections` (spots of the current blocks), the new blocks get
         their spots: an unchanged block keeps its own, a block that was cut gets
         spots found again by `find_spots(experiments) -> reflections` on the new
@@ -175,26 +287,72 @@ class Sweep:
         hand-excluded blocks.
         """
         before = {e.identifier for e in self.experiments()}
-        changed = self.set_status(images, status, by)
-        for n in changed:
-            logger.warning("Excluding image %d: %s", n, self.images[n].reason)
+        for sweep in self.sweeps:
+            mine = {n: r for (s, n), r in images.items() if s == sweep.number}
+            for n in sweep._set_status(mine, status, by):
+                logger.warning("Excluding %s: %s", self.image_name((sweep.number, n)), sweep.images[n].reason)
+        self.drop_short_blocks(min_block_images, " after exclusions")
         experiments = self.experiments()
         if not len(experiments):
             raise GapfillError("no usable images left after excluding bad images: check the data")
         if reflections is None:
             return experiments, None
-        return experiments, self.spots_for(experiments, reflections, before, find_spots)
-
-    def drop(self, first: int, last: int, reason: str) -> None:
-        """Drop a whole block (e.g. it cannot be indexed)."""
-        self.set_status({n: reason for n in range(first, last + 1)}, DROPPED, "auto")
-
-    def spots_for(self, experiments, reflections, had_spots, find_spots):
-        """The spots of `experiments`: kept where a block is unchanged (its
-        identifier is in `had_spots`), found again where it is new."""
-        new = ExperimentList([e for e in experiments if e.identifier not in had_spots])
+        new = ExperimentList([e for e in experiments if e.identifier not in before])
         fresh = find_spots(new) if len(new) else None
-        return join_blocks([reflections] + ([fresh] if fresh is not None else []), experiments)
+        return experiments, join_blocks([reflections] + ([fresh] if fresh is not None else []), experiments)
+
+    def drop_block(self, experiment, reason: str, status_reason: str, stats=None) -> None:
+        """Drop a whole block (e.g. it cannot be indexed): its images become
+        'dropped' with `status_reason`, and the block is listed with `reason`."""
+        sweep = self.sweep_of(experiment)
+        first, last = experiment.scan.get_image_range()
+        sweep._set_status({n: status_reason for n in range(first, last + 1)}, DROPPED, "auto")
+        entry = {"first": first, "last": last, "reason": reason}
+        if stats is not None:
+            entry["stats"] = dict(stats)
+        sweep.dropped_blocks.append(entry)
+
+    def drop_short_blocks(self, min_images: int, why: str = "") -> list[dict]:
+        """Drop blocks shorter than `min_images`; returns what was dropped."""
+        dropped = []
+        for sweep in self.sweeps:
+            for first, last in sweep.blocks():
+                if last - first + 1 >= min_images:
+                    continue
+                reason = f"block of {last - first + 1} images is shorter than gaps.min_block_images{why}"
+                where = f"images {first}-{last}" + (f" of sweep {sweep.number}" if len(self.sweeps) > 1 else "")
+                logger.warning("Dropping %s: %s", where, reason)
+                sweep._set_status({n: "block too short" for n in range(first, last + 1)}, DROPPED, "auto")
+                entry = {"first": first, "last": last, "reason": reason}
+                sweep.dropped_blocks.append(entry)
+                dropped.append(entry)
+        return dropped
+
+
+def spot_record(experiments, reflections, sweeps):
+    """Strong spots per image (by centroid; zero for images of the blocks
+    without any, and for images found bad) and per block, as a Record."""
+    record = Record()
+    names = block_names(experiments)
+    z = reflections["xyzobs.px.value"].parts()[2]
+    ids = reflections["id"]
+    for i, exp in enumerate(experiments):
+        s = sweeps.sweep_of(exp).number
+        first, last = exp.scan.get_image_range()
+        counts = {n: 0 for n in range(first, last + 1)}
+        for n in image_numbers_of_z(z.select(ids == i)):
+            if n in counts:
+                counts[n] += 1
+        for n, c in counts.items():
+            record.per_image[(s, n)] = {"spots": c}
+        n_spots = int((ids == i).count(True))
+        record.block(exp.identifier)["spots"] = n_spots
+        spots_logger.info("%s: %d strong spots", names[exp.identifier], n_spots)
+    for sweep in sweeps:
+        for d in sweep.not_used():
+            if d["status"] == BAD:
+                record.per_image[(sweep.number, d["image"])] = {"spots": 0}
+    return record
 
 
 def canonical_order(reflections):

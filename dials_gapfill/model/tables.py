@@ -1,17 +1,12 @@
-"""Small helpers on reflection tables and experiment lists shared by the stages."""
+"""Reflection tables of blocks: DIALS' own selection by experiment identifier,
+plus the one thing DIALS has no helper for (below)."""
 
 from __future__ import annotations
 
 import math
 
-from dxtbx.model.experiment_list import ExperimentList
-
 from dials.array_family import flex
-
-
-def image_numbers(imageset) -> list[int]:
-    first, last = imageset.get_scan().get_image_range()
-    return list(range(first, last + 1))
+from dxtbx.model.experiment_list import ExperimentList
 
 
 def image_numbers_of_z(z) -> list[int]:
@@ -20,36 +15,31 @@ def image_numbers_of_z(z) -> list[int]:
 
 
 def join_blocks(tables, experiments):
-    """One table holding, for each experiment in `experiments` (in that
-    order), its rows from whichever of `tables` has its identifier; ids are
-    the experiments' positions, the identifier map complete.  Columns are
-    those common to all tables that contribute rows."""
+    """One table holding, for each experiment of `experiments` in that order,
+    its rows from whichever of `tables` has its identifier; ``id`` is the
+    experiment's position, the identifier map complete.
+
+    DIALS' ``reflection_table.concat`` renumbers ids over the experiments that
+    have rows (an experiment without rows would shift the ids of the ones
+    after it) and ``extend`` fills a column one table lacks with zeros; here
+    ids are positions and only the columns all contributing tables have are
+    kept (e.g. summation-only blocks have no profile-fitting columns).
+    """
     parts = []
     for i, exp in enumerate(experiments):
-        part = None
-        for table in tables:
-            if exp.identifier in table.experiment_identifiers().values():
-                part = table.select_on_experiment_identifiers([exp.identifier])
-                break
-        if part is None:
+        table = next((t for t in tables if exp.identifier in t.experiment_identifiers().values()), None)
+        if table is None:
             continue
-        ids = part.experiment_identifiers()
-        for k in list(ids.keys()):
-            del ids[k]
+        part = table.select_on_experiment_identifiers([exp.identifier])
         part["id"] = flex.int(len(part), i)
-        ids[i] = exp.identifier
         parts.append(part)
     out = flex.reflection_table()
     if parts:
         common = [k for k in parts[0].keys() if all(k in p for p in parts[1:])]
-        for part in parts:
-            if len(part) == 0:
-                continue
+        for part in (p for p in parts if len(p)):
             sub = flex.reflection_table()
             for k in common:
                 sub[k] = part[k]
-            for i, identifier in part.experiment_identifiers():
-                sub.experiment_identifiers()[i] = identifier
             out.extend(sub)
     for i, exp in enumerate(experiments):
         out.experiment_identifiers()[i] = exp.identifier
@@ -60,6 +50,15 @@ def keep_experiments(reflections, experiments, identifiers):
     """Subset of experiments (by identifier) and their reflections, renumbered."""
     kept = ExperimentList([e for e in experiments if e.identifier in identifiers])
     return join_blocks([reflections], kept), kept
+
+
+def set_identifiers(table, experiments) -> None:
+    """The table's identifier map: id i is experiments[i]."""
+    ids = table.experiment_identifiers()
+    for k in list(ids.keys()):
+        del ids[k]
+    for i, exp in enumerate(experiments):
+        ids[i] = exp.identifier
 
 
 def rmsds(reflections, experiment_id):
@@ -90,3 +89,4 @@ def mean_cell(crystal):
         return list(crystal.get_unit_cell().parameters())
     cells = [crystal.get_unit_cell_at_scan_point(i).parameters() for i in range(n)]
     return [sum(c[k] for c in cells) / n for k in range(6)]
+

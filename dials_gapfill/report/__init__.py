@@ -130,11 +130,6 @@ def finalise(state) -> None:
         block = report.block(exp.identifier)
         cell = mean_cell(exp.crystal)
         block.stats["unit_cell"] = cell
-        # a block's own esds only where its cell is its own (not tied to the
-        # others: DIALS' esds of tied static cells in a scan-varying job are
-        # not those of the one cell they describe)
-        esd = list(exp.crystal.get_cell_parameter_sd()) if not report.crystal.get("cells_tied") else []
-        block.stats["unit_cell_esd"] = esd if any(esd) else None
         if exp.crystal.num_scan_points:
             mid = exp.crystal.num_scan_points // 2
             block.stats["U_mid"] = list(exp.crystal.get_U_at_scan_point(mid))
@@ -171,13 +166,14 @@ def summary_dict(state, diff_phil: str = "") -> dict:
     """Everything of the summary, machine-readable (layout in README.md)."""
 
     report = state.report
+    several = len(report.sweeps) > 1
     blocks = []
     for b in report.blocks:
-        d = {k: v for k, v in b.as_dict().items() if k != "stats"}
+        d = {k: v for k, v in b.as_dict().items() if k != "stats" and (several or k != "sweep")}
         d.update(b.stats)
         blocks.append(d)
     per_image = sorted(report.per_image.items())
-    excluded_images = {e["image"] for e in report.excluded}
+    excluded_images = {(e.get("sweep", 1), e["image"]) for e in report.excluded}
     try:
         working = state.params and _working_phil_text(state.params)
     except Exception:
@@ -193,6 +189,7 @@ def summary_dict(state, diff_phil: str = "") -> dict:
             },
             "parameters": {"modified": diff_phil, "working": working},
             "input": report.inputs,
+            **({"sweeps": report.sweeps} if several else {}),
             "blocks": blocks,
             "dropped_blocks": report.dropped_blocks,
             "excluded_images": report.excluded,
@@ -208,7 +205,8 @@ def summary_dict(state, diff_phil: str = "") -> dict:
                 "gap_combined": sum(b.stats.get("gap_combined", 0) for b in report.blocks),
             },
             "per_image": {
-                "image": [n for n, _ in per_image],
+                **({"sweep": [s for (s, _), _ in per_image]} if several else {}),
+                "image": [n for (_, n), _ in per_image],
                 "spots": [d.get("spots") for _, d in per_image],
             },
             "scaling": report.scaling or None,

@@ -24,6 +24,7 @@ from dxtbx.model.experiment_list import ExperimentList
 
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.phil import defaults
+from dials_gapfill.model.state import Record
 from dials_gapfill.model.tables import keep_experiments
 
 logger = logging.getLogger("dials.process_gapped.export")
@@ -58,11 +59,12 @@ def write_mtz(reflections, experiments, params, path, intensity=None):
     return iotbx.mtz.object(path).n_reflections()
 
 
-def export(experiments, reflections, params, report, outputs):
-
+def export(experiments, reflections, params, outputs) -> Record:
+    """Write the integrated data; what was written, as a Record."""
+    record = Record()
     out = params.output
     mtz_experiments = image_number_batches(experiments)
-    files = report.files
+    files = record.files
     if out.experiments:
         outputs.write(out.experiments, lambda p: experiments.as_file(p))
         files.append({"name": out.experiments, "kind": "experiments", "blocks": len(experiments)})
@@ -88,7 +90,7 @@ def export(experiments, reflections, params, report, outputs):
             f"{out.mtz} holds summation intensities (per-block MTZ files keep profile-fitted ones)"
         )
         logger.warning(msg)
-        report.warnings.append(msg)
+        record.warn(msg)
     if out.mtz:
         counts = {}
         outputs.write(
@@ -108,3 +110,10 @@ def export(experiments, reflections, params, report, outputs):
             files.append(
                 {"name": name, "kind": "block mtz", "block": number, "reflections": counts["n"]}
             )
+    return record
+
+
+def run(state) -> Record | None:
+    if state.outputs is None:
+        return None
+    return export(state.experiments, state.reflections, state.params, state.outputs)

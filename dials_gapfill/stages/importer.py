@@ -30,12 +30,17 @@ from dxtbx.model.experiment_list import (
     ExperimentListFactory,
     GoniometerComparison,
 )
-from dxtbx.sequence_filenames import template_regex
+from dxtbx.sequence_filenames import (
+    template_regex,
+    template_string_number_index,
+    template_string_to_glob_expr,
+)
 
 from dials_gapfill.errors import GapfillError
+from dials_gapfill.model.exclusions import exclusion_ranges
+from dials_gapfill.model.state import Record
+from dials_gapfill.model.sweep import BAD, EXCLUDED, NOT_GIVEN, Sweep, Sweeps
 from dials_gapfill.phil import dials_import_params
-from dials_gapfill.model.sweep import BAD, EXCLUDED, NOT_GIVEN, Sweep
-from dials_gapfill.model.tables import image_numbers
 from dials_gapfill.util import captured, range_text
 
 logger = logging.getLogger("dials.process_gapped.import")
@@ -49,40 +54,14 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 # --------------------------------------------------------------------------
-# Exclusion lists
-# --------------------------------------------------------------------------
-
-
-def parse_exclusions(values) -> list[tuple[int, int]]:
-    """``["41:45,81", "90"]`` -> ``[(41, 45), (81, 81), (90, 90)]``."""
-    ranges = []
-    for value in values or []:
-        items = value if isinstance(value, (list, tuple)) else [value]
-        for item in items:
-            for token in str(item).replace(" ", ",").split(","):
-                if not token:
-                    continue
-                m = re.fullmatch(r"(\d+)(?:[:](\d+))?", token)
-                if not m:
-                    raise GapfillError(
-                        f"gaps.exclude_images: cannot read {token!r}: give 1-based image "
-                        "numbers and first:last ranges separated by commas, e.g. "
-                        "exclude_images=41:45,81"
-                    )
-                first = int(m.group(1))
-                last = int(m.group(2)) if m.group(2) else first
-                if last < first or first < 1:
-                    raise GapfillError(
-                        f"gaps.exclude_images: range {token!r} is empty or starts below 1: "
-                        "write ranges as first:last with first <= last, e.g. 41:45"
-                    )
-                ranges.append((first, last))
-    return ranges
-
-
-# --------------------------------------------------------------------------
 # Finding the files
 # --------------------------------------------------------------------------
+
+
+def _is_file(path: str) -> bool:
+    """A file, or a symbolic link to nothing (a broken link is an image that
+    cannot be read, whichever way it was named: damaged_reason says so)."""
+    return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
 
 
 def _listdir_images(directory: str) -> list[str]:
@@ -91,7 +70,7 @@ def _listdir_images(directory: str) -> list[str]:
         os.path.join(directory, n)
         for n in names
         if not n.startswith(".")
-        and os.path.isfile(os.path.join(directory, n))
+        and _is_file(os.path.join(directory, n))
         and os.path.splitext(n)[1].lower() not in _NOT_IMAGES
     ]
 
@@ -105,21 +84,18 @@ def _template_files(template: str, first=None, last=None) -> dict[int, str]:
         )
     directory, base = os.path.split(template)
     directory = directory or "."
-    m = re.fullmatch(r"([^#]*)(#+)([^#]*)", base)
-    if not m:
+    if not re.fullmatch(r"[^#]*#+[^#]*", base):
         raise GapfillError(
             f"input.template={template!r}: the # characters must be one run, e.g. data_####.cbf"
         )
     if not os.path.isdir(directory):
         raise GapfillError(f"input.template={template!r}: no such directory {directory!r}")
-    pattern = re.compile(re.escape(m.group(1)) + r"(\d{%d})" % len(m.group(2)) + re.escape(m.group(3)) + "$")
+    a, b = template_string_number_index(base)
     found = {}
-    for name in os.listdir(directory):
-        mm = pattern.match(name)
-        if mm:
-            number = int(mm.group(1))
-            if (first is None or number >= first) and (last is None or number <= last):
-                found[number] = os.path.join(directory, name)
+    for path in glob.glob(os.path.join(glob.escape(directory), template_string_to_glob_expr(base))):
+        number = int(os.path.basename(path)[a:b])
+        if (first is None or number >= first) and (last is None or number <= last):
+            found[number] = path
     return found
 
 
@@ -161,11 +137,11 @@ def collect_files(params, positional=()) -> list[str]:
                 )
             files.extend(found)
         elif _GLOB_CHARS.search(entry) and not os.path.exists(entry):
-            found = sorted(f for f in glob.glob(entry) if os.path.isfile(f))
+            found = sorted(f for f in glob.glob(entry) if _is_file(f))
             if not found:
                 raise GapfillError(f"no files match {entry!r}: check the path and the pattern")
             files.extend(found)
-        elif os.path.isfile(entry):
+        elif _is_file(entry):
             files.append(entry)
         else:
             raise GapfillError(f"no such file or directory: {entry!r}: check the path")
@@ -189,41 +165,47 @@ def _is_container(path: str) -> bool:
     return path.lower().endswith(_CONTAINER_SUFFIXES)
 
 
-def number_files(files: list[str], report) -> tuple[str, dict[int, str]]:
-    """(template, {image number: path}) for single-image files of one sweep."""
-
-    by_number: dict[int, str] = {}
-    templates: dict[str, list[str]] = {}
+def group_sweeps(files: list[str], record) -> list[tuple[str, dict[int, str] | None]]:
+    """The sweeps of the files given: [(template, {image number: path})], one
+    per file-name template (a sweep split over several folders with the same
+    file names is one sweep), sorted by template; a NeXus/HDF5 file is a sweep
+    of its own: (path, None), in the order given."""
+    sweeps: dict[str, dict[int, str]] = {}
+    containers = []
     seen: dict[str, str] = {}
     for f in files:
         real = os.path.realpath(f)
         if real in seen:
-            msg = f"{f} was given twice; it is used once"
-            logger.warning(msg)
-            report.warnings.append(msg)
+            record.warn(f"{f} was given twice; it is used once")
+            logger.warning("%s was given twice; it is used once", f)
             continue
         seen[real] = f
-        template, number = template_regex(os.path.abspath(f))
+        if _is_container(f):
+            containers.append(os.path.abspath(f))
+            continue
+        path = os.path.abspath(f)
+        template, number = template_regex(os.path.basename(path))
         if template is None or "#" not in template:
             raise GapfillError(
                 f"not an image of a numbered sweep: {f}: remove it from the list of images"
             )
-        templates.setdefault(template, []).append(f)
+        by_number = sweeps.setdefault(template, {})
         if number in by_number:
             raise GapfillError(
-                f"image number {number} given twice ({by_number[number]} and {f}): "
-                "give the images of one sweep only"
+                f"image number {number} given twice ({by_number[number]} and {path}): "
+                "give each image once"
             )
-        by_number[number] = os.path.abspath(f)
-    if len(templates) > 1:
-        names = sorted(templates, key=lambda t: -len(templates[t]))
-        stray = templates[names[1]][0]
-        raise GapfillError(
-            f"the images belong to {len(templates)} different file name templates "
-            f"({', '.join(os.path.basename(t) for t in names[:3])}); e.g. {stray} "
-            "does not match the others: give the images of one sweep only"
-        )
-    return next(iter(templates)), by_number
+        by_number[number] = path
+    numbered = []
+    for name in sorted(sweeps):
+        by_number = sweeps[name]
+        folders = sorted({os.path.dirname(p) for p in by_number.values()})
+        # the template of the folder holding the first image
+        first_folder = os.path.dirname(by_number[min(by_number)])
+        numbered.append((os.path.join(first_folder, name), by_number))
+        if len(folders) > 1:
+            logger.info("Images of %s are in %d folders: %s", name, len(folders), ", ".join(folders))
+    return numbered + [(c, None) for c in containers]
 
 
 # --------------------------------------------------------------------------
@@ -231,14 +213,17 @@ def number_files(files: list[str], report) -> tuple[str, dict[int, str]]:
 # --------------------------------------------------------------------------
 
 
-def truncated_reason(path: str) -> str | None:
+def damaged_reason(path: str) -> str | None:
     """Why an image file is damaged, or None.
 
     miniCBF: shorter than X-Binary-Size says, or a binary section that does not
     match its Content-MD5 (Dectris writes one; the check reads the file once,
     which leaves it in the page cache for spot finding).  SMV: shorter than
     HEADER_BYTES + SIZE1 * SIZE2 * bytes.  Compressed files are not checked.
+    A broken symbolic link is named as such.
     """
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"unreadable: broken symbolic link to {os.readlink(path)}"
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
@@ -371,8 +356,8 @@ def _check_shared(experiments, params) -> None:
     comp = _comparisons(params)
     ref = experiments[0]
     for exp in experiments[1:]:
-        a, b = image_numbers(ref.imageset), image_numbers(exp.imageset)
-        where = f"images {a[0]}-{a[-1]} and {b[0]}-{b[-1]}"
+        (a0, a1), (b0, b1) = ref.scan.get_image_range(), exp.scan.get_image_range()
+        where = f"images {a0}-{a1} and {b0}-{b1}"
         if not comp["compare_beam"](ref.beam, exp.beam):
             raise GapfillError(
                 f"mixed wavelengths or beams: {where} differ ({ref.beam.get_wavelength():.5f} "
@@ -412,21 +397,22 @@ def _fix_oscillation(experiments, params, reference_image: int) -> None:
         exp.imageset.set_scan(exp.scan)
 
 
-def _warn_inconsistent_phi(experiments, report) -> None:
+def _inconsistent_phi(experiments) -> list[str]:
+    """Blocks whose start angle is not where their first image number puts it."""
     ref = experiments[0].scan
     width = ref.get_oscillation()[1]
+    out = []
     for exp in experiments[1:]:
         first = exp.scan.get_image_range()[0]
         expected = ref.get_angle_from_image_index(first)
         actual = exp.scan.get_oscillation()[0]
         if abs(expected - actual) > 0.5 * abs(width):
-            msg = (
+            out.append(
                 f"block starting at image {first} starts at {actual:.2f} deg but its image "
                 f"number implies {expected:.2f} deg: check the image headers (or set "
                 "geometry.scan.oscillation=start,width)"
             )
-            logger.warning(msg)
-            report.warnings.append(msg)
+    return out
 
 
 def _share_models(experiments) -> None:
@@ -464,116 +450,198 @@ def _not_given(template, numbers, given) -> set[int]:
     return set(existing) - set(given)
 
 
-def import_images(params, positional, report) -> Sweep:
-    """The import stage: the Sweep of the images given.
+def _exclusions_by_sweep(ranges, n_sweeps) -> list[list[tuple[int, int]]]:
+    """gaps.exclude_images for each sweep: a range names its sweep when there
+    are several (sweep:first:last)."""
+    out = [[] for _ in range(n_sweeps)]
+    for sweep, first, last in ranges:
+        if sweep is None:
+            if n_sweeps > 1:
+                raise GapfillError(
+                    f"gaps.exclude_images={first}:{last} does not say which of the {n_sweeps} sweeps: "
+                    f"write sweep:first:last, e.g. exclude_images=2:{first}:{last} (sweeps as numbered "
+                    "in the summary: by file name template)"
+                )
+            sweep = 1
+        if sweep > n_sweeps:
+            raise GapfillError(
+                f"gaps.exclude_images names sweep {sweep}, but there {'is' if n_sweeps == 1 else 'are'} "
+                f"{n_sweeps} sweep{'s' if n_sweeps > 1 else ''}: check the sweep number"
+            )
+        out[sweep - 1].append((first, last))
+    return out
+
+
+def import_images(params, positional):
+    """The sweeps of the images given: (Sweeps, Record).
 
     Excluded files (gaps.exclude_images) and files that fail the header checks
     are never handed to dxtbx; each contiguous run of the others becomes one
-    imported sequence of the sweep.
+    imported sequence of its sweep.  All sweeps share one beam and detector;
+    each has its own goniometer (setting).
     """
     if params.geometry.scan.image_range:
         raise GapfillError(
             "geometry.scan.image_range is not supported here: leave images out with "
             "gaps.exclude_images=first:last instead"
         )
+    record = Record()
     files = collect_files(params, positional)
-    exclusions = parse_exclusions(params.gaps.exclude_images)
+    ranges = exclusion_ranges(params.gaps.exclude_images)
+    groups = group_sweeps(files, record)
+    exclusions = _exclusions_by_sweep(ranges, len(groups))
+    sweeps = []
+    for number, ((template, by_number), mine) in enumerate(zip(groups, exclusions), start=1):
+        where = "" if len(groups) == 1 else f" of sweep {number}"
+        if by_number is None:
+            sweeps.append(_import_container(template, mine, params, record, where))
+        else:
+            sweeps.append(_import_files(template, by_number, mine, params, record, where))
+    sweeps = Sweeps(sweeps)
+    _share_between_sweeps(sweeps, params)
+    sweeps.drop_short_blocks(params.gaps.min_block_images)
+    if not sweeps.used():
+        raise GapfillError("no block is long enough to process: lower gaps.min_block_images")
+    record.inputs.update(_inputs(sweeps, ranges))
+    return sweeps, record
+
+
+def _inputs(sweeps, ranges) -> dict:
+    """What the summary says of the input (the first sweep's template and
+    image range; the sweeps' own in the report's sweep list)."""
+    first = sweeps[0]
+    inputs = {
+        "n_files": sum(s.n_files for s in sweeps),
+        "template": first.template,
+        "exclude_images": [list(r[1:]) if r[0] is None else list(r) for r in ranges],
+        "format": first.sources[0].imageset.get_format_class().__name__,
+        "image_range": list(first.image_range),
+    }
+    if len(sweeps) > 1:
+        inputs["template"] = [s.template for s in sweeps]
+        inputs["image_range"] = [list(s.image_range) for s in sweeps]
+    return inputs
+
+
+def _import_files(template, by_number, exclusions, params, record, where) -> Sweep:
+    """One sweep of single-image files."""
+    numbers = sorted(by_number)
     excluded: set[int] = set()
     for first, last in exclusions:
         excluded.update(range(first, last + 1))
-
-    containers = [f for f in files if _is_container(f)]
-    if containers:
-        if len(files) > 1:
-            raise GapfillError(
-                "give one NeXus/HDF5 file per run (gaps in such a sweep come from "
-                "gaps.exclude_images): got " + ", ".join(os.path.basename(f) for f in files[:4])
-            )
-        template, by_number = files[0], None
-    else:
-        template, by_number = number_files(files, report)
-
+    _check_exclusions(numbers, exclusions, f"give image numbers as in the file names{where}")
     statuses: dict[int, tuple[str, str, str]] = {}
-    if by_number is not None:
-        numbers = sorted(by_number)
-        report.inputs["n_files"] = len(numbers)
-        _check_exclusions(numbers, exclusions, "give image numbers as in the file names")
-        for n in _not_given(template, numbers, by_number):
-            statuses[n] = (NOT_GIVEN, "not given (the file exists)", "input")
-        for n in sorted(excluded & set(numbers)):
-            statuses[n] = (EXCLUDED, "gaps.exclude_images", "user")
-        keep = [n for n in numbers if n not in excluded]
-        if not keep:
-            raise GapfillError("no images left after gaps.exclude_images: exclude fewer images")
-        # cheap header checks: truncated files never reach dxtbx
-        paths = []
-        for n in keep:
-            reason = truncated_reason(by_number[n])
-            if reason:
-                if not params.gaps.auto_exclude:
-                    raise GapfillError(
-                        f"image {n} ({by_number[n]}) is {reason.split(': ', 1)[1]}: "
-                        f"leave it out with exclude_images={n} (or set gaps.auto_exclude=True)"
-                    )
-                logger.warning("Excluding image %d: %s", n, reason)
-                statuses[n] = (BAD, reason, "auto")
-            else:
-                paths.append(by_number[n])
-        if not paths:
-            raise GapfillError("none of the images can be read: check the files")
-        number_of = {p: n for n, p in by_number.items()}
-        experiments, unhandled = _read_with_dxtbx(paths, params)
-        for p in unhandled:
-            n = number_of.get(p)
+    for n in _not_given(template, numbers, by_number):
+        statuses[n] = (NOT_GIVEN, "not given (the file exists)", "input")
+    for n in sorted(excluded & set(numbers)):
+        statuses[n] = (EXCLUDED, "gaps.exclude_images", "user")
+    keep = [n for n in numbers if n not in excluded]
+    if not keep:
+        raise GapfillError("no images left after gaps.exclude_images: exclude fewer images")
+    # cheap header checks: damaged files never reach dxtbx
+    paths = []
+    for n in keep:
+        reason = damaged_reason(by_number[n])
+        if reason:
             if not params.gaps.auto_exclude:
                 raise GapfillError(
-                    f"image {n} ({p}) is not a readable image: leave it out with "
-                    f"exclude_images={n} (or set gaps.auto_exclude=True)"
+                    f"image {n}{where} ({by_number[n]}) is {reason.split(': ', 1)[1]}: "
+                    f"leave it out with exclude_images={n} (or set gaps.auto_exclude=True)"
                 )
-            logger.warning("Excluding image %s: not a recognised image format", n)
-            statuses[n] = (BAD, "unreadable: not a recognised image format", "auto")
-        if not experiments:
+            logger.warning("Excluding image %d%s: %s", n, where, reason)
+            statuses[n] = (BAD, reason, "auto")
+        else:
+            paths.append(by_number[n])
+    if not paths:
+        raise GapfillError("none of the images can be read: check the files")
+    number_of = {p: n for n, p in by_number.items()}
+    experiments, unhandled = _read_with_dxtbx(paths, params)
+    for p in unhandled:
+        n = number_of.get(p)
+        if not params.gaps.auto_exclude:
             raise GapfillError(
-                f"none of the {len(paths)} files is an image dxtbx can read "
-                f"(e.g. {paths[0]}): check the files"
+                f"image {n}{where} ({p}) is not a readable image: leave it out with "
+                f"exclude_images={n} (or set gaps.auto_exclude=True)"
             )
-    else:
-        report.inputs["n_files"] = 1
-        experiments, unhandled = _read_with_dxtbx([template], params)
-        if unhandled or not experiments:
-            raise GapfillError(f"{template} is not an image file dxtbx can read: check the file")
-        numbers = image_numbers(experiments[0].imageset)
-        _check_exclusions(numbers, exclusions, f"the images of {os.path.basename(template)}")
-        for n in sorted(excluded & set(numbers)):
-            statuses[n] = (EXCLUDED, "gaps.exclude_images", "user")
-    lo, hi = numbers[0], numbers[-1]
-    report.inputs.update({"template": template, "exclude_images": [list(r) for r in exclusions]})
+        logger.warning("Excluding image %s%s: not a recognised image format", n, where)
+        statuses[n] = (BAD, "unreadable: not a recognised image format", "auto")
+    if not experiments:
+        raise GapfillError(
+            f"none of the {len(paths)} files is an image dxtbx can read "
+            f"(e.g. {paths[0]}): check the files"
+        )
+    sweep = _make_sweep(template, experiments, params, (numbers[0], numbers[-1]), statuses, record)
+    sweep.n_files = len(numbers)
+    return sweep
 
-    imagesets = list(experiments.imagesets())
-    for imageset in imagesets:
+
+def _import_container(path, exclusions, params, record, where) -> Sweep:
+    """One sweep in one NeXus/HDF5 file."""
+    experiments, unhandled = _read_with_dxtbx([path], params)
+    if unhandled or not experiments:
+        raise GapfillError(f"{path} is not an image file dxtbx can read: check the file")
+    first, last = experiments[0].scan.get_image_range()
+    numbers = list(range(first, last + 1))
+    _check_exclusions(numbers, exclusions, f"the images of {os.path.basename(path)}")
+    statuses = {}
+    for a, b in exclusions:
+        for n in range(a, b + 1):
+            statuses[n] = (EXCLUDED, "gaps.exclude_images", "user")
+    sweep = _make_sweep(path, experiments, params, (first, last), statuses, record)
+    sweep.n_files = 1
+    return sweep
+
+
+def _make_sweep(template, experiments, params, image_range, statuses, record) -> Sweep:
+    """The imported sequences of one sweep, with the geometry overrides, each
+    block's start angle from its image number and one beam, detector and
+    goniometer."""
+    for imageset in experiments.imagesets():
         if not isinstance(imageset, ImageSequence) and params.geometry.scan.oscillation is None:
             raise GapfillError(
                 "the images are stills, not a rotation sweep (no oscillation in the "
                 "headers): if the headers are wrong set geometry.scan.oscillation=start,width"
             )
-    sources = _apply_geometry(imagesets, params)
-    _fix_oscillation(sources, params, lo)
+    sources = _apply_geometry(list(experiments.imagesets()), params)
+    _fix_oscillation(sources, params, image_range[0])
     _check_shared(sources, params)
     _share_models(sources)
-    _warn_inconsistent_phi(sources, report)
+    for line in _inconsistent_phi(sources):
+        logger.warning(line)
+        record.warn(line)
+    return Sweep(template, sources, image_range, statuses)
 
-    sweep = Sweep(template, sources, (lo, hi), statuses)
-    drop_short_blocks(sweep, params.gaps.min_block_images)
-    if not sweep.used():
-        raise GapfillError("no block is long enough to process: lower gaps.min_block_images")
-    report.inputs["format"] = sources[0].imageset.get_format_class().__name__
-    report.inputs["image_range"] = [lo, hi]
-    return sweep
+
+def _share_between_sweeps(sweeps, params) -> None:
+    """One beam and one detector for all sweeps (each keeps its goniometer)."""
+    if len(sweeps) < 2:
+        return
+    comp = _comparisons(params)
+    ref = sweeps[0].sources[0]
+    for sweep in sweeps.sweeps[1:]:
+        exp = sweep.sources[0]
+        where = f"sweeps 1 ({os.path.basename(sweeps[0].template)}) and {sweep.number} ({os.path.basename(sweep.template)})"
+        if not comp["compare_beam"](ref.beam, exp.beam):
+            raise GapfillError(
+                f"mixed wavelengths or beams: {where} differ ({ref.beam.get_wavelength():.5f} vs "
+                f"{exp.beam.get_wavelength():.5f} A): process each sweep separately "
+                "(or override with geometry.beam.wavelength= if the headers are wrong)"
+            )
+        if not comp["compare_detector"](ref.detector, exp.detector):
+            raise GapfillError(
+                f"mixed detectors: {where} differ ({_describe_models(ref)} vs {_describe_models(exp)}): "
+                "process each sweep separately"
+            )
+    beam, detector = ref.beam, ref.detector
+    for sweep in sweeps:
+        for exp in sweep.sources:
+            exp.beam, exp.detector = beam, detector
+            exp.imageset.set_beam(beam)
+            exp.imageset.set_detector(detector)
 
 
 def _apply_geometry(imagesets, params):
     """dials.import's MetaDataUpdater on the imported sequences, in image order."""
-
     try:
         experiments = MetaDataUpdater(dials_import_params(params))(imagesets)
     except (Sorry, AssertionError, RuntimeError, ValueError) as e:
@@ -588,22 +656,9 @@ def _apply_geometry(imagesets, params):
     return ExperimentList(sorted(experiments, key=lambda e: e.scan.get_image_range()[0]))
 
 
-def drop_short_blocks(sweep, min_images, why="") -> list[dict]:
-    """Drop blocks shorter than `min_images`; returns what was dropped."""
-    dropped = []
-    for first, last in sweep.blocks():
-        if last - first + 1 >= min_images:
-            continue
-        reason = f"block of {last - first + 1} images is shorter than gaps.min_block_images{why}"
-        logger.warning("Dropping images %d-%d: %s", first, last, reason)
-        sweep.drop(first, last, "block too short")
-        dropped.append({"first": first, "last": last, "reason": reason})
-    sweep.dropped_blocks.extend(dropped)
-    return dropped
-
-
-def adopt_experiments(experiments, params, report) -> Sweep:
-    """The Sweep of an ExperimentList made elsewhere (e.g. by dials.import).
+def adopt_experiments(experiments, params):
+    """The Sweeps of an ExperimentList made elsewhere (e.g. by dials.import):
+    (Sweeps, Record).  Sequences sharing an image template are one sweep.
 
     The same checks and model sharing as import_images; the geometry is taken
     as it is (overrides belong to the import that made it).
@@ -611,41 +666,70 @@ def adopt_experiments(experiments, params, report) -> Sweep:
     sequences = [e for e in experiments if isinstance(e.imageset, ImageSequence) and e.scan and not e.scan.is_still()]
     if not sequences:
         raise GapfillError("the experiments hold no rotation sweep: import the images as sequences")
-    sequences = ExperimentList(sorted(sequences, key=lambda e: e.scan.get_image_range()[0]))
-    _check_shared(sequences, params)
-    _share_models(sequences)
+    by_template: dict[str, list] = {}
     for exp in sequences:
         exp.crystal = None
-    template = sequences[0].imageset.get_template()
-    first = sequences[0].scan.get_image_range()[0]
-    last = sequences[-1].scan.get_image_range()[1]
-    exclusions = parse_exclusions(params.gaps.exclude_images)
-    _check_exclusions([first, last], exclusions, "give image numbers as in the file names")
-    statuses = {}
-    for a, b in exclusions:
-        for n in range(a, b + 1):
-            statuses[n] = (EXCLUDED, "gaps.exclude_images", "user")
-    report.inputs.update({"template": template, "image_range": [first, last],
-                          "n_files": sum(e.scan.get_num_images() for e in sequences),
-                          "exclude_images": [list(r) for r in exclusions],
-                          "format": sequences[0].imageset.get_format_class().__name__})
-    sweep = Sweep(template, sequences, (first, last), statuses)
-    drop_short_blocks(sweep, params.gaps.min_block_images)
-    if not sweep.used():
+        by_template.setdefault(exp.imageset.get_template(), []).append(exp)
+    ranges = exclusion_ranges(params.gaps.exclude_images)
+    templates = sorted(by_template)
+    exclusions = _exclusions_by_sweep(ranges, len(templates))
+    sweeps = []
+    for template, mine in zip(templates, exclusions):
+        group = ExperimentList(sorted(by_template[template], key=lambda e: e.scan.get_image_range()[0]))
+        _check_shared(group, params)
+        _share_models(group)
+        first = group[0].scan.get_image_range()[0]
+        last = group[-1].scan.get_image_range()[1]
+        _check_exclusions([first, last], mine, "give image numbers as in the file names")
+        statuses = {}
+        for a, b in mine:
+            for n in range(a, b + 1):
+                statuses[n] = (EXCLUDED, "gaps.exclude_images", "user")
+        sweep = Sweep(template, group, (first, last), statuses)
+        sweep.n_files = sum(e.scan.get_num_images() for e in group)
+        sweeps.append(sweep)
+    sweeps = Sweeps(sweeps)
+    _share_between_sweeps(sweeps, params)
+    sweeps.drop_short_blocks(params.gaps.min_block_images)
+    if not sweeps.used():
         raise GapfillError("no block is long enough to process: lower gaps.min_block_images")
-    return sweep
+    record = Record(inputs=_inputs(sweeps, ranges))
+    return sweeps, record
 
 
-def log_block_table(report) -> None:
+def block_table(experiments, sweeps) -> str:
+    rows = []
+    for k, exp in enumerate(experiments, start=1):
+        (first, last), (phi0, phi1) = exp.scan.get_image_range(), exp.scan.get_oscillation_range()
+        row = [k, f"{first}-{last}", f"{phi0:.2f} to {phi1:.2f}", last - first + 1]
+        if len(sweeps) > 1:
+            row.insert(0, sweeps.sweep_of(exp).number)
+        rows.append(row)
+    header = ["block", "images", "phi (deg)", "n images"]
+    if len(sweeps) > 1:
+        header.insert(0, "sweep")
+    return tabulate(rows, header)
 
-    rows = [
-        [b.number, f"{b.first}-{b.last}", f"{b.phi_start:.2f} to {b.phi_end:.2f}", b.n_images]
-        for b in report.blocks
-    ]
-    logger.info(
-        "Imported %d block(s):\n%s",
-        len(rows),
-        tabulate(rows, ["block", "images", "phi (deg)", "n images"]),
-    )
-    if report.excluded:
-        logger.info("Images not used: %s", range_text([e["image"] for e in report.excluded]))
+
+def run(state) -> Record:
+    """The import stage: the sweeps (unless given) and their blocks."""
+    record = Record()
+    if state.sweeps is None:
+        state.sweeps, record = import_images(state.params, state.images)
+    state.experiments = state.sweeps.experiments()
+    logger.info("Imported %d block(s):\n%s", len(state.experiments), block_table(state.experiments, state.sweeps))
+    if len(state.sweeps) > 1:
+        for sweep in state.sweeps:
+            logger.info("Sweep %d: %s, images %d-%d, goniometer setting %s", sweep.number, sweep.template,
+                        *sweep.image_range, sweep.setting_text())
+    not_used = state.sweeps.not_used()
+    if not_used:
+        if len(state.sweeps) == 1:
+            logger.info("Images not used: %s", range_text([e["image"] for e in not_used]))
+        else:
+            for sweep in state.sweeps:
+                mine = [e["image"] for e in not_used if e["sweep"] == sweep.number]
+                if mine:
+                    logger.info("Images not used in sweep %d: %s", sweep.number, range_text(mine))
+    return record
+

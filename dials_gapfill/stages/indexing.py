@@ -1,22 +1,10 @@
-"""Indexing stage: one crystal for all blocks.
+"""Indexing stage: one crystal for all blocks, by the crystal model chosen
+here (refinement.blocks.model), then the blocks that index poorly dropped.
 
-``indexing.blocks.lattice_search`` chooses where DIALS looks for the lattice:
-
-- ``largest`` (default): DIALS' indexer (``Indexer.from_parameters``: the
-  basis-vector search, the evaluation of candidate solutions and the
-  refinement protocol of dials.index) on the largest block, then DIALS'
-  known-orientation indexer on ALL blocks with that crystal, so every block
-  is indexed and refined with the one crystal.  The cost of the search does
-  not grow with the number of blocks (each candidate is refined with every
-  block in a joint search, which is what makes dials.index slower on a
-  gapped sweep than on the same images without gaps).
-- ``joint``: dials.index's joint indexing of all blocks at once
-  (``dials.command_line.index.index``), exactly as the CLI.
-
-If the search fails on the largest block, the joint search is tried (and the
-other way round).  Blocks that index poorly (a wrong start angle, a damaged
-stretch) are dropped with a warning by the pipeline; the run fails only when
-no block survives.
+Blocks that index poorly (a wrong start angle, a damaged stretch) are dropped
+with a warning; the run fails only when no block survives.  With
+``indexing.bravais_lattice`` the P1 solution's Bravais settings are refined
+and one is taken, as dials.refine_bravais_settings and dials.reindex would.
 """
 
 from __future__ import annotations
@@ -24,27 +12,25 @@ from __future__ import annotations
 import copy
 import logging
 
-from dials.algorithms.indexing import DialsIndexError, indexer
 from dials.algorithms.indexing.bravais_settings import phil_scope as bravais_phil
 from dials.algorithms.indexing.bravais_settings import (
     refined_settings_from_refined_triclinic,
 )
-from dials.algorithms.indexing.known_orientation import IndexerKnownOrientation
 from dials.algorithms.refinement.refinement_helpers import set_obs_s1
 from dials.array_family import flex
-from dials.command_line.index import index as dials_index
 from dials.command_line.refine_bravais_settings import (
     eliminate_sys_absent,
     map_to_primitive,
 )
-from dxtbx.model import Experiment
-from dxtbx.model.experiment_list import ExperimentList
 
+from dials_gapfill import crystal_model
 from dials_gapfill.errors import GapfillError, indexing_failure
-from dials_gapfill.crystal_model.lattice import staged_search
-from dials_gapfill.phil import _refinement, defaults, dials_index_params, resolve_nproc
+from dials_gapfill.model.state import Record, block_names
+from dials_gapfill.model.tables import keep_experiments
+from dials_gapfill.phil import _refinement, defaults, resolve_nproc
 
 logger = logging.getLogger("dials.process_gapped.indexing")
+stage_logger = logging.getLogger("dials.process_gapped")
 
 
 def poorly_indexed_error(params, best_fraction):
@@ -54,126 +40,54 @@ def poorly_indexed_error(params, best_fraction):
     )
 
 
-def _restore_identifiers(indexed_experiments, indexed, experiments):
-    """Give the indexed experiments the identifiers of their blocks.
-
-    DIALS' indexer makes new experiments with new identifiers; each still
-    holds the image set (and image range) of one input block.
-    """
-    by_range = {e.scan.get_image_range(): e.identifier for e in experiments}
-    for exp in indexed_experiments:
-        exp.identifier = by_range[exp.scan.get_image_range()]
-    ids = indexed.experiment_identifiers()
-    for k in list(ids.keys()):
-        del ids[k]
-    for i, exp in enumerate(indexed_experiments):
-        ids[i] = exp.identifier
-    return indexed_experiments, indexed
-
-
-def index(experiments, reflections, params):
-    """(experiments with one shared crystal, reflections with miller indices)."""
-
-    ip = dials_index_params(params)  # one crystal: a small refinement job
-    ip.indexing.joint_indexing = True
-    searches = [_search_largest_block, _search_joint]
-    if params.indexing.blocks.lattice_search == "joint" or len(experiments) == 1:
-        searches.reverse()
-    if len(experiments) == 1:
-        searches = searches[:1]
-    failures = []
-    for search in searches:
-        try:
-            found = search(experiments, reflections, copy.deepcopy(ip), params)
-        except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
-            failures.append(e)
-            logger.warning(
-                "Lattice search (%s) failed: %s", search.__doc__.split(":")[0],
-                " ".join(str(e).split())[:160],
-            )
+def run(state) -> Record:
+    params, sweeps = state.params, state.sweeps
+    record = Record()
+    model, warning = crystal_model.choose(params, state.experiments)
+    if warning:
+        stage_logger.warning("Warning: %s", warning)
+        record.warn(warning)
+    state.crystal_model = model
+    spots = [int((state.reflections["id"] == i).count(True)) for i in range(len(state.experiments))]
+    experiments, indexed, found = model.index(state.experiments, state.reflections)
+    record.blocks.update(found.blocks)
+    names = block_names(experiments)
+    flags = indexed.get_flags(indexed.flags.indexed)
+    keep, fractions = set(), []
+    threshold = params.indexing.blocks.min_indexed_fraction
+    for i, exp in enumerate(experiments):
+        n_indexed = int(((indexed["id"] == i) & flags).count(True))
+        fraction = n_indexed / spots[i] if spots[i] else 0.0
+        fractions.append(fraction)
+        stats = record.block(exp.identifier)
+        stats.update(indexed=n_indexed, indexed_fraction=fraction)
+        stage_logger.info("%s: %d of %d spots indexed (%.1f%%)", names[exp.identifier], n_indexed, spots[i], 100 * fraction)
+        if fraction >= threshold and n_indexed > 0:
+            keep.add(exp.identifier)
             continue
-        return _restore_identifiers(*found, experiments)
-    raise GapfillError(indexing_failure(failures[0], params))
-
-
-def _search_joint(experiments, reflections, ip, params):
-    """all blocks jointly: dials.index on every block at once."""
-
-    n_spots = int((reflections["id"] >= 0).count(True))
-    return staged_search(lambda p: dials_index(experiments, [reflections], p), ip, n_spots, params)
-
-
-def _search_largest_block(experiments, reflections, ip, params):
-    """largest block: DIALS' indexer on the block with most spots, then all
-    blocks indexed with its crystal (known orientation)."""
-
-    counts = [int((reflections["id"] == i).count(True)) for i in range(len(experiments))]
-    largest = max(range(len(experiments)), key=lambda i: counts[i])
-    logger.info(
-        "Lattice search on block %d (%d spots), then all %d blocks with its crystal",
-        largest + 1, counts[largest], len(experiments),
-    )
-    refl = reflections.select(reflections["id"] == largest)
-    refl["id"] = flex.int(len(refl), 0)
-    for k in list(refl.experiment_identifiers().keys()):
-        del refl.experiment_identifiers()[k]
-    refl.experiment_identifiers()[0] = experiments[largest].identifier
-    refl["imageset_id"] = refl["id"]
-    def run(p):
-        # DIALS' indexer refines the beam and detector in place: each search
-        # (the quick one, then perhaps the full one) starts from the input models
-        e = experiments[largest]
-        fresh = ExperimentList([Experiment(
-            imageset=e.imageset, beam=copy.deepcopy(e.beam), detector=copy.deepcopy(e.detector),
-            goniometer=copy.deepcopy(e.goniometer), scan=copy.deepcopy(e.scan), identifier=e.identifier,
-        )])
-        search = indexer.Indexer.from_parameters(copy.deepcopy(refl), fresh, params=copy.deepcopy(p))
-        search.index()
-        return search.refined_experiments, search.refined_reflections
-
-    found = staged_search(run, ip, len(refl), params)[0][0]
-    crystal = found.crystal
-
-    # every block with that crystal and the geometry refined with it (the
-    # crystal only fits that geometry): DIALS' known-orientation indexer, with
-    # one crystal, beam, detector and goniometer shared by all blocks (as
-    # DIALS' joint indexing builds them)
-    table = copy.deepcopy(reflections)
-    table["imageset_id"] = table["id"]
-    blocks = ExperimentList()
-    for exp in experiments:
-        block = copy.copy(exp)
-        block.beam, block.detector, block.goniometer = found.beam, found.detector, found.goniometer
-        blocks.append(block)
-    if ip.indexing.known_symmetry.space_group is None:
-        ip.indexing.known_symmetry.space_group = crystal.get_space_group().info()
-    joint = JointKnownOrientation(table, blocks, ip, [crystal])
-    joint.index()
-    indexed = copy.deepcopy(joint.refined_reflections)
-    indexed.extend(joint.unindexed_reflections)
-    return joint.refined_experiments, indexed
-
-
-class JointKnownOrientation(IndexerKnownOrientation):
-    """DIALS' IndexerKnownOrientation, but with ONE crystal for all image sets.
-
-    Its own find_lattices pairs one known crystal with one image set (it is made
-    for several lattices); joint indexing instead shares one crystal between
-    all image sets, which is what this returns.
-    """
-    def find_lattices(self):
-        crystal = self.known_orientations[0]
-        cb_op = crystal.get_space_group().info().change_of_basis_op_to_primitive_setting()
-        crystal = crystal.change_basis(cb_op)
-        return ExperimentList(
-            [
-                Experiment(
-                    imageset=e.imageset, beam=e.beam, detector=e.detector,
-                    goniometer=e.goniometer, scan=e.scan, crystal=crystal,
-                )
-                for e in self.experiments
-            ]
+        reason = (
+            f"only {100 * fraction:.0f}% of its spots indexed "
+            f"(indexing.blocks.min_indexed_fraction={threshold})"
         )
+        name = names[exp.identifier].replace("Block", "block", 1)
+        stage_logger.warning("Dropping %s: %s", name, reason)
+        record.warn(f"{name} dropped: {reason}")
+        sweeps.drop_block(exp, reason, "block could not be indexed",
+                          stats={"spots": spots[i], "indexed": n_indexed, "indexed_fraction": fraction})
+    if not keep:
+        raise poorly_indexed_error(params, max(fractions))
+    if len(keep) < len(experiments):
+        indexed, experiments = keep_experiments(indexed, experiments, keep)
+    if params.indexing.bravais_lattice not in (None, "None", "none", ""):
+        experiments, indexed, chosen = choose_bravais_lattice(experiments, indexed, params)
+        record.crystal["bravais_lattice"] = chosen
+    crystal = experiments[0].crystal
+    record.crystal["indexing"] = {
+        "unit_cell": list(crystal.get_unit_cell().parameters()),
+        "space_group": str(crystal.get_space_group().info()),
+    }
+    state.experiments, state.reflections = experiments, indexed
+    return record
 
 
 def choose_bravais_lattice(experiments, reflections, params):

@@ -28,11 +28,11 @@ from dials.command_line.integrate import (
 from dials.constants import EPS, FULL_PARTIALITY
 from libtbx import easy_mp
 
-from dials_gapfill import cluster
+from dials_gapfill import cluster, dials_compat
 from dials_gapfill.errors import GapfillError
-from dials_gapfill.phil import dials_integrate_params
-from dials_gapfill.model.state import Record
+from dials_gapfill.model.state import Record, block_names
 from dials_gapfill.model.tables import join_blocks, keep_experiments
+from dials_gapfill.phil import dials_integrate_params
 
 logger = logging.getLogger("dials.process_gapped.integration")
 
@@ -120,65 +120,48 @@ def _profile_models(profile_params, jobs, nproc):
     return models
 
 
-@contextlib.contextmanager
 def _blocks_profiled_in_parallel(ip):
     """dials.integrate's profile models (ProfileModelFactory.create inside
     run_integration: one gaussian_rs model per experiment from its reference
     spots) with the experiments in parallel processes: the same calls on the
-    same spots, so the same models.  Where run_integration does not use
-    ProfileModelFactory by that name (another DIALS), or for another profile
-    algorithm or fixed sigmas, DIALS' own serial code runs."""
-    import dials.command_line.integrate as dials_integrate
-
-    original = getattr(dials_integrate, "ProfileModelFactory", None)
+    same spots, so the same models.  For another profile algorithm or fixed
+    sigmas, or where this DIALS makes its models otherwise, DIALS' own serial
+    code runs."""
     g = ip.profile.gaussian_rs
-    if (
-        original is None
-        or ip.profile.algorithm != "gaussian_rs"
-        or g.parameters.sigma_b is not None
-        or g.parameters.sigma_m is not None
-    ):
-        yield
-        return
+    if ip.profile.algorithm != "gaussian_rs" or g.parameters.sigma_b is not None or g.parameters.sigma_m is not None:
+        return contextlib.nullcontext()
 
-    class ParallelProfileModelFactory:
-        @staticmethod
-        def create(params, experiments, reflections=None):
-            nproc = _nproc(params, len(experiments))
-            if (
-                nproc < 2
-                or not getattr(params, "create_profile_model", True)
-                or reflections is None
-                or "shoebox" not in reflections
-            ):
-                return original.create(params, experiments, reflections)
-            pairs = list(reflections.iterate_experiments_and_indices(experiments))
-            jobs = [(reflections.select(indices), exp) for exp, indices in pairs]
-            for (exp, _), (model, reason) in zip(pairs, _profile_models(params.profile, jobs, nproc)):
-                if model is None:
-                    raise RuntimeError(reason)
-                exp.profile = model
-            return experiments
+    def create(original, params, experiments, reflections):
+        nproc = _nproc(params, len(experiments))
+        if (
+            nproc < 2
+            or not getattr(params, "create_profile_model", True)
+            or reflections is None
+            or "shoebox" not in reflections
+        ):
+            return original.create(params, experiments, reflections)
+        pairs = list(reflections.iterate_experiments_and_indices(experiments))
+        jobs = [(reflections.select(indices), exp) for exp, indices in pairs]
+        for (exp, _), (model, reason) in zip(pairs, _profile_models(params.profile, jobs, nproc)):
+            if model is None:
+                raise RuntimeError(reason)
+            exp.profile = model
+        return experiments
 
-    dials_integrate.ProfileModelFactory = ParallelProfileModelFactory
-    try:
-        yield
-    finally:
-        dials_integrate.ProfileModelFactory = original
+    return dials_compat.profile_model_factory(create)
 
 
-def _cut_by_a_gap(reference, experiments, sweep):
+def _cut_by_a_gap(reference, experiments, sweeps):
     """flex.bool: reference spots whose shoebox touches a block end next to
     missing or excluded images (their rocking curves were recorded in part)."""
     cut = flex.bool(len(reference), False)
     z0s, z1s = reference["bbox"].parts()[4], reference["bbox"].parts()[5]
     for i, exp in enumerate(experiments):
-        first, last = exp.scan.get_image_range()
         a0, a1 = exp.scan.get_array_range()
         mine = reference["id"] == i
-        if sweep.gap_before(first):
+        if sweeps.gap_before(exp):
             cut |= mine & (z0s <= a0)
-        if sweep.gap_after(last):
+        if sweeps.gap_after(exp):
             cut |= mine & (z1s >= a1)
     return cut
 
@@ -202,11 +185,11 @@ def _matched_reference(ip, experiments, reference):
     return ref
 
 
-def _pooled_profiles(ip, experiments, reference, small, sweep=None):
+def _pooled_profiles(ip, experiments, reference, small, sweeps=None):
     """Give the blocks in `small` a profile model (sigma_b, sigma_m) from all
     blocks' spots; the others keep their own, as dials.integrate.
 
-    With `sweep`, spots cut by a gap are left out of the sigma calculation
+    With `sweeps`, spots cut by a gap are left out of the sigma calculation
     (a truncated rocking curve makes sigma_m too small), unless too few
     others remain."""
     if ip.profile.algorithm != "gaussian_rs":
@@ -217,8 +200,8 @@ def _pooled_profiles(ip, experiments, reference, small, sweep=None):
         )
     ref = _matched_reference(ip, experiments, reference)
     whole = ref
-    if sweep is not None:
-        cut = _cut_by_a_gap(ref, experiments, sweep)
+    if sweeps is not None:
+        cut = _cut_by_a_gap(ref, experiments, sweeps)
         if len(ref) - cut.count(True) >= ip.profile.gaussian_rs.min_spots.overall:
             logger.info(
                 "Profile model: %d of %d reference spots cut by a gap left out of the sigma calculation",
@@ -287,9 +270,13 @@ def _run(ip, experiments, reference, params=None):
     return experiments, reflections
 
 
-def integrate(experiments, reference, params, sweep):
-    """Integrated (experiments, reflections, record) for all blocks."""
-    record = Record(experiments)
+def integrate(experiments, reference, params, sweeps, profile_model="per_block"):
+    """Integrated (experiments, reflections, record) for all blocks.
+
+    profile_model: what integration.profile_model=auto means (the crystal
+    model's choice: all_blocks for one crystal across the gaps)."""
+    record = Record()
+    names = block_names(experiments)
     ip = dials_integrate_params(params)
     counts = _reference_counts(reference, experiments)
     small = []
@@ -302,12 +289,12 @@ def integrate(experiments, reference, params, sweep):
 
     choice = params.integration.profile_model
     if choice == "auto":
-        choice = "all_blocks" if params.refinement.blocks.model == "continuous" else "per_block"
+        choice = profile_model
     all_blocks = choice == "all_blocks" and ip.profile.algorithm == "gaussian_rs" and len(experiments) > 1
     if all_blocks and ip.create_profile_model and (
         ip.profile.gaussian_rs.parameters.sigma_b is None or ip.profile.gaussian_rs.parameters.sigma_m is None
     ):
-        _pooled_profiles(ip, experiments, reference, list(range(len(experiments))), sweep)
+        _pooled_profiles(ip, experiments, reference, list(range(len(experiments))), sweeps)
         for exp in experiments:
             record.block(exp.identifier)["profile"] = "all blocks"
         ip.create_profile_model = False
@@ -317,13 +304,13 @@ def integrate(experiments, reference, params, sweep):
     elif params.integration.small_blocks.profile == "pooled" or len(small) == len(experiments):
         if len(small) == len(experiments) and params.integration.small_blocks.profile == "summation":
             logger.warning("All blocks are small: using the pooled profile model")
-        _pooled_profiles(ip, experiments, reference, small, sweep)
+        _pooled_profiles(ip, experiments, reference, small, sweeps)
         for i in small:
             record.block(experiments[i].identifier)["profile"] = "pooled over blocks"
             logger.info(
                 "%s: %d strong spots, too few for its own profile model: "
                 "profile model pooled over all blocks",
-                record.name(experiments[i].identifier), counts[i],
+                names[experiments[i].identifier], counts[i],
             )
         ip.create_profile_model = False
         experiments, reflections = _run(ip, experiments, reference, params)
@@ -350,7 +337,7 @@ def integrate(experiments, reference, params, sweep):
             record.block(exp.identifier)["profile"] = "summation only"
             logger.info(
                 "%s: too few strong spots for a profile model: integrated by summation",
-                record.name(exp.identifier),
+                names[exp.identifier],
             )
         small_ref, small_expts = keep_experiments(reference, experiments, {e.identifier for e in small_expts})
         small_expts, small_refl = _run(sp, small_expts, small_ref, params)
@@ -365,9 +352,9 @@ def integrate(experiments, reference, params, sweep):
 
     if params.integration.gap_partials == "combine":
         reflections, _ = combine_gap_partials(experiments, reflections)
-    _record(reflections, experiments, record)
+    _record(reflections, experiments, record, names)
     # counted on the rows handed on (a combined row is still cut at its gap)
-    flag_cut_rocking_curves(reflections, experiments, record, params.mtz.partiality_threshold, sweep)
+    flag_cut_rocking_curves(reflections, experiments, record, params.mtz.partiality_threshold, sweeps, names)
     if "gap_combined" in reflections:
         for i, exp in enumerate(experiments):
             n = ((reflections["id"] == i) & reflections["gap_combined"]).count(True)
@@ -375,12 +362,12 @@ def integrate(experiments, reference, params, sweep):
             if n:
                 logger.info(
                     "%s: %d reflections that span a gap measured once (the parts on either "
-                    "side combined into this block's row)", record.name(exp.identifier), n,
+                    "side combined into this block's row)", names[exp.identifier], n,
                 )
     return experiments, reflections, record
 
 
-def flag_cut_rocking_curves(reflections, experiments, record, partiality_threshold, sweep):
+def flag_cut_rocking_curves(reflections, experiments, record, partiality_threshold, sweeps, names):
     """Flag reflections whose rocking curve is cut by a gap; count them per block.
 
     DIALS clips each shoebox at the first and last image of its block and
@@ -397,13 +384,12 @@ def flag_cut_rocking_curves(reflections, experiments, record, partiality_thresho
     bbox = reflections["bbox"].parts()
     gap_edge = flex.bool(n, False)
     for i, exp in enumerate(experiments):
-        first, last = exp.scan.get_image_range()
         z0, z1 = exp.scan.get_array_range()
         mine = (reflections["id"] == i) & partial
         at_start = mine & (bbox[4] <= z0)
         at_end = mine & (bbox[5] >= z1)
-        gap_before = sweep.gap_before(first)
-        gap_after = sweep.gap_after(last)
+        gap_before = sweeps.gap_before(exp)
+        gap_after = sweeps.gap_after(exp)
         cut_gap = flex.bool(n, False)
         cut_end = flex.bool(n, False)
         for cut, at in ((gap_before, at_start), (gap_after, at_end)):
@@ -421,7 +407,7 @@ def flag_cut_rocking_curves(reflections, experiments, record, partiality_thresho
                 "%s: %d reflections with rocking curves cut by a gap "
                 "(flagged gap_edge; %d with partiality >= %.2f go to the MTZ, scaled by 1/partiality "
                 "where summation-integrated)",
-                record.name(exp.identifier), stats["gap_edge"],
+                names[exp.identifier], stats["gap_edge"],
                 stats["gap_edge_exported"], partiality_threshold,
             )
     reflections["gap_edge"] = gap_edge
@@ -443,7 +429,7 @@ def mean_i_over_sigma(reflections):
     return float(flex.mean(i.select(ok) / flex.sqrt(v.select(ok))))
 
 
-def _record(reflections, experiments, record):
+def _record(reflections, experiments, record, names):
     for i, exp in enumerate(experiments):
         sub = reflections.select(reflections["id"] == i)
         stats = record.block(exp.identifier)
@@ -453,7 +439,7 @@ def _record(reflections, experiments, record):
         stats["profile_fitted"] = int(sub.get_flags(sub.flags.integrated_prf).count(True))
         logger.info(
             "%s: %d reflections integrated (%d profile-fitted), <I/sigma> %s",
-            record.name(exp.identifier), len(sub), stats["profile_fitted"],
+            names[exp.identifier], len(sub), stats["profile_fitted"],
             f"{stats['mean_isigi']:.1f}" if stats["mean_isigi"] is not None else "-",
         )
 
@@ -549,3 +535,10 @@ def combine_gap_partials(experiments, reflections, max_dz=1.5):
     table["gap_combined"] = combined
     table = table.select(~remove)
     return table, int(combined.count(True))
+
+
+def run(state) -> Record:
+    state.experiments, state.reflections, record = integrate(
+        state.experiments, state.reflections, state.params, state.sweeps, state.crystal_model.profile_model
+    )
+    return record

@@ -45,6 +45,7 @@ from dials.util.resolution_analysis import interpolate_value, metrics
 from dxtbx.model import ExperimentList
 
 from dials_gapfill.errors import GapfillError
+from dials_gapfill.model.state import Record
 from dials_gapfill.phil import defaults
 from dials_gapfill.report.merging import LABELS
 
@@ -272,8 +273,10 @@ def merging_summary(stats, anom=None) -> dict:
     return out
 
 
-def scale(experiments, reflections, params, report, outputs):
-    """Scale, merge and (if outputs) write scaled.mtz and merged.mtz."""
+def scale(experiments, reflections, params, outputs):
+    """Scale, merge and (if outputs) write scaled.mtz and merged.mtz:
+    ((scaled experiments, reflections), Record)."""
+    record = Record()
     experiments = copy.deepcopy(experiments)
     reflections = copy.deepcopy(reflections)
     if "shoebox" in reflections:
@@ -289,7 +292,7 @@ def scale(experiments, reflections, params, report, outputs):
         try:
             experiments, reflections, symmetry = determine_symmetry(experiments, reflections)
         except (ValueError, RuntimeError, AssertionError, IndexError) as e:
-            report.warnings.append(f"symmetry determination failed ({e}); scaling in P1")
+            record.warn(f"symmetry determination failed ({e}); scaling in P1")
             logger.warning("Symmetry determination failed (%s); scaling in P 1", e)
     logger.info("Scaling %d block(s) in %s", len(experiments), symmetry["space_group"])
     user_d_min = params.scaling.d_min
@@ -330,9 +333,9 @@ def scale(experiments, reflections, params, report, outputs):
                 f"{summary['r_merge'][0]:.2f}) after scaling in {symmetry['space_group']}; "
                 "read the other warnings, and check the space group"
             )
-            report.warnings.append(msg)
+            record.warn(msg)
             logger.warning("Warning: %s", msg)
-    report.scaling = summary
+    record.scaling = summary
 
     if outputs is not None:
         for exp in experiments:  # (copies) BATCH = image number; blocks are separated by gaps
@@ -349,7 +352,7 @@ def scale(experiments, reflections, params, report, outputs):
             export_mtz(ep, experiments, [joint])
 
         outputs.write(out.scaled_mtz, write_unmerged)
-        report.files.append({"name": out.scaled_mtz, "kind": "scaled unmerged mtz"})
+        record.files.append({"name": out.scaled_mtz, "kind": "scaled unmerged mtz"})
         mp = defaults(merge_phil)
         mp.assess_space_group = False
         mp.anomalous = params.scaling.anomalous
@@ -361,5 +364,10 @@ def scale(experiments, reflections, params, report, outputs):
         outputs.write(out.merged_mtz, lambda path: mtz.write(path))
         n_merged = mtz.n_reflections()
         summary["merged_reflections"] = n_merged
-        report.files.append({"name": out.merged_mtz, "kind": "merged mtz", "reflections": n_merged})
-    return experiments, joint
+        record.files.append({"name": out.merged_mtz, "kind": "merged mtz", "reflections": n_merged})
+    return (experiments, joint), record
+
+
+def run(state) -> Record:
+    state.scaled, record = scale(state.experiments, state.reflections, state.params, state.outputs)
+    return record

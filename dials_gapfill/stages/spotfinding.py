@@ -1,9 +1,18 @@
-"""Spot-finding stage: DIALS' spot finder over all blocks in one pass."""
+"""Spot-finding stage: DIALS' spot finder over all blocks in one pass.
+
+Images that stop DIALS' spot finder (pixels that cannot be read, a frame
+over-exposed as a whole, above ``spotfinder.filter.max_strong_pixel_fraction``)
+are found, proposed for exclusion to the sweeps, and the spots found again
+without them.  The stage leaves ``state.find_spots`` for the stages that cut
+blocks later (their cut blocks get their spots found again).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import statistics
 import sys
 
 from dials.algorithms.shoebox import MaskCode
@@ -11,26 +20,13 @@ from dials.array_family import flex
 
 from dials_gapfill import cluster
 from dials_gapfill.errors import GapfillError
+from dials_gapfill.frames import frame_fault, mean_counts
+from dials_gapfill.model.state import Record
+from dials_gapfill.model.sweep import canonical_order, spot_record
 from dials_gapfill.phil import dials_spotfinder_params
-from dials_gapfill.model.sweep import canonical_order
-from dials_gapfill.model.tables import image_numbers_of_z
-from dials_gapfill.util import captured
+from dials_gapfill.util import captured, range_text
 
 logger = logging.getLogger("dials.process_gapped.spotfinding")
-
-
-def _unreadable_images(experiments) -> dict[int, str]:
-    """Image number -> reason, for images whose pixels cannot be read."""
-    bad = {}
-    for exp in experiments:
-        imageset = exp.imageset
-        first = exp.scan.get_image_range()[0]
-        for i in range(len(imageset)):
-            try:
-                imageset.get_raw_data(i)
-            except Exception as e:  # any reader failure makes the image unusable
-                bad[first + i] = f"unreadable: {type(e).__name__}: {' '.join(str(e).split())[:80]}"
-    return bad
 
 
 class TooManyStrongPixels(GapfillError):
@@ -38,14 +34,34 @@ class TooManyStrongPixels(GapfillError):
     spotfinder.filter.max_strong_pixel_fraction allows (it does not say which)."""
 
 
-def find_spots(experiments, params):
+def _image_keys(experiments, sweeps):
+    """(experiment, index in its image set, (sweep, image number)) of every image."""
+    for exp in experiments:
+        s = sweeps.sweep_of(exp).number
+        first = exp.scan.get_image_range()[0]
+        for i in range(len(exp.imageset)):
+            yield exp, i, (s, first + i)
+
+
+def _unreadable_images(experiments, sweeps) -> dict:
+    """(sweep, image) -> reason, for images whose pixels cannot be read."""
+    bad = {}
+    for exp, i, key in _image_keys(experiments, sweeps):
+        try:
+            exp.imageset.get_raw_data(i)
+        except Exception as e:  # any reader failure makes the image unusable
+            bad[key] = f"unreadable: {type(e).__name__}: {' '.join(str(e).split())[:80]}"
+    return bad
+
+
+def find_spots(experiments, params, sweeps):
     """Strong spots of every block (with shoeboxes, as dials.find_spots writes
     them), in canonical order (sweep.canonical_order).
 
     Returns (reflections, bad): when the spot finder fails on unreadable
-    pixels, `bad` maps those image numbers to a reason and reflections is None;
-    the caller excludes them.  TooManyStrongPixels: an image is strong as a
-    whole (the caller finds which).
+    pixels, `bad` maps those (sweep, image) to a reason and reflections is
+    None; the caller excludes them.  TooManyStrongPixels: an image is strong
+    as a whole (the caller finds which).
     """
     sf_params = dials_spotfinder_params(params)
     if cluster.is_cluster(params):
@@ -62,7 +78,7 @@ def find_spots(experiments, params):
     except Exception as e:
         logger.debug("Spot finding failed:\n%s%s", out.text, err.text)
         text = " ".join(str(e).split())
-        bad = _unreadable_images(experiments)
+        bad = _unreadable_images(experiments, sweeps)
         if not bad and "strong pixels" in text:
             raise TooManyStrongPixels(
                 f"spot finding failed: {text[:160]}: no single image is over-exposed; raise "
@@ -82,15 +98,93 @@ def find_spots(experiments, params):
     return canonical_order(reflections), {}
 
 
-def spot_counts_per_image(reflections, experiments) -> dict[int, int]:
-    """Strong spots per image number (by centroid), including zeros."""
-    counts = {}
+def spots_of_readable_blocks(experiments, params, sweeps):
+    """find_spots for blocks already known to be readable (a failure now is an error)."""
+    reflections, bad = find_spots(experiments, params, sweeps)
+    if bad:
+        key, reason = next(iter(sorted(bad.items())))
+        raise GapfillError(
+            f"{sweeps.image_name(key)} cannot be used ({reason}): leave it out with exclude_images={sweeps.exclude_images_value(key)}"
+        )
+    return reflections
+
+
+def whole_frame_faults(experiments, params, sweeps) -> dict:
+    """Images that are bad as a whole: saturated, or over-exposed (mean counts
+    above gaps.overexposed_factor times the neighbours' median).
+
+    For when DIALS' spot finder gave up on an image with more strong pixels
+    than spotfinder.filter.max_strong_pixel_fraction allows (a frame
+    over-exposed as a whole, e.g. a beam dump through an open shutter): it
+    does not say which image, so the images are read once more.
+    """
+    g = params.gaps
+    bad = {}
     for exp in experiments:
-        first, last = exp.scan.get_image_range()
-        for n in range(first, last + 1):
-            counts[n] = 0
-    z = reflections["xyzobs.px.value"].parts()[2]
-    for n in image_numbers_of_z(z):
-        if n in counts:
-            counts[n] += 1
-    return counts
+        s = sweeps.sweep_of(exp).number
+        first = exp.scan.get_image_range()[0]
+        means = []
+        for i in range(len(exp.imageset)):
+            data = exp.imageset.get_raw_data(i)
+            fault = frame_fault(exp, data)
+            if fault:
+                bad[(s, first + i)] = fault
+            means.append(mean_counts(data))
+        for i, m in enumerate(means):
+            if (s, first + i) in bad:
+                continue
+            around = [
+                means[j]
+                for j in range(max(0, i - g.neighbours), min(len(means), i + g.neighbours + 1))
+                if j != i and (s, first + j) not in bad
+            ]
+            if not around:
+                continue
+            reference = statistics.median(around)
+            if reference > 0 and m > g.overexposed_factor * reference:
+                bad[(s, first + i)] = (
+                    f"over-exposed image (mean counts {m / reference:.0f}x its neighbours'; "
+                    "too many strong pixels for spot finding)"
+                )
+    return bad
+
+
+def _find_or_blame(experiments, params, sweeps):
+    """find_spots, or the images to blame when it failed: (reflections, bad)."""
+    try:
+        return find_spots(experiments, params, sweeps)
+    except TooManyStrongPixels:
+        bad = whole_frame_faults(experiments, params, sweeps) if params.gaps.auto_exclude else {}
+        if not bad:
+            raise
+        return None, bad
+
+
+def run(state) -> Record:
+    params, sweeps = state.params, state.sweeps
+    reflections, bad = _find_or_blame(state.experiments, params, sweeps)
+    for _ in range(3):
+        if not bad:
+            break
+        # images that stopped the spot finder (unreadable pixels, a frame
+        # over-exposed as a whole): excluded, then spots found without them
+        if not params.gaps.auto_exclude:
+            key, reason = next(iter(sorted(bad.items())))
+            raise GapfillError(
+                f"{sweeps.image_name(key)} cannot be used ({reason}): leave it out with exclude_images={sweeps.exclude_images_value(key)} "
+                "(or set gaps.auto_exclude=True)"
+            )
+        state.experiments, _ = sweeps.exclude(bad, "auto", min_block_images=params.gaps.min_block_images)
+        reflections, bad = _find_or_blame(state.experiments, params, sweeps)
+    if bad:
+        raise GapfillError(
+            f"images {range_text(sorted(n for _, n in bad))} cannot be read: leave them out with exclude_images="
+        )
+    if len(reflections) == 0:
+        raise GapfillError(
+            "no strong spots on any image: the images are blank (no diffraction); check "
+            "the shutter and beam, or the spot finding settings (spotfinder.*)"
+        )
+    state.reflections = reflections
+    state.find_spots = functools.partial(spots_of_readable_blocks, params=params, sweeps=sweeps)
+    return spot_record(state.experiments, reflections, sweeps)

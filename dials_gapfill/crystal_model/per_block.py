@@ -1,0 +1,324 @@
+"""The per-block crystal model: the documented DIALS recipe for missing images.
+
+Indexing: ONE crystal for all blocks.  ``indexing.blocks.lattice_search``
+chooses where DIALS looks for the lattice:
+
+- ``largest`` (default): DIALS' indexer (``Indexer.from_parameters``: the
+  basis-vector search, the evaluation of candidate solutions and the
+  refinement protocol of dials.index) on the largest block, then DIALS'
+  known-orientation indexer on ALL blocks with that crystal, so every block
+  is indexed and refined with the one crystal.  The cost of the search does
+  not grow with the number of blocks (each candidate is refined with every
+  block in a joint search, which is what makes dials.index slower on a
+  gapped sweep than on the same images without gaps).
+- ``joint``: dials.index's joint indexing of all blocks at once
+  (``dials.command_line.index.index``), exactly as the CLI.
+
+If the search fails on the largest block, the joint search is tried (and the
+other way round).
+
+Refinement: joint static refinement of the one crystal, then a copy of the
+crystal per block refined scan-varying in ONE job with shared beam and
+detector (and each sweep's goniometer).  Each macrocycle is DIALS' own
+``dials.command_line.refine.run_macrocycle`` (RefinerFactory, refiner.run,
+predictions and flags written back).  Between the two the crystal is copied
+per block, as ``dials.refine`` does in its ``run()``.  Beyond the recipe:
+
+- ``refinement.blocks.tie_cells``: the unit cells of all blocks are kept
+  static within each block and restrained to their common mean with DIALS'
+  ``unit_cell.restraints.tie_to_group`` (DIALS ignores cell restraints on a
+  scan-varying cell), while orientations are scan-varying.
+- Blocks below ``refinement.blocks.min_images_scan_varying`` images or
+  ``min_reflections_scan_varying`` reflections keep a static crystal inside
+  the joint scan-varying job.
+- Blocks with too few reflections to refine at all keep the static joint
+  result and are left out of the scan-varying job (they still share the
+  refined beam, detector and goniometer).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import iotbx.phil
+from dials.algorithms.indexing import DialsIndexError, indexer
+from dials.algorithms.refinement.refiner import phil_scope
+from dials.array_family import flex
+from dials.command_line.index import index as dials_index
+from dials.command_line.refine import run_macrocycle
+from dxtbx.model import Experiment
+from dxtbx.model.experiment_list import ExperimentList
+
+from dials_gapfill import dials_compat
+from dials_gapfill.crystal_model.base import CrystalModel
+from dials_gapfill.crystal_model.lattice import staged_search
+from dials_gapfill.errors import GapfillError, indexing_failure
+from dials_gapfill.model.state import Record, block_names
+from dials_gapfill.model.tables import join_blocks, keep_experiments, rmsds, set_identifiers
+from dials_gapfill.phil import dials_index_params, dials_refine_params
+
+logger = logging.getLogger("dials.process_gapped.refinement")
+index_logger = logging.getLogger("dials.process_gapped.indexing")
+
+# A block needs this many indexed reflections to take part in the scan-varying
+# job: its static crystal has up to 9 parameters, DIALS' auto-reduction asks for
+# 5 reflections per parameter, and outlier rejection may take a quarter.
+MIN_REFLECTIONS_TO_REFINE = 100
+
+
+class PerBlockModel(CrystalModel):
+    """One crystal indexed and refined statically over all blocks, then a
+    crystal per block refined scan-varying in one job."""
+
+    name = "per_block"
+    profile_model = "per_block"
+
+    # ---- indexing ----------------------------------------------------------
+
+    def index(self, experiments, reflections):
+        """(experiments sharing one crystal, reflections with miller indices, record)."""
+        params = self.params
+        ip = dials_index_params(params)  # one crystal: a small refinement job
+        ip.indexing.joint_indexing = True
+        searches = [self._search_largest_block, self._search_joint]
+        if params.indexing.blocks.lattice_search == "joint" or len(experiments) == 1:
+            searches.reverse()
+        if len(experiments) == 1:
+            searches = searches[:1]
+        failures = []
+        for search in searches:
+            try:
+                found, indexed = search(experiments, reflections, copy.deepcopy(ip))
+            except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
+                failures.append(e)
+                index_logger.warning(
+                    "Lattice search (%s) failed: %s", search.__doc__.split(":")[0],
+                    " ".join(str(e).split())[:160],
+                )
+                continue
+            _restore_identifiers(found, indexed, experiments)
+            return found, indexed, Record()
+        raise GapfillError(indexing_failure(failures[0], params))
+
+    def _search_joint(self, experiments, reflections, ip):
+        """all blocks jointly: dials.index on every block at once."""
+        n_spots = int((reflections["id"] >= 0).count(True))
+        return staged_search(lambda p: dials_index(experiments, [reflections], p), ip, n_spots, self.params)
+
+    def _search_largest_block(self, experiments, reflections, ip):
+        """largest block: DIALS' indexer on the block with most spots, then all
+        blocks indexed with its crystal (known orientation)."""
+        counts = [int((reflections["id"] == i).count(True)) for i in range(len(experiments))]
+        largest = max(range(len(experiments)), key=lambda i: counts[i])
+        index_logger.info(
+            "Lattice search on block %d (%d spots), then all %d blocks with its crystal",
+            largest + 1, counts[largest], len(experiments),
+        )
+        refl = reflections.select(reflections["id"] == largest)
+        refl["id"] = flex.int(len(refl), 0)
+        set_identifiers(refl, [experiments[largest]])
+        refl["imageset_id"] = refl["id"]
+
+        def run(p):
+            # DIALS' indexer refines the beam and detector in place: each search
+            # (the quick one, then perhaps the full one) starts from the input models
+            e = experiments[largest]
+            fresh = ExperimentList([Experiment(
+                imageset=e.imageset, beam=copy.deepcopy(e.beam), detector=copy.deepcopy(e.detector),
+                goniometer=copy.deepcopy(e.goniometer), scan=copy.deepcopy(e.scan), identifier=e.identifier,
+            )])
+            search = indexer.Indexer.from_parameters(copy.deepcopy(refl), fresh, params=copy.deepcopy(p))
+            search.index()
+            return search.refined_experiments, search.refined_reflections
+
+        found = staged_search(run, ip, len(refl), self.params)[0][0]
+        crystal = found.crystal
+
+        # every block with that crystal and the geometry refined with it (the
+        # crystal only fits that geometry): DIALS' known-orientation indexer, with
+        # one crystal, beam and detector shared by all blocks (as DIALS' joint
+        # indexing builds them); each sweep keeps its goniometer setting, with
+        # the refined rotation axis of the searched block's goniometer where
+        # the blocks share that goniometer
+        table = copy.deepcopy(reflections)
+        table["imageset_id"] = table["id"]
+        blocks = ExperimentList()
+        searched = experiments[largest].goniometer
+        for exp in experiments:
+            block = copy.copy(exp)
+            block.beam, block.detector = found.beam, found.detector
+            block.goniometer = found.goniometer if exp.goniometer is searched else exp.goniometer
+            blocks.append(block)
+        if ip.indexing.known_symmetry.space_group is None:
+            ip.indexing.known_symmetry.space_group = crystal.get_space_group().info()
+        joint = dials_compat.joint_known_orientation(table, blocks, ip, crystal)
+        indexed = copy.deepcopy(joint.refined_reflections)
+        indexed.extend(joint.unindexed_reflections)
+        return joint.refined_experiments, indexed
+
+    # ---- refinement --------------------------------------------------------
+
+    def refine(self, experiments, reflections):
+        """Static joint refinement, then scan-varying per-block refinement.
+
+        `reflections` are the indexing result; only indexed reflections are
+        used (and returned).  Returns (experiments, reflections, record)."""
+        params = self.params
+        record = Record()
+        names = block_names(experiments)
+        blocks_p = params.refinement.blocks
+        indexed = reflections.get_flags(reflections.flags.indexed) & (reflections["id"] >= 0)
+        reflections = reflections.select(indexed)
+
+        # 1. static refinement of everything, one crystal
+        rp = dials_refine_params(params)  # one crystal: a small job
+        rp.refinement.parameterisation.scan_varying = False
+        logger.info("Static refinement of %d block(s) with one crystal", len(experiments))
+        experiments, reflections = _macrocycle(rp, reflections, experiments, "static refinement")
+        _record_rmsds(reflections, experiments, record, "rmsd_static", names)
+        static_crystal = experiments[0].crystal
+        tied = bool(blocks_p.tie_cells and len(experiments) > 1)
+        record.crystal.update({
+            "static": {
+                "unit_cell": list(static_crystal.get_unit_cell().parameters()),
+                # one crystal refined against all blocks: the esds of the one cell
+                "unit_cell_esd": list(static_crystal.get_cell_parameter_sd()),
+                "space_group": str(static_crystal.get_space_group().info()),
+            },
+            "model": self.name,
+            "cells_tied": tied,
+        })
+        record.crystal["cell_esd"] = record.crystal["static"]["unit_cell_esd"]
+
+        # 2. one crystal per block
+        _split_crystals(experiments)
+        if blocks_p.scan_varying:
+            experiments, reflections = self._scan_varying(experiments, reflections, record, names)
+        else:
+            for exp in experiments:
+                record.block(exp.identifier)["refinement"] = "static"
+        # a block's own esds only where its cell is its own (DIALS' esds of
+        # cells tied in a scan-varying job are not those of the one cell)
+        for exp in experiments:
+            esd = [] if tied else list(exp.crystal.get_cell_parameter_sd())
+            record.block(exp.identifier)["unit_cell_esd"] = esd if any(esd) else None
+        return experiments, reflections, record
+
+    def _scan_varying(self, experiments, reflections, record, names):
+        """3. the blocks' crystals scan-varying in one job."""
+        blocks_p = self.params.refinement.blocks
+        counts = [int((reflections["id"] == i).count(True)) for i in range(len(experiments))]
+        in_job, static_only = set(), set()
+        for exp, n in zip(experiments, counts):
+            block = record.block(exp.identifier)
+            if n < MIN_REFLECTIONS_TO_REFINE:
+                block["refinement"] = "static (joint result: too few reflections)"
+                continue
+            in_job.add(exp.identifier)
+            small = (
+                exp.scan.get_num_images() < blocks_p.min_images_scan_varying
+                or n < blocks_p.min_reflections_scan_varying
+            )
+            if small:
+                static_only.add(exp.crystal)
+                block["refinement"] = "static crystal in the scan-varying job"
+            else:
+                block["refinement"] = "scan-varying"
+        if len(static_only) == len(in_job):
+            logger.info("No block is large enough for scan-varying refinement")
+            return experiments, reflections
+
+        sv_refl, sv_expts = keep_experiments(reflections, experiments, in_job)
+        rp = dials_refine_params(self.params, n_blocks=len(sv_expts))
+        par = rp.refinement.parameterisation
+        par.scan_varying = True
+        if blocks_p.tie_cells and len(sv_expts) > 1:
+            par.crystal.unit_cell.force_static = True
+            _set_tie(rp, blocks_p.tie_sigma)
+        logger.info(
+            "Scan-varying refinement of %d block(s) in one job (%d with a static crystal)",
+            len(sv_expts), len(static_only),
+        )
+        with dials_compat.static_crystals_in_scan_varying_job(static_only) as applied:
+            if not applied:
+                logger.warning("This DIALS cannot mix static and scan-varying crystals: all are scan-varying")
+            sv_expts, sv_refl = _macrocycle(rp, sv_refl, sv_expts, "scan-varying refinement")
+        _record_rmsds(sv_refl, sv_expts, record, "rmsd_scan_varying", names)
+
+        # the refined models in place; beam and detector stay shared, each
+        # block takes the refined goniometer of its sweep
+        refined = {e.identifier: e for e in sv_expts}
+        goniometers = {id(e.goniometer): refined[e.identifier].goniometer for e in experiments if e.identifier in refined}
+        shared = sv_expts[0]
+        for exp in experiments:
+            if exp.identifier in refined:
+                exp.crystal = refined[exp.identifier].crystal
+            exp.beam, exp.detector = shared.beam, shared.detector
+            exp.goniometer = goniometers.get(id(exp.goniometer), exp.goniometer)
+        return experiments, join_blocks([sv_refl, reflections], experiments)
+
+
+def _restore_identifiers(indexed_experiments, indexed, experiments):
+    """Give the indexed experiments the identifiers of their blocks.
+
+    DIALS' indexer makes new experiments with new identifiers; each still
+    holds the image set (and image range) of one input block.
+    """
+    by_imageset = {id(e.imageset): e.identifier for e in experiments}
+    by_range = {e.scan.get_image_range(): e.identifier for e in experiments}
+    for exp in indexed_experiments:
+        exp.identifier = by_imageset.get(id(exp.imageset)) or by_range[exp.scan.get_image_range()]
+    set_identifiers(indexed, indexed_experiments)
+
+
+def _macrocycle(params, reflections, experiments, what: str):
+    t0 = time.perf_counter()
+    try:
+        refiner, reflections, history = run_macrocycle(params, reflections, experiments)
+        logger.info(
+            "%s: %d steps in %.1f s", what.capitalize(), history.get_nrows(), time.perf_counter() - t0
+        )
+    except SystemExit as e:  # DIALS 3.12 exits on configuration/runtime errors
+        raise GapfillError(
+            f"{what} failed: {' '.join(str(e.code).split())[:200]}: check refinement.* "
+            "(or drop the block with gaps.exclude_images)"
+        ) from None
+    return refiner.get_experiments(), reflections
+
+
+def _record_rmsds(reflections, experiments, record, key, names):
+    what = "static" if key == "rmsd_static" else "scan-varying"
+    for i, exp in enumerate(experiments):
+        r = rmsds(reflections, i)
+        if r is None:
+            continue
+        record.block(exp.identifier)[key] = {"x": r[0], "y": r[1], "phi": r[2], "n": r[3]}
+        logger.info(
+            "%s: RMSD x %.3f px, y %.3f px, phi %.3f images (%d reflections, %s)",
+            names[exp.identifier], r[0], r[1], r[2], r[3], what,
+        )
+
+
+def _split_crystals(experiments) -> None:
+    """One crystal object per block (a copy of the shared one)."""
+    seen = set()
+    for exp in experiments:
+        if id(exp.crystal) in seen:
+            exp.crystal = copy.deepcopy(exp.crystal)
+        seen.add(id(exp.crystal))
+
+
+def _set_tie(rp, sigmas):
+    """Restrain the unit cells of all crystals to their mean (tie_to_group)."""
+    extract = phil_scope.fetch(
+        iotbx.phil.parse(
+            "refinement.parameterisation.crystal.unit_cell.restraints.tie_to_group {\n"
+            f"  sigmas = {' '.join(str(s) for s in sigmas)}\n"
+            "}"
+        )
+    ).extract()
+    rp.refinement.parameterisation.crystal.unit_cell.restraints.tie_to_group = (
+        extract.refinement.parameterisation.crystal.unit_cell.restraints.tie_to_group
+    )

@@ -1,0 +1,283 @@
+"""Every place where dials.process_gapped replaces or reaches into DIALS at run time.
+
+A DIALS upgrade has this one file to audit.  Each entry says what it changes,
+why, and what happens on a DIALS where the thing it needs is not there (the
+code branches on what exists, never on version numbers): it falls back to
+DIALS' own behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import dials.command_line.integrate as dials_integrate
+from dials.algorithms.indexing.known_orientation import IndexerKnownOrientation
+from dials.algorithms.integration import processor as integration_processor
+from dials.algorithms.refinement.parameterisation import configure
+from dials.algorithms.refinement.parameterisation.crystal_parameters import (
+    CrystalOrientationParameterisation,
+    CrystalUnitCellParameterisation,
+)
+from dials.algorithms.refinement.parameterisation.scan_varying_model_parameters import (
+    ScanVaryingModelParameterisation,
+)
+from dials.algorithms.spot_finding import finder as spot_finder
+from dials.array_family import flex
+from dxtbx.model import Experiment
+from dxtbx.model.experiment_list import ExperimentList
+
+
+@contextlib.contextmanager
+def replaced(owner, name: str, replacement):
+    """``owner.name`` is `replacement` while the block runs, then what it was.
+
+    Yields False (nothing replaced) when `owner` has no attribute `name`: the
+    caller then runs DIALS' own code.
+    """
+    original = getattr(owner, name, None)
+    if original is None:
+        yield False
+        return
+    setattr(owner, name, replacement)
+    try:
+        yield True
+    finally:
+        setattr(owner, name, original)
+
+
+# --------------------------------------------------------------------------
+# Refinement: static crystals inside a scan-varying job
+# --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def static_crystals_in_scan_varying_job(crystals):
+    """Parameterise `crystals` statically inside a scan-varying refinement.
+
+    DIALS chooses static or scan-varying for all crystals of a job; its
+    scan-varying prediction parameterisation accepts a mix.  The choice is made
+    per crystal by wrapping ``configure._parameterise_crystals`` for the
+    duration of one job.  Yields False where that function does not exist
+    (another DIALS): all crystals are then scan-varying.
+    """
+    if not crystals:
+        yield True
+        return
+    original = getattr(configure, "_parameterise_crystals", None)
+
+    def static_version(p, cls):
+        if p.get_model() not in crystals or not hasattr(p, "num_sets"):
+            return p
+        static = cls(p.get_model(), experiment_ids=p.get_experiment_ids())
+        static.model_identifier = p.model_identifier
+        return static
+
+    def parameterise(options, experiments, analysis):
+        ori, uc = original(options, experiments, analysis)
+        ori = [static_version(p, CrystalOrientationParameterisation) for p in ori]
+        uc = [static_version(p, CrystalUnitCellParameterisation) for p in uc]
+        return ori, uc
+
+    with replaced(configure, "_parameterise_crystals", parameterise) as done:
+        yield done
+
+
+def set_static_cell_covariance(refiner, crystal) -> bool:
+    """Give `crystal` (refined with a static cell in a scan-varying job) the
+    covariance of its B matrix from that job's parameter covariance.
+
+    DIALS 3.12 sets it wrongly: ``PredictionParameterisation.
+    calculate_model_state_uncertainties`` walks the parameterisations in
+    order (detector, beam, crystal orientation, unit cell, goniometer) taking
+    consecutive blocks of the covariance matrix, but skips the advance past a
+    parameterisation whose ``calculate_state_uncertainties`` returns None, as
+    the scan-varying orientation's does (it caches the block instead).  The
+    static cell then receives the block of the orientation's first smoother
+    parameters: on a 3-block sweep a, b, c esds of 0.042, 0.019, 0.028 A where
+    the cell parameters' own block gives 0.00063, 0.00081, 0.0010 A.  This
+    takes the cell's own block, in the same order, and lets the cell
+    parameterisation turn it into the B covariance.  It reads the refiner's
+    private ``_pred_param`` and ``_refinery``.  Returns True when it did;
+    False (crystal untouched) where this DIALS keeps its parameterisations or
+    covariance elsewhere."""
+    pred = getattr(refiner, "_pred_param", None)
+    refinery = getattr(refiner, "_refinery", None)
+    var_cov = getattr(refinery, "parameter_var_cov", None)
+    if pred is None or var_cov is None:
+        return False
+    try:
+        groups = [
+            getattr(pred, "_" + name)
+            for name in (
+                "detector_parameterisations", "beam_parameterisations", "xl_orientation_parameterisations",
+                "xl_unit_cell_parameterisations", "goniometer_parameterisations",
+            )
+        ]
+    except AttributeError:
+        return False
+    if sum(m.num_free() for g in groups for m in g) != var_cov.focus()[0]:
+        return False  # not the layout this was written for
+    cells = groups[3]
+    if len(cells) != 1 or isinstance(cells[0], ScanVaryingModelParameterisation) or cells[0].is_multi_state():
+        return False  # one static cell expected
+    i = 0
+    for group in groups:
+        for model in group:
+            n = model.num_free()
+            if model is cells[0]:
+                covs = model.calculate_state_uncertainties(var_cov.matrix_copy_block(i, i, n, n))
+                if not covs:
+                    return False
+                crystal.set_B_covariance(covs[0])
+                return True
+            i += n
+    return False
+
+
+# --------------------------------------------------------------------------
+# Indexing: one known crystal for all image sets
+# --------------------------------------------------------------------------
+
+
+def joint_known_orientation(reflections, experiments, params, crystal):
+    """DIALS' IndexerKnownOrientation, but with ONE crystal for all image sets.
+
+    Its own ``find_lattices`` pairs one known crystal with one image set (it is
+    made for several lattices); joint indexing instead shares one crystal
+    between all image sets, which the subclass's ``find_lattices`` returns.
+    Returns the indexer after ``index()``.
+    """
+    class JointKnownOrientation(IndexerKnownOrientation):
+        def find_lattices(self):
+            known = self.known_orientations[0]
+            cb_op = known.get_space_group().info().change_of_basis_op_to_primitive_setting()
+            known = known.change_basis(cb_op)
+            return ExperimentList(
+                [
+                    Experiment(
+                        imageset=e.imageset, beam=e.beam, detector=e.detector,
+                        goniometer=e.goniometer, scan=e.scan, crystal=known,
+                    )
+                    for e in self.experiments
+                ]
+            )
+
+    indexer = JointKnownOrientation(reflections, experiments, params, [crystal])
+    indexer.index()
+    return indexer
+
+
+# --------------------------------------------------------------------------
+# Integration: dials.integrate's profile models made by our function
+# --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def profile_model_factory(create):
+    """While open, ``run_integration`` (dials.command_line.integrate) makes its
+    profile models with ``create(original, params, experiments, reflections)``
+    instead of ``ProfileModelFactory.create(params, experiments, reflections)``
+    (`original` is DIALS' factory, for the cases `create` leaves to it).
+
+    Yields False where run_integration does not use a ProfileModelFactory of
+    that name (another DIALS): its own code then runs.
+    """
+    original = getattr(dials_integrate, "ProfileModelFactory", None)
+    if original is None:
+        yield False
+        return
+
+    class Factory:
+        @staticmethod
+        def create(params, experiments, reflections=None):
+            return create(original, params, experiments, reflections)
+
+    with replaced(dials_integrate, "ProfileModelFactory", Factory) as done:
+        yield done
+
+
+# --------------------------------------------------------------------------
+# Cluster runs (dials_gapfill.cluster): DIALS' parallel maps sent to the jobs
+# --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def spot_finder_map(replacement):
+    """While the block runs, DIALS' spot finder hands its image chunks to `replacement`.
+
+    Replaces ``dials.algorithms.spot_finding.finder.batch_multi_node_parallel_map``,
+    the one function through which ``ExtractSpots`` (``_find_spots``,
+    ``_find_spots_2d_no_shoeboxes``) runs its picklable per-image task
+    (``ExtractSpotsParallelTask``) over chunks of image indices.  DIALS' own
+    cluster back-ends behind it do not work with DIALS 3.12; the cluster route
+    (dials_gapfill.cluster.spotfinding) runs the chunks on dask-jobqueue jobs.
+
+    ``replacement(func, chunks, nproc, callback)``: `chunks` are the lists of
+    image indices as DIALS cuts them (its ``chunksize``), `nproc` its processes
+    per job; it calls ``callback`` with ``func(index)`` for every index, in
+    order, as DIALS' map does.  Yields False (DIALS' own map runs) when the
+    finder module has no such function.
+    """
+
+    def dials_map(func=None, iterable=None, nproc=1, njobs=1, callback=None, cluster_method=None, chunksize=1):
+        indices = list(iterable)
+        chunks = [indices[i : i + chunksize] for i in range(0, len(indices), chunksize)]
+        return replacement(func, chunks, nproc, callback)
+
+    with replaced(spot_finder, "batch_multi_node_parallel_map", dials_map) as done:
+        yield done
+
+
+@contextlib.contextmanager
+def integration_processor_map(replacement):
+    """While the block runs, DIALS' integration processor hands its frame-range tasks to `replacement`.
+
+    Replaces ``dials.algorithms.integration.processor.multi_node_parallel_map``,
+    the one function through which the processor (``_Processor.process``) runs
+    each pass (profile modelling, validation, integration) as
+    ``execute_parallel_task`` over its ``Task`` objects, one per frame range.
+    DIALS' own cluster back-ends behind it pickle the tasks, whose Boost.Python
+    executors refuse to be pickled; the cluster route
+    (dials_gapfill.cluster.integration) sends the tasks' parts to dask-jobqueue
+    jobs and rebuilds them there.
+
+    ``replacement(tasks, nproc, callback)``: the processor's tasks in order and
+    its processes per job; it calls ``callback`` with
+    ``execute_parallel_task(task)`` for every task, in task order (DIALS asks
+    for preserve_order).  Any other use of the function goes to DIALS' own.
+    Yields False (DIALS' own map runs) when the processor module has no such
+    function.
+    """
+    original = getattr(integration_processor, "multi_node_parallel_map", None)
+    per_task = getattr(integration_processor, "execute_parallel_task", None)
+
+    def dials_map(func=None, iterable=None, njobs=1, nproc=1, callback=None, **kwargs):
+        if per_task is None or func is not per_task:
+            return original(func=func, iterable=iterable, njobs=njobs, nproc=nproc, callback=callback, **kwargs)
+        return replacement(list(iterable), nproc, callback)
+
+    with replaced(integration_processor, "multi_node_parallel_map", dials_map) as done:
+        yield done
+
+
+def integration_algorithms():
+    """(background, centroid): the algorithms DIALS' integrator chose for this run.
+
+    ``create_integrator`` (dials.algorithms.integration.integrator) sets them
+    as class attributes of ``flex.reflection_table`` in the process that
+    integrates; DIALS' local workers inherit them by fork, a cluster job is
+    given them (integration_algorithms_set).
+    """
+    return flex.reflection_table.background_algorithm, flex.reflection_table.centroid_algorithm
+
+
+@contextlib.contextmanager
+def integration_algorithms_set(algorithms):
+    """While the block runs, ``flex.reflection_table``'s background and centroid
+    algorithms are `algorithms` (from integration_algorithms() of the process
+    that integrates), then what they were: a cluster job runs DIALS' frame-range
+    tasks with the run's algorithms, as a forked local worker does."""
+    background, centroid = algorithms
+    table = flex.reflection_table
+    with replaced(table, "background_algorithm", background), replaced(table, "centroid_algorithm", centroid):
+        yield

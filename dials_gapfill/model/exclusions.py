@@ -1,0 +1,57 @@
+"""Image exclusions as the user writes them (gaps.exclude_images)."""
+
+from __future__ import annotations
+
+import re
+
+from dials_gapfill.errors import GapfillError
+
+EXAMPLE = "exclude_images=41:45,81"
+
+
+def exclusion_ranges(values) -> list[tuple[int | None, int, int]]:
+    """``["41:45,81", "2:5:7"]`` -> ``[(None, 41, 45), (None, 81, 81), (2, 5, 7)]``.
+
+    A range is ``first:last`` or one number; ``sweep:first:last`` names the
+    sweep (1, 2, ... in the order of the summary) when a run has several.
+    """
+    ranges = []
+    for value in values or []:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            for token in str(item).replace(" ", ",").split(","):
+                if not token:
+                    continue
+                parts = token.split(":")
+                if len(parts) > 3 or not all(re.fullmatch(r"\d+", p) for p in parts):
+                    raise GapfillError(
+                        f"gaps.exclude_images: cannot read {token!r}: give 1-based image "
+                        "numbers and first:last ranges separated by commas, e.g. "
+                        f"{EXAMPLE} (sweep:first:last with several sweeps)"
+                    )
+                numbers = [int(p) for p in parts]
+                sweep = numbers.pop(0) if len(numbers) == 3 else None
+                first, last = numbers[0], numbers[-1]
+                if last < first or first < 1:
+                    raise GapfillError(
+                        f"gaps.exclude_images: range {token!r} is empty or starts below 1: "
+                        "write ranges as first:last with first <= last, e.g. 41:45"
+                    )
+                if sweep is not None and sweep < 1:
+                    raise GapfillError(
+                        f"gaps.exclude_images: {token!r} names sweep {sweep}: sweeps are numbered from 1"
+                    )
+                ranges.append((sweep, first, last))
+    return ranges
+
+
+def parse_exclusions(values) -> list[tuple[int, int]]:
+    """Ranges of one sweep: ``["41:45,81"]`` -> ``[(41, 45), (81, 81)]``."""
+    out = []
+    for sweep, first, last in exclusion_ranges(values):
+        if sweep not in (None, 1):
+            raise GapfillError(
+                f"gaps.exclude_images: sweep {sweep} named, but there is one sweep: write first:last"
+            )
+        out.append((first, last))
+    return out
