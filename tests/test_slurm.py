@@ -5,7 +5,8 @@ slurm-client, installed with apt-get if missing) and takes it down again if
 it started it.  A small gapped sweep (3 blocks of 10 images) is processed on
 this machine and through Slurm; the jobs must show in Slurm's job record and
 the results must be the local run's.  Then the failures: settings Slurm
-refuses, a job killed under a task, Ctrl-C.
+refuses (checked on the job script dask-jobqueue would submit), a submission
+refused all the same, a job killed under a task, Ctrl-C.
 """
 
 from __future__ import annotations
@@ -356,6 +357,71 @@ def _refused(sweep, tmp_path, *phil, env=None):
 def test_bad_scheduler_settings_refused_up_front(slurm, sweep, tmp_path, phil, expected):
     line = _refused(sweep, tmp_path, "mp.method=slurm", *phil)
     assert expected in line, line
+
+
+def _memory_over_the_node():
+    """(memory, the node's MB): an mp.cluster.memory that fits the node as a
+    plain amount (MiB) but not as the --mem that dask-jobqueue writes (rounded
+    up to whole GiB), e.g. 4GB on a node of 4000 MB (3814 MiB; --mem=4G is
+    4096 MB); memory None if the node's memory leaves no such amount."""
+    r = run_cmd(["sinfo", "-h", "-N", "-o", "%m"])
+    node_mb = max(int(m) for m in r.stdout.split())
+    gb = node_mb * 2**20 // 10**9
+    for memory, nbytes in ((f"{gb}GB", gb * 10**9), (f"{node_mb}MiB", node_mb * 2**20)):
+        if nbytes // 2**20 <= node_mb < -(-nbytes // 2**30) * 1024:
+            return memory, node_mb
+    return None, node_mb
+
+
+def test_job_larger_than_the_node_refused_up_front(slurm, sweep, tmp_path, job_folder):
+    """The job that dask-jobqueue would submit is the one checked: its --mem
+    (whole GiB) is more than the node has, so Slurm would refuse every job."""
+    memory, node_mb = _memory_over_the_node()
+    if memory is None:
+        pytest.skip(f"no amount fits {node_mb} MB in MiB but not in whole GiB")
+    t0 = time.time()
+    # (a run that let this job through would wait out the start timeout)
+    line = _refused(sweep, tmp_path, *SLURM[:3], f"mp.cluster.memory={memory}",
+                    "mp.cluster.start_timeout=60", f"mp.cluster.log_directory={job_folder}")
+    assert time.time() - t0 < 60
+    assert f"mp.cluster.memory={memory} is more than any node" in line, line
+    assert f"has {node_mb} MB" in line and f"give mp.cluster.memory={node_mb // 1024}GiB or less" in line, line
+    assert not _our_jobs()
+    assert os.listdir(job_folder) == []
+
+
+def test_refused_submission_stops_the_run_at_once(slurm, sweep, tmp_path, job_folder):
+    """A submission that Slurm refuses although --test-only accepted the job
+    (here an sbatch that refuses every real submission): the run stops with
+    one line, without tracebacks and without waiting mp.cluster.start_timeout."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(
+        "#!/bin/sh\n"
+        f'case " $* " in *" --test-only "*) exec {shutil.which("sbatch")} "$@" ;; esac\n'
+        'echo "sbatch: error: Memory specification can not be satisfied" >&2\n'
+        'echo "sbatch: error: Batch job submission failed: Requested node configuration is not available" >&2\n'
+        "exit 1\n"
+    )
+    sbatch.chmod(0o755)
+    out = str(tmp_path / "out")
+    t0 = time.time()
+    r = run_cmd(
+        [tool("dials.process_gapped"), sweep, f"output.directory={out}", *SLURM,
+         "mp.cluster.start_timeout=90", f"mp.cluster.log_directory={job_folder}"],
+        env={"PATH": f"{bin_dir}:{os.environ['PATH']}"}, timeout=300,
+    )
+    seconds = time.time() - t0
+    assert r.returncode == 1, r.stderr + r.stdout[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    assert "mp.method=slurm: the scheduler refused the job (sbatch: Memory specification can not be satisfied; Batch job" in lines[0]
+    assert "fix mp.cluster.memory" in lines[0], lines[0]
+    assert seconds < 60, seconds
+    assert _queue_drains()
+    assert os.listdir(job_folder) == []
 
 
 def test_dials_drmaa_route_refused_with_the_alternative(sweep, tmp_path):
