@@ -173,10 +173,15 @@ def _crystal_A_mid(crystal, index: int):
     return 0.5 * (a + b)
 
 
-def truth_A_mid(truth: dict, image: int):
-    """The simulator's A = U B at the mid-point of image `image` (numpy 3x3)."""
+def truth_A_mid(truth: dict, image: int, sweep: int | None = None):
+    """The simulator's A = U B at the mid-point of image `image` (numpy 3x3);
+    for several sweeps, of image `image` of sweep `sweep` (1-based)."""
     import numpy as np
 
+    if "sweeps" in truth:
+        if sweep is None:
+            raise ValueError("the truth has several sweeps: say which (sweep=)")
+        truth = sweep_truth(truth, sweep)
     first = truth["image_range"][0]
     U = truth["orientation"]["U"]
     B = np.array(truth["orientation"]["B"]).reshape(3, 3)
@@ -189,6 +194,54 @@ def truth_A_mid(truth: dict, image: int):
 def _lab(goniometer_SRF, phi_deg, A):
     S, axis, F = goniometer_SRF
     return S @ _axis_rotation(axis, phi_deg) @ F @ A
+
+
+def _truth_SRF(truth: dict):
+    """(S, axis, F) of a sweep's truth: identity S and F when it has none (one axis)."""
+    import numpy as np
+
+    S, F = truth.get("setting_rotation"), truth.get("fixed_rotation")
+    return (
+        np.eye(3) if S is None else np.array(S).reshape(3, 3),
+        np.array(truth["rotation_axis"]),
+        np.eye(3) if F is None else np.array(F).reshape(3, 3),
+    )
+
+
+def sweep_truth(truth: dict, sweep: int) -> dict:
+    """One sweep (1-based) of a several-sweep truth in the layout of a single
+    sweep's (its scan, orientations, setting and fixed rotation at the top)."""
+    s = truth["sweeps"][sweep - 1]
+    out = {k: v for k, v in truth.items() if k != "sweeps"}
+    out.update(s)
+    return out
+
+
+def sweep_of(experiment, truth: dict) -> int:
+    """The sweep (1-based) of the truth an experiment's images belong to: by
+    the file template, else by the goniometer setting nearest the truth's."""
+    import os
+
+    import numpy as np
+
+    sweeps = truth.get("sweeps")
+    if not sweeps:
+        return 1
+    imageset = getattr(experiment, "imageset", None)
+    template = None
+    if imageset is not None and hasattr(imageset, "get_template"):
+        template = os.path.basename(imageset.get_template())
+    for s in sweeps:
+        if template and template == s.get("template"):
+            return s["sweep"]
+    S, axis, F = _goniometer_SRF(experiment.goniometer)
+    lab = S @ axis
+
+    def distance(s):
+        St, at, Ft = _truth_SRF(s)
+        return float(np.linalg.norm(St @ at - lab) + np.linalg.norm(St @ Ft - S @ F))
+
+    return min(sweeps, key=distance)["sweep"]
 
 
 def _goniometer_SRF(goniometer):
@@ -225,25 +278,37 @@ def orientation_errors(experiments, truth: dict) -> dict:
     rotation mean of the per-image rotations and is removed.  The error of an
     image is the angle of what remains.
 
+    Several sweeps (a truth with "sweeps"): each experiment is compared with
+    the truth of its own sweep (``sweep_of``: by file template), in the
+    laboratory frame with that sweep's setting and fixed rotations, and one
+    gauge is removed from all; the result also has "sweeps" (the sweep of
+    each image) and "per_sweep" ({sweep: {"median", "worst"}}).
+
     Returns {"images", "errors_deg", "median", "worst", "gauge_deg"}.
     """
     import numpy as np
 
-    osc0, width = truth["oscillation"]
-    first = truth["image_range"][0]
-    truth_gonio = (np.eye(3), np.array(truth["rotation_axis"]), np.eye(3))
-    images, rotations = [], []
+    multi = "sweeps" in truth
+    images, rotations, image_sweeps = [], [], []
     X = None
     for exp in experiments:
+        k = sweep_of(exp, truth) if multi else None
+        st = sweep_truth(truth, k) if multi else truth
+        osc0, width = st["oscillation"]
+        first = st["image_range"][0]
+        truth_gonio = _truth_SRF(st)
         srf = _goniometer_SRF(exp.goniometer)
         f, l = exp.scan.get_image_range()
+        # each experiment's own basis (separately indexed sweeps may differ);
+        # where none fits, the previous experiment's
+        X_exp = basis_to_truth(_crystal_A_mid(exp.crystal, 0), truth_A_mid(st, f))
+        if X_exp is not None:
+            X = X_exp
         for n in range(f, l + 1):
             A = _crystal_A_mid(exp.crystal, n - f)
-            At = truth_A_mid(truth, n)
+            At = truth_A_mid(st, n)
             if X is None:
-                X = basis_to_truth(A, At)
-                if X is None:
-                    raise ValueError("the refined lattice does not match the truth's")
+                raise ValueError("the refined lattice does not match the truth's")
             phi = osc0 + (n - first + 0.5) * width
             # the refined phi of image n: the refined scan's, which is the truth's
             phi_ref = exp.scan.get_angle_from_array_index(n - 1 + 0.5, deg=True)
@@ -252,23 +317,38 @@ def orientation_errors(experiments, truth: dict) -> dict:
             # Mr = R Mt with R a rotation (cells equal up to refinement error)
             rotations.append(_nearest_rotation(Mr @ np.linalg.inv(Mt)))
             images.append(n)
+            image_sweeps.append(k)
     gauge = _nearest_rotation(sum(rotations))
     errors = [_rotation_angle_deg(gauge.T @ R) for R in rotations]
-    return {
+    result = {
         "images": images,
         "errors_deg": errors,
         "median": float(np.median(errors)),
         "worst": float(np.max(errors)),
         "gauge_deg": _rotation_angle_deg(gauge),
     }
+    if multi:
+        result["sweeps"] = image_sweeps
+        result["per_sweep"] = {
+            k: {
+                "median": float(np.median([e for e, s in zip(errors, image_sweeps) if s == k])),
+                "worst": float(np.max([e for e, s in zip(errors, image_sweeps) if s == k])),
+            }
+            for k in sorted(set(image_sweeps))
+        }
+    return result
 
 
-def cell_error(crystal, truth: dict) -> dict:
+def cell_error(crystal, truth: dict, sweep: int | None = None) -> dict:
     """Unit cell of a crystal (mean over scan points) in the truth's basis, and
-    its largest relative error in a, b, c and largest error in the angles (degrees)."""
+    its largest relative error in a, b, c and largest error in the angles (degrees).
+    Several sweeps: the basis is found at the first image of `sweep` (default
+    the first sweep; the crystal is the same in all)."""
     import numpy as np
     from cctbx import uctbx
 
+    if "sweeps" in truth:
+        truth = sweep_truth(truth, sweep or 1)
     first = truth["image_range"][0]
     A = _crystal_A_mid(crystal, 0) if crystal.num_scan_points == 0 else None
     if crystal.num_scan_points:
@@ -301,23 +381,34 @@ def cell_error(crystal, truth: dict) -> dict:
 
 def import_blocks(filenames):
     """Block experiments of image files: dxtbx makes one ImageSequence per
-    contiguous run; beam, detector and goniometer are shared (the first
-    block's), identifiers "block-<first>-<last>"."""
-    from dxtbx.model.experiment_list import ExperimentListFactory
+    contiguous run; beam and detector are shared (the first block's), and the
+    goniometer within a sweep (the first block's of its template: sweeps at
+    other goniometer settings keep their own); identifiers
+    "block-<first>-<last>", or "block-<sweep>-<first>-<last>" (sweep 1, 2, ...
+    in template order) when the files are of several templates."""
+    from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
 
     experiments = ExperimentListFactory.from_filenames(sorted(filenames))
-    experiments = sorted(experiments, key=lambda e: e.scan.get_image_range()[0])
-    from dxtbx.model.experiment_list import ExperimentList
+    templates = sorted({e.imageset.get_template() for e in experiments})
+    experiments = sorted(
+        experiments, key=lambda e: (templates.index(e.imageset.get_template()), e.scan.get_image_range()[0])
+    )
 
     out = ExperimentList()
     first = experiments[0]
+    goniometers = {}
     for exp in experiments:
-        exp.beam, exp.detector, exp.goniometer = first.beam, first.detector, first.goniometer
+        template = exp.imageset.get_template()
+        goniometer = goniometers.setdefault(template, exp.goniometer)
+        exp.beam, exp.detector, exp.goniometer = first.beam, first.detector, goniometer
         exp.imageset.set_beam(first.beam)
         exp.imageset.set_detector(first.detector)
-        exp.imageset.set_goniometer(first.goniometer)
+        exp.imageset.set_goniometer(goniometer)
         f, l = exp.scan.get_image_range()
-        exp.identifier = f"block-{f}-{l}"
+        if len(templates) > 1:
+            exp.identifier = f"block-{templates.index(template) + 1}-{f}-{l}"
+        else:
+            exp.identifier = f"block-{f}-{l}"
         out.append(exp)
     return out
 

@@ -97,18 +97,24 @@ class SimulationConfig:
     exposure_time: float = 0.1
     prefix: str = "sim"
 
+    # bad-image modes this kind of sweep can have (a class attribute, not a field)
+    modes = BAD_MODES
+
     def __post_init__(self):
         self.omit = tuple(sorted({int(i) for i in self.omit}))
         self.bad_images = {int(k): str(v) for k, v in dict(self.bad_images).items()}
         for image, mode in self.bad_images.items():
-            if mode not in BAD_MODES:
+            if mode not in self.modes:
                 raise ValueError(
-                    f"bad image mode {mode!r} for image {image}: choose one of {', '.join(BAD_MODES)}"
+                    f"bad image mode {mode!r} for image {image}: choose one of {', '.join(self.modes)}"
                 )
         self.unit_cell = tuple(float(v) for v in self.unit_cell)
-        detector_size(self.detector)
+        self._check_detector()
         if self.n_images < 1 or self.osc_width <= 0:
             raise ValueError("n_images must be >= 1 and osc_width > 0")
+
+    def _check_detector(self) -> None:
+        detector_size(self.detector)
 
     @property
     def image_numbers(self) -> list[int]:
@@ -190,8 +196,9 @@ def cbf_header_text(config: SimulationConfig, image: int) -> str:
     )
 
 
-def encode_minicbf(header: str, data: np.ndarray, name: str) -> bytes:
-    """A Pilatus miniCBF file (byte_offset compressed with dxtbx.ext.compress)."""
+def cbf_binary_section(data: np.ndarray) -> bytes:
+    """The CBF binary section of `data` (byte_offset compressed with
+    dxtbx.ext.compress), from its MIME header to the closing text field."""
     from dxtbx.ext import compress
     from scitbx.array_family import flex
 
@@ -201,12 +208,6 @@ def encode_minicbf(header: str, data: np.ndarray, name: str) -> bytes:
 
     md5 = base64.b64encode(hashlib.md5(packed).digest()).decode()
     text = (
-        "###CBF: VERSION 1.5, CBFlib v0.7.8 - PILATUS detectors\r\n\r\n"
-        f"data_{name}\r\n\r\n"
-        '_array_data.header_convention "PILATUS_1.2"\r\n'
-        "_array_data.header_contents\r\n;\r\n"
-        f"{header};\r\n\r\n"
-        "_array_data.data\r\n;\r\n"
         "--CIF-BINARY-FORMAT-SECTION--\r\n"
         "Content-Type: application/octet-stream;\r\n"
         '     conversions="x-CBF_BYTE_OFFSET"\r\n'
@@ -223,6 +224,31 @@ def encode_minicbf(header: str, data: np.ndarray, name: str) -> bytes:
     )
     tail = b"\x00" * 4095 + b"\r\n--CIF-BINARY-FORMAT-SECTION----\r\n;\r\n\r\n"
     return text.encode("ascii") + b"\x0c\x1a\x04\xd5" + packed + tail
+
+
+def encode_minicbf(header: str, data: np.ndarray, name: str) -> bytes:
+    """A Pilatus miniCBF file (byte_offset compressed with dxtbx.ext.compress)."""
+    text = (
+        "###CBF: VERSION 1.5, CBFlib v0.7.8 - PILATUS detectors\r\n\r\n"
+        f"data_{name}\r\n\r\n"
+        '_array_data.header_convention "PILATUS_1.2"\r\n'
+        "_array_data.header_contents\r\n;\r\n"
+        f"{header};\r\n\r\n"
+        "_array_data.data\r\n;\r\n"
+    )
+    return text.encode("ascii") + cbf_binary_section(data)
+
+
+def pilatus_gap_mask(nx: int, ny: int) -> np.ndarray:
+    """(ny, nx) boolean: the module gaps of a Pilatus image of nx x ny pixels."""
+    gap = np.zeros((ny, nx), dtype=bool)
+    for i in range(1, nx // MODULE_FAST + 1):
+        start = i * MODULE_FAST + (i - 1) * GAP_FAST
+        gap[:, start : start + GAP_FAST] = True
+    for i in range(1, ny // MODULE_SLOW + 1):
+        start = i * MODULE_SLOW + (i - 1) * GAP_SLOW
+        gap[start : start + GAP_SLOW, :] = True
+    return gap
 
 
 def _write_atomic(path: str, payload: bytes) -> None:
@@ -255,6 +281,27 @@ def drift_angle(config: "SimulationConfig", phi: float) -> float:
     return angle
 
 
+def defocused_beam(config) -> np.ndarray:
+    """Expected counts of a defocused direct beam (a crystal-tracking frame in
+    electron diffraction): a bright disc around the beam centre with soft
+    edges, the crystal's shadow a dimmer ellipse inside it.  Its size and
+    brightness come from ``config.defocus_radius_px`` and ``defocus_counts``
+    (defaults 60 px and 150 counts per pixel when the config has no such fields)."""
+    nx, ny = config.image_size
+    bx, by = config.beam_centre
+    radius = float(getattr(config, "defocus_radius_px", 60.0))
+    counts = float(getattr(config, "defocus_counts", 150.0))
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    dx, dy = xx + 0.5 - bx, yy + 0.5 - by
+    r = np.hypot(dx, dy)
+    disc = ndtr((radius - r) / 3.0)
+    # the crystal's shadow: an ellipse of a third of the disc, off centre
+    u = (dx * 0.8 + dy * 0.6 - 0.15 * radius) / (0.35 * radius)
+    v = (-dx * 0.6 + dy * 0.8 + 0.1 * radius) / (0.2 * radius)
+    shadow = 0.7 * ndtr((1.0 - np.hypot(u, v)) * 4.0)
+    return counts * disc * (1.0 - shadow)
+
+
 def _initial_orientation(seed: int) -> np.ndarray:
     from scipy.spatial.transform import Rotation
 
@@ -262,20 +309,20 @@ def _initial_orientation(seed: int) -> np.ndarray:
     return Rotation.random(random_state=rng).as_matrix()
 
 
-def _models(config: SimulationConfig):
-    """Beam, detector and goniometer exactly as dxtbx reads them from the headers."""
+def _models(config: SimulationConfig, fmt=None):
+    """Beam, detector and goniometer exactly as dxtbx reads them from the headers
+    (of a Pilatus miniCBF file, or of the file format `fmt` writes)."""
     from dxtbx.model.experiment_list import ExperimentListFactory
 
     nx, ny = config.image_size
     with tempfile.TemporaryDirectory(prefix="gapfill_sim_") as tmp:
         path = os.path.join(tmp, config.filename(config.first_image))
         data = np.zeros((ny, nx), dtype=np.int32)
-        _write_atomic(
-            path,
-            encode_minicbf(
-                cbf_header_text(config, config.first_image), data, "template"
-            ),
-        )
+        if fmt is None:
+            payload = encode_minicbf(cbf_header_text(config, config.first_image), data, "template")
+        else:
+            payload = fmt.encode(config, config.first_image, data, "template")
+        _write_atomic(path, payload)
         experiments = ExperimentListFactory.from_filenames([path])
         imageset = experiments[0].imageset
         return (
@@ -287,9 +334,19 @@ def _models(config: SimulationConfig):
 
 
 class Simulation:
-    """Predicts once, then renders any image on demand."""
+    """Predicts once, then renders any image on demand.
 
-    def __init__(self, config: SimulationConfig):
+    `fmt`: the file format (None: Pilatus miniCBF), an object with
+    ``encode(config, image, data, name) -> bytes``, ``gap_mask(config)`` (raw
+    pixels written as -1), ``panel_offsets(detector)`` (raw-image (fast, slow)
+    offset of each panel), ``binary_span(payload)`` (the pixel bytes, for the
+    corrupt mode) and optionally ``pixel_area(config)`` (relative area of each raw
+    pixel, scaling the background).  `sweep`: one sweep of several of the same crystal, an object
+    with ``index`` (1, 2, ...: its own noise streams) and ``drift_start``
+    (degrees of scan before it, through which the crystal has drifted).
+    """
+
+    def __init__(self, config: SimulationConfig, fmt=None, sweep=None):
         from cctbx import crystal as cctbx_crystal
         from cctbx import miller, sgtbx, uctbx
         from dxtbx.model import Crystal, Experiment, ScanFactory
@@ -297,7 +354,9 @@ class Simulation:
         from dials.array_family import flex
 
         self.config = config
-        self.beam, self.detector, self.goniometer, self.format_class = _models(config)
+        self.fmt = fmt
+        self.sweep = sweep
+        self.beam, self.detector, self.goniometer, self.format_class = _models(config, fmt)
         first, n = config.first_image, config.n_images
         self.scan = ScanFactory.make_scan(
             image_range=(first, first + n - 1),
@@ -321,7 +380,10 @@ class Simulation:
         self.U_at_scan_points = []
         A_list = []
         for i in range(n + 1):
-            R = _rotation(config.drift_axis, drift_angle(config, i * config.osc_width))
+            phi = i * config.osc_width
+            if sweep is not None:
+                phi = sweep.drift_start + phi
+            R = _rotation(config.drift_axis, drift_angle(config, phi))
             U = R @ U0
             self.U_at_scan_points.append(U)
             A_list.append(tuple((U @ B).ravel()))
@@ -368,6 +430,11 @@ class Simulation:
         # the predictor's z is in array coordinates (image n covers [n-1, n)),
         # which start at first_image - 1, not at 0
         z_px = z_px - self.scan.get_array_range()[0]
+        if fmt is not None:
+            # panel pixels -> pixels of the raw image the file holds
+            offsets = np.array(fmt.panel_offsets(self.detector), dtype=float).reshape(-1, 2)
+            panel = np.array(refl["panel"], dtype=int)
+            x, y = x + offsets[panel, 0], y + offsets[panel, 1]
         zeta = np.abs(np.array(refl["zeta"]))
         lp = np.array(refl["lp"])
         qe = np.array(refl["qe"]) if "qe" in refl else np.ones(len(refl))
@@ -394,14 +461,13 @@ class Simulation:
         self.background = config.background + config.background_peak * np.exp(
             -r2 / (2 * config.background_width_px**2)
         )
-        gap = np.zeros((ny, nx), dtype=bool)
-        for i in range(1, nx // MODULE_FAST + 1):
-            start = i * MODULE_FAST + (i - 1) * GAP_FAST
-            gap[:, start : start + GAP_FAST] = True
-        for i in range(1, ny // MODULE_SLOW + 1):
-            start = i * MODULE_SLOW + (i - 1) * GAP_SLOW
-            gap[start : start + GAP_SLOW, :] = True
-        self.gap_mask = gap
+        if fmt is None:
+            self.gap_mask = pilatus_gap_mask(nx, ny)
+        else:
+            self.gap_mask = np.asarray(fmt.gap_mask(config), dtype=bool)
+            if hasattr(fmt, "pixel_area"):
+                # larger pixels (a Timepix' chip edges) collect more background
+                self.background = self.background * fmt.pixel_area(config)
 
     # ---------------------------------------------------------------- images
     def image_phi_range(self, image: int) -> tuple[float, float]:
@@ -443,14 +509,19 @@ class Simulation:
     def render(self, image: int, mode: str | None = None) -> np.ndarray:
         """Counts of one image; its own random stream, so independent of others."""
         key = [self.config.seed, 1000, image]
-        if self.config.noise_seed:  # other noise, same crystal and intensities
+        if self.sweep is not None:  # several sweeps: image numbers repeat, streams must not
+            key += [self.config.noise_seed, 5000 + self.sweep.index]
+        elif self.config.noise_seed:  # other noise, same crystal and intensities
             key.append(self.config.noise_seed)
         rng = np.random.default_rng(key)
         if mode == "zero":
             data = np.zeros(self.background.shape, dtype=np.int64)
         else:
             expected = self.background.copy()
-            if mode != "blank":
+            if mode == "defocused":
+                # a crystal-tracking frame: the defocused direct beam, no Bragg spots
+                expected += defocused_beam(self.config)
+            elif mode != "blank":
                 expected += self.expected_signal(image)
             if mode == "overexposed":
                 expected *= 400.0
@@ -466,21 +537,25 @@ class Simulation:
     def image_bytes(self, image: int) -> bytes:
         c = self.config
         mode = c.bad_images.get(image)
+        extra = [] if self.sweep is None else [5000 + self.sweep.index]
         if mode == "garbage":
-            rng = np.random.default_rng([c.seed, 2000, image])
+            rng = np.random.default_rng([c.seed, 2000, image, *extra])
             return rng.integers(0, 256, 200_000, dtype=np.uint8).tobytes()
-        payload = encode_minicbf(
-            cbf_header_text(c, image),
-            self.render(image, mode),
-            os.path.splitext(c.filename(image))[0],
-        )
+        name = os.path.splitext(c.filename(image))[0]
+        if self.fmt is None:
+            payload = encode_minicbf(cbf_header_text(c, image), self.render(image, mode), name)
+        else:
+            payload = self.fmt.encode(c, image, self.render(image, mode), name)
         if mode == "truncated":
             payload = payload[: len(payload) // 2]
         elif mode == "corrupt":
             # a valid header over a binary section of random bytes
-            start = payload.find(b"\x0c\x1a\x04\xd5") + 4
-            end = payload.rfind(b"\r\n--CIF-BINARY-FORMAT-SECTION----")
-            rng = np.random.default_rng([c.seed, 3000, image])
+            if self.fmt is None:
+                start = payload.find(b"\x0c\x1a\x04\xd5") + 4
+                end = payload.rfind(b"\r\n--CIF-BINARY-FORMAT-SECTION----")
+            else:
+                start, end = self.fmt.binary_span(payload)
+            rng = np.random.default_rng([c.seed, 3000, image, *extra])
             noise = rng.integers(0, 256, end - start, dtype=np.uint8).tobytes()
             payload = payload[:start] + noise + payload[end:]
         return payload
