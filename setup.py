@@ -14,7 +14,7 @@ setup(
     description="dials.process_gapped: one command for rotation sweeps with missing or bad images",
     long_description=__doc__,
     packages=find_packages(include=["dials_gapfill", "dials_gapfill.*"]),
-    package_data={"dials_gapfill": ["report/*.json"]},
+    package_data={"dials_gapfill": ["report/*.json", "report/templates/*"]},
     python_requires=">=3.9",
     install_requires=[],
     extras_require={

@@ -1,7 +1,8 @@
 """The HTML report: structure of the page, and the page rendered in headless Chromium.
 
-The summaries are built here (a gapped 3-block sweep with every kind of excluded
-image, and a 1-block run without plot data or scaling), so these tests need no
+The summaries are built here (a gapped 3-block sweep with most kinds of excluded
+image, a sweep with an image of each status, static crystal models, two sweeps,
+and a 1-block run without plot data or scaling), so these tests need no
 processing and are fast. The browser test drives Debian's Chromium through the
 DevTools protocol on a pipe (standard library only): it fails, not skips, if
 Chromium is missing. Set GAPFILL_HTML_SCREENSHOT=path.png to keep the screenshot.
@@ -26,10 +27,12 @@ import pytest
 import dials_gapfill  # noqa: F401  (sets up libtbx for the venv before dials imports)
 from dials_gapfill.report.html import (
     CATEGORIES,
+    FIGURES,
     cell_figure,
     compact_ranges,
     html_report,
     isigi_figure,
+    orientation_figure,
     spots_figure,
 )
 
@@ -162,6 +165,105 @@ def minimal_summary():
     }
 
 
+def status_summary():
+    """A 40-image sweep with images of each status not used, as
+    dials.process_gapped writes them (status, reason, who decided)."""
+    data = minimal_summary()
+    blocks = [_block(1, 1, 20), _block(2, 28, 35)]
+    data["blocks"] = blocks
+    data["input"]["image_range"] = [1, 40]
+    data["excluded_images"] = (
+        [{"image": n, "status": "missing file", "reason": "missing file", "by": "input"} for n in (21, 22)]
+        + [{"image": n, "status": "not given", "reason": "not given (the file exists)", "by": "input"}
+           for n in (23, 24, 25)]
+        + [{"image": 26, "status": "excluded", "reason": "gaps.exclude_images", "by": "user"}]
+        + [{"image": 27, "status": "bad", "reason": "blank image (2 strong spots)", "by": "auto"}]
+        + [{"image": n, "status": "dropped", "reason": "block could not be indexed", "by": "auto"}
+           for n in range(36, 41)]
+    )
+    data["dropped_blocks"] = [{"first": 36, "last": 40, "reason": "block could not be indexed"}]
+    used = [n for b in blocks for n in range(b["first"], b["last"] + 1)]
+    data["per_image"] = {"image": used, "spots": [200] * len(used)}
+    return data
+
+
+def static_summary():
+    """The 3-block sweep of full_summary with a static crystal model for each
+    block (one point per block in the plot data)."""
+    data = full_summary()
+    for b in data["blocks"]:
+        b["refinement"] = "static"
+        b.pop("rmsd_scan_varying", None)
+    data["plots"]["scan_varying"] = [
+        _scan_varying(n, first, last, static=True) for n, first, last in ((1, 1, 15), (2, 21, 35), (3, 46, 60))
+    ]
+    return data
+
+
+def two_sweep_summary():
+    """Two sweeps of one crystal whose image numbers overlap: sweep 1, images
+    1-40 in blocks 1 (1-20) and 2 (24-40), 21-22 missing, 23 bad; sweep 2
+    (batch offset 100), images 1-30 in block 3 (1-20, static), 21-22 missing,
+    23-25 not given, 26-30 excluded by the user."""
+    data = full_summary()
+    blocks = [dict(_block(1, 1, 20), sweep=1), dict(_block(2, 24, 40), sweep=1),
+              dict(_block(3, 1, 20, scan_varying=False), sweep=2)]
+    data["sweeps"] = [
+        {"number": 1, "template": "/data/s1_####.cbf", "image_range": [1, 40], "n_blocks": 2,
+         "batch_offset": 0, "goniometer": "omega"},
+        {"number": 2, "template": "/data/s2_####.cbf", "image_range": [1, 30], "n_blocks": 1,
+         "batch_offset": 100, "goniometer": f"kappa 30 {NASTY}"},
+    ]
+    data["input"] = {"template": "/data/s1_####.cbf", "format": "FormatCBFMiniPilatus", "image_range": [1, 40]}
+    data["blocks"] = blocks
+    data["dropped_blocks"] = []
+    data["excluded_images"] = (
+        [{"image": n, "sweep": 1, "status": "missing file", "reason": "missing file", "by": "input"} for n in (21, 22)]
+        + [{"image": 23, "sweep": 1, "status": "bad", "reason": "blank image", "by": "auto"}]
+        + [{"image": n, "sweep": 2, "status": "missing file", "reason": "missing file", "by": "input"} for n in (21, 22)]
+        + [{"image": n, "sweep": 2, "status": "not given", "reason": "not given (the file exists)", "by": "input"}
+           for n in (23, 24, 25)]
+        + [{"image": n, "sweep": 2, "status": "excluded", "reason": "gaps.exclude_images", "by": "user"}
+           for n in range(26, 31)]
+    )
+    sweep1 = [n for b in blocks[:2] for n in range(b["first"], b["last"] + 1)]
+    sweep2 = list(range(1, 21))
+    data["per_image"] = {
+        "image": sweep1 + sweep2,
+        "spots": [200 + n for n in sweep1] + [500 + n for n in sweep2],
+        "sweep": [1] * len(sweep1) + [2] * len(sweep2),
+    }
+    data["totals"] = {"blocks": 3, "images_used": 57, "images_excluded": 13,
+                      "spots": 11400, "indexed": 10830, "integrated": 17100}
+    data["plots"]["scan_varying"] = [_scan_varying(1, 1, 20), _scan_varying(2, 24, 40),
+                                     _scan_varying(3, 1, 20, static=True)]
+    return data
+
+
+def long_summary(n_blocks=12, per_block=300, gap=10):
+    """A long sweep (3720 images): blocks of 300 scan-varying images with 10
+    missing files after each."""
+    data = full_summary()
+    blocks, scan_varying, excluded, used = [], [], [], []
+    first = 1
+    for k in range(1, n_blocks + 1):
+        last = first + per_block - 1
+        blocks.append(_block(k, first, last))
+        scan_varying.append(_scan_varying(k, first, last))
+        used += range(first, last + 1)
+        excluded += [{"image": n, "status": "missing file", "reason": "missing file", "by": "input"}
+                     for n in range(last + 1, last + 1 + gap)]
+        first = last + 1 + gap
+    data.update(blocks=blocks, excluded_images=excluded, dropped_blocks=[])
+    data["input"]["image_range"] = [1, first - 1]
+    data["per_image"] = {"image": used, "spots": [200 + n % 40 for n in used]}
+    data["plots"]["scan_varying"] = scan_varying
+    data["plots"]["isigi_vs_resolution"]["blocks"] = {
+        str(k): [66.0, 37.0, 28.0, 21.0, 15.0] for k in range(1, n_blocks + 1)
+    }
+    return data
+
+
 # ---------------------------------------------------------------------------
 # Structure of the page
 # ---------------------------------------------------------------------------
@@ -239,7 +341,7 @@ def test_full_report_structure():
         assert table in page.ids
     # text from the summary is escaped, in the page and in the plot hover texts
     assert "<script>alert" not in text and "<x>" not in text
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in text  # jinja2's autoescape (markupsafe)
     assert "/data/a&amp;b/&lt;x&gt;_####.cbf" in text
     assert "</script>" not in page.scripts[1] and "<" not in page.scripts[1].split("var figures = ")[1]
 
@@ -247,7 +349,8 @@ def test_full_report_structure():
 def test_spots_figure_shades_excluded_images_by_category():
     figure = spots_figure(full_summary())
     bars = {t["name"].rsplit(" (", 1)[0]: t for t in figure["data"] if t["type"] == "bar"}
-    assert set(bars) == {label for _, label, _, _ in CATEGORIES}
+    # every category but "not given", which this summary has none of
+    assert set(bars) == {label for key, label, _, _ in CATEGORIES if key != "not-given"}
     assert bars["missing file"]["x"] == [16, 17, 18]
     assert bars["excluded by user"]["x"] == [19, 20]
     assert bars["bad image (found automatically)"]["x"] == [36, 37]
@@ -286,6 +389,108 @@ def test_empty_summary():
     assert not set(PLOT_IDS) & page.ids
     assert len(page.scripts) == 1  # no plotly.js without plots
     assert "No blocks were processed." in text
+
+
+def test_page_size():
+    """plotly.js once and minified: a few MB, not the 8.7 MB of Debian's
+    unminified plotly.js."""
+    text = html_report(full_summary())
+    page = _Page(text)
+    assert len(text.encode("utf-8")) < 4_000_000
+    assert page.scripts[0].startswith("/**\n* plotly.js v2.6.3") and len(page.scripts[0]) < 3_800_000
+    assert text.count("Copyright 2012-2021, Plotly, Inc.") == 1
+
+
+def test_figures_of_a_long_sweep_are_compact():
+    """The crystal-model plots of 3720 images carry each scan point's numbers
+    and nothing repeated per point (no hover label text, no x list where x0
+    and dx say it)."""
+    data = long_summary()
+    sizes = {plot_id: len(json.dumps(make(data), separators=(",", ":"))) for plot_id, make in FIGURES.items()}
+    assert sum(sizes.values()) < 600_000, sizes  # 1.23 MB with a hover label per point and panel
+    for trace in cell_figure(data)["data"] + orientation_figure(data)["data"]:
+        assert "x" not in trace and trace["dx"] == 1
+        assert all(isinstance(n, int) for n in trace["customdata"])
+
+
+def test_each_status_is_shown_as_itself():
+    data = status_summary()
+    expected = {
+        "missing file": [21, 22], "not given (the file exists)": [23, 24, 25], "excluded by user": [26],
+        "bad image (found automatically)": [27], "dropped block": list(range(36, 41)),
+    }
+    for with_status in (True, False):  # and from reason and who decided, without statuses
+        if not with_status:
+            for e in data["excluded_images"]:
+                del e["status"]
+        page = _Page(html_report(data))
+        categories = [r["data-category"] for r in page.rows["excluded-table"][1:]]
+        assert categories == ["missing", "not-given", "user", "auto", "dropped"]
+        bars = {t["name"].rsplit(" (", 1)[0]: t["x"] for t in spots_figure(data)["data"] if t["type"] == "bar"}
+        assert bars == expected
+
+
+def test_static_crystal_models_are_one_point_per_block():
+    data = static_summary()
+    for figure in (cell_figure(data), orientation_figure(data)):
+        assert all(t["mode"] == "markers" and len(t["x"]) == 1 == len(t["y"]) for t in figure["data"])
+        assert sorted({t["x"][0] for t in figure["data"]}) == [8.0, 28.0, 53.0]  # the centres of the blocks
+    text = html_report(data)
+    assert "Unit cell per block (static crystal models)" in text
+    assert "Crystal orientation per block (static crystal models)" in text
+    assert "Scan-varying crystal orientation" not in text
+    assert "The crystal model of each block is static" in text
+    # one static block among scan-varying ones: a point, named in the caption
+    data = full_summary()
+    block_2 = [t for t in orientation_figure(data)["data"] if t["name"] == "block 2"]
+    assert block_2 and all(t["mode"] == "markers" and t["x"] == [28.0] for t in block_2)
+    assert "Block 2: static crystal model" in html_report(data)
+
+
+def test_two_sweeps_grouped_by_sweep():
+    data = two_sweep_summary()
+    text = html_report(data)
+    page = _Page(text)
+    # blocks and images not used: a heading row per sweep, then its rows
+    rows = [(r["class"], r["data-sweep"], r.get("data-block")) for r in page.rows["blocks-table"] if r.get("class")]
+    assert rows == [("sweep-row", "1", None), ("block-row", "1", "1"), ("block-row", "1", "2"),
+                    ("sweep-row", "2", None), ("block-row", "2", "3")]
+    rows = [(r.get("class"), r["data-sweep"], r.get("data-category")) for r in page.rows["excluded-table"][1:]]
+    assert rows == [("sweep-row", "1", None), (None, "1", "missing"), (None, "1", "auto"),
+                    ("sweep-row", "2", None), (None, "2", "missing"), (None, "2", "not-given"), (None, "2", "user")]
+    assert "Sweep 2: /data/s2_####.cbf, images 1-30" in text
+    assert "kappa 30 &lt;script&gt;" in text and "<script>alert" not in text
+    assert ">21-22<" in text and text.count(">21-22<") == 2  # the same image numbers in both sweeps
+
+    # the strong spots: a panel per sweep, each on its own image axis
+    figure = spots_figure(data)
+    layout = figure["layout"]
+    assert layout["xaxis"]["range"] == [0.5, 40.5] and layout["xaxis2"]["range"] == [0.5, 30.5]
+    assert layout["yaxis3"]["domain"][1] < layout["yaxis"]["domain"][0]  # sweep 2 below sweep 1
+    lines = {t["name"].split(" (")[0]: t for t in figure["data"] if t["type"] == "scatter"}
+    assert (lines["block 1"]["xaxis"], lines["block 1"]["yaxis"], lines["block 1"]["y"][0]) == ("x", "y2", 201)
+    assert (lines["block 3"]["xaxis"], lines["block 3"]["yaxis"], lines["block 3"]["y"][0]) == ("x2", "y4", 501)
+    bars = [t for t in figure["data"] if t["type"] == "bar"]
+    missing = [(t["xaxis"], t["yaxis"], t["x"]) for t in bars if t["legendgroup"] == "missing"]
+    assert missing == [("x", "y", [21, 22]), ("x2", "y3", [21, 22])]
+    shown = [t["legendgroup"] for t in bars if t["showlegend"]]
+    assert sorted(shown) == sorted(set(shown)) == ["auto", "missing", "not-given", "user"]
+
+    # the crystal model over batches: image number + the sweep's batch offset
+    cell = cell_figure(data)
+    panel = {t["name"]: t for t in cell["data"] if t["xaxis"] == "x"}
+    assert panel["block 2"]["x0"] == 23.5 and panel["block 3"]["x"] == [110.5]
+    assert cell["layout"]["xaxis"]["range"] == [0.5, 130.5]
+
+
+def test_one_sweep_looks_as_without_sweeps():
+    data = full_summary()
+    data["sweeps"] = [{"number": 1, "template": data["input"]["template"], "image_range": [1, 60],
+                       "n_blocks": 3, "batch_offset": 0, "goniometer": "omega"}]
+    for entry in data["blocks"] + data["excluded_images"]:
+        entry["sweep"] = 1
+    data["per_image"]["sweep"] = [1] * len(data["per_image"]["image"])
+    assert html_report(data) == html_report(full_summary())
 
 
 # ---------------------------------------------------------------------------
@@ -511,6 +716,8 @@ def test_report_in_chromium(tmp_path):
     full.write_text(html_report(full_summary()), encoding="utf-8")
     minimal = tmp_path / "minimal.html"
     minimal.write_text(html_report(minimal_summary()), encoding="utf-8")
+    two_sweeps = tmp_path / "two_sweeps.html"
+    two_sweeps.write_text(html_report(two_sweep_summary()), encoding="utf-8")
 
     browser = DevTools(chromium, tmp_path / "profile", tmp_path / "chromium.log")
     try:
@@ -527,6 +734,10 @@ def test_report_in_chromium(tmp_path):
             with open(os.environ["GAPFILL_HTML_SCREENSHOT"], "wb") as fh:
                 fh.write(png)
         _check_plots_in_browser(tab, minimal, ["plot-spots", "plot-rmsd"])
+        png = _check_plots_in_browser(tab, two_sweeps, PLOT_IDS)
+        if os.environ.get("GAPFILL_HTML_SCREENSHOT_SWEEPS"):
+            with open(os.environ["GAPFILL_HTML_SCREENSHOT_SWEEPS"], "wb") as fh:
+                fh.write(png)
     finally:
         browser.close()
 

@@ -3,31 +3,54 @@
 html_report(data) turns the machine-readable summary of a run (the contents of
 dials.process_gapped.json, made by dials_gapfill.report.summary_dict) into one
 HTML page: the table of the blocks, the crystal, the merging statistics and the
-bookkeeping of the run (excluded images, files, timing, versions), and plotly
-plots of the strong spots over the whole sweep, the RMSDs, the scan-varying
-crystal model and <I/sigma> against resolution.
+bookkeeping of the run (images not used, files, timing, versions), and plotly
+plots of the strong spots over the whole sweep, the RMSDs, the crystal model
+along the rotation and <I/sigma> against resolution.
 
-plotly.js is embedded inline and the figures are plain JSON handed to
-Plotly.newPlot, so the page needs no network access when opened. Every text
-taken from the summary is escaped. Any part of the summary may be missing (a
-run that failed to scale, a single block, no plot data): the page then shows
-a note instead of the plot or table.
+The page is rendered from the jinja2 templates in templates/ with autoescape
+on, so every text taken from the summary is escaped by jinja2. This module
+only prepares the values: plain numbers and texts for the tables, and the plots
+as plain plotly figure dicts, which the page hands to Plotly.newPlot as JSON
+(jinja2's tojson, safe inside a <script> element).
+
+plotly.js is embedded once, so that the page needs no network access. It is
+the minified bundle of plotly.js 2.6.3 (npm package plotly.js-dist-min, MIT
+licence in templates/plotly-LICENSE.txt; the plotly.js version Debian's
+python3-plotly 5.4 ships), stored gzipped: the copy that plotly's Python
+package returns on Debian (plotly.offline.get_plotlyjs()) is the unminified
+build, 8.7 MB, which made every page at least that large.
+
+Any part of the summary may be missing (a run that failed to scale, a single
+block, no plot data): the page then shows a note instead of the plot or table.
+
+A summary may describe several sweeps of one crystal (top-level "sweeps", and
+a "sweep" number on blocks, images not used and per-image counts, where image
+numbers repeat between sweeps). With more than one sweep, the blocks, the
+images not used and the strong spots are shown sweep by sweep, and the plots
+of the crystal model run over batch numbers (image number + the sweep's batch
+offset); with one sweep the page is the page of a single-sweep run.
 """
 
 from __future__ import annotations
 
-import html
+import collections
+import functools
+import gzip
 import json
 import math
+import re
+from importlib import resources
 
+import jinja2
 from dials.report.analysis import formats as DIALS_FORMATS
+from markupsafe import Markup, escape
 
 from dials_gapfill.report.merging import LABELS as MERGING_LABELS
 from dials_gapfill.util import range_text as compact_ranges
 from dials_gapfill.util import runs as _runs
 
 # Colours of the blocks, the same in every plot (no grey, red or purple: those
-# are the colours of the excluded images).
+# are the colours of the images not used).
 BLOCK_COLOURS = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#8c564b", "#e377c2",
     "#bcbd22", "#17becf", "#393b79", "#e7ba52", "#637939",
@@ -37,14 +60,26 @@ BLOCK_COLOURS = [
 # (the colours repeat; hovering names the block).
 MAX_LEGEND_BLOCKS = 10
 
-# Categories of images that were not used: key, legend label, colour, bar pattern.
+# Categories of images that were not used: key, legend label, colour, bar
+# pattern. Each status of an image (dials_gapfill.model.sweep) has its own.
 CATEGORIES = [
     ("missing", "missing file", "#7f7f7f", ""),
+    ("not-given", "not given (the file exists)", "#b8b8b8", "."),
     ("user", "excluded by user", "#9467bd", ""),
     ("auto", "bad image (found automatically)", "#d62728", ""),
     ("dropped", "dropped block", "#2f4f4f", "/"),
 ]
 _CATEGORY = {key: (label, colour, pattern) for key, label, colour, pattern in CATEGORIES}
+_ORDER = {key: i for i, (key, _, _, _) in enumerate(CATEGORIES)}
+
+# The status of an image not used (sweep.py) -> its category.
+STATUS_CATEGORY = {
+    "missing file": "missing",
+    "not given": "not-given",
+    "excluded": "user",
+    "bad": "auto",
+    "dropped": "dropped",
+}
 
 CELL_LABELS = ["a (Å)", "b (Å)", "c (Å)", "α (°)", "β (°)", "γ (°)"]
 ANGLE_LABELS = ["about x (°)", "about y (°)", "about z (°)"]
@@ -58,14 +93,57 @@ PLOTS = [
     ("plot-isigi", "<I/σ(I)> against resolution"),
 ]
 
+# Headings of the crystal-model plots when every block has a static model.
+STATIC_TITLES = {
+    "plot-cell": "Unit cell per block (static crystal models)",
+    "plot-orientation": "Crystal orientation per block (static crystal models)",
+}
+
+CAPTIONS = {
+    "plot-spots": (
+        "Strong spots found on each image over the whole sweep. Shaded: images not used "
+        "(hover for the reason); dashed lines: block boundaries."
+    ),
+    "plot-rmsd": "Positional RMSDs of the refined models of each block, static and scan-varying.",
+    "plot-cell": (
+        "Unit cell of the scan-varying crystal model at each image boundary, one line per "
+        "block; shaded: images not used."
+    ),
+    "plot-orientation": (
+        "Rotation of the crystal relative to the start of the first block, as angles about "
+        "the laboratory x, y and z axes."
+    ),
+    "plot-isigi": "Mean I/σ(I) of the integrated reflections in shells of equal 1/d², per block.",
+}
+
+NO_PLOT = {
+    "plot-spots": "No per-image spot counts in the summary.",
+    "plot-rmsd": "No refinement RMSDs in the summary.",
+    "plot-cell": "No scan-varying crystal model in the summary.",
+    "plot-orientation": "No scan-varying crystal model in the summary.",
+    "plot-isigi": "No integrated intensities in the summary.",
+}
+
+NAV = [
+    ("summary", "Summary"), ("blocks", "Blocks"), ("merging", "Merging"),
+    ("section-plot-spots", "Spots"), ("section-plot-rmsd", "RMSDs"),
+    ("section-plot-cell", "Cell"), ("section-plot-orientation", "Orientation"),
+    ("section-plot-isigi", "I/σ"), ("run", "Run details"),
+]
+
+# Columns of the table of resolution shells: heading, key, number format.
+SHELL_COLUMNS = [
+    ("d max", "d_max", ".2f"), ("d min", "d_min", ".2f"), ("Observations", "n_obs", "d"),
+    ("Unique", "n_unique", "d"), ("Completeness (%)", "completeness", ".1f"),
+    ("Multiplicity", "multiplicity", ".2f"), ("I/sigma", "i_over_sigma", ".1f"),
+    ("CC half", "cc_half", ".4f"), ("Rmerge", "r_merge", ".3f"), ("Rpim", "r_pim", ".3f"),
+]
+
+PLOTLY_JS = "plotly-2.6.3.min.js.gz"
+
 # ---------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------
-
-
-def _e(value) -> str:
-    """Escaped text of a value from the summary ("-" for None)."""
-    return "-" if value is None else html.escape(str(value))
 
 
 def _is_number(value) -> bool:
@@ -78,28 +156,34 @@ def _is_number(value) -> bool:
 
 
 def _fmt(value, spec: str = "") -> str:
-    """Escaped, formatted number; "-" for None or NaN, other values as text."""
+    """Formatted number ("-" for None or NaN; other values as text). Not
+    escaped: the templates escape."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     if not _is_number(value):
-        return _e(value)
+        return str(value)
     if spec == "d" and isinstance(value, float) and value.is_integer():
         value = int(value)
     try:
-        return _e(spec.format(value) if "{" in spec else format(value, spec))
+        return spec.format(value) if "{" in spec else format(value, spec)
     except (ValueError, TypeError):
-        return _e(value)
+        return str(value)
+
+
+def _text(value) -> str:
+    """A value as text, "-" for None."""
+    return "-" if value is None else str(value)
+
+
+def _label(value) -> str:
+    """Text for plotly (trace names, hover texts, annotations), which renders
+    a subset of HTML in them: escaped ("-" for None)."""
+    return str(escape(_text(value)))
 
 
 def _int(value, default=None):
     """value as an int, or default if it is not a number."""
     return int(value) if _is_number(value) else default
-
-
-def _json_for_script(value) -> str:
-    """JSON safe to embed in a <script> element (no '<', '>' or '&')."""
-    text = json.dumps(_finite(value), separators=(",", ":"), allow_nan=False)
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _finite(value):
@@ -113,13 +197,59 @@ def _finite(value):
     return value
 
 
+def _number_order(key):
+    """Sort key of block numbers given as text: numerically, then the rest."""
+    text = str(key)
+    return (0, int(text), "") if text.isdigit() else (1, 0, text)
+
+
+def _first(values):
+    return values[0] if isinstance(values, (list, tuple)) and values else None
+
+
+# ---------------------------------------------------------------------------
+# The run: sweeps, blocks and the images not used
+# ---------------------------------------------------------------------------
+
+Excluded = collections.namedtuple("Excluded", "sweep image reason category")
+
+
+def _sweeps(data) -> list:
+    """The sweeps of the summary, in its order ([] if it names none)."""
+    return [
+        s for s in data.get("sweeps") or []
+        if isinstance(s, dict) and _int(s.get("number")) is not None
+    ]
+
+
+def _grouped(data) -> bool:
+    """The page shows the run sweep by sweep: the summary has several sweeps."""
+    return len(_sweeps(data)) > 1
+
+
+def _sweep_of(value, grouped):
+    """Sweep number of an entry; None on a page of one sweep (and for an entry
+    that does not say)."""
+    return _int(value) if grouped else None
+
+
+def _sweep_order(data):
+    """Sort key of sweep numbers: the summary's order; unknown sweeps last."""
+    order = {_int(s["number"]): i for i, s in enumerate(_sweeps(data))}
+    return lambda sweep: (order.get(sweep, len(order)), -1 if sweep is None else sweep)
+
+
 def _blocks(data) -> list:
-    """The blocks of the summary with their image range, in image order."""
+    """The blocks of the summary with their image range (copies with their
+    "sweep" set as the page uses it), in sweep and image order."""
+    grouped = _grouped(data)
     blocks = [
-        b for b in data.get("blocks") or []
+        dict(b, sweep=_sweep_of(b.get("sweep"), grouped))
+        for b in data.get("blocks") or []
         if isinstance(b, dict) and _int(b.get("first")) is not None and _int(b.get("last")) is not None
     ]
-    return sorted(blocks, key=lambda b: b["first"])
+    sweep_key = _sweep_order(data)
+    return sorted(blocks, key=lambda b: (sweep_key(b["sweep"]), b["first"]))
 
 
 def _block_colours(data) -> dict:
@@ -138,63 +268,162 @@ def _block_colours(data) -> dict:
     return colours
 
 
-def _number_order(key):
-    """Sort key of block numbers given as text: numerically, then the rest."""
-    text = str(key)
-    return (0, int(text), "") if text.isdigit() else (1, 0, text)
+def _dropped(data) -> list:
+    """Dropped blocks: (sweep, first, last, reason)."""
+    grouped = _grouped(data)
+    out = []
+    for d in data.get("dropped_blocks") or []:
+        d = d if isinstance(d, dict) else {}
+        first, last = _int(d.get("first")), _int(d.get("last"))
+        if first is not None and last is not None:
+            out.append((_sweep_of(d.get("sweep"), grouped), first, last, d.get("reason")))
+    return out
 
 
-def _image_range(data):
-    """First and last image number of the whole sweep."""
-    image_range = (data.get("input") or {}).get("image_range")
-    if isinstance(image_range, (list, tuple)) and len(image_range) == 2:
-        lo, hi = _int(image_range[0]), _int(image_range[1])
-        if lo is not None and hi is not None:
-            return lo, hi
-    numbers = [n for n, _, _ in _excluded(data)]
-    numbers += [n for n in (data.get("per_image") or {}).get("image") or [] if _is_number(n)]
-    for b in _blocks(data):
-        numbers += [b["first"], b["last"]]
-    return (int(min(numbers)), int(max(numbers))) if numbers else None
+def _category(entry, sweep, image, dropped) -> str:
+    """Category of an image not used: from its status, or for a summary
+    without statuses from the reason and who decided."""
+    status = entry.get("status")
+    if status in STATUS_CATEGORY:
+        return STATUS_CATEGORY[status]
+    reason, by = entry.get("reason"), entry.get("by")
+    if reason == "missing file":
+        return "missing"
+    if str(reason).startswith("not given"):
+        return "not-given"
+    if by == "input":
+        return "missing"
+    if by == "user" or reason == "gaps.exclude_images":
+        return "user"
+    in_dropped = any(
+        first <= image <= last and s in (sweep, None) for s, first, last, _ in dropped
+    )
+    if in_dropped or str(reason).startswith("block "):
+        return "dropped"
+    return "auto"
 
 
 def _excluded(data) -> list:
-    """Images not used: (image, reason, category key), sorted by image.
-
-    Categories: missing files; images excluded by the user
-    (gaps.exclude_images); images of blocks that were dropped (too short,
-    could not be indexed); other bad images found automatically (blank,
-    all-zero, over-exposed, unreadable).
-    """
-    dropped = []
-    for d in data.get("dropped_blocks") or []:
-        first, last = _int((d or {}).get("first")), _int((d or {}).get("last"))
-        if first is not None and last is not None:
-            dropped.append((first, last, d.get("reason")))
-
-    def category(image, reason, by):
-        if reason == "missing file" or by == "input":
-            return "missing"
-        if by == "user" or reason == "gaps.exclude_images":
-            return "user"
-        if any(first <= image <= last for first, last, _ in dropped) or str(reason).startswith("block "):
-            return "dropped"
-        return "auto"
-
+    """Images not used, as Excluded(sweep, image, reason, category), in sweep
+    and image order."""
+    grouped = _grouped(data)
+    dropped = _dropped(data)
     out, seen = [], set()
     for e in data.get("excluded_images") or []:
-        image = _int((e or {}).get("image"))
-        if image is None or image in seen:
+        e = e if isinstance(e, dict) else {}
+        image = _int(e.get("image"))
+        sweep = _sweep_of(e.get("sweep"), grouped)
+        if image is None or (sweep, image) in seen:
             continue
-        seen.add(image)
-        out.append((image, e.get("reason"), category(image, e.get("reason"), e.get("by"))))
-    # images of dropped blocks are listed as excluded too; make sure of it
-    for first, last, reason in dropped:
+        seen.add((sweep, image))
+        out.append(Excluded(sweep, image, e.get("reason"), _category(e, sweep, image, dropped)))
+    # images of dropped blocks are listed as not used too; make sure of it
+    for sweep, first, last, reason in dropped:
+        if grouped and sweep is None:
+            continue  # its sweep is unknown
         for image in range(first, last + 1):
-            if image not in seen:
-                seen.add(image)
-                out.append((image, f"dropped block: {reason}", "dropped"))
-    return sorted(out, key=lambda e: e[0])
+            if (sweep, image) not in seen:
+                seen.add((sweep, image))
+                out.append(Excluded(sweep, image, f"dropped block: {reason}", "dropped"))
+    sweep_key = _sweep_order(data)
+    return sorted(out, key=lambda e: (sweep_key(e.sweep), e.image))
+
+
+def _counts(data) -> dict:
+    """Strong spots per image: (sweep, image) -> count."""
+    per_image = data.get("per_image") or {}
+    images = per_image.get("image") or []
+    spots = per_image.get("spots") or []
+    sweeps = per_image.get("sweep") or []
+    grouped = _grouped(data)
+    counts = {}
+    for i, (n, s) in enumerate(zip(images, spots)):
+        if _is_number(n):
+            sweep = _sweep_of(sweeps[i] if i < len(sweeps) else None, grouped)
+            counts[(sweep, int(n))] = s
+    return counts
+
+
+def _image_range(data, sweep=None):
+    """First and last image number of the sweep (of the whole run on a page of
+    one sweep)."""
+    if sweep is None and not _grouped(data):
+        given = (data.get("input") or {}).get("image_range")
+    else:
+        given = next((s.get("image_range") for s in _sweeps(data) if _int(s["number"]) == sweep), None)
+    if isinstance(given, (list, tuple)) and len(given) == 2:
+        lo, hi = _int(given[0]), _int(given[1])
+        if lo is not None and hi is not None:
+            return lo, hi
+    numbers = [e.image for e in _excluded(data) if e.sweep == sweep]
+    numbers += [n for s, n in _counts(data) if s == sweep]
+    for b in _blocks(data):
+        if b["sweep"] == sweep:
+            numbers += [b["first"], b["last"]]
+    return (int(min(numbers)), int(max(numbers))) if numbers else None
+
+
+def _panel_sweeps(data) -> list:
+    """The sweeps shown one by one: [None] on a page of one sweep, else the
+    sweep numbers (and None for entries that name no sweep)."""
+    if not _grouped(data):
+        return [None]
+    sweeps = [_int(s["number"]) for s in _sweeps(data)]
+    named = {b["sweep"] for b in _blocks(data)} | {e.sweep for e in _excluded(data)}
+    named |= {s for s, _ in _counts(data)}
+    return sweeps + ([None] if None in named else [])
+
+
+def _batch_offsets(data) -> dict:
+    """sweep -> number added to its image numbers to place it on one axis with
+    the others: its batch offset, or else right after the sweep before it."""
+    offsets = {None: 0}
+    if not _grouped(data):
+        return offsets
+    end = 0
+    for s in _sweeps(data):
+        number = _int(s["number"])
+        image_range = _image_range(data, number) or (1, 1)
+        offset = _int(s.get("batch_offset"))
+        if offset is None:
+            offset = end - (image_range[0] - 1)
+        offsets[number] = offset
+        end = max(end, image_range[1] + offset)
+    return offsets
+
+
+def _batch_range(data):
+    """First and last batch (image number + offset) over the whole run."""
+    offsets = _batch_offsets(data)
+    ranges = []
+    for sweep in _panel_sweeps(data):
+        image_range = _image_range(data, sweep)
+        if image_range:
+            ranges.append([n + offsets.get(sweep, 0) for n in image_range])
+    if not ranges:
+        return None
+    return min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
+
+
+def _sweep_view(data, sweep) -> dict:
+    """What the page says of a sweep, above its blocks and images not used."""
+    if sweep is None:
+        return {"number": "?", "title": "Sweep not recorded", "description": "", "details": ""}
+    entry = next((s for s in _sweeps(data) if _int(s["number"]) == sweep), {})
+    image_range = _image_range(data, sweep)
+    description = ", ".join(
+        ([str(entry["template"])] if entry.get("template") else [])
+        + ([f"images {image_range[0]}-{image_range[1]}"] if image_range else [])
+    )
+    title = f"Sweep {sweep}" + (f": {description}" if description else "")
+    details = []
+    if _is_number(entry.get("n_blocks")):
+        details.append(f"{_fmt(entry['n_blocks'], 'd')} blocks")
+    if _is_number(entry.get("batch_offset")):
+        details.append(f"batch offset {_fmt(entry['batch_offset'], 'd')}")
+    if entry.get("goniometer"):
+        details.append(f"goniometer: {entry['goniometer']}")
+    return {"number": sweep, "title": title, "description": description, "details": "; ".join(details)}
 
 
 # ---------------------------------------------------------------------------
@@ -250,12 +479,14 @@ def _subplot_title(text, xref, y) -> dict:
     }
 
 
-def _exclusion_shapes(excluded, xref, yref) -> list:
-    """Translucent rectangles over the runs of excluded images of one category."""
+def _exclusion_shapes(excluded, xref, yref, offsets=None) -> list:
+    """Translucent rectangles over the runs of images not used of one category
+    (at image + the sweep's offset)."""
+    offsets = offsets or {}
     shapes = []
     for key, _, colour, _ in CATEGORIES:
-        images = [n for n, _, c in excluded if c == key]
-        for first, last in _runs(images):
+        batches = [e.image + offsets.get(e.sweep, 0) for e in excluded if e.category == key]
+        for first, last in _runs(batches):
             shapes.append(
                 {
                     "type": "rect", "xref": xref, "yref": yref, "layer": "below",
@@ -266,109 +497,161 @@ def _exclusion_shapes(excluded, xref, yref) -> list:
     return shapes
 
 
+def _axis_id(letter, k) -> tuple:
+    """(trace reference, layout key) of axis number k (1-based): ("y", "yaxis"),
+    ("y3", "yaxis3")."""
+    suffix = "" if k == 1 else str(k)
+    return letter + suffix, f"{letter}axis{suffix}"
+
+
+# Spots per sweep: pixels of a panel, between panels (x axis title of one,
+# sweep title and block labels of the next) and above the first.
+SWEEP_PANEL, SWEEP_GAP, SWEEP_TOP = 230, 100, 75
+
+
 def spots_figure(data):
-    """Strong spots per image over the whole sweep.
+    """Strong spots per image over the whole sweep (one panel per sweep when
+    there are several).
 
     One trace per block (a line broken where images are missing), with the
     images that were not used shaded by category (bars on a hidden axis behind
     the spots, with the reason on hover) and the block boundaries marked.
     """
-    per_image = data.get("per_image") or {}
-    images, spots = per_image.get("image") or [], per_image.get("spots") or []
-    counts = {
-        int(n): s for n, s in zip(images, spots) if _is_number(n)
-    }
+    counts = _counts(data)
     excluded = _excluded(data)
-    image_range = _image_range(data)
-    if (not counts and not excluded) or image_range is None:
+    grouped = _grouped(data)
+    panels = [(s, _image_range(data, s)) for s in _panel_sweeps(data)]
+    panels = [(s, r) for s, r in panels if r is not None]
+    if (not counts and not excluded) or not panels:
         return None
-    lo, hi = image_range
     blocks = _blocks(data)
     colours = _block_colours(data)
-    traces = []
+    many = len(blocks) > MAX_LEGEND_BLOCKS
+    totals = collections.Counter(e.category for e in excluded)
+    traces, shapes, annotations, axes = [], [], [], {}
+    in_legend = set()
+    # panels stacked from the top (fractions of the plot area)
+    area = len(panels) * SWEEP_PANEL + (len(panels) - 1) * SWEEP_GAP
+    domains = [
+        [1 - (i * (SWEEP_PANEL + SWEEP_GAP) + SWEEP_PANEL) / area, 1 - i * (SWEEP_PANEL + SWEEP_GAP) / area]
+        for i in range(len(panels))
+    ]
 
-    # shading of the images not used: one bar trace per category, on the hidden
-    # axis y (range 0-1); the spots are on y2 in front of them
-    for key, label, colour, pattern in CATEGORIES:
-        rows = [(n, reason) for n, reason, c in excluded if c == key]
-        if not rows:
-            continue
-        marker = {"color": colour, "opacity": 0.35, "line": {"width": 0}}
-        if pattern:
-            marker["pattern"] = {"shape": pattern, "fgcolor": "#222", "size": 6}
-        traces.append(
-            {
-                "type": "bar", "name": f"{label} ({len(rows)})",
+    # panel i: x axis i+1; the images not used as bars on the hidden axis
+    # y(2i+1) (range 0-1), the spots on y(2i+2) in front of them
+    for i, (sweep, (lo, hi)) in enumerate(panels):
+        x_id, x_key = _axis_id("x", i + 1)
+        bar_id, bar_key = _axis_id("y", 2 * i + 1)
+        spots_id, spots_key = _axis_id("y", 2 * i + 2)
+        on_axes = {"xaxis": x_id} if grouped else {}
+
+        for key, label, colour, pattern in CATEGORIES:
+            rows = [(e.image, e.reason) for e in excluded if e.category == key and e.sweep == sweep]
+            if not rows:
+                continue
+            marker = {"color": colour, "opacity": 0.35, "line": {"width": 0}}
+            if pattern:
+                marker["pattern"] = {"shape": pattern, "fgcolor": "#222", "size": 6}
+            trace = {
+                "type": "bar", "name": f"{label} ({totals[key]})",
                 "x": [n for n, _ in rows], "y": [1] * len(rows), "width": 1,
-                "yaxis": "y", "marker": marker,
-                "hovertext": [f"image {n}: {html.escape(str(reason))}" for n, reason in rows],
+                "yaxis": bar_id, "marker": marker,
+                "hovertext": [f"image {n}: {_label(reason)}" for n, reason in rows],
                 "hoverinfo": "text",
             }
-        )
+            if grouped:
+                trace.update(on_axes, legendgroup=key, showlegend=key not in in_legend)
+            in_legend.add(key)
+            traces.append(trace)
 
-    # the strong spots, one trace per block; None breaks the line at images
-    # without a count
-    many = len(blocks) > MAX_LEGEND_BLOCKS
-    placed = set()
-    for b in blocks:
-        x = list(range(b["first"], b["last"] + 1))
-        y = [counts.get(n) for n in x]
-        placed.update(x)
-        if not any(v is not None for v in y):
-            continue
-        traces.append(
-            {
-                "type": "scatter", "mode": "lines+markers" if len(x) <= 200 else "lines",
-                "name": f"block {_e(b.get('number'))} (images {b['first']}-{b['last']})",
-                "x": x, "y": y, "yaxis": "y2", "showlegend": not many,
-                "line": {"color": colours.get(str(b.get("number")), "#1f77b4"), "width": 1.5},
-                "marker": {"size": 4},
-                "hovertemplate": "image %{x}: %{y} spots<extra>block " + _e(b.get("number")) + "</extra>",
-            }
-        )
-    other = sorted(n for n in counts if n not in placed)
-    if other:
-        traces.append(
-            {
-                "type": "scatter", "mode": "markers", "name": "not in a block",
-                "x": other, "y": [counts[n] for n in other], "yaxis": "y2",
-                "marker": {"color": "#444", "size": 4, "symbol": "x"},
-                "hovertemplate": "image %{x}: %{y} spots<extra>not in a block</extra>",
-            }
-        )
-
-    # block boundaries: dashed lines and a label over each block (just the
-    # number if there are many)
-    shapes, annotations = [], []
-    for b in blocks:
-        colour = colours.get(str(b.get("number")), "#444")
-        for x in (b["first"] - 0.5, b["last"] + 0.5):
-            shapes.append(
+        # the strong spots, one trace per block; None breaks the line at images
+        # without a count
+        placed = set()
+        for b in blocks:
+            if b["sweep"] != sweep:
+                continue
+            x = list(range(b["first"], b["last"] + 1))
+            y = [counts.get((sweep, n)) for n in x]
+            placed.update(x)
+            if not any(v is not None for v in y):
+                continue
+            where = f"sweep {_label(sweep)}, " if grouped else ""
+            traces.append(
                 {
-                    "type": "line", "xref": "x", "yref": "paper", "x0": x, "x1": x,
-                    "y0": 0, "y1": 1, "line": {"color": colour, "width": 1, "dash": "dash"},
+                    "type": "scatter", "mode": "lines+markers" if len(x) <= 200 else "lines",
+                    "name": f"block {_label(b.get('number'))} ({where}images {b['first']}-{b['last']})",
+                    "x": x, "y": y, **on_axes, "yaxis": spots_id, "showlegend": not many,
+                    "line": {"color": colours.get(str(b.get("number")), "#1f77b4"), "width": 1.5},
+                    "marker": {"size": 4},
+                    "hovertemplate": "image %{x}: %{y} spots<extra>block " + _label(b.get("number")) + "</extra>",
                 }
             )
-        annotations.append(
-            {
-                "text": ("" if many else "block ") + _e(b.get("number")), "xref": "x", "yref": "paper",
-                "x": 0.5 * (b["first"] + b["last"]), "y": 1, "yanchor": "bottom",
-                "showarrow": False, "font": {"color": colour},
-            }
+        other = sorted(n for s, n in counts if s == sweep and n not in placed)
+        if other:
+            traces.append(
+                {
+                    "type": "scatter", "mode": "markers", "name": "not in a block",
+                    "x": other, "y": [counts[(sweep, n)] for n in other], **on_axes, "yaxis": spots_id,
+                    "marker": {"color": "#444", "size": 4, "symbol": "x"},
+                    "showlegend": "other" not in in_legend,
+                    "hovertemplate": "image %{x}: %{y} spots<extra>not in a block</extra>",
+                }
+            )
+            in_legend.add("other")
+
+        # block boundaries: dashed lines and a label over each block (just the
+        # number if there are many)
+        for b in blocks:
+            if b["sweep"] != sweep:
+                continue
+            colour = colours.get(str(b.get("number")), "#444")
+            for x in (b["first"] - 0.5, b["last"] + 0.5):
+                shapes.append(
+                    {
+                        "type": "line", "xref": x_id, "yref": f"{bar_id} domain" if grouped else "paper",
+                        "x0": x, "x1": x, "y0": 0, "y1": 1,
+                        "line": {"color": colour, "width": 1, "dash": "dash"},
+                    }
+                )
+            annotations.append(
+                {
+                    "text": ("" if many else "block ") + _label(b.get("number")), "xref": x_id, "yref": "paper",
+                    "x": 0.5 * (b["first"] + b["last"]), "y": domains[i][1], "yanchor": "bottom",
+                    "showarrow": False, "font": {"color": colour},
+                }
+            )
+        axes[x_key] = _axis("image number", range=[lo - 0.5, hi + 0.5])
+        axes[bar_key] = {"range": [0, 1], "visible": False, "fixedrange": True}
+        axes[spots_key] = _axis("strong spots", overlaying=bar_id, side="left", rangemode="tozero")
+        if grouped:
+            view = _sweep_view(data, sweep)
+            axes[x_key].update(anchor=bar_id)
+            axes[bar_key].update(domain=domains[i])
+            axes[spots_key].update(anchor=x_id)
+            annotations.append(
+                {
+                    "text": f"<b>{_label(view['title'])}</b>", "xref": f"{x_id} domain", "x": 0,
+                    "xanchor": "left", "yref": "paper", "y": domains[i][1], "yanchor": "bottom", "yshift": 20,
+                    "showarrow": False, "font": {"size": 13},
+                }
+            )
+
+    n_legend = len([t for t in traces if t.get("showlegend", True)])
+    legend_rows = max(1, math.ceil(n_legend / 4))  # the names are long: about four to a row
+    if not grouped:
+        layout = _base_layout(
+            height=450, bargap=0, margin={"l": 70, "r": 20, "t": 55, "b": 50},
+            **axes, shapes=shapes, annotations=annotations,
         )
+        _legend_below(layout, rows=legend_rows)
+        return {"data": traces, "layout": layout}
+
+    bottom = 62 + 20 * legend_rows + 5
     layout = _base_layout(
-        height=450,
-        bargap=0,
-        margin={"l": 70, "r": 20, "t": 55, "b": 50},
-        xaxis=_axis("image number", range=[lo - 0.5, hi + 0.5]),
-        yaxis={"range": [0, 1], "visible": False, "fixedrange": True},
-        yaxis2=_axis("strong spots", overlaying="y", side="left", rangemode="tozero"),
-        shapes=shapes,
-        annotations=annotations,
+        height=SWEEP_TOP + area + bottom, bargap=0, margin={"l": 70, "r": 20, "t": SWEEP_TOP, "b": bottom},
+        **axes, shapes=shapes, annotations=annotations,
     )
-    # the legend names are long: about four to a row
-    in_legend = [t for t in traces if t.get("showlegend", True)]
-    _legend_below(layout, rows=max(1, math.ceil(len(in_legend) / 4)))
+    _legend_below(layout, rows=legend_rows)
     return {"data": traces, "layout": layout}
 
 
@@ -382,7 +665,7 @@ def rmsd_figure(data):
     if not any(isinstance(b.get(k), dict) for b in blocks for k, _, _ in kinds):
         return None
     components = [("x", "RMSD x (px)"), ("y", "RMSD y (px)"), ("phi", "RMSD φ (images)")]
-    labels = [_e(b.get("number")) for b in blocks]
+    labels = [_label(b.get("number")) for b in blocks]
     traces, annotations = [], []
     layout = _base_layout(height=380, barmode="group", margin={"l": 60, "r": 20, "t": 40, "b": 40})
     for i, ((comp, title), domain) in enumerate(zip(components, _grid_domains(3))):
@@ -409,15 +692,20 @@ def rmsd_figure(data):
 
 
 def _scan_varying_series(data, index_key, n_values):
-    """Per block of plots.scan_varying: (block, x, hover labels, [series_k]).
+    """Per block of plots.scan_varying, a dict: block number, static (one
+    crystal model for the whole block), where on the x axis, hover label and
+    values (n_values lists).
 
     Scan point i of a block is the start of image first + i: it is plotted at
-    image boundary (first + i - 0.5), so a block covers its images exactly. A
-    block with a single (static) crystal model is drawn as a flat line over
-    its images.
+    image boundary (first + i - 0.5), so a block covers its images exactly;
+    consecutive scan points are given as x0 and dx rather than a list. A
+    block with a single (static) crystal model is one point, at the centre of
+    its images. With several sweeps, x is the batch: image + the sweep's offset.
     """
     plots = data.get("plots") or {}
     by_number = {str(b.get("number")): b for b in _blocks(data)}
+    grouped = _grouped(data)
+    offsets = _batch_offsets(data)
     out = []
     for sv in plots.get("scan_varying") or []:
         if not isinstance(sv, dict):
@@ -425,25 +713,39 @@ def _scan_varying_series(data, index_key, n_values):
         images = sv.get("image") or []
         values = sv.get(index_key) or []
         points = [
-            (n, v) for n, v in zip(images, values)
+            (int(n), v) for n, v in zip(images, values)
             if _is_number(n) and isinstance(v, (list, tuple)) and len(v) >= n_values
         ]
         if not points:
             continue
         block = by_number.get(str(sv.get("block")))
+        sweep = block["sweep"] if block else None
+        offset = offsets.get(sweep, 0)
+        prefix = f"sweep {_label(sweep)}, " if grouped and sweep is not None else ""
+        series = {"block": sv.get("block"), "static": len(points) == 1}
+        numbers = [n for n, _ in points]
         if len(points) == 1 and block:
-            x = [block["first"] - 0.5, block["last"] + 0.5]
-            points = [points[0], points[0]]
-            where = [f"static model, images {block['first']}-{block['last']}"] * 2
-        elif block and len(points) == block["last"] - block["first"] + 2:
-            x = [n - 0.5 for n, _ in points]
-            where = [f"start of image {n}" for n, _ in points]
+            series["x"] = [0.5 * (block["first"] + block["last"]) + offset]
+            series["hover"] = f"{prefix}static model, images {block['first']}-{block['last']}"
+        elif len(points) == 1:
+            series["x"] = [numbers[0] + offset]
+            series["hover"] = f"{prefix}static model, image {numbers[0]}"
+        elif block and numbers == list(range(block["first"], block["last"] + 2)):
+            series.update(x0=numbers[0] - 0.5 + offset, dx=1, customdata=numbers)
+            series["hover"] = prefix + "start of image %{customdata}"
         else:
-            x = [n for n, _ in points]
-            where = [f"image {n}" for n, _ in points]
-        series = [[v[k] for _, v in points] for k in range(n_values)]
-        out.append((sv.get("block"), x, where, series))
+            series.update(x=[n + offset for n in numbers], customdata=numbers)
+            series["hover"] = prefix + "image %{customdata}"
+        series["values"] = [[v[k] for _, v in points] for k in range(n_values)]
+        out.append(series)
     return out
+
+
+def _static_blocks(data) -> tuple:
+    """(block numbers with a static crystal model in the plot data, number of
+    blocks in the plot data)."""
+    series = _scan_varying_series(data, "cell", 6)
+    return [s["block"] for s in series if s["static"]], len(series)
 
 
 # Scan-varying values are plotted rounded to this many decimals (Å, degrees):
@@ -461,7 +763,7 @@ def _rounded(values):
 
 def _value_axis(series, k):
     """y-axis settings of panel k: the range and tick labels the values deserve."""
-    values = [v for _, _, _, vals in series for v in vals[k] if _is_number(v)]
+    values = [v for s in series for v in s["values"][k] if _is_number(v)]
     if not values:
         return {}
     low, high = min(values), max(values)
@@ -479,11 +781,15 @@ def _scan_varying_figure(data, index_key, labels, rows, cols, height):
     series = _scan_varying_series(data, index_key, len(labels))
     if not series:
         return None
-    series = [(number, x, where, [_rounded(v) for v in values]) for number, x, where, values in series]
+    for s in series:
+        s["values"] = [_rounded(v) for v in s["values"]]
     colours = _block_colours(data)
     excluded = _excluded(data)
-    image_range = _image_range(data)
-    x_range = [image_range[0] - 0.5, image_range[1] + 0.5] if image_range else None
+    grouped = _grouped(data)
+    offsets = _batch_offsets(data)
+    x_range = _batch_range(data)
+    x_range = [x_range[0] - 0.5, x_range[1] + 0.5] if x_range else None
+    x_title = "batch (image number + batch offset of its sweep)" if grouped else "image number"
     traces, shapes, annotations = [], [], []
     layout = _base_layout(height=height, margin={"l": 80, "r": 20, "t": 40, "b": 50})
     x_domains = _grid_domains(cols, gap=0.09)
@@ -491,19 +797,24 @@ def _scan_varying_figure(data, index_key, labels, rows, cols, height):
     for k, label in enumerate(labels):
         suffix = "" if k == 0 else str(k + 1)
         row, col = divmod(k, cols)
-        for number, x, where, values in series:
-            traces.append(
-                {
-                    "type": "scatter", "mode": "lines" if len(x) > 1 else "markers",
-                    "name": f"block {_e(number)}", "legendgroup": f"block {_e(number)}",
-                    "showlegend": k == 0 and len(series) <= MAX_LEGEND_BLOCKS,
-                    "x": x, "y": values[k], "customdata": where,
-                    "xaxis": "x" + suffix, "yaxis": "y" + suffix,
-                    "line": {"color": colours.get(str(number), "#1f77b4"), "width": 2},
-                    "hovertemplate": "%{customdata}: %{y:.5f}<extra>block " + _e(number) + "</extra>",
-                }
-            )
-        xaxis = _axis("image number" if row == rows - 1 else "", domain=x_domains[col], anchor="y" + suffix)
+        for s in series:
+            number = s["block"]
+            colour = colours.get(str(number), "#1f77b4")
+            trace = {
+                "type": "scatter", "name": f"block {_label(number)}", "legendgroup": f"block {_label(number)}",
+                "showlegend": k == 0 and len(series) <= MAX_LEGEND_BLOCKS,
+                "y": s["values"][k], "xaxis": "x" + suffix, "yaxis": "y" + suffix,
+                "hovertemplate": s["hover"] + ": %{y:.5f}<extra>block " + _label(number) + "</extra>",
+            }
+            for key in ("x", "x0", "dx", "customdata"):
+                if key in s:
+                    trace[key] = s[key]
+            if s["static"]:
+                trace.update(mode="markers", marker={"color": colour, "size": 9, "symbol": "diamond"})
+            else:
+                trace.update(mode="lines", line={"color": colour, "width": 2})
+            traces.append(trace)
+        xaxis = _axis(x_title if row == rows - 1 else "", domain=x_domains[col], anchor="y" + suffix)
         if x_range:
             xaxis["range"] = x_range
         if k:
@@ -512,7 +823,7 @@ def _scan_varying_figure(data, index_key, labels, rows, cols, height):
         layout["yaxis" + suffix] = _axis(
             domain=y_domains[row], anchor="x" + suffix, exponentformat="none", **_value_axis(series, k)
         )
-        shapes += _exclusion_shapes(excluded, "x" + suffix, f"y{suffix} domain")
+        shapes += _exclusion_shapes(excluded, "x" + suffix, f"y{suffix} domain", offsets)
         annotations.append(_subplot_title(label, f"x{suffix} domain", y_domains[row][1]))
     layout.update(shapes=shapes, annotations=annotations)
     _legend_below(layout, rows=max(1, math.ceil(min(len(series), MAX_LEGEND_BLOCKS) / 8)))
@@ -520,12 +831,14 @@ def _scan_varying_figure(data, index_key, labels, rows, cols, height):
 
 
 def cell_figure(data):
-    """Scan-varying unit cell parameters against image number, one trace per block."""
+    """Unit cell parameters against image number, one trace per block (a line
+    for a scan-varying model, a point for a static one)."""
     return _scan_varying_figure(data, "cell", CELL_LABELS, rows=2, cols=3, height=600)
 
 
 def orientation_figure(data):
-    """Scan-varying crystal orientation (three angles) against image number."""
+    """Crystal orientation (three angles) against image number, one trace per
+    block (a line for a scan-varying model, a point for a static one)."""
     return _scan_varying_figure(data, "orientation_deg", ANGLE_LABELS, rows=1, cols=3, height=380)
 
 
@@ -553,10 +866,10 @@ def isigi_figure(data):
             continue
         traces.append(
             {
-                "type": "scatter", "mode": "lines+markers", "name": f"block {_e(number)}",
+                "type": "scatter", "mode": "lines+markers", "name": f"block {_label(number)}",
                 "x": x, "y": y, "customdata": [d for _, d in shells],
                 "line": {"color": colours.get(str(number), "#1f77b4"), "width": 2},
-                "hovertemplate": "d = %{customdata:.2f} Å: %{y:.1f}<extra>block " + _e(number) + "</extra>",
+                "hovertemplate": "d = %{customdata:.2f} Å: %{y:.1f}<extra>block " + _label(number) + "</extra>",
             }
         )
     if not traces:
@@ -582,35 +895,10 @@ FIGURES = {
     "plot-isigi": isigi_figure,
 }
 
-NO_PLOT = {
-    "plot-spots": "No per-image spot counts in the summary.",
-    "plot-rmsd": "No refinement RMSDs in the summary.",
-    "plot-cell": "No scan-varying crystal model in the summary.",
-    "plot-orientation": "No scan-varying crystal model in the summary.",
-    "plot-isigi": "No integrated intensities in the summary.",
-}
-
 
 # ---------------------------------------------------------------------------
-# Tables
+# What the templates show: plain values, escaped by jinja2
 # ---------------------------------------------------------------------------
-
-
-def _table(header, rows, table_id="", css="", row_attrs=None, foot=None) -> str:
-    """An HTML table; header and cells are already escaped HTML."""
-    attrs = (f' id="{table_id}"' if table_id else "") + (f' class="{css}"' if css else "")
-    out = [f"<table{attrs}>"]
-    if header:
-        out.append("<thead><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr></thead>")
-    out.append("<tbody>")
-    for i, row in enumerate(rows):
-        extra = row_attrs[i] if row_attrs else ""
-        out.append(f"<tr{extra}>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
-    out.append("</tbody>")
-    if foot:
-        out.append("<tfoot><tr>" + "".join(f"<td>{c}</td>" for c in foot) + "</tr></tfoot>")
-    out.append("</table>")
-    return "\n".join(out)
 
 
 def _final_rmsd(block) -> dict:
@@ -621,91 +909,134 @@ def _final_rmsd(block) -> dict:
     return {}
 
 
-def block_table(data) -> str:
+def _block_row(b) -> dict:
+    rmsd = _final_rmsd(b)
+    fraction = b.get("indexed_fraction")
+    return {
+        "number": b.get("number"), "first": b["first"], "last": b["last"],
+        "n_images": b.get("n_images", b["last"] - b["first"] + 1),
+        "phi_start": b.get("phi_start"), "phi_end": b.get("phi_end"), "spots": b.get("spots"),
+        "indexed_percent": 100 * fraction if _is_number(fraction) else None,
+        "rmsd_x": rmsd.get("x"), "rmsd_y": rmsd.get("y"), "rmsd_phi": rmsd.get("phi"),
+        "refinement": b.get("refinement"), "profile": b.get("profile"),
+        "integrated": b.get("integrated"), "gap_edge": b.get("gap_edge"), "mean_isigi": b.get("mean_isigi"),
+    }
+
+
+def _block_groups(data) -> list:
+    """Rows of the blocks table: one group (without a heading) on a page of
+    one sweep, else one group per sweep."""
     blocks = _blocks(data)
-    if not blocks:
-        return '<p class="note">No blocks were processed.</p>'
-    header = [
-        "Block", "Images", "φ range (°)", "Strong spots", "Indexed (%)",
-        "RMSD x (px)", "RMSD y (px)", "RMSD φ (images)", "Refinement", "Profile",
-        "Integrated", "Cut by a gap", "&lt;I/σ(I)&gt;",
-    ]
-    rows, attrs = [], []
-    for b in blocks:
-        rmsd = _final_rmsd(b)
-        fraction = b.get("indexed_fraction")
-        n_images = b.get("n_images", b["last"] - b["first"] + 1)
-        rows.append(
-            [
-                _e(b.get("number")),
-                f"{b['first']}-{b['last']} ({_fmt(n_images, 'd')})",
-                f"{_fmt(b.get('phi_start'), '.1f')} to {_fmt(b.get('phi_end'), '.1f')}",
-                _fmt(b.get("spots"), "d"),
-                _fmt(100 * fraction if _is_number(fraction) else None, ".1f"),
-                _fmt(rmsd.get("x"), ".3f"),
-                _fmt(rmsd.get("y"), ".3f"),
-                _fmt(rmsd.get("phi"), ".3f"),
-                _e(b.get("refinement")),
-                _e(b.get("profile")),
-                _fmt(b.get("integrated"), "d"),
-                _fmt(b.get("gap_edge"), "d"),
-                _fmt(b.get("mean_isigi"), ".1f"),
-            ]
-        )
-        attrs.append(f' class="block-row" data-block="{_e(b.get("number"))}"')
+    grouped = _grouped(data)
+    groups = []
+    for sweep in _panel_sweeps(data):
+        rows = [_block_row(b) for b in blocks if b["sweep"] == sweep]
+        if rows or grouped:
+            groups.append({"sweep": _sweep_view(data, sweep) if grouped else None, "blocks": rows})
+    return groups if blocks else []
+
+
+def _excluded_groups(data) -> list:
+    """Rows of the table of images not used, grouped by category and reason
+    (one group per sweep when there are several)."""
+    excluded = _excluded(data)
+    if not excluded:
+        return []
+    grouped = _grouped(data)
+    groups = []
+    for sweep in _panel_sweeps(data):
+        by_reason = {}
+        for e in excluded:
+            if e.sweep == sweep:
+                by_reason.setdefault((e.category, str(e.reason)), []).append(e.image)
+        rows = []
+        for (category, reason), images in sorted(by_reason.items(), key=lambda kv: (_ORDER[kv[0][0]], min(kv[1]))):
+            label, colour, _ = _CATEGORY[category]
+            rows.append(
+                {"category": category, "label": label, "colour": colour, "reason": reason,
+                 "images": compact_ranges(images), "count": len(images)}
+            )
+        if rows or grouped:
+            groups.append({"sweep": _sweep_view(data, sweep) if grouped else None, "rows": rows})
+    return groups
+
+
+def _overview(data) -> list:
+    """Key numbers of the run: rows {label, value, warning}."""
+    inputs = data.get("input") or {}
     totals = data.get("totals") or {}
-    foot = None
+    final = (data.get("crystal") or {}).get("final") or {}
+    scaling = data.get("scaling") or {}
+    rows = []
+
+    def row(label, value, warning=False):
+        rows.append({"label": label, "value": value, "warning": warning})
+
+    if _grouped(data):
+        for sweep in _sweeps(data):
+            view = _sweep_view(data, _int(sweep["number"]))
+            row(f"Sweep {view['number']}", view["description"] or "-")
+    else:
+        image_range = _image_range(data)
+        if inputs.get("template"):
+            row("Images", inputs.get("template"))
+        if image_range:
+            row("Image range", f"{image_range[0]}-{image_range[1]}")
+    if inputs.get("format"):
+        row("Format", inputs.get("format"))
+    dropped = data.get("dropped_blocks") or []
+    row("Blocks", f"{len(_blocks(data))}" + (f" ({len(dropped)} dropped)" if dropped else ""))
+    row("Images used / not used", f"{_fmt(totals.get('images_used'), 'd')} / {len(_excluded(data))}")
+    cell = final.get("unit_cell") or []
+    if len(cell) == 6:
+        esd = list(final.get("unit_cell_esd") or []) + [None] * 6
+        parts = [_fmt(v, ".4f") + (f" ± {_fmt(e, '.4f')}" if _is_number(e) else "") for v, e in zip(cell, esd)]
+        row("Unit cell (Å, °)", ", ".join(parts))
+    if final.get("space_group"):
+        row("Space group (integration)", final.get("space_group"))
+    symmetry = scaling.get("symmetry") or {}
+    if symmetry.get("space_group"):
+        row("Space group (scaling)", symmetry.get("space_group"))
     if totals:
-        foot = [
-            "Total", _fmt(totals.get("images_used"), "d"), "", _fmt(totals.get("spots"), "d"),
-            "", "", "", "", "", "", _fmt(totals.get("integrated"), "d"),
-            _fmt(totals.get("gap_edge"), "d"), "",
-        ]
-    return _table(header, rows, table_id="blocks-table", css="numbers", row_attrs=attrs, foot=foot)
+        row(
+            "Reflections",
+            f"{_fmt(totals.get('spots'), 'd')} strong spots, {_fmt(totals.get('indexed'), 'd')} "
+            f"indexed, {_fmt(totals.get('integrated'), 'd')} integrated",
+        )
+    if scaling:
+        row(
+            "Resolution, completeness",
+            f"{_fmt(_first(scaling.get('d_min')), '.2f')} Å, {_fmt(_first(scaling.get('completeness')), '.1f')} %",
+        )
+    seconds = (data.get("timing") or {}).get("total_seconds")
+    if _is_number(seconds):
+        row("Run time", f"{_fmt(seconds, '.1f')} s")
+    warnings = data.get("warnings") or []
+    if warnings:
+        row("Warnings", f"{len(warnings)} (see below)", warning=True)
+    return rows
 
 
-def crystal_table(data) -> str:
+def _cell_rows(data):
+    """Rows of the crystal table, or None without a crystal model."""
     final = (data.get("crystal") or {}).get("final") or {}
     cell = final.get("unit_cell") or []
     if len(cell) != 6:
-        return '<p class="note">No crystal model.</p>'
-    esd = final.get("unit_cell_esd") or [None] * 6
-    spread = final.get("cell_spread") or [None] * 6
-    rows = [
-        [label, _fmt(v, ".4f"), _fmt(e, ".4f"), _fmt(s, ".4f")]
-        for label, v, e, s in zip(CELL_LABELS, cell, list(esd) + [None] * 6, list(spread) + [None] * 6)
+        return None
+    esd = list(final.get("unit_cell_esd") or []) + [None] * 6
+    spread = list(final.get("cell_spread") or []) + [None] * 6
+    return [
+        {"label": label, "value": v, "esd": e, "spread": s}
+        for label, v, e, s in zip(CELL_LABELS, cell, esd, spread)
     ]
-    return _table(
-        ["Cell", "Value", "ESD", "Spread across blocks (max - min)"], rows,
-        table_id="cell-table", css="numbers",
-    )
 
 
-def excluded_table(data) -> str:
-    """Images not used, grouped by reason, with compact ranges."""
-    excluded = _excluded(data)
-    if not excluded:
-        return '<p class="note">All images were used.</p>'
-    groups = {}
-    for image, reason, category in excluded:
-        groups.setdefault((category, str(reason)), []).append(image)
-    order = [key for key, _, _, _ in CATEGORIES]
-    rows, attrs = [], []
-    for (category, reason), images in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), min(kv[1]))):
-        label, colour, _ = _CATEGORY[category]
-        rows.append(
-            [
-                f'<span class="swatch" style="background:{colour}"></span>{_e(label)}',
-                _e(reason), _e(compact_ranges(images)), str(len(images)),
-            ]
-        )
-        attrs.append(f' data-category="{category}"')
-    return _table(["Category", "Reason", "Images", "Number"], rows, table_id="excluded-table", row_attrs=attrs)
-
-
-def merging_table(scaling) -> str:
-    """The merging statistics as DIALS tabulates them (labels, digits):
-    Overall, Low and High resolution shells."""
+def _merging(data):
+    """Merging statistics as DIALS tabulates them (labels, digits): Overall,
+    Low and High resolution shells; and the shells. None if not scaled."""
+    scaling = data.get("scaling")
+    if not isinstance(scaling, dict) or not scaling:
+        return None
     rows = []
     for key, label in MERGING_LABELS.items():
         values = scaling.get(key)
@@ -713,240 +1044,110 @@ def merging_table(scaling) -> str:
             continue
         values = list(values)[:3] + [None] * (3 - len(values[:3]))
         spec = DIALS_FORMATS[label].strip().lstrip("%0123456789")  # " %7.2f" -> ".2f"
-        rows.append([_e(label)] + [_fmt(v, spec) for v in values])
-    if not rows:
-        return '<p class="note">No merging statistics.</p>'
-    return _table(["", "Overall", "Low", "High"], rows, table_id="merging-table", css="numbers")
-
-
-def shells_table(scaling) -> str:
-    """Merging statistics per resolution shell (folded away by default)."""
-    shells = [s for s in scaling.get("shells") or [] if isinstance(s, dict)]
-    if not shells:
-        return ""
-    columns = [
-        ("d max", "d_max", ".2f"), ("d min", "d_min", ".2f"), ("Observations", "n_obs", "d"),
-        ("Unique", "n_unique", "d"), ("Completeness (%)", "completeness", ".1f"),
-        ("Multiplicity", "multiplicity", ".2f"), ("I/sigma", "i_over_sigma", ".1f"),
-        ("CC half", "cc_half", ".4f"), ("Rmerge", "r_merge", ".3f"), ("Rpim", "r_pim", ".3f"),
+        rows.append({"label": label, "values": [_fmt(v, spec) for v in values]})
+    shells = [
+        {key: s.get(key) for _, key, _ in SHELL_COLUMNS}
+        for s in scaling.get("shells") or [] if isinstance(s, dict)
     ]
-    rows = [[_fmt(s.get(key), fmt) for _, key, fmt in columns] for s in shells]
-    table = _table([label for label, _, _ in columns], rows, table_id="shells-table", css="numbers")
-    return f"<details><summary>Statistics per resolution shell</summary>\n{table}\n</details>"
+    return {
+        "space_group": (scaling.get("symmetry") or {}).get("space_group") or "?",
+        "rows": rows, "shells": shells,
+    }
+
+
+def _plots(data, figures) -> list:
+    """Sections of the plots: id, heading, caption (drawn) or note."""
+    grouped = _grouped(data)
+    static, n_series = _static_blocks(data)
+    out = []
+    for plot_id, title in PLOTS:
+        caption = CAPTIONS[plot_id]
+        if plot_id == "plot-spots" and grouped:
+            caption = caption.replace("over the whole sweep", "sweep by sweep")
+        if plot_id in STATIC_TITLES and static:
+            if len(static) == n_series:
+                title = STATIC_TITLES[plot_id]
+                caption = (
+                    "The crystal model of each block is static (no scan points): one point per "
+                    "block, at the centre of its images."
+                    + (" " + CAPTIONS[plot_id] if plot_id == "plot-orientation" else "")
+                )
+            else:
+                which = ", ".join(_text(n) for n in static)
+                caption += (
+                    f" Block{'s' if len(static) > 1 else ''} {which}: static crystal model, "
+                    "one point (◆) at the centre of its images."
+                )
+        if plot_id in STATIC_TITLES and grouped:
+            caption += " With several sweeps, the x axis is the batch: image number + the sweep's batch offset."
+        out.append(
+            {"id": plot_id, "title": title, "drawn": plot_id in figures,
+             "caption": caption, "note": NO_PLOT[plot_id]}
+        )
+    return out
+
+
+def _run_details(data) -> dict:
+    """Dropped blocks, warnings, files, timing, versions and parameters."""
+    grouped = _grouped(data)
+    dropped = []
+    for d in data.get("dropped_blocks") or []:
+        d = d if isinstance(d, dict) else {}
+        where = f"images {_text(d.get('first'))}-{_text(d.get('last'))}"
+        if grouped and d.get("sweep") is not None:
+            where = f"sweep {_text(d.get('sweep'))}, {where}"
+        dropped.append({"where": where, "reason": _text(d.get("reason"))})
+    timing = data.get("timing") or {}
+    total = timing.get("total_seconds")
+    stages = []
+    for s in timing.get("stages") or []:
+        if isinstance(s, dict):
+            seconds = s.get("seconds")
+            share = 100 * seconds / total if _is_number(seconds) and _is_number(total) and total > 0 else None
+            stages.append({"name": s.get("name"), "seconds": seconds, "share": share})
+    return {
+        "dropped": dropped,
+        "warnings": list(data.get("warnings") or []),
+        "files": [
+            {"name": f.get("name"), "kind": f.get("kind"), "reflections": f.get("reflections")}
+            for f in data.get("files") or [] if isinstance(f, dict)
+        ],
+        "stages": stages,
+        "total_seconds": total,
+        "versions": list((data.get("versions") or {}).items()),
+        "modified": ((data.get("parameters") or {}).get("modified") or "").strip(),
+    }
 
 
 # ---------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------
 
-CSS = """
-body { font-family: Helvetica, Arial, sans-serif; margin: 0; color: #222; background: #fafafa; }
-header { background: #2a3f5f; color: white; padding: 12px 24px; }
-header h1 { margin: 0; font-size: 22px; }
-header p { margin: 4px 0 0 0; font-size: 13px; color: #dde; word-break: break-all; }
-nav { position: sticky; top: 0; background: #eef1f6; padding: 6px 24px; border-bottom: 1px solid #ccd;
-      font-size: 13px; z-index: 10; }
-nav a { margin-right: 14px; color: #2a3f5f; text-decoration: none; }
-main { padding: 8px 24px 40px 24px; max-width: 1400px; }
-section { background: white; border: 1px solid #dde; border-radius: 4px; padding: 8px 16px 12px 16px;
-          margin: 14px 0; }
-h2 { font-size: 18px; margin: 6px 0 10px 0; color: #2a3f5f; }
-h3 { font-size: 15px; margin: 14px 0 6px 0; }
-table { border-collapse: collapse; font-size: 13px; margin: 4px 0 8px 0; }
-th, td { padding: 3px 10px; border-bottom: 1px solid #e3e3e3; text-align: left; vertical-align: top; }
-th { background: #eef1f6; }
-tbody tr:nth-child(even) { background: #f7f8fb; }
-tfoot td { font-weight: bold; border-top: 2px solid #ccd; }
-table.numbers td:not(:first-child) { text-align: right; font-variant-numeric: tabular-nums; }
-table.numbers th:not(:first-child) { text-align: right; }
-.note { color: #666; font-style: italic; }
-.warning { color: #8a4b00; }
-.swatch { display: inline-block; width: 11px; height: 11px; margin-right: 6px; opacity: 0.6;
-          vertical-align: baseline; }
-.plot { width: 100%; }
-.caption { font-size: 12px; color: #555; margin: 0 0 4px 0; }
-.columns { display: flex; flex-wrap: wrap; gap: 0 40px; }
-pre { background: #f4f4f4; padding: 8px; font-size: 12px; overflow-x: auto; }
-"""
 
-CAPTIONS = {
-    "plot-spots": (
-        "Strong spots found on each image over the whole sweep. Shaded: images not used "
-        "(hover for the reason); dashed lines: block boundaries."
-    ),
-    "plot-rmsd": "Positional RMSDs of the refined models of each block, static and scan-varying.",
-    "plot-cell": (
-        "Unit cell of the scan-varying crystal model at each image boundary, one line per "
-        "block; shaded: images not used."
-    ),
-    "plot-orientation": (
-        "Rotation of the crystal relative to the start of the first block, as angles about "
-        "the laboratory x, y and z axes."
-    ),
-    "plot-isigi": "Mean I/σ(I) of the integrated reflections in shells of equal 1/d², per block.",
-}
-
-SCRIPT = """
-(function () {
-  "use strict";
-  var figures = %s;
-  var config = {responsive: true, displaylogo: false};
-  var rendered = [];
-  Object.keys(figures).forEach(function (id) {
-    try {
-      rendered.push(Plotly.newPlot(id, figures[id].data, figures[id].layout, config));
-    } catch (err) {
-      console.error("dials.process_gapped report: plot " + id + " failed: " + err);
-    }
-  });
-  Promise.all(rendered).then(function () {
-    document.body.setAttribute("data-plots-rendered", String(rendered.length));
-  }, function (err) {
-    console.error("dials.process_gapped report: " + err);
-  });
-})();
-"""
-
-
-def _overview(data) -> str:
-    """Key numbers of the run as a two-column table."""
-    inputs = data.get("input") or {}
-    totals = data.get("totals") or {}
-    final = (data.get("crystal") or {}).get("final") or {}
-    scaling = data.get("scaling") or {}
-    image_range = _image_range(data)
-    rows = []
-    if inputs.get("template"):
-        rows.append(["Images", _e(inputs.get("template"))])
-    if image_range:
-        rows.append(["Image range", f"{image_range[0]}-{image_range[1]}"])
-    if inputs.get("format"):
-        rows.append(["Format", _e(inputs.get("format"))])
-    blocks = _blocks(data)
-    dropped = data.get("dropped_blocks") or []
-    text = f"{len(blocks)}"
-    if dropped:
-        text += f" ({len(dropped)} dropped)"
-    rows.append(["Blocks", text])
-    rows.append(
-        [
-            "Images used / not used",
-            f"{_fmt(totals.get('images_used'), 'd')} / {len(_excluded(data))}",
-        ]
+@functools.cache
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("dials_gapfill.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
     )
-    cell = final.get("unit_cell") or []
-    if len(cell) == 6:
-        esd = list(final.get("unit_cell_esd") or []) + [None] * 6
-        parts = [
-            f"{_fmt(v, '.4f')}" + (f" ± {_fmt(e, '.4f')}" if _is_number(e) else "")
-            for v, e in zip(cell, esd)
-        ]
-        rows.append(["Unit cell (Å, °)", ", ".join(parts)])
-    if final.get("space_group"):
-        rows.append(["Space group (integration)", _e(final.get("space_group"))])
-    symmetry = scaling.get("symmetry") or {}
-    if symmetry.get("space_group"):
-        rows.append(["Space group (scaling)", _e(symmetry.get("space_group"))])
-    if totals:
-        rows.append(
-            [
-                "Reflections",
-                f"{_fmt(totals.get('spots'), 'd')} strong spots, {_fmt(totals.get('indexed'), 'd')} "
-                f"indexed, {_fmt(totals.get('integrated'), 'd')} integrated",
-            ]
-        )
-    if scaling:
-        rows.append(
-            [
-                "Resolution, completeness",
-                f"{_fmt(_first(scaling.get('d_min')), '.2f')} Å, "
-                f"{_fmt(_first(scaling.get('completeness')), '.1f')} %",
-            ]
-        )
-    seconds = (data.get("timing") or {}).get("total_seconds")
-    if _is_number(seconds):
-        rows.append(["Run time", f"{_fmt(seconds, '.1f')} s"])
-    warnings = data.get("warnings") or []
-    if warnings:
-        rows.append(["Warnings", f'<span class="warning">{len(warnings)} (see below)</span>'])
-    return _table(None, rows, table_id="overview-table")
+    env.filters["num"] = _fmt
+    env.filters["text"] = _text
+    # the figures as compact JSON, in the order given (the page's plot order)
+    env.policies["json.dumps_kwargs"] = {"sort_keys": False, "separators": (",", ":"), "allow_nan": False}
+    return env
 
 
-def _first(values):
-    return values[0] if isinstance(values, (list, tuple)) and values else None
-
-
-def _run_details(data) -> str:
-    """Dropped blocks, warnings, files, timing, versions and parameters."""
-    out = []
-    dropped = data.get("dropped_blocks") or []
-    out.append("<h3>Dropped blocks</h3>")
-    if dropped:
-        out.append('<ul id="dropped-blocks">')
-        for d in dropped:
-            d = d or {}
-            out.append(f"<li>images {_e(d.get('first'))}-{_e(d.get('last'))}: {_e(d.get('reason'))}</li>")
-        out.append("</ul>")
-    else:
-        out.append('<p class="note">None.</p>')
-
-    warnings = data.get("warnings") or []
-    out.append("<h3>Warnings</h3>")
-    if warnings:
-        out.append('<ul id="warnings">' + "".join(f'<li class="warning">{_e(w)}</li>' for w in warnings) + "</ul>")
-    else:
-        out.append('<p class="note">None.</p>')
-
-    out.append('<div class="columns"><div>')
-    files = [f for f in data.get("files") or [] if isinstance(f, dict)]
-    out.append("<h3>Files written</h3>")
-    if files:
-        rows = [[_e(f.get("name")), _e(f.get("kind")), _fmt(f.get("reflections"), "d")] for f in files]
-        out.append(_table(["File", "Contents", "Reflections"], rows, table_id="files-table"))
-    else:
-        out.append('<p class="note">None.</p>')
-    out.append("</div><div>")
-
-    timing = data.get("timing") or {}
-    stages = [s for s in timing.get("stages") or [] if isinstance(s, dict)]
-    total = timing.get("total_seconds")
-    out.append("<h3>Timing</h3>")
-    if stages:
-        rows = []
-        for s in stages:
-            seconds = s.get("seconds")
-            share = 100 * seconds / total if _is_number(seconds) and _is_number(total) and total > 0 else None
-            rows.append([_e(s.get("name")), _fmt(seconds, ".1f"), _fmt(share, ".0f")])
-        out.append(
-            _table(
-                ["Stage", "Seconds", "% of total"], rows, table_id="timing-table", css="numbers",
-                foot=["Total", _fmt(total, ".1f"), ""],
-            )
-        )
-    else:
-        out.append('<p class="note">No timing.</p>')
-    out.append("</div><div>")
-
-    versions = data.get("versions") or {}
-    out.append("<h3>Versions</h3>")
-    if versions:
-        rows = [[_e(k), _e(v)] for k, v in versions.items()]
-        out.append(_table(["Software", "Version"], rows, table_id="versions-table"))
-    else:
-        out.append('<p class="note">Not recorded.</p>')
-    out.append("</div></div>")
-
-    modified = ((data.get("parameters") or {}).get("modified") or "").strip()
-    out.append("<h3>Parameters changed from the defaults</h3>")
-    out.append(f"<pre>{_e(modified)}</pre>" if modified else '<p class="note">None (all defaults).</p>')
-    return "\n".join(out)
-
-
-def _plotly_js() -> str:
-    """The plotly.js library, to be embedded inline."""
-    import plotly.offline
-
-    return plotly.offline.get_plotlyjs()
+@functools.lru_cache(maxsize=1)
+def _plotly_js() -> Markup:
+    """The minified plotly.js bundle, to be embedded inline."""
+    packed = resources.files(__package__).joinpath("templates").joinpath(PLOTLY_JS).read_bytes()
+    text = gzip.decompress(packed).decode("utf-8")
+    # "</script" inside the script element would end it early
+    return Markup(re.sub(r"</(script)", r"<\\/\1", text, flags=re.IGNORECASE))
 
 
 def html_report(data: dict) -> str:
@@ -956,81 +1157,25 @@ def html_report(data: dict) -> str:
     for plot_id, make in FIGURES.items():
         figure = make(data)
         if figure is not None:
-            figures[plot_id] = figure
-
-    # the plots, each with a caption (or a note if there is nothing to plot)
-    plot_sections = []
-    for plot_id, title in PLOTS:
-        body = (
-            f'<p class="caption">{_e(CAPTIONS[plot_id])}</p>\n<div id="{plot_id}" class="plot"></div>'
-            if plot_id in figures
-            else f'<p class="note">{_e(NO_PLOT[plot_id])}</p>'
-        )
-        plot_sections.append(f'<section id="section-{plot_id}">\n<h2>{_e(title)}</h2>\n{body}\n</section>')
-
-    scaling = data.get("scaling")
-    if isinstance(scaling, dict) and scaling:
-        space_group = (scaling.get("symmetry") or {}).get("space_group")
-        merging = (
-            f"<h2>Merging statistics (space group {_e(space_group or '?')})</h2>\n"
-            f"{merging_table(scaling)}\n{shells_table(scaling)}"
-        )
-    else:
-        merging = '<h2>Merging statistics</h2>\n<p class="note">The blocks were not scaled.</p>'
-
-    inputs = data.get("input") or {}
-    program = data.get("program") or "dials.process_gapped"
-    nav = [
-        ("summary", "Summary"), ("blocks", "Blocks"), ("merging", "Merging"),
-        ("section-plot-spots", "Spots"), ("section-plot-rmsd", "RMSDs"),
-        ("section-plot-cell", "Cell"), ("section-plot-orientation", "Orientation"),
-        ("section-plot-isigi", "I/σ"), ("run", "Run details"),
-    ]
-    page = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(program)} report</title>",
-        f"<style>{CSS}</style>",
-        # plotly.js inline: the page works offline
-        f'<script type="text/javascript">{_plotly_js()}</script>' if figures else "",
-        "</head>",
-        "<body>",
-        "<header>",
-        f"<h1>{_e(program)}</h1>",
-        f"<p>{_e(inputs.get('template') or '')}</p>",
-        "</header>",
-        "<nav>" + "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t in nav) + "</nav>",
-        "<main>",
-        '<section id="summary">',
-        "<h2>Summary</h2>",
-        '<div class="columns"><div>',
-        _overview(data),
-        "</div><div>",
-        crystal_table(data),
-        "</div></div>",
-        "<h3>Images not used</h3>",
-        excluded_table(data),
-        "</section>",
-        '<section id="blocks">',
-        "<h2>Blocks</h2>",
-        block_table(data),
-        "</section>",
-        f'<section id="merging">\n{merging}\n</section>',
-        *plot_sections,
-        '<section id="run">',
-        "<h2>Run details</h2>",
-        _run_details(data),
-        "</section>",
-        "</main>",
-        # the figures; body[data-plots-rendered] is set once they are drawn
-        f"<script>{SCRIPT % _json_for_script(figures)}</script>",
-        "</body>",
-        "</html>",
-    ]
-    return "\n".join(line for line in page if line) + "\n"
+            figures[plot_id] = _finite(figure)
+    totals = data.get("totals") or {}
+    context = {
+        "program": data.get("program") or "dials.process_gapped",
+        "template": (data.get("input") or {}).get("template") or "",
+        "nav": NAV,
+        "overview": _overview(data),
+        "cell": _cell_rows(data),
+        "excluded": _excluded_groups(data),
+        "block_groups": _block_groups(data),
+        "totals": {k: totals.get(k) for k in ("images_used", "spots", "integrated", "gap_edge")} if totals else None,
+        "merging": _merging(data),
+        "shell_columns": SHELL_COLUMNS,
+        "plots": _plots(data, figures),
+        "run": _run_details(data),
+        "figures": figures,
+        "plotly_js": _plotly_js() if figures else "",
+    }
+    return _environment().get_template("report.html").render(context)
 
 
 if __name__ == "__main__":
