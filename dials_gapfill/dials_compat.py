@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 
 import dials.command_line.integrate as dials_integrate
+import dials.util.export_mtz as dials_export_mtz
 from dials.algorithms.indexing.known_orientation import IndexerKnownOrientation
 from dials.algorithms.integration import processor as integration_processor
 from dials.algorithms.refinement.parameterisation import configure
@@ -51,22 +52,27 @@ def replaced(owner, name: str, replacement):
 
 
 @contextlib.contextmanager
-def static_crystals_in_scan_varying_job(crystals):
-    """Parameterise `crystals` statically inside a scan-varying refinement.
+def static_crystals_in_scan_varying_job(experiment_ids):
+    """Parameterise the crystals of the experiments `experiment_ids` (their
+    positions in the job's experiment list) statically inside a scan-varying
+    refinement.
 
     DIALS chooses static or scan-varying for all crystals of a job; its
     scan-varying prediction parameterisation accepts a mix.  The choice is made
     per crystal by wrapping ``configure._parameterise_crystals`` for the
-    duration of one job.  Yields False where that function does not exist
-    (another DIALS): all crystals are then scan-varying.
+    duration of one job.  Crystals are named by their experiments, not as
+    objects: DIALS' refiner parameterises copies of the experiments' models
+    (``_copy_experiments_for_refining``).  Yields False where that function
+    does not exist (another DIALS): all crystals are then scan-varying.
     """
-    if not crystals:
+    static_ids = set(experiment_ids)
+    if not static_ids:
         yield True
         return
     original = getattr(configure, "_parameterise_crystals", None)
 
     def static_version(p, cls):
-        if p.get_model() not in crystals or not hasattr(p, "num_sets"):
+        if not hasattr(p, "num_sets") or not set(p.get_experiment_ids()) <= static_ids:
             return p
         static = cls(p.get_model(), experiment_ids=p.get_experiment_ids())
         static.model_identifier = p.model_identifier
@@ -281,3 +287,26 @@ def integration_algorithms_set(algorithms):
     table = flex.reflection_table
     with replaced(table, "background_algorithm", background), replaced(table, "centroid_algorithm", centroid):
         yield
+
+
+# --------------------------------------------------------------------------
+# Export: MTZ batches of several sweeps
+# --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def mtz_batch_offsets(offsets):
+    """While open, dials.export's MTZ writer numbers the batches of its
+    experiments with `offsets` (one per experiment, in order): BATCH = image
+    number + offset.
+
+    export_mtz keeps the scans' own batch offsets only when they all differ,
+    and otherwise computes them with calculate_batch_offsets from the image
+    ranges of the experiments; the blocks of one sweep share their sweep's
+    offset (so that BATCH - offset is the image number), which it would call
+    duplicates.  The scans' offsets are therefore set alike (0) and its
+    calculate_batch_offsets replaced by `offsets`.  Yields False where
+    dials.util.export_mtz has no such function (the batches are then DIALS').
+    """
+    with replaced(dials_export_mtz, "calculate_batch_offsets", lambda experiments: list(offsets)) as done:
+        yield done

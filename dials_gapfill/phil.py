@@ -125,17 +125,28 @@ gaps
     .type = float(value_min=0, value_max=1)
     .expert_level = 1
     .help = "An image is blank when its strong-spot count is at most this fraction"
-            "of the block's best image (dials.detect_blanks' counts_fractional_loss,"
-            "applied per block with one histogram bin per image)."
+            "of the median count of its neighbours (and significantly low:"
+            "gaps.significance)."
   overexposed_factor = 5.0
     .type = float(value_min=1)
     .expert_level = 1
     .help = "An image is over-exposed when the median intensity of its strong"
-            "spots exceeds this factor times the median of its neighbours."
+            "spots exceeds this factor times the median of its neighbours' spots"
+            "(and significantly: gaps.significance)."
   neighbours = 10
     .type = int(value_min=2)
     .expert_level = 1
-    .help = "Number of images each side used as neighbours for the tests above."
+    .help = "Number of images each side (in the same sweep) used as neighbours"
+            "for the tests above."
+  significance = 0.001
+    .type = float(value_min=0, value_max=1)
+    .expert_level = 1
+    .help = "Probability, per sweep, of calling a good image blank or"
+            "over-exposed by chance: an image must be that unlikely under its"
+            "neighbours' statistics (Poisson spot counts; a rank test of spot"
+            "intensities), divided by the number of images in the sweep. On"
+            "sparse patterns (a few spots per image) a frame is then never"
+            "excluded for the chance spread of its spots."
   min_block_images = 1
     .type = int(value_min=1)
     .expert_level = 1
@@ -317,6 +328,12 @@ blocks
             "again against it and refine again, this many times. None (auto):"
             "while that indexes at least 1 % more of the spots (at most 3 times;"
             "a crystal that turns faster than the lattice search can follow)."
+  continuous_tie_sigma = 0.001 0.001 0.001 0.001 0.001 0.001
+    .type = floats(size=6, value_min=0.)
+    .expert_level = 1
+    .help = "continuous, several sweeps: sigmas (A, degrees) of the restraint"
+            "that ties the sweeps' cells to their mean (each sweep has its own"
+            "orientation; one crystal has one cell)."
   continuous_scan_varying_cell = False
     .type = bool
     .expert_level = 1

@@ -27,6 +27,12 @@ def _summary(out):
     return json.load(open(os.path.join(out, "dials.process_gapped.json")))
 
 
+def _experiments(out):
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    return ExperimentListFactory.from_json_file(os.path.join(out, "integrated.expt"), check_format=False)
+
+
 def _run_ok(images, out, *phil):
     result = process(images, out, *phil)
     assert result.returncode == 0, result.stderr + result.stdout[-3000:]
@@ -93,6 +99,14 @@ def test_small_blocks_do_not_stop_the_run(one_image_block, tmp_path, mode):
     single = blocks[(22, 22)]
     assert single["n_images"] == 1 and single["integrated"] > 300
     assert single["refinement"] == "static crystal in the scan-varying job"
+    crystals = {e.scan.get_image_range(): e.crystal for e in _experiments(out)}
+
+    def spread(crystal):  # largest change of A over the scan points
+        A = [crystal.get_A_at_scan_point(k) for k in range(crystal.num_scan_points)]
+        return max(abs(a - b) for m in A for a, b in zip(m, A[0]))
+
+    assert spread(crystals[(22, 22)]) == 0  # static, as said
+    assert spread(crystals[(1, 20)]) > 1e-6
     assert blocks[(1, 20)]["refinement"] == "scan-varying"
     assert blocks[(1, 20)]["profile"] == "own" and blocks[(1, 20)]["profile_fitted"] > 1000
     if mode == "pooled":

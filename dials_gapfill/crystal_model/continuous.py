@@ -1,22 +1,32 @@
-"""The continuous crystal model: ONE crystal across the gaps.
+"""The continuous crystal model: ONE crystal across the gaps of each sweep.
 
-The blocks of a gapped sweep are joined onto ONE experiment whose scan covers
-the whole image range, gaps included (indexing and refinement need no pixels:
-its ImageSequence is made with ``check_format=False`` and is never read).
-DIALS' own indexing (``dials.command_line.index.index``) and refinement
-(``dials.command_line.refine.run_macrocycle``: static, then scan-varying with
-a smoother over the whole range) work on that experiment; the result is
-sliced back onto the blocks (``dials.util.slice.slice_crystal``: each block's
-crystal gets the n_images + 1 scan points of its own images), so each block
-keeps its own image set and scan and the rest of the pipeline (integration
-per block, export) runs unchanged.
+The blocks of each sweep are joined onto ONE experiment whose scan covers the
+sweep's whole image range, gaps included (indexing and refinement need no
+pixels: its ImageSequence is made with ``check_format=False`` and is never
+read).  DIALS' own indexing (``dials.command_line.index.index``, joint over
+the sweeps) and refinement (``dials.command_line.refine.run_macrocycle``:
+static with one crystal for all sweeps, then scan-varying with a smoother over
+each sweep's whole range) work on these experiments; the result is sliced back
+onto the blocks (``dials.util.slice.slice_crystal``: each block's crystal gets
+the n_images + 1 scan points of its own images), so each block keeps its own
+image set and scan and the rest of the pipeline (integration per block,
+export) runs unchanged.
+
+Several sweeps (different goniometer settings) share the crystal while it is
+static: indexing and the static job see one crystal.  DIALS refines a
+scan-varying crystal against one scan and goniometer only, so for the
+scan-varying jobs each sweep gets its own copy (its own orientation through
+its own rotation), the cells static and restrained to their common mean
+(``unit_cell.restraints.tie_to_group``, sigmas refinement.blocks.tie_sigma):
+one crystal, one cell.  A sweep with too few reflections for a scan-varying
+orientation (MIN_SCAN_VARYING_REFLECTIONS) keeps a static one in that job.
 
 Gap-edge spots
 --------------
 A spot whose shoebox touches a block's first frame with missing images before
 it, or its last frame with missing images after it, was recorded only in part:
 its z centroid is pulled into the block.  Such spots (:func:`gap_edge_spots`;
-the sweep's own first and last image are not gaps) are
+a sweep's own first and last image are not gaps) are
 
 - left out of the lattice search;
 - indexed against the predictions of the indexed model (:func:`index_gap_edges`:
@@ -44,7 +54,6 @@ from typing import Any
 
 import libtbx
 import numpy as np
-from dials.algorithms.indexing import DialsIndexError
 from dials.algorithms.refinement.outlier_detection.outlier_base import (
     CentroidOutlierFactory,
 )
@@ -63,8 +72,8 @@ from scipy.spatial import cKDTree
 from scitbx.array_family import flex as sflex
 
 from dials_gapfill import dials_compat
-from dials_gapfill.crystal_model.base import CrystalModel
-from dials_gapfill.crystal_model.lattice import staged_search
+from dials_gapfill.crystal_model.base import CrystalModel, crystal_per_sweep, sweep_groups, tie_cells
+from dials_gapfill.crystal_model.lattice import SEARCH_ERRORS, staged_search
 from dials_gapfill.errors import GapfillError, indexing_failure
 from dials_gapfill.model.state import Record, block_names
 from dials_gapfill.model.tables import set_identifiers
@@ -88,51 +97,59 @@ GAP_EDGE_TREATMENTS = ("xy", "exclude", "full")
 CONTINUOUS_INTERVAL_WIDTH = 12.0
 DIALS_INTERVAL_WIDTH = 36.0
 
+# A sweep's crystal is scan-varying when the sweep has at least this many
+# indexed reflections: the smoother of even a short sweep has 3 orientation
+# sets (9 parameters) and DIALS asks for 5 reflections per parameter.
+MIN_SCAN_VARYING_REFLECTIONS = 0
+
+# frames predicted beyond each end of a sweep when spots are indexed against
+# predictions
+PREDICTION_PADDING = 1.0
+
 
 # --------------------------------------------------------------------------
-# Blocks <-> one continuous experiment
+# Blocks <-> one continuous experiment per sweep
 # --------------------------------------------------------------------------
-
-
-def _block_ranges(experiments):
-    return [e.scan.get_image_range() for e in experiments]
 
 
 def check_blocks(experiments) -> None:
-    """The blocks must be in image order, not overlap, share beam, detector and
-    goniometer, and lie on one rotation (same width, start angles consistent)."""
+    """The blocks of each sweep must be in image order, not overlap, share
+    the beam, their sweep's detector and goniometer, and lie on one rotation
+    (same width, start angles consistent)."""
     if len(experiments) == 0:
         raise GapfillError("no blocks to join")
-    first = experiments[0]
-    phi0, width = first.scan.get_oscillation()
-    f0 = first.scan.get_image_range()[0]
-    previous_last = None
-    for i, exp in enumerate(experiments):
-        f, l = exp.scan.get_image_range()
-        if previous_last is not None and f <= previous_last:
-            raise GapfillError(f"block {i + 1} (images {f}-{l}) is not after the block before it")
-        previous_last = l
-        start, w = exp.scan.get_oscillation()
-        if abs(w - width) > 1e-6 * max(1.0, abs(width)):
-            raise GapfillError(f"block {i + 1}: oscillation width {w} differs from {width}")
-        expected = phi0 + (f - f0) * width
-        if abs(start - expected) > 1e-3 * abs(width):
-            raise GapfillError(
-                f"block {i + 1} (images {f}-{l}) starts at {start:.4f} deg, not on the rotation of "
-                f"the first block ({expected:.4f} deg): one continuous model needs one rotation"
-            )
-        for name in ("beam", "detector", "goniometer"):
-            if getattr(exp, name) is not getattr(first, name):
-                raise GapfillError(f"block {i + 1} does not share the {name} of the first block")
+    for group in sweep_groups(experiments):
+        first = experiments[group[0]]
+        phi0, width = first.scan.get_oscillation()
+        f0 = first.scan.get_image_range()[0]
+        previous_last = None
+        for i in group:
+            exp = experiments[i]
+            f, l = exp.scan.get_image_range()
+            if previous_last is not None and f <= previous_last:
+                raise GapfillError(f"block {i + 1} (images {f}-{l}) is not after the block before it")
+            previous_last = l
+            start, w = exp.scan.get_oscillation()
+            if abs(w - width) > 1e-6 * max(1.0, abs(width)):
+                raise GapfillError(f"block {i + 1}: oscillation width {w} differs from {width}")
+            expected = phi0 + (f - f0) * width
+            if abs(start - expected) > 1e-3 * abs(width):
+                raise GapfillError(
+                    f"block {i + 1} (images {f}-{l}) starts at {start:.4f} deg, not on the rotation of "
+                    f"the first block of its sweep ({expected:.4f} deg): one continuous model needs one rotation"
+                )
+            for name, reference in (("beam", experiments[0]), ("detector", first)):
+                if getattr(exp, name) is not getattr(reference, name):
+                    raise GapfillError(f"block {i + 1} does not share the {name} of the first block")
 
 
-def join_blocks(experiments):
-    """ONE experiment whose scan covers images first..last of all blocks (gaps
-    included), with the blocks' beam, detector, goniometer and crystal.
+def join_blocks(experiments, identifier="continuous"):
+    """ONE experiment whose scan covers images first..last of the blocks of
+    one sweep (gaps included), with the blocks' beam, detector, goniometer
+    and crystal.
 
     Its ImageSequence is made with ``check_format=False`` from the first
-    block's template: indexing and refinement never read it.  The identifier is
-    "continuous".
+    block's template: indexing and refinement never read it.
     """
     check_blocks(experiments)
     first_exp = experiments[0]
@@ -179,7 +196,7 @@ def join_blocks(experiments):
         goniometer=first_exp.goniometer,
         scan=scan,
         crystal=first_exp.crystal,
-        identifier="continuous",
+        identifier=identifier,
     )
 
 
@@ -226,38 +243,75 @@ def slice_onto_blocks(continuous, experiments):
     return out
 
 
-def _to_continuous(reflections, continuous):
-    """A copy of `reflections` on the one continuous experiment (id 0)."""
+class Joined:
+    """The blocks of each sweep joined: one continuous experiment per sweep,
+    and the maps of reflection tables between blocks and sweeps."""
 
-    table = copy.deepcopy(reflections)
-    keep = table["id"] >= 0
-    table["block"] = table["id"]  # remember the block
-    ids = flex.int(len(table), 0)
-    ids.set_selected(~keep, -1)
-    table["id"] = ids
-    table["imageset_id"] = flex.int(len(table), 0)
-    set_identifiers(table, [continuous])
-    return table
+    def __init__(self, experiments):
+        check_blocks(experiments)
+        self.blocks = experiments
+        self.groups = sweep_groups(experiments)
+        self.group_of_block = {i: g for g, group in enumerate(self.groups) for i in group}
+        one = len(self.groups) == 1
+        self.experiments = ExperimentList([
+            join_blocks(ExperimentList([experiments[i] for i in group]),
+                        "continuous" if one else f"continuous-{g + 1}")
+            for g, group in enumerate(self.groups)
+        ])
 
+    def block_experiments(self, g):
+        return ExperimentList([self.blocks[i] for i in self.groups[g]])
 
-def _to_blocks(table, experiments):
-    """Ids of a continuous table mapped back to blocks (by the image of z)."""
+    def to_continuous(self, reflections):
+        """A copy of `reflections` on the continuous experiments: ``id`` the
+        sweep (-1 unindexed), column ``block`` the block (-1 unindexed, as the
+        input's id) and ``sweep`` each row's sweep (from its image set)."""
+        table = copy.deepcopy(reflections)
+        keep = table["id"] >= 0
+        table["block"] = table["id"]  # remember the block
+        origin = table["imageset_id"] if "imageset_id" in table else table["id"]
+        sweep = flex.int(len(table), 0)
+        if len(self.groups) > 1:
+            for i, g in self.group_of_block.items():
+                sweep.set_selected(origin == i, g)
+        ids = flex.int(sweep)
+        ids.set_selected(~keep, -1)
+        table["id"] = ids
+        table["imageset_id"] = flex.int(sweep)
+        table["sweep"] = sweep
+        set_identifiers(table, self.experiments)
+        return table
 
-    z = table["xyzobs.px.value"].parts()[2]
-    image = flex.floor(z).iround() + 1
-    block = flex.int(len(table), -1)
-    for i, exp in enumerate(experiments):
-        f, l = exp.scan.get_image_range()
-        block.set_selected((image >= f) & (image <= l), i)
-    ids = table["id"]
-    new = flex.int(len(table), -1)
-    new.set_selected(ids >= 0, block.select(ids >= 0))
-    table["id"] = new
-    table["imageset_id"] = block  # each block has its own image set
-    if "block" in table:
-        del table["block"]
-    set_identifiers(table, experiments)
-    return table
+    def to_blocks(self, table, blocks):
+        """Ids of a continuous table mapped back to `blocks` (the blocks of
+        every sweep, in order): each row to the block of its sweep holding
+        the image of its z."""
+        z = table["xyzobs.px.value"].parts()[2]
+        image = flex.floor(z).iround() + 1
+        sweep = table["sweep"] if "sweep" in table else flex.int(len(table), 0)
+        block = flex.int(len(table), -1)
+        for g, group in enumerate(self.groups):
+            mine = sweep == g
+            for i in group:
+                f, l = blocks[i].scan.get_image_range()
+                block.set_selected(mine & (image >= f) & (image <= l), i)
+        ids = table["id"]
+        new = flex.int(len(table), -1)
+        new.set_selected(ids >= 0, block.select(ids >= 0))
+        table["id"] = new
+        table["imageset_id"] = block  # each block has its own image set
+        for column in ("block", "sweep"):
+            if column in table:
+                del table[column]
+        set_identifiers(table, blocks)
+        return table
+
+    def slice(self, models):
+        """The blocks with their slices of each sweep's model."""
+        out = ExperimentList()
+        for g, model in enumerate(models):
+            out.extend(slice_onto_blocks(model, self.block_experiments(g)))
+        return out
 
 
 # --------------------------------------------------------------------------
@@ -267,10 +321,9 @@ def _to_blocks(table, experiments):
 
 def gap_edge_spots(experiments, reflections):
     """flex.bool: spots whose shoebox (bbox) touches a block's first frame with
-    missing images before it, or its last frame with missing images after it.
-    The sweep's own first and last image are not gaps."""
+    missing images before it, or its last frame with missing images after it,
+    in the same sweep.  A sweep's own first and last image are not gaps."""
 
-    ranges = _block_ranges(experiments)
     z0 = reflections["bbox"].parts()[4]
     z1 = reflections["bbox"].parts()[5]
     if "block" in reflections:
@@ -278,30 +331,35 @@ def gap_edge_spots(experiments, reflections):
     else:
         blocks = reflections["id"]
     edge = flex.bool(len(reflections), False)
-    for i, (f, l) in enumerate(ranges):
-        here = blocks == i
-        if i > 0 and ranges[i - 1][1] < f - 1:
-            edge |= here & (z0 <= f - 1)
-        if i + 1 < len(ranges) and ranges[i + 1][0] > l + 1:
-            edge |= here & (z1 >= l)
+    for group in sweep_groups(experiments):
+        ranges = [experiments[i].scan.get_image_range() for i in group]
+        for k, (i, (f, l)) in enumerate(zip(group, ranges)):
+            here = blocks == i
+            if k > 0 and ranges[k - 1][1] < f - 1:
+                edge |= here & (z0 <= f - 1)
+            if k + 1 < len(ranges) and ranges[k + 1][0] > l + 1:
+                edge |= here & (z1 >= l)
     return edge
 
 
-def _predict(experiment, dmin=None):
-    """DIALS' predictions over the whole continuous scan (static or scan-varying)."""
+def _predict(experiment, padding_frames=PREDICTION_PADDING):
+    """DIALS' predictions over the whole continuous scan (static or
+    scan-varying), and `padding_frames` beyond each of its ends: a spot at a
+    sweep's first or last image has its centroid there when its reflection
+    is at the sweep's edge (on a 15-image sweep without it, 29 of 129
+    indexed spots of the four L-cysteine sweeps had no prediction)."""
+    padding = padding_frames * abs(experiment.scan.get_oscillation()[1])
+    return flex.reflection_table.from_predictions(experiment, padding=padding)
 
-    pred = flex.reflection_table.from_predictions(experiment, dmin=dmin, padding=0)
-    return pred
 
-
-def index_against_predictions(continuous, table, selection, z_window=2.0, xy_tolerance=3.0):
-    """Index the spots `selection` of `table` (on `continuous`, id 0) against
-    DIALS' predictions of its crystal (static or scan-varying): the nearest
-    prediction in x, y within `xy_tolerance` px whose predicted z lies within
-    the spot's frames, widened into the gap by `z_window` frames for gap-edge
-    spots (column ``gap_edge``) and within 1 frame of the observed z for the
-    others.  Sets miller_index, id 0 and the indexed flag of the matched
-    spots, clears them for the others; returns the number matched."""
+def index_against_predictions(continuous, table, selection, z_window=2.0, xy_tolerance=3.0, exp_id=0):
+    """Index the spots `selection` of `table` (on `continuous`, id `exp_id`)
+    against DIALS' predictions of its crystal (static or scan-varying): the
+    nearest prediction in x, y within `xy_tolerance` px whose predicted z lies
+    within the spot's frames, widened into the gap by `z_window` frames for
+    gap-edge spots (column ``gap_edge``) and by half a frame for the others
+    (at least 1 frame either side of the observed z).  Sets miller_index, id and the indexed flag of the
+    matched spots, clears them for the others; returns the number matched."""
 
     isel = selection.iselection()
     if len(isel) == 0:
@@ -314,8 +372,13 @@ def index_against_predictions(continuous, table, selection, z_window=2.0, xy_tol
     obs = table.select(isel)
     ox, oy, oz = (np.array(c) for c in obs["xyzobs.px.value"].parts())
     edge = np.array(obs["gap_edge"]) if "gap_edge" in obs else np.zeros(len(obs), dtype=bool)
-    lo = np.where(edge, np.array(obs["bbox"].parts()[4], dtype=float) - z_window, oz - 1.0)
-    hi = np.where(edge, np.array(obs["bbox"].parts()[5], dtype=float) + z_window, oz + 1.0)
+    z0 = np.array(obs["bbox"].parts()[4], dtype=float)
+    z1 = np.array(obs["bbox"].parts()[5], dtype=float)
+    # a spot's reflection has its centroid on the spot's own frames (a fine-
+    # sliced rocking curve spans several: 1-1.5 frames between observed and
+    # predicted centroid on 0.1-degree L-cysteine images)
+    lo = np.where(edge, z0 - z_window, np.minimum(oz - 1.0, z0 - 0.5))
+    hi = np.where(edge, z1 + z_window, np.maximum(oz + 1.0, z1 + 0.5))
     hkl_pred = pred["miller_index"]
     miller = table["miller_index"] if "miller_index" in table else flex.miller_index(len(table))
     ids = table["id"]
@@ -335,7 +398,7 @@ def index_against_predictions(continuous, table, selection, z_window=2.0, xy_tol
             miller[row] = (0, 0, 0)
             continue
         miller[row] = hkl_pred[best]
-        ids[row] = 0
+        ids[row] = exp_id
         found[row] = True
         matched += 1
     table["miller_index"] = miller
@@ -345,9 +408,20 @@ def index_against_predictions(continuous, table, selection, z_window=2.0, xy_tol
     return matched
 
 
-def index_gap_edges(continuous, table, selection, z_window=2.0, xy_tolerance=3.0):
+def index_gap_edges(continuous, table, selection, z_window=2.0, xy_tolerance=3.0, exp_id=0):
     """:func:`index_against_predictions` for the gap-edge spots `selection`."""
-    return index_against_predictions(continuous, table, selection, z_window, xy_tolerance)
+    return index_against_predictions(continuous, table, selection, z_window, xy_tolerance, exp_id)
+
+
+def _index_each_sweep(models, table, selection, z_window):
+    """:func:`index_against_predictions` of each sweep's rows of `selection`
+    against its model; the number matched."""
+    if len(models) == 1:
+        return index_against_predictions(models[0], table, selection, z_window=z_window)
+    return sum(
+        index_against_predictions(model, table, selection & (table["sweep"] == g), z_window=z_window, exp_id=g)
+        for g, model in enumerate(models)
+    )
 
 
 # --------------------------------------------------------------------------
@@ -367,11 +441,11 @@ AUTO_REINDEX_MAX = 3
 
 @dataclasses.dataclass
 class _Job:
-    """One refinement of the continuous model: the joined experiment, its
+    """One refinement of the continuous model: the joined experiments, their
     table and what stays fixed between the jobs."""
 
-    continuous: Any  # the one experiment over all images (its crystal: the indexed one)
-    table: Any  # all indexed spots on it (id 0; column "block")
+    joined: Joined
+    table: Any  # all indexed spots on the continuous experiments (columns "block", "sweep")
     edge: Any  # flex.bool: spots cut by a gap
     xy_edge: Any  # the gap-edge spots whose phi gets no weight
     original_mm: tuple  # observed mm centroids and variances, to restore after a job
@@ -381,9 +455,10 @@ class _Job:
 
 
 class ContinuousModel(CrystalModel):
-    """ONE crystal over the whole rotation: indexed and refined on one scan
-    over all images (gaps included), orientation scan-varying, cell static;
-    each block takes its slice of it.
+    """ONE crystal over each sweep's whole rotation: indexed and refined on
+    one scan per sweep over all its images (gaps included), orientation
+    scan-varying, cell static (one cell for all sweeps); each block takes its
+    slice of it.
 
     Options (keywords; the parameters give the others): gap_edge ("xy",
     "exclude", "full": see the module doc), reindex_gap_edges (index the
@@ -419,23 +494,24 @@ class ContinuousModel(CrystalModel):
         self.reindex_cycles = overrides.pop("reindex_cycles", blocks.continuous_reindex_cycles)
         if overrides:
             raise TypeError(f"unknown options: {', '.join(overrides)}")
+        self.last = {}
 
     # ---- indexing ----------------------------------------------------------
 
     def index(self, experiments, reflections):
-        """Index all blocks with ONE crystal found on the joined scan.
+        """Index all blocks with ONE crystal found on the joined scans.
 
         DIALS' indexing (``dials.command_line.index.index``, parameters
-        ``dials_index_params(params)``) runs on one experiment covering the
-        whole image range with the spots not cut by a gap; gap-edge spots are
-        then indexed against the indexed model's predictions
-        (:func:`index_gap_edges`).  Returns (block experiments sharing the one
-        crystal and the indexed beam, detector and goniometer; all spots with
-        ``miller_index``, ``flags`` (indexed), ``id`` = block or -1 if
-        unindexed, bool column ``gap_edge``; record).
+        ``dials_index_params(params)``, joint over the sweeps) runs on one
+        experiment per sweep covering its whole image range with the spots not
+        cut by a gap; gap-edge spots are then indexed against the indexed
+        model's predictions (:func:`index_gap_edges`).  Returns (block
+        experiments sharing the one crystal and the indexed beam, detectors
+        and goniometers; all spots with ``miller_index``, ``flags`` (indexed),
+        ``id`` = block or -1 if unindexed, bool column ``gap_edge``; record).
         """
-        continuous = join_blocks(experiments)
-        table = _to_continuous(reflections, continuous)
+        joined = Joined(experiments)
+        table = joined.to_continuous(reflections)
         for column in ("miller_index", "xyzcal.px", "xyzcal.mm", "s1", "entering", "rlp"):
             if column in table:
                 del table[column]
@@ -445,67 +521,75 @@ class ContinuousModel(CrystalModel):
         search = table.select(~edge & (table["id"] >= 0))
         if "shoebox" in search:
             del search["shoebox"]
-        logger.info(
-            "Continuous model: lattice search on one scan of images %d-%d (%d blocks), %d spots "
-            "(%d cut by a gap left out)",
-            *continuous.scan.get_image_range(), len(experiments), len(search), edge.count(True),
-        )
-        ip = dials_index_params(self.params)
-        try:
-            indexed_expts, indexed = staged_search(
-                lambda p: dials_index(ExperimentList([continuous]), [search], p), ip, len(search), self.params
+        if len(joined.groups) == 1:
+            logger.info(
+                "Continuous model: lattice search on one scan of images %d-%d (%d blocks), %d spots "
+                "(%d cut by a gap left out)",
+                *joined.experiments[0].scan.get_image_range(), len(experiments), len(search), edge.count(True),
             )
-        except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
+        else:
+            logger.info(
+                "Continuous model: lattice search on %d sweeps, one scan each (%d blocks), %d spots "
+                "(%d cut by a gap left out)", len(joined.groups), len(experiments), len(search), edge.count(True),
+            )
+        ip = dials_index_params(self.params)
+        ip.indexing.joint_indexing = True  # one crystal for all sweeps (DIALS >= 3.27 asks to be told)
+        try:
+            found, indexed = staged_search(
+                lambda p: dials_index(joined.experiments, [search], p), ip, len(search), self.params
+            )
+        except SEARCH_ERRORS as e:
             raise GapfillError(indexing_failure(e, self.params)) from None
-        found = indexed_expts[0]
-        found.identifier = "continuous"
-        found.imageset = continuous.imageset
+        for exp, continuous in zip(found, joined.experiments):
+            exp.identifier = continuous.identifier
+            exp.imageset = continuous.imageset
         # the search table's rows come back reordered: put its results onto all spots
         out = _merge_search(table, search, indexed)
         # every spot (edge spots included) in mm, then the edge spots indexed
-        out.centroid_px_to_mm(ExperimentList([found]))
+        out.centroid_px_to_mm(found)
         edge = out["gap_edge"]
-        n_edge = index_gap_edges(found, out, edge, z_window=self.z_window)
+        n_edge = _index_each_sweep(found, out, edge, self.z_window)
         logger.info("Gap-edge spots indexed against predictions: %d of %d", n_edge, edge.count(True))
-        blocks = slice_onto_blocks(found, experiments)
-        return blocks, _to_blocks(out, blocks), Record()
+        blocks = joined.slice(found)
+        return blocks, joined.to_blocks(out, blocks), Record()
 
     # ---- refinement --------------------------------------------------------
 
     def refine(self, experiments, reflections):
-        """Static, then scan-varying refinement of ONE crystal over the whole
-        range (static only without scan_varying), on the joined scan with
-        DIALS' ``run_macrocycle`` and ``dials_refine_params(params)``:
-        orientation scan-varying (smoother intervals from the whole range, as
-        DIALS sets them), cell static unless scan_varying_cell; beam, detector
-        and goniometer shared, parameterised as DIALS' defaults.
+        """Static, then scan-varying refinement of ONE crystal over each
+        sweep's whole range (static only without scan_varying), on the joined
+        scans with DIALS' ``run_macrocycle`` and ``dials_refine_params(params)``:
+        orientation scan-varying (smoother intervals from the sweep's whole
+        range, as DIALS sets them), cell static unless scan_varying_cell; beam
+        and detectors shared, parameterised as DIALS' defaults.
 
         `experiments`, `reflections`: as returned by :meth:`index`.  Returns
-        (block experiments, each with its slice of the refined crystal and the
-        shared refined beam, detector and goniometer; the indexed reflections,
-        ``id`` = ``imageset_id`` = block, predictions for those used in
-        refinement, ``gap_edge``; record).  The cell's esds (crystal
-        ``cell_esd``) come from the covariance of the last job (with a static
-        cell, the block of the cell's own parameters:
-        dials_compat.set_static_cell_covariance).  RMSDs x, y in px, phi in
-        images, over spots used in refinement and not cut by a gap (gap-edge
-        spots: edge_x, edge_y, edge_n; a block whose spots are all cut by a gap
-        reports x, y, phi of those, with phi_biased=True; None for a block
-        without refined spots).
+        (block experiments, each with its slice of its sweep's refined crystal
+        and the shared refined beam, detector and goniometer; the indexed
+        reflections, ``id`` = ``imageset_id`` = block, predictions for those
+        used in refinement, ``gap_edge``; record).  The cell's esds (crystal
+        ``cell_esd``): with one sweep from the covariance of the last job
+        (with a static cell, the block of the cell's own parameters:
+        dials_compat.set_static_cell_covariance); with several, from the
+        static job where the sweeps share one crystal.  RMSDs x, y in px, phi
+        in images, over spots used in refinement and not cut by a gap
+        (gap-edge spots: edge_x, edge_y, edge_n; a block whose spots are all
+        cut by a gap reports x, y, phi of those, with phi_biased=True; None
+        for a block without refined spots).
         """
         job = self._start(experiments, reflections)
         static = self._static_job(job, experiments)
         if self.reindex_gap_edges and job.edge.count(True):
-            n = index_gap_edges(static, job.table, job.edge, z_window=self.z_window)
+            n = _index_each_sweep(static, job.table, job.edge, self.z_window)
             logger.info("Gap-edge spots indexed against the refined model: %d of %d", n, job.edge.count(True))
         final, widths = self._scan_varying_jobs(job, static)
         if self.final_reindex:
             self._final_reindex(job, final)
-        return self._finish(job, final, experiments, widths)
+        return self._finish(job, final, widths)
 
     def _start(self, experiments, reflections) -> _Job:
-        continuous = join_blocks(experiments)
-        table = _to_continuous(reflections, continuous)
+        joined = Joined(experiments)
+        table = joined.to_continuous(reflections)
         if "gap_edge" not in table:
             table["gap_edge"] = gap_edge_spots(experiments, table)
         edge = table["gap_edge"]
@@ -521,14 +605,14 @@ class ContinuousModel(CrystalModel):
             if rows.count(True) and (rows & ~edge).count(True) == 0:
                 xy_edge.set_selected(rows, False)
         if "xyzobs.mm.value" not in table:
-            table.centroid_px_to_mm(ExperimentList([continuous]))
+            table.centroid_px_to_mm(joined.experiments)
         if "s1" not in table:  # DIALS sets the observed s1 where it is zero
             table["s1"] = flex.vec3_double(len(table), (0.0, 0.0, 0.0))
         original_mm = (copy.deepcopy(table["xyzobs.mm.value"]), copy.deepcopy(table["xyzobs.mm.variance"]))
         record = Record()
         for e in experiments:
             record.block(e.identifier)
-        return _Job(continuous, table, edge, xy_edge, original_mm, record, {})
+        return _Job(joined, table, edge, xy_edge, original_mm, record, {})
 
     def _refinable(self, table):
         ok = table.get_flags(table.flags.indexed) & (table["id"] >= 0)
@@ -543,30 +627,34 @@ class ContinuousModel(CrystalModel):
         table["xyzobs.mm.variance"].set_selected(edge, job.original_mm[1].select(edge))
 
     def _static_job(self, job, experiments):
-        """1. static refinement of the one crystal; returns the refined experiment."""
+        """1. static refinement of the one crystal; returns the refined experiments."""
         rp = dials_refine_params(self.params)
         rp.refinement.parameterisation.scan_varying = False
+        models = job.joined.experiments
+        if len(models) > 1:
+            # an orientation per sweep, one cell (tied)
+            crystal_per_sweep(models)
+            tie_cells(rp, self.params.refinement.blocks.continuous_tie_sigma)
         table = job.table
         if self.gap_edge == "xy":
             _inflate_edge_phi_variance(table, job.xy_edge)
-        sel, job_rp = _job_selection(table, self._refinable(table), job.continuous, rp, self.gap_edge, job.xy_edge)
+        sel, job_rp = _job_selection(table, self._refinable(table), models, rp, self.gap_edge, job.xy_edge)
         work = table.select(sel)
         logger.info("Continuous model: static refinement, %d reflections", len(work))
-        expts, work, refiner = _macrocycle(job_rp, work, ExperimentList([job.continuous]), "static refinement")
-        static = expts[0]
+        static, work, refiner = _macrocycle(job_rp, work, models, "static refinement")
         job.chi2["static"] = _reduced_chi_squared(refiner)
-        job.static_esd = _cell_esd(static.crystal)
+        job.static_esd = _cell_esd(static[0].crystal)
         _write_back(table, sel, work)
         self._restore_edge_phi(job)
-        for ident, r in block_rmsds(_to_blocks(copy.deepcopy(table), experiments), experiments).items():
+        blocks = job.joined.to_blocks(copy.deepcopy(table), experiments)
+        for ident, r in block_rmsds(blocks, experiments).items():
             job.record.block(ident)["rmsd_static"] = r
         return static
 
-    def _scan_varying_jobs(self, job, static):
-        """2. scan-varying orientation (cell static unless asked), one crystal;
-        then every spot indexed again against the scan-varying model (a static
-        model cannot index a crystal that turns by degrees) and refined again.
-        Returns (final experiment, smoother interval widths)."""
+    def _scan_varying_params(self, job, models):
+        """DIALS' refinement parameters of the scan-varying jobs, the smoothers'
+        interval widths, and the sweeps whose crystals stay static (too few
+        reflections)."""
         rp = dials_refine_params(self.params)
         par = rp.refinement.parameterisation
         par.scan_varying = True
@@ -580,14 +668,37 @@ class ContinuousModel(CrystalModel):
             ):
                 smoother.interval_width_degrees = self.interval_width_degrees
             widths.append(smoother.interval_width_degrees)
-        table, model = job.table, static
+        static_only = set()
+        if len(models) > 1:
+            tie_cells(rp, self.params.refinement.blocks.continuous_tie_sigma)
+            table = job.table
+            ok = self._refinable(table)
+            for g, model in enumerate(models):
+                n = (ok & (table["sweep"] == g)).count(True)
+                if n < MIN_SCAN_VARYING_REFLECTIONS:
+                    static_only.add(g)
+                    logger.info(
+                        "Sweep %d: %d reflections, too few for a scan-varying orientation: static in the "
+                        "scan-varying job", g + 1, n,
+                    )
+        return rp, widths, static_only
+
+    def _scan_varying_jobs(self, job, static):
+        """2. scan-varying orientation (cell static unless asked), one crystal
+        per sweep; then every spot indexed again against the scan-varying
+        model (a static model cannot index a crystal that turns by degrees)
+        and refined again.  Returns (the final experiments, smoother interval
+        widths)."""
+        models = static
+        rp, widths, static_only = self._scan_varying_params(job, models)
+        table = job.table
         auto = self.reindex_cycles is None
         cycles = AUTO_REINDEX_MAX if auto else max(0, int(self.reindex_cycles))
         for cycle in range(1 + cycles if self.scan_varying else 0):
             if cycle > 0:
                 before = (table.get_flags(table.flags.indexed) & (table["id"] >= 0)).count(True)
                 everything = table["id"] >= -1
-                n = index_against_predictions(model, table, everything, z_window=self.z_window)
+                n = _index_each_sweep(models, table, everything, self.z_window)
                 logger.info("All spots indexed against the scan-varying model: %d of %d (%+d)", n, len(table), n - before)
                 if auto and n - before < AUTO_REINDEX_GAIN * len(table):
                     break
@@ -595,62 +706,71 @@ class ContinuousModel(CrystalModel):
             if self.gap_edge == "xy":
                 _inflate_edge_phi_variance(table, job.xy_edge)
             table.unset_flags(flex.bool(len(table), True), table.flags.used_in_refinement)
-            sel, job_rp = _job_selection(table, self._refinable(table), model, rp, self.gap_edge, job.xy_edge)
+            sel, job_rp = _job_selection(table, self._refinable(table), models, rp, self.gap_edge, job.xy_edge)
             work = table.select(sel)
             logger.info("Continuous model: scan-varying refinement, %d reflections", len(work))
-            expts, work, refiner = _macrocycle(job_rp, work, ExperimentList([model]), "scan-varying refinement")
-            model = expts[0]
+            with dials_compat.static_crystals_in_scan_varying_job(static_only):
+                models, work, refiner = _macrocycle(job_rp, work, models, "scan-varying refinement")
             job.chi2["scan_varying"] = _reduced_chi_squared(refiner)
-            if not self.scan_varying_cell:
-                dials_compat.set_static_cell_covariance(refiner, model.crystal)
+            if not self.scan_varying_cell and len(models) == 1:
+                dials_compat.set_static_cell_covariance(refiner, models[0].crystal)
             _write_back(table, sel, work)
             self._restore_edge_phi(job)
-        return model, widths
+        return models, widths
 
     def _final_reindex(self, job, final) -> None:
         """3. every spot indexed against the final model (no more refinement):
         the indexed fraction of the model that is handed on."""
         table = job.table
         used = table.get_flags(table.flags.used_in_refinement)
-        n = index_against_predictions(final, table, table["id"] >= -1, z_window=self.z_window)
+        n = _index_each_sweep(final, table, table["id"] >= -1, self.z_window)
         lost = used & ~table.get_flags(table.flags.indexed)
         table.unset_flags(lost, table.flags.used_in_refinement)
         logger.info("All spots indexed against the final model: %d of %d", n, len(table))
 
-    def _finish(self, job, final, experiments, widths):
-        """The blocks with their slices of the final model, their reflections
+    def _finish(self, job, final, widths):
+        """The blocks with their slices of the final models, their reflections
         and the record."""
-        blocks = slice_onto_blocks(final, experiments)
-        out = _to_blocks(job.table, blocks)
+        joined = job.joined
+        blocks = joined.slice(final)
+        out = joined.to_blocks(job.table, blocks)
         out = out.select(out.get_flags(out.flags.indexed) & (out["id"] >= 0))
-        if self.scan_varying:
-            what = "continuous: one crystal over images %d-%d, orientation scan-varying (checkpoints every %g deg), cell %s" % (
-                *final.scan.get_image_range(), widths[0], "scan-varying" if self.scan_varying_cell else "static",
-            )
-        else:
-            what = "continuous: one crystal over images %d-%d, static" % final.scan.get_image_range()
         names = block_names(blocks)
         record = job.record
-        for ident, r in block_rmsds(out, blocks).items():
-            stats = record.block(ident)
-            if self.scan_varying:
-                stats["rmsd_scan_varying"] = r
-                if r:
-                    logger.info(
-                        "%s: RMSD x %.3f px, y %.3f px, phi %.3f images (%d reflections)",
-                        names[ident], r["x"], r["y"], r["phi"], r["n"],
-                    )
-            stats["refinement"] = what
-            stats["unit_cell_esd"] = None  # one cell: no per-block esds
-        crystal = final.crystal
-        static_esd = job.static_esd
-        # the esds of the cell handed on: from the last job's covariance (with
-        # a static cell, the block of its parameters); the static job's else
-        esd = _cell_esd(crystal) if self.scan_varying else static_esd
+        rmsds = block_rmsds(out, blocks)
+        for g, model in enumerate(final):
+            first, last = model.scan.get_image_range()
+            if self.scan_varying and model.crystal.num_scan_points:
+                what = "continuous: one crystal over images %d-%d, orientation scan-varying (checkpoints every %g deg), cell %s" % (
+                    first, last, widths[0], "scan-varying" if self.scan_varying_cell else "static",
+                )
+            else:
+                what = "continuous: one crystal over images %d-%d, static" % (first, last)
+            for i in joined.groups[g]:
+                ident = blocks[i].identifier
+                r = rmsds[ident]
+                stats = record.block(ident)
+                if self.scan_varying:
+                    stats["rmsd_scan_varying"] = r
+                    if r:
+                        logger.info(
+                            "%s: RMSD x %.3f px, y %.3f px, phi %.3f images (%d reflections)",
+                            names[ident], r["x"], r["y"], r["phi"], r["n"],
+                        )
+                stats["refinement"] = what
+                stats["unit_cell_esd"] = None  # one cell: no per-block esds
+        crystal = final[0].crystal
+        one = len(final) == 1
+        # the esds of the cell handed on: with one sweep from the last job's
+        # covariance (with a static cell, the block of its parameters); with
+        # several (cells tied by a restraint) the static job's, where the
+        # sweeps shared one crystal
+        esd = _cell_esd(crystal) if self.scan_varying and one else job.static_esd
+        cells = [list(m.crystal.get_unit_cell().parameters()) for m in final]
         record.crystal.update({
-            # the cell is static: the static job's cell, with the esds of the one cell
+            # the cell is static: one cell for all blocks, with its esds
             "static": {
-                "unit_cell": list(crystal.get_unit_cell().parameters()),
+                "unit_cell": cells[0] if one else [sum(c[k] for c in cells) / len(cells) for k in range(6)],
                 "unit_cell_esd": esd,
                 "space_group": str(crystal.get_space_group().info()),
             },
@@ -658,32 +778,36 @@ class ContinuousModel(CrystalModel):
             "cells_tied": True,  # one cell: no per-block esds
             "model": self.name,
         })
+        if not one:
+            record.crystal["sweep_cells"] = cells
         self.last = {  # what the report does not show, for benchmarks and tests
-            "unit_cell_esd_static_job": static_esd,
+            "unit_cell_esd_static_job": job.static_esd,
             "scan_varying_cell": bool(self.scan_varying_cell),
-            "num_scan_points": crystal.num_scan_points,
+            "num_scan_points": [m.crystal.num_scan_points for m in final],
             "reduced_chi_squared": job.chi2,
         }
         return blocks, out, record
 
+
 def _merge_search(table, search, indexed):
     """`table` with the indexing result of its subset `search` (matched by the
-    observed centroid, which the indexer does not change)."""
+    sweep and the observed centroid, which the indexer does not change)."""
 
     out = copy.deepcopy(table)
     out["id"] = flex.int(len(out), -1)
     out["miller_index"] = flex.miller_index(len(out))
     key = {}
-    for i, xyz in enumerate(out["xyzobs.px.value"]):
-        key[xyz] = i
+    for i, (s, xyz) in enumerate(zip(out["imageset_id"], out["xyzobs.px.value"])):
+        key[(s, xyz)] = i
     ids, hkl, xyzs = indexed["id"], indexed["miller_index"], indexed["xyzobs.px.value"]
+    sweeps = indexed["imageset_id"]
     idx_flag = indexed.get_flags(indexed.flags.indexed)
     new_ids, new_hkl = out["id"], out["miller_index"]
     for j in range(len(indexed)):
-        i = key.get(xyzs[j])
+        i = key.get((sweeps[j], xyzs[j]))
         if i is None or not idx_flag[j] or ids[j] < 0:
             continue
-        new_ids[i] = 0
+        new_ids[i] = ids[j]
         new_hkl[i] = hkl[j]
     out["id"], out["miller_index"] = new_ids, new_hkl
     out.set_flags(new_ids >= 0, out.flags.indexed)
@@ -691,12 +815,11 @@ def _merge_search(table, search, indexed):
 
 
 # --------------------------------------------------------------------------
-# Refinement
+# Refinement helpers
 # --------------------------------------------------------------------------
 
 
 def _macrocycle(rp, reflections, experiments, what):
-
     t0 = time.perf_counter()
     try:
         refiner, reflections, history = run_macrocycle(rp, reflections, experiments)
@@ -719,9 +842,9 @@ def _inflate_edge_phi_variance(table, selection):
     table["xyzobs.mm.variance"].set_selected(isel, flex.vec3_double(vx, vy, vz * PHI_VARIANCE_INFLATION))
 
 
-def reject_outliers(table, selection, model, rp, edge=None):
+def reject_outliers(table, selection, models, rp, edge=None):
     """DIALS' centroid outlier rejection (the algorithm of `rp`, as the
-    refiner would run it on the current model), run separately on the spots
+    refiner would run it on the current models), run separately on the spots
     not cut by a gap (x, y and phi residuals) and on the gap-edge spots (x and
     y residuals only: their phi is biased by the cut, and mixed with the others
     they would narrow or widen the distribution the algorithm estimates).
@@ -734,7 +857,7 @@ def reject_outliers(table, selection, model, rp, edge=None):
     algorithm = rp.refinement.reflections.outlier.algorithm
     if algorithm in ("null", None):
         return {}
-    experiments = ExperimentList([model])
+    experiments = ExperimentList(list(models))
     counts = {}
     for name, group, cols in (
         ("inner", selection & ~edge, ["x_resid", "y_resid", "phi_resid"]),
@@ -744,7 +867,6 @@ def reject_outliers(table, selection, model, rp, edge=None):
         if len(isel) == 0:
             continue
         sub = table.select(isel)
-        sub["id"] = flex.int(len(sub), 0)
         set_identifiers(sub, experiments)
         sub["s1"] = flex.vec3_double(len(sub), (0.0, 0.0, 0.0))
         set_obs_s1(sub, experiments)
@@ -769,7 +891,7 @@ def reject_outliers(table, selection, model, rp, edge=None):
     return counts
 
 
-def _job_selection(table, refinable, model, rp, gap_edge, edge=None):
+def _job_selection(table, refinable, models, rp, gap_edge, edge=None):
     """Rows of one refinement job.  With gap_edge="xy" outliers are rejected
     here (:func:`reject_outliers`) and the job runs without DIALS' own
     rejection (which would judge the edge spots' unweighted, biased phi
@@ -778,7 +900,7 @@ def _job_selection(table, refinable, model, rp, gap_edge, edge=None):
         edge = table["gap_edge"]
     if gap_edge != "xy" or not edge.count(True):
         return refinable.iselection(), rp
-    counts = reject_outliers(table, refinable, model, rp, edge)
+    counts = reject_outliers(table, refinable, models, rp, edge)
     if counts:
         logger.info("Outliers rejected (not cut by a gap / cut by a gap): %s", counts)
     job_rp = copy.deepcopy(rp)

@@ -25,7 +25,11 @@ from libtbx import Auto
 logger = logging.getLogger("dials.process_gapped.indexing")
 
 QUICK_CANDIDATES = 5  # DIALS' max_refine for stills
-SEARCH_ERRORS = (DialsIndexError, ValueError, RuntimeError, AssertionError)
+# How DIALS' indexer fails when it finds no lattice: its own error, or on
+# very few spots one of these (3.12: UnboundLocalError 'refined_reflections'
+# in Indexer.index when no candidate survives, IndexError, ZeroDivisionError)
+SEARCH_ERRORS = (DialsIndexError, ValueError, RuntimeError, AssertionError, NameError, IndexError,
+                 ZeroDivisionError)
 
 
 def indexed_fraction(reflections, n_spots):

@@ -42,9 +42,7 @@ import copy
 import logging
 import time
 
-import iotbx.phil
-from dials.algorithms.indexing import DialsIndexError, indexer
-from dials.algorithms.refinement.refiner import phil_scope
+from dials.algorithms.indexing import indexer
 from dials.array_family import flex
 from dials.command_line.index import index as dials_index
 from dials.command_line.refine import run_macrocycle
@@ -52,8 +50,8 @@ from dxtbx.model import Experiment
 from dxtbx.model.experiment_list import ExperimentList
 
 from dials_gapfill import dials_compat
-from dials_gapfill.crystal_model.base import CrystalModel
-from dials_gapfill.crystal_model.lattice import staged_search
+from dials_gapfill.crystal_model.base import CrystalModel, refined_models, tie_cells
+from dials_gapfill.crystal_model.lattice import SEARCH_ERRORS, staged_search
 from dials_gapfill.errors import GapfillError, indexing_failure
 from dials_gapfill.model.state import Record, block_names
 from dials_gapfill.model.tables import join_blocks, keep_experiments, rmsds, set_identifiers
@@ -91,7 +89,7 @@ class PerBlockModel(CrystalModel):
         for search in searches:
             try:
                 found, indexed = search(experiments, reflections, copy.deepcopy(ip))
-            except (DialsIndexError, ValueError, RuntimeError, AssertionError) as e:
+            except SEARCH_ERRORS as e:
                 failures.append(e)
                 index_logger.warning(
                     "Lattice search (%s) failed: %s", search.__doc__.split(":")[0],
@@ -138,18 +136,19 @@ class PerBlockModel(CrystalModel):
 
         # every block with that crystal and the geometry refined with it (the
         # crystal only fits that geometry): DIALS' known-orientation indexer, with
-        # one crystal, beam and detector shared by all blocks (as DIALS' joint
-        # indexing builds them); each sweep keeps its goniometer setting, with
-        # the refined rotation axis of the searched block's goniometer where
-        # the blocks share that goniometer
+        # one crystal shared by all blocks (as DIALS' joint indexing builds
+        # it); the blocks that shared the searched block's beam, detector or
+        # goniometer take its refined one, the others (another sweep's
+        # goniometer setting or detector position) keep theirs
         table = copy.deepcopy(reflections)
         table["imageset_id"] = table["id"]
+        searched = experiments[largest]
         blocks = ExperimentList()
-        searched = experiments[largest].goniometer
         for exp in experiments:
             block = copy.copy(exp)
-            block.beam, block.detector = found.beam, found.detector
-            block.goniometer = found.goniometer if exp.goniometer is searched else exp.goniometer
+            for name in ("beam", "detector", "goniometer"):
+                if getattr(exp, name) is getattr(searched, name):
+                    setattr(block, name, getattr(found, name))
             blocks.append(block)
         if ip.indexing.known_symmetry.space_group is None:
             ip.indexing.known_symmetry.space_group = crystal.get_space_group().info()
@@ -222,7 +221,7 @@ class PerBlockModel(CrystalModel):
                 or n < blocks_p.min_reflections_scan_varying
             )
             if small:
-                static_only.add(exp.crystal)
+                static_only.add(exp.identifier)
                 block["refinement"] = "static crystal in the scan-varying job"
             else:
                 block["refinement"] = "scan-varying"
@@ -236,27 +235,25 @@ class PerBlockModel(CrystalModel):
         par.scan_varying = True
         if blocks_p.tie_cells and len(sv_expts) > 1:
             par.crystal.unit_cell.force_static = True
-            _set_tie(rp, blocks_p.tie_sigma)
+            tie_cells(rp, blocks_p.tie_sigma)
         logger.info(
             "Scan-varying refinement of %d block(s) in one job (%d with a static crystal)",
             len(sv_expts), len(static_only),
         )
-        with dials_compat.static_crystals_in_scan_varying_job(static_only) as applied:
+        static_ids = [k for k, e in enumerate(sv_expts) if e.identifier in static_only]
+        with dials_compat.static_crystals_in_scan_varying_job(static_ids) as applied:
             if not applied:
                 logger.warning("This DIALS cannot mix static and scan-varying crystals: all are scan-varying")
             sv_expts, sv_refl = _macrocycle(rp, sv_refl, sv_expts, "scan-varying refinement")
         _record_rmsds(sv_refl, sv_expts, record, "rmsd_scan_varying", names)
 
-        # the refined models in place; beam and detector stay shared, each
-        # block takes the refined goniometer of its sweep
+        # the refined models in place; blocks that shared a beam, detector or
+        # goniometer share its refined one
         refined = {e.identifier: e for e in sv_expts}
-        goniometers = {id(e.goniometer): refined[e.identifier].goniometer for e in experiments if e.identifier in refined}
-        shared = sv_expts[0]
         for exp in experiments:
             if exp.identifier in refined:
                 exp.crystal = refined[exp.identifier].crystal
-            exp.beam, exp.detector = shared.beam, shared.detector
-            exp.goniometer = goniometers.get(id(exp.goniometer), exp.goniometer)
+        refined_models(experiments, sv_expts)
         return experiments, join_blocks([sv_refl, reflections], experiments)
 
 
@@ -308,17 +305,3 @@ def _split_crystals(experiments) -> None:
         if id(exp.crystal) in seen:
             exp.crystal = copy.deepcopy(exp.crystal)
         seen.add(id(exp.crystal))
-
-
-def _set_tie(rp, sigmas):
-    """Restrain the unit cells of all crystals to their mean (tie_to_group)."""
-    extract = phil_scope.fetch(
-        iotbx.phil.parse(
-            "refinement.parameterisation.crystal.unit_cell.restraints.tie_to_group {\n"
-            f"  sigmas = {' '.join(str(s) for s in sigmas)}\n"
-            "}"
-        )
-    ).extract()
-    rp.refinement.parameterisation.crystal.unit_cell.restraints.tie_to_group = (
-        extract.refinement.parameterisation.crystal.unit_cell.restraints.tie_to_group
-    )

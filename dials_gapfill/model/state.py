@@ -109,7 +109,8 @@ class Report:
             return
         if experiments is not None:
             self.blocks = blocks_of(experiments, sweeps, self.blocks)
-        self.sweeps = [s.describe() for s in sweeps]
+        offsets = sweeps.batch_offsets()
+        self.sweeps = [s.describe(offsets[s.number]) for s in sweeps]
         self.excluded = sweeps.not_used()
         self.dropped_blocks = sweeps.dropped_blocks
 

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import types
 import uuid
 
 from dials.array_family import flex
+from dials.util.batch_handling import calculate_batch_offsets
+from dxtbx.model import Scan
 from dxtbx.model.experiment_list import Experiment, ExperimentList
 
 from dials_gapfill.errors import GapfillError
@@ -144,10 +147,11 @@ class Sweep:
             )
         return "axis " + ", ".join(f"{v:.3f}" for v in g.get_rotation_axis())
 
-    def describe(self) -> dict:
+    def describe(self, batch_offset: int = 0) -> dict:
         return {
             "number": self.number, "template": self.template, "image_range": list(self.image_range),
             "n_files": self.n_files, "n_blocks": len(self.blocks()), "goniometer": self.setting_text(),
+            "batch_offset": batch_offset,
         }
 
     # -- experiments ----------------------------------------------------------
@@ -229,23 +233,21 @@ class Sweeps:
         return [(s.number, n) for s in self.sweeps for n in s.used()]
 
     def not_used(self) -> list[dict]:
-        """Images not used, each with its status, reason, who decided and (for
-        several sweeps) the sweep."""
-        out = []
-        for s in self.sweeps:
-            for d in s.not_used():
-                if len(self.sweeps) > 1:
-                    d["sweep"] = s.number
-                out.append(d)
-        return out
+        """Images not used, each with its sweep, status, reason and who decided."""
+        return [dict(d, sweep=s.number) for s in self.sweeps for d in s.not_used()]
 
     @property
     def dropped_blocks(self) -> list[dict]:
-        out = []
-        for s in self.sweeps:
-            for d in s.dropped_blocks:
-                out.append(dict(d, sweep=s.number) if len(self.sweeps) > 1 else d)
-        return out
+        return [dict(d, sweep=s.number) for s in self.sweeps for d in s.dropped_blocks]
+
+    def batch_offsets(self) -> dict[int, int]:
+        """Sweep number -> the number added to an image number to give its MTZ
+        batch: DIALS' rule (dials.util.batch_handling, as dials.export and
+        dials.scale number several sweeps): image numbers kept where the
+        sweeps' ranges do not overlap, else the next hundred (1-15, 101-115,
+        201-215, ...).  One sweep: 0, BATCH is the image number."""
+        ranges = [types.SimpleNamespace(scan=Scan(s.image_range, (0.0, 1.0))) for s in self.sweeps]
+        return {s.number: offset for s, offset in zip(self.sweeps, calculate_batch_offsets(ranges))}
 
     def sweep_of(self, experiment) -> Sweep:
         """The sweep a block experiment belongs to."""

@@ -21,7 +21,7 @@ from dials_gapfill.model.tables import mean_cell
 
 logger = logging.getLogger("dials.process_gapped.report")
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 
 # dials.report's orientation decomposition axes (orientation_decomposition
@@ -166,10 +166,9 @@ def summary_dict(state, diff_phil: str = "") -> dict:
     """Everything of the summary, machine-readable (layout in README.md)."""
 
     report = state.report
-    several = len(report.sweeps) > 1
     blocks = []
     for b in report.blocks:
-        d = {k: v for k, v in b.as_dict().items() if k != "stats" and (several or k != "sweep")}
+        d = {k: v for k, v in b.as_dict().items() if k != "stats"}
         d.update(b.stats)
         blocks.append(d)
     per_image = sorted(report.per_image.items())
@@ -189,7 +188,7 @@ def summary_dict(state, diff_phil: str = "") -> dict:
             },
             "parameters": {"modified": diff_phil, "working": working},
             "input": report.inputs,
-            **({"sweeps": report.sweeps} if several else {}),
+            "sweeps": report.sweeps,
             "blocks": blocks,
             "dropped_blocks": report.dropped_blocks,
             "excluded_images": report.excluded,
@@ -205,7 +204,7 @@ def summary_dict(state, diff_phil: str = "") -> dict:
                 "gap_combined": sum(b.stats.get("gap_combined", 0) for b in report.blocks),
             },
             "per_image": {
-                **({"sweep": [s for (s, _), _ in per_image]} if several else {}),
+                "sweep": [s for (s, _), _ in per_image],
                 "image": [n for (_, n), _ in per_image],
                 "spots": [d.get("spots") for _, d in per_image],
             },

@@ -17,6 +17,7 @@ def _f(v, fmt):
 
 
 def block_rows(report):
+    several = len(report.sweeps) > 1
     rows = []
     for b in report.blocks:
         s = b.stats
@@ -37,6 +38,8 @@ def block_rows(report):
                 _f(s.get("mean_isigi"), ".1f"),
             ]
         )
+        if several:
+            rows[-1].insert(0, b.sweep)
     return rows
 
 
@@ -47,8 +50,17 @@ BLOCK_HEADER = [
 
 
 def summary_text(report, directory=None) -> str:
+    several = len(report.sweeps) > 1
     lines = ["", "=" * 30 + " dials.process_gapped summary " + "=" * 30, ""]
-    lines.append(tabulate(block_rows(report), BLOCK_HEADER))
+    if several:
+        lines.append(tabulate(
+            [[s["number"], s["template"], f"{s['image_range'][0]}-{s['image_range'][1]}", s["n_blocks"],
+              s["goniometer"], f"{s['image_range'][0] + s['batch_offset']}-{s['image_range'][1] + s['batch_offset']}"]
+             for s in report.sweeps],
+            ["sweep", "template", "images", "blocks", "goniometer", "MTZ batches"],
+        ))
+        lines.append("")
+    lines.append(tabulate(block_rows(report), (["sweep"] if several else []) + BLOCK_HEADER))
     lines.append("")
     c = report.crystal.get("final") or {}
     if c:
@@ -64,12 +76,13 @@ def summary_text(report, directory=None) -> str:
                 "Cell spread across blocks (max - min, A / deg): "
                 + " ".join(f"{v:.4f}" for v in c["cell_spread"])
             )
-    totals = report.inputs
     n_images = sum(b.n_images for b in report.blocks)
-    lines.append(
-        f"Blocks:        {len(report.blocks)} ({n_images} images used"
-        f" of {totals.get('image_range', ['?', '?'])[0]}-{totals.get('image_range', ['?', '?'])[1]})"
-    )
+    if several:
+        of = f"{len(report.sweeps)} sweeps"
+    else:
+        first, last = report.inputs.get("image_range", ["?", "?"])
+        of = f"{first}-{last}"
+    lines.append(f"Blocks:        {len(report.blocks)} ({n_images} images used of {of})")
     lines.append(
         "Totals:        "
         f"{sum(b.stats.get('spots', 0) for b in report.blocks)} strong spots, "
@@ -77,14 +90,18 @@ def summary_text(report, directory=None) -> str:
         f"{sum(b.stats.get('integrated', 0) for b in report.blocks)} integrated"
     )
     if report.excluded:
-        by_reason = {}
-        for e in report.excluded:
-            by_reason.setdefault(e["reason"], []).append(e["image"])
         lines.append("Images not used:")
-        for reason, images in by_reason.items():
-            lines.append(f"  {range_text(images)}: {reason}")
+        for sweep in sorted({e.get("sweep", 1) for e in report.excluded}):
+            by_reason = {}
+            for e in report.excluded:
+                if e.get("sweep", 1) == sweep:
+                    by_reason.setdefault(e["reason"], []).append(e["image"])
+            where = f"sweep {sweep}: " if several else ""
+            for reason, images in by_reason.items():
+                lines.append(f"  {where}{range_text(images)}: {reason}")
     for d in report.dropped_blocks:
-        lines.append(f"Dropped block {d['first']}-{d['last']}: {d['reason']}")
+        where = f" of sweep {d.get('sweep', 1)}" if several else ""
+        lines.append(f"Dropped block {d['first']}-{d['last']}{where}: {d['reason']}")
     if report.scaling:
         lines.append("")
         lines.append(merging_table(report.scaling))

@@ -1,5 +1,6 @@
-"""Export stage: integrated.expt/.refl, one unmerged MTZ with BATCH equal to
-the image number, and (optionally) one MTZ per block.
+"""Export stage: integrated.expt/.refl, one unmerged MTZ whose BATCH is the
+image number (plus its sweep's offset when there are several sweeps), and
+(optionally) one MTZ per block.
 
 MTZ files are written by dials.export's own ``export_mtz`` (its mtz.* options).
 dxtbx gives a block starting at image n a batch offset of n - 1 (DIALS relies
@@ -8,12 +9,15 @@ offsets, so the later blocks' BATCH numbers would not be their image numbers
 (blocks 1-40, 46-80, 84-120 come out as batches 1-40, 91-125, 167-203).  The
 MTZ files are written from copies of the experiments whose offsets are all 0,
 so export_mtz numbers batches by image number; blocks never touch (a gap
-separates them), so batches cannot collide.  integrated.expt keeps dxtbx'
-offsets, so DIALS programs can read and re-slice it as usual.
+separates them), so batches cannot collide.  Several sweeps overlap in image
+numbers: each sweep's blocks take its offset (Sweeps.batch_offsets, DIALS'
+rule: 1-15, 101-115, 201-215, ...).  integrated.expt keeps dxtbx' offsets, so
+DIALS programs can read and re-slice it as usual.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -22,6 +26,7 @@ from dials.command_line.export import export_mtz as dials_export_mtz
 from dials.command_line.export import phil_scope as export_phil
 from dxtbx.model.experiment_list import ExperimentList
 
+from dials_gapfill import dials_compat
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.phil import defaults
 from dials_gapfill.model.state import Record
@@ -42,8 +47,9 @@ def image_number_batches(experiments):
     return out
 
 
-def write_mtz(reflections, experiments, params, path, intensity=None):
-    """dials.export's MTZ export with the mtz.* options; returns the number of
+def write_mtz(reflections, experiments, params, path, intensity=None, offsets=None):
+    """dials.export's MTZ export with the mtz.* options (`offsets`: the batch
+    offset of each experiment, None: DIALS'); returns the number of
     reflections written."""
     ep = defaults(export_phil)
     for name in (n for n in vars(ep.mtz) if not n.startswith("_")):  # dials.export's mtz scope is ours
@@ -51,7 +57,8 @@ def write_mtz(reflections, experiments, params, path, intensity=None):
     ep.mtz.hklout = path
     ep.intensity = list(intensity or params.mtz.intensity)
     try:
-        dials_export_mtz(ep, experiments, [copy.deepcopy(reflections)])
+        with dials_compat.mtz_batch_offsets(offsets) if offsets else contextlib.nullcontext():
+            dials_export_mtz(ep, experiments, [copy.deepcopy(reflections)])
     except (ValueError, AssertionError, RuntimeError) as e:
         raise GapfillError(
             f"MTZ export failed: {' '.join(str(e).split())[:200]}: check mtz.*"
@@ -59,11 +66,15 @@ def write_mtz(reflections, experiments, params, path, intensity=None):
     return iotbx.mtz.object(path).n_reflections()
 
 
-def export(experiments, reflections, params, outputs) -> Record:
+def export(experiments, reflections, params, outputs, sweeps=None) -> Record:
     """Write the integrated data; what was written, as a Record."""
     record = Record()
     out = params.output
     mtz_experiments = image_number_batches(experiments)
+    offsets = None
+    if sweeps is not None and len(sweeps) > 1:
+        by_sweep = sweeps.batch_offsets()
+        offsets = [by_sweep[sweeps.sweep_of(e).number] for e in experiments]
     files = record.files
     if out.experiments:
         outputs.write(out.experiments, lambda p: experiments.as_file(p))
@@ -95,7 +106,7 @@ def export(experiments, reflections, params, outputs) -> Record:
         counts = {}
         outputs.write(
             out.mtz,
-            lambda p: counts.setdefault("n", write_mtz(reflections, mtz_experiments, params, p, combined_intensity)),
+            lambda p: counts.setdefault("n", write_mtz(reflections, mtz_experiments, params, p, combined_intensity, offsets)),
         )
         files.append({"name": out.mtz, "kind": "mtz", "reflections": counts["n"], "blocks": len(experiments)})
         logger.info("Wrote %d reflections of %d blocks to %s", counts["n"], len(experiments), out.mtz)
@@ -106,7 +117,8 @@ def export(experiments, reflections, params, outputs) -> Record:
             sub, sub_expts = keep_experiments(reflections, mtz_experiments, {exp.identifier})
             counts = {}
             kind = ["sum"] if number in summation_blocks else None
-            outputs.write(name, lambda p: counts.setdefault("n", write_mtz(sub, sub_expts, params, p, kind)))
+            mine = [offsets[i]] if offsets else None
+            outputs.write(name, lambda p: counts.setdefault("n", write_mtz(sub, sub_expts, params, p, kind, mine)))
             files.append(
                 {"name": name, "kind": "block mtz", "block": number, "reflections": counts["n"]}
             )
@@ -116,4 +128,4 @@ def export(experiments, reflections, params, outputs) -> Record:
 def run(state) -> Record | None:
     if state.outputs is None:
         return None
-    return export(state.experiments, state.reflections, state.params, state.outputs)
+    return export(state.experiments, state.reflections, state.params, state.outputs, state.sweeps)

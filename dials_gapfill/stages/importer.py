@@ -612,12 +612,24 @@ def _make_sweep(template, experiments, params, image_range, statuses, record) ->
     return Sweep(template, sources, image_range, statuses)
 
 
+def _same_hardware(a, b) -> bool:
+    """The same detector (panels, pixels, sizes), wherever it stands."""
+    return len(a) == len(b) and all(
+        p.get_image_size() == q.get_image_size()
+        and all(abs(x - y) < 1e-6 for x, y in zip(p.get_pixel_size(), q.get_pixel_size()))
+        for p, q in zip(a, b)
+    )
+
+
 def _share_between_sweeps(sweeps, params) -> None:
-    """One beam and one detector for all sweeps (each keeps its goniometer)."""
+    """One beam for all sweeps, and one detector for the sweeps where it
+    stands in the same place (a detector arm moved between sweeps gives each
+    position its own model); each sweep keeps its goniometer setting."""
     if len(sweeps) < 2:
         return
     comp = _comparisons(params)
     ref = sweeps[0].sources[0]
+    detectors = [ref.detector]
     for sweep in sweeps.sweeps[1:]:
         exp = sweep.sources[0]
         where = f"sweeps 1 ({os.path.basename(sweeps[0].template)}) and {sweep.number} ({os.path.basename(sweep.template)})"
@@ -627,17 +639,19 @@ def _share_between_sweeps(sweeps, params) -> None:
                 f"{exp.beam.get_wavelength():.5f} A): process each sweep separately "
                 "(or override with geometry.beam.wavelength= if the headers are wrong)"
             )
-        if not comp["compare_detector"](ref.detector, exp.detector):
+        if not _same_hardware(ref.detector, exp.detector):
             raise GapfillError(
                 f"mixed detectors: {where} differ ({_describe_models(ref)} vs {_describe_models(exp)}): "
                 "process each sweep separately"
             )
-    beam, detector = ref.beam, ref.detector
-    for sweep in sweeps:
-        for exp in sweep.sources:
-            exp.beam, exp.detector = beam, detector
-            exp.imageset.set_beam(beam)
-            exp.imageset.set_detector(detector)
+        shared = next((d for d in detectors if comp["compare_detector"](d, exp.detector)), None)
+        if shared is None:
+            detectors.append(exp.detector)
+            logger.info("Sweep %d has its own detector position (%s)", sweep.number, _describe_models(exp))
+        for block in sweep.sources:
+            block.beam, block.detector = ref.beam, shared or exp.detector
+            block.imageset.set_beam(block.beam)
+            block.imageset.set_detector(block.detector)
 
 
 def _apply_geometry(imagesets, params):

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -44,6 +45,7 @@ from dials.util import resolution_analysis
 from dials.util.resolution_analysis import interpolate_value, metrics
 from dxtbx.model import ExperimentList
 
+from dials_gapfill import dials_compat
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.model.state import Record
 from dials_gapfill.phil import defaults
@@ -273,9 +275,10 @@ def merging_summary(stats, anom=None) -> dict:
     return out
 
 
-def scale(experiments, reflections, params, outputs):
+def scale(experiments, reflections, params, outputs, batch_offsets=None):
     """Scale, merge and (if outputs) write scaled.mtz and merged.mtz:
-    ((scaled experiments, reflections), Record)."""
+    ((scaled experiments, reflections), Record).  batch_offsets: experiment
+    identifier -> the MTZ batch offset of its sweep (several sweeps)."""
     record = Record()
     experiments = copy.deepcopy(experiments)
     reflections = copy.deepcopy(reflections)
@@ -347,9 +350,12 @@ def scale(experiments, reflections, params, outputs):
             ep.mtz.d_min = sp.cut_data.d_min
         out = params.output
 
+        offsets = [batch_offsets[e.identifier] for e in experiments] if batch_offsets else None
+
         def write_unmerged(path):
             ep.mtz.hklout = path
-            export_mtz(ep, experiments, [joint])
+            with dials_compat.mtz_batch_offsets(offsets) if offsets else contextlib.nullcontext():
+                export_mtz(ep, experiments, [joint])
 
         outputs.write(out.scaled_mtz, write_unmerged)
         record.files.append({"name": out.scaled_mtz, "kind": "scaled unmerged mtz"})
@@ -369,5 +375,9 @@ def scale(experiments, reflections, params, outputs):
 
 
 def run(state) -> Record:
-    state.scaled, record = scale(state.experiments, state.reflections, state.params, state.outputs)
+    offsets = None
+    if state.sweeps is not None and len(state.sweeps) > 1:
+        by_sweep = state.sweeps.batch_offsets()
+        offsets = {e.identifier: by_sweep[state.sweeps.sweep_of(e).number] for e in state.experiments}
+    state.scaled, record = scale(state.experiments, state.reflections, state.params, state.outputs, offsets)
     return record
