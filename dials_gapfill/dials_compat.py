@@ -140,6 +140,70 @@ def set_static_cell_covariance(refiner, crystal) -> bool:
     return False
 
 
+def _parameterisation_groups(pred):
+    """The prediction parameterisation's model parameterisations in the
+    order of its parameter vector (DIALS 3.12's attribute names)."""
+    return [
+        getattr(pred, "_" + name)
+        for name in (
+            "detector_parameterisations", "beam_parameterisations", "xl_orientation_parameterisations",
+            "xl_unit_cell_parameterisations", "goniometer_parameterisations",
+        )
+    ]
+
+
+def set_constrained_cell_covariance(refiner, crystals) -> bool:
+    """Give each of `crystals` (refined with one cell through equal-shift
+    constraints: unit_cell.constraints) the covariance of that one cell.
+
+    DIALS computes no esds when constraints were used (Refinery.calculate_esds
+    returns early).  This inverts the job's normal matrix in the constrained
+    space (its Cholesky factor, kept by the dense engines), takes the block of
+    the first crystal's cell parameters, each the column of its constraint,
+    and lets DIALS' cell parameterisation turn it into the B covariance; the
+    cells being one, every crystal gets it.  It reads the refiner's private
+    ``_pred_param`` and ``_refinery`` (``cf``, ``_constr_manager``).  Returns
+    False (crystals untouched) where any of that is not there."""
+    pred = getattr(refiner, "_pred_param", None)
+    refinery = getattr(refiner, "_refinery", None)
+    cf = getattr(refinery, "cf", None)
+    manager = getattr(refinery, "_constr_manager", None)
+    if pred is None or cf is None or manager is None:
+        return False
+    try:
+        groups = _parameterisation_groups(pred)
+        constraints = manager._constraints
+        unconstrained = list(manager._unconstrained_idx)
+        chi2 = refinery.history["reduced_chi_squared"][-1]
+    except (AttributeError, KeyError, IndexError):
+        return False
+    cells = groups[3]
+    if not cells or any(isinstance(c, ScanVaryingModelParameterisation) for c in cells):
+        return False
+    offset = 0
+    for group in groups[:3]:
+        offset += sum(m.num_free() for m in group)
+    first = cells[0]
+    full = list(range(offset, offset + first.num_free()))
+    columns = []
+    for f in full:
+        k = next((k for k, c in enumerate(constraints) if f in c.indices), None)
+        columns.append(len(unconstrained) + k if k is not None else unconstrained.index(f))
+    cf_inv = cf.matrix_packed_u_as_upper_triangle().matrix_inversion()
+    nm_inv = cf_inv.matrix_multiply_transpose(cf_inv)
+    n = len(columns)
+    block = flex.double(flex.grid(n, n))
+    for a, i in enumerate(columns):
+        for b, j in enumerate(columns):
+            block[a, b] = chi2 * nm_inv[i, j]
+    covs = first.calculate_state_uncertainties(block)
+    if not covs:
+        return False
+    for crystal in crystals:
+        crystal.set_B_covariance(covs[0])
+    return True
+
+
 # --------------------------------------------------------------------------
 # Indexing: one known crystal for all image sets
 # --------------------------------------------------------------------------

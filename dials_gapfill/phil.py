@@ -328,12 +328,6 @@ blocks
             "again against it and refine again, this many times. None (auto):"
             "while that indexes at least 1 % more of the spots (at most 3 times;"
             "a crystal that turns faster than the lattice search can follow)."
-  continuous_tie_sigma = 0.001 0.001 0.001 0.001 0.001 0.001
-    .type = floats(size=6, value_min=0.)
-    .expert_level = 1
-    .help = "continuous, several sweeps: sigmas (A, degrees) of the restraint"
-            "that ties the sweeps' cells to their mean (each sweep has its own"
-            "orientation; one crystal has one cell)."
   continuous_scan_varying_cell = False
     .type = bool
     .expert_level = 1

@@ -53,6 +53,24 @@ def tie_cells(rp, sigmas) -> None:
     )
 
 
+def one_cell(rp) -> None:
+    """The unit cells of all crystals of a refinement job shift together:
+    DIALS' equal-shift constraints on each cell parameter (unit_cell.
+    constraints, one per parameter, applied to every crystal), so crystals
+    that start with one cell keep one cell while each has its own
+    orientation."""
+    text = "\n".join(
+        "refinement.parameterisation.crystal.unit_cell.constraints {\n"
+        f"  parameter = g_param_{k}\n"
+        "}"
+        for k in range(6)
+    )
+    extract = refiner_phil.fetch(iotbx.phil.parse(text)).extract()
+    rp.refinement.parameterisation.crystal.unit_cell.constraints = (
+        extract.refinement.parameterisation.crystal.unit_cell.constraints
+    )
+
+
 def refined_models(before, after):
     """For each block of `before`, the refined counterparts in `after` (same
     identifiers) of its beam, detector and goniometer: blocks that shared a

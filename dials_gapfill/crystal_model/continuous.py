@@ -61,6 +61,7 @@ from dials.algorithms.refinement.prediction.managed_predictors import (
     ExperimentsPredictorFactory,
 )
 from dials.algorithms.refinement.refinement_helpers import set_obs_s1
+from dials.algorithms.indexing import DialsIndexError
 from dials.array_family import flex
 from dials.command_line.index import index as dials_index
 from dials.command_line.refine import run_macrocycle
@@ -72,7 +73,7 @@ from scipy.spatial import cKDTree
 from scitbx.array_family import flex as sflex
 
 from dials_gapfill import dials_compat
-from dials_gapfill.crystal_model.base import CrystalModel, crystal_per_sweep, sweep_groups, tie_cells
+from dials_gapfill.crystal_model.base import CrystalModel, crystal_per_sweep, one_cell, sweep_groups
 from dials_gapfill.crystal_model.lattice import SEARCH_ERRORS, staged_search
 from dials_gapfill.errors import GapfillError, indexing_failure
 from dials_gapfill.model.state import Record, block_names
@@ -101,6 +102,11 @@ DIALS_INTERVAL_WIDTH = 36.0
 # indexed reflections: the smoother of even a short sweep has 3 orientation
 # sets (9 parameters) and DIALS asks for 5 reflections per parameter.
 MIN_SCAN_VARYING_REFLECTIONS = 0
+
+# The lattice search runs on the spots not cut by a gap when there are at
+# least this many (DIALS' indexer needs a few dozen to find a lattice); else,
+# or when it fails, on all spots.
+MIN_SEARCH_SPOTS = 20
 
 # frames predicted beyond each end of a sweep when spots are indexed against
 # predictions
@@ -495,6 +501,7 @@ class ContinuousModel(CrystalModel):
         if overrides:
             raise TypeError(f"unknown options: {', '.join(overrides)}")
         self.last = {}
+        self.warnings = []
 
     # ---- indexing ----------------------------------------------------------
 
@@ -535,11 +542,32 @@ class ContinuousModel(CrystalModel):
         ip = dials_index_params(self.params)
         ip.indexing.joint_indexing = True  # one crystal for all sweeps (DIALS >= 3.27 asks to be told)
         try:
+            if len(search) < MIN_SEARCH_SPOTS:
+                raise DialsIndexError(f"only {len(search)} spots not cut by a gap")
             found, indexed = staged_search(
                 lambda p: dials_index(joined.experiments, [search], p), ip, len(search), self.params
             )
         except SEARCH_ERRORS as e:
-            raise GapfillError(indexing_failure(e, self.params)) from None
+            if not edge.count(True):
+                raise GapfillError(indexing_failure(e, self.params)) from None
+            # every block short (one image every other, two images apart):
+            # nearly every spot is cut by a gap; their x, y are whole and
+            # their z a little off, which the lattice search tolerates
+            search = table.select(table["id"] >= 0)
+            if "shoebox" in search:
+                del search["shoebox"]
+            message = (
+                f"lattice search without the spots cut by a gap failed ({' '.join(str(e).split())[:80]}): "
+                f"searched again with all {len(search)} spots"
+            )
+            logger.warning("Warning: %s", message)
+            self.warnings.append(message)
+            try:
+                found, indexed = staged_search(
+                    lambda p: dials_index(joined.experiments, [search], p), ip, len(search), self.params
+                )
+            except SEARCH_ERRORS as e2:
+                raise GapfillError(indexing_failure(e2, self.params)) from None
         for exp, continuous in zip(found, joined.experiments):
             exp.identifier = continuous.identifier
             exp.imageset = continuous.imageset
@@ -551,7 +579,7 @@ class ContinuousModel(CrystalModel):
         n_edge = _index_each_sweep(found, out, edge, self.z_window)
         logger.info("Gap-edge spots indexed against predictions: %d of %d", n_edge, edge.count(True))
         blocks = joined.slice(found)
-        return blocks, joined.to_blocks(out, blocks), Record()
+        return blocks, joined.to_blocks(out, blocks), Record(warnings=list(self.warnings))
 
     # ---- refinement --------------------------------------------------------
 
@@ -631,18 +659,28 @@ class ContinuousModel(CrystalModel):
         rp = dials_refine_params(self.params)
         rp.refinement.parameterisation.scan_varying = False
         models = job.joined.experiments
-        if len(models) > 1:
-            # an orientation per sweep, one cell (tied)
-            crystal_per_sweep(models)
-            tie_cells(rp, self.params.refinement.blocks.continuous_tie_sigma)
         table = job.table
         if self.gap_edge == "xy":
             _inflate_edge_phi_variance(table, job.xy_edge)
+        if len(models) > 1:
+            # an orientation per sweep, one cell; the orientations first,
+            # without outlier rejection: the one crystal of the joint lattice
+            # search misses each sweep by a rotation (goniometer settings a
+            # little off), and judged against it whole sweeps look like outliers
+            crystal_per_sweep(models)
+            one_cell(rp)
+            first = copy.deepcopy(rp)
+            first.refinement.reflections.outlier.algorithm = "null"
+            sel = self._refinable(table).iselection()
+            logger.info("Continuous model: an orientation per sweep, %d reflections", len(sel))
+            models, _, _ = _macrocycle(first, table.select(sel), models, "static refinement of the sweeps' orientations")
         sel, job_rp = _job_selection(table, self._refinable(table), models, rp, self.gap_edge, job.xy_edge)
         work = table.select(sel)
         logger.info("Continuous model: static refinement, %d reflections", len(work))
         static, work, refiner = _macrocycle(job_rp, work, models, "static refinement")
         job.chi2["static"] = _reduced_chi_squared(refiner)
+        if len(static) > 1:
+            dials_compat.set_constrained_cell_covariance(refiner, [m.crystal for m in static])
         job.static_esd = _cell_esd(static[0].crystal)
         _write_back(table, sel, work)
         self._restore_edge_phi(job)
@@ -670,7 +708,7 @@ class ContinuousModel(CrystalModel):
             widths.append(smoother.interval_width_degrees)
         static_only = set()
         if len(models) > 1:
-            tie_cells(rp, self.params.refinement.blocks.continuous_tie_sigma)
+            one_cell(rp)
             table = job.table
             ok = self._refinable(table)
             for g, model in enumerate(models):
@@ -712,8 +750,11 @@ class ContinuousModel(CrystalModel):
             with dials_compat.static_crystals_in_scan_varying_job(static_only):
                 models, work, refiner = _macrocycle(job_rp, work, models, "scan-varying refinement")
             job.chi2["scan_varying"] = _reduced_chi_squared(refiner)
-            if not self.scan_varying_cell and len(models) == 1:
-                dials_compat.set_static_cell_covariance(refiner, models[0].crystal)
+            if not self.scan_varying_cell:
+                if len(models) == 1:
+                    dials_compat.set_static_cell_covariance(refiner, models[0].crystal)
+                else:
+                    dials_compat.set_constrained_cell_covariance(refiner, [m.crystal for m in models])
             _write_back(table, sel, work)
             self._restore_edge_phi(job)
         return models, widths
@@ -761,11 +802,10 @@ class ContinuousModel(CrystalModel):
                 stats["unit_cell_esd"] = None  # one cell: no per-block esds
         crystal = final[0].crystal
         one = len(final) == 1
-        # the esds of the cell handed on: with one sweep from the last job's
-        # covariance (with a static cell, the block of its parameters); with
-        # several (cells tied by a restraint) the static job's, where the
-        # sweeps shared one crystal
-        esd = _cell_esd(crystal) if self.scan_varying and one else job.static_esd
+        # the esds of the cell handed on: from the last job's covariance (with
+        # a static cell, the block of its parameters; with several sweeps, of
+        # the one cell they share through constraints)
+        esd = _cell_esd(crystal) if self.scan_varying else job.static_esd
         cells = [list(m.crystal.get_unit_cell().parameters()) for m in final]
         record.crystal.update({
             # the cell is static: one cell for all blocks, with its esds
@@ -858,13 +898,16 @@ def reject_outliers(table, selection, models, rp, edge=None):
     if algorithm in ("null", None):
         return {}
     experiments = ExperimentList(list(models))
+    minimum = rp.refinement.reflections.outlier.minimum_number_of_reflections
     counts = {}
     for name, group, cols in (
         ("inner", selection & ~edge, ["x_resid", "y_resid", "phi_resid"]),
         ("gap_edge", selection & edge, ["x_resid", "y_resid"]),
     ):
         isel = group.iselection()
-        if len(isel) == 0:
+        if len(isel) < max(1, minimum):
+            # DIALS flags every reflection of a job below its minimum: none
+            # is judged where there are too few to judge
             continue
         sub = table.select(isel)
         set_identifiers(sub, experiments)
@@ -879,6 +922,11 @@ def reject_outliers(table, selection, models, rp, edge=None):
         ro = copy.deepcopy(rp.refinement.reflections)
         if ro.outlier.algorithm in ("auto", libtbx.Auto):
             ro.outlier.algorithm = "mcd"
+        ids = sub["id"]
+        if ro.outlier.separate_experiments and min((ids == k).count(True) for k in set(ids)) < minimum:
+            # sparse sweeps (a few dozen spots): one distribution for all of
+            # them, not one per sweep below DIALS' minimum
+            ro.outlier.separate_experiments = False
         detector = CentroidOutlierFactory.from_parameters_and_colnames(ro, cols)
         if detector.get_block_width() is libtbx.Auto:
             detector.set_block_width(18.0)  # DIALS' choice without a centroid analysis
@@ -895,10 +943,11 @@ def _job_selection(table, refinable, models, rp, gap_edge, edge=None):
     """Rows of one refinement job.  With gap_edge="xy" outliers are rejected
     here (:func:`reject_outliers`) and the job runs without DIALS' own
     rejection (which would judge the edge spots' unweighted, biased phi
-    residuals together with the others)."""
+    residuals together with the others, and reject every reflection of a
+    sparse sweep with fewer than its minimum)."""
     if edge is None:
         edge = table["gap_edge"]
-    if gap_edge != "xy" or not edge.count(True):
+    if gap_edge != "xy" or not (edge.count(True) or len(models) > 1):
         return refinable.iselection(), rp
     counts = reject_outliers(table, refinable, models, rp, edge)
     if counts:

@@ -50,7 +50,14 @@ from dxtbx.model import Experiment
 from dxtbx.model.experiment_list import ExperimentList
 
 from dials_gapfill import dials_compat
-from dials_gapfill.crystal_model.base import CrystalModel, refined_models, tie_cells
+from dials_gapfill.crystal_model.base import (
+    CrystalModel,
+    crystal_per_sweep,
+    one_cell,
+    refined_models,
+    sweep_groups,
+    tie_cells,
+)
 from dials_gapfill.crystal_model.lattice import SEARCH_ERRORS, staged_search
 from dials_gapfill.errors import GapfillError, indexing_failure
 from dials_gapfill.model.state import Record, block_names
@@ -171,11 +178,24 @@ class PerBlockModel(CrystalModel):
         indexed = reflections.get_flags(reflections.flags.indexed) & (reflections["id"] >= 0)
         reflections = reflections.select(indexed)
 
-        # 1. static refinement of everything, one crystal
+        # 1. static refinement of everything, one crystal (with several
+        # sweeps an orientation per sweep and one cell, the orientations
+        # first without outlier rejection: see crystal_per_sweep)
         rp = dials_refine_params(params)  # one crystal: a small job
         rp.refinement.parameterisation.scan_varying = False
+        n_sweeps = len(sweep_groups(experiments))
+        if n_sweeps > 1:
+            crystal_per_sweep(experiments)
+            one_cell(rp)
+            first = copy.deepcopy(rp)
+            first.refinement.reflections.outlier.algorithm = "null"
+            logger.info("Static refinement of an orientation per sweep (%d sweeps), one cell", n_sweeps)
+            experiments, reflections = _macrocycle(first, reflections, experiments, "static refinement")
         logger.info("Static refinement of %d block(s) with one crystal", len(experiments))
-        experiments, reflections = _macrocycle(rp, reflections, experiments, "static refinement")
+        experiments, reflections, refiner = _macrocycle(rp, reflections, experiments, "static refinement",
+                                                        with_refiner=True)
+        if n_sweeps > 1:
+            dials_compat.set_constrained_cell_covariance(refiner, list(experiments.crystals()))
         _record_rmsds(reflections, experiments, record, "rmsd_static", names)
         static_crystal = experiments[0].crystal
         tied = bool(blocks_p.tie_cells and len(experiments) > 1)
@@ -270,7 +290,8 @@ def _restore_identifiers(indexed_experiments, indexed, experiments):
     set_identifiers(indexed, indexed_experiments)
 
 
-def _macrocycle(params, reflections, experiments, what: str):
+def _macrocycle(params, reflections, experiments, what: str, with_refiner=False):
+    """DIALS' run_macrocycle: (experiments, reflections[, refiner])."""
     t0 = time.perf_counter()
     try:
         refiner, reflections, history = run_macrocycle(params, reflections, experiments)
@@ -282,6 +303,8 @@ def _macrocycle(params, reflections, experiments, what: str):
             f"{what} failed: {' '.join(str(e.code).split())[:200]}: check refinement.* "
             "(or drop the block with gaps.exclude_images)"
         ) from None
+    if with_refiner:
+        return refiner.get_experiments(), reflections, refiner
     return refiner.get_experiments(), reflections
 
 

@@ -51,6 +51,8 @@ def run(state) -> Record:
     spots = [int((state.reflections["id"] == i).count(True)) for i in range(len(state.experiments))]
     experiments, indexed, found = model.index(state.experiments, state.reflections)
     record.blocks.update(found.blocks)
+    for line in found.warnings:
+        record.warn(line)
     names = block_names(experiments)
     flags = indexed.get_flags(indexed.flags.indexed)
     keep, fractions = set(), []

@@ -1,0 +1,206 @@
+"""Several sweeps of one crystal, each with gaps, in one run: import (which
+images make a sweep, exclusions by sweep, refusals), then a whole run on three
+simulated sweeps at different kappa settings against the simulator's truth and
+against the same images without gaps, processed the same way."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import process_ok, summation_against_truth
+
+# 3 sweeps of 30 x 1 deg (Pilatus 300K) at kappa settings (0, 0), (40, 120), (-40, 240)
+MULTI = dict(n_images=30, osc_width=1.0, detector="pilatus300k", distance=150.0, seed=42)
+# what each sweep leaves out: every 10th image, a 3-image gap, one image
+OMIT = {1: (10, 20, 30), 2: (14, 15, 16), 3: (21,)}
+BLOCKS = [(1, 1, 9), (1, 11, 19), (1, 21, 29), (2, 1, 13), (2, 17, 30), (3, 1, 20), (3, 22, 30)]
+
+
+@pytest.fixture(scope="session")
+def three_sweeps(tmp_path_factory):
+    """(complete folder, gapped folder, truth): the gapped folder links the files kept."""
+    from dials_gapfill.simulation.multisweep import MultiSweepConfig, simulate_sweeps
+    from dials_gapfill.simulation.simulate import SimulationConfig
+
+    complete = str(tmp_path_factory.mktemp("three_sweeps"))
+    truth = simulate_sweeps(MultiSweepConfig(base=SimulationConfig(**MULTI), goniometer="kappa", n_sweeps=3),
+                            complete)
+    gapped = str(tmp_path_factory.mktemp("three_sweeps_gapped"))
+    for name in sorted(os.listdir(complete)):
+        if not name.endswith(".cbf"):
+            continue
+        sweep, image = int(name[4:6]), int(name[7:11])
+        if image not in OMIT[sweep]:
+            os.symlink(os.path.join(complete, name), os.path.join(gapped, name))
+    return complete, gapped, truth
+
+
+def _import(*phil, positional=()):
+    from dials_gapfill.model.state import Report
+    from dials_gapfill.phil import working_params
+    from dials_gapfill.stages.importer import import_images
+
+    report = Report()
+    sweeps, record = import_images(working_params("\n".join(phil)), list(positional))
+    experiments = sweeps.experiments()
+    report.sync(sweeps, experiments)
+    report.merge(record)
+    return sweeps, experiments, report
+
+
+def test_one_sweep_per_template_with_its_goniometer_setting(three_sweeps):
+    _, gapped, truth = three_sweeps
+    sweeps, experiments, report = _import(positional=[gapped])
+    assert [(sweeps.sweep_of(e).number, *e.scan.get_image_range()) for e in experiments] == BLOCKS
+    assert [s["number"] for s in report.sweeps] == [1, 2, 3]
+    assert [s["batch_offset"] for s in report.sweeps] == [0, 100, 200]
+    # one beam and one detector (one position); each sweep its own goniometer,
+    # shared by its blocks, with the setting the files say
+    assert len(experiments.beams()) == len(experiments.detectors()) == 1
+    assert len(experiments.goniometers()) == 3
+    for sweep, expected in zip(sweeps, truth["sweeps"]):
+        blocks = sweep.experiments()
+        assert all(e.goniometer is blocks[0].goniometer for e in blocks)
+        S = np.array(blocks[0].goniometer.get_setting_rotation())
+        assert np.allclose(S, np.array(expected["setting_rotation"]).ravel(), atol=1e-6)
+    # images not used, with their sweep
+    missing = sorted((e["sweep"], e["image"]) for e in report.excluded)
+    assert missing == sorted((s, n) for s, images in OMIT.items() for n in images if n != 30)
+
+
+def test_exclusions_name_their_sweep(three_sweeps):
+    from dials_gapfill.errors import GapfillError
+
+    _, gapped, _ = three_sweeps
+    sweeps, experiments, report = _import("gaps.exclude_images=2:5:6,3:30:30", positional=[gapped])
+    blocks = [(sweeps.sweep_of(e).number, *e.scan.get_image_range()) for e in experiments]
+    assert (2, 1, 4) in blocks and (2, 7, 13) in blocks and (3, 22, 29) in blocks
+    assert {(e["sweep"], e["image"]) for e in report.excluded if e["by"] == "user"} == {(2, 5), (2, 6), (3, 30)}
+    with pytest.raises(GapfillError, match=r"does not say which of the 3 sweeps: write sweep:first:last"):
+        _import("gaps.exclude_images=5:6", positional=[gapped])
+    with pytest.raises(GapfillError, match="names sweep 4, but there are 3 sweeps"):
+        _import("gaps.exclude_images=4:5:6", positional=[gapped])
+
+
+def test_a_sweep_at_another_wavelength_is_refused(tmp_path):
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
+
+    simulate(SimulationConfig(n_images=3, detector="pilatus300k", seed=1, prefix="a"), str(tmp_path))
+    simulate(SimulationConfig(n_images=3, detector="pilatus300k", seed=1, prefix="b", wavelength=1.2), str(tmp_path))
+    with pytest.raises(GapfillError, match=r"mixed wavelengths or beams: sweeps 1 \(a_####.cbf\) and 2 \(b_####.cbf\)"):
+        _import(positional=[str(tmp_path)])
+
+
+def test_a_sweep_on_another_detector_is_refused_a_moved_detector_is_not(tmp_path):
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
+
+    other = tmp_path / "other"
+    simulate(SimulationConfig(n_images=3, detector="pilatus300k", seed=1, prefix="a"), str(other))
+    simulate(SimulationConfig(n_images=3, detector="pilatus1m", seed=1, prefix="b"), str(other))
+    with pytest.raises(GapfillError, match="mixed detectors: sweeps 1 .* and 2 .*: process each sweep separately"):
+        _import(positional=[str(other)])
+    moved = tmp_path / "moved"
+    simulate(SimulationConfig(n_images=3, detector="pilatus300k", seed=1, prefix="a"), str(moved))
+    simulate(SimulationConfig(n_images=3, detector="pilatus300k", seed=1, prefix="b", distance=250.0), str(moved))
+    sweeps, experiments, _ = _import(positional=[str(moved)])
+    assert len(sweeps) == 2 and len(experiments.detectors()) == 2 and len(experiments.beams()) == 1
+
+
+# ---------------------------------------------------------------------------
+# whole runs
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def multi_runs(three_sweeps, tmp_path_factory):
+    """dials.process_gapped with defaults on the gapped sweeps (scale=True) and
+    on the complete ones: {"gapped": folder, "complete": folder}."""
+    complete, gapped, _ = three_sweeps
+    out = {}
+    for name, images, phil in (("gapped", gapped, ["scale=True"]), ("complete", complete, [])):
+        folder = str(tmp_path_factory.mktemp(f"multi_{name}"))
+        process_ok(images, folder, *phil)
+        out[name] = folder
+    return out
+
+
+def _experiments(folder):
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    return ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+
+
+def _summary(folder):
+    with open(os.path.join(folder, "dials.process_gapped.json")) as fh:
+        return json.load(fh)
+
+
+@pytest.mark.slow
+def test_one_crystal_across_three_sweeps_against_the_truth(multi_runs, three_sweeps):
+    from dials_gapfill.simulation import compare
+
+    truth = three_sweeps[2]
+    gapped, complete = _experiments(multi_runs["gapped"]), _experiments(multi_runs["complete"])
+    assert [e.scan.get_image_range() for e in gapped] == [b[1:] for b in BLOCKS]
+    # every block its slice of its sweep's scan-varying crystal
+    for exp in gapped:
+        assert exp.crystal.num_scan_points == exp.scan.get_num_images() + 1
+    # the orientation at every image, as close to the truth as without the gaps
+    errors, reference = compare.orientation_errors(gapped, truth), compare.orientation_errors(complete, truth)
+    assert errors["median"] <= 1.25 * reference["median"], (errors["median"], reference["median"])
+    assert errors["worst"] <= 1.25 * reference["worst"], (errors["worst"], reference["worst"])
+    # one cell, near the truth
+    for exp in gapped:
+        assert compare.cell_error(exp.crystal, truth)["rel_error_max"] < 0.0005
+    final = _summary(multi_runs["gapped"])["crystal"]["final"]
+    assert max(final["cell_spread"][:3]) < 0.005
+
+
+@pytest.mark.slow
+def test_intensities_of_three_sweeps_against_the_truth(multi_runs, three_sweeps):
+    from dials.array_family import flex
+
+    truth = three_sweeps[2]
+    r = flex.reflection_table.from_file(os.path.join(multi_runs["gapped"], "integrated.refl"))
+    r = r.select(r.get_flags(r.flags.integrated_sum) & (r["partiality"] > 0.99))
+    intensity, sigma, true = summation_against_truth(r, truth)
+    ok = np.isfinite(true) & (intensity / sigma > 3)
+    assert ok.sum() > 10000
+    assert np.corrcoef(intensity[ok], true[ok])[0, 1] >= 0.999
+
+
+@pytest.mark.slow
+def test_mtz_batches_are_image_numbers_plus_the_sweep_offset(multi_runs):
+    import gemmi
+
+    folder = multi_runs["gapped"]
+    summary = _summary(folder)
+    offsets = {s["number"]: s["batch_offset"] for s in summary["sweeps"]}
+    assert offsets == {1: 0, 2: 100, 3: 200}
+    expected = {offsets[s] + n for s, first, last in BLOCKS for n in range(first, last + 1)}
+    for name in ("integrated.mtz", "scaled.mtz"):
+        mtz = gemmi.read_mtz_file(os.path.join(folder, name))
+        batches = set(np.array(mtz.column_with_label("BATCH"), dtype=int))
+        assert batches == expected, name
+        assert sorted(b.number for b in mtz.batches) == sorted(expected)
+    # a block's own MTZ: its images plus its sweep's offset
+    for number, (s, first, last) in enumerate(BLOCKS, start=1):
+        mtz = gemmi.read_mtz_file(os.path.join(folder, f"integrated_{number}.mtz"))
+        assert set(np.array(mtz.column_with_label("BATCH"), dtype=int)) <= set(range(first + offsets[s], last + offsets[s] + 1))
+
+
+@pytest.mark.slow
+def test_scaling_merges_all_sweeps(multi_runs):
+    summary = _summary(multi_runs["gapped"])
+    scaling = summary["scaling"]
+    assert scaling["blocks"] == len(BLOCKS)
+    assert scaling["symmetry"]["space_group"] == "P 21 21 21"
+    assert scaling["cc_half"][0] > 0.99 and scaling["multiplicity"][0] > 2
+    assert [b["sweep"] for b in summary["blocks"]] == [b[0] for b in BLOCKS]
+    assert os.path.exists(os.path.join(multi_runs["gapped"], "merged.mtz"))
