@@ -71,7 +71,7 @@ SNASE_OMIT = "40:45"
 
 TARGETS = {
     "c_over_a": 0.5,
-    "c_over_b": 0.33,  # issue 15 (was 0.67)
+    "c_over_b": 0.33,
     "outside_share": 0.05,
     "rss_ratio": 1.10,
     "cell_rel_diff": 0.0005,

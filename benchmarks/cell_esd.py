@@ -9,7 +9,7 @@ against the mean reported esd, per cell parameter, and the root-mean-square
 error of the cell against the simulator's (the seeds share one crystal, so
 part of the error, e.g. from centroids biased by the image sampling, is the
 same in every seed: a bias that the sd over seeds does not see and the esds,
-scaled by the residuals, do).  Issue 11's criterion: the ratio esd / sd
+scaled by the residuals, do).  The criterion: the ratio esd / sd
 within a factor of 2 for a, b, c.  The sd of 5 seeds is itself uncertain by
 about 35 %: use 10.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark of issue 12: ONE continuous crystal model across the gaps.
+"""Benchmark of the continuous crystal model: ONE crystal across the gaps.
 
 For each simulated sweep it compares, on the same images,
 

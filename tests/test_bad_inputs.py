@@ -311,11 +311,32 @@ VALIDATION_CASES = {
 
 CASES = {name[6:]: f for name, f in sorted(globals().items()) if name.startswith("_case_")}
 SLOW_CASES = {"indexing_impossible", "space_group_incompatible", "all_blank"}
+# the parameter checks run in this process (below); these few also through the
+# command line, for its exit code, stderr and untouched folder
+VALIDATION_ON_THE_COMMAND_LINE = {"partiality_threshold_above_one", "output_names_collide"}
+
+
+@pytest.mark.parametrize("case", sorted(VALIDATION_CASES))
+def test_parameters_refused_before_any_work(case, tmp_path):
+    """validate() on the parsed parameters: the same one-line message the
+    command prints."""
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.validate import validate
+
+    args, expected = CASES[case]("/no/such/images", tmp_path)
+    with pytest.raises(GapfillError) as info:
+        validate(params_from(args[1:]))
+    message = str(info.value)
+    assert "\n" not in message
+    for text in expected:
+        assert text in message, (text, message)
 
 
 @pytest.mark.parametrize(
     "case",
-    [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES],
+    [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c
+     for c in CASES if c not in VALIDATION_CASES or c in VALIDATION_ON_THE_COMMAND_LINE],
 )
 def test_fatal_bad_input(case, tiny, tmp_path):
     args, expected = CASES[case](tiny, tmp_path)

@@ -173,11 +173,11 @@ def test_orientation_error_metric_is_zero_for_the_truth(tiny):
     B = np.array(truth["orientation"]["B"]).reshape(3, 3)
     # a gauge rotation G: beam and detector turned about the sample, every
     # laboratory-frame setting matrix R(phi) A follows, A' = R(phi)^-1 G R(phi) A
-    G = compare._axis_rotation((0.3, 0.5, 0.8), 0.7)
+    G = compare.rotation((0.3, 0.5, 0.8), 0.7)
     axis = truth["rotation_axis"]
     mats = []
     for phi, U in zip(truth["orientation"]["phi"], truth["orientation"]["U"]):
-        Rphi = compare._axis_rotation(axis, phi)
+        Rphi = compare.rotation(axis, phi)
         mats.append(Rphi.T @ G @ Rphi @ np.array(U).reshape(3, 3) @ B)
     real = np.linalg.inv(mats[0])
     crystal = Crystal(tuple(real[0]), tuple(real[1]), tuple(real[2]), space_group_symbol="P1")
@@ -186,8 +186,8 @@ def test_orientation_error_metric_is_zero_for_the_truth(tiny):
     result = compare.orientation_errors(experiments, truth)
     assert result["worst"] < 1e-3 and result["gauge_deg"] == pytest.approx(0.7, abs=1e-3)
     # an error at one image is seen there
-    mats[10] = compare._axis_rotation((1, 0, 0), 0.2) @ mats[10]
-    mats[11] = compare._axis_rotation((1, 0, 0), 0.2) @ mats[11]
+    mats[10] = compare.rotation((1, 0, 0), 0.2) @ mats[10]
+    mats[11] = compare.rotation((1, 0, 0), 0.2) @ mats[11]
     crystal.set_A_at_scan_points([tuple(m.ravel()) for m in mats])
     result = compare.orientation_errors(experiments, truth)
     assert result["errors_deg"][10] == pytest.approx(0.2, abs=0.02)

@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _rotation(axis, angle):
+def rotation(axis, angle):
     axis = np.asarray(axis, float) / np.linalg.norm(axis)
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
     return np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * k @ k
@@ -106,7 +106,7 @@ def test_orientation_at_block_midpoints(integrated, truth, simulation):
     for e in experiments:
         first = e.scan.get_image_range()[0]
         k = e.crystal.num_scan_points // 2
-        R = _rotation(axis, math.radians(e.scan.get_angle_from_array_index(first - 1 + k)))
+        R = rotation(axis, math.radians(e.scan.get_angle_from_array_index(first - 1 + k)))
         A = R.T @ T.T @ R @ np.array(e.crystal.get_A_at_scan_point(k)).reshape(3, 3)
         A_true = U_true[first - 1 + k] @ B_true
         change_of_basis = np.round(np.linalg.solve(A_true, A))

@@ -43,7 +43,7 @@ def _with_true_crystals(experiments, truth, gauge=None):
     from dxtbx.model import Crystal
 
     from dials_gapfill.simulation.compare import _truth_SRF, sweep_of, sweep_truth
-    from dials_gapfill.simulation.simulate import _rotation
+    from dials_gapfill.simulation.simulate import rotation
 
     for exp in experiments:
         st = sweep_truth(truth, sweep_of(exp, truth))
@@ -54,7 +54,7 @@ def _with_true_crystals(experiments, truth, gauge=None):
         if gauge is not None:
             S, axis, F = _truth_SRF(st)
             phis = st["orientation"]["phi"][f - first : l - first + 2]
-            M = [S @ _rotation(axis, phi) @ F for phi in phis]
+            M = [S @ rotation(axis, phi) @ F for phi in phis]
             A = [np.linalg.inv(m) @ gauge @ m @ a for m, a in zip(M, A)]
         real = np.linalg.inv(A[0])  # rows are a, b, c
         crystal = Crystal(tuple(real[0]), tuple(real[1]), tuple(real[2]), space_group_symbol=truth["space_group"])
@@ -100,7 +100,7 @@ def test_truth_is_a_lab_frame_rotation_of_one_crystal(three, experiments):
 
     from dials_gapfill.simulation.compare import _rotation_angle_deg, sweep_of, sweep_truth
     from dials_gapfill.simulation.multisweep import lab_setting_matrix
-    from dials_gapfill.simulation.simulate import _rotation
+    from dials_gapfill.simulation.simulate import rotation
 
     _, truth = three
     s0 = np.array(truth["s0"])
@@ -127,7 +127,7 @@ def test_truth_is_a_lab_frame_rotation_of_one_crystal(three, experiments):
         angle = _rotation_angle_deg(start @ U0.T)
         assert angle == pytest.approx(truth["drift"]["rate"] * st["drift_start_deg"], abs=1e-6)
         assert st["drift_start_deg"] == pytest.approx((k - 1) * 3 * 0.5)
-        R = _rotation(truth["drift"]["axis"], truth["drift"]["rate"] * st["drift_start_deg"])
+        R = rotation(truth["drift"]["axis"], truth["drift"]["rate"] * st["drift_start_deg"])
         assert np.allclose(R @ U0, start, atol=1e-9)
 
 
@@ -227,7 +227,7 @@ def test_compare_several_sweeps(three, experiments):
     """orientation_errors: each experiment against its own sweep's truth; an
     error put into one sweep shows in that sweep."""
     from dials_gapfill.simulation.compare import cell_error, orientation_errors
-    from dials_gapfill.simulation.simulate import _rotation
+    from dials_gapfill.simulation.simulate import rotation
 
     _, truth = three
     experiments = _with_true_crystals(experiments, truth)
@@ -235,12 +235,12 @@ def test_compare_several_sweeps(three, experiments):
     assert result["worst"] < 1e-6 and result["sweeps"] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert cell_error(experiments[1].crystal, truth)["rel_error_max"] < 1e-9
     # one gauge for all sweeps is removed
-    experiments = _with_true_crystals(experiments, truth, gauge=_rotation((0.3, 0.5, 0.8), 0.7))
+    experiments = _with_true_crystals(experiments, truth, gauge=rotation((0.3, 0.5, 0.8), 0.7))
     result = orientation_errors(experiments, truth)
     assert result["worst"] < 1e-4 and result["gauge_deg"] == pytest.approx(0.7, abs=1e-4)
     # turn sweep 3's crystal by 0.3 degrees
     crystal = experiments[2].crystal
-    R = _rotation((0.0, 0.6, 0.8), 0.3)
+    R = rotation((0.0, 0.6, 0.8), 0.3)
     crystal.set_A_at_scan_points(
         [tuple((R @ np.array(crystal.get_A_at_scan_point(i)).reshape(3, 3)).ravel()) for i in range(crystal.num_scan_points)]
     )

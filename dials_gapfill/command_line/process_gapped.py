@@ -146,15 +146,6 @@ def parse(args, phil):
                 raise GapfillError(f"no such parameter file: {arg!r}: check the path")
             if not os.access(arg, os.R_OK):
                 raise GapfillError(f"cannot read the parameter file {arg!r}: check its permissions")
-    # braces in a value (output.block_mtz=x_{block}.mtz) are PHIL scope syntax
-    # unless quoted: quote such values as the user meant them
-    args = [
-        f'{a.split("=", 1)[0]}="{a.split("=", 1)[1]}"'
-        if _is_assignment(a) and not os.path.exists(a) and re.search(r"[{}]", a.split("=", 1)[1])
-        and not a.split("=", 1)[1].strip().startswith(('"', "'"))
-        else a
-        for a in args
-    ]
     parser = ArgumentParser(
         usage=f"{PROGRAM} [options] [param.phil] images=/path/to/images_*.cbf",
         phil=phil,

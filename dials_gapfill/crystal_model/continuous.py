@@ -541,11 +541,17 @@ class ContinuousModel(CrystalModel):
             )
         ip = dials_index_params(self.params)
         ip.indexing.joint_indexing = True  # one crystal for all sweeps (DIALS >= 3.27 asks to be told)
+
+        def fresh(experiments):
+            # DIALS' indexer refines the beam and detector in place: each search
+            # (the quick one, then perhaps the full one) starts from the input models
+            return copy.deepcopy(experiments)
+
         try:
             if len(search) < MIN_SEARCH_SPOTS:
                 raise DialsIndexError(f"only {len(search)} spots not cut by a gap")
             found, indexed = staged_search(
-                lambda p: dials_index(joined.experiments, [search], p), ip, len(search), self.params
+                lambda p: dials_index(fresh(joined.experiments), [search], p), ip, len(search), self.params
             )
         except SEARCH_ERRORS as e:
             if not edge.count(True):
@@ -564,7 +570,7 @@ class ContinuousModel(CrystalModel):
             self.warnings.append(message)
             try:
                 found, indexed = staged_search(
-                    lambda p: dials_index(joined.experiments, [search], p), ip, len(search), self.params
+                    lambda p: dials_index(fresh(joined.experiments), [search], p), ip, len(search), self.params
                 )
             except SEARCH_ERRORS as e2:
                 raise GapfillError(indexing_failure(e2, self.params)) from None

@@ -54,6 +54,7 @@ import re
 import sys
 import threading
 import time
+from multiprocessing.sharedctypes import RawArray
 
 logger = logging.getLogger("dials.process_gapped.progress")
 
@@ -175,8 +176,6 @@ class _Marks(logging.Filter):
 
     def __init__(self, last_image):
         super().__init__()
-        from multiprocessing.sharedctypes import RawArray
-
         self.size = int(last_image) + 1
         self.arrays = {kind: RawArray("B", self.size) for kind in self.KINDS}
 
@@ -324,7 +323,10 @@ def _tqdm_class():
 
 class _BarSafeStream:
     """sys.stdout while bars may be shown: a write clears the bar first and
-    draws it again after, so messages and the bar do not mix on a line."""
+    draws it again after, so messages and the bar do not mix on a line.
+
+    (tqdm's logging_redirect_tqdm would cover log records only; what DIALS'
+    worker processes print reaches sys.stdout as plain writes.)"""
 
     def __init__(self, stream, progress):
         self._stream = stream

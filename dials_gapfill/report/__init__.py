@@ -10,7 +10,9 @@ import platform
 from dials.algorithms.refinement.rotation_decomposition import (
     solve_r3_rotation_for_angles_given_axes,
 )
+from dials.algorithms.integration.report import flex_ios
 from dials.array_family import flex
+from dials.array_family.flex import Binner
 from dials.util.version import dials_version
 from scitbx import matrix
 
@@ -72,7 +74,10 @@ def _scan_varying_plots(experiments, report):
 
 
 def _isigi_vs_resolution(reflections, experiments, report, n_bins=10):
-    """Mean I/sigma in shells of equal 1/d^2, per block."""
+    """Mean I/sigma in shells of equal 1/d^2, per block.
+
+    (DIALS' integration report bins each experiment on its own resolution
+    shells; the plot compares blocks, so all share these shells.)"""
 
     if reflections is None or "intensity.sum.value" not in reflections:
         return None
@@ -86,33 +91,33 @@ def _isigi_vs_resolution(reflections, experiments, report, n_bins=10):
         return None
     if "d" not in r:
         r.compute_d(experiments)
+    # profile-fitted where there is one, else summation
     prf = r.get_flags(r.flags.integrated_prf)
-    I = flex.double(len(r), 0)
-    V = flex.double(len(r), 0)
+    isig = flex_ios(r["intensity.sum.value"], r["intensity.sum.variance"])
     if "intensity.prf.value" in r:
-        I.set_selected(prf, r["intensity.prf.value"].select(prf))
-        V.set_selected(prf, r["intensity.prf.variance"].select(prf))
-    I.set_selected(~prf, r["intensity.sum.value"].select(~prf))
-    V.set_selected(~prf, r["intensity.sum.variance"].select(~prf))
-    ok = V > 0
-    r, I, V = r.select(ok), I.select(ok), V.select(ok)
+        isig.set_selected(prf, flex_ios(r["intensity.prf.value"], r["intensity.prf.variance"]).select(prf))
+    variance = r["intensity.sum.variance"]
+    if "intensity.prf.variance" in r:
+        variance = flex.double(variance)
+        variance.set_selected(prf, r["intensity.prf.variance"].select(prf))
+    ok = variance > 0
+    r, isig = r.select(ok), isig.select(ok)
     if len(r) == 0:
         return None
     s2 = 1.0 / flex.pow2(r["d"])
     lo, hi = flex.min(s2), flex.max(s2)
-    edges = [lo + (hi - lo) * k / n_bins for k in range(n_bins + 1)]
-    isig = I / flex.sqrt(V)
-    result = {"d_centre": [], "blocks": {}}
-    for k in range(n_bins):
-        centre = 0.5 * (edges[k] + edges[k + 1])
-        result["d_centre"].append(1 / math.sqrt(centre))
+    width = (hi - lo) / n_bins
+    # DIALS' binner: lower edges, the last shell open above (holds hi)
+    binner = Binner(flex.double([lo + width * k for k in range(n_bins)]))
+    result = {"d_centre": [1 / math.sqrt(lo + width * (k + 0.5)) for k in range(n_bins)], "blocks": {}}
     for i, exp in enumerate(experiments):
-        block = report.block(exp.identifier).number
-        values = []
-        for k in range(n_bins):
-            sel = (r["id"] == i) & (s2 >= edges[k]) & ((s2 < edges[k + 1]) if k < n_bins - 1 else (s2 <= edges[k + 1]))
-            values.append(float(flex.mean(isig.select(sel))) if sel.count(True) else None)
-        result["blocks"][str(block)] = values
+        mine = r["id"] == i
+        indexer = binner.indexer(s2.select(mine))
+        counts = indexer.sum(flex.bool(mine.count(True), True))
+        means = indexer.mean(isig.select(mine))
+        result["blocks"][str(report.block(exp.identifier).number)] = [
+            float(m) if n else None for m, n in zip(means, counts)
+        ]
     return result
 
 

@@ -11,13 +11,22 @@ integer matrix relating their reciprocal-space bases.
 from __future__ import annotations
 
 import math
+import os
 import statistics
+
+import numpy as np
+from cctbx import uctbx
+from dials.array_family import flex
+from dials.command_line import find_spots
+from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
+from scitbx import matrix
+
+from dials_gapfill.model.tables import mean_cell
+from dials_gapfill.simulation.simulate import rotation
 
 
 def _basis_change(crystal_a, crystal_b):
     """Integer matrix X with h_b = X h_a for the same lattice point."""
-    from scitbx import matrix
-
     A_a, A_b = matrix.sqr(crystal_a.get_A()), matrix.sqr(crystal_b.get_A())
     X = A_b.inverse() * A_a
     Xr = matrix.sqr([round(v) for v in X.elems])
@@ -62,8 +71,6 @@ def _pearson(x, y):
 
 def compare(experiments_a, reflections_a, experiments_b, reflections_b, min_isigma=3.0) -> dict:
     """Numbers comparing run b with run a (a is the reference)."""
-    from dials_gapfill.model.tables import mean_cell
-
     blocks_a = {e.scan.get_image_range(): i for i, e in enumerate(experiments_a)}
     blocks_b = {e.scan.get_image_range(): i for i, e in enumerate(experiments_b)}
     common = sorted(set(blocks_a) & set(blocks_b))
@@ -119,12 +126,6 @@ def compare(experiments_a, reflections_a, experiments_b, reflections_b, min_isig
 
 
 def load(directory, experiments="integrated.expt", reflections="integrated.refl"):
-    import os
-
-    from dxtbx.model.experiment_list import ExperimentListFactory
-
-    from dials.array_family import flex
-
     expts = ExperimentListFactory.from_json_file(os.path.join(directory, experiments), check_format=False)
     refl = flex.reflection_table.from_file(os.path.join(directory, reflections))
     return expts, refl
@@ -136,36 +137,20 @@ def load(directory, experiments="integrated.expt", reflections="integrated.refl"
 
 
 def _rotation_angle_deg(R) -> float:
-    import numpy as np
-
     c = (np.trace(R) - 1.0) / 2.0
     s = np.linalg.norm([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]]) / 2.0
     return float(np.degrees(np.arctan2(s, c)))
 
 
 def _nearest_rotation(M):
-    import numpy as np
-
     u, _, vt = np.linalg.svd(M)
     d = np.sign(np.linalg.det(u @ vt))
     return u @ np.diag([1.0, 1.0, d]) @ vt
 
 
-def _axis_rotation(axis, angle_deg):
-    import numpy as np
-
-    axis = np.asarray(axis, dtype=float)
-    axis = axis / np.linalg.norm(axis)
-    a = math.radians(angle_deg)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + math.sin(a) * k + (1 - math.cos(a)) * (k @ k)
-
-
 def _crystal_A_mid(crystal, index: int):
     """A (numpy 3x3) at the mid-point of array index `index` of the crystal's scan
     (scan points are image boundaries; DIALS interpolates A linearly between them)."""
-    import numpy as np
-
     if crystal.num_scan_points == 0:
         return np.array(crystal.get_A()).reshape(3, 3)
     a = np.array(crystal.get_A_at_scan_point(index)).reshape(3, 3)
@@ -176,8 +161,6 @@ def _crystal_A_mid(crystal, index: int):
 def truth_A_mid(truth: dict, image: int, sweep: int | None = None):
     """The simulator's A = U B at the mid-point of image `image` (numpy 3x3);
     for several sweeps, of image `image` of sweep `sweep` (1-based)."""
-    import numpy as np
-
     if "sweeps" in truth:
         if sweep is None:
             raise ValueError("the truth has several sweeps: say which (sweep=)")
@@ -193,13 +176,11 @@ def truth_A_mid(truth: dict, image: int, sweep: int | None = None):
 
 def _lab(goniometer_SRF, phi_deg, A):
     S, axis, F = goniometer_SRF
-    return S @ _axis_rotation(axis, phi_deg) @ F @ A
+    return S @ rotation(axis, phi_deg) @ F @ A
 
 
 def _truth_SRF(truth: dict):
     """(S, axis, F) of a sweep's truth: identity S and F when it has none (one axis)."""
-    import numpy as np
-
     S, F = truth.get("setting_rotation"), truth.get("fixed_rotation")
     return (
         np.eye(3) if S is None else np.array(S).reshape(3, 3),
@@ -220,10 +201,6 @@ def sweep_truth(truth: dict, sweep: int) -> dict:
 def sweep_of(experiment, truth: dict) -> int:
     """The sweep (1-based) of the truth an experiment's images belong to: by
     the file template, else by the goniometer setting nearest the truth's."""
-    import os
-
-    import numpy as np
-
     sweeps = truth.get("sweeps")
     if not sweeps:
         return 1
@@ -245,8 +222,6 @@ def sweep_of(experiment, truth: dict) -> int:
 
 
 def _goniometer_SRF(goniometer):
-    import numpy as np
-
     return (
         np.array(goniometer.get_setting_rotation()).reshape(3, 3),
         np.array(goniometer.get_rotation_axis_datum()),
@@ -257,8 +232,6 @@ def _goniometer_SRF(goniometer):
 def basis_to_truth(A_refined, A_true):
     """Integer matrix X (numpy) with A_refined X = A_true up to a small rotation,
     i.e. the refined indexing basis mapped onto the truth's; None if none fits."""
-    import numpy as np
-
     X = np.linalg.inv(A_refined) @ A_true
     Xr = np.round(X)
     if np.max(np.abs(X - Xr)) > 0.25 or abs(abs(np.linalg.det(Xr)) - 1) > 1e-6:
@@ -286,8 +259,6 @@ def orientation_errors(experiments, truth: dict) -> dict:
 
     Returns {"images", "errors_deg", "median", "worst", "gauge_deg"}.
     """
-    import numpy as np
-
     multi = "sweeps" in truth
     images, rotations, image_sweeps = [], [], []
     X = None
@@ -344,9 +315,6 @@ def cell_error(crystal, truth: dict, sweep: int | None = None) -> dict:
     its largest relative error in a, b, c and largest error in the angles (degrees).
     Several sweeps: the basis is found at the first image of `sweep` (default
     the first sweep; the crystal is the same in all)."""
-    import numpy as np
-    from cctbx import uctbx
-
     if "sweeps" in truth:
         truth = sweep_truth(truth, sweep or 1)
     first = truth["image_range"][0]
@@ -386,8 +354,6 @@ def import_blocks(filenames):
     other goniometer settings keep their own); identifiers
     "block-<first>-<last>", or "block-<sweep>-<first>-<last>" (sweep 1, 2, ...
     in template order) when the files are of several templates."""
-    from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
-
     experiments = ExperimentListFactory.from_filenames(sorted(filenames))
     templates = sorted({e.imageset.get_template() for e in experiments})
     experiments = sorted(
@@ -415,11 +381,6 @@ def import_blocks(filenames):
 
 def strong_spots(experiments, nproc=1):
     """dials.find_spots' strong spots of all blocks (DIALS defaults), id = block."""
-    import iotbx.phil  # noqa: F401
-
-    from dials.array_family import flex
-    from dials.command_line import find_spots
-
     params = find_spots.working_phil.extract()
     params.spotfinder.mp.nproc = nproc
     reflections = flex.reflection_table.from_observations(experiments, params)

@@ -580,9 +580,9 @@ def simulate_sweeps(config: MultiSweepConfig, directory: str) -> dict:
 
 def lab_setting_matrix(sweep: dict, phi: float, U) -> np.ndarray:
     """S R(axis, phi) F U B of one sweep's truth (numpy 3x3), phi in degrees."""
-    from dials_gapfill.simulation.simulate import _rotation
+    from dials_gapfill.simulation.simulate import rotation
 
     S = np.array(sweep["setting_rotation"]).reshape(3, 3)
     F = np.array(sweep["fixed_rotation"]).reshape(3, 3)
     B = np.array(sweep["orientation"]["B"]).reshape(3, 3)
-    return S @ _rotation(sweep["rotation_axis"], phi) @ F @ np.asarray(U).reshape(3, 3) @ B
+    return S @ rotation(sweep["rotation_axis"], phi) @ F @ np.asarray(U).reshape(3, 3) @ B

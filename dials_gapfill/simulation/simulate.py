@@ -27,6 +27,7 @@ count 40x: the whole frame strong, above DIALS' strong-pixel cap),
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -36,7 +37,16 @@ import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
+from cctbx import crystal as cctbx_crystal
+from cctbx import miller, sgtbx, uctbx
+from dials.algorithms.spot_prediction import ScanVaryingReflectionPredictor
+from dials.array_family import flex
+from dxtbx.ext import compress
+from dxtbx.model import Crystal, Experiment, ScanFactory
+from dxtbx.model.experiment_list import ExperimentListFactory
+from scipy.spatial.transform import Rotation
 from scipy.special import ndtr
+from scitbx import matrix
 
 # Pilatus detectors: (modules fast, modules slow); module 487 x 195 px,
 # gaps 7 px (fast) and 17 px (slow), as in dxtbx' FormatPilatusHelpers.
@@ -199,12 +209,8 @@ def cbf_header_text(config: SimulationConfig, image: int) -> str:
 def cbf_binary_section(data: np.ndarray) -> bytes:
     """The CBF binary section of `data` (byte_offset compressed with
     dxtbx.ext.compress), from its MIME header to the closing text field."""
-    from dxtbx.ext import compress
-    from scitbx.array_family import flex
-
     ny, nx = data.shape
     packed = compress(flex.int(np.ascontiguousarray(data, dtype=np.int32)))
-    import base64
 
     md5 = base64.b64encode(hashlib.md5(packed).digest()).decode()
     text = (
@@ -263,14 +269,9 @@ def _write_atomic(path: str, payload: bytes) -> None:
 # --------------------------------------------------------------------------
 
 
-def _rotation(axis, angle_deg: float) -> np.ndarray:
-    axis = np.asarray(axis, dtype=float)
-    axis = axis / np.linalg.norm(axis)
-    a = math.radians(angle_deg)
-    k = np.array(
-        [[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]]
-    )
-    return np.eye(3) + math.sin(a) * k + (1 - math.cos(a)) * (k @ k)
+def rotation(axis, angle_deg: float) -> np.ndarray:
+    """The rotation by angle_deg degrees about axis, as a numpy 3x3 (scitbx's)."""
+    return np.array(matrix.col(axis).normalize().axis_and_angle_as_r3_rotation_matrix(angle_deg, deg=True)).reshape(3, 3)
 
 
 def drift_angle(config: "SimulationConfig", phi: float) -> float:
@@ -303,8 +304,6 @@ def defocused_beam(config) -> np.ndarray:
 
 
 def _initial_orientation(seed: int) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
-
     rng = np.random.default_rng([seed, 11])
     return Rotation.random(random_state=rng).as_matrix()
 
@@ -312,8 +311,6 @@ def _initial_orientation(seed: int) -> np.ndarray:
 def _models(config: SimulationConfig, fmt=None):
     """Beam, detector and goniometer exactly as dxtbx reads them from the headers
     (of a Pilatus miniCBF file, or of the file format `fmt` writes)."""
-    from dxtbx.model.experiment_list import ExperimentListFactory
-
     nx, ny = config.image_size
     with tempfile.TemporaryDirectory(prefix="gapfill_sim_") as tmp:
         path = os.path.join(tmp, config.filename(config.first_image))
@@ -347,12 +344,6 @@ class Simulation:
     """
 
     def __init__(self, config: SimulationConfig, fmt=None, sweep=None):
-        from cctbx import crystal as cctbx_crystal
-        from cctbx import miller, sgtbx, uctbx
-        from dxtbx.model import Crystal, Experiment, ScanFactory
-
-        from dials.array_family import flex
-
         self.config = config
         self.fmt = fmt
         self.sweep = sweep
@@ -383,7 +374,7 @@ class Simulation:
             phi = i * config.osc_width
             if sweep is not None:
                 phi = sweep.drift_start + phi
-            R = _rotation(config.drift_axis, drift_angle(config, phi))
+            R = rotation(config.drift_axis, drift_angle(config, phi))
             U = R @ U0
             self.U_at_scan_points.append(U)
             A_list.append(tuple((U @ B).ravel()))
@@ -416,7 +407,6 @@ class Simulation:
         # predictions with DIALS' own scan-varying predictor
         # (called directly: flex.reflection_table.from_predictions needs an
         # ImageSequence and would silently use the stills predictor here)
-        from dials.algorithms.spot_prediction import ScanVaryingReflectionPredictor
 
         predictor = ScanVaryingReflectionPredictor(self.experiment, dmin=self.d_min)
         refl = predictor.for_ub(flex.mat3_double(A_list))

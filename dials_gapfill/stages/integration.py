@@ -445,7 +445,7 @@ def _record(reflections, experiments, record, names):
 
 
 # --------------------------------------------------------------------------
-# Reflections whose rocking curve spans a gap: measured once (issue 12)
+# Reflections whose rocking curve spans a gap: measured once
 # --------------------------------------------------------------------------
 
 

@@ -1,0 +1,143 @@
+"""Real rotation data: four 1.5-degree sweeps of one L-cysteine crystal
+(../shared/data/l_cysteine: Pilatus 2M, three goniometer settings, 1-5 spots
+per image).  Each sweep alone keeps every image (a sparse pattern is not a
+fault); the four together, with images left out of two of them, process
+with defaults to an MTZ; against the DIALS command-line chain on the same
+complete images, run here."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, process_ok, run_cmd
+
+DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "l_cysteine"))
+# images left out: two images of sweep 1, one of sweep 3
+LEFT_OUT = {1: (6, 7), 3: (10,)}
+
+
+@pytest.fixture(scope="session")
+def l_cysteine():
+    if not glob.glob(os.path.join(DATA, "l-cyst_0*.cbf.bz2")):
+        pytest.skip(f"the L-cysteine images are not here ({DATA}): see ../shared/README.md")
+    return DATA
+
+
+def _files(folder, sweep=None):
+    pattern = f"l-cyst_0{sweep}_*.cbf.bz2" if sweep else "l-cyst_0*.cbf.bz2"
+    return sorted(glob.glob(os.path.join(folder, pattern)))
+
+
+@pytest.mark.parametrize("sweep", [1, 2, 3, 4])
+def test_each_sweep_alone_keeps_every_image(l_cysteine, sweep):
+    """Import, spot finding, bad images and detector checks of one sweep, in
+    this process: no frame is called blank or over-exposed, and the detector
+    check does not take a photon counter's empty pixels for a dead area."""
+    from dials_gapfill import pipeline
+    from dials_gapfill.phil import params_from
+
+    state = pipeline.Pipeline(params_from(["nproc=2"]), _files(l_cysteine, sweep)).run(stop_before="indexing")
+    assert [e.scan.get_image_range() for e in state.experiments] == [(1, 15)]
+    assert state.report.excluded == []
+    assert not [w for w in state.report.warnings if "read exactly 0" in w]
+    assert sum(b.stats["spots"] for b in state.report.blocks) >= 25
+
+
+@pytest.fixture(scope="session")
+def dials_chain(l_cysteine, tmp_path_factory):
+    """The DIALS 3.12 command line on all 60 images, as its README gives it:
+    import, find_spots, index (joint), refine, integrate (min_spots lowered:
+    with its defaults it stops), export.  (experiments, reflections)."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    d = str(tmp_path_factory.mktemp("l_cysteine_dials"))
+    steps = [
+        ["dials.import", *_files(l_cysteine)],
+        ["dials.find_spots", "imported.expt", "nproc=2"],
+        ["dials.index", "imported.expt", "strong.refl", "joint_indexing=True"],
+        ["dials.refine", "indexed.expt", "indexed.refl"],
+        ["dials.integrate", "refined.expt", "refined.refl", "nproc=2",
+         "profile.gaussian_rs.min_spots.overall=0", "profile.gaussian_rs.min_spots.per_degree=0"],
+    ]
+    for step in steps:
+        result = run_cmd(step, cwd=d)
+        assert result.returncode == 0, (step, result.stdout[-2000:], result.stderr[-2000:])
+    experiments = ExperimentListFactory.from_json_file(os.path.join(d, "integrated.expt"), check_format=False)
+    return experiments, flex.reflection_table.from_file(os.path.join(d, "integrated.refl"))
+
+
+@pytest.fixture(scope="session")
+def ours(l_cysteine, tmp_path_factory):
+    """dials.process_gapped with defaults on all 60 images, and on the images
+    without LEFT_OUT: {"complete": folder, "gapped": folder}."""
+    runs = {}
+    gapped = tmp_path_factory.mktemp("l_cysteine_gapped")
+    for path in _files(l_cysteine):
+        name = os.path.basename(path)
+        sweep, image = int(name[8]), int(name[10:15])
+        if image not in LEFT_OUT.get(sweep, ()):
+            os.symlink(path, gapped / name)
+    for name, images in (("complete", l_cysteine), ("gapped", str(gapped))):
+        out = str(tmp_path_factory.mktemp(f"l_cysteine_{name}"))
+        process_ok(images, out)
+        runs[name] = out
+    return runs
+
+
+def _summary(folder):
+    with open(os.path.join(folder, "dials.process_gapped.json")) as fh:
+        return json.load(fh)
+
+
+def _mean_cell(experiments):
+    from dials_gapfill.model.tables import mean_cell
+
+    return np.mean([mean_cell(c) for c in experiments.crystals()], axis=0)
+
+
+@pytest.mark.slow
+def test_four_sweeps_as_one_crystal_against_the_dials_chain(ours, dials_chain):
+    chain_experiments, chain_reflections = dials_chain
+    summary = _summary(ours["complete"])
+    assert [s["number"] for s in summary["sweeps"]] == [1, 2, 3, 4]
+    assert [s["batch_offset"] for s in summary["sweeps"]] == [0, 100, 200, 300]
+    final = summary["crystal"]["final"]
+    # one crystal: one cell for the four sweeps, with its esds
+    assert max(final["cell_spread"]) < 1e-6
+    assert all(0 < e < 0.01 for e in final["unit_cell_esd"][:3])
+    # the cell the DIALS chain refines (its four crystals' mean), within 0.3 %
+    chain_cell = _mean_cell(chain_experiments)
+    assert np.allclose(final["unit_cell"][:3], chain_cell[:3], rtol=0.003), (final["unit_cell"], chain_cell)
+    # at least as many reflections integrated as DIALS with min_spots lowered
+    integrated = chain_reflections.get_flags(chain_reflections.flags.integrated).count(True)
+    assert summary["totals"]["integrated"] >= integrated, (summary["totals"]["integrated"], integrated)
+    assert summary["excluded_images"] == []
+
+
+@pytest.mark.slow
+def test_four_sweeps_with_images_left_out(ours):
+    import gemmi
+
+    complete, gapped = _summary(ours["complete"]), _summary(ours["gapped"])
+    blocks = [(b["sweep"], b["first"], b["last"]) for b in gapped["blocks"]]
+    assert blocks == [(1, 1, 5), (1, 8, 15), (2, 1, 15), (3, 1, 9), (3, 11, 15), (4, 1, 15)]
+    # no good image excluded: the images not used are those left out
+    assert sorted((e["sweep"], e["image"], e["status"]) for e in gapped["excluded_images"]) == [
+        (1, 6, "missing file"), (1, 7, "missing file"), (3, 10, "missing file")]
+    # one cell, within 0.3 % of the complete run's
+    final = gapped["crystal"]["final"]
+    assert max(final["cell_spread"]) < 1e-6
+    assert np.allclose(final["unit_cell"][:3], complete["crystal"]["final"]["unit_cell"][:3], rtol=0.003)
+    # BATCH unique over the sweeps: image number + the sweep's offset
+    mtz = gemmi.read_mtz_file(os.path.join(ours["gapped"], "integrated.mtz"))
+    batches = {b.number for b in mtz.batches}
+    expected = {100 * (s - 1) + n for s in (1, 2, 3, 4) for n in range(1, 16) if n not in LEFT_OUT.get(s, ())}
+    assert batches == expected
+    assert set(np.array(mtz.column_with_label("BATCH"), dtype=int)) <= expected
+    assert mtz.nreflections > 80

@@ -1,0 +1,126 @@
+"""The sweeps of a run (dials_gapfill.model.sweep): image statuses, blocks,
+exclusions, dropped blocks and MTZ batch offsets, on image sequences made
+without files (dxtbx with check_format=False): no DIALS run, milliseconds."""
+
+from __future__ import annotations
+
+import pytest
+
+import dials_gapfill  # noqa: F401  (sets up libtbx for the venv before dials imports)
+
+
+def _sequence(template, first, last, goniometer=None):
+    """An experiment of images first..last of `template` (no file read)."""
+    from dxtbx.format.FormatCBFMiniPilatus import FormatCBFMiniPilatus
+    from dxtbx.imageset import ImageSetFactory
+    from dxtbx.model import BeamFactory, DetectorFactory, GoniometerFactory, Scan
+    from dxtbx.model.experiment_list import Experiment
+    from scitbx.array_family import flex
+
+    n = last - first + 1
+    scan = Scan((first, last), (0.5 * (first - 1), 0.5), flex.double(n, 0.1), flex.double(range(n)), first - 1, True)
+    beam = BeamFactory.simple(1.0)
+    detector = DetectorFactory.simple("PAD", 100, (10, 10), "+x", "-y", (0.1, 0.1), (100, 100))
+    goniometer = goniometer or GoniometerFactory.known_axis((1, 0, 0))
+    imageset = ImageSetFactory.make_sequence(
+        template, list(range(first, last + 1)), format_class=FormatCBFMiniPilatus, beam=beam,
+        detector=detector, goniometer=goniometer, scan=scan, check_format=False,
+    )
+    return Experiment(imageset=imageset, beam=beam, detector=detector, goniometer=goniometer, scan=imageset.get_scan())
+
+
+def _sweeps(*specs):
+    """Sweeps from (template, [(first, last), ...] sequences, image range, statuses)."""
+    from dials_gapfill.model.sweep import Sweep, Sweeps
+
+    return Sweeps([
+        Sweep(template, [_sequence(template, a, b) for a, b in ranges], image_range, statuses)
+        for template, ranges, image_range, statuses in specs
+    ])
+
+
+def _blocks(sweeps):
+    return [(sweeps.sweep_of(e).number, *e.scan.get_image_range()) for e in sweeps.experiments()]
+
+
+def test_missing_files_make_blocks_and_are_named():
+    from dials_gapfill.model.sweep import MISSING, NOT_GIVEN
+
+    sweeps = _sweeps(("/d/x_####.cbf", [(1, 40), (46, 80)], (1, 80), {43: (NOT_GIVEN, "not given", "input")}))
+    assert _blocks(sweeps) == [(1, 1, 40), (1, 46, 80)]
+    missing = [d for d in sweeps.not_used() if d["status"] == MISSING]
+    assert [d["image"] for d in missing] == [41, 42, 44, 45]
+    assert [d["image"] for d in sweeps.not_used() if d["status"] == NOT_GIVEN] == [43]
+    assert all(d["sweep"] == 1 and d["by"] == "input" for d in missing)
+    # a block's image set is its own slice: dxtbx' batch offset = first image - 1
+    assert [e.scan.get_batch_offset() for e in sweeps.experiments()] == [0, 45]
+    assert sweeps.gap_before(sweeps.experiments()[1]) and sweeps.gap_after(sweeps.experiments()[0])
+    assert not sweeps.gap_before(sweeps.experiments()[0]) and not sweeps.gap_after(sweeps.experiments()[1])
+
+
+def test_exclusion_cuts_a_block_and_keeps_the_others_as_they_were():
+    sweeps = _sweeps(("/d/x_####.cbf", [(1, 40)], (1, 40), None))
+    experiments, _ = sweeps.exclude({(1, 10): "blank image", (1, 11): "blank image"}, "auto")
+    assert _blocks(sweeps) == [(1, 1, 9), (1, 12, 40)]
+    assert len(experiments) == 2
+    bad = [d for d in sweeps.not_used()]
+    assert [(d["image"], d["status"], d["reason"], d["by"]) for d in bad] == [
+        (10, "bad", "blank image", "auto"), (11, "bad", "blank image", "auto")]
+    # an image already not used is not excluded again; an unchanged block keeps its identity
+    first = sweeps.experiments()[0].identifier
+    sweeps.exclude({(1, 10): "other reason", (1, 30): "over-exposed"}, "auto")
+    assert [d["reason"] for d in sweeps.not_used()] == ["blank image", "blank image", "over-exposed"]
+    assert _blocks(sweeps) == [(1, 1, 9), (1, 12, 29), (1, 31, 40)]
+    assert sweeps.experiments()[0].identifier == first
+
+
+def test_short_blocks_are_dropped_with_their_reason():
+    from dials_gapfill.errors import GapfillError
+
+    sweeps = _sweeps(("/d/x_####.cbf", [(1, 40)], (1, 40), None))
+    sweeps.exclude({(1, n): "bad" for n in (2, 4)}, "auto", min_block_images=2)
+    assert _blocks(sweeps) == [(1, 5, 40)]  # blocks 1 and 3 dropped
+    dropped = sweeps.dropped_blocks
+    assert [(d["sweep"], d["first"], d["last"]) for d in dropped] == [(1, 1, 1), (1, 3, 3)]
+    assert all("shorter than gaps.min_block_images after exclusions" in d["reason"] for d in dropped)
+    assert {d["image"]: d["status"] for d in sweeps.not_used()} == {1: "dropped", 2: "bad", 3: "dropped", 4: "bad"}
+    with pytest.raises(GapfillError, match="no usable images left"):
+        sweeps.exclude({(1, n): "bad" for n in range(5, 41)}, "auto")
+
+
+def test_a_block_that_cannot_be_indexed_is_dropped_with_its_statistics():
+    sweeps = _sweeps(("/d/x_####.cbf", [(1, 10), (20, 30)], (1, 30), None))
+    second = sweeps.experiments()[1]
+    sweeps.drop_block(second, "only 5% of its spots indexed", "block could not be indexed",
+                      stats={"spots": 100, "indexed": 5})
+    assert _blocks(sweeps) == [(1, 1, 10)]
+    assert sweeps.dropped_blocks == [{"first": 20, "last": 30, "reason": "only 5% of its spots indexed",
+                                      "stats": {"spots": 100, "indexed": 5}, "sweep": 1}]
+    assert {d["reason"] for d in sweeps.not_used() if d["status"] == "dropped"} == {"block could not be indexed"}
+
+
+def test_several_sweeps_name_images_and_number_batches_by_sweep():
+    sweeps = _sweeps(
+        ("/d/a_####.cbf", [(1, 15)], (1, 15), None),
+        ("/d/b_####.cbf", [(1, 6), (8, 15)], (1, 15), None),
+        ("/d/c_####.cbf", [(101, 150)], (101, 150), None),
+    )
+    assert _blocks(sweeps) == [(1, 1, 15), (2, 1, 6), (2, 8, 15), (3, 101, 150)]
+    # the same image number in two sweeps: excluded in one only
+    sweeps.exclude({(2, 3): "blank image"}, "auto")
+    assert _blocks(sweeps)[:4] == [(1, 1, 15), (2, 1, 2), (2, 4, 6), (2, 8, 15)]
+    assert sweeps.image_name((2, 3)) == "image 3 of sweep 2"
+    assert sweeps.exclude_images_value((2, 3)) == "2:3:3"
+    # DIALS' rule: ranges kept where they do not overlap, else the next hundred
+    assert sweeps.batch_offsets() == {1: 0, 2: 200, 3: 0}
+    # block identifiers: unique, and the same for the same input
+    ids = [e.identifier for e in sweeps.experiments()]
+    assert len(set(ids)) == len(ids)
+    again = _sweeps(("/d/a_####.cbf", [(1, 15)], (1, 15), None))
+    assert again.experiments()[0].identifier == ids[0]
+
+
+def test_one_sweep_keeps_image_numbers_as_batches():
+    sweeps = _sweeps(("/d/x_####.cbf", [(1, 40), (46, 80)], (1, 80), None))
+    assert sweeps.batch_offsets() == {1: 0}
+    assert sweeps.image_name((1, 12)) == "image 12" and sweeps.exclude_images_value((1, 12)) == "12"
