@@ -90,9 +90,18 @@ def test_known_symmetry_phil(tiny, tmp_path, truth_tiny):
 
 @pytest.mark.slow
 def test_exclude_bad_images_phil(tiny, tmp_path):
-    """The example exclusions, and the Bravais lattice chosen after P1 indexing."""
+    """The example file (its exclusions are left for the user to fill in, so it
+    runs on any sweep), exclusions on the command line with it, and the
+    Bravais lattice chosen after P1 indexing."""
+    import iotbx.phil
+
+    from dials_gapfill.phil import master_phil
+
+    example = master_phil().fetch(source=iotbx.phil.parse(file_name=os.path.join(PHIL, "exclude_bad_images.phil")))
+    assert example.extract().gaps.exclude_images == []  # nothing that needs a long sweep
     out = str(tmp_path / "out")
-    result = process(tiny, out, os.path.join(PHIL, "exclude_bad_images.phil"), "indexing.bravais_lattice=auto")
+    result = process(tiny, out, os.path.join(PHIL, "exclude_bad_images.phil"), "exclude_images=21:23,35",
+                     "indexing.bravais_lattice=auto")
     assert result.returncode == 0, result.stderr + result.stdout[-2000:]
     summary = _summary(out)
     assert [(b["first"], b["last"]) for b in summary["blocks"]] == [(1, 20), (24, 34), (36, 40)]
