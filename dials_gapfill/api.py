@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dials_gapfill.errors import GapfillError, Interrupted
+from dials_gapfill.handlers import workers
 from dials_gapfill.handlers.outputs import Outputs
 from dials_gapfill.phil import master_phil, params_from
 from dials_gapfill.pipeline import Pipeline
@@ -110,6 +111,7 @@ class Job:
         self.pipeline = None
         self.kept = ""
         self.failed_log = None
+        self._workers = workers.Hold(False)
 
     def __enter__(self) -> Job:
         validate(self.params)
@@ -128,6 +130,9 @@ class Job:
             self.outputs = outputs
             if self.log is not None and self.params.output.log:
                 self.log(outputs.start_log(self.params.output.log))
+            outputs.log_recovered()
+            # workers must not outlive a killed run
+            self._workers = workers.hold()
         return self
 
     def run(self) -> Result:
@@ -159,6 +164,7 @@ class Job:
         )
 
     def __exit__(self, exc_type, exc, tb):
+        self._workers.release()
         outputs = self.outputs
         if exc_type is None:
             if outputs is not None:
@@ -268,4 +274,7 @@ def process_gapped(images=None, params=None, experiments=None, write_files=False
         belongs to the command line).
     """
     with Job(params, images, experiments=experiments, write_files=write_files) as job:
-        return job.run()
+        result = job.run()
+    if job.outputs is not None:  # (written under their final names at the end of the job)
+        result.files = list(job.outputs.committed)
+    return result

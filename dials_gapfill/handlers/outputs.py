@@ -10,9 +10,22 @@ end of a successful run, and a failed or interrupted run keeps its log as
 ``<stem>.failed<ext>`` (``finish_log``), so the previous run's log survives.
 
 ``lock()`` makes the folder this run's while it writes to it: a lock file
-(``.dials.process_gapped.lock``) holding the pid, locked with ``flock``; a
-second run into the same folder refuses with one line, and a lock left by a
-process that died is taken over.
+(``.dials.process_gapped.lock``) holding the pid; a second run into the same
+folder refuses with one line, and a lock left by a process that died is taken
+over.  The lock is a POSIX record lock (``fcntl.lockf``), which belongs to the
+process that took it: worker processes forked during the run inherit the open
+file but not the lock, so a worker that outlives a killed run cannot keep the
+folder locked (an ``flock`` lock is shared with every forked child).  The
+kernel releases a record lock as soon as its process closes *any* descriptor
+of the file, so while it holds the lock this process reads the file only
+through the lock's own descriptor; and as record locks do not exclude the
+process that holds them, folders locked in this process are also kept in a
+set, so that a second run in the same process is refused too.
+
+When it takes the folder, ``lock()`` also removes the temporary files that a
+run killed before its cleanup left (``.<stem>.tmp-<pid><ext>``, the log's
+included): only names of that pattern, and only when no process with that
+pid is running.
 """
 
 from __future__ import annotations
@@ -21,10 +34,33 @@ import errno
 import fcntl
 import logging
 import os
+import re
+import threading
 
 from dials_gapfill.errors import GapfillError
 
 logger = logging.getLogger("dials.process_gapped.output")
+
+# the names of this program's temporary files: outputs and the log
+# (Outputs.path, Outputs.start_log) and the probe of check_writable
+TEMPORARY = re.compile(r"\.(?:.+\.tmp-(?P<pid>[0-9]+)(?:\.[^.]*)?|write-test-(?P<probe>[0-9]+))")
+
+# output folders (st_dev, st_ino) locked by this process
+_locked: set[tuple[int, int]] = set()
+_locked_guard = threading.Lock()
+
+
+def _forget_locks() -> None:
+    # a forked child holds none of its parent's record locks (its own attempt
+    # is refused by the kernel, naming the parent), and the guard may have
+    # been taken by another thread of the parent at the fork
+    global _locked, _locked_guard
+    _locked = set()
+    _locked_guard = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks)
 
 
 class Outputs:
@@ -38,7 +74,9 @@ class Outputs:
         self.committed: list[str] = []
         self._complete: set[str] = set()  # final paths whose writer finished
         self._lock_fd: int | None = None
+        self._lock_key: tuple[int, int] | None = None
         self._log: tuple[str, str] | None = None  # (temporary path, final path)
+        self.removed: list[str] = []  # a killed run's temporary files, removed by lock()
 
     LOCK_NAME = ".dials.process_gapped.lock"
 
@@ -50,30 +88,79 @@ class Outputs:
         """Take the output folder for this run, or refuse if another run has it."""
         path = self.lock_path
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            st = os.stat(self.directory)
+            key = (st.st_dev, st.st_ino)
         except OSError as e:
             raise GapfillError(
                 f"cannot create the lock file {path}: {e.strerror}: check the output folder"
             ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            holder = _read_pid(path)
-            who = f" (pid {holder})" if holder else ""
-            raise GapfillError(
-                f"the output folder {self.directory} is in use by another dials.process_gapped run"
-                f"{who}: wait for it to finish or choose another folder with output.directory="
-            ) from None
-        # flock is free: no other run, or the file was left by a run that died
-        # (the kernel releases flock when a process ends, however it ends)
-        holder = _read_pid(path)
+        with _locked_guard:
+            if key in _locked:
+                # (before opening the file: closing it would drop this process's lock)
+                raise self._in_use(os.getpid())
+            fd = self._take(path)
+            _locked.add(key)
+        self._lock_fd, self._lock_key = fd, key
+        holder = _pread_pid(fd)
         if holder and holder != os.getpid():
             logger.debug("Taking over the lock of pid %d (no longer running)", holder)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.fsync(fd)
-        self._lock_fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.fsync(fd)
+        except OSError as e:
+            self.unlock()
+            raise self._os_error(e, self.LOCK_NAME) from None
+        self.removed = remove_stale_temporaries(self.directory)
+
+    def _take(self, path: str) -> int:
+        """An open descriptor of the lock file `path`, its record lock held."""
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise GapfillError(
+                    f"cannot create the lock file {path}: {e.strerror}: check the output folder"
+                ) from None
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _pread_pid(fd)
+                os.close(fd)
+                if e.errno in (errno.EACCES, errno.EAGAIN):
+                    raise self._in_use(holder) from None
+                raise GapfillError(
+                    f"cannot lock {path}: {e.strerror}: choose a folder on a file system that "
+                    "supports file locks with output.directory="
+                ) from None
+            # free: no other run, or the file was left by a run that died (the
+            # kernel releases the lock when its process ends, however it ends).
+            # A run that was just finishing may have removed the file between
+            # our open and lock: then this lock is on a file nobody else sees
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except OSError:
+                same = False
+            if same or attempts == 10:
+                return fd
+            os.close(fd)
+
+    def _in_use(self, holder: int | None) -> GapfillError:
+        who = f" (pid {holder})" if holder else ""
+        return GapfillError(
+            f"the output folder {self.directory} is in use by another dials.process_gapped run"
+            f"{who}: wait for it to finish or choose another folder with output.directory="
+        )
+
+    def log_recovered(self) -> None:
+        """Say (in the run's log) what lock() removed of a killed run's files."""
+        if self.removed:
+            logger.info(
+                "Removed %d temporary file(s) left in %s by a run that was killed or crashed: %s",
+                len(self.removed), self.directory, ", ".join(self.removed),
+            )
 
     def unlock(self) -> None:
         if self._lock_fd is None:
@@ -83,10 +170,12 @@ class Outputs:
         except OSError:
             pass
         try:
-            os.close(self._lock_fd)
+            os.close(self._lock_fd)  # (releases the record lock)
         except OSError:
             pass
-        self._lock_fd = None
+        with _locked_guard:
+            _locked.discard(self._lock_key)
+        self._lock_fd = self._lock_key = None
 
     def start_log(self, name: str) -> str:
         """Temporary path for the log `name` (renamed by finish_log)."""
@@ -209,10 +298,50 @@ class Outputs:
         self._pending.clear()
 
 
-def _read_pid(path: str) -> int | None:
+def _pread_pid(fd: int) -> int | None:
     try:
-        with open(path) as fh:
-            return int(fh.read().split()[0])
+        return int(os.pread(fd, 64, 0).split()[0])
     except (OSError, ValueError, IndexError):
         return None
 
+
+def _running(pid: int) -> bool:
+    """Whether a process `pid` exists (any owner); True when that cannot be told."""
+    if pid <= 0:
+        return True  # (not a process id: kill(0) would mean this process group)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True  # e.g. EPERM: it exists, under another user
+    try:  # a zombie (killed, its parent has not yet collected it) is not running
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Remove this program's temporary files in `directory` whose pid is no
+    longer running (a run killed before it could clean up); their names."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in sorted(entries, key=lambda e: e.name):
+        m = TEMPORARY.fullmatch(entry.name)
+        if m is None:
+            continue
+        pid = int(m.group("pid") or m.group("probe"))
+        if pid == os.getpid() or _running(pid):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                continue
+            os.remove(entry.path)
+        except OSError:
+            continue
+        removed.append(entry.name)
+    return removed
