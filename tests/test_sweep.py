@@ -124,3 +124,12 @@ def test_one_sweep_keeps_image_numbers_as_batches():
     sweeps = _sweeps(("/d/x_####.cbf", [(1, 40), (46, 80)], (1, 80), None))
     assert sweeps.batch_offsets() == {1: 0}
     assert sweeps.image_name((1, 12)) == "image 12" and sweeps.exclude_images_value((1, 12)) == "12"
+
+
+def test_a_block_never_spans_two_imported_sequences():
+    """dxtbx ends a sequence where the header angles do not follow on (a
+    duplicated frame): the block ends there too, even with no gap."""
+    sweeps = _sweeps(("/d/x_####.cbf", [(1, 10), (11, 11), (12, 24)], (1, 24), None))
+    assert _blocks(sweeps) == [(1, 1, 10), (1, 11, 11), (1, 12, 24)]
+    sweeps.exclude({(1, 11): "duplicate frame"}, "auto")
+    assert _blocks(sweeps) == [(1, 1, 10), (1, 12, 24)]

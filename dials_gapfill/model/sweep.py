@@ -119,7 +119,16 @@ class Sweep:
         return [n for n, i in sorted(self.images.items()) if i.status == USED]
 
     def blocks(self) -> list[tuple[int, int]]:
-        return runs(self.used())
+        """Runs of used images, split where one imported sequence ends and
+        the next begins (a block is one image set: dxtbx ends a sequence where
+        the header angles do not follow on, e.g. a duplicated frame)."""
+        starts = {src.scan.get_image_range()[0] for src in self.sources}
+        out = []
+        for first, last in runs(self.used()):
+            cut = [n for n in range(first + 1, last + 1) if n in starts]
+            for a, b in zip([first] + cut, [n - 1 for n in cut] + [last]):
+                out.append((a, b))
+        return out
 
     def not_used(self) -> list[dict]:
         """The images not used, with their status, reason and who decided."""

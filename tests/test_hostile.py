@@ -1,0 +1,108 @@
+"""What a new user and a hostile machine hit: blocks of one image, a broken
+symbolic link given three ways, a duplicated frame."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import process_ok
+
+
+def _import(*phil, positional=()):
+    from dials_gapfill.model.state import Report
+    from dials_gapfill.phil import working_params
+    from dials_gapfill.stages.importer import import_images
+
+    report = Report()
+    sweeps, record = import_images(working_params("\n".join(phil)), list(positional))
+    report.sync(sweeps, sweeps.experiments())
+    report.merge(record)
+    return sweeps, report
+
+
+# ---------------------------------------------------------------------------
+# a broken symbolic link: one rule, one true label, whichever way it is given
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dangling(tiny, tmp_path):
+    """The tiny sweep with image 7 a symbolic link to a file that is gone."""
+    d = tmp_path / "sweep"
+    d.mkdir()
+    for name in sorted(os.listdir(tiny)):
+        if name.endswith(".cbf"):
+            target = str(tmp_path / "gone.cbf") if name == "sim_0007.cbf" else os.path.join(tiny, name)
+            os.symlink(target, d / name)
+    return d
+
+
+@pytest.mark.parametrize("how", ["folder", "file list", "glob", "template", "xia2 range"])
+def test_a_broken_link_is_an_unreadable_image_however_given(dangling, how):
+    d = str(dangling)
+    given = {
+        "folder": ((), [d]),
+        "file list": ((), sorted(os.path.join(d, n) for n in os.listdir(d))),
+        "glob": ((f"input.images={d}/sim_*.cbf",), []),
+        "template": ((f"input.template={d}/sim_####.cbf",), []),
+        "xia2 range": ((f"input.image={d}/sim_0001.cbf:1:40",), []),
+    }[how]
+    sweeps, report = _import(*given[0], positional=given[1])
+    assert [e.scan.get_image_range() for e in sweeps.experiments()] == [(1, 6), (8, 40)]
+    (entry,) = report.excluded
+    assert (entry["image"], entry["status"], entry["by"]) == (7, "bad", "auto")
+    assert entry["reason"] == f"unreadable: broken symbolic link to {dangling.parent / 'gone.cbf'}"
+
+
+def test_a_broken_link_without_auto_exclude_is_refused_in_one_line(dangling):
+    from dials_gapfill.errors import GapfillError
+
+    with pytest.raises(GapfillError, match=r"image 7 \(.*sim_0007.cbf\) is broken symbolic link to .*: "
+                                           r"leave it out with exclude_images=7"):
+        _import("gaps.auto_exclude=False", positional=[str(dangling)])
+
+
+# ---------------------------------------------------------------------------
+# every block one image: the default model never fails where per_block does not
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kept", [tuple(range(1, 30, 2)), (1, 10)], ids=["every other image", "images 1 and 10"])
+def test_blocks_of_one_image_process_with_defaults(tiny_sweeps, tiny, truth_tiny, tmp_path, kept):
+    from dials_gapfill.simulation.compare import load, orientation_errors
+
+    folder = tiny_sweeps.make(omit=[n for n in range(1, 41) if n not in kept], name="one_image_blocks")
+    out = str(tmp_path / "out")
+    process_ok(folder, out)
+    summary = json.load(open(os.path.join(out, "dials.process_gapped.json")))
+    assert [(b["first"], b["last"]) for b in summary["blocks"]] == [(n, n) for n in kept]
+    assert any("every spot is cut by a gap" in w for w in summary["warnings"])
+    assert summary["crystal"]["model"] == "per_block"
+    assert summary["totals"]["integrated"] > 300 * len(kept)
+    errors = orientation_errors(load(out)[0], truth_tiny)
+    assert errors["worst"] < 0.05, errors
+
+
+def test_the_continuous_model_searches_with_the_cut_spots_when_nothing_else_is_left(tiny_sweeps):
+    """Forced onto blocks of one image, the continuous model's lattice search
+    has no spot that a gap did not cut: it searches again with all spots and
+    says so, rather than failing."""
+    import glob
+
+    from dials_gapfill.crystal_model import ContinuousModel
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.simulation import compare
+
+    folder = tiny_sweeps.make(omit=[n for n in range(1, 41) if n not in (1, 3, 5, 7)], name="four_single_images")
+    experiments = compare.import_blocks(sorted(glob.glob(os.path.join(folder, "*.cbf"))))
+    spots = compare.strong_spots(experiments, nproc=2)
+    model = ContinuousModel(params_from(["nproc=2"]))
+    blocks, indexed, record = model.index(experiments, spots)
+    assert any("searched again with all" in w for w in record.warnings)
+    ok = indexed.get_flags(indexed.flags.indexed) & (indexed["id"] >= 0)
+    assert ok.count(True) > 0.9 * len(spots)
+    assert len(blocks.crystals()) == 1
