@@ -29,9 +29,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from dials.util.mp import available_cores
+from libtbx import Auto
+
 from dials_gapfill.errors import GapfillError, Interrupted
 from dials_gapfill.handlers import workers
 from dials_gapfill.handlers.outputs import Outputs
+from dials_gapfill.model.state import Record
 from dials_gapfill.phil import master_phil, params_from
 from dials_gapfill.pipeline import Pipeline
 from dials_gapfill.report import finalise, summary_dict, write_reports
@@ -138,6 +142,9 @@ class Job:
     def run(self) -> Result:
         self.pipeline = Pipeline(self.params, self.images, outputs=self.outputs, progress=self.progress)
         state = self.pipeline.state
+        for line in _machine_warnings(self.params):
+            logger.warning("Warning: %s", line)
+            state.report.merge(Record(warnings=[line]))
         if self.experiments is not None:
             state.sweeps, record = adopt_experiments(self.experiments, self.params)
             state.report.merge(record)
@@ -246,6 +253,19 @@ class Job:
             shown.append(f"{len(extra) - 1} per-block MTZ files")
         listed = ", ".join(shown[:-1]) + " and " + shown[-1]
         return f"; the integrated data, complete, are kept as {listed} in {outputs.directory}"
+
+
+def _machine_warnings(params) -> list[str]:
+    """What the parameters ask of this machine that it cannot give."""
+    out = []
+    nproc = params.mp.nproc
+    cores = available_cores()
+    if params.mp.method == "multiprocessing" and nproc not in (None, Auto) and int(nproc) > cores:
+        out.append(
+            f"mp.nproc={nproc} is more than the {cores} cores available: the processes share them "
+            f"(no faster, more memory); use nproc={cores}, or leave it out for all available cores"
+        )
+    return out
 
 
 def _log_error(error, extra: str = "") -> None:

@@ -9,6 +9,7 @@ DIALS' own behaviour.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import dials.command_line.integrate as dials_integrate
 import dials.util.export_mtz as dials_export_mtz
@@ -374,3 +375,34 @@ def mtz_batch_offsets(offsets):
     """
     with replaced(dials_export_mtz, "calculate_batch_offsets", lambda experiments: list(offsets)) as done:
         yield done
+
+
+class _CrystalsDiffer(logging.Filter):
+    said = False
+
+    def filter(self, record):
+        if not str(record.msg).startswith("Experiment crystals differ"):
+            return True
+        if not _CrystalsDiffer.said:
+            _CrystalsDiffer.said = True
+            logging.getLogger("dials.process_gapped.export").info(
+                "The MTZ file's cell is the first block's crystal's; each batch carries its own "
+                "orientation and cell (dials.export: 'Experiment crystals differ')"
+            )
+        return False
+
+
+@contextlib.contextmanager
+def crystals_differ_explained():
+    """dials.export warns "Experiment crystals differ. Using first experiment
+    crystal for file-level data." whenever the experiments' crystals are not
+    one, which the blocks' never are (each has its slice of the scan-varying
+    crystal): the warning is replaced by one line in the log saying what it
+    means here."""
+    target = logging.getLogger(dials_export_mtz.__name__)
+    quiet = _CrystalsDiffer()
+    target.addFilter(quiet)
+    try:
+        yield
+    finally:
+        target.removeFilter(quiet)

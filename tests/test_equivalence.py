@@ -76,3 +76,48 @@ def test_continuous_model_against_the_cli_chain(cli_chain, processed):
     assert result["cell_rel_diff_max"] < 0.0005, result
     assert result["count_rel_diff"] < 0.01
     assert result["matched"] > 20000 and result["cc"] >= 0.998, result["cc"]
+
+
+@pytest.fixture(scope="module")
+def short_blocks(tiny_sweeps, tmp_path_factory):
+    """The tiny sweep without every 10th image (blocks of 9 and 10 images):
+    the DIALS chain and the per-block model, (chain folder, ours folder)."""
+    folder = tiny_sweeps.make(omit=(10, 20, 30), name="nine_image_blocks")
+    chain = str(tmp_path_factory.mktemp("short_chain"))
+    files = sorted(glob.glob(os.path.join(folder, "sim_*.cbf")))
+    for step in (
+        ["dials.import", *files],
+        ["dials.find_spots", "imported.expt", f"nproc={NPROC}"],
+        ["dials.index", "imported.expt", "strong.refl"],
+        ["dials.refine", "indexed.expt", "indexed.refl"],
+        ["dials.integrate", "refined.expt", "refined.refl", f"nproc={NPROC}"],
+    ):
+        result = run_cmd(step, cwd=chain, timeout=1800)
+        assert result.returncode == 0, (step, result.stdout[-2000:], result.stderr[-2000:])
+    ours = str(tmp_path_factory.mktemp("short_per_block"))
+    process_ok(folder, ours, "refinement.blocks.model=per_block", "integration.gap_partials=separate",
+               "integration.profile_model=per_block")
+    return chain, ours
+
+
+def test_per_block_equals_the_chain_on_nine_image_blocks(short_blocks, truth_tiny):
+    """dials.refine makes every block's crystal scan-varying, however short:
+    so does the per-block model, with the chain's cells, counts and (against
+    the truth) orientations."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.simulation.compare import compare, load, orientation_errors
+
+    chain, ours = short_blocks
+    e_chain, e_ours = orientation_errors(load(chain)[0], truth_tiny), orientation_errors(load(ours)[0], truth_tiny)
+    assert e_ours["median"] <= 1.1 * e_chain["median"] + 0.001, (e_ours["median"], e_chain["median"])
+    assert e_ours["worst"] <= 1.1 * e_chain["worst"] + 0.001, (e_ours["worst"], e_chain["worst"])
+    result = compare(*load(chain), *load(ours))
+    assert result["blocks_a"] == result["blocks_b"] == [(1, 9), (11, 19), (21, 29), (31, 40)]
+    assert result["cell_rel_diff_max"] < 0.0005, result
+    for block in result["blocks"]:
+        assert block["angle_diff_max"] < 0.01, block  # cell angles
+        assert block["count_rel_diff"] < 0.01, block
+    for exp in ExperimentListFactory.from_json_file(os.path.join(ours, "integrated.expt"), check_format=False):
+        assert exp.crystal.num_scan_points == exp.scan.get_num_images() + 1  # scan-varying
+    assert result["cc"] >= 0.998, result["cc"]

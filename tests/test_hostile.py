@@ -106,3 +106,16 @@ def test_the_continuous_model_searches_with_the_cut_spots_when_nothing_else_is_l
     ok = indexed.get_flags(indexed.flags.indexed) & (indexed["id"] >= 0)
     assert ok.count(True) > 0.9 * len(spots)
     assert len(blocks.crystals()) == 1
+
+
+def test_more_processes_than_cores_is_warned_about(tmp_path):
+    from dials.util.mp import available_cores
+
+    from dials_gapfill.api import _machine_warnings
+    from dials_gapfill.phil import params_from
+
+    cores = available_cores()
+    (line,) = _machine_warnings(params_from([f"nproc={cores + 62}"]))
+    assert f"mp.nproc={cores + 62} is more than the {cores} cores available" in line and f"nproc={cores}" in line
+    assert _machine_warnings(params_from([f"nproc={cores}"])) == []
+    assert _machine_warnings(params_from([])) == []

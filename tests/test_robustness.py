@@ -92,6 +92,7 @@ def test_small_blocks_do_not_stop_the_run(one_image_block, tmp_path, mode):
         "profile.gaussian_rs.min_spots.per_degree=1000",
         f"integration.small_blocks.profile={mode}",
         "refinement.blocks.model=per_block",  # the per-block model's small-block refinement
+        "refinement.blocks.min_images_scan_varying=2",  # (default 1: every block scan-varying, as dials.refine)
     )
     summary = _summary(out)
     blocks = {(b["first"], b["last"]): b for b in summary["blocks"]}

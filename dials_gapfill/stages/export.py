@@ -57,7 +57,8 @@ def write_mtz(reflections, experiments, params, path, intensity=None, offsets=No
     ep.mtz.hklout = path
     ep.intensity = list(intensity or params.mtz.intensity)
     try:
-        with dials_compat.mtz_batch_offsets(offsets) if offsets else contextlib.nullcontext():
+        with dials_compat.mtz_batch_offsets(offsets) if offsets else contextlib.nullcontext(), \
+                dials_compat.crystals_differ_explained():
             dials_export_mtz(ep, experiments, [copy.deepcopy(reflections)])
     except (ValueError, AssertionError, RuntimeError) as e:
         raise GapfillError(

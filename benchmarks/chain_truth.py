@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""The crystal at every image against the truth: the DIALS command-line chain
+as users run it on gapped data, dials.process_gapped's per-block model and its
+continuous model, side by side on the same simulated images.
+
+- ``chain``: ``dials.import`` of the file list (one sequence per block),
+  ``dials.find_spots``, ``dials.index`` (joint), ``dials.refine`` (its
+  defaults: static, then a scan-varying crystal per block), ``dials.integrate``;
+- ``per_block``: ``dials.process_gapped refinement.blocks.model=per_block``;
+- ``continuous``: ``dials.process_gapped`` with its defaults;
+- ``gapless``: ``dials.process_gapped`` on the same sweep without gaps.
+
+For each: the orientation error against the simulator's truth at every image
+(median, worst; lab frame, one common gauge rotation removed:
+``dials_gapfill.simulation.compare.orientation_errors``), the largest relative
+cell error, CC of the summation intensities of full reflections with
+I/sigma > 3 with the true intensities, the number of those reflections, and
+the wall time.  Sweeps (``--sweeps``, comma separated):
+
+- ``every10``: 90 x 0.5 deg, every 10th image missing (9-image blocks),
+  P 41 21 2 57 x 57 x 150 A, Pilatus 1M, accelerating drift (0.01 deg/deg +
+  0.001 deg/deg^2);
+- ``every6``: the same crystal, every 6th image missing (5-image blocks);
+- ``standard``: 120 x 0.5 deg without images 41-45 and 81-83;
+- ``gap30``: 90 x 1 deg without images 31-60.
+
+Usage (2 cores; every10 alone about 15 minutes)::
+
+    .venv/bin/python benchmarks/chain_truth.py --workdir /tmp/chain_truth --sweeps every10
+        [--runs chain,per_block,continuous,gapless] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+import dials_gapfill  # noqa: E402,F401  (before dxtbx)
+
+DRIFTING = dict(n_images=90, osc_width=0.5, detector="pilatus1m", unit_cell=(57, 57, 150, 90, 90, 90),
+                space_group="P 41 21 2", drift=0.01, drift_acceleration=0.001, seed=42)
+SWEEPS = {
+    "every10": dict(config=DRIFTING, omit=list(range(10, 91, 10))),
+    "every6": dict(config=DRIFTING, omit=list(range(6, 91, 6))),
+    "standard": dict(config=dict(n_images=120, seed=42), omit=list(range(41, 46)) + list(range(81, 84))),
+    "gap30": dict(config=dict(n_images=90, osc_width=1.0, seed=42), omit=list(range(31, 61))),
+}
+BIN = os.path.dirname(sys.executable)
+
+
+def _tool(name):
+    path = os.path.join(BIN, name)
+    return path if os.path.exists(path) else shutil.which(name) or name
+
+
+def simulated(workdir, name):
+    """(complete folder, gapped folder, truth)."""
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
+
+    sweep = SWEEPS[name]
+    key = json.dumps(sweep["config"], sort_keys=True)
+    complete = os.path.join(workdir, "images", str(abs(hash(key)) % 10**8))
+    if not os.path.exists(os.path.join(complete, "ground_truth.json")):
+        simulate(SimulationConfig(**sweep["config"]), complete)
+    gapped = os.path.join(workdir, name, "gapped")
+    if not os.path.isdir(gapped):
+        os.makedirs(gapped)
+        for path in sorted(glob.glob(os.path.join(complete, "*.cbf"))):
+            n = int(os.path.basename(path).split("_")[-1].split(".")[0])
+            if n not in sweep["omit"]:
+                os.symlink(path, os.path.join(gapped, os.path.basename(path)))
+    with open(os.path.join(complete, "ground_truth.json")) as fh:
+        return complete, gapped, json.load(fh)
+
+
+def _run(args, cwd):
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:2])} failed: {(result.stderr or result.stdout)[-800:]}")
+
+
+def run_chain(gapped, out, nproc):
+    os.makedirs(out, exist_ok=True)
+    files = sorted(glob.glob(os.path.join(gapped, "*.cbf")))
+    _run([_tool("dials.import"), *files], out)
+    _run([_tool("dials.find_spots"), "imported.expt", f"nproc={nproc}"], out)
+    _run([_tool("dials.index"), "imported.expt", "strong.refl", "joint_indexing=True"], out)
+    _run([_tool("dials.refine"), "indexed.expt", "indexed.refl"], out)
+    _run([_tool("dials.integrate"), "refined.expt", "refined.refl", f"nproc={nproc}"], out)
+
+
+def run_ours(images, out, nproc, *phil):
+    os.makedirs(out, exist_ok=True)
+    _run([_tool("dials.process_gapped"), images, f"output.directory={out}", f"nproc={nproc}", *phil], out)
+
+
+def measure(folder, truth):
+    from conftest import summation_against_truth
+
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.simulation import compare
+
+    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    errors = compare.orientation_errors(experiments, truth)
+    cell = max(compare.cell_error(e.crystal, truth)["rel_error_max"] for e in experiments)
+    r = reflections.select(reflections.get_flags(reflections.flags.integrated_sum) & (reflections["partiality"] > 0.99))
+    intensity, sigma, true = summation_against_truth(r, truth)
+    ok = np.isfinite(true) & (intensity / sigma > 3)
+    cc = float(np.corrcoef(intensity[ok], true[ok])[0, 1])
+    return {"median": errors["median"], "worst": errors["worst"], "cell": cell, "cc": cc, "n": int(ok.sum()),
+            "errors": errors["errors_deg"], "images": errors["images"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default="/tmp/chain_truth")
+    p.add_argument("--sweeps", default="every10")
+    p.add_argument("--runs", default="chain,per_block,continuous,gapless")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--json", help="write every number to this file")
+    args = p.parse_args(argv)
+    results = {}
+    for name in args.sweeps.split(","):
+        complete, gapped, truth = simulated(args.workdir, name)
+        for run in args.runs.split(","):
+            out = os.path.join(args.workdir, name, run)
+            if os.path.isdir(out):
+                shutil.rmtree(out)
+            t0 = time.time()
+            try:
+                if run == "chain":
+                    run_chain(gapped, out, args.nproc)
+                elif run == "per_block":
+                    run_ours(gapped, out, args.nproc, "refinement.blocks.model=per_block")
+                elif run == "continuous":
+                    run_ours(gapped, out, args.nproc)
+                elif run == "gapless":
+                    run_ours(complete, out, args.nproc)
+                numbers = measure(out, truth)
+            except RuntimeError as e:
+                numbers = {"error": str(e)}
+            numbers["seconds"] = time.time() - t0
+            results[(name, run)] = numbers
+            if "error" in numbers:
+                print(f"{name:9s} {run:11s} FAILED: {numbers['error'][:200]}", flush=True)
+            else:
+                print(f"{name:9s} {run:11s} orientation median {numbers['median']:.4f} worst {numbers['worst']:.4f} deg"
+                      f"  cell {100 * numbers['cell']:.3f} %  CC {numbers['cc']:.5f} (n {numbers['n']})"
+                      f"  {numbers['seconds']:.0f} s", flush=True)
+    print("\n| sweep | run | orientation median / worst (deg) | worst cell error | CC(I, I_true) | n |")
+    print("|---|---|---|---|---|---|")
+    for (name, run), v in results.items():
+        if "error" in v:
+            print(f"| {name} | {run} | failed | | | |")
+        else:
+            print(f"| {name} | {run} | {v['median']:.4f} / {v['worst']:.4f} | {100 * v['cell']:.3f} % | {v['cc']:.5f} | {v['n']} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({f"{k[0]}/{k[1]}": v for k, v in results.items()}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
