@@ -1,7 +1,8 @@
-"""The automatic resolution limit of the scaling stage (scaling.resolution.cc_half,
-overridden by scaling.d_min), on a simulated sweep whose signal fades before the
+"""The automatic resolution limit of the scaling stage (scaling.resolution.*,
+overridden by scaling.d_min): on a simulated sweep whose signal fades before the
 detector edge (B = 120 Å², P 41 21 2: CC½ falls through 0.3 near 3.0 Å while the
-detector reaches 2.3 Å)."""
+detector reaches 2.3 Å), and on one that is strong into the detector corners,
+where the completeness falloff sets the limit."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import gemmi
 import pytest
 
 from conftest import process_ok
+
+# scaling.resolution.completeness_falloff's default
+FALLOFF = 0.5
 
 # the tiny sweep's geometry, weak at high resolution, with 4-fold symmetry for
 # enough repeated observations to measure CC½ in thin shells
@@ -115,12 +119,15 @@ def test_scaling_d_min_overrides(weak_scaled, tmp_path):
 @pytest.mark.slow
 def test_completeness_criterion_and_no_cut(weak_scaled, tmp_path):
     """scaling.resolution.completeness cuts the detector corners (DIALS'
-    completeness fit); with both criteria off all data are kept, and a shell
-    without repeated observations has no CC½ (None, shown "-"), not 0."""
+    completeness fit); with all criteria off all data are kept, and a shell
+    without repeated observations has no CC½ (None, shown "-"), not 0. (The
+    completeness falloff is off: on this sweep it cuts at 2.54 Å, next to the
+    absolute criterion's 2.55 Å.)"""
     from dials_gapfill.report.merging import merging_table
 
     report = _scale_in_process(
-        weak_scaled["dir"], str(tmp_path / "c"), _params(resolution={"cc_half": None, "completeness": 0.5})
+        weak_scaled["dir"], str(tmp_path / "c"),
+        _params(resolution={"cc_half": None, "completeness": 0.5, "completeness_falloff": None}),
     )
     res = report.scaling["resolution"]
     assert res["method"] == "completeness" and res["completeness"] == 0.5
@@ -131,7 +138,8 @@ def test_completeness_criterion_and_no_cut(weak_scaled, tmp_path):
     assert 0 <= _mtz_d_min(os.path.join(str(tmp_path / "c"), "merged.mtz")) - res["d_min"] < 0.03
 
     report = _scale_in_process(
-        weak_scaled["dir"], str(tmp_path / "n"), _params(resolution={"cc_half": None, "completeness": None})
+        weak_scaled["dir"], str(tmp_path / "n"),
+        _params(resolution={"cc_half": None, "completeness": None, "completeness_falloff": None}),
     )
     s = report.scaling
     assert s["resolution"]["method"] == "none" and s["resolution"]["d_min"] is None
@@ -182,3 +190,85 @@ def test_merging_table_is_dials_table():
     assert dials_rows.splitlines()[2] in text.splitlines()  # the CC half row, as DIALS writes it
     assert text.splitlines()[0].startswith("Merging statistics (space group P 4 21 2):")
     assert text.splitlines()[-1] == "Resolution limit: d_min 2.00 Å from scaling.d_min"
+
+
+# ---------------------------------------------------------------------------
+# the completeness falloff: a sweep strong into the detector corners
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corners_scaled(tiny, tmp_path_factory):
+    """The tiny sweep (40 x 1°, P 21 21 21, Pilatus 300K at 150 mm) with
+    scaling: CC½ is above 0.9 in every shell where it can be measured, out to
+    the detector corners at 2.3 Å, whose shells are far less complete than
+    the rest."""
+    out = str(tmp_path_factory.mktemp("corners_scaled"))
+    result = process_ok(tiny, out, "scale=True")
+    summary = json.load(open(os.path.join(out, "dials.process_gapped.json")))
+    return {"dir": out, "stdout": result.stdout, "scaling": summary["scaling"]}
+
+
+def _outer_and_median(shells):
+    """Completeness of the outer shell and the median of the others (percent)."""
+    import statistics
+
+    return shells[-1]["completeness"], statistics.median(s["completeness"] for s in shells[:-1])
+
+
+@pytest.mark.slow
+def test_completeness_falloff_leaves_out_the_corners(corners_scaled):
+    s = corners_scaled["scaling"]
+    res = s["resolution"]
+    assert res["method"] == "completeness_falloff" and res["completeness_falloff"] == FALLOFF, res
+    assert res["d_min"] > res["d_min_data"] + 0.1, res
+    # the outer shell of the table, as printed and written, is at least half as
+    # complete as the median of the shells inside it, and measured more than once
+    outer, median = _outer_and_median(s["shells"])
+    assert outer >= FALLOFF * median, (outer, median)
+    assert (res["outer_completeness"], res["inner_median_completeness"]) == pytest.approx((outer, median))
+    assert s["completeness"][2] == pytest.approx(outer)
+    assert s["cc_half"][2] is not None and s["shells"][-1]["cc_half"] is not None
+    assert s["multiplicity"][2] > 1
+    # said on the terminal, with the reason and the numbers
+    line = (f"d_min {res['d_min']:.2f} Å from completeness falloff = {FALLOFF:g} (outer shell "
+            f"{outer:.0f} % complete, the inner shells' median {median:.0f} %")
+    assert line in corners_scaled["stdout"]
+    # the statistics and both MTZ files end at the limit
+    assert s["d_min"][0] == pytest.approx(res["d_min"], abs=0.02)
+    for name in ("merged.mtz", "scaled.mtz"):
+        d = _mtz_d_min(os.path.join(corners_scaled["dir"], name))
+        assert res["d_min"] <= d < res["d_min"] + 0.03, (name, d)
+
+
+@pytest.mark.slow
+def test_scaling_d_min_overrides_the_falloff(corners_scaled, tmp_path):
+    """scaling.d_min keeps the corners if asked (2.4 Å, past the falloff
+    limit), and there the outer shell is far less complete than the rest."""
+    report = _scale_in_process(corners_scaled["dir"], str(tmp_path), _params("scaling.d_min=2.4"))
+    res = report.scaling["resolution"]
+    assert corners_scaled["scaling"]["resolution"]["d_min"] > 2.5
+    assert res["method"] == "user" and res["d_min"] == 2.4
+    assert res["message"] == "d_min 2.40 Å from scaling.d_min"
+    assert report.scaling["d_min"][0] == pytest.approx(2.4, abs=0.02)
+    assert 2.4 <= _mtz_d_min(os.path.join(str(tmp_path), "merged.mtz")) < 2.43
+    outer, median = _outer_and_median(report.scaling["shells"])
+    assert outer < FALLOFF * median, (outer, median)
+
+
+@pytest.mark.slow
+def test_no_falloff_cut_without_corner_loss(tiny, tmp_path_factory):
+    """The same sweep integrated only to 3.8 Å (prediction.d_min), inside the
+    circle the detector inscribes about the beam (3.71 Å): every shell lies
+    whole on the detector, the completeness does not fall off, nothing is cut."""
+    out = str(tmp_path_factory.mktemp("no_corners"))
+    result = process_ok(tiny, out, "scale=True", "prediction.d_min=3.8")
+    s = json.load(open(os.path.join(out, "dials.process_gapped.json")))["scaling"]
+    res = s["resolution"]
+    assert res["method"] == "none" and res["d_min"] is None, res
+    assert "completeness does not fall off towards the edge" in res["message"]
+    assert res["message"] in result.stdout
+    assert s["d_min"][0] == pytest.approx(res["d_min_data"], abs=0.01)
+    assert 3.8 <= s["d_min"][0] < 3.9
+    outer, median = _outer_and_median(s["shells"])
+    assert outer >= FALLOFF * median, (outer, median)

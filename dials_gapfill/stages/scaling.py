@@ -11,9 +11,16 @@
 3. Resolution limit (as xia2): unless scaling.d_min is given, CC½ in
    resolution bins is fitted as dials.estimate_resolution does (DIALS'
    Resolutionizer, tanh fit) and the limit is where the fit falls to
-   scaling.resolution.cc_half; when that cuts data, the blocks are scaled again
-   with that limit (cut_data.d_min), so the scale model, merging statistics,
-   scaled.mtz and merged.mtz all end at the same d_min.
+   scaling.resolution.cc_half. Neither DIALS nor xia2 has a criterion for the
+   detector corners other than an absolute completeness
+   (scaling.resolution.completeness, off by default), which cannot tell a
+   corner shell from a short sweep; so, from that limit inward, the limit is
+   the highest resolution at which the merging table's outer shell is at
+   least scaling.resolution.completeness_falloff as complete as the median of
+   its other shells (counted as iotbx counts the table). When that cuts data,
+   the blocks are scaled again with that limit (cut_data.d_min), so the scale
+   model, merging statistics, scaled.mtz and merged.mtz all end at the same
+   d_min, and the criterion is checked on the table that came out.
 4. scaled.mtz (unmerged, DIALS' export_mtz with the scaled intensities, BATCH
    = image number) and merged.mtz (dials.merge's merge_data_to_mtz), and the
    merging statistics (overall / inner / outer shell, DIALS' table_1_stats)
@@ -28,10 +35,13 @@ import json
 import logging
 import math
 import os
+import statistics
 import tempfile
 
+import numpy
+from cctbx import miller
 from dials.algorithms.scaling.algorithm import ScalingAlgorithm
-from dials.algorithms.scaling.scaling_library import determine_best_unit_cell
+from dials.algorithms.scaling.scaling_library import determine_best_unit_cell, scaled_data_as_miller_array
 from dials.array_family import flex
 from dials.command_line.export import export_mtz
 from dials.command_line.export import phil_scope as export_phil
@@ -174,28 +184,126 @@ def estimate_resolution_completeness(experiments, joint, completeness):
     return resolutionizer.resolution(metrics.COMPLETENESS, limit=completeness).d_min
 
 
+def falloff_threshold(params):
+    """scaling.resolution.completeness_falloff (None: not used)."""
+    return getattr(params.scaling.resolution, "completeness_falloff", None)
+
+
+def table_nbins(params) -> int:
+    """The number of shells of the merging table (dials.scale's output.merging.nbins)."""
+    return _scale_params(params).output.merging.nbins
+
+
+def table_completeness(experiments, joint, n_bins):
+    """A function d_min -> (the completeness, as fractions, of each of the
+    n_bins shells of the merging table of the scaled data cut at d_min, or
+    None when a shell is empty; the number of unique reflections kept).
+
+    Counted as iotbx's merging statistics (the table dials.scale prints)
+    count them, to the last digit: the unique reflections of DIALS' scaled
+    miller array (not bad for scaling, positive scales, best cell,
+    non-anomalous); cctbx's equal-volume shells over the range of the data
+    kept; in each shell, the observed unique reflections over the complete
+    set from the shell's low-resolution limit to its highest-resolution
+    observation. In numpy: merging statistics for every candidate cut would
+    take seconds each on a large sweep.
+    """
+    array = scaled_data_as_miller_array([joint], experiments, best_unit_cell=determine_best_unit_cell(experiments))
+    unique = array.as_non_anomalous_set().map_to_asu().unique_under_symmetry()
+    unit_cell = unique.unit_cell()
+    observed = numpy.sort(numpy.array(unique.d_star_sq().data()))
+    possible = numpy.sort(numpy.array(unique.complete_set(d_min=1 / math.sqrt(observed[-1])).d_star_sq().data()))
+    d_max = 1 / math.sqrt(observed[0])
+
+    def shells(d_min):
+        kept = observed[: numpy.searchsorted(observed, (1 + 1e-9) / d_min**2, side="right")]
+        if len(kept) < n_bins:
+            return None, len(kept)
+        limits = numpy.array(miller.binning(unit_cell, n_bins, d_max, 1 / math.sqrt(kept[-1])).limits())
+        which = numpy.searchsorted(limits, kept, side="right") - 1
+        completeness = []
+        for i in range(n_bins):
+            in_shell = kept[which == i]
+            if not len(in_shell):
+                return None, len(kept)
+            top = min(limits[i + 1], in_shell[-1]) * (1 + 1e-6)
+            n_possible = numpy.count_nonzero((possible >= limits[i]) & (possible <= top))
+            completeness.append(min(len(in_shell) / n_possible, 1.0))
+        return completeness, len(kept)
+
+    return shells
+
+
+# The resolution steps tried by the completeness-falloff criterion: 0.5 % in d
+# (1.5 % of the volume of reciprocal space), rounded to the 0.01 Å printed and
+# applied; and the largest fraction of the unique reflections it may leave
+# out. The sparse shells of the detector corners hold few reflections, so a
+# cut there leaves out few; completeness that falls over most of the data is
+# the geometry of the experiment (e.g. a detector at a 2θ offset), not
+# corners to trim.
+FALLOFF_STEP = 1.005
+FALLOFF_MAX_LOSS = 0.5
+
+
+def completeness_falloff(shells, fraction, d_from):
+    """{"d_min", "outer", "median"}: the highest resolution d_min >= d_from
+    (in steps of FALLOFF_STEP) at which the merging table's outer shell is at
+    least `fraction` as complete as the median of its other shells (outer,
+    median: those completenesses, as fractions). shells: table_completeness().
+    d_min None (and "why") when the shells cannot be counted or no cut that
+    leaves out at most FALLOFF_MAX_LOSS of the unique reflections gets there.
+
+    The median of the other shells, not their mean nor the first shells:
+    the first shell loses reflections to the beam stop and the blind region,
+    and the shells next to the outer one may already be partly in the
+    corners; the median is the completeness the sweep reaches where the
+    detector records whole shells. The table's own shells (equal volume, as
+    dials.scale's), because that is the table the limit is for.
+    """
+    d_min = d_from
+    _, n_all = shells(d_from)
+    while True:
+        completeness, n_kept = shells(d_min)
+        if completeness is None:
+            return {"d_min": None, "why": f"completeness falloff not measured (an empty shell at {d_min:.2f} Å)"}
+        if n_kept < (1 - FALLOFF_MAX_LOSS) * n_all:
+            return {
+                "d_min": None,
+                "why": "completeness falls over most of the data (no falloff limit: it would leave "
+                f"out more than {FALLOFF_MAX_LOSS:.0%} of the unique reflections)",
+            }
+        median = statistics.median(completeness[:-1])
+        if median > 0 and completeness[-1] >= fraction * median:
+            return {"d_min": d_min, "outer": completeness[-1], "median": median}
+        d_min = round(max(d_min * FALLOFF_STEP, d_min + 0.01), 2)
+
+
 def choose_resolution(params, experiments, joint) -> dict:
     """The high resolution limit to apply after a first scaling of all data.
 
     Returns {"d_min": limit or None (no cut), "method": "user" | "cc_half" |
-    "completeness" | "none", "cc_half": threshold, "d_min_data": highest
-    resolution of the scaled data, "d_min_fit" (CC½), "crossed", "message":
-    one line saying the limit and why}. With scaling.resolution.completeness
-    also set, the lower-resolution of the two limits is taken (as
-    dials.estimate_resolution does with several criteria).
+    "completeness" | "completeness_falloff" | "none", "cc_half": threshold,
+    "d_min_data": highest resolution of the scaled data, "d_min_fit" (CC½),
+    "crossed", "message": one line saying the limit and why}. Of several
+    criteria the lowest-resolution limit is taken (as
+    dials.estimate_resolution does); the completeness falloff is applied last,
+    from that limit inward, so the chosen table always meets it.
     """
     user = params.scaling.d_min
     d_data = data_d_min(experiments, joint)
     threshold = cc_half_threshold(params)
     completeness = completeness_threshold(params)
+    falloff = falloff_threshold(params)
     out = {"d_min": None, "method": "none", "cc_half": threshold, "d_min_data": d_data}
     if completeness is not None:
         out["completeness"] = completeness
+    if falloff is not None:
+        out["completeness_falloff"] = falloff
     if user:
         out.update(d_min=user, method="user", message=f"d_min {user:.2f} Å from scaling.d_min")
         return out
     edge = f"all data to {d_data:.2f} Å" if d_data else "all data"
-    candidates = []  # (d_min, method, why, crossed)
+    candidates = []  # (d_min, method, why, crossed), d_min as applied (0.01 Å)
     notes = []
     if threshold is None:
         notes.append("no CC½ limit (scaling.resolution.cc_half=None)")
@@ -215,10 +323,10 @@ def choose_resolution(params, experiments, joint) -> dict:
             elif d_data is None or d_fit <= d_data * 1.001:
                 notes.append(f"CC½ stays above {threshold:g} to the edge of the data")
             elif crossed:
-                candidates.append((d_fit, "cc_half", f"from CC½ fit = {threshold:g}", True))
+                candidates.append((round(d_fit, 2), "cc_half", f"from CC½ fit = {threshold:g}", True))
             else:
                 candidates.append((
-                    d_fit, "cc_half",
+                    round(d_fit, 2), "cc_half",
                     f"where CC½ can last be measured (above {threshold:g} up to there; "
                     "beyond, too few repeated observations)", False,
                 ))
@@ -230,18 +338,87 @@ def choose_resolution(params, experiments, joint) -> dict:
             notes.append(f"completeness fit failed ({' '.join(str(e).split())[:80]})")
         out["d_min_completeness"] = d_c
         if d_c and d_data and d_c > d_data * 1.001:
-            candidates.append((d_c, "completeness", f"from completeness fit = {completeness:g}", None))
+            candidates.append((round(d_c, 2), "completeness", f"from completeness fit = {completeness:g}", None))
         elif d_c is not None:
             notes.append(f"completeness stays above {completeness:g} to the edge of the data")
+    if falloff is not None and d_data:
+        # from the limit of the other criteria inward: whichever wins, the
+        # table's outer shell meets this one
+        d_from = max([c[0] for c in candidates] + [d_data])
+        try:
+            found = completeness_falloff(table_completeness(experiments, joint, table_nbins(params)), falloff, d_from)
+        except (RuntimeError, ValueError, AssertionError, ZeroDivisionError, IndexError) as e:
+            found = {"d_min": None, "why": f"completeness falloff not measured ({' '.join(str(e).split())[:80]})"}
+        if found["d_min"] is None:
+            notes.append(found["why"])
+        out["d_min_falloff"] = d_f = found["d_min"]
+        if d_f is not None:
+            out.update(outer_completeness=100 * found["outer"], inner_median_completeness=100 * found["median"])
+            if d_f > d_from:
+                candidates.append((d_f, "completeness_falloff", falloff_reason(falloff, found), None))
+            elif not candidates:
+                notes.append(f"completeness does not fall off towards the edge ({falloff_shells(found)})")
     if not candidates:
         out["message"] = f"no resolution cut: {'; '.join(notes) or 'no criterion'}; {edge}"
         return out
     d_min, method, why, crossed = max(candidates)
-    d_min = round(d_min, 2)  # the number printed is the number applied
     out.update(d_min=d_min, method=method, message=f"d_min {d_min:.2f} Å {why}; data extend to {d_data:.2f} Å")
     if crossed is not None:
         out["crossed"] = crossed
     return out
+
+
+def falloff_shells(found) -> str:
+    return f"outer shell {100 * found['outer']:.0f} % complete, the inner shells' median {100 * found['median']:.0f} %"
+
+
+def falloff_reason(falloff, found) -> str:
+    return f"from completeness falloff = {falloff:g} ({falloff_shells(found)}; beyond, the detector corners)"
+
+
+def recheck_falloff(params, resolution, experiments, joint, move=True) -> bool:
+    """After scaling again with the limit: the completeness-falloff criterion
+    on the table that came out, whose numbers are recorded. Outlier
+    rejection in that scaling may leave out a few reflections the first
+    scaling kept; if the outer shell then falls short (and `move`), the limit
+    moves inward: resolution updated, True (scale again). False: the table
+    meets the criterion, or the criterion is not used."""
+    falloff = falloff_threshold(params)
+    d_min = resolution.get("d_min")
+    if falloff is None or d_min is None or resolution["method"] == "user":
+        return False
+    try:
+        found = completeness_falloff(table_completeness(experiments, joint, table_nbins(params)), falloff, d_min)
+    except (RuntimeError, ValueError, AssertionError, ZeroDivisionError, IndexError):
+        return False
+    if found["d_min"] is None:
+        return False
+    resolution.update(outer_completeness=100 * found["outer"], inner_median_completeness=100 * found["median"])
+    if found["d_min"] <= d_min or not move:
+        if resolution["method"] == "completeness_falloff":  # the numbers of the table printed
+            resolution["message"] = (
+                f"d_min {d_min:.2f} Å {falloff_reason(falloff, found)}; "
+                f"data extend to {resolution['d_min_data']:.2f} Å"
+            )
+        return False
+    logger.info(
+        "After scaling again the outer shell at %.2f Å falls short of the completeness falloff: %.2f Å",
+        d_min, found["d_min"],
+    )
+    resolution.update(
+        d_min=found["d_min"], d_min_falloff=found["d_min"], method="completeness_falloff",
+        message=f"d_min {found['d_min']:.2f} Å {falloff_reason(falloff, found)}; "
+        f"data extend to {resolution['d_min_data']:.2f} Å",
+    )
+    resolution.pop("crossed", None)
+    return True
+
+
+# How often the limit may move inward after scaling again (recheck_falloff),
+# each time one more scaling. The reflections of one scaling and the next
+# differ only by outlier rejection: the simulated sweeps of the tests never
+# needed a move.
+RECHECKS = 2
 
 
 # statistics that need repeated observations: undefined (None, shown "-") in a
@@ -299,8 +476,8 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None):
             logger.warning("Symmetry determination failed (%s); scaling in P 1", e)
     logger.info("Scaling %d block(s) in %s", len(experiments), symmetry["space_group"])
     user_d_min = params.scaling.d_min
-    automatic = not user_d_min and (
-        cc_half_threshold(params) is not None or completeness_threshold(params) is not None
+    automatic = not user_d_min and any(
+        t is not None for t in (cc_half_threshold(params), completeness_threshold(params), falloff_threshold(params))
     )
     unscaled = (copy.deepcopy(experiments), copy.deepcopy(reflections)) if automatic else None
 
@@ -320,9 +497,12 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None):
 
     sp, stats, anom, scaled_experiments, joint = run_scaling(user_d_min, experiments, reflections)
     resolution = choose_resolution(params, scaled_experiments, joint)
-    if resolution["method"] in ("cc_half", "completeness"):
-        logger.info("Scaling again with the resolution limit: %s", resolution["message"])
-        sp, stats, anom, scaled_experiments, joint = run_scaling(resolution["d_min"], *unscaled)
+    if resolution["method"] in ("cc_half", "completeness", "completeness_falloff"):
+        for attempt in range(RECHECKS + 1):
+            logger.info("Scaling again with the resolution limit: %s", resolution["message"])
+            sp, stats, anom, scaled_experiments, joint = run_scaling(resolution["d_min"], *copy.deepcopy(unscaled))
+            if not recheck_falloff(params, resolution, scaled_experiments, joint, move=attempt < RECHECKS):
+                break
     del unscaled
     experiments = scaled_experiments
     logger.info("Resolution limit: %s", resolution["message"])
@@ -354,7 +534,8 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None):
 
         def write_unmerged(path):
             ep.mtz.hklout = path
-            with dials_compat.mtz_batch_offsets(offsets) if offsets else contextlib.nullcontext():
+            with dials_compat.mtz_batch_offsets(offsets) if offsets else contextlib.nullcontext(), \
+                    dials_compat.crystals_differ_explained():
                 export_mtz(ep, experiments, [joint])
 
         outputs.write(out.scaled_mtz, write_unmerged)
