@@ -119,3 +119,38 @@ def test_more_processes_than_cores_is_warned_about(tmp_path):
     assert f"mp.nproc={cores + 62} is more than the {cores} cores available" in line and f"nproc={cores}" in line
     assert _machine_warnings(params_from([f"nproc={cores}"])) == []
     assert _machine_warnings(params_from([])) == []
+
+
+@pytest.mark.slow
+def test_a_killed_integration_worker_is_named_in_the_message(tiny, tmp_path):
+    """One of integration's worker processes killed (as the out-of-memory
+    killer would): one line saying so and what to do, not 'check
+    integration.*'."""
+    import glob
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from conftest import NPROC, tool
+
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen([tool("dials.process_gapped"), tiny, f"output.directory={out}", f"nproc={NPROC}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = None
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        logs = glob.glob(os.path.join(out, ".dials.process_gapped.tmp-*.log"))
+        if logs and "Modelling reflection profiles" in open(logs[0]).read():
+            children = psutil.Process(proc.pid).children()
+            if children:
+                killed = children[0].pid
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    _, stderr = proc.communicate(timeout=600)
+    assert killed is not None, "no worker seen during integration"
+    err = stderr.strip()
+    assert proc.returncode == 1 and len(err.splitlines()) == 1, err
+    assert "integration failed: one of its worker processes was killed (SIGKILL" in err, err
+    assert "nproc=" in err and "check integration.*" not in err

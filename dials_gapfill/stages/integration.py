@@ -15,6 +15,8 @@ import contextlib
 import copy
 import logging
 import math
+import re
+import signal
 
 import dials.extensions
 from dxtbx.model.experiment_list import ExperimentList
@@ -264,9 +266,21 @@ def _run(ip, experiments, reference, params=None):
             with _blocks_profiled_in_parallel(ip):
                 experiments, reflections, _ = run_integration(ip, experiments, reference)
     except (ValueError, RuntimeError) as e:
-        raise GapfillError(
-            f"integration failed: {' '.join(str(e).split())[:200]}: check integration.*"
-        ) from None
+        text = " ".join(str(e).split())
+        killed = re.search(r"exit code = -(\d+)", text)
+        if killed:
+            # libtbx easy_mp reports a worker ended by a signal as a negative exit code
+            number = int(killed.group(1))
+            try:
+                name = signal.Signals(number).name
+            except ValueError:
+                name = f"signal {number}"
+            raise GapfillError(
+                f"integration failed: one of its worker processes was killed ({name}"
+                f"{', e.g. by the out-of-memory killer' if name == 'SIGKILL' else ''}): run again, with "
+                "fewer processes (nproc=) if memory is short"
+            ) from None
+        raise GapfillError(f"integration failed: {text[:200]}: check integration.*") from None
     return experiments, reflections
 
 
