@@ -28,6 +28,9 @@ setup-test:
 demo: setup
 	$(VENV)/bin/dials.simulate_sweep output.directory=$(DEMO)/images omit=41:45,81:83
 	$(VENV)/bin/dials.process_gapped images=$(DEMO)/images nproc=$(NPROC) output.directory=$(DEMO)/processed
+	@echo "The results are in $(DEMO)/processed: integrated.mtz (BATCH = image number), integrated.expt/.refl,"
+	@echo "dials.process_gapped.log and a report to open in a browser: $(DEMO)/processed/dials.process_gapped.html"
+	@echo "The commands are in $(VENV)/bin: source $(VENV)/bin/activate, or type $(VENV)/bin/dials.process_gapped"
 
 test: setup-test
 	$(PY) -m pytest -ra --durations=30 -n $(NPROC) --dist loadgroup tests
