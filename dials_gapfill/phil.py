@@ -19,6 +19,8 @@ command's working PHIL so that its defaults are DIALS' defaults.
 from __future__ import annotations
 
 import copy
+import os
+import re
 import shlex
 
 import iotbx.phil
@@ -119,8 +121,10 @@ gaps
     .type = bool
     .help = "Find bad images and make them gaps before indexing: files that"
             "cannot be read (truncated, corrupt), blank images (shutter or beam"
-            "failure), all-zero images (beam dump) and over-exposed images."
-            "Each is logged with its reason and listed in the summary."
+            "failure), all-zero images (beam dump), over-exposed images and"
+            "images that are not part of the rotation (crystal-tracking frames"
+            "of cRED / 3D ED data). Each is logged with its reason and listed"
+            "in the summary."
   blank_fraction = 0.1
     .type = float(value_min=0, value_max=1)
     .expert_level = 1
@@ -176,14 +180,21 @@ scaling
       .help = "Cut the data where a fit of CC1/2 against resolution (tanh, as"
               "dials.estimate_resolution) falls to this value; the blocks are then"
               "scaled again with that limit. None: no CC1/2 criterion (with"
-              "completeness=None too, all data to the detector edge). Ignored"
-              "when scaling.d_min is set."
+              "completeness=None and completeness_falloff=None too, all data to"
+              "the detector edge). Ignored when scaling.d_min is set."
     completeness = None
       .type = float(value_min=0, value_max=1)
       .help = "Also cut where a fit of completeness against resolution (as"
-              "dials.estimate_resolution completeness=) falls to this fraction,"
-              "e.g. 0.5 to leave out the detector corners; the lower resolution"
-              "of the two limits is used. None: completeness is not a criterion."
+              "dials.estimate_resolution completeness=) falls to this absolute"
+              "fraction; the lowest resolution of the limits is used. None:"
+              "absolute completeness is not a criterion."
+    completeness_falloff = 0.5
+      .type = float(value_min=0, value_max=1)
+      .help = "Leave out the detector corners: the limit is at most the highest"
+              "resolution at which the outer shell of the merging table is at"
+              "least this fraction as complete as the median of its other shells"
+              "(the shells of dials.scale's table). The lowest resolution of the"
+              "limits is used. None: completeness falloff is not a criterion."
   }
 }
 
@@ -340,13 +351,15 @@ blocks
     .type = floats(size=6, value_min=0.)
     .expert_level = 1
     .help = "Sigmas of the cell-tie restraint (a, b, c in Angstrom, angles in degrees)."
-  min_images_scan_varying = 10
+  min_images_scan_varying = 1
     .type = int(value_min=1)
-    .help = "Blocks with fewer images than this are refined static-only inside"
-            "the joint scan-varying job."
-  min_reflections_scan_varying = 200
+    .help = "per_block: blocks with fewer images than this keep a static crystal"
+            "inside the joint scan-varying job. 1: every block scan-varying, as"
+            "dials.refine refines every scan."
+  min_reflections_scan_varying = 100
     .type = int(value_min=1)
-    .help = "Blocks with fewer indexed reflections than this are refined static-only."
+    .help = "per_block: blocks with fewer indexed reflections than this keep a"
+            "static crystal (below 100 a block keeps the joint static result)."
   scan_varying = True
     .type = bool
     .help = "Run scan-varying refinement after static refinement."
@@ -519,13 +532,19 @@ def master_phil():
 
 
 def rewrite_aliases(args):
-    """``nproc=4`` -> ``mp.nproc=4`` etc. (see ALIASES)."""
+    """Command-line words as PHIL reads them: ``nproc=4`` -> ``mp.nproc=4``
+    etc. (see ALIASES), and a value with braces (output.block_mtz=x_{block}.mtz,
+    PHIL scope syntax unless quoted) quoted as the user meant it."""
     out = []
     for arg in args:
-        if "=" in arg and not arg.startswith("-"):
+        if "=" in arg and not arg.startswith("-") and not os.path.exists(arg):
             name, value = arg.split("=", 1)
-            if name.strip() in ALIASES:
-                arg = f"{ALIASES[name.strip()]}={value}"
+            if re.fullmatch(r"\s*[A-Za-z_][A-Za-z0-9_.]*\s*", name):
+                if name.strip() in ALIASES:
+                    name = ALIASES[name.strip()]
+                if re.search(r"[{}]", value) and not value.strip().startswith(('"', "'")):
+                    value = f'"{value}"'
+                arg = f"{name}={value}"
         out.append(arg)
     return out
 
