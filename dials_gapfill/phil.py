@@ -117,6 +117,13 @@ gaps
             "ranges first:last and single numbers separated by commas, e.g."
             "exclude_images=41:45,81. Excluded files are never opened: each"
             "range becomes a gap between blocks."
+  exclude_images_multiple = None
+    .type = str
+    .help = "Leave out every image whose number is a multiple of N (N >= 2), in"
+            "every sweep, as DIALS' exclude_images_multiple (DIALS 3.17): e.g."
+            "exclude_images_multiple=20 for cRED / 3D ED data whose every 20th"
+            "frame is a crystal-tracking image. Combinable with exclude_images;"
+            "the files are never opened."
   auto_exclude = True
     .type = bool
     .help = "Find bad images and make them gaps before indexing: files that"
@@ -137,6 +144,14 @@ gaps
     .help = "An image is over-exposed when the median intensity of its strong"
             "spots exceeds this factor times the median of its neighbours' spots"
             "(and significantly: gaps.significance)."
+  isolated_fraction = 0.25
+    .type = float(value_min=0, value_max=1)
+    .expert_level = 1
+    .help = "An image is not part of the rotation (a crystal-tracking frame of"
+            "cRED / 3D ED data, a defocused or displaced frame) when the share"
+            "of its strong spots that continue into the image before or after"
+            "it is at most this fraction of its neighbours' share (and"
+            "significantly: gaps.significance)."
   neighbours = 10
     .type = int(value_min=2)
     .expert_level = 1
@@ -457,6 +472,7 @@ ALIASES = {
     "space_group": "indexing.known_symmetry.space_group",
     "unit_cell": "indexing.known_symmetry.unit_cell",
     "exclude_images": "gaps.exclude_images",
+    "exclude_images_multiple": "gaps.exclude_images_multiple",
     "scale": "scaling.run",
     "anomalous": "scaling.anomalous",
 }

@@ -68,7 +68,10 @@ WRAPPED_PER_IMAGE = 1.0
 # time; so the test is made on bins of pixels summed over the sampled images,
 # each bin large enough that a live one would expect ZERO_EXPECTED counts at
 # the images' mean background: a live bin reads 0 with probability
-# exp(-ZERO_EXPECTED) = 2e-9.
+# exp(-ZERO_EXPECTED) = 2e-9.  Counts are divided by the panel's gain first:
+# an integrating camera (the CMOS cameras of electron diffraction; dxtbx'
+# MRC format gives a Ceta gain 26) records 26 counts per electron, so 20
+# counts are less than one electron and read 0 half the time.
 ZERO_REGION = 1000
 ZERO_FRACTION = 0.01
 ZERO_EXPECTED = 20.0
@@ -151,16 +154,17 @@ def _panel_stats(data, trusted_max):
     return near_ceiling, wrapped, values, a
 
 
-def dead_zeros(total, valid, n_images) -> int:
+def dead_zeros(total, valid, n_images, gain=1.0) -> int:
     """Pixels in large connected regions that read 0 on every one of
     `n_images` images, beyond chance: `total` the panel's counts summed over
-    the images, `valid` the pixels valid (>= 0) in all of them.  Pixels are
-    summed in square bins large enough to expect ZERO_EXPECTED counts at the
-    mean background; a bin that is valid and reads 0 is dead."""
+    the images, `valid` the pixels valid (>= 0) in all of them, `gain` the
+    panel's counts per detected quantum.  Pixels are summed in square bins
+    large enough to expect ZERO_EXPECTED quanta at the mean background; a bin
+    that is valid and reads 0 is dead."""
     n_valid = int(valid.sum())
     if not n_valid or not n_images:
         return 0
-    mean = float(total[valid].sum()) / (n_valid * n_images)
+    mean = float(total[valid].sum()) / (n_valid * n_images) / (gain if gain > 0 else 1.0)
     if mean <= 0:
         side = ZERO_BIN_MAX
     else:
@@ -203,6 +207,7 @@ def detector_stats(experiments, n_images=5) -> dict:
            "pixels": 0, "trusted_max": None, "trusted_min": None, "shadow": None}
     rings = []
     sums, valids, zero_valid = {}, {}, True  # per panel: counts summed over the images, valid in all
+    gains = {}
     for exp, index, number in _sample(experiments, n_images):
         try:
             data = exp.imageset.get_raw_data(index)
@@ -228,6 +233,7 @@ def detector_stats(experiments, n_images=5) -> dict:
             out["wrapped"] += wrapped
             out["wrapped_values"] += values
             zero_valid &= tmin < 0  # a 0 counts as a valid pixel
+            gains[k] = panel.get_gain()
             if k in sums and sums[k].shape == a.shape:
                 sums[k] += np.clip(a, 0, None)
                 valids[k] &= a >= 0
@@ -252,7 +258,7 @@ def detector_stats(experiments, n_images=5) -> dict:
     n = len(out["images"])
     if zero_valid and n:
         # (per image, as the other counts: the same dead pixels on every image)
-        out["zeros"] = n * sum(dead_zeros(sums[k], valids[k], n) for k in sums)
+        out["zeros"] = n * sum(dead_zeros(sums[k], valids[k], n, gains.get(k, 1.0)) for k in sums)
     if rings:
         medians = [
             float(np.median([m[i] for m, _, _ in rings if m[i] is not None]))

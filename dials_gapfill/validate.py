@@ -182,14 +182,13 @@ def _check_output(params) -> None:
 
 
 def _check_gaps(params) -> None:
-    values = _get(params, "gaps.exclude_images")
-    if not values:
-        return
-    try:
-        from dials_gapfill.stages.importer import parse_exclusions
-    except ImportError:  # (checked again at import)
-        return
-    parse_exclusions(values)
+    """The syntax of gaps.exclude_images and the value of
+    gaps.exclude_images_multiple; which sweep a range names, and whether it
+    lies inside the images, is known only at import."""
+    from dials_gapfill.model.exclusions import exclusion_multiple, exclusion_ranges
+
+    exclusion_multiple(_get(params, "gaps.exclude_images_multiple"))
+    exclusion_ranges(_get(params, "gaps.exclude_images"))
 
 
 def _check_indexing(params) -> None:

@@ -55,3 +55,44 @@ def parse_exclusions(values) -> list[tuple[int, int]]:
             )
         out.append((first, last))
     return out
+
+
+MULTIPLE_EXAMPLE = "exclude_images_multiple=20"
+
+
+def exclusion_multiple(value) -> int | None:
+    """gaps.exclude_images_multiple as a number: None when not set.
+
+    DIALS' meaning (dials.find_spots and dials.integrate from DIALS 3.17):
+    every image whose number is a multiple of N is left out, e.g. the
+    crystal-tracking frames that cRED data collection puts at every 20th
+    image.  N = 1 would leave out every image, so N >= 2.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    text = str(value).strip()
+    if not re.fullmatch(r"[+-]?\d+", text):
+        raise GapfillError(
+            f"gaps.exclude_images_multiple={text} is not a whole number: give one N >= 2 to leave "
+            f"out every image whose number is a multiple of N, e.g. {MULTIPLE_EXAMPLE}"
+        )
+    n = int(text)
+    if n < 2:
+        what = "would leave out every image" if n == 1 else "is below 2"
+        raise GapfillError(
+            f"gaps.exclude_images_multiple={n} {what}: give N >= 2 to leave out every image whose "
+            f"number is a multiple of N, e.g. {MULTIPLE_EXAMPLE} (or None)"
+        )
+    return n
+
+
+def multiples(n: int | None, numbers) -> list[int]:
+    """The image numbers among `numbers` that are multiples of n (none for None)."""
+    if not n:
+        return []
+    return sorted(k for k in set(numbers) if k % n == 0)
+
+
+def multiple_reason(n: int) -> str:
+    """The reason an image left out by gaps.exclude_images_multiple is listed with."""
+    return f"gaps.exclude_images_multiple={n}"

@@ -27,7 +27,9 @@ the crystal to re-centre it while the rotation goes on.  ``tracking`` says
 what the sweep has in those frames' place: ``missing`` (no file: the
 rotation range of the frame is lost), ``defocused`` (a file with the
 defocused direct beam, a bright disc with the crystal's shadow and no Bragg
-spots) or ``none`` (no tracking: an ordinary frame).
+spots), ``blank`` (background only, as when the camera reads out with the
+beam blanked), ``zero`` (a zero-filled frame, as converters write for a frame
+they drop) or ``none`` (no tracking: an ordinary frame).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ TIMEPIX = {
 }
 TIMEPIX_PIXEL_MM = 0.055
 ED_MODES = BAD_MODES + ("defocused",)
-TRACKING = ("missing", "defocused", "none")
+TRACKING = ("missing", "defocused", "blank", "zero", "none")
 SMV_HEADER_BYTES = 512
 SMV_MAX = 65535
 EPOCH = 1767225600  # 2026-01-01T00:00:00Z
@@ -102,9 +104,9 @@ class EDSimulationConfig(SimulationConfig):
         frames = self.tracking_frames
         if self.tracking == "missing":
             self.omit = tuple(sorted(set(self.omit) | set(frames)))
-        elif self.tracking == "defocused":
+        elif self.tracking != "none":
             for image in frames:
-                self.bad_images.setdefault(image, "defocused")
+                self.bad_images.setdefault(image, self.tracking)
 
     def _check_detector(self) -> None:
         if self.detector not in TIMEPIX:
@@ -224,7 +226,8 @@ def ed_ground_truth(sim: Simulation) -> dict:
         "mode": c.tracking,
         "every": c.tracking_every,
         "frames": c.tracking_frames,
-        "comment": "crystal-tracking frames: missing (no file) or defocused (direct beam, no Bragg spots)",
+        "comment": "crystal-tracking frames: missing (no file), defocused (direct beam, no Bragg "
+        "spots), blank (background only) or zero (all pixels 0)",
     }
     truth["beam_centre_raw_px"] = list(c.beam_centre)
     truth["panels"] = [

@@ -1,13 +1,17 @@
-"""Bad-image stage: blank, all-zero and over-exposed images become gaps.
+"""Bad-image stage: blank, all-zero, over-exposed images and images that are
+not part of the rotation become gaps.
 
 Runs on the strong spots of all blocks, so no image is read a second time
 (only the few suspects are opened, to tell an all-zero image from a blank
 one, or a saturated one).  An image is blank when it has far fewer strong
-spots than its neighbours, over-exposed when its spots are far brighter;
-both decisions are tests of significance as well as of size, so that the
-chance spread of a sparse pattern (1-5 spots per image, spot intensities that
-differ 30-fold) is not taken for a fault.  The stage only proposes: the sweeps (``Sweeps.exclude``) cut the
-images out of their blocks and give the cut blocks their spots again.
+spots than its neighbours, over-exposed when its spots are far brighter, and
+not a rotation image (a crystal-tracking frame of electron diffraction, a
+defocused or displaced frame) when its spots, unlike its neighbours', do not
+continue into the images before and after it.  Each decision is a test of
+significance as well as of size, so that the chance spread of a sparse
+pattern (1-5 spots per image, spot intensities that differ 30-fold) is not
+taken for a fault.  The stage only proposes: the sweeps (``Sweeps.exclude``)
+cut the images out of their blocks and give the cut blocks their spots again.
 
 Over-exposed images are excluded first: their huge spots join the spots of
 the neighbouring images in DIALS' 3D spot finding, which would make the
@@ -17,15 +21,17 @@ neighbours look blank.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 
-from scipy.stats import mannwhitneyu, poisson
+from scipy.stats import binom, mannwhitneyu, poisson
 
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.frames import frame_fault
 from dials_gapfill.model.state import Record
-from dials_gapfill.model.sweep import spot_record
+from dials_gapfill.model.sweep import BAD, spot_record
 from dials_gapfill.model.tables import image_numbers_of_z
+from dials_gapfill.util import range_text
 
 logger = logging.getLogger("dials.process_gapped.bad_images")
 
@@ -127,6 +133,108 @@ def _overexposed_images(reflections, experiments, params, sweeps) -> dict:
     return found
 
 
+def _continuity(reflections, experiments, sweeps) -> dict:
+    """(sweep, image) -> (strong spots on the image, how many of them continue
+    into the image before or after it), for every image of the blocks; None
+    for the image of a one-image block, which cannot show continuity.
+
+    A spot is on every image its bounding box spans (z0 < n <= z1 in frame
+    coordinates, image n covering [n - 1, n)); it continues when it spans more
+    than one image.
+    """
+    out = {}
+    for i, exp in enumerate(experiments):
+        s = sweeps.sweep_of(exp).number
+        first, last = exp.scan.get_image_range()
+        spots = [0] * (last - first + 1)
+        continuing = [0] * (last - first + 1)
+        for box in reflections.select(reflections["id"] == i)["bbox"]:
+            z0, z1 = box[4], box[5]
+            for n in range(max(z0 + 1, first), min(z1, last) + 1):
+                spots[n - first] += 1
+                if z1 - z0 >= 2:
+                    continuing[n - first] += 1
+        for k in range(last - first + 1):
+            out[(s, first + k)] = (spots[k], continuing[k]) if last > first else None
+    return out
+
+
+def _isolated_images(reflections, experiments, params, sweeps) -> dict:
+    """(sweep, image) -> (spots, continuing, neighbours' fraction) for images
+    that are not part of the rotation: the fraction of their strong spots that
+    continue into the image before or after is at most gaps.isolated_fraction
+    of the median fraction of the gaps.neighbours images each side, and a
+    binomial count with the neighbours' fraction would give so few by chance
+    with probability below gaps.significance / images in the sweep.
+
+    In rotation data a reflection's rocking curve crosses image boundaries, so
+    a steady share of every image's spots continues into its neighbours (0.98
+    on 0.4-degree electron-diffraction frames, 0.6 on 1-degree X-ray frames,
+    0.5 on SNase, 0.9 on L-cysteine; about half that on the images at a
+    block's ends, which have one neighbour).  A crystal-tracking frame of cRED
+    data (a defocused image of the crystal, taken while the rotation goes on)
+    has features but no Bragg spots: DIALS finds about as many "spots" on it
+    as on a diffraction image, so the blank test cannot see it, but none of
+    them continues (0-2 of 20 on the simulated sweep).
+    """
+    g = params.gaps
+    counts = _continuity(reflections, experiments, sweeps)
+    per_sweep = _images_per_sweep(counts)
+    found = {}
+    for key, value in counts.items():
+        if not value or not value[0]:
+            continue
+        spots, continuing = value
+        near = [counts[m] for m in _neighbours(key, counts, g.neighbours) if counts[m] and counts[m][0]]
+        if len(near) < 2:
+            continue  # nothing to compare with
+        expected = min(statistics.median(c / s for s, c in near), 1.0)
+        if expected <= 0 or continuing > g.isolated_fraction * expected * spots:
+            continue
+        # the chance of so few with the neighbours' pooled fraction, which
+        # (+1/2 in 1, as Jeffreys' prior) is never exactly 1: where every
+        # neighbouring spot continues, one image of 2 spots that do not is
+        # not proof
+        pooled = min(expected, (sum(c for _, c in near) + 0.5) / (sum(s for s, _ in near) + 1))
+        if binom.cdf(continuing, spots, pooled) < g.significance / per_sweep[key[0]]:
+            found[key] = (spots, continuing, expected)
+    return found
+
+
+def _isolated_reason(spots, continuing, expected) -> str:
+    return (
+        f"not a rotation image ({continuing} of its {spots} strong spots continue into the image "
+        f"before or after it, {100 * expected:.0f} % on its neighbours): a crystal-tracking, "
+        "defocused or displaced frame"
+    )
+
+
+def regular_hint(sweeps) -> list[str]:
+    """Advice when the images found bad in a sweep are (nearly) all the
+    multiples of one N, as the crystal-tracking frames of cRED data are:
+    gaps.exclude_images_multiple leaves them out without reading them."""
+    lines = []
+    for sweep in sweeps:
+        bad = sorted(n for n, image in sweep.images.items() if image.status == BAD and image.by == "auto")
+        if len(bad) < 3:
+            continue
+        every = 0
+        for n in bad:
+            every = math.gcd(every, n)
+        if every < 2:
+            continue
+        first, last = sweep.image_range
+        if len(bad) < 0.8 * len(range((first + every - 1) // every * every, last + 1, every)):
+            continue  # e.g. 10, 30, 50: not what a multiple of 10 would leave out
+        where = "" if len(sweeps) == 1 else f" of sweep {sweep.number}"
+        lines.append(
+            f"images {range_text(bad)}{where} (every {every}th image number) were found bad: "
+            f"crystal-tracking frames? exclude_images_multiple={every} leaves them out without "
+            "reading them"
+        )
+    return lines
+
+
 def _frame(experiments, sweeps, key):
     """(experiment, raw data) of an image."""
     s, image = key
@@ -147,6 +255,9 @@ def find_bad_images(reflections, experiments, params, sweeps) -> dict:
         )
     for key, ratio in _overexposed_images(reflections, experiments, params, sweeps).items():
         bad.setdefault(key, f"over-exposed image (spots {ratio:.0f}x brighter than neighbours)")
+    for key, numbers in _isolated_images(reflections, experiments, params, sweeps).items():
+        if key not in bad:
+            bad[key] = frame_fault(*_frame(experiments, sweeps, key)) or _isolated_reason(*numbers)
     return bad
 
 
@@ -174,4 +285,8 @@ def run(state) -> Record | None:
     if not found:
         logger.info("No bad images found")
         return None
-    return spot_record(state.experiments, state.reflections, sweeps)
+    record = spot_record(state.experiments, state.reflections, sweeps)
+    for line in regular_hint(sweeps):
+        logger.warning(line)
+        record.warn(line)
+    return record

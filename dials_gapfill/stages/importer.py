@@ -37,7 +37,12 @@ from dxtbx.sequence_filenames import (
 )
 
 from dials_gapfill.errors import GapfillError
-from dials_gapfill.model.exclusions import exclusion_ranges
+from dials_gapfill.model.exclusions import (
+    exclusion_multiple,
+    exclusion_ranges,
+    multiple_reason,
+    multiples,
+)
 from dials_gapfill.model.state import Record
 from dials_gapfill.model.sweep import BAD, EXCLUDED, NOT_GIVEN, Sweep, Sweeps
 from dials_gapfill.phil import dials_import_params
@@ -488,25 +493,44 @@ def import_images(params, positional):
     record = Record()
     files = collect_files(params, positional)
     ranges = exclusion_ranges(params.gaps.exclude_images)
+    every = exclusion_multiple(params.gaps.exclude_images_multiple)
     groups = group_sweeps(files, record)
     exclusions = _exclusions_by_sweep(ranges, len(groups))
     sweeps = []
     for number, ((template, by_number), mine) in enumerate(zip(groups, exclusions), start=1):
         where = "" if len(groups) == 1 else f" of sweep {number}"
         if by_number is None:
-            sweeps.append(_import_container(template, mine, params, record, where))
+            sweeps.append(_import_container(template, mine, every, params, record, where))
         else:
-            sweeps.append(_import_files(template, by_number, mine, params, record, where))
+            sweeps.append(_import_files(template, by_number, mine, every, params, record, where))
     sweeps = Sweeps(sweeps)
     _share_between_sweeps(sweeps, params)
     sweeps.drop_short_blocks(params.gaps.min_block_images)
     if not sweeps.used():
         raise GapfillError("no block is long enough to process: lower gaps.min_block_images")
-    record.inputs.update(_inputs(sweeps, ranges))
+    record.inputs.update(_inputs(sweeps, ranges, every))
     return sweeps, record
 
 
-def _inputs(sweeps, ranges) -> dict:
+def _multiples_of_sweep(every, image_range, have, record, where) -> list[int]:
+    """The images of a sweep that gaps.exclude_images_multiple leaves out:
+    the multiples of `every` among the image numbers whose files there are
+    (`have`); a missing file stays 'missing file'.  A sweep none of whose
+    image numbers is a multiple gets a warning (nothing left out)."""
+    if not every:
+        return []
+    first, last = image_range
+    if not multiples(every, range(first, last + 1)):
+        line = (
+            f"gaps.exclude_images_multiple={every} leaves out no image{where}: none of its image "
+            f"numbers ({first}-{last}) is a multiple of {every}"
+        )
+        logger.warning(line)
+        record.warn(line)
+    return multiples(every, have)
+
+
+def _inputs(sweeps, ranges, every=None) -> dict:
     """What the summary says of the input (the first sweep's template and
     image range; the sweeps' own in the report's sweep list)."""
     first = sweeps[0]
@@ -517,13 +541,15 @@ def _inputs(sweeps, ranges) -> dict:
         "format": first.sources[0].imageset.get_format_class().__name__,
         "image_range": list(first.image_range),
     }
+    if every:
+        inputs["exclude_images_multiple"] = every
     if len(sweeps) > 1:
         inputs["template"] = [s.template for s in sweeps]
         inputs["image_range"] = [list(s.image_range) for s in sweeps]
     return inputs
 
 
-def _import_files(template, by_number, exclusions, params, record, where) -> Sweep:
+def _import_files(template, by_number, exclusions, every, params, record, where) -> Sweep:
     """One sweep of single-image files."""
     numbers = sorted(by_number)
     excluded: set[int] = set()
@@ -533,11 +559,18 @@ def _import_files(template, by_number, exclusions, params, record, where) -> Swe
     statuses: dict[int, tuple[str, str, str]] = {}
     for n in _not_given(template, numbers, by_number):
         statuses[n] = (NOT_GIVEN, "not given (the file exists)", "input")
+    for n in _multiples_of_sweep(every, (numbers[0], numbers[-1]), numbers, record, where):
+        statuses[n] = (EXCLUDED, multiple_reason(every), "user")
+    # (a number both named by a range and a multiple is listed under the range)
     for n in sorted(excluded & set(numbers)):
         statuses[n] = (EXCLUDED, "gaps.exclude_images", "user")
+    excluded.update(multiples(every, numbers))
     keep = [n for n in numbers if n not in excluded]
     if not keep:
-        raise GapfillError("no images left after gaps.exclude_images: exclude fewer images")
+        raise GapfillError(
+            "no images left after gaps.exclude_images and gaps.exclude_images_multiple: exclude fewer images"
+            if every else "no images left after gaps.exclude_images: exclude fewer images"
+        )
     # cheap header checks: damaged files never reach dxtbx
     paths = []
     for n in keep:
@@ -575,7 +608,7 @@ def _import_files(template, by_number, exclusions, params, record, where) -> Swe
     return sweep
 
 
-def _import_container(path, exclusions, params, record, where) -> Sweep:
+def _import_container(path, exclusions, every, params, record, where) -> Sweep:
     """One sweep in one NeXus/HDF5 file."""
     experiments, unhandled = _read_with_dxtbx([path], params)
     if unhandled or not experiments:
@@ -584,6 +617,8 @@ def _import_container(path, exclusions, params, record, where) -> Sweep:
     numbers = list(range(first, last + 1))
     _check_exclusions(numbers, exclusions, f"the images of {os.path.basename(path)}")
     statuses = {}
+    for n in _multiples_of_sweep(every, (first, last), numbers, record, where):
+        statuses[n] = (EXCLUDED, multiple_reason(every), "user")
     for a, b in exclusions:
         for n in range(a, b + 1):
             statuses[n] = (EXCLUDED, "gaps.exclude_images", "user")
@@ -685,17 +720,23 @@ def adopt_experiments(experiments, params):
         exp.crystal = None
         by_template.setdefault(exp.imageset.get_template(), []).append(exp)
     ranges = exclusion_ranges(params.gaps.exclude_images)
+    every = exclusion_multiple(params.gaps.exclude_images_multiple)
     templates = sorted(by_template)
     exclusions = _exclusions_by_sweep(ranges, len(templates))
     sweeps = []
-    for template, mine in zip(templates, exclusions):
+    record = Record()
+    for number, (template, mine) in enumerate(zip(templates, exclusions), start=1):
         group = ExperimentList(sorted(by_template[template], key=lambda e: e.scan.get_image_range()[0]))
         _check_shared(group, params)
         _share_models(group)
         first = group[0].scan.get_image_range()[0]
         last = group[-1].scan.get_image_range()[1]
         _check_exclusions([first, last], mine, "give image numbers as in the file names")
+        have = {n for e in group for n in range(e.scan.get_image_range()[0], e.scan.get_image_range()[1] + 1)}
         statuses = {}
+        where = "" if len(templates) == 1 else f" of sweep {number}"
+        for n in _multiples_of_sweep(every, (first, last), have, record, where):
+            statuses[n] = (EXCLUDED, multiple_reason(every), "user")
         for a, b in mine:
             for n in range(a, b + 1):
                 statuses[n] = (EXCLUDED, "gaps.exclude_images", "user")
@@ -707,7 +748,7 @@ def adopt_experiments(experiments, params):
     sweeps.drop_short_blocks(params.gaps.min_block_images)
     if not sweeps.used():
         raise GapfillError("no block is long enough to process: lower gaps.min_block_images")
-    record = Record(inputs=_inputs(sweeps, ranges))
+    record.inputs.update(_inputs(sweeps, ranges, every))
     return sweeps, record
 
 
