@@ -1,5 +1,5 @@
 """What a new user and a hostile machine hit: blocks of one image, a broken
-symbolic link given three ways, a duplicated frame."""
+symbolic link given five ways, a duplicated frame, a killed worker."""
 
 from __future__ import annotations
 
@@ -63,6 +63,57 @@ def test_a_broken_link_without_auto_exclude_is_refused_in_one_line(dangling):
     with pytest.raises(GapfillError, match=r"image 7 \(.*sim_0007.cbf\) is broken symbolic link to .*: "
                                            r"leave it out with exclude_images=7"):
         _import("gaps.auto_exclude=False", positional=[str(dangling)])
+
+
+# ---------------------------------------------------------------------------
+# a duplicated frame: a bad image with its reason, or one line naming the fix
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def duplicated(tiny, tmp_path):
+    """The tiny sweep with image 10's file copied as image 11."""
+    import shutil
+
+    d = tmp_path / "sweep"
+    d.mkdir()
+    for name in sorted(os.listdir(tiny)):
+        if name.endswith(".cbf") and name != "sim_0011.cbf":
+            os.symlink(os.path.join(tiny, name), d / name)
+    shutil.copy(os.path.join(tiny, "sim_0010.cbf"), d / "sim_0011.cbf")
+    return d
+
+
+@pytest.mark.parametrize("phil", [(), ("geometry.scan.oscillation=0,1",), ("input.template={d}/sim_####.cbf",)],
+                         ids=["folder", "oscillation override", "template"])
+def test_a_duplicated_frame_is_a_bad_image(duplicated, phil):
+    """Its header repeats image 10's angle: dxtbx cannot join it to either
+    neighbour; it is left out with that reason, before and whatever the
+    geometry override says (which would otherwise hide it)."""
+    d = str(duplicated)
+    phil = [p.format(d=d) for p in phil]
+    sweeps, report = _import(*phil, positional=[] if any("template" in p for p in phil) else [d])
+    assert [e.scan.get_image_range() for e in sweeps.experiments()] == [(1, 10), (12, 40)]
+    (entry,) = report.excluded
+    assert (entry["image"], entry["status"], entry["by"]) == (11, "bad", "auto")
+    assert entry["reason"] == "duplicate frame (its header angle 9 deg repeats image 10's)"
+    assert not report.warnings
+
+
+def test_a_duplicated_frame_without_auto_exclude_is_refused_in_one_line(duplicated, tmp_path):
+    from conftest import process
+
+    out = tmp_path / "out"
+    result = process(str(duplicated), str(out), "gaps.auto_exclude=False")
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert sorted(os.listdir(out)) == ["dials.process_gapped.failed.log"]  # (nothing else written)
+    (line,) = result.stderr.strip().splitlines()
+    assert (" " + line).split(" (log of this run")[0].endswith("image 11 is a duplicate frame (its header angle 9 deg repeats image 10's): "
+                         "leave it out with exclude_images=11 (or set gaps.auto_exclude=True)")
+    # and the fix it names works
+    sweeps, report = _import("gaps.auto_exclude=False", "gaps.exclude_images=11", positional=[str(duplicated)])
+    assert [e.scan.get_image_range() for e in sweeps.experiments()] == [(1, 10), (12, 40)]
+    assert [(e["image"], e["status"]) for e in report.excluded] == [(11, "excluded")]
 
 
 # ---------------------------------------------------------------------------

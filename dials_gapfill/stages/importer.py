@@ -310,12 +310,13 @@ def _quiet_scan_join_messages():
     """Hide dxtbx' 'Internal Error ... scan.h ... image_range_' lines.
 
     dxtbx prints them from C++ while it tries (and fails, as it should) to
-    join the scans of two blocks across a gap; they are not errors.
+    join the scans of two blocks across a gap, or a frame whose header angle
+    is not its neighbours' (then a ``diff_2pi`` line); they are not errors.
     """
     with captured(1) as out:
         yield
     for line in out.text.splitlines():
-        if "DXTBX_ASSERT(image_range_" not in line:
+        if "DXTBX_ASSERT(image_range_" not in line and "DXTBX_ASSERT(std::min(diff_2pi" not in line:
             print(line)
 
 
@@ -603,7 +604,7 @@ def _import_files(template, by_number, exclusions, every, params, record, where)
             f"none of the {len(paths)} files is an image dxtbx can read "
             f"(e.g. {paths[0]}): check the files"
         )
-    sweep = _make_sweep(template, experiments, params, (numbers[0], numbers[-1]), statuses, record)
+    sweep = _make_sweep(template, experiments, params, (numbers[0], numbers[-1]), statuses, record, where)
     sweep.n_files = len(numbers)
     return sweep
 
@@ -627,7 +628,52 @@ def _import_container(path, exclusions, every, params, record, where) -> Sweep:
     return sweep
 
 
-def _make_sweep(template, experiments, params, image_range, statuses, record) -> Sweep:
+def _misplaced_frames(imagesets, params, statuses, where) -> list:
+    """The imported sequences without the one-image sequences whose header
+    angle is not where their image number puts it on the sweep's longest
+    sequence: a frame saved twice (image 10 copied as image 11: its header
+    repeats image 10's angle) or a stray frame.  dxtbx cannot join such a
+    frame to its neighbours, so it stands alone; its pixels are another
+    image's, so it is a bad image (auto_exclude) or the run is refused with
+    the exclusion that leaves it out.  Judged on the headers' angles, before
+    geometry.scan.oscillation rewrites them."""
+    sequences = [i for i in imagesets if isinstance(i, ImageSequence) and i.get_scan() is not None]
+    if len(sequences) < 2:
+        return imagesets
+    ref = max(sequences, key=lambda i: len(i)).get_scan()
+    width = ref.get_oscillation()[1]
+    if not width:
+        return imagesets
+    keep = []
+    for imageset in imagesets:
+        scan = imageset.get_scan() if isinstance(imageset, ImageSequence) else None
+        if scan is None or scan.get_num_images() != 1 or scan is ref:
+            keep.append(imageset)
+            continue
+        n = scan.get_image_range()[0]
+        angle, implied = scan.get_oscillation()[0], ref.get_angle_from_image_index(n)
+        if abs(angle - implied) <= 0.5 * abs(width):
+            keep.append(imageset)
+            continue
+        # the image number whose angle the header gives
+        m = int(round(ref.get_image_index_from_angle(angle)))
+        if m != n and abs(ref.get_angle_from_image_index(m) - angle) <= 0.1 * abs(width):
+            reason = f"duplicate frame (its header angle {angle:g} deg repeats image {m}'s)"
+        else:
+            reason = f"header angle {angle:g} deg is not where its image number puts it ({implied:g} deg)"
+        if not params.gaps.auto_exclude:
+            raise GapfillError(
+                f"image {n}{where} is a {reason}: leave it out with exclude_images={n} "
+                "(or set gaps.auto_exclude=True)"
+            )
+        logger.warning("Excluding image %d%s: %s", n, where, reason)
+        statuses[n] = (BAD, reason, "auto")
+    if not keep:
+        raise GapfillError("no image's header angle fits its image number: check the image headers")
+    return keep
+
+
+def _make_sweep(template, experiments, params, image_range, statuses, record, where="") -> Sweep:
     """The imported sequences of one sweep, with the geometry overrides, each
     block's start angle from its image number and one beam, detector and
     goniometer."""
@@ -637,7 +683,8 @@ def _make_sweep(template, experiments, params, image_range, statuses, record) ->
                 "the images are stills, not a rotation sweep (no oscillation in the "
                 "headers): if the headers are wrong set geometry.scan.oscillation=start,width"
             )
-    sources = _apply_geometry(list(experiments.imagesets()), params)
+    sources = _misplaced_frames(list(experiments.imagesets()), params, statuses, where)
+    sources = _apply_geometry(sources, params)
     _fix_oscillation(sources, params, image_range[0])
     _check_shared(sources, params)
     _share_models(sources)
