@@ -366,11 +366,13 @@ blocks
     .type = floats(size=6, value_min=0.)
     .expert_level = 1
     .help = "Sigmas of the cell-tie restraint (a, b, c in Angstrom, angles in degrees)."
-  min_images_scan_varying = 1
+  min_images_scan_varying = 3
     .type = int(value_min=1)
     .help = "per_block: blocks with fewer images than this keep a static crystal"
-            "inside the joint scan-varying job. 1: every block scan-varying, as"
-            "dials.refine refines every scan."
+            "inside the joint scan-varying job. 3: every block scan-varying, as"
+            "dials.refine refines every scan, but blocks of one or two images,"
+            "every spot of which a gap cuts (their phi centroids are pulled"
+            "into the block); 1: those too."
   min_reflections_scan_varying = 100
     .type = int(value_min=1)
     .help = "per_block: blocks with fewer indexed reflections than this keep a"

@@ -18,7 +18,7 @@ If the search fails on the largest block, the joint search is tried (and the
 other way round).
 
 Refinement: joint static refinement of the one crystal, then a copy of the
-crystal per block refined scan-varying in ONE job with shared beam and
+crystal per block refined static and then scan-varying in ONE job with shared beam and
 detector (and each sweep's goniometer).  Each macrocycle is DIALS' own
 ``dials.command_line.refine.run_macrocycle`` (RefinerFactory, refiner.run,
 predictions and flags written back).  Between the two the crystal is copied
@@ -71,6 +71,9 @@ index_logger = logging.getLogger("dials.process_gapped.indexing")
 # job: its static crystal has up to 9 parameters, DIALS' auto-reduction asks for
 # 5 reflections per parameter, and outlier rejection may take a quarter.
 MIN_REFLECTIONS_TO_REFINE = 100
+# blocks with at least this many images get a static step of their own
+# before the scan-varying job (see PerBlockModel._scan_varying)
+PER_BLOCK_STATIC_MIN_IMAGES = 3
 
 
 class PerBlockModel(CrystalModel):
@@ -250,6 +253,37 @@ class PerBlockModel(CrystalModel):
             return experiments, reflections
 
         sv_refl, sv_expts = keep_experiments(reflections, experiments, in_job)
+        # dials.refine gives each scan its own crystal BEFORE its static
+        # macrocycle, so each block starts the scan-varying job from its own
+        # static orientation.  From the one crystal's instead, a crystal that
+        # drifts leaves every block's residuals large, outlier rejection
+        # throws out the block ends and the smoothers start far off (every
+        # 10th image missing, accelerating drift: 0.0288 / 0.0768 deg median
+        # / worst against the truth, 0.0089 / 0.0423 with this step; see
+        # benchmarks/results/2026-12-03-chain-truth-every10.md).  Not for
+        # blocks of one or two images: every spot of those touches a gap, its
+        # z centroid is pulled into the block, and the one crystal's
+        # orientation, held by all blocks, is the better start (every other
+        # image missing: worst 0.098 deg with a static step of their own).
+        own = {e.identifier for e in sv_expts if e.scan.get_num_images() >= PER_BLOCK_STATIC_MIN_IMAGES}
+        if own:
+            s_refl, s_expts = keep_experiments(sv_refl, sv_expts, own)
+            srp = dials_refine_params(self.params, n_blocks=len(s_expts))
+            srp.refinement.parameterisation.scan_varying = False
+            if blocks_p.tie_cells and len(s_expts) > 1:
+                tie_cells(srp, blocks_p.tie_sigma)
+            logger.info("Static refinement of a crystal per block (%d of %d blocks), as dials.refine starts",
+                        len(s_expts), len(sv_expts))
+            s_expts, s_refl = _macrocycle(srp, s_refl, s_expts, "static refinement per block")
+            refined = {e.identifier: e for e in s_expts}
+            for exp in sv_expts:
+                if exp.identifier in refined:
+                    exp.crystal = refined[exp.identifier].crystal
+            refined_models(sv_expts, s_expts)
+            rest = [e.identifier for e in sv_expts if e.identifier not in own]
+            sv_refl = join_blocks([s_refl] + ([keep_experiments(sv_refl, sv_expts, set(rest))[0]] if rest else []),
+                                  sv_expts)
+
         rp = dials_refine_params(self.params, n_blocks=len(sv_expts))
         par = rp.refinement.parameterisation
         par.scan_varying = True
