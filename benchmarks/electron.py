@@ -50,6 +50,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import benchmark as bm  # noqa: E402  (its program lookup)
+
 PHIL = os.path.join(ROOT, "phil", "electron_diffraction.phil")
 RUNS = ("ref", "multiple", "auto", "cli")
 TITLES = {
@@ -60,23 +64,9 @@ TITLES = {
 }
 
 
-def tool(name, folders):
-    for d in folders:
-        path = os.path.join(d, name)
-        if os.path.exists(path):
-            return path
-    path = shutil.which(name)
-    if path is None:
-        sys.exit(f"electron benchmark: cannot find {name}")
-    return path
+gapfill_tool = bm.venv_tool  # this package's console scripts, as benchmark.py finds them
+dials_tool = bm.dials_tool
 
-
-def gapfill_tool(name):
-    return tool(name, (os.path.dirname(sys.executable), os.path.join(ROOT, ".venv", "bin")))
-
-
-def dials_tool(name):
-    return tool(name, ("/usr/bin",))
 
 
 class StepFailed(Exception):
@@ -208,16 +198,13 @@ def run_cli(folder, frames, args, workdir):
 def against_truth(folder, truth):
     """Orientation, cell, CC with the true intensities and counts of one run."""
     import numpy as np
-    from cctbx import crystal, miller
-    from dials.array_family import flex
 
     from dials_gapfill.simulation.compare import (
-        _crystal_A_mid,
-        basis_to_truth,
         cell_error,
+        indices_in_truth_basis,
         load,
         orientation_errors,
-        truth_A_mid,
+        summation_against_truth,
     )
 
     experiments, reflections = load(folder)
@@ -226,25 +213,7 @@ def against_truth(folder, truth):
     cell = [float(np.mean([c["cell"][k] for c in cells])) for k in range(6)]
     integrated = reflections.select(reflections.get_flags(reflections.flags.integrated_sum))
     exported = integrated.select(integrated["partiality"] >= 0.4)
-    # Miller indices in the truth's basis, block by block (an indexing basis
-    # may be another setting of the monoclinic cell)
-    hkl = []
-    for i, exp in enumerate(experiments):
-        X = basis_to_truth(_crystal_A_mid(exp.crystal, 0), truth_A_mid(truth, exp.scan.get_image_range()[0]))
-        to_truth = np.round(np.linalg.inv(X)).astype(int)
-        mine = exported.select(exported["id"] == i)
-        hkl += [(i, tuple(int(v) for v in to_truth @ np.array(h))) for h in mine["miller_index"]]
-    order = [j for i in range(len(experiments)) for j in (exported["id"] == i).iselection()]
-    r = exported.select(flex.size_t(order))
-    r["miller_index"] = flex.miller_index([h for _, h in hkl])
-    qe = np.array(r["qe"]) if "qe" in r else np.ones(len(r))  # Timepix model: no efficiency term
-    scale = np.array(r["lp"]) / qe / np.array(r["partiality"])
-    intensity = np.array(r["intensity.sum.value"]) * scale
-    sigma = np.sqrt(np.maximum(np.array(r["intensity.sum.variance"]), 0)) * scale
-    symmetry = crystal.symmetry(unit_cell=truth["unit_cell"], space_group_symbol=truth["space_group"])
-    asu = miller.set(symmetry, r["miller_index"], anomalous_flag=False).map_to_asu().indices()
-    lookup = {tuple(h): v for h, v in zip(truth["intensities"]["miller_index"], truth["intensities"]["I"])}
-    true = np.array([lookup.get(tuple(h), np.nan) for h in asu])
+    intensity, sigma, true = summation_against_truth(indices_in_truth_basis(experiments, exported, truth), truth)
     ok = (sigma > 0) & (intensity > 3 * sigma) & np.isfinite(true)
     # the rotation axis in the detector plane, against the detector's fast axis
     # (a turn of everything about the beam is a gauge the truth does not fix)

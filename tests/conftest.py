@@ -30,21 +30,11 @@ GAPS = list(range(41, 46)) + list(range(81, 84))
 
 
 def summation_against_truth(reflections, truth):
-    """Summation intensities as dials.export scales them (lp / qe / partiality),
-    their sigmas, and the simulator's true intensities (nan where unknown),
-    as numpy arrays over the rows of `reflections`."""
-    import numpy as np
-    from cctbx import crystal, miller
+    """(intensities, sigmas, true intensities): see
+    dials_gapfill.simulation.compare.summation_against_truth."""
+    from dials_gapfill.simulation.compare import summation_against_truth as against
 
-    r = reflections
-    scale = np.array(r["lp"]) / np.array(r["qe"]) / np.array(r["partiality"])
-    I = np.array(r["intensity.sum.value"]) * scale
-    sigma = np.sqrt(np.maximum(np.array(r["intensity.sum.variance"]), 0)) * scale
-    symmetry = crystal.symmetry(unit_cell=truth["unit_cell"], space_group_symbol=truth["space_group"])
-    asu = miller.set(symmetry, r["miller_index"], anomalous_flag=False).map_to_asu().indices()
-    lookup = {tuple(h): v for h, v in zip(truth["intensities"]["miller_index"], truth["intensities"]["I"])}
-    true_I = np.array([lookup.get(tuple(h), np.nan) for h in asu])
-    return I, sigma, true_I
+    return against(reflections, truth)
 
 
 def tool(name):

@@ -271,29 +271,17 @@ def _summary(folder):
 def _against_truth(folder, truth):
     """(orientation errors, cell error, CC of summation intensities with the
     truth at I/sigma > 3 over the reflections exported, how many)."""
-    from dials.array_family import flex
-
-    from conftest import summation_against_truth
     from dials_gapfill.simulation.compare import (
-        _crystal_A_mid,
-        basis_to_truth,
         cell_error,
+        indices_in_truth_basis,
         load,
         orientation_errors,
-        truth_A_mid,
+        summation_against_truth,
     )
 
     experiments, reflections = load(folder)
     r = reflections.select(reflections.get_flags(reflections.flags.integrated_sum) & (reflections["partiality"] >= 0.4))
-    # the truth's Miller indices: the P1 basis of indexing may be another
-    # setting of the monoclinic cell (e.g. -a, b, -c)
-    first = experiments[0].scan.get_image_range()[0]
-    X = basis_to_truth(_crystal_A_mid(experiments[0].crystal, 0), truth_A_mid(truth, first))
-    to_truth = np.round(np.linalg.inv(X)).astype(int)
-    r["miller_index"] = flex.miller_index([tuple(int(v) for v in to_truth @ np.array(h)) for h in r["miller_index"]])
-    if "qe" not in r:  # no detector efficiency for the Timepix' model: 1
-        r["qe"] = flex.double(len(r), 1.0)
-    intensity, sigma, true = summation_against_truth(r, truth)
+    intensity, sigma, true = summation_against_truth(indices_in_truth_basis(experiments, r, truth), truth)
     ok = (sigma > 0) & (intensity > 3 * sigma) & np.isfinite(true)
     return (orientation_errors(experiments, truth), cell_error(experiments[0].crystal, truth),
             float(np.corrcoef(intensity[ok], true[ok])[0, 1]), int(ok.sum()))

@@ -146,7 +146,6 @@ def test_mixed_goniometers_are_refused(sim_gapped):
     from dials_gapfill.errors import GapfillError
     from dials_gapfill.stages.importer import adopt_experiments
     from dials_gapfill.phil import working_params
-    from dials_gapfill.model.state import Report
 
     experiments = ExperimentListFactory.from_filenames(sorted(glob.glob(os.path.join(sim_gapped, "*.cbf"))))
     assert len(experiments) == 3

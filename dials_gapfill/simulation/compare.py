@@ -387,3 +387,38 @@ def strong_spots(experiments, nproc=1):
     for i, exp in enumerate(experiments):
         reflections.experiment_identifiers()[i] = exp.identifier
     return reflections
+
+
+def indices_in_truth_basis(experiments, reflections, truth):
+    """A copy of `reflections` whose Miller indices are in the truth's basis,
+    block by block: an indexing basis may be another setting of the cell
+    (e.g. -a, b, -c of a monoclinic one)."""
+    r = reflections.copy()
+    hkl = r["miller_index"]
+    for i, exp in enumerate(experiments):
+        X = basis_to_truth(_crystal_A_mid(exp.crystal, 0), truth_A_mid(truth, exp.scan.get_image_range()[0]))
+        to_truth = np.round(np.linalg.inv(X)).astype(int)
+        rows = (r["id"] == i).iselection()
+        mapped = [tuple(int(v) for v in to_truth @ np.array(h)) for h in hkl.select(rows)]
+        hkl.set_selected(rows, flex.miller_index(mapped))
+    r["miller_index"] = hkl
+    return r
+
+
+def summation_against_truth(reflections, truth):
+    """Summation intensities as dials.export scales them (lp / qe /
+    partiality; qe 1 where the detector model has none, as the Timepix'),
+    their sigmas, and the simulator's true intensities (nan where unknown),
+    as numpy arrays over the rows of `reflections`."""
+    from cctbx import crystal, miller
+
+    r = reflections
+    qe = np.array(r["qe"]) if "qe" in r else np.ones(len(r))
+    scale = np.array(r["lp"]) / qe / np.array(r["partiality"])
+    intensity = np.array(r["intensity.sum.value"]) * scale
+    sigma = np.sqrt(np.maximum(np.array(r["intensity.sum.variance"]), 0)) * scale
+    symmetry = crystal.symmetry(unit_cell=truth["unit_cell"], space_group_symbol=truth["space_group"])
+    asu = miller.set(symmetry, r["miller_index"], anomalous_flag=False).map_to_asu().indices()
+    lookup = {tuple(h): v for h, v in zip(truth["intensities"]["miller_index"], truth["intensities"]["I"])}
+    true = np.array([lookup.get(tuple(h), np.nan) for h in asu])
+    return intensity, sigma, true
