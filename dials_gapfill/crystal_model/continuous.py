@@ -468,6 +468,7 @@ class _Job:
     record: Record
     chi2: dict
     static_esd: Any = None  # the static job's cell esds
+    indexed_against: Any = None  # the models every spot was last indexed against
 
 
 class ContinuousModel(CrystalModel):
@@ -765,6 +766,7 @@ class ContinuousModel(CrystalModel):
                 n = _index_each_sweep(models, table, everything, self.z_window)
                 logger.info("All spots indexed against the scan-varying model: %d of %d (%+d)", n, len(table), n - before)
                 if auto and n - before < AUTO_REINDEX_GAIN * len(table):
+                    job.indexed_against = models
                     break
                 logger.info("Continuous model: refined again with them (cycle %d)", cycle)
             if self.gap_edge == "xy":
@@ -790,7 +792,12 @@ class ContinuousModel(CrystalModel):
         the indexed fraction of the model that is handed on."""
         table = job.table
         used = table.get_flags(table.flags.used_in_refinement)
-        n = _index_each_sweep(final, table, table["id"] >= -1, self.z_window)
+        if job.indexed_against is final:
+            # the last re-index cycle indexed every spot against these models
+            # and nothing was refined after it: the same assignment again
+            n = (table.get_flags(table.flags.indexed) & (table["id"] >= 0)).count(True)
+        else:
+            n = _index_each_sweep(final, table, table["id"] >= -1, self.z_window)
         lost = used & ~table.get_flags(table.flags.indexed)
         table.unset_flags(lost, table.flags.used_in_refinement)
         logger.info("All spots indexed against the final model: %d of %d", n, len(table))
