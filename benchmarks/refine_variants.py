@@ -15,6 +15,7 @@ every10/gapped/), e.g.:
 
   .venv/bin/python benchmarks/refine_variants.py --workdir /tmp/chain_truth per_block "" "refinement.blocks.tie_cells=False"
   .venv/bin/python benchmarks/refine_variants.py --workdir /tmp/chain_truth continuous 12 10 6
+  .venv/bin/python benchmarks/refine_variants.py --workdir /tmp/chain_truth -v continuous 8 10   # each block's RMSDs
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import argparse
 import copy
 import glob
 import json
+import logging
 import os
+import sys
 import time
 
 
@@ -34,7 +37,12 @@ def main():
     ap.add_argument("--workdir", required=True, help="benchmarks/chain_truth.py's work folder")
     ap.add_argument("--sweep", default="every10")
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="print the models' own log: jobs, re-index cycles, each block's RMSDs")
     args = ap.parse_args()
+    if args.verbose:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+        logging.getLogger("dials.process_gapped").setLevel(logging.INFO)
 
     from dials_gapfill.crystal_model import ContinuousModel
     from dials_gapfill.crystal_model.per_block import PerBlockModel
