@@ -98,3 +98,39 @@ def test_too_few_indexed_falls_back_to_all_candidates(blocks_and_spots, model, c
     b = full[0][0].crystal.get_unit_cell().parameters()
     assert all(abs(x - y) < 1e-6 * max(1.0, abs(y)) for x, y in zip(a, b)), (a, b)
     assert _same_lattice(fallback[0][0].crystal, full[0][0].crystal, tol=1e-6)
+
+
+def test_full_search_that_indexes_fewer_spots_is_not_kept(caplog):
+    """The decision alone (DIALS' search stood in for by its two results): on
+    a drifting crystal with every 6th image missing, DIALS' pick among all
+    candidates indexed 50 % of the spots where the first 5 candidates'
+    lattice indexed 89 %; the one that indexes more is kept."""
+    from dials.array_family import flex
+    from libtbx import Auto
+
+    from dials_gapfill.crystal_model.lattice import staged_search
+    from dials_gapfill.phil import dials_index_params, params_from
+
+    def table(n_indexed, n=100):
+        t = flex.reflection_table()
+        t["id"] = flex.int([0] * n_indexed + [-1] * (n - n_indexed))
+        t.set_flags(t["id"] >= 0, t.flags.indexed)
+        return t
+
+    params = params_from([])
+    ip = dials_index_params(params)
+    assert ip.indexing.basis_vector_combinations.max_refine is Auto
+    calls = []
+
+    def run(p):
+        calls.append(p.indexing.basis_vector_combinations.max_refine)
+        return ("quick", table(89)) if len(calls) == 1 else ("full", table(50))
+
+    with caplog.at_level(logging.INFO, logger="dials.process_gapped"):
+        found = staged_search(run, ip, 100, params)
+    assert calls == [5, Auto] and found[0] == "quick"
+    assert "fewer than the first 5 candidates' (89.0%): that one kept" in caplog.text
+    calls.clear()
+    found = staged_search(lambda p: calls.append(1) or (("quick", table(60)) if len(calls) == 1 else ("full", table(95))),
+                          ip, 100, params)
+    assert found[0] == "full"
