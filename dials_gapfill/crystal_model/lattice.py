@@ -77,12 +77,7 @@ def staged_search(run, ip, n_spots, params):
         "spots (< %.0f%%): all candidates evaluated, as dials.index does",
         QUICK_CANDIDATES, 100 * fraction, 100 * wanted,
     )
-    try:
-        full = run(ip)
-    except SEARCH_ERRORS:
-        logger.info("Lattice search over all candidates failed: the first %d candidates' lattice kept",
-                    QUICK_CANDIDATES)
-        return found
+    full = run(ip)
     full_fraction = indexed_fraction(full[1], n_spots)
     # DIALS ranks candidates by volume, indexed count and RMSD together: on a
     # drifting crystal with every 6th image missing its pick among 50 (47.9,
