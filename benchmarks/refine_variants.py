@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import glob
-import json
 import logging
 import os
 import sys
@@ -49,9 +48,11 @@ def main():
     from dials_gapfill.phil import params_from
     from dials_gapfill.simulation import compare
 
-    with open(glob.glob(os.path.join(args.workdir, "images", "*", "ground_truth.json"))[0]) as fh:
-        truth = json.load(fh)
-    files = sorted(glob.glob(os.path.join(args.workdir, args.sweep, "gapped", "*.cbf")))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from chain_truth import simulated
+
+    _, gapped, truth = simulated(args.workdir, args.sweep)  # the sweep's own images and truth
+    files = sorted(glob.glob(os.path.join(gapped, "*.cbf")))
     experiments = compare.import_blocks(files)
     spots = compare.strong_spots(experiments, nproc=args.nproc)
     base = [f"nproc={args.nproc}", f"refinement.blocks.model={args.model}"]
@@ -68,8 +69,12 @@ def main():
         refined, _, _ = model.refine(copy.deepcopy(blocks), copy.deepcopy(indexed))
         o = compare.orientation_errors(refined, truth)
         cell = max(compare.cell_error(e.crystal, truth)["rel_error_max"] for e in refined)
+        oos = (getattr(model, "last", {}).get("out_of_sample") or [None])[-1]
+        held_out = (f", held-out RMSD x {oos['x']:.4f} y {oos['y']:.4f} px phi {oos['phi']:.4f} images, "
+                    f"robust {oos['x_nmad']:.4f} {oos['y_nmad']:.4f} px {oos['phi_nmad']:.4f} images "
+                    f"(n {oos['n']})" if oos else "")
         print(f"{args.model} {variant or 'defaults'}: orientation median {o['median']:.4f} worst "
-              f"{o['worst']:.4f} deg, cell {100 * cell:.3f} % ({time.time() - t:.0f} s)", flush=True)
+              f"{o['worst']:.4f} deg, cell {100 * cell:.3f} % ({time.time() - t:.0f} s){held_out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -352,8 +352,9 @@ blocks
     .expert_level = 1
     .help = "continuous: after the scan-varying refinement, index all spots"
             "again against it and refine again, this many times. None (auto):"
-            "while that indexes at least 1 % more of the spots (at most 3 times;"
-            "a crystal that turns faster than the lattice search can follow)."
+            "while that indexes at least 1 % more of all spots or of one block's"
+            "spots (at most 6 times; a crystal that turns faster than the lattice"
+            "search can follow)."
   continuous_scan_varying_cell = False
     .type = bool
     .expert_level = 1

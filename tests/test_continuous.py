@@ -77,6 +77,59 @@ def test_blocks_keep_their_images_and_share_one_crystal_after_indexing(every_8th
         assert len(zi) > 0 and min(zi) >= f - 1 and max(zi) < l
 
 
+def test_spots_left_unindexed_keep_their_sweep_and_block(every_8th):
+    # a spot the lattice search did not index may be indexed by a later model:
+    # on the continuous scan it must keep its sweep and image set, and come
+    # back to its own block
+    from dials.array_family import flex
+
+    from dials_gapfill.crystal_model.continuous import Joined
+
+    blocks = every_8th["blocks"]
+    table = every_8th["indexed"].copy()
+    image_sets = list(table["imageset_id"])
+    assert min(image_sets) == 0 and max(image_sets) == len(blocks) - 1
+    ids = table["id"]
+    for i in range(0, len(table), 5):
+        ids[i] = -1
+    unindexed = [i for i in range(len(table)) if ids[i] < 0]
+    joined = Joined(blocks)
+    continuous = joined.to_continuous(table)
+    assert set(continuous["sweep"]) == {0} and set(continuous["imageset_id"]) == {0}
+    assert list(continuous["block"]) == image_sets
+    assert [i for i, v in enumerate(continuous["id"]) if v < 0] == unindexed
+    continuous["id"] = flex.int(len(continuous), 0)  # all indexed by a later model
+    back = joined.to_blocks(continuous, blocks)
+    assert list(back["id"]) == image_sets
+
+
+def test_outlier_rejection_predicts_with_the_scan_varying_crystal(every_8th):
+    # outlier rejection and the held-out RMSDs predict the refined spots
+    # themselves: with a scan-varying crystal that must be the refiner's own
+    # prediction (the crystal at each spot's z), not its static A
+    import numpy as np
+
+    from dials.algorithms.refinement.prediction.managed_predictors import ExperimentsPredictorFactory
+
+    from dials_gapfill.crystal_model.continuous import _predicted
+
+    blocks, table = every_8th["refined_blocks"], every_8th["refined"]
+    assert all(e.crystal.num_scan_points for e in blocks)
+    used = table.select(table.get_flags(table.flags.used_in_refinement))
+    refiner_xy = np.array(used["xyzcal.mm"].parts()[:2])
+    ours = _predicted(used.copy(), blocks)
+    ours_xy = np.array(ours["xyzcal.mm"].parts()[:2])
+    pixel = blocks[0].detector[0].get_pixel_size()[0]
+    difference = np.hypot(*(ours_xy - refiner_xy)) / pixel
+    # measured: median 0.0005 px, 99 % below 0.005 px (the refiner evaluates
+    # the smoother at z, we interpolate between scan points)
+    assert len(used) > 500 and np.median(difference) < 0.002 and np.percentile(difference, 99) < 0.02
+    del ours["ub_matrix"]  # DIALS then predicts with each crystal's static A
+    ExperimentsPredictorFactory.from_experiments(blocks)(ours)
+    static = np.hypot(*(np.array(ours["xyzcal.mm"].parts()[:2]) - refiner_xy)) / pixel
+    assert np.median(static) > 10 * np.median(difference)  # measured 0.013 px: 26x
+
+
 def test_gap_edge_spots_touch_a_gap_and_not_the_sweep_ends(every_8th):
     from dials_gapfill.crystal_model.continuous import gap_edge_spots
 
@@ -235,3 +288,43 @@ def test_a_30_degree_gap_is_not_singular(tmp_path_factory):
     esd = run["record"].crystal["cell_esd"]
     assert all(v == v and v < 0.02 for v in esd[:3])  # finite, small
     assert blocks[0].crystal.num_scan_points == 16 and blocks[1].crystal.num_scan_points == 16
+
+
+def test_the_checkpoint_spacing_chosen_on_left_out_reflections(every_8th):
+    # the last scan-varying job repeated with finer checkpoints on the same
+    # reflections and random sample: kept only where the reflections the
+    # sample left out are predicted better, and where it is not kept the
+    # result is exactly the job's without the choice
+    import copy
+
+    import numpy as np
+
+    from dials_gapfill.crystal_model import ContinuousModel
+    from dials_gapfill.crystal_model.continuous import FINER_SPACING, FINER_Z, held_out_score
+    from dials_gapfill.phil import params_from
+
+    # the tiny sweep has fewer spots than 200 per degree: a smaller sample
+    # leaves reflections out
+    params = params_from(["nproc=2", "refinement.reflections.reflections_per_degree=20"])
+    runs = {}
+    for choose in (True, False):
+        model = ContinuousModel(params, choose_spacing=choose)
+        blocks, table, record = model.refine(copy.deepcopy(every_8th["blocks"]), copy.deepcopy(every_8th["indexed"]))
+        runs[choose] = (model.last, blocks, table, record)
+    last, blocks, table, record = runs[True]
+    choice = last["spacing_choice"]
+    assert choice["widths"] == [12.0, 12.0 * FINER_SPACING]
+    coarse, fine = choice["scores"]
+    assert coarse == held_out_score(last["out_of_sample"][-2]) and fine == held_out_score(last["out_of_sample"][-1])
+    # kept only where clearly better on the same left-out rows
+    assert choice["chosen"] == (choice["widths"][1] if choice["paired_z"] < -FINER_Z else 12.0)
+    assert choice["chosen"] == 12.0 or fine < coarse
+    described = next(iter(record.blocks.values()))["refinement"]
+    assert f"checkpoints every {choice['chosen']:g} deg" in described
+    _, other_blocks, other_table, _ = runs[False]
+    same = [np.allclose(a.crystal.get_A_at_scan_point(k), b.crystal.get_A_at_scan_point(k), atol=0, rtol=0)
+            for a, b in zip(blocks, other_blocks) for k in range(a.crystal.num_scan_points)]
+    if choice["chosen"] == 12.0:
+        assert all(same) and list(table["xyzcal.px"]) == list(other_table["xyzcal.px"])
+    else:
+        assert not all(same)
