@@ -168,3 +168,42 @@ def test_one_profile_model_from_all_blocks(combined, truth_tiny):
     assert sigma_m.pop() == pytest.approx(truth_tiny["mosaicity_deg"], rel=0.05)
     log = open(os.path.join(out, "dials.process_gapped.log")).read()
     assert "reference spots cut by a gap left out of the sigma calculation" in log
+
+
+def test_a_part_that_holds_the_reflection_is_not_summed_with_a_sliver(separate):
+    """A pair whose larger part holds 99 % of the reflection keeps that part
+    as it is (the sliver across the gap adds a shoebox of noise, and whatever
+    overlaps it); other pairs are summed.  On this steady sweep no pair has
+    such a part (on drifting ones many do): ten pairs are given one."""
+    from dials.array_family import flex
+
+    from dials_gapfill.stages.integration import ONE_PART_HOLDS_IT, combine_gap_partials, gap_partial_pairs
+
+    s_expts, s_refl = separate
+    table = s_refl.copy()
+    table["row"] = flex.int(range(len(table)))
+    pairs = gap_partial_pairs(s_expts, table)
+    part = table["partiality"]
+    planted = set()
+    for i, j in pairs[:40:4]:
+        keep = i if part[i] >= part[j] else j
+        part[keep] = 0.995
+        planted.add((i, j))
+    table["partiality"] = part
+    out, n = combine_gap_partials(s_expts, table)
+    rows = {r: k for k, r in enumerate(out["row"])}
+    I = table["intensity.sum.value"]
+    whole = summed = 0
+    for i, j in pairs:
+        keep, drop = (i, j) if part[i] >= part[j] else (j, i)
+        if keep not in rows or drop in rows:
+            continue  # a part in two pairs
+        k = rows[keep]
+        if part[keep] >= ONE_PART_HOLDS_IT:
+            whole += 1
+            assert (i, j) in planted
+            assert out["intensity.sum.value"][k] == I[keep] and not out["gap_combined"][k]
+        else:
+            summed += 1
+            assert out["intensity.sum.value"][k] == I[keep] + I[drop] and out["gap_combined"][k]
+    assert whole == len(planted) == 10 and summed == n > 1000
