@@ -307,7 +307,7 @@ def test_the_checkpoint_spacing_chosen_on_left_out_reflections(every_8th):
     # leaves reflections out
     params = params_from(["nproc=2", "refinement.reflections.reflections_per_degree=20"])
     runs = {}
-    for choose in (True, False):
+    for choose in (True, False, "auto"):
         model = ContinuousModel(params, choose_spacing=choose)
         blocks, table, record = model.refine(copy.deepcopy(every_8th["blocks"]), copy.deepcopy(every_8th["indexed"]))
         runs[choose] = (model.last, blocks, table, record)
@@ -328,3 +328,37 @@ def test_the_checkpoint_spacing_chosen_on_left_out_reflections(every_8th):
         assert all(same) and list(table["xyzcal.px"]) == list(other_table["xyzcal.px"])
     else:
         assert not all(same)
+    # "auto" (the default) tries the finer spacing only after a re-index
+    # cycle, and then is the run that always tries it, else the one that never does
+    auto_last, auto_blocks, auto_table, _ = runs["auto"]
+    cycled = len(auto_last["out_of_sample"]) > 1
+    twin_blocks, twin_table = (blocks, table) if cycled else (other_blocks, other_table)
+    assert len(auto_last["spacing_choice"]["widths"]) == (2 if cycled else 1)
+    assert list(auto_table["xyzcal.px"]) == list(twin_table["xyzcal.px"])
+    assert all(np.allclose(a.crystal.get_A_at_scan_point(k), b.crystal.get_A_at_scan_point(k), atol=0, rtol=0)
+               for a, b in zip(auto_blocks, twin_blocks) for k in range(a.crystal.num_scan_points))
+
+
+def test_outlier_rejection_gives_the_same_outliers_on_any_number_of_processes(every_8th):
+    # DIALS' MCD jobs (one per block and phi range) run on several processes,
+    # each from a seed of its own: the outliers must not depend on nproc
+    import copy
+
+    from dials_gapfill.crystal_model.continuous import Joined, gap_edge_spots, reject_outliers
+    from dials_gapfill.phil import dials_refine_params, params_from
+
+    blocks, indexed = every_8th["blocks"], every_8th["indexed"]
+    joined = Joined(blocks)
+    table = joined.to_continuous(indexed)
+    table["gap_edge"] = gap_edge_spots(blocks, table)
+    table.centroid_px_to_mm(joined.experiments)
+    refinable = table.get_flags(table.flags.indexed) & (table["id"] >= 0)
+    rp = dials_refine_params(params_from([]))
+    flags = {}
+    for nproc in (1, 2, 1):
+        t = copy.deepcopy(table)
+        counts = reject_outliers(t, refinable, joined.experiments, rp, by_block=True, nproc=nproc)
+        flags.setdefault(nproc, []).append((counts, list(t.get_flags(t.flags.centroid_outlier))))
+    assert flags[1][0] == flags[1][1] == flags[2][0]
+    counts, outliers = flags[2][0]
+    assert counts["inner"] > 0 and sum(outliers) == sum(counts.values())

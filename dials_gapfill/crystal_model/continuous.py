@@ -78,7 +78,7 @@ from dials_gapfill.crystal_model.lattice import SEARCH_ERRORS, staged_search
 from dials_gapfill.errors import GapfillError, indexing_failure
 from dials_gapfill.model.state import Record, block_names
 from dials_gapfill.model.tables import set_identifiers
-from dials_gapfill.phil import dials_index_params, dials_refine_params
+from dials_gapfill.phil import dials_index_params, dials_refine_params, resolve_nproc
 
 logger = logging.getLogger("dials.process_gapped.continuous")
 
@@ -481,6 +481,13 @@ FINER_SPACING = 0.75
 # ... and kept only where its mean squared residual is lower by more than
 # FINER_Z standard errors of the paired differences (a tie keeps the coarser)
 FINER_Z = 2.0
+# With choose_spacing="auto" (the default) the finer job runs only where the
+# data showed a crystal moving faster than the static model followed: a
+# re-index cycle ran (the scan-varying model indexed AUTO_REINDEX_GAIN more).
+# On the five sweeps of benchmarks/results/2026-12-03-smoother-spacing.md and
+# SNase the finer spacing was kept on exactly the two where a cycle ran
+# (paired z -3.0 and -3.8) and not on the three without (-1.6, +6.4, -0.3),
+# where the extra job was a third of the refinement's time for nothing.
 SAMPLE_SEED = 42
 
 
@@ -516,7 +523,8 @@ class ContinuousModel(CrystalModel):
     gap-edge spot's prediction may lie), interval_width_degrees (smoother
     checkpoint spacing where the parameters leave DIALS' default; None keeps
     DIALS'), choose_spacing (then try FINER_SPACING times that spacing at the
-    end and keep it where left-out reflections say so); from refinement.blocks: scan_varying, scan_varying_cell
+    end and keep it where left-out reflections say so; "auto": only after a
+    re-index cycle); from refinement.blocks: scan_varying, scan_varying_cell
     (continuous_scan_varying_cell) and reindex_cycles
     (continuous_reindex_cycles: after the scan-varying job, all spots indexed
     again against it and the job repeated, that many times; None: while that
@@ -528,7 +536,7 @@ class ContinuousModel(CrystalModel):
     profile_model = "all_blocks"
 
     def __init__(self, params, gap_edge="xy", reindex_gap_edges=True, final_reindex=True, z_window=2.0,
-                 interval_width_degrees=CONTINUOUS_INTERVAL_WIDTH, choose_spacing=True, **overrides):
+                 interval_width_degrees=CONTINUOUS_INTERVAL_WIDTH, choose_spacing="auto", **overrides):
         super().__init__(params)
         if gap_edge not in GAP_EDGE_TREATMENTS:
             raise ValueError(f"gap_edge must be one of {GAP_EDGE_TREATMENTS}")
@@ -538,7 +546,10 @@ class ContinuousModel(CrystalModel):
         self.final_reindex = final_reindex
         self.z_window = z_window
         self.interval_width_degrees = interval_width_degrees
+        if choose_spacing not in (True, False, "auto"):
+            raise ValueError("choose_spacing must be True, False or 'auto'")
         self.choose_spacing = choose_spacing
+        self.nproc = resolve_nproc(params.mp.nproc)
         self.scan_varying = overrides.pop("scan_varying", blocks.scan_varying)
         self.scan_varying_cell = overrides.pop("scan_varying_cell", blocks.continuous_scan_varying_cell)
         self.reindex_cycles = overrides.pop("reindex_cycles", blocks.continuous_reindex_cycles)
@@ -735,7 +746,8 @@ class ContinuousModel(CrystalModel):
             sel = self._refinable(table).iselection()
             logger.info("Continuous model: an orientation per sweep, %d reflections", len(sel))
             models, _, _ = _macrocycle(first, table.select(sel), models, "static refinement of the sweeps' orientations")
-        sel, job_rp = _job_selection(table, self._refinable(table), models, rp, self.gap_edge, job.xy_edge)
+        sel, job_rp = _job_selection(table, self._refinable(table), models, rp, self.gap_edge, job.xy_edge,
+                                     nproc=self.nproc)
         work = table.select(sel)
         logger.info("Continuous model: static refinement, %d reflections", len(work))
         static, work, refiner = _macrocycle(job_rp, work, models, "static refinement")
@@ -801,6 +813,7 @@ class ContinuousModel(CrystalModel):
         rows_block = np.asarray(job.joined.block_of_rows(table))
         spots = np.bincount(rows_block[rows_block >= 0], minlength=len(job.joined.blocks))
         last = oos = None
+        moved = False  # a re-index cycle refined again
         for cycle in range(1 + cycles if self.scan_varying else 0):
             if cycle > 0:
                 before = _indexed_per_block(table, rows_block, len(spots))
@@ -818,11 +831,12 @@ class ContinuousModel(CrystalModel):
                     job.indexed_against = models
                     break
                 logger.info("Continuous model: refined again with them (cycle %d)", cycle)
+                moved = True
             if self.gap_edge == "xy":
                 _inflate_edge_phi_variance(table, job.xy_edge)
             table.unset_flags(flex.bool(len(table), True), table.flags.used_in_refinement)
             sel, job_rp = _job_selection(table, self._refinable(table), models, rp, self.gap_edge, job.xy_edge,
-                                         by_block=cycle > 0)
+                                         by_block=cycle > 0, nproc=self.nproc)
             work = table.select(sel)
             if self.gap_edge == "xy":
                 work["phi_weighted"] = ~job.xy_edge.select(sel)
@@ -832,8 +846,13 @@ class ContinuousModel(CrystalModel):
                 last = (copy.deepcopy(models), table.select(sel), sel, job_rp)
                 last[1]["phi_weighted"] = work["phi_weighted"] if "phi_weighted" in work else flex.bool(len(work), True)
             models, oos = self._scan_varying_job(job, models, work, sel, job_rp, static_only)
-        if last and oos:
+        if last and oos and (moved or self.choose_spacing is True):
             models, widths = self._finer_if_better(job, last, models, oos, widths, static_only)
+        elif last and oos:
+            logger.info("Smoother checkpoints every %g deg: no re-index cycle ran (a crystal the static model "
+                        "followed), the finer spacing not tried", widths[0])
+            job.spacing_choice = {"widths": [widths[0]], "chosen": widths[0], "scores": [held_out_score(oos)],
+                                  "paired_z": None}
         return models, widths
 
     def _scan_varying_job(self, job, models, work, sel, job_rp, static_only, what="scan-varying refinement"):
@@ -1175,13 +1194,15 @@ def _outlier_groups(sub, minimum, by_block):
     return None
 
 
-def reject_outliers(table, selection, models, rp, edge=None, by_block=False):
+def reject_outliers(table, selection, models, rp, edge=None, by_block=False, nproc=1):
     """DIALS' centroid outlier rejection (the algorithm of `rp`, as the
     refiner would run it on the current models; block by block where each
     block has enough spots: :func:`_outlier_groups`), run separately on the spots
     not cut by a gap (x, y and phi residuals) and on the gap-edge spots (x and
     y residuals only: their phi is biased by the cut, and mixed with the others
     they would narrow or widen the distribution the algorithm estimates).
+    Its jobs run on `nproc` processes, each seeded on its own
+    (:func:`dials_compat.seeded_outlier_jobs`: the same outliers for any nproc).
     Sets ``centroid_outlier`` on `table` for the rejected rows of `selection`;
     returns the number rejected per group."""
 
@@ -1219,7 +1240,8 @@ def reject_outliers(table, selection, models, rp, edge=None, by_block=False):
                 ro.outlier.separate_experiments = False
             else:
                 sub["id"] = groups
-        detector = CentroidOutlierFactory.from_parameters_and_colnames(ro, cols)
+        detector = dials_compat.seeded_outlier_jobs(
+            CentroidOutlierFactory.from_parameters_and_colnames(ro, cols), SAMPLE_SEED, nproc)
         if detector.get_block_width() is libtbx.Auto:
             detector.set_block_width(18.0)  # DIALS' choice without a centroid analysis
         detector(sub)
@@ -1231,7 +1253,7 @@ def reject_outliers(table, selection, models, rp, edge=None, by_block=False):
     return counts
 
 
-def _job_selection(table, refinable, models, rp, gap_edge, edge=None, by_block=False):
+def _job_selection(table, refinable, models, rp, gap_edge, edge=None, by_block=False, nproc=1):
     """Rows of one refinement job.  With gap_edge="xy" outliers are rejected
     here (:func:`reject_outliers`) and the job runs without DIALS' own
     rejection (which would judge the edge spots' unweighted, biased phi
@@ -1241,7 +1263,7 @@ def _job_selection(table, refinable, models, rp, gap_edge, edge=None, by_block=F
         edge = table["gap_edge"]
     if gap_edge != "xy" or not (edge.count(True) or len(models) > 1):
         return refinable.iselection(), rp
-    counts = reject_outliers(table, refinable, models, rp, edge, by_block)
+    counts = reject_outliers(table, refinable, models, rp, edge, by_block, nproc)
     if counts:
         logger.info("Outliers rejected (not cut by a gap / cut by a gap): %s", counts)
     job_rp = copy.deepcopy(rp)
