@@ -484,7 +484,7 @@ FINER_Z = 2.0
 # With choose_spacing="auto" (the default) the finer job runs only where the
 # data showed a crystal moving faster than the static model followed: a
 # re-index cycle ran (the scan-varying model indexed AUTO_REINDEX_GAIN more).
-# On the five sweeps of benchmarks/results/2026-12-03-smoother-spacing.md and
+# On the four sweeps of benchmarks/results/2026-12-03-smoother-spacing.md and
 # SNase the finer spacing was kept on exactly the two where a cycle ran
 # (paired z -3.0 and -3.8) and not on the three without (-1.6, +6.4, -0.3),
 # where the extra job was a third of the refinement's time for nothing.
