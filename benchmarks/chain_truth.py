@@ -24,16 +24,21 @@ the wall time.  Sweeps (``--sweeps``, comma separated):
 - ``standard``: 120 x 0.5 deg without images 41-45 and 81-83;
 - ``gap30``: 90 x 1 deg without images 31-60.
 
+With ``--seeds`` each sweep is simulated again with each seed (crystal
+orientation and noise; folders ``<sweep>-seed<n>``): one seed's ranking of the
+runs can be a draw of its noise.
+
 Usage (2 cores; every10 alone about 15 minutes)::
 
     .venv/bin/python benchmarks/chain_truth.py --workdir /tmp/chain_truth --sweeps every10
-        [--runs chain,per_block,continuous,gapless] [--json out.json]
+        [--runs chain,per_block,continuous,gapless] [--seeds 42,1,2] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -65,16 +70,23 @@ def _tool(name):
     return path if os.path.exists(path) else shutil.which(name) or name
 
 
-def simulated(workdir, name):
-    """(complete folder, gapped folder, truth)."""
+def _folder(name, seed):
+    """The work folder of a sweep: its name, with the seed unless the sweep's own."""
+    return name if seed is None or seed == SWEEPS[name]["config"]["seed"] else f"{name}-seed{seed}"
+
+
+def simulated(workdir, name, seed=None):
+    """(complete folder, gapped folder, truth); `seed` replaces the sweep's
+    noise and orientation seed."""
     from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
     sweep = SWEEPS[name]
-    key = json.dumps(sweep["config"], sort_keys=True)
-    complete = os.path.join(workdir, "images", str(abs(hash(key)) % 10**8))
+    config = dict(sweep["config"], **({} if seed is None else {"seed": seed}))
+    key = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+    complete = os.path.join(workdir, "images", key)
     if not os.path.exists(os.path.join(complete, "ground_truth.json")):
-        simulate(SimulationConfig(**sweep["config"]), complete)
-    gapped = os.path.join(workdir, name, "gapped")
+        simulate(SimulationConfig(**config), complete)
+    gapped = os.path.join(workdir, _folder(name, seed), "gapped")
     if not os.path.isdir(gapped):
         os.makedirs(gapped)
         for path in sorted(glob.glob(os.path.join(complete, "*.cbf"))):
@@ -131,14 +143,17 @@ def main(argv=None):
     p.add_argument("--workdir", default="/tmp/chain_truth")
     p.add_argument("--sweeps", default="every10")
     p.add_argument("--runs", default="chain,per_block,continuous,gapless")
+    p.add_argument("--seeds", help="comma-separated simulation seeds (default: each sweep's own, 42)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--json", help="write every number to this file")
     args = p.parse_args(argv)
     results = {}
-    for name in args.sweeps.split(","):
-        complete, gapped, truth = simulated(args.workdir, name)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
+    for name, seed in [(n, s) for n in args.sweeps.split(",") for s in seeds]:
+        complete, gapped, truth = simulated(args.workdir, name, seed)
+        label = _folder(name, seed)
         for run in args.runs.split(","):
-            out = os.path.join(args.workdir, name, run)
+            out = os.path.join(args.workdir, label, run)
             if os.path.isdir(out):
                 shutil.rmtree(out)
             t0 = time.time()
@@ -155,11 +170,11 @@ def main(argv=None):
             except RuntimeError as e:
                 numbers = {"error": str(e)}
             numbers["seconds"] = time.time() - t0
-            results[(name, run)] = numbers
+            results[(label, run)] = numbers
             if "error" in numbers:
-                print(f"{name:9s} {run:11s} FAILED: {numbers['error'][:200]}", flush=True)
+                print(f"{label:9s} {run:11s} FAILED: {numbers['error'][:200]}", flush=True)
             else:
-                print(f"{name:9s} {run:11s} orientation median {numbers['median']:.4f} worst {numbers['worst']:.4f} deg"
+                print(f"{label:9s} {run:11s} orientation median {numbers['median']:.4f} worst {numbers['worst']:.4f} deg"
                       f"  cell {100 * numbers['cell']:.3f} %  CC {numbers['cc']:.5f} (n {numbers['n']})"
                       f"  {numbers['seconds']:.0f} s", flush=True)
     print("\n| sweep | run | orientation median / worst (deg) | worst cell error | CC(I, I_true) | n |")

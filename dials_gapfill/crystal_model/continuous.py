@@ -840,15 +840,16 @@ class ContinuousModel(CrystalModel):
             work = table.select(sel)
             if self.gap_edge == "xy":
                 work["phi_weighted"] = ~job.xy_edge.select(sel)
-            if self.choose_spacing and ours:
+            if self.choose_spacing and ours and (cycle > 0 or self.choose_spacing is True):
                 # the job's input, for the same job with finer checkpoints
-                # (the refiner changes its models and table in place)
+                # (the refiner changes its models and table in place); "auto"
+                # tries them only after a re-index cycle, so only that input
                 last = (copy.deepcopy(models), table.select(sel), sel, job_rp)
                 last[1]["phi_weighted"] = work["phi_weighted"] if "phi_weighted" in work else flex.bool(len(work), True)
             models, oos = self._scan_varying_job(job, models, work, sel, job_rp, static_only)
         if last and oos and (moved or self.choose_spacing is True):
             models, widths = self._finer_if_better(job, last, models, oos, widths, static_only)
-        elif last and oos:
+        elif self.choose_spacing and ours and oos:
             logger.info("Smoother checkpoints every %g deg: no re-index cycle ran (a crystal the static model "
                         "followed), the finer spacing not tried", widths[0])
             job.spacing_choice = {"widths": [widths[0]], "chosen": widths[0], "scores": [held_out_score(oos)],
