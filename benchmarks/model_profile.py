@@ -9,6 +9,10 @@ functions named in PARTS (nested: a part's time includes the parts below
 it; processes started by DIALS are counted as the wait for them).
 
     .venv/bin/python benchmarks/model_profile.py --workdir /tmp/chain_truth --sweep standard
+        [--phil indexing.fft3d.reciprocal_space_grid.n_points=128 ...]
+
+With ``--phil`` the model runs with those parameters; the orientation
+error against the truth (median, worst) is printed after refinement.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def main():
     ap.add_argument("--workdir", required=True, help="benchmarks/chain_truth.py's work folder")
     ap.add_argument("--sweep", default="standard")
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--phil", nargs="*", default=[], help="dials.process_gapped parameters")
     args = ap.parse_args()
 
     from dials.array_family import flex
@@ -68,7 +73,7 @@ def main():
     from dials_gapfill.phil import params_from
     from dials_gapfill.simulation import compare
 
-    _, gapped, _ = simulated(args.workdir, args.sweep)
+    _, gapped, truth = simulated(args.workdir, args.sweep)
     experiments = compare.import_blocks(sorted(glob.glob(os.path.join(gapped, "*.cbf"))))
     cache = os.path.join(args.workdir, args.sweep, "strong_for_profile.refl")
     if os.path.exists(cache):
@@ -76,8 +81,8 @@ def main():
     else:
         spots = compare.strong_spots(experiments, nproc=args.nproc)
         spots.as_file(cache)
-    params = params_from([f"nproc={args.nproc}"])
-    print(f"{args.sweep}: {len(experiments)} blocks, {len(spots)} spots, nproc {args.nproc}")
+    params = params_from([f"nproc={args.nproc}", *args.phil])
+    print(f"{args.sweep}: {len(experiments)} blocks, {len(spots)} spots, nproc {args.nproc} {' '.join(args.phil)}")
     profiler = cProfile.Profile()
     t0 = time.time()
     profiler.enable()
@@ -87,13 +92,15 @@ def main():
     profiler = cProfile.Profile()
     t0 = time.time()
     profiler.enable()
-    ContinuousModel(params).refine(blocks, indexed)
+    refined, _, _ = ContinuousModel(params).refine(blocks, indexed)
     profiler.disable()
+    errors = compare.orientation_errors(refined, truth)
     timings["refine"] = (time.time() - t0, pstats.Stats(profiler))
     for step, (wall, stats) in timings.items():
         print(f"\n| {step}: {wall:.1f} s wall | s |\n|---|---:|")
         for label, path_part, function in PARTS[step]:
             print(f"| {label} | {cumulative(stats, path_part, function):.1f} |")
+    print(f"\norientation against the truth: median {errors['median']:.4f} worst {errors['worst']:.4f} deg")
 
 
 if __name__ == "__main__":
