@@ -32,6 +32,11 @@ Usage (2 cores; every10 alone about 15 minutes)::
 
     .venv/bin/python benchmarks/chain_truth.py --workdir /tmp/chain_truth --sweeps every10
         [--runs chain,per_block,continuous,gapless] [--seeds 42,1,2] [--json out.json]
+        [--phil refinement.blocks.continuous_smoother=bspline --tag _bspline]
+
+``--phil`` adds parameters to the dials.process_gapped runs (not the chain's);
+``--tag`` is appended to their folder and row names, so that the runs of
+another setting sit beside the defaults'.
 """
 
 from __future__ import annotations
@@ -146,6 +151,8 @@ def main(argv=None):
     p.add_argument("--seeds", help="comma-separated simulation seeds (default: each sweep's own, 42)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--json", help="write every number to this file")
+    p.add_argument("--phil", nargs="*", default=[], help="dials.process_gapped parameters for its runs")
+    p.add_argument("--tag", default="", help="suffix of the folders and rows of dials.process_gapped's runs")
     args = p.parse_args(argv)
     results = {}
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
@@ -153,7 +160,8 @@ def main(argv=None):
         complete, gapped, truth = simulated(args.workdir, name, seed)
         label = _folder(name, seed)
         for run in args.runs.split(","):
-            out = os.path.join(args.workdir, label, run)
+            row = run if run == "chain" else run + args.tag
+            out = os.path.join(args.workdir, label, row)
             if os.path.isdir(out):
                 shutil.rmtree(out)
             t0 = time.time()
@@ -161,20 +169,20 @@ def main(argv=None):
                 if run == "chain":
                     run_chain(gapped, out, args.nproc)
                 elif run == "per_block":
-                    run_ours(gapped, out, args.nproc, "refinement.blocks.model=per_block")
+                    run_ours(gapped, out, args.nproc, "refinement.blocks.model=per_block", *args.phil)
                 elif run == "continuous":
-                    run_ours(gapped, out, args.nproc)
+                    run_ours(gapped, out, args.nproc, *args.phil)
                 elif run == "gapless":
-                    run_ours(complete, out, args.nproc)
+                    run_ours(complete, out, args.nproc, *args.phil)
                 numbers = measure(out, truth)
             except RuntimeError as e:
                 numbers = {"error": str(e)}
             numbers["seconds"] = time.time() - t0
-            results[(label, run)] = numbers
+            results[(label, row)] = numbers
             if "error" in numbers:
-                print(f"{label:9s} {run:11s} FAILED: {numbers['error'][:200]}", flush=True)
+                print(f"{label:9s} {row:11s} FAILED: {numbers['error'][:200]}", flush=True)
             else:
-                print(f"{label:9s} {run:11s} orientation median {numbers['median']:.4f} worst {numbers['worst']:.4f} deg"
+                print(f"{label:9s} {row:11s} orientation median {numbers['median']:.4f} worst {numbers['worst']:.4f} deg"
                       f"  cell {100 * numbers['cell']:.3f} %  CC {numbers['cc']:.5f} (n {numbers['n']})"
                       f"  {numbers['seconds']:.0f} s", flush=True)
     print("\n| sweep | run | orientation median / worst (deg) | worst cell error | CC(I, I_true) | n |")

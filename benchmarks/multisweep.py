@@ -22,6 +22,7 @@ the complete ones; printed:
 Usage (2 cores; about 5 minutes a seed)::
 
     .venv/bin/python benchmarks/multisweep.py --workdir /tmp/multisweep --seeds 42,1,2,3,4,5 [--json out.json]
+        [--phil refinement.blocks.continuous_smoother=bspline --tag _bspline]
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def main():
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--seeds", default="42,1,2,3,4,5")
     parser.add_argument("--json")
+    parser.add_argument("--phil", nargs="*", default=[], help="dials.process_gapped parameters for both runs")
+    parser.add_argument("--tag", default="", help="suffix of the run folders (out_gapped<tag>, out_complete<tag>)")
     args = parser.parse_args()
     results = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -112,10 +115,10 @@ def main():
             truth = json.load(fh)
         row = {}
         for name, images in (("gapped", gapped), ("complete", complete)):
-            out = os.path.join(folder, f"out_{name}")
+            out = os.path.join(folder, f"out_{name}{args.tag}")
             if not os.path.exists(os.path.join(out, "integrated.expt")):
                 subprocess.run([os.path.join(BIN, "dials.process_gapped"), images, f"output.directory={out}",
-                                "nproc=2"], check=True, capture_output=True)
+                                "nproc=2", *args.phil], check=True, capture_output=True)
             row[name] = measure(out, truth)
             r = row[name]
             print(f"seed {seed:>3} {name:<8} median {r['median']:.4f} worst {r['worst']:.4f}  each sweep "

@@ -137,6 +137,44 @@ def static_crystals_in_scan_varying_job(experiment_ids):
         yield done
 
 
+@contextlib.contextmanager
+def crystal_smoother(factory):
+    """Inside the block, the scan-varying crystal parameterisations that DIALS'
+    refiner builds smooth with ``factory(array_range, num_intervals)`` (an
+    object with the interface of DIALS' ``GaussianSmoother`` wrapper and its
+    number of values) instead of DIALS' Gaussian smoother.
+
+    DIALS builds the smoother inside each parameterisation's constructor;
+    ``configure._parameterise_crystals`` is wrapped for the duration of one job
+    and the parameterisations it returns get the other smoother before any
+    parameter is used.  ``factory=None`` changes nothing.  Yields False where
+    that function or the parameterisations' ``_smoother`` do not exist
+    (another DIALS): the job then smooths as DIALS does.
+    """
+    original = getattr(configure, "_parameterise_crystals", None)
+    if factory is None or original is None:
+        yield False
+        return
+
+    def swap(p, experiments):
+        old = getattr(p, "_smoother", None)
+        if old is None or not hasattr(p, "num_sets"):
+            return
+        scan = experiments[p.get_experiment_ids()[0]].scan
+        new = factory(scan.get_array_range(), old.num_samples())
+        if new.num_values() == old.num_values():
+            p._smoother = new
+
+    def parameterise(options, experiments, analysis):
+        ori, uc = original(options, experiments, analysis)
+        for p in list(ori) + list(uc):
+            swap(p, experiments)
+        return ori, uc
+
+    with replaced(configure, "_parameterise_crystals", parameterise) as done:
+        yield done
+
+
 def set_static_cell_covariance(refiner, crystal) -> bool:
     """Give `crystal` (refined with a static cell in a scan-varying job) the
     covariance of its B matrix from that job's parameter covariance.

@@ -355,6 +355,15 @@ blocks
             "while that indexes at least 1 % more of all spots or of one block's"
             "spots (at most 6 times; a crystal that turns faster than the lattice"
             "search can follow)."
+  continuous_smoother = gaussian *bspline
+    .type = choice
+    .expert_level = 1
+    .help = "continuous: how the scan-varying orientation is interpolated"
+            "between its checkpoints. gaussian: DIALS' smoother (a Gaussian-"
+            "weighted mean of the nearest three checkpoints). bspline: the same"
+            "checkpoints with quadratic B-spline weights, which follow a crystal"
+            "turning at a steady or steadily changing rate exactly, to the ends"
+            "of the scan."
   continuous_scan_varying_cell = False
     .type = bool
     .expert_level = 1

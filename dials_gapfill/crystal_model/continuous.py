@@ -6,7 +6,9 @@ pixels: its ImageSequence is made with ``check_format=False`` and is never
 read).  DIALS' own indexing (``dials.command_line.index.index``, joint over
 the sweeps) and refinement (``dials.command_line.refine.run_macrocycle``:
 static with one crystal for all sweeps, then scan-varying with a smoother over
-each sweep's whole range) work on these experiments; the result is sliced back
+each sweep's whole range: DIALS' checkpoints with quadratic B-spline weights,
+``smoother.py``, unless refinement.blocks.continuous_smoother=gaussian) work on
+these experiments; the result is sliced back
 onto the blocks (``dials.util.slice.slice_crystal``: each block's crystal gets
 the n_images + 1 scan points of its own images), so each block keeps its own
 image set and scan and the rest of the pipeline (integration per block,
@@ -75,6 +77,7 @@ from scitbx.array_family import flex as sflex
 from dials_gapfill import dials_compat
 from dials_gapfill.crystal_model.base import CrystalModel, crystal_per_sweep, one_cell, sweep_groups
 from dials_gapfill.crystal_model.lattice import SEARCH_ERRORS, staged_search
+from dials_gapfill.crystal_model.smoother import BSplineSmoother
 from dials_gapfill.errors import GapfillError, indexing_failure
 from dials_gapfill.model.state import Record, block_names
 from dials_gapfill.model.tables import set_identifiers
@@ -491,6 +494,9 @@ FINER_Z = 2.0
 SAMPLE_SEED = 42
 
 
+SMOOTHER_NAMES = {"gaussian": "DIALS' Gaussian", "bspline": "quadratic B-spline"}
+
+
 @dataclasses.dataclass
 class _Job:
     """One refinement of the continuous model: the joined experiments, their
@@ -507,6 +513,7 @@ class _Job:
     indexed_against: Any = None  # the models every spot was last indexed against
     out_of_sample: list = dataclasses.field(default_factory=list)  # each scan-varying job's
     spacing_choice: Any = None  # the checkpoint spacings compared and the one kept
+    smoother: str = "gaussian"  # the scan-varying jobs' smoother (SMOOTHER_NAMES)
 
 
 class ContinuousModel(CrystalModel):
@@ -552,6 +559,7 @@ class ContinuousModel(CrystalModel):
         self.nproc = resolve_nproc(params.mp.nproc)
         self.scan_varying = overrides.pop("scan_varying", blocks.scan_varying)
         self.scan_varying_cell = overrides.pop("scan_varying_cell", blocks.continuous_scan_varying_cell)
+        self.smoother = overrides.pop("smoother", blocks.continuous_smoother)
         self.reindex_cycles = overrides.pop("reindex_cycles", blocks.continuous_reindex_cycles)
         if overrides:
             raise TypeError(f"unknown options: {', '.join(overrides)}")
@@ -861,8 +869,11 @@ class ContinuousModel(CrystalModel):
         columns written back.
         Returns (models, out-of-sample RMSDs)."""
         logger.info("Continuous model: %s, %d reflections", what, len(work))
-        with dials_compat.static_crystals_in_scan_varying_job(static_only):
+        factory = BSplineSmoother if self.smoother == "bspline" else None
+        with dials_compat.static_crystals_in_scan_varying_job(static_only), \
+                dials_compat.crystal_smoother(factory) as swapped:
             models, work, refiner = _macrocycle(job_rp, work, models, what)
+        job.smoother = "bspline" if swapped else "gaussian"
         oos = out_of_sample_rmsd(refiner, models)
         if oos:
             logger.info("Out of sample (%d reflections): RMSD x %.3f px, y %.3f px, phi %.3f images",
@@ -950,8 +961,10 @@ class ContinuousModel(CrystalModel):
         for g, model in enumerate(final):
             first, last = model.scan.get_image_range()
             if self.scan_varying and model.crystal.num_scan_points:
-                what = "continuous: one crystal over images %d-%d, orientation scan-varying (checkpoints every %g deg), cell %s" % (
-                    first, last, widths[0], "scan-varying" if self.scan_varying_cell else "static",
+                what = ("continuous: one crystal over images %d-%d, orientation scan-varying (checkpoints every %g deg, "
+                        "%s smoother), cell %s") % (
+                    first, last, widths[0], SMOOTHER_NAMES[job.smoother],
+                    "scan-varying" if self.scan_varying_cell else "static",
                 )
             else:
                 what = "continuous: one crystal over images %d-%d, static" % (first, last)
@@ -995,6 +1008,7 @@ class ContinuousModel(CrystalModel):
             "reduced_chi_squared": job.chi2,
             "out_of_sample": job.out_of_sample,
             "spacing_choice": job.spacing_choice,
+            "smoother": job.smoother,
         }
         return blocks, out, record
 
