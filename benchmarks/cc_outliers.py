@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Where the intensities of a chain_truth.py run part from the truth: CC of
 the summation intensities of full reflections (partiality > 0.99, I/sigma > 3)
-with the true ones in ranges of z, the share of the sum of squared residuals
+with the true ones in ranges of z, the median I / I_true by the number of
+frames a reflection spans (reflections close to the spindle span many, and
+their Lorentz factor follows the refined beam), the share of the sum of squared residuals
 I - I_true held by the 20 largest, and the largest residuals with their
 frames (bbox z) and partiality.
 
@@ -47,9 +49,17 @@ def main(argv=None):
             m = ok & (z >= lo) & (z < lo + args.width)
             if m.sum() > 2:
                 ranges.append(f"z {lo}-{lo + args.width} {np.corrcoef(intensity[m], true[m])[0, 1]:.5f}")
+        span = np.array(r["bbox"].parts()[5] - r["bbox"].parts()[4])
+        spans = []
+        for lo, hi in ((0, 5), (5, 10), (10, 20), (20, 10**6)):
+            m = ok & (span >= lo) & (span < hi)
+            if m.sum() > 2:
+                spans.append(f"{lo}-{hi - 1 if hi < 10**6 else ''} frames: n {m.sum()}, median I/I_true "
+                             f"{np.median(intensity[m] / true[m]):.3f}")
         d2 = (intensity - true)[ok] ** 2
         print(f"{run}: CC {np.corrcoef(intensity[ok], true[ok])[0, 1]:.5f} (n {ok.sum()}); " + "; ".join(ranges)
               + f"; 20 largest squared residuals: {np.sort(d2)[-20:].sum() / d2.sum():.2f} of the sum")
+        print("  by the frames a reflection spans (bbox): " + "; ".join(spans))
         hkl, bbox, partiality = list(r["miller_index"]), r["bbox"], r["partiality"]
         for i in np.argsort(-np.abs((intensity - true) * ok))[: args.top]:
             print(f"  {hkl[i]} z {z[i]:.1f} (frames {bbox[i][4]}-{bbox[i][5] - 1}) I {intensity[i]:.0f} "

@@ -14,8 +14,8 @@ For each: the orientation error against the simulator's truth at every image
 (median, worst; lab frame, one common gauge rotation removed:
 ``dials_gapfill.simulation.compare.orientation_errors``), the largest relative
 cell error, CC of the summation intensities of full reflections with
-I/sigma > 3 with the true intensities, the number of those reflections, and
-the wall time.  Sweeps (``--sweeps``, comma separated):
+I/sigma > 3 with the true intensities, the number of those reflections, the
+angle of the refined beam from the simulated one, and the wall time.  Sweeps (``--sweeps``, comma separated):
 
 - ``every10``: 90 x 0.5 deg, every 10th image missing (9-image blocks),
   P 41 21 2 57 x 57 x 150 A, Pilatus 1M, accelerating drift (0.01 deg/deg +
@@ -139,7 +139,11 @@ def measure(folder, truth):
     intensity, sigma, true = summation_against_truth(r, truth)
     ok = np.isfinite(true) & (intensity / sigma > 3)
     cc = float(np.corrcoef(intensity[ok], true[ok])[0, 1])
+    s0 = np.array(experiments[0].beam.get_unit_s0())
+    true_s0 = np.array(truth["s0"]) / np.linalg.norm(truth["s0"])
+    beam = float(np.degrees(np.arccos(np.clip(s0 @ true_s0, -1.0, 1.0))))
     return {"median": errors["median"], "worst": errors["worst"], "cell": cell, "cc": cc, "n": int(ok.sum()),
+            "beam_deg": beam,
             "errors": errors["errors_deg"], "images": errors["images"]}
 
 
@@ -184,6 +188,7 @@ def main(argv=None):
             else:
                 print(f"{label:9s} {row:11s} orientation median {numbers['median']:.4f} worst {numbers['worst']:.4f} deg"
                       f"  cell {100 * numbers['cell']:.3f} %  CC {numbers['cc']:.5f} (n {numbers['n']})"
+                      f"  beam {numbers['beam_deg']:.2f} deg from the truth"
                       f"  {numbers['seconds']:.0f} s", flush=True)
     print("\n| sweep | run | orientation median / worst (deg) | worst cell error | CC(I, I_true) | n |")
     print("|---|---|---|---|---|---|")

@@ -16,6 +16,7 @@ every10/gapped/), e.g.:
   .venv/bin/python benchmarks/refine_variants.py --workdir /tmp/chain_truth per_block "" "refinement.blocks.tie_cells=False"
   .venv/bin/python benchmarks/refine_variants.py --workdir /tmp/chain_truth continuous 12 10 6
   .venv/bin/python benchmarks/refine_variants.py --workdir /tmp/chain_truth -v continuous 8 10   # each block's RMSDs
+  .venv/bin/python benchmarks/refine_variants.py --workdir /tmp/chain_truth --phil refinement.blocks.continuous_smoother=gaussian continuous 12
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main():
     ap.add_argument("--workdir", required=True, help="benchmarks/chain_truth.py's work folder")
     ap.add_argument("--sweep", default="every10")
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--phil", nargs="*", default=[], help="dials.process_gapped parameters for every variant")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="print the models' own log: jobs, re-index cycles, each block's RMSDs")
     args = ap.parse_args()
@@ -55,7 +57,7 @@ def main():
     files = sorted(glob.glob(os.path.join(gapped, "*.cbf")))
     experiments = compare.import_blocks(files)
     spots = compare.strong_spots(experiments, nproc=args.nproc)
-    base = [f"nproc={args.nproc}", f"refinement.blocks.model={args.model}"]
+    base = [f"nproc={args.nproc}", f"refinement.blocks.model={args.model}", *args.phil]
     if args.model == "per_block":
         blocks, indexed, _ = PerBlockModel(params_from(base)).index(copy.deepcopy(experiments), copy.deepcopy(spots))
     else:
