@@ -353,8 +353,10 @@ blocks
     .help = "continuous: after the scan-varying refinement, index all spots"
             "again against it and refine again, this many times. None (auto):"
             "while that indexes at least 1 % more of all spots or of one block's"
-            "spots (at most 6 times; a crystal that turns faster than the lattice"
-            "search can follow)."
+            "spots, and once more after the first cycle that indexes less (its"
+            "job's outliers were judged against a model that had just moved); at"
+            "most 6 times (a crystal that turns faster than the lattice search"
+            "can follow)."
   continuous_smoother = gaussian *bspline
     .type = choice
     .expert_level = 1

@@ -92,12 +92,15 @@ def test_resolution_limit_from_cc_half(weak_scaled):
     assert res["d_min_data"] < 2.4
     # said on the terminal, with the reason
     assert f"d_min {res['d_min']:.2f} Å from CC½ fit = 0.3" in weak_scaled["stdout"]
-    # the merging statistics end at the limit, and their outer shell is meaningful
-    # (without the cut: CC½ 0.20, 47 % complete, I/σ 0.2 in the corner shell)
+    # the merging statistics end at the limit, and their outer shell is more
+    # complete and stronger than the corner shell without the cut (47 %
+    # complete, I/σ 0.2). The outer shell's own CC½ is not asserted: ~95 unique
+    # reflections in a 0.05 Å shell scatter by ±0.15 about the fit's 0.3 (the
+    # same intensities cut at 3.06 and 2.97 Å: 0.26 and -0.03).
     assert s["d_min"][0] == pytest.approx(res["d_min"], abs=0.02)
-    assert s["cc_half"][2] > 0.15
     assert s["completeness"][2] > 75
-    assert s["shells"][-1]["cc_half"] > 0.15
+    assert s["i_over_sigma"][2] > 0.3
+    assert s["shells"][-1]["d_min"] == pytest.approx(res["d_min"], abs=0.02)
     # scaled.mtz and merged.mtz end at the same limit
     for name in ("merged.mtz", "scaled.mtz"):
         d = _mtz_d_min(os.path.join(weak_scaled["dir"], name))

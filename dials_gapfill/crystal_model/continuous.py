@@ -458,7 +458,12 @@ def _index_each_sweep(models, table, selection, z_window):
 # refinement.blocks.continuous_reindex_cycles=None (auto): index all spots
 # against the scan-varying model and refine again while that adds at least
 # this fraction of all spots, or of one block's spots and at least
-# AUTO_REINDEX_BLOCK_MIN of them, at most AUTO_REINDEX_MAX times.  On 90 x 0.5
+# AUTO_REINDEX_BLOCK_MIN of them, at most AUTO_REINDEX_MAX times; and once
+# more after the first cycle that adds less: the job before it had its spots
+# and outliers chosen against a model that indexing then changed (on the
+# every-10th sweep of benchmarks/chain_truth.py, with the B-spline smoother,
+# orientation error 0.0040 / 0.0158 deg without that job, 0.0016 / 0.0093
+# with it: benchmarks/results/2026-12-04-bspline-smoother.md).  On 90 x 0.5
 # deg, every 10th image missing, a crystal whose drift accelerates to 0.1
 # deg/deg, the lattice search indexes 56 % of the last block and the model
 # refined from that predicts the end of the sweep badly (docs/crystal-model.md:
@@ -822,6 +827,7 @@ class ContinuousModel(CrystalModel):
         spots = np.bincount(rows_block[rows_block >= 0], minlength=len(job.joined.blocks))
         last = oos = None
         moved = False  # a re-index cycle refined again
+        unsettled = False  # the last job's spots and outliers were chosen against a model that had just moved
         for cycle in range(1 + cycles if self.scan_varying else 0):
             if cycle > 0:
                 before = _indexed_per_block(table, rows_block, len(spots))
@@ -833,12 +839,18 @@ class ContinuousModel(CrystalModel):
                     "All spots indexed against the scan-varying model: %d of %d (%+d; the most in one block %+d, "
                     "%+.1f%% of its spots)", n, len(table), gain.sum(), gain.max(), 100 * block_gain.max(),
                 )
-                if auto and gain.sum() < AUTO_REINDEX_GAIN * len(table) and not (
+                small = auto and gain.sum() < AUTO_REINDEX_GAIN * len(table) and not (
                     (block_gain >= AUTO_REINDEX_GAIN) & (gain >= AUTO_REINDEX_BLOCK_MIN)
-                ).any():
+                ).any()
+                if small and not unsettled:
                     job.indexed_against = models
                     break
-                logger.info("Continuous model: refined again with them (cycle %d)", cycle)
+                if small:
+                    logger.info("Continuous model: refined again (cycle %d): the last job's spots and outliers were "
+                                "chosen against the model before it, which indexing then changed", cycle)
+                else:
+                    logger.info("Continuous model: refined again with them (cycle %d)", cycle)
+                unsettled = not small
                 moved = True
             if self.gap_edge == "xy":
                 _inflate_edge_phi_variance(table, job.xy_edge)
