@@ -63,9 +63,9 @@ def test_blocks_and_shared_models(integrated):
     assert len({id(e.crystal) for e in experiments}) == 3
     assert all(e.crystal.num_scan_points == e.scan.get_num_images() + 1 for e in experiments)
     # the continuous model (default): each block holds the slice of one
-    # scan-varying crystal over images 1-120
+    # scan-varying crystal over images 1-120, smoothed with the B-spline
     assert all(b["refinement"].startswith("continuous: one crystal over images 1-120, orientation scan-varying")
-               for b in summary["blocks"])
+               and "quadratic B-spline smoother" in b["refinement"] for b in summary["blocks"])
     assert summary["crystal"]["model"] == "continuous"
 
 

@@ -38,8 +38,8 @@ class BSplineSmoother:
     Checkpoints as DIALS places them: for one interval two values at the
     scan's ends (linear between them), for two intervals three at the ends
     and the middle (quadratic Bernstein basis), for n >= 3 intervals n + 2
-    values half an interval apart from -0.5 to n + 0.5 intervals (quadratic
-    B-spline).  Values are normalised by the sum of the weights, as DIALS'
+    values one interval apart, from half an interval before the scan's start
+    to half an interval after its end (quadratic B-spline).  Values are normalised by the sum of the weights, as DIALS'
     are, which inside the scan is exactly one.
     """
 
