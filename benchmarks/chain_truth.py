@@ -22,7 +22,9 @@ angle of the refined beam from the simulated one, and the wall time.  Sweeps (``
   0.001 deg/deg^2);
 - ``every6``: the same crystal, every 6th image missing (5-image blocks);
 - ``standard``: 120 x 0.5 deg without images 41-45 and 81-83;
-- ``gap30``: 90 x 1 deg without images 31-60.
+- ``gap30``: 90 x 1 deg without images 31-60;
+- ``nodrift``: ``standard`` with a crystal that does not drift (what is
+  left of the orientation error without the drift).
 
 With ``--seeds`` each sweep is simulated again with each seed (crystal
 orientation and noise; folders ``<sweep>-seed<n>``): one seed's ranking of the
@@ -66,6 +68,7 @@ SWEEPS = {
     "every6": dict(config=DRIFTING, omit=list(range(6, 91, 6))),
     "standard": dict(config=dict(n_images=120, seed=42), omit=list(range(41, 46)) + list(range(81, 84))),
     "gap30": dict(config=dict(n_images=90, osc_width=1.0, seed=42), omit=list(range(31, 61))),
+    "nodrift": dict(config=dict(n_images=120, seed=42, drift=0.0), omit=list(range(41, 46)) + list(range(81, 84))),
 }
 BIN = os.path.dirname(sys.executable)
 

@@ -244,6 +244,9 @@ def test_orientation_error_metric_is_zero_for_the_truth(tiny):
     crystal.set_A_at_scan_points([tuple(m.ravel()) for m in mats])
     result = compare.orientation_errors(experiments, truth)
     assert result["errors_deg"][10] == pytest.approx(0.2, abs=0.02)
+    # as a lab-frame vector: about the spindle (x), the sign of the rotation applied
+    assert truth["rotation_axis"] == [1.0, 0.0, 0.0]
+    assert result["vectors_deg"][10] == pytest.approx([0.2, 0.0, 0.0], abs=0.02)
     assert result["median"] < 0.02
 
 

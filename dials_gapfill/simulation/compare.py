@@ -142,6 +142,15 @@ def _rotation_angle_deg(R) -> float:
     return float(np.degrees(np.arctan2(s, c)))
 
 
+def _rotation_vector_deg(R) -> np.ndarray:
+    """The rotation R as axis times angle (degrees), lab frame."""
+    v = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]]) / 2.0
+    s = np.linalg.norm(v)
+    if s == 0.0:
+        return np.zeros(3)
+    return v / s * _rotation_angle_deg(R)
+
+
 def _nearest_rotation(M):
     u, _, vt = np.linalg.svd(M)
     d = np.sign(np.linalg.det(u @ vt))
@@ -257,7 +266,8 @@ def orientation_errors(experiments, truth: dict) -> dict:
     gauge is removed from all; the result also has "sweeps" (the sweep of
     each image) and "per_sweep" ({sweep: {"median", "worst"}}).
 
-    Returns {"images", "errors_deg", "median", "worst", "gauge_deg"}.
+    Returns {"images", "errors_deg", "vectors_deg" (the remaining rotation of
+    each image, lab frame, axis times angle), "median", "worst", "gauge_deg"}.
     """
     multi = "sweeps" in truth
     images, rotations, image_sweeps = [], [], []
@@ -294,6 +304,10 @@ def orientation_errors(experiments, truth: dict) -> dict:
     result = {
         "images": images,
         "errors_deg": errors,
+        # what is left of each image's rotation as a lab-frame vector (axis
+        # times angle): a systematic error shows as a smooth curve in one
+        # component, noise as scatter
+        "vectors_deg": [_rotation_vector_deg(gauge.T @ R).tolist() for R in rotations],
         "median": float(np.median(errors)),
         "worst": float(np.max(errors)),
         "gauge_deg": _rotation_angle_deg(gauge),
