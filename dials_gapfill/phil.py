@@ -366,6 +366,13 @@ blocks
             "checkpoints with quadratic B-spline weights, which follow a crystal"
             "turning at a steady or steadily changing rate exactly, to the ends"
             "of the scan."
+  continuous_scan_ends = xy *xyz
+    .type = choice
+    .expert_level = 1
+    .help = "continuous: what refinement takes from spots whose rocking curve"
+            "a sweep's own first or last image cuts. Their phi centroid is pulled"
+            "into the scan, as a gap-edge spot's is. xyz: x, y and phi, as"
+            "DIALS does. xy: x and y only, as for gap-edge spots."
   continuous_scan_varying_cell = False
     .type = bool
     .expert_level = 1

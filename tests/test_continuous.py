@@ -150,6 +150,56 @@ def test_gap_edge_spots_touch_a_gap_and_not_the_sweep_ends(every_8th):
     assert 0.25 < edge.count(True) / len(table) < 0.95
 
 
+def test_scan_end_spots_touch_the_sweeps_own_first_or_last_image(every_8th):
+    from dials_gapfill.crystal_model.continuous import gap_edge_spots, scan_end_spots
+
+    table, blocks = every_8th["spots"], every_8th["experiments"]
+    end = scan_end_spots(blocks, table)
+    z0, z1 = table["bbox"].parts()[4], table["bbox"].parts()[5]
+    ids = table["id"]
+    last = len(blocks) - 1
+    assert blocks[0].scan.get_image_range()[0] == 1 and blocks[last].scan.get_image_range()[1] == 40
+    for i in range(len(table)):
+        assert end[i] == ((ids[i] == 0 and z0[i] == 0) or (ids[i] == last and z1[i] >= 40))
+    assert 0 < (end & (ids == 0)).count(True) < (ids == 0).count(True)
+    # the one-image last block after a gap: its spots touch both the gap and the scan's end
+    assert (end & (ids == last)).count(True) == (ids == last).count(True)
+    assert (end & gap_edge_spots(blocks, table) & (ids == last)).count(True) == (ids == last).count(True)
+
+
+def test_scan_ends_xy_takes_the_phi_weight_of_scan_end_spots_unless_they_are_most(every_8th):
+    """refinement.blocks.continuous_scan_ends=xy: the spots a sweep's own ends
+    cut join the gap-edge spots whose phi gets no weight (xyz, the default:
+    only the gap-edge spots); a sweep whose spots are mostly cut by its ends
+    keeps their phi."""
+    import copy
+
+    from dials_gapfill.crystal_model import ContinuousModel
+    from dials_gapfill.crystal_model.continuous import scan_end_spots
+    from dials_gapfill.phil import params_from
+
+    blocks, indexed = every_8th["blocks"], every_8th["indexed"]
+    default = ContinuousModel(params_from(["nproc=1"]))._start(blocks, copy.deepcopy(indexed))
+    xy = ContinuousModel(params_from(["nproc=1", "refinement.blocks.continuous_scan_ends=xy"]))
+    job = xy._start(blocks, copy.deepcopy(indexed))
+    end = scan_end_spots(blocks, job.table)
+    first_block = job.table["block"] == 0
+    n_end = (end & first_block & ~job.edge).count(True)
+    assert n_end > 10
+    assert (job.xy_edge & end & first_block & ~job.edge).count(True) == n_end
+    assert (default.xy_edge & end & first_block & ~default.edge).count(True) == 0
+    assert list(default.edge) == list(job.edge)  # the gap-edge flag itself is unchanged
+    # a sweep whose spots are mostly cut by its ends: their phi stays
+    from dials.array_family import flex
+
+    rows = copy.deepcopy(indexed)
+    keep = scan_end_spots(blocks, rows) | (flex.size_t_range(len(rows)) % 100 == 0)
+    mostly_ends = xy._start(blocks, rows.select(keep))
+    ends = scan_end_spots(blocks, mostly_ends.table)
+    assert ends.count(True) >= 0.5 * len(mostly_ends.table)
+    assert (mostly_ends.xy_edge & ends & ~mostly_ends.edge).count(True) == 0
+
+
 def test_gap_edge_spots_are_indexed_like_the_others(every_8th, gapless):
     spots, table = every_8th["indexed"], every_8th["refined"]  # all spots / indexed ones
     assert len(spots) == len(every_8th["spots"])

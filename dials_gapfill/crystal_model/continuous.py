@@ -121,6 +121,10 @@ REFLECTIONS_PER_DEGREE = 200
 # or when it fails, on all spots.
 MIN_SEARCH_SPOTS = 20
 
+# refinement.blocks.continuous_scan_ends=xy leaves a sweep's scan-end spots
+# their phi where they are at least this fraction of its spots
+SCAN_END_MAX_FRACTION = 0.5
+
 # frames predicted beyond each end of a sweep when spots are indexed against
 # predictions
 PREDICTION_PADDING = 1.0
@@ -369,6 +373,23 @@ def gap_edge_spots(experiments, reflections):
     return edge
 
 
+def scan_end_spots(experiments, reflections):
+    """flex.bool: spots whose shoebox (bbox) touches a sweep's own first or
+    last image, whose rocking curve the scan's end cuts."""
+
+    z0 = reflections["bbox"].parts()[4]
+    z1 = reflections["bbox"].parts()[5]
+    blocks = reflections["block"] if "block" in reflections else reflections["id"]
+    end = flex.bool(len(reflections), False)
+    for group in sweep_groups(experiments):
+        first, last = group[0], group[-1]
+        f = experiments[first].scan.get_image_range()[0]
+        l = experiments[last].scan.get_image_range()[1]
+        end |= (blocks == first) & (z0 <= f - 1)
+        end |= (blocks == last) & (z1 >= l)
+    return end
+
+
 def _predict(experiment, padding_frames=PREDICTION_PADDING):
     """DIALS' predictions over the whole continuous scan (static or
     scan-varying), and `padding_frames` beyond each of its ends: a spot at a
@@ -565,6 +586,7 @@ class ContinuousModel(CrystalModel):
         self.scan_varying = overrides.pop("scan_varying", blocks.scan_varying)
         self.scan_varying_cell = overrides.pop("scan_varying_cell", blocks.continuous_scan_varying_cell)
         self.smoother = overrides.pop("smoother", blocks.continuous_smoother)
+        self.scan_ends = overrides.pop("scan_ends", blocks.continuous_scan_ends)
         self.reindex_cycles = overrides.pop("reindex_cycles", blocks.continuous_reindex_cycles)
         if overrides:
             raise TypeError(f"unknown options: {', '.join(overrides)}")
@@ -702,10 +724,19 @@ class ContinuousModel(CrystalModel):
         # left without it at the sweep's end extrapolates (tiny sweep, last block
         # one image after a gap: worst error 0.052 deg without, 0.018 with it)
         xy_edge = copy.deepcopy(edge)
+        if self.gap_edge == "xy" and self.scan_ends == "xy":
+            # a sweep's scan-end spots without phi weight, unless they are most
+            # of its spots (a short sweep of fine slices: four 15 x 0.1 deg
+            # L-cysteine sweeps, DIALS then refuses a sweep left without phi)
+            end = scan_end_spots(experiments, table)
+            for g, group in enumerate(joined.groups):
+                rows = table["sweep"] == g
+                if (rows & end).count(True) < SCAN_END_MAX_FRACTION * rows.count(True):
+                    xy_edge |= rows & end
         blocks_of_rows = table["block"]
         for i in range(len(experiments)):
             rows = blocks_of_rows == i
-            if rows.count(True) and (rows & ~edge).count(True) == 0:
+            if rows.count(True) and (rows & ~xy_edge).count(True) == 0:
                 xy_edge.set_selected(rows, False)
         if "xyzobs.mm.value" not in table:
             table.centroid_px_to_mm(joined.experiments)
@@ -735,7 +766,7 @@ class ContinuousModel(CrystalModel):
 
     def _restore_edge_phi(self, job) -> None:
         """The edge spots' phi back to what was observed."""
-        edge, table = job.edge.iselection(), job.table
+        edge, table = (job.edge | job.xy_edge).iselection(), job.table
         table["xyzobs.mm.value"].set_selected(edge, job.original_mm[0].select(edge))
         table["xyzobs.mm.variance"].set_selected(edge, job.original_mm[1].select(edge))
 
