@@ -372,7 +372,10 @@ blocks
     .help = "continuous: what refinement takes from spots whose rocking curve"
             "a sweep's own first or last image cuts. Their phi centroid is pulled"
             "into the scan, as a gap-edge spot's is. xyz: x, y and phi, as"
-            "DIALS does. xy: x and y only, as for gap-edge spots."
+            "DIALS does. xy: x and y only, as for gap-edge spots, except in a"
+            "sweep whose spots they are half of or more. xy brings a steady"
+            "crystal closer; a crystal turning faster at a sweep's end loses"
+            "the phi that holds it there (docs/crystal-model.md)."
   continuous_scan_varying_cell = False
     .type = bool
     .expert_level = 1
