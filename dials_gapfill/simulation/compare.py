@@ -144,11 +144,10 @@ def _rotation_angle_deg(R) -> float:
 
 def _rotation_vector_deg(R) -> np.ndarray:
     """The rotation R as axis times angle (degrees), lab frame."""
-    v = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]]) / 2.0
-    s = np.linalg.norm(v)
-    if s == 0.0:
-        return np.zeros(3)
-    return v / s * _rotation_angle_deg(R)
+    from scitbx.math import r3_rotation_axis_and_angle_from_matrix
+
+    aa = r3_rotation_axis_and_angle_from_matrix(r=np.asarray(R, dtype=float).ravel().tolist())
+    return np.array(aa.axis) * aa.angle(deg=True)
 
 
 def _nearest_rotation(M):
