@@ -376,6 +376,16 @@ blocks
             "sweep whose spots they are half of or more. xy brings a steady"
             "crystal closer; a crystal turning faster at a sweep's end loses"
             "the phi that holds it there (docs/crystal-model.md)."
+  continuous_gap_edges = xy *modelled
+    .type = choice
+    .expert_level = 1
+    .help = "continuous: what the scan-varying refinement takes from spots whose"
+            "rocking curve a gap cuts (their phi centroid is pulled into the"
+            "block). modelled: x, y and phi, the phi compared with the centroid"
+            "of the frames that recorded a Gaussian rocking curve (sigma_m from"
+            "the uncut spots) cut by the gap, each spot weighted by what that"
+            "centroid tells; x and y only where sigma_m cannot be estimated."
+            "xy: x and y only (docs/crystal-model.md)."
   continuous_scan_varying_cell = False
     .type = bool
     .expert_level = 1

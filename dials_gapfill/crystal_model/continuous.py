@@ -39,7 +39,12 @@ a sweep's own first and last image are not gaps) are
   inflated by ``PHI_VARIANCE_INFLATION`` so phi carries no weight and outlier
   rejection (which looks at unweighted residuals) does not reject them for a
   z they never had; ``"exclude"`` leaves them out of refinement, ``"full"``
-  uses them like any spot (biased z).
+  uses them like any spot (biased z);
+- with refinement.blocks.continuous_gap_edges=modelled (and ``gap_edge="xy"``),
+  their phi is used in the scan-varying jobs against what it is: the
+  centroid of the frames that recorded a Gaussian rocking curve cut by the
+  gap (:func:`cut_rocking_curve_phi`; sigma_m from the uncut spots,
+  :func:`rocking_curve_sigma_m`).
 
 Entry points: :class:`ContinuousModel` (``index``, ``refine``),
 :func:`gap_edge_spots`, :func:`join_blocks`, :func:`slice_onto_blocks`.
@@ -64,6 +69,7 @@ from dials.algorithms.refinement.prediction.managed_predictors import (
 )
 from dials.algorithms.refinement.refinement_helpers import set_obs_s1
 from dials.algorithms.indexing import DialsIndexError
+from dials.algorithms.profile_model.gaussian_rs.calculator import ComputeEsdReflectingRange
 from dials.array_family import flex
 from dials.command_line.index import index as dials_index
 from dials.command_line.refine import run_macrocycle
@@ -72,6 +78,7 @@ from dxtbx.imageset import ImageSetFactory
 from dxtbx.model import Experiment, Scan
 from dxtbx.model.experiment_list import ExperimentList
 from scipy.spatial import cKDTree
+from scipy.special import ndtr
 from scitbx.array_family import flex as sflex
 
 from dials_gapfill import dials_compat
@@ -128,6 +135,15 @@ SCAN_END_MAX_FRACTION = 0.5
 # frames predicted beyond each end of a sweep when spots are indexed against
 # predictions
 PREDICTION_PADDING = 1.0
+
+# continuous_gap_edges=modelled: a gap-edge spot's phi gets weight where its
+# expected centroid moves with the predicted one by at least this much
+# (d centroid / d prediction; beyond the cut it does not move at all)
+CUT_CURVE_MIN_SLOPE = 0.05
+# sigma_m estimated on at most this many uncut spots of each sweep, at least
+# this many
+SIGMA_M_MAX_SPOTS = 600
+SIGMA_M_MIN_SPOTS = 50
 
 
 # --------------------------------------------------------------------------
@@ -587,6 +603,7 @@ class ContinuousModel(CrystalModel):
         self.scan_varying_cell = overrides.pop("scan_varying_cell", blocks.continuous_scan_varying_cell)
         self.smoother = overrides.pop("smoother", blocks.continuous_smoother)
         self.scan_ends = overrides.pop("scan_ends", blocks.continuous_scan_ends)
+        self.gap_edges = overrides.pop("gap_edges", blocks.continuous_gap_edges)
         self.reindex_cycles = overrides.pop("reindex_cycles", blocks.continuous_reindex_cycles)
         if overrides:
             raise TypeError(f"unknown options: {', '.join(overrides)}")
@@ -764,6 +781,21 @@ class ContinuousModel(CrystalModel):
             ok &= ~table["gap_edge"]
         return ok
 
+    def _model_edge_phi(self, job, models) -> None:
+        """continuous_gap_edges=modelled: sigma_m from the uncut spots
+        against `models`, then the gap-edge spots' phi against their cut
+        rocking curves (:func:`cut_rocking_curve_phi`)."""
+        table = job.table
+        uncut = self._refinable(table) & ~job.edge & ~scan_end_spots(job.joined.experiments, table)
+        sigma_m = rocking_curve_sigma_m(models, table, uncut)
+        if not sigma_m:
+            logger.info("Gap-edge spots: sigma_m could not be estimated from the uncut spots; their phi keeps "
+                        "no weight")
+            return
+        n = cut_rocking_curve_phi(table, job.xy_edge, models, job.joined, job.original_mm[1], sigma_m)
+        logger.info("Gap-edge spots: phi against a rocking curve cut by the gap (sigma_m %.4f deg from the uncut "
+                    "spots) for %d of %d", math.degrees(sigma_m), n, job.xy_edge.count(True))
+
     def _restore_edge_phi(self, job) -> None:
         """The edge spots' phi back to what was observed."""
         edge, table = (job.edge | job.xy_edge).iselection(), job.table
@@ -856,6 +888,7 @@ class ContinuousModel(CrystalModel):
         cycles = AUTO_REINDEX_MAX if auto else max(0, int(self.reindex_cycles))
         rows_block = np.asarray(job.joined.block_of_rows(table))
         spots = np.bincount(rows_block[rows_block >= 0], minlength=len(job.joined.blocks))
+        model_edges = self.gap_edges == "modelled" and self.gap_edge == "xy" and job.xy_edge.count(True) > 0
         last = oos = None
         moved = False  # a re-index cycle refined again
         unsettled = False  # the last job's spots and outliers were chosen against a model that had just moved
@@ -885,6 +918,8 @@ class ContinuousModel(CrystalModel):
                 moved = True
             if self.gap_edge == "xy":
                 _inflate_edge_phi_variance(table, job.xy_edge)
+            if model_edges:
+                self._model_edge_phi(job, models)
             table.unset_flags(flex.bool(len(table), True), table.flags.used_in_refinement)
             sel, job_rp = _job_selection(table, self._refinable(table), models, rp, self.gap_edge, job.xy_edge,
                                          by_block=cycle > 0, nproc=self.nproc)
@@ -1106,6 +1141,109 @@ def _macrocycle(rp, reflections, experiments, what):
         ) from None
     logger.info("%s: %d steps in %.1f s", what.capitalize(), history.get_nrows(), time.perf_counter() - t0)
     return refiner.get_experiments(), reflections, refiner
+
+
+def rocking_curve_sigma_m(models, table, rows):
+    """sigma_m (radians, the e.s.d. of the reflecting range) of DIALS'
+    gaussian_rs profile model, estimated as dials.integrate's profile
+    modelling does (ComputeEsdReflectingRange, "extended" maximum likelihood)
+    on the spots `rows` of each sweep (`models`: one per sweep, ids = sweep),
+    at most SIGMA_M_MAX_SPOTS of them, with DIALS' min_zeta 0.05; the
+    sweeps' estimates pooled (rms weighted by spots).  None without an
+    estimate (no shoeboxes, too few spots)."""
+
+    if "shoebox" not in table:
+        return None
+    experiments = ExperimentList(list(models))
+    estimates = []
+    rng = np.random.default_rng(SAMPLE_SEED)
+    for g, model in enumerate(experiments):
+        sel = np.asarray((rows & (table["id"] == g)).iselection())
+        if len(sel) < SIGMA_M_MIN_SPOTS:
+            continue
+        if len(sel) > SIGMA_M_MAX_SPOTS:
+            sel = np.sort(rng.choice(sel, SIGMA_M_MAX_SPOTS, replace=False))
+        sub = _predicted(table.select(flex.size_t(sel.tolist())), experiments)
+        sub = sub.select(sub["s1"].norms() > 0)
+        sub.compute_zeta_multi(experiments)
+        sub = sub.select(flex.abs(sub["zeta"]) >= 0.05)
+        if len(sub) < SIGMA_M_MIN_SPOTS:
+            continue
+        try:
+            sigma = ComputeEsdReflectingRange(model.crystal, model.beam, model.detector, model.goniometer,
+                                              model.scan, sub, algorithm="extended").sigma()
+        except (RuntimeError, AssertionError, ValueError) as e:  # DIALS' estimator on too little signal
+            logger.debug("sigma_m of sweep %d: %s", g + 1, e)
+            continue
+        if math.isfinite(sigma) and sigma > 0:
+            estimates.append((sigma, len(sub)))
+    if not estimates:
+        return None
+    return math.sqrt(sum(s * s * n for s, n in estimates) / sum(n for _, n in estimates))
+
+
+def _cut_centroid(zc, s, first, end):
+    """Expected z centroid (frames) of Gaussian rocking curves N(zc, s)
+    recorded on frames first..end-1 only, each frame at its centre weighted
+    by the part of the curve it records (arrays of one value per spot); NaN
+    where those frames record nothing."""
+    window = int(min(np.ceil(6 * np.max(s)) + 3, 400))
+    k = np.floor(zc)[:, None] + np.arange(-window, window + 1)[None, :]
+    w = ndtr((k + 1 - zc[:, None]) / s[:, None]) - ndtr((k - zc[:, None]) / s[:, None])
+    w = np.where((k >= first[:, None]) & (k < end[:, None]), w, 0.0)
+    total = w.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 1e-9, (w * (k + 0.5)).sum(axis=1) / total, np.nan)
+
+
+def cut_rocking_curve_phi(table, rows, models, joined, original_variance, sigma_m):
+    """Phi of the gap-edge spots `rows` as what it is: the centroid E of the
+    frames of its block that recorded its rocking curve, a Gaussian of
+    sigma_m / |zeta| (DIALS' reflecting range) about the predicted z_c of
+    `models` cut at the block's ends (:func:`_cut_centroid`).  Linearised for
+    DIALS' least squares, which compares an observation with z_c: with
+    g = dE/dz_c the observation becomes z_c + (z_obs - E) / g and its
+    variance the observed one / g**2, so a spot weighs what its cut centroid
+    tells about z_c (nothing beyond the cut, where E stays at the last
+    frame).  Rows with g < CUT_CURVE_MIN_SLOPE, or without a prediction, keep
+    the phi variance they have.  Returns the number of rows given phi weight."""
+
+    isel = (rows & (table["id"] >= 0)).iselection()
+    if len(isel) == 0:
+        return 0
+    experiments = ExperimentList(list(models))
+    sub = _predicted(table.select(isel), experiments)
+    predicted = sub["s1"].norms() > 0
+    isel, sub = isel.select(predicted), sub.select(predicted)
+    if len(isel) == 0:
+        return 0
+    sub.compute_zeta_multi(experiments)
+    ids = np.asarray(sub["id"])
+    phi0 = np.array([e.scan.get_oscillation(deg=False)[0] for e in experiments])[ids]
+    width = np.array([e.scan.get_oscillation(deg=False)[1] for e in experiments])[ids]
+    a0 = np.array([e.scan.get_array_range()[0] for e in experiments])[ids]
+    ranges = np.array([b.scan.get_image_range() for b in joined.blocks])[np.asarray(sub["block"])]
+    first, end = ranges[:, 0] - 1.0, ranges[:, 1].astype(float)
+    zc = a0 + (np.asarray(sub["xyzcal.mm"].parts()[2]) - phi0) / width
+    x, y, z_mm = (np.asarray(c) for c in table["xyzobs.mm.value"].select(isel).parts())
+    zo = a0 + (z_mm - phi0) / width
+    sigma_phi = np.minimum(sigma_m / np.maximum(np.abs(np.asarray(sub["zeta"])), 1e-6), 20 * sigma_m)
+    s = sigma_phi / np.abs(width)
+    step = 0.05
+    e0 = _cut_centroid(zc, s, first, end)
+    g = (_cut_centroid(zc + step, s, first, end) - _cut_centroid(zc - step, s, first, end)) / (2 * step)
+    ok = np.isfinite(e0) & np.isfinite(g) & (g >= CUT_CURVE_MIN_SLOPE)
+    vx, vy, vz = (np.asarray(c) for c in original_variance.select(isel).parts())
+    _, _, vz_now = (np.asarray(c) for c in table["xyzobs.mm.variance"].select(isel).parts())
+    gs = np.where(ok, g, 1.0)
+    new_z = np.where(ok, phi0 + (zc + (zo - np.where(ok, e0, 0.0)) / gs - a0) * width, z_mm)
+    new_vz = np.where(ok, vz / (gs * gs), vz_now)
+    table["xyzobs.mm.value"].set_selected(isel, flex.vec3_double(flex.double(x), flex.double(y), flex.double(new_z)))
+    table["xyzobs.mm.variance"].set_selected(
+        isel, flex.vec3_double(flex.double(vx), flex.double(vy), flex.double(new_vz)))
+    n = int(ok.sum())
+    logger.debug("Gap-edge spots with phi weight from the cut rocking curve: %d of %d", n, len(isel))
+    return n
 
 
 def _inflate_edge_phi_variance(table, selection):
