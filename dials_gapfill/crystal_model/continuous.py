@@ -1182,18 +1182,24 @@ def rocking_curve_sigma_m(models, table, rows):
     return math.sqrt(sum(s * s * n for s, n in estimates) / sum(n for _, n in estimates))
 
 
-def _cut_centroid(zc, s, first, end):
+def _cut_centroid(zc, s, first, end, chunk=2048):
     """Expected z centroid (frames) of Gaussian rocking curves N(zc, s)
     recorded on frames first..end-1 only, each frame at its centre weighted
     by the part of the curve it records (arrays of one value per spot); NaN
-    where those frames record nothing."""
-    window = int(min(np.ceil(6 * np.max(s)) + 3, 400))
-    k = np.floor(zc)[:, None] + np.arange(-window, window + 1)[None, :]
-    w = ndtr((k + 1 - zc[:, None]) / s[:, None]) - ndtr((k - zc[:, None]) / s[:, None])
-    w = np.where((k >= first[:, None]) & (k < end[:, None]), w, 0.0)
-    total = w.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 1e-9, (w * (k + 0.5)).sum(axis=1) / total, np.nan)
+    where those frames record nothing.  Spots in chunks: the frame window
+    (6 s either side, at most 400 frames) times the spots bounds the memory."""
+    out = np.full(len(zc), np.nan)
+    for i in range(0, len(zc), chunk):
+        part = slice(i, i + chunk)
+        z, sd, f, e = zc[part], s[part], first[part], end[part]
+        window = int(min(np.ceil(6 * np.max(sd)) + 3, 400))
+        k = np.floor(z)[:, None] + np.arange(-window, window + 1)[None, :]
+        w = ndtr((k + 1 - z[:, None]) / sd[:, None]) - ndtr((k - z[:, None]) / sd[:, None])
+        w = np.where((k >= f[:, None]) & (k < e[:, None]), w, 0.0)
+        total = w.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[part] = np.where(total > 1e-9, (w * (k + 0.5)).sum(axis=1) / total, np.nan)
+    return out
 
 
 def cut_rocking_curve_phi(table, rows, models, joined, original_variance, sigma_m):
