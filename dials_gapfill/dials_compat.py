@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 
 import dials.command_line.integrate as dials_integrate
 import dials.util.export_mtz as dials_export_mtz
@@ -135,6 +136,23 @@ def static_crystals_in_scan_varying_job(experiment_ids):
 
     with replaced(configure, "_parameterise_crystals", parameterise) as done:
         yield done
+
+
+def crystals_refused_for_too_few_reflections(message: str, experiments) -> set[int]:
+    """The experiments (positions in `experiments`) whose crystal DIALS'
+    auto-reduction refused to parameterise in a failed job: its message
+    ("Too few reflections to parameterise Crystal4Phi1_sample0, ...") names
+    the parameters, each prefixed with its crystal's model identifier,
+    ``Crystal<k>`` for the k-th of ``experiments.crystals()``
+    (configure._parameterise_crystals).  Empty where the message is another."""
+    if "Too few reflections to parameterise" not in message:
+        return set()
+    crystals = ExperimentList(list(experiments)).crystals()
+    ids = set()
+    for k in {int(m) for m in re.findall(r"\bCrystal(\d+)", message)}:
+        if 1 <= k <= len(crystals):
+            ids.update(i for i, e in enumerate(experiments) if e.crystal is crystals[k - 1])
+    return ids
 
 
 @contextlib.contextmanager

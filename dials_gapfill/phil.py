@@ -366,16 +366,18 @@ blocks
             "checkpoints with quadratic B-spline weights, which follow a crystal"
             "turning at a steady or steadily changing rate exactly, to the ends"
             "of the scan."
-  continuous_scan_ends = xy *xyz
+  continuous_scan_ends = *xy xyz
     .type = choice
     .expert_level = 1
     .help = "continuous: what refinement takes from spots whose rocking curve"
-            "a sweep's own first or last image cuts. Their phi centroid is pulled"
-            "into the scan, as a gap-edge spot's is. xyz: x, y and phi, as"
-            "DIALS does. xy: x and y only, as for gap-edge spots, except in a"
-            "sweep whose spots they are half of or more. xy brings a steady"
-            "crystal closer; a crystal turning faster at a sweep's end loses"
-            "the phi that holds it there (docs/crystal-model.md)."
+            "a sweep's own first or last image cuts (their phi centroid is"
+            "pulled into the scan, as a gap-edge spot's is). xy: treated as the"
+            "spots a gap cuts: x and y in the static jobs, and in the"
+            "scan-varying jobs the phi as continuous_gap_edges says (modelled:"
+            "compared with the rocking curve cut by the scan's end), except in"
+            "a sweep whose spots they are half of or more, which keep their"
+            "phi. xyz: x, y and phi as observed, as DIALS does"
+            "(docs/crystal-model.md)."
   continuous_gap_edges = xy *modelled
     .type = choice
     .expert_level = 1

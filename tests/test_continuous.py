@@ -111,13 +111,13 @@ def test_outlier_rejection_predicts_with_the_scan_varying_crystal(every_8th):
 
     from dials.algorithms.refinement.prediction.managed_predictors import ExperimentsPredictorFactory
 
-    from dials_gapfill.crystal_model.continuous import _predicted
+    from dials_gapfill.crystal_model.continuous import predict_at_observed_z
 
     blocks, table = every_8th["refined_blocks"], every_8th["refined"]
     assert all(e.crystal.num_scan_points for e in blocks)
     used = table.select(table.get_flags(table.flags.used_in_refinement))
     refiner_xy = np.array(used["xyzcal.mm"].parts()[:2])
-    ours = _predicted(used.copy(), blocks)
+    ours = predict_at_observed_z(used.copy(), blocks)
     ours_xy = np.array(ours["xyzcal.mm"].parts()[:2])
     pixel = blocks[0].detector[0].get_pixel_size()[0]
     difference = np.hypot(*(ours_xy - refiner_xy)) / pixel
@@ -167,11 +167,12 @@ def test_scan_end_spots_touch_the_sweeps_own_first_or_last_image(every_8th):
     assert (end & gap_edge_spots(blocks, table) & (ids == last)).count(True) == (ids == last).count(True)
 
 
-def test_scan_ends_xy_takes_the_phi_weight_of_scan_end_spots_unless_they_are_most(every_8th):
-    """refinement.blocks.continuous_scan_ends=xy: the spots a sweep's own ends
-    cut join the gap-edge spots whose phi gets no weight (xyz, the default:
-    only the gap-edge spots); a sweep whose spots are mostly cut by its ends
-    keeps their phi."""
+def test_scan_end_spots_are_treated_as_gap_edge_spots_unless_they_are_most(every_8th):
+    """refinement.blocks.continuous_scan_ends=xy (the default): the spots a
+    sweep's own ends cut join the gap-edge spots (no phi weight in the static
+    jobs, their phi against a cut rocking curve in the scan-varying ones;
+    xyz: only the gap-edge spots); a sweep whose spots are mostly cut by its
+    ends keeps their phi."""
     import copy
 
     from dials_gapfill.crystal_model import ContinuousModel
@@ -179,16 +180,18 @@ def test_scan_ends_xy_takes_the_phi_weight_of_scan_end_spots_unless_they_are_mos
     from dials_gapfill.phil import params_from
 
     blocks, indexed = every_8th["blocks"], every_8th["indexed"]
-    default = ContinuousModel(params_from(["nproc=1"]))._start(blocks, copy.deepcopy(indexed))
-    xy = ContinuousModel(params_from(["nproc=1", "refinement.blocks.continuous_scan_ends=xy"]))
+    raw = ContinuousModel(params_from(["nproc=1", "refinement.blocks.continuous_scan_ends=xyz"]))._start(
+        blocks, copy.deepcopy(indexed))
+    xy = ContinuousModel(params_from(["nproc=1"]))
+    assert xy.scan_ends == "xy"
     job = xy._start(blocks, copy.deepcopy(indexed))
     end = scan_end_spots(blocks, job.table)
     first_block = job.table["block"] == 0
     n_end = (end & first_block & ~job.edge).count(True)
     assert n_end > 10
     assert (job.xy_edge & end & first_block & ~job.edge).count(True) == n_end
-    assert (default.xy_edge & end & first_block & ~default.edge).count(True) == 0
-    assert list(default.edge) == list(job.edge)  # the gap-edge flag itself is unchanged
+    assert (raw.xy_edge & end & first_block & ~raw.edge).count(True) == 0
+    assert list(raw.edge) == list(job.edge)  # the gap-edge flag itself is unchanged
     # a sweep whose spots are mostly cut by its ends: their phi stays
     from dials.array_family import flex
 
@@ -444,9 +447,13 @@ def test_the_checkpoint_spacing_chosen_on_left_out_reflections(every_8th):
     else:
         assert not all(same)
     # "auto" (the default) tries the finer spacing only after a re-index
-    # cycle, and then is the run that always tries it, else the one that never does
+    # cycle that indexed more, and then is the run that always tries it,
+    # else the one that never does
     auto_last, auto_blocks, auto_table, _ = runs["auto"]
-    cycled = len(auto_last["out_of_sample"]) > 1
+    cycled = any(c["indexed_more"] for c in auto_last["reindex_cycles"])
+    # the first scan-varying job is always followed by one whose outliers
+    # were judged against it
+    assert auto_last["reindex_cycles"][0]["refined"] and len(auto_last["out_of_sample"]) >= 2
     twin_blocks, twin_table = (blocks, table) if cycled else (other_blocks, other_table)
     assert len(auto_last["spacing_choice"]["widths"]) == (2 if cycled else 1)
     assert list(auto_table["xyzcal.px"]) == list(twin_table["xyzcal.px"])
@@ -477,3 +484,23 @@ def test_outlier_rejection_gives_the_same_outliers_on_any_number_of_processes(ev
     assert flags[1][0] == flags[1][1] == flags[2][0]
     counts, outliers = flags[2][0]
     assert counts["inner"] > 0 and sum(outliers) == sum(counts.values())
+
+
+def test_sweeps_dials_refuses_to_make_scan_varying_are_named_from_its_message():
+    """DIALS' auto-reduction names the parameters it cannot determine
+    (Crystal<k>... for the k-th crystal of the job): those experiments'
+    crystals stay static in the job; another message names none."""
+    from dxtbx.model import Crystal, Experiment
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials_gapfill.dials_compat import crystals_refused_for_too_few_reflections
+
+    crystals = [Crystal((5.0 + k, 0, 0), (0, 6.0, 0), (0, 0, 7.0), space_group_symbol="P 1") for k in range(3)]
+    # four experiments, the last two sharing the third crystal
+    experiments = ExperimentList([Experiment(crystal=c) for c in (crystals[0], crystals[1], crystals[2], crystals[2])])
+    message = ("Too few reflections to parameterise Crystal3Phi1_sample0, Crystal3Phi2_sample0, "
+               "Crystal1g_param_0.\nTry setting refinement.parameterisation.auto_reduction.action")
+    assert crystals_refused_for_too_few_reflections(message, experiments) == {0, 2, 3}
+    assert crystals_refused_for_too_few_reflections("Crystal1 diverged", experiments) == set()
+    assert crystals_refused_for_too_few_reflections("Too few reflections to parameterise Beam1Mu1.",
+                                                    experiments) == set()

@@ -555,6 +555,7 @@ class _Job:
     indexed_against: Any = None  # the models every spot was last indexed against
     out_of_sample: list = dataclasses.field(default_factory=list)  # each scan-varying job's
     spacing_choice: Any = None  # the checkpoint spacings compared and the one kept
+    cycles: list = dataclasses.field(default_factory=list)  # each re-index cycle: spots gained, refined again
     smoother: str = "gaussian"  # the scan-varying jobs' smoother (SMOOTHER_NAMES)
 
 
@@ -742,13 +743,20 @@ class ContinuousModel(CrystalModel):
         # one image after a gap: worst error 0.052 deg without, 0.018 with it)
         xy_edge = copy.deepcopy(edge)
         if self.gap_edge == "xy" and self.scan_ends == "xy":
-            # a sweep's scan-end spots without phi weight, unless they are most
-            # of its spots (a short sweep of fine slices: four 15 x 0.1 deg
-            # L-cysteine sweeps, DIALS then refuses a sweep left without phi)
+            # a sweep's scan-end spots treated as gap-edge spots, unless they
+            # are most of its spots (a short sweep of fine slices: four 15 x
+            # 0.1 deg L-cysteine sweeps, DIALS then refuses a sweep left
+            # without phi); with modelled gap edges, only where the rocking
+            # curve's width can be estimated (a sweep with SIGMA_M_MIN_SPOTS
+            # spots cut by neither): else their phi would get no weight, which
+            # leaves a sparse sweep's ends held by nothing
             end = scan_end_spots(experiments, table)
+            uncut = ~edge & ~end & (table["id"] >= 0)
+            modelled = self.gap_edges != "modelled" or any(
+                (uncut & (table["sweep"] == g)).count(True) >= SIGMA_M_MIN_SPOTS for g in range(len(joined.groups)))
             for g, group in enumerate(joined.groups):
                 rows = table["sweep"] == g
-                if (rows & end).count(True) < SCAN_END_MAX_FRACTION * rows.count(True):
+                if modelled and (rows & end).count(True) < SCAN_END_MAX_FRACTION * rows.count(True):
                     xy_edge |= rows & end
         blocks_of_rows = table["block"]
         for i in range(len(experiments)):
@@ -811,15 +819,27 @@ class ContinuousModel(CrystalModel):
         if self.gap_edge == "xy":
             _inflate_edge_phi_variance(table, job.xy_edge)
         if len(models) > 1:
-            # an orientation per sweep, one cell; the orientations first,
-            # without outlier rejection: the one crystal of the joint lattice
-            # search misses each sweep by a rotation (goniometer settings a
-            # little off), and judged against it whole sweeps look like outliers
+            # an orientation per sweep, one cell; the orientations first: the
+            # one crystal of the joint lattice search misses each sweep by a
+            # rotation (goniometer settings a little off).  Judged in one
+            # distribution (a sweep below DIALS' minimum pools them) whole
+            # sweeps would look like outliers: no rejection then.  Judged
+            # sweep by sweep, as dials.refine does, each sweep's offset is its
+            # own distribution's centre, and a job without rejection would
+            # pull the orientations towards the outliers (35 % of the four
+            # L-cysteine sweeps' spots) that the static job then judges
+            # against them (phi RMSD 0.21-0.80 images at the end, against
+            # 0.07-0.50 with the rejection)
             crystal_per_sweep(models)
             one_cell(rp)
             first = copy.deepcopy(rp)
-            first.refinement.reflections.outlier.algorithm = "null"
-            sel = self._refinable(table).iselection()
+            refinable = self._refinable(table)
+            if _sweeps_judged_apart(table, refinable & ~job.xy_edge, rp):
+                sel, first = _job_selection(table, refinable, models, rp, self.gap_edge, job.xy_edge,
+                                            nproc=self.nproc)
+            else:
+                first.refinement.reflections.outlier.algorithm = "null"
+                sel = refinable.iselection()
             logger.info("Continuous model: an orientation per sweep, %d reflections", len(sel))
             models, _, _ = _macrocycle(first, table.select(sel), models, "static refinement of the sweeps' orientations")
         sel, job_rp = _job_selection(table, self._refinable(table), models, rp, self.gap_edge, job.xy_edge,
@@ -890,8 +910,16 @@ class ContinuousModel(CrystalModel):
         spots = np.bincount(rows_block[rows_block >= 0], minlength=len(job.joined.blocks))
         model_edges = self.gap_edges == "modelled" and self.gap_edge == "xy" and job.xy_edge.count(True) > 0
         last = oos = None
-        moved = False  # a re-index cycle refined again
-        unsettled = False  # the last job's spots and outliers were chosen against a model that had just moved
+        moved = False  # a re-index cycle that indexed more refined again
+        # the last job's spots and outliers were chosen against a model that
+        # had just moved.  True for the first scan-varying job: its outliers
+        # were judged against the static crystal, which mispredicts a crystal
+        # that turns by more than a spot's width, so the spots where the
+        # drift is largest (the ends) are rejected and the scan-varying model
+        # is weakest exactly there; one more job, its outliers judged against
+        # the scan-varying model, follows (3-block sweep: orientation error
+        # 0.0032 / 0.0124 deg median / worst -> 0.0012 / 0.0080)
+        unsettled = True
         for cycle in range(1 + cycles if self.scan_varying else 0):
             if cycle > 0:
                 before = _indexed_per_block(table, rows_block, len(spots))
@@ -903,9 +931,11 @@ class ContinuousModel(CrystalModel):
                     "All spots indexed against the scan-varying model: %d of %d (%+d; the most in one block %+d, "
                     "%+.1f%% of its spots)", n, len(table), gain.sum(), gain.max(), 100 * block_gain.max(),
                 )
-                small = auto and gain.sum() < AUTO_REINDEX_GAIN * len(table) and not (
-                    (block_gain >= AUTO_REINDEX_GAIN) & (gain >= AUTO_REINDEX_BLOCK_MIN)
-                ).any()
+                more = gain.sum() >= AUTO_REINDEX_GAIN * len(table) or bool(
+                    ((block_gain >= AUTO_REINDEX_GAIN) & (gain >= AUTO_REINDEX_BLOCK_MIN)).any()
+                )
+                small = auto and not more
+                job.cycles.append({"gain": int(gain.sum()), "indexed_more": more, "refined": not small or unsettled})
                 if small and not unsettled:
                     job.indexed_against = models
                     break
@@ -915,14 +945,20 @@ class ContinuousModel(CrystalModel):
                 else:
                     logger.info("Continuous model: refined again with them (cycle %d)", cycle)
                 unsettled = not small
-                moved = True
+                moved = moved or not small
             if self.gap_edge == "xy":
                 _inflate_edge_phi_variance(table, job.xy_edge)
             if model_edges:
                 self._model_edge_phi(job, models)
             table.unset_flags(flex.bool(len(table), True), table.flags.used_in_refinement)
+            # judged by block once a re-index cycle indexed more (the crystal
+            # turns faster somewhere than the model did); the job that only
+            # judges the first scan-varying job's outliers against it does so
+            # sweep by sweep: a block of a few images has too few spots for a
+            # stable distribution (40 x 1 deg, every 8th image missing, 7-image
+            # blocks: worst error 0.056 deg by block, 0.028 by sweep)
             sel, job_rp = _job_selection(table, self._refinable(table), models, rp, self.gap_edge, job.xy_edge,
-                                         by_block=cycle > 0, nproc=self.nproc)
+                                         by_block=cycle > 0 and moved, nproc=self.nproc)
             work = table.select(sel)
             if self.gap_edge == "xy":
                 work["phi_weighted"] = ~job.xy_edge.select(sel)
@@ -948,9 +984,24 @@ class ContinuousModel(CrystalModel):
         Returns (models, out-of-sample RMSDs)."""
         logger.info("Continuous model: %s, %d reflections", what, len(work))
         factory = BSplineSmoother if self.smoother == "bspline" else None
-        with dials_compat.static_crystals_in_scan_varying_job(static_only), \
-                dials_compat.crystal_smoother(factory) as swapped:
-            models, work, refiner = _macrocycle(job_rp, work, models, what)
+        static_only = set(static_only)
+        while True:
+            try:
+                with dials_compat.static_crystals_in_scan_varying_job(static_only), \
+                        dials_compat.crystal_smoother(factory) as swapped:
+                    models, work, refiner = _macrocycle(job_rp, work, models, what)
+                break
+            except GapfillError as e:
+                # a sparse sweep (a dozen spots, as a 1.5-deg small-molecule
+                # wedge): DIALS refuses its scan-varying orientation for too
+                # few reflections per parameter; it stays static in this job
+                refused = dials_compat.crystals_refused_for_too_few_reflections(
+                    getattr(e, "dials_message", ""), models) - static_only
+                if not refused:
+                    raise
+                logger.info("Sweep(s) %s: too few reflections for a scan-varying orientation (DIALS' "
+                            "auto_reduction): static in this job", ", ".join(str(i + 1) for i in sorted(refused)))
+                static_only |= refused
         job.smoother = "bspline" if swapped else "gaussian"
         oos = out_of_sample_rmsd(refiner, models)
         if oos:
@@ -1087,6 +1138,7 @@ class ContinuousModel(CrystalModel):
             "out_of_sample": job.out_of_sample,
             "spacing_choice": job.spacing_choice,
             "smoother": job.smoother,
+            "reindex_cycles": job.cycles,
         }
         return blocks, out, record
 
@@ -1136,9 +1188,9 @@ def _macrocycle(rp, reflections, experiments, what):
     try:
         refiner, reflections, history = run_macrocycle(rp, reflections, experiments)
     except SystemExit as e:  # DIALS 3.12 exits on configuration/runtime errors
-        raise GapfillError(
-            f"{what} failed: {' '.join(str(e.code).split())[:200]}: check refinement.*"
-        ) from None
+        error = GapfillError(f"{what} failed: {' '.join(str(e.code).split())[:200]}: check refinement.*")
+        error.dials_message = str(e.code)
+        raise error from None
     logger.info("%s: %d steps in %.1f s", what.capitalize(), history.get_nrows(), time.perf_counter() - t0)
     return refiner.get_experiments(), reflections, refiner
 
@@ -1163,7 +1215,7 @@ def rocking_curve_sigma_m(models, table, rows):
             continue
         if len(sel) > SIGMA_M_MAX_SPOTS:
             sel = np.sort(rng.choice(sel, SIGMA_M_MAX_SPOTS, replace=False))
-        sub = _predicted(table.select(flex.size_t(sel.tolist())), experiments)
+        sub = predict_at_observed_z(table.select(flex.size_t(sel.tolist())), experiments)
         sub = sub.select(sub["s1"].norms() > 0)
         sub.compute_zeta_multi(experiments)
         sub = sub.select(flex.abs(sub["zeta"]) >= 0.05)
@@ -1218,7 +1270,7 @@ def cut_rocking_curve_phi(table, rows, models, joined, original_variance, sigma_
     if len(isel) == 0:
         return 0
     experiments = ExperimentList(list(models))
-    sub = _predicted(table.select(isel), experiments)
+    sub = predict_at_observed_z(table.select(isel), experiments)
     predicted = sub["s1"].norms() > 0
     isel, sub = isel.select(predicted), sub.select(predicted)
     if len(isel) == 0:
@@ -1263,7 +1315,7 @@ def _inflate_edge_phi_variance(table, selection):
     table["xyzobs.mm.variance"].set_selected(isel, flex.vec3_double(vx, vy, vz * PHI_VARIANCE_INFLATION))
 
 
-def _predicted(sub, experiments):
+def predict_at_observed_z(sub, experiments):
     """`sub` (a selection of a continuous table) with DIALS' predictions of
     `experiments` for its indices (xyzcal.mm), as the refiner makes them: a
     scan-varying crystal at each reflection's observed z."""
@@ -1342,7 +1394,7 @@ def out_of_sample_rmsd(refiner, models):
     if free is None or len(free) == 0:
         return None
     experiments = ExperimentList(list(models))
-    sub = _predicted(copy.deepcopy(free), experiments)
+    sub = predict_at_observed_z(copy.deepcopy(free), experiments)
     xo, yo, zo = sub["xyzobs.mm.value"].parts()
     xc, yc, zc = sub["xyzcal.mm"].parts()
     px = experiments[0].detector[0].get_pixel_size()
@@ -1426,7 +1478,7 @@ def reject_outliers(table, selection, models, rp, edge=None, by_block=False, npr
             # DIALS flags every reflection of a job below its minimum: none
             # is judged where there are too few to judge
             continue
-        sub = _predicted(table.select(isel), experiments)
+        sub = predict_at_observed_z(table.select(isel), experiments)
         xo, yo, zo = sub["xyzobs.mm.value"].parts()
         xc, yc, zc = sub["xyzcal.mm"].parts()
         sub["x_resid"], sub["y_resid"], sub["phi_resid"] = xc - xo, yc - yo, zc - zo
@@ -1455,6 +1507,19 @@ def reject_outliers(table, selection, models, rp, edge=None, by_block=False, npr
     return counts
 
 
+def _sweeps_judged_apart(table, selection, rp) -> bool:
+    """Whether :func:`reject_outliers` judges the spots of `selection` (not
+    cut by a gap) sweep by sweep: DIALS' rejection on, separate_experiments,
+    and every sweep with at least DIALS' minimum_number_of_reflections."""
+    outlier = rp.refinement.reflections.outlier
+    if outlier.algorithm in ("null", None) or not outlier.separate_experiments or "sweep" not in table:
+        return False
+    sweeps = np.asarray(table["sweep"].select(selection))
+    if not len(sweeps) or (sweeps < 0).any():
+        return False
+    return int(np.bincount(sweeps).min()) >= outlier.minimum_number_of_reflections
+
+
 def _job_selection(table, refinable, models, rp, gap_edge, edge=None, by_block=False, nproc=1):
     """Rows of one refinement job.  With gap_edge="xy" outliers are rejected
     here (:func:`reject_outliers`) and the job runs without DIALS' own
@@ -1470,7 +1535,19 @@ def _job_selection(table, refinable, models, rp, gap_edge, edge=None, by_block=F
         logger.info("Outliers rejected (not cut by a gap / cut by a gap): %s", counts)
     job_rp = copy.deepcopy(rp)
     job_rp.refinement.reflections.outlier.algorithm = "null"
-    return (refinable & ~table.get_flags(table.flags.centroid_outlier)).iselection(), job_rp
+    kept = refinable & ~table.get_flags(table.flags.centroid_outlier)
+    if "sweep" in table and len(models) > 1:
+        # a sweep judged in one distribution with the others can lose every
+        # spot (its residuals offset from theirs); DIALS cannot refine an
+        # experiment without reflections: such a sweep keeps its spots unjudged
+        sweeps = np.asarray(table["sweep"])
+        ref, ok = np.asarray(refinable), np.asarray(kept)
+        for g in np.unique(sweeps[ref]):
+            if g >= 0 and not (ok & (sweeps == g)).any():
+                logger.info("Sweep %d: every spot judged an outlier; its %d spots kept", g + 1,
+                            int((ref & (sweeps == g)).sum()))
+                kept |= refinable & (table["sweep"] == int(g))
+    return kept.iselection(), job_rp
 
 
 def block_rmsds(table, experiments):

@@ -10,6 +10,7 @@ integer matrix relating their reciprocal-space bases.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import statistics
@@ -21,6 +22,7 @@ from dials.command_line import find_spots
 from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
 from scitbx import matrix
 
+from dials_gapfill.crystal_model.continuous import predict_at_observed_z
 from dials_gapfill.model.tables import mean_cell
 from dials_gapfill.simulation.simulate import rotation
 
@@ -435,3 +437,42 @@ def summation_against_truth(reflections, truth):
     lookup = {tuple(h): v for h, v in zip(truth["intensities"]["miller_index"], truth["intensities"]["I"])}
     true = np.array([lookup.get(tuple(h), np.nan) for h in asu])
     return intensity, sigma, true
+
+
+def held_out_residuals(refine, experiments, reflections, score_rows, folds=10, seed=7):
+    """Residuals of indexed spots predicted by models refined without them.
+
+    `reflections` (indexed spots, ``id`` = experiment) are split into `folds`
+    folds, stratified by experiment, with one seed; for each fold
+    ``refine(copy of experiments, the other folds)`` returns refined
+    experiments, which predict the fold's rows in `score_rows` (indices) with
+    the crystal at each spot's observed z
+    (:func:`dials_gapfill.crystal_model.continuous.predict_at_observed_z`).
+    Returns {experiment id: (dx px, dy px, dphi images)} numpy arrays."""
+    ids = np.asarray(reflections["id"])
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(len(ids), int)
+    for i in np.unique(ids):
+        rows = np.flatnonzero(ids == i)
+        fold[rng.permutation(rows)] = np.arange(len(rows)) % folds
+    scored = np.zeros(len(ids), bool)
+    scored[np.asarray(list(score_rows), int)] = True
+    out = {}
+    for k in range(folds):
+        models = refine(copy.deepcopy(experiments), reflections.select(flex.bool((fold != k).tolist())))
+        test = reflections.select(flex.size_t(np.flatnonzero((fold == k) & scored).tolist()))
+        if not len(test):
+            continue
+        test = predict_at_observed_z(test, models)
+        obs, cal = np.array(test["xyzobs.mm.value"]), np.array(test["xyzcal.mm"])
+        tid = np.asarray(test["id"])
+        for i, exp in enumerate(models):
+            rows = tid == i
+            if not rows.any():
+                continue
+            px = exp.detector[0].get_pixel_size()
+            width = math.radians(exp.scan.get_oscillation()[1])
+            d = (cal - obs)[rows] / np.array([px[0], px[1], width])
+            prev = out.get(i, np.zeros((0, 3)))
+            out[i] = np.vstack([prev, d])
+    return {i: (d[:, 0], d[:, 1], d[:, 2]) for i, d in out.items()}
