@@ -168,11 +168,11 @@ def test_scan_end_spots_touch_the_sweeps_own_first_or_last_image(every_8th):
 
 
 def test_scan_end_spots_are_treated_as_gap_edge_spots_unless_they_are_most(every_8th):
-    """refinement.blocks.continuous_scan_ends=xy (the default): the spots a
-    sweep's own ends cut join the gap-edge spots (no phi weight in the static
-    jobs, their phi against a cut rocking curve in the scan-varying ones;
-    xyz: only the gap-edge spots); a sweep whose spots are mostly cut by its
-    ends keeps their phi."""
+    """refinement.blocks.continuous_scan_ends=xy: the spots a sweep's own ends
+    cut join the gap-edge spots (no phi weight in the static jobs, their phi
+    against a cut rocking curve in the scan-varying ones; xyz, the default:
+    only the gap-edge spots); a sweep whose spots are mostly cut by its ends
+    keeps their phi."""
     import copy
 
     from dials_gapfill.crystal_model import ContinuousModel
@@ -180,10 +180,8 @@ def test_scan_end_spots_are_treated_as_gap_edge_spots_unless_they_are_most(every
     from dials_gapfill.phil import params_from
 
     blocks, indexed = every_8th["blocks"], every_8th["indexed"]
-    raw = ContinuousModel(params_from(["nproc=1", "refinement.blocks.continuous_scan_ends=xyz"]))._start(
-        blocks, copy.deepcopy(indexed))
-    xy = ContinuousModel(params_from(["nproc=1"]))
-    assert xy.scan_ends == "xy"
+    raw = ContinuousModel(params_from(["nproc=1"]))._start(blocks, copy.deepcopy(indexed))
+    xy = ContinuousModel(params_from(["nproc=1", "refinement.blocks.continuous_scan_ends=xy"]))
     job = xy._start(blocks, copy.deepcopy(indexed))
     end = scan_end_spots(blocks, job.table)
     first_block = job.table["block"] == 0
@@ -451,9 +449,6 @@ def test_the_checkpoint_spacing_chosen_on_left_out_reflections(every_8th):
     # else the one that never does
     auto_last, auto_blocks, auto_table, _ = runs["auto"]
     cycled = any(c["indexed_more"] for c in auto_last["reindex_cycles"])
-    # the first scan-varying job is always followed by one whose outliers
-    # were judged against it
-    assert auto_last["reindex_cycles"][0]["refined"] and len(auto_last["out_of_sample"]) >= 2
     twin_blocks, twin_table = (blocks, table) if cycled else (other_blocks, other_table)
     assert len(auto_last["spacing_choice"]["widths"]) == (2 if cycled else 1)
     assert list(auto_table["xyzcal.px"]) == list(twin_table["xyzcal.px"])
