@@ -130,8 +130,8 @@ def test_spots_left_out_are_predicted_better_than_by_the_dials_chain(dials_chain
     in 10 folds, each predicted by the models refined on the other nine,
     scored on the spots both full refinements kept.  Pooled over the four
     sweeps ours are closer in x, y and phi (benchmarks/l_cysteine_rmsd.py,
-    on the 70 spots four refinements kept: 0.20 / 0.21 px and 0.61 images
-    against 1.06 / 2.33 px and 1.29 images, and closer in every sweep)."""
+    on the 78 spots four refinements kept: 0.26 / 0.45 px and 0.59 images
+    against 1.01 / 2.21 px and 1.22 images)."""
     import copy
 
     from dials.array_family import flex
