@@ -78,19 +78,6 @@ def index(workdir, data):
     return experiments, reflections.select(reflections["id"] >= 0)
 
 
-def _with_identifiers(experiments, reflections):
-    """Copies with identifiers b0, b1, ... (one block per sweep)."""
-    import copy
-
-    experiments, reflections = copy.deepcopy(experiments), copy.deepcopy(reflections)
-    for k in list(reflections.experiment_identifiers().keys()):
-        del reflections.experiment_identifiers()[k]
-    for i, e in enumerate(experiments):
-        e.identifier = f"b{i}"
-        reflections.experiment_identifiers()[i] = e.identifier
-    return experiments, reflections
-
-
 def refine(name, experiments, reflections, folder):
     """Refined (experiments, reflections) of model `name`."""
     from dials.array_family import flex
@@ -101,7 +88,6 @@ def refine(name, experiments, reflections, folder):
         from dials_gapfill.crystal_model.continuous import ContinuousModel
         from dials_gapfill.phil import params_from
 
-        experiments, reflections = _with_identifiers(experiments, reflections)
         out_e, out_r, _ = ContinuousModel(params_from(["nproc=1"])).refine(experiments, reflections)
         return out_e, out_r
     experiments.as_file(os.path.join(folder, "in.expt"))
