@@ -33,6 +33,8 @@ wall-clock / CPU times (os.wait4 of each child process).
   .venv/bin/python benchmarks/electron.py --workdir /tmp/ed_bench --json ed.json --markdown
   .venv/bin/python benchmarks/electron.py --axis-offset 1.5     # start from an axis 1.5 deg off
   .venv/bin/python benchmarks/electron.py --images 80 --runs multiple,cli   # a quick look
+  .venv/bin/python benchmarks/electron.py --images 80 --seed 1 --runs ref,multiple \
+      --phil refinement.blocks.continuous_gap_edges=modelled          # other settings for our runs
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ def run_gapfill(name, folder, extra, args, workdir):
     os.makedirs(cwd)
     steps = []
     argv = [gapfill_tool("dials.process_gapped"), *images(folder), PHIL, *axis_override(args.axis_offset),
-            f"nproc={args.nproc}", "output.directory=.", *extra]
+            f"nproc={args.nproc}", "output.directory=.", *extra, *args.phil]
     run_step(steps, "process_gapped", argv, cwd, shown=f"dials.process_gapped {' '.join(extra)}".strip())
     return cwd, steps
 
@@ -309,6 +311,8 @@ def main(argv=None):
     parser.add_argument("--workdir", default=None, help="kept; default a temporary folder, removed")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", action="store_true", help="also print the Markdown table")
+    parser.add_argument("--phil", nargs="*", default=[],
+                        help="parameters added to the dials.process_gapped runs (after the phil file)")
     args = parser.parse_args(argv)
     runs = [r for r in args.runs.split(",") if r]
     if not runs or set(runs) - set(RUNS):
