@@ -324,7 +324,8 @@ def _steady_levmar(base):
     tolerance in its first step and stop there, the smoother's values barely
     moved (an electron sweep with tracking frames left out: RMSD phi
     0.09104 -> 0.09103 deg, stopped after one step, orientation error
-    0.031 deg median; with the step counted twice, 18 steps and 0.005 deg)."""
+    0.031 deg median; with two steady steps required, 18 steps and 0.0041
+    deg)."""
 
     class SteadyLevenbergMarquardt(base):
         def test_rmsd_convergence(self):
