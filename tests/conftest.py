@@ -22,7 +22,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SNASE = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "snase"))
 BIN = os.path.dirname(sys.executable)
-NPROC = os.environ.get("GAPFILL_TEST_NPROC", "2")
+# One process per run: pytest-xdist already keeps every core busy (make test:
+# -n 2), and on a busy core a run's worker processes cost CPU (their start-up,
+# DIALS imported again) without making it faster. Tests about worker
+# processes (signals, kills, progress, parallel equals serial) ask for WORKERS.
+NPROC = os.environ.get("GAPFILL_TEST_NPROC", "1")
+WORKERS = "2"
 
 # The standard test sweep: 120 images of 0.5 deg on a Pilatus 1M.
 STANDARD = dict(n_images=120, seed=42)

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import NPROC, process, tool
+from conftest import NPROC, WORKERS, process, tool
 
 PRODUCTS = ("integrated.expt", "integrated.refl", "integrated.mtz", "dials.process_gapped.json",
             "dials.process_gapped.html", "dials.process_gapped.log")
@@ -370,7 +370,7 @@ def test_validation_comes_before_reading_images(tmp_path):
 def _run_until(tiny, out, marker, sig):
     """Start a run, send `sig` when `marker` appears in its log; return the result."""
     _seed_old_results(out)
-    args = [tool("dials.process_gapped"), tiny, f"output.directory={out}", f"nproc={NPROC}"]
+    args = [tool("dials.process_gapped"), tiny, f"output.directory={out}", f"nproc={WORKERS}"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # the log of a run in progress has a temporary name (the old log stays)
     pattern = os.path.join(out, ".dials.process_gapped.tmp-*.log")

@@ -184,10 +184,10 @@ def test_a_killed_integration_worker_is_named_in_the_message(tiny, tmp_path):
 
     import psutil
 
-    from conftest import NPROC, tool
+    from conftest import WORKERS, tool
 
     out = str(tmp_path / "out")
-    proc = subprocess.Popen([tool("dials.process_gapped"), tiny, f"output.directory={out}", f"nproc={NPROC}"],
+    proc = subprocess.Popen([tool("dials.process_gapped"), tiny, f"output.directory={out}", f"nproc={WORKERS}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = None
     deadline = time.time() + 600

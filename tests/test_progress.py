@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from conftest import NPROC, tool
+from conftest import WORKERS, tool
 
 GAP = (15, 16, 17)  # tiny sweep (images 1-40): blocks 1-14 and 18-40
 BLOCKS = [(1, 14), (18, 40)]
@@ -38,7 +38,7 @@ LATE = 12.0
 
 
 def _command(sweep, out, *phil):
-    return [tool("dials.process_gapped"), sweep, f"output.directory={out}", f"nproc={NPROC}",
+    return [tool("dials.process_gapped"), sweep, f"output.directory={out}", f"nproc={WORKERS}",
             f"output.progress_interval={INTERVAL}", *phil]
 
 
@@ -101,11 +101,10 @@ def test_lines_count_the_images(piped):
     assert any(re.match(r"refinement \((static|scan-varying) refinement, step \d+\)", l) for l in console)
     # integration: images count as DIALS' worker processes finish them, before
     # a worker hands back its job's messages (" Frames: ...") at the job's end
-    if int(NPROC) > 1:
-        start = next(i for i, l in enumerate(console) if l.startswith("integration (integrating)"))
-        after = console[start:]
-        first_job = next(i for i, l in enumerate(after) if l.startswith(" Frames: images"))
-        assert any(d > 0 for _, d, _, _ in _progress(after[:first_job], "integration")), after[:first_job]
+    start = next(i for i, l in enumerate(console) if l.startswith("integration (integrating)"))
+    after = console[start:]
+    first_job = next(i for i, l in enumerate(after) if l.startswith(" Frames: images"))
+    assert any(d > 0 for _, d, _, _ in _progress(after[:first_job], "integration")), after[:first_job]
 
 
 @pytest.mark.slow
