@@ -86,6 +86,48 @@ def test_exclusions_name_their_sweep(three_sweeps):
         _import("gaps.exclude_images=4:5:6", positional=[gapped])
 
 
+def test_every_input_form_gives_the_same_sweeps(three_sweeps):
+    """A folder, one glob or template per sweep, and image= ranges (xia2's
+    form): the same three sweeps and blocks; two ranges of one template are
+    one sweep with a gap, as one range with the images left out."""
+    complete, gapped, _ = three_sweeps
+    expected = BLOCKS
+    forms = {
+        "folder": ([gapped], ()),
+        "globs": ([os.path.join(gapped, f"sim_0{s}_*.cbf") for s in (1, 2, 3)], ()),
+        "templates": ([], [f"input.template={os.path.join(gapped, f'sim_0{s}_####.cbf')}" for s in (1, 2, 3)]),
+        "image ranges": ([], [f"input.image={os.path.join(complete, f'sim_0{s}_0001.cbf')}:{a}:{b}"
+                              for s, a, b in BLOCKS]),
+    }
+    for name, (positional, phil) in forms.items():
+        sweeps, experiments, report = _import(*phil, positional=positional)
+        assert [(sweeps.sweep_of(e).number, *e.scan.get_image_range()) for e in experiments] == expected, name
+        assert [s["batch_offset"] for s in report.sweeps] == [0, 100, 200], name
+        assert len(experiments.goniometers()) == 3, name
+
+
+def test_one_nexus_file_per_sweep(tmp_path):
+    """Two NeXus files, one sweep each (NXmx: one scan per file), with
+    exclusions by sweep: two sweeps, their blocks and batch offsets."""
+    from dials_gapfill.simulation.nexus_writer import simulate_nexus
+    from dials_gapfill.simulation.simulate import SimulationConfig
+
+    files = []
+    for k, start in enumerate((0.0, 60.0)):
+        config = SimulationConfig(n_images=8, osc_width=1.0, osc_start=start, detector="pilatus300k",
+                                  distance=150.0, seed=42, prefix=f"w{k}")
+        truth = simulate_nexus(config, str(tmp_path / f"s{k}"))
+        files.append(os.path.join(tmp_path / f"s{k}", truth["files"][0]))
+    sweeps, experiments, report = _import("gaps.exclude_images=1:4:4,2:6:7", positional=files)
+    assert [(sweeps.sweep_of(e).number, *e.scan.get_image_range()) for e in experiments] == [
+        (1, 1, 3), (1, 5, 8), (2, 1, 5), (2, 8, 8)]
+    assert [e.scan.get_oscillation()[0] for e in experiments] == pytest.approx([0.0, 4.0, 60.0, 67.0])
+    assert [s["batch_offset"] for s in report.sweeps] == [0, 100]
+    assert {(e["sweep"], e["image"]) for e in report.excluded} == {(1, 4), (2, 6), (2, 7)}
+    # one beam, one detector; same goniometer setting, so the sweeps differ by their scans only
+    assert len(experiments.beams()) == len(experiments.detectors()) == 1
+
+
 def test_a_sweep_at_another_wavelength_is_refused(tmp_path):
     from dials_gapfill.errors import GapfillError
     from dials_gapfill.simulation.simulate import SimulationConfig, simulate
