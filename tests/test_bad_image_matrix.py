@@ -176,3 +176,44 @@ def test_bad_image_run_to_the_mtz_equals_exclusion_by_hand(sweeps, tmp_path, kin
     assert mtz["auto"].nreflections == mtz["manual"].nreflections
     batches = sorted({int(b) for b in mtz["auto"].column_with_label("BATCH")})
     assert image not in batches and set(GAP).isdisjoint(batches)
+
+
+# bad images in several sweeps: the last image of the first sweep, the first
+# image of a later sweep, the last image before a gap in the third
+PLANTED_IN_SWEEPS = {1: {12: "blank"}, 2: {1: "zero"}, 3: {6: "flare"}}
+
+
+def _three_sweeps(directory, bad):
+    import dataclasses
+
+    from dials_gapfill.simulation.multisweep import MultiSweepConfig, default_sweeps, simulate_sweeps
+    from dials_gapfill.simulation.simulate import SimulationConfig
+
+    base = SimulationConfig(n_images=12, osc_width=1.0, detector="pilatus300k", distance=150.0, seed=7)
+    settings = tuple(
+        dataclasses.replace(s, omit=(7,) if k == 3 else (), bad_images=bad.get(k, {}))
+        for k, s in enumerate(default_sweeps(3, "kappa"), start=1)
+    )
+    simulate_sweeps(MultiSweepConfig(base=base, goniometer="kappa", sweeps=settings), directory)
+    return directory
+
+
+def test_bad_images_in_several_sweeps_equal_exclusion_by_hand(tmp_path):
+    auto = _first_stages([_three_sweeps(str(tmp_path / "bad"), PLANTED_IN_SWEEPS)])
+    by_hand = ",".join(f"{s}:{n}:{n}" for s, images in PLANTED_IN_SWEEPS.items() for n in images)
+    manual = _first_stages([_three_sweeps(str(tmp_path / "clean"), {})], f"exclude_images={by_hand}")
+    blocks = lambda state: [(state.sweeps.sweep_of(e).number, *e.scan.get_image_range())  # noqa: E731
+                            for e in state.experiments]
+    assert blocks(auto) == blocks(manual) == [(1, 1, 11), (2, 2, 12), (3, 1, 5), (3, 8, 12)]
+    not_used = {(e["sweep"], e["image"]): e for e in auto.report.excluded}
+    for sweep, images in PLANTED_IN_SWEEPS.items():
+        for n, kind in images.items():
+            entry = not_used.pop((sweep, n))
+            assert entry["status"] == "bad" and entry["by"] == "auto", entry
+            assert entry["reason"].startswith(KINDS[kind]), entry
+    assert {k: e["status"] for k, e in not_used.items()} == {(3, 7): "missing file"}
+    a, m = auto.reflections, manual.reflections
+    assert len(a) == len(m) > 1000
+    assert list(a["id"]) == list(m["id"])
+    assert list(a["xyzobs.px.value"]) == list(m["xyzobs.px.value"])
+    assert list(a["intensity.sum.value"]) == list(m["intensity.sum.value"])

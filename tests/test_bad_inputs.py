@@ -140,6 +140,19 @@ def _case_mixed_wavelengths(tiny, tmp_path):
     return [f"{d}/sim_*.cbf"], ["mixed wavelengths", "0.97950", "1.20000", "separately"]
 
 
+def _case_another_crystal(tiny, tmp_path):
+    """Two sweeps, the second of another crystal (the same cell, another
+    orientation): refused at indexing, not processed as one sweep."""
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
+
+    d = tmp_path / "two_crystals"
+    for prefix, seed in (("a", 42), ("b", 7)):
+        simulate(SimulationConfig(n_images=8, osc_width=1.0, detector="pilatus300k", distance=150.0, seed=seed,
+                                  prefix=prefix), str(d))
+    return [str(d)], ["sweep 2 (b_####.cbf) does not index on the crystal of the other sweeps", "another crystal",
+                      "run of its own"]
+
+
 def _case_duplicate_image_numbers(tiny, tmp_path):
     other = tmp_path / "other"
     other.mkdir()

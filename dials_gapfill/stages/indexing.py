@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 
 from dials.algorithms.indexing.bravais_settings import phil_scope as bravais_phil
 from dials.algorithms.indexing.bravais_settings import (
@@ -40,6 +41,25 @@ def poorly_indexed_error(params, best_fraction):
     )
 
 
+def another_crystal(sweeps, owners, experiments, keep, fractions, threshold) -> None:
+    """Refuse a run in which every block of one sweep fails to index on the
+    crystal that indexes the others: a block lost within a sweep is damage
+    (dropped, as above), a whole sweep lost is most likely another crystal,
+    and a run that went on without it would not be the run asked for."""
+    if len(sweeps) < 2:
+        return
+    for sweep in sweeps:
+        mine = [i for i, owner in enumerate(owners) if owner is sweep]
+        if mine and not any(experiments[i].identifier in keep for i in mine):
+            best = max(fractions[i] for i in mine)
+            raise GapfillError(
+                f"sweep {sweep.number} ({os.path.basename(sweep.template)}) does not index on the crystal of the "
+                f"other sweeps (at best {100 * best:.0f}% of a block's spots, "
+                f"indexing.blocks.min_indexed_fraction={threshold}): images of another crystal? "
+                "Process that sweep in a run of its own, or leave it out"
+            )
+
+
 def run(state) -> Record:
     params, sweeps = state.params, state.sweeps
     record = Record()
@@ -56,6 +76,7 @@ def run(state) -> Record:
     names = block_names(experiments)
     flags = indexed.get_flags(indexed.flags.indexed)
     keep, fractions = set(), []
+    owners = [sweeps.sweep_of(e) for e in experiments]  # before any block is dropped
     threshold = params.indexing.blocks.min_indexed_fraction
     for i, exp in enumerate(experiments):
         n_indexed = int(((indexed["id"] == i) & flags).count(True))
@@ -78,6 +99,7 @@ def run(state) -> Record:
                           stats={"spots": spots[i], "indexed": n_indexed, "indexed_fraction": fraction})
     if not keep:
         raise poorly_indexed_error(params, max(fractions))
+    another_crystal(sweeps, owners, experiments, keep, fractions, threshold)
     if len(keep) < len(experiments):
         indexed, experiments = keep_experiments(indexed, experiments, keep)
     if params.indexing.bravais_lattice not in (None, "None", "none", ""):
