@@ -153,6 +153,16 @@ def _case_another_crystal(tiny, tmp_path):
                       "run of its own"]
 
 
+def _case_sweep_without_spots(tiny, tmp_path):
+    """Three sweeps, every image of the second all-zero: named, not handed
+    to the lattice search (which then found no lattice for the other two)."""
+    from test_bad_image_matrix import _three_sweeps
+
+    d = _three_sweeps(str(tmp_path / "zero_sweep"), {2: {n: "zero" for n in range(1, 13)}})
+    return [d], ["no strong spots on any image of sweep 2 (sim_02_####.cbf; image 1: all-zero image",
+                 "leave its files out"]
+
+
 def _case_duplicate_image_numbers(tiny, tmp_path):
     other = tmp_path / "other"
     other.mkdir()

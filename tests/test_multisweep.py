@@ -84,6 +84,9 @@ def test_exclusions_name_their_sweep(three_sweeps):
         _import("gaps.exclude_images=5:6", positional=[gapped])
     with pytest.raises(GapfillError, match="names sweep 4, but there are 3 sweeps"):
         _import("gaps.exclude_images=4:5:6", positional=[gapped])
+    # a sweep is left out by leaving out its files, not by excluding all its images
+    with pytest.raises(GapfillError, match=r"leaves no image of sweep 2 \(sim_02_####.cbf\): .* leave its files out"):
+        _import("gaps.exclude_images=2:1:30", positional=[gapped])
 
 
 def test_every_input_form_gives_the_same_sweeps(three_sweeps):

@@ -550,6 +550,19 @@ def _inputs(sweeps, ranges, every=None) -> dict:
     return inputs
 
 
+def _nothing_left(template, every, where) -> GapfillError:
+    """The error when the user's exclusions leave no image of a sweep.  A
+    sweep is not left out of a run by excluding all of it: the other sweeps'
+    numbers and batch offsets would then depend on what was excluded."""
+    what = "gaps.exclude_images and gaps.exclude_images_multiple" if every else "gaps.exclude_images"
+    if not where:
+        return GapfillError(f"no images left after {what}: exclude fewer images")
+    return GapfillError(
+        f"{what} {'leave' if every else 'leaves'} no image{where} ({os.path.basename(template)}): to process the other sweeps "
+        "without it, leave its files out of the input (one glob or template for each sweep kept)"
+    )
+
+
 def _import_files(template, by_number, exclusions, every, params, record, where) -> Sweep:
     """One sweep of single-image files."""
     numbers = sorted(by_number)
@@ -568,10 +581,7 @@ def _import_files(template, by_number, exclusions, every, params, record, where)
     excluded.update(multiples(every, numbers))
     keep = [n for n in numbers if n not in excluded]
     if not keep:
-        raise GapfillError(
-            "no images left after gaps.exclude_images and gaps.exclude_images_multiple: exclude fewer images"
-            if every else "no images left after gaps.exclude_images: exclude fewer images"
-        )
+        raise _nothing_left(template, every, where)
     # cheap header checks: damaged files never reach dxtbx
     paths = []
     for n in keep:
@@ -623,6 +633,8 @@ def _import_container(path, exclusions, every, params, record, where) -> Sweep:
     for a, b in exclusions:
         for n in range(a, b + 1):
             statuses[n] = (EXCLUDED, "gaps.exclude_images", "user")
+    if len(statuses) == len(numbers):
+        raise _nothing_left(path, every, where)
     sweep = _make_sweep(path, experiments, params, (first, last), statuses, record)
     sweep.n_files = 1
     return sweep

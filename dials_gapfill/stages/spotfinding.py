@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import statistics
 import sys
 
@@ -160,6 +161,27 @@ def _find_or_blame(experiments, params, sweeps):
         return None, bad
 
 
+def _sweeps_without_spots(experiments, reflections, sweeps) -> None:
+    """Refuse a run with a sweep without a strong spot on any image while the
+    others have them: nothing in that sweep can be indexed, and its images
+    cannot be judged blank against its own neighbours; the lattice search
+    over all sweeps is not to be given a sweep that holds nothing."""
+    if len(sweeps) < 2:
+        return
+    ids = set(reflections["id"])
+    for sweep in sweeps:
+        mine = [i for i, e in enumerate(experiments) if sweeps.sweep_of(e) is sweep]
+        if mine and not ids & set(mine):
+            exp = experiments[mine[0]]
+            first = exp.scan.get_image_range()[0]
+            fault = frame_fault(exp, exp.imageset.get_raw_data(0))
+            what = f"image {first}: {fault}" if fault else "blank images, no diffraction"
+            raise GapfillError(
+                f"no strong spots on any image of sweep {sweep.number} ({os.path.basename(sweep.template)}; "
+                f"{what}): leave its files out of the input, or check the spot finding settings (spotfinder.*)"
+            )
+
+
 def run(state) -> Record:
     params, sweeps = state.params, state.sweeps
     reflections, bad = _find_or_blame(state.experiments, params, sweeps)
@@ -185,6 +207,7 @@ def run(state) -> Record:
             "no strong spots on any image: the images are blank (no diffraction); check "
             "the shutter and beam, or the spot finding settings (spotfinder.*)"
         )
+    _sweeps_without_spots(state.experiments, reflections, sweeps)
     state.reflections = reflections
     state.find_spots = functools.partial(spots_of_readable_blocks, params=params, sweeps=sweeps)
     return spot_record(state.experiments, reflections, sweeps)
