@@ -336,7 +336,7 @@ VALIDATION_CASES = {
 
 
 CASES = {name[6:]: f for name, f in sorted(globals().items()) if name.startswith("_case_")}
-SLOW_CASES = {"indexing_impossible", "space_group_incompatible", "all_blank"}
+SLOW_CASES = {"indexing_impossible", "space_group_incompatible", "all_blank", "another_crystal"}
 # the parameter checks run in this process (below); these few also through the
 # command line, for its exit code, stderr and untouched folder
 VALIDATION_ON_THE_COMMAND_LINE = {"partiality_threshold_above_one", "output_names_collide"}
