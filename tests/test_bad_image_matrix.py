@@ -198,15 +198,26 @@ def _three_sweeps(directory, bad):
     return directory
 
 
-def test_bad_images_in_several_sweeps_equal_exclusion_by_hand(tmp_path):
-    auto = _first_stages([_three_sweeps(str(tmp_path / "bad"), PLANTED_IN_SWEEPS)])
-    by_hand = ",".join(f"{s}:{n}:{n}" for s, images in PLANTED_IN_SWEEPS.items() for n in images)
+# runs of all-zero frames (a detector that stopped): to the end of the first
+# sweep, from the start of the second
+ZERO_RUNS = {1: {n: "zero" for n in range(5, 13)}, 2: {n: "zero" for n in range(1, 9)}}
+
+
+@pytest.mark.parametrize("planted, expected", [
+    (PLANTED_IN_SWEEPS, [(1, 1, 11), (2, 2, 12), (3, 1, 5), (3, 8, 12)]),
+    (ZERO_RUNS, [(1, 1, 4), (2, 9, 12), (3, 1, 6), (3, 8, 12)]),
+], ids=["one image each", "runs of all-zero frames"])
+def test_bad_images_in_several_sweeps_equal_exclusion_by_hand(tmp_path, planted, expected):
+    """The blank test compares an image with its neighbours: a run of faulty
+    frames is found at its ends, and from there frame by frame."""
+    auto = _first_stages([_three_sweeps(str(tmp_path / "bad"), planted)])
+    by_hand = ",".join(f"{s}:{n}:{n}" for s, images in planted.items() for n in images)
     manual = _first_stages([_three_sweeps(str(tmp_path / "clean"), {})], f"exclude_images={by_hand}")
     blocks = lambda state: [(state.sweeps.sweep_of(e).number, *e.scan.get_image_range())  # noqa: E731
                             for e in state.experiments]
-    assert blocks(auto) == blocks(manual) == [(1, 1, 11), (2, 2, 12), (3, 1, 5), (3, 8, 12)]
+    assert blocks(auto) == blocks(manual) == expected
     not_used = {(e["sweep"], e["image"]): e for e in auto.report.excluded}
-    for sweep, images in PLANTED_IN_SWEEPS.items():
+    for sweep, images in planted.items():
         for n, kind in images.items():
             entry = not_used.pop((sweep, n))
             assert entry["status"] == "bad" and entry["by"] == "auto", entry

@@ -2,16 +2,17 @@
 not part of the rotation become gaps.
 
 Runs on the strong spots of all blocks, so no image is read a second time
-(only the few suspects are opened, to tell an all-zero image from a blank
-one, or a saturated one).  An image is blank when it has far fewer strong
-spots than its neighbours, over-exposed when its spots are far brighter, and
-not a rotation image (a crystal-tracking frame of electron diffraction, a
-defocused or displaced frame) when its spots, unlike its neighbours', do not
-continue into the images before and after it.  Each decision is a test of
-significance as well as of size, so that the chance spread of a sparse
-pattern (1-5 spots per image, spot intensities that differ 30-fold) is not
-taken for a fault.  The stage only proposes: the sweeps (``Sweeps.exclude``)
-cut the images out of their blocks and give the cut blocks their spots again.
+(only the suspects and the images without a strong spot are opened, to tell
+an all-zero or saturated frame from a blank one).  An image is blank when it
+has far fewer strong spots than its neighbours, over-exposed when its spots
+are far brighter, and not a rotation image (a crystal-tracking frame of
+electron diffraction, a defocused or displaced frame) when its spots, unlike
+its neighbours', do not continue into the images before and after it.  Each
+decision is a test of significance as well as of size, so that the chance
+spread of a sparse pattern (1-5 spots per image, spot intensities that
+differ 30-fold) is not taken for a fault.  The stage only proposes: the
+sweeps (``Sweeps.exclude``) cut the images out of their blocks and give the
+cut blocks their spots again.
 
 Over-exposed images are excluded first: their huge spots join the spots of
 the neighbouring images in DIALS' 3D spot finding, which would make the
@@ -258,6 +259,18 @@ def find_bad_images(reflections, experiments, params, sweeps) -> dict:
     for key, numbers in _isolated_images(reflections, experiments, params, sweeps).items():
         if key not in bad:
             bad[key] = frame_fault(*_frame(experiments, sweeps, key)) or _isolated_reason(*numbers)
+    # An image without a strong spot is looked at (its own pixels): an
+    # all-zero or wholly saturated frame is a fault whatever its neighbours,
+    # and the blank test, which compares an image with its neighbours, does
+    # not see a run of such frames longer than half the neighbourhood (a
+    # detector that stopped).  Dense data have hardly any such images; a
+    # sparse pattern's empty frames are read once and kept, as their pixels
+    # are not all zero.
+    for key, count in sorted(_per_image(reflections, experiments, sweeps).items()):
+        if count == 0 and key not in bad:
+            fault = frame_fault(*_frame(experiments, sweeps, key))
+            if fault:
+                bad[key] = fault
     return bad
 
 
