@@ -153,6 +153,14 @@ def _case_another_crystal(tiny, tmp_path):
                       "run of its own"]
 
 
+def _case_another_crystal_per_block(tiny, tmp_path):
+    """The same with the per-block model: its lattice search on all blocks
+    takes the other crystal here, and names sweep 1."""
+    args, _ = _case_another_crystal(tiny, tmp_path)
+    return args + ["refinement.blocks.model=per_block"], [
+        "does not index on the crystal of the other sweeps", "another crystal", "run of its own"]
+
+
 def _case_sweep_without_spots(tiny, tmp_path):
     """Three sweeps, every image of the second all-zero: named, not handed
     to the lattice search (which then found no lattice for the other two)."""
@@ -336,7 +344,8 @@ VALIDATION_CASES = {
 
 
 CASES = {name[6:]: f for name, f in sorted(globals().items()) if name.startswith("_case_")}
-SLOW_CASES = {"indexing_impossible", "space_group_incompatible", "all_blank", "another_crystal"}
+SLOW_CASES = {"indexing_impossible", "space_group_incompatible", "all_blank", "another_crystal",
+              "another_crystal_per_block"}
 # the parameter checks run in this process (below); these few also through the
 # command line, for its exit code, stderr and untouched folder
 VALIDATION_ON_THE_COMMAND_LINE = {"partiality_threshold_above_one", "output_names_collide"}

@@ -74,7 +74,7 @@ def _images_per_sweep(keys) -> dict:
     return out
 
 
-def _blank_images(reflections, experiments, params, sweeps) -> dict:
+def _blank_images(counts, params) -> dict:
     """(sweep, image) -> spot count, for images with far fewer strong spots
     than their neighbours: at most gaps.blank_fraction of the median count of
     the gaps.neighbours images each side (in the same sweep), and fewer than a
@@ -87,7 +87,6 @@ def _blank_images(reflections, experiments, params, sweeps) -> dict:
     data (hundreds of spots) it calls the same frames blank as DIALS.
     """
     g = params.gaps
-    counts = _per_image(reflections, experiments, sweeps)
     per_sweep = _images_per_sweep(counts)
     blank = {}
     for key, k in counts.items():
@@ -249,7 +248,8 @@ def _frame(experiments, sweeps, key):
 def find_bad_images(reflections, experiments, params, sweeps) -> dict:
     """(sweep, image) -> reason, for images that should become gaps."""
     bad = {}
-    for key, count in _blank_images(reflections, experiments, params, sweeps).items():
+    counts = _per_image(reflections, experiments, sweeps)  # strong spots, (sweep, image) -> n
+    for key, count in _blank_images(counts, params).items():
         # why has it no spots: look at the few suspects' pixels
         bad[key] = frame_fault(*_frame(experiments, sweeps, key)) or (
             f"blank image ({count} strong spots; shutter or beam failure)"
@@ -266,7 +266,7 @@ def find_bad_images(reflections, experiments, params, sweeps) -> dict:
     # detector that stopped).  Dense data have hardly any such images; a
     # sparse pattern's empty frames are read once and kept, as their pixels
     # are not all zero.
-    for key, count in sorted(_per_image(reflections, experiments, sweeps).items()):
+    for key, count in sorted(counts.items()):
         if count == 0 and key not in bad:
             fault = frame_fault(*_frame(experiments, sweeps, key))
             if fault:
