@@ -17,7 +17,9 @@ refinements, each static then scan-varying:
   static cell for the four).
 
 Printed per sweep: the RMSDs of the spots each refinement used (x, y in px,
-phi in images, as DIALS' table), then the RMSDs of held-out spots: the
+phi in images, as DIALS' table); the RMSDs of the spots every refinement
+used (each model on the same spots, after its own refinement); then the
+RMSDs of held-out spots: the
 indexed spots are split into K folds (stratified by sweep, one seed); each
 fold is predicted by the models refined without it.  Held-out spots are
 scored where every full refinement kept them (not outliers in any), so the
@@ -117,11 +119,20 @@ def _rmsds(sweep, dx, dy, dz):
     return out
 
 
-def used_rmsds(reflections):
-    used = reflections.select(reflections.get_flags(reflections.flags.used_in_refinement))
+def used_rmsds(reflections, every=False):
+    used = reflections if every else reflections.select(reflections.get_flags(reflections.flags.used_in_refinement))
     xo, yo, zo = (np.asarray(p) for p in used["xyzobs.px.value"].parts())
     xc, yc, zc = (np.asarray(p) for p in used["xyzcal.px"].parts())
     return _rmsds(np.asarray(used["id"]), xc - xo, yc - yo, zc - zo)
+
+
+def common_rmsds(reflections, common):
+    """RMSDs of the spots in `common` (keys of spots every refinement used):
+    the models judged on the same spots, not each on the spots it kept."""
+    from dials.array_family import flex
+
+    rows = flex.bool([k in common for k in _key(reflections)])
+    return used_rmsds(reflections.select(rows), every=True)
 
 
 def _key(table):
@@ -147,15 +158,19 @@ def main(argv=None):
 
     from dials_gapfill.simulation.compare import held_out_residuals
 
-    result = {"used": {}, "held_out": {}, "folds": args.folds}
+    result = {"used": {}, "common": {}, "held_out": {}, "folds": args.folds}
     inliers = None
+    refined = {}
     for name in MODELS:
         _, out = refine(name, copy.deepcopy(experiments), copy.deepcopy(reflections),
                         os.path.join(workdir, name.replace(" ", "_"), "all"))
+        refined[name] = out
         result["used"][name] = used_rmsds(out)
         keys = {k for k, u in zip(_key(out), out.get_flags(out.flags.used_in_refinement)) if u}
         inliers = keys if inliers is None else inliers & keys
 
+    for name in MODELS:
+        result["common"][name] = common_rmsds(refined[name], inliers)
     keys = _key(reflections)
     score = [i for i, k in enumerate(keys) if k in inliers]
     for name in MODELS:
@@ -172,8 +187,13 @@ def main(argv=None):
 
     print(f"L-cysteine, 4 sweeps; {len(reflections)} indexed spots, {len(inliers)} kept by every refinement; "
           f"held out in {args.folds} folds (seed {SEED})")
-    for what in ("used", "held_out"):
-        print(f"\nRMSD x, y (px), phi (images), n: {'spots used in refinement' if what == 'used' else 'held-out spots'}")
+    titles = {
+        "used": "the spots each refinement used",
+        "common": "the spots every refinement used (the same spots for all)",
+        "held_out": "held-out spots",
+    }
+    for what in ("used", "common", "held_out"):
+        print(f"\nRMSD x, y (px), phi (images), n: {titles[what]}")
         print(f"{'model':<12}" + "".join(f"{'sweep ' + str(s):>24}" for s in (1, 2, 3, 4)) + f"{'all':>24}")
         for name in MODELS:
             r = result[what][name]
