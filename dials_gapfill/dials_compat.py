@@ -12,6 +12,7 @@ import contextlib
 import logging
 import re
 
+import dials.algorithms.symmetry as dials_symmetry
 import dials.command_line.integrate as dials_integrate
 import dials.util.export_mtz as dials_export_mtz
 from dials.algorithms.indexing.known_orientation import IndexerKnownOrientation
@@ -551,6 +552,30 @@ def crystals_differ_explained():
     means here."""
     target = logging.getLogger(dials_export_mtz.__name__)
     quiet = _CrystalsDiffer()
+    target.addFilter(quiet)
+    try:
+        yield
+    finally:
+        target.removeFilter(quiet)
+
+
+class _OneLineWarning(logging.Filter):
+    def filter(self, record):
+        if record.exc_info and record.levelno == logging.WARNING:
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+@contextlib.contextmanager
+def symmetry_warnings_in_one_line():
+    """dials.symmetry warns with a traceback when it cannot normalise the
+    intensities of a few dozen reflections ("There may be too few unique
+    reflections. Resorting to using un-normalised intensities") and goes on: a
+    traceback in the log reads as a crash, so the warning keeps its text and
+    loses the traceback."""
+    target = logging.getLogger(dials_symmetry.__name__)
+    quiet = _OneLineWarning()
     target.addFilter(quiet)
     try:
         yield

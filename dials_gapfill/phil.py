@@ -197,6 +197,14 @@ scaling
               "scaled again with that limit. None: no CC1/2 criterion (with"
               "completeness=None and completeness_falloff=None too, all data to"
               "the detector edge). Ignored when scaling.d_min is set."
+    misigma = 1.0
+      .type = float(value_min=0)
+      .help = "Where CC1/2 stays above cc_half as far as it can be measured and"
+              "beyond that too few reflections are repeated (sparse or"
+              "low-multiplicity data), keep the data as far as a fit of merged"
+              "<I/sigma(I)> against resolution (as dials.estimate_resolution"
+              "misigma=) stays above this value. None: cut where CC1/2 can last"
+              "be measured."
     completeness = None
       .type = float(value_min=0, value_max=1)
       .help = "Also cut where a fit of completeness against resolution (as"

@@ -218,3 +218,56 @@ def test_four_sweeps_with_images_left_out(ours):
     assert batches == expected
     assert set(np.array(mtz.column_with_label("BATCH"), dtype=int)) <= expected
     assert mtz.nreflections > 80
+
+
+@pytest.mark.slow
+def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp_path, caplog):
+    """scale() on the four wedges with images left out (multiplicity 1.2):
+    CC½ can be measured only at low resolution, and beyond it merged <I/σ>
+    says the data are strong, so they are kept (cut where CC½ can last be
+    measured, most reflections would go); the Laue group dials.symmetry picks
+    from a hundred reflections is reported as uncertain, and its warning
+    about normalising them reaches the log as one line, without a traceback."""
+    import logging
+
+    import gemmi
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.handlers.outputs import Outputs
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages.scaling import scale
+
+    folder = ours["gapped"]
+    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    results = {}
+    for name, misigma in (("default", None), ("cc_half_only", "None")):
+        params = params_from(["scale=True", f"output.directory={tmp_path / name}"]
+                             + ([f"scaling.resolution.misigma={misigma}"] if misigma else []))
+        outputs = Outputs(str(tmp_path / name))
+        outputs.check_writable()
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            _, record = scale(experiments, reflections, params, outputs)
+        outputs.commit()
+        results[name] = (record.scaling, record.warnings, list(caplog.records))
+    default, warnings, records = results["default"]
+    cut, _, _ = results["cc_half_only"]
+    # CC½ above 0.3 as far as it can be measured, well inside the data
+    assert cut["resolution"]["method"] == "cc_half" and not cut["resolution"]["crossed"]
+    d_cc = cut["resolution"]["d_min"]
+    assert d_cc > 1.5 * cut["resolution"]["d_min_data"], cut["resolution"]
+    # by default the strong data beyond it are kept: to the edge, or at least
+    # well beyond the CC½ limit
+    assert default["resolution"]["d_min_misigma"] < d_cc
+    assert default["resolution"]["d_min"] is None or default["resolution"]["d_min"] < 0.8 * d_cc, default["resolution"]
+    n_kept, n_cut = default["n_obs"][0], cut["n_obs"][0]
+    assert n_kept > 2 * n_cut, (n_kept, n_cut)
+    assert gemmi.read_mtz_file(str(tmp_path / "default" / "scaled.mtz")).resolution_high() < 0.8 * d_cc
+    # the Laue group is said to be uncertain
+    assert default["symmetry"]["likelihood"] < 0.5
+    assert any("Laue group" in w and "uncertain" in w for w in warnings), warnings
+    # DIALS' own warning kept, its traceback not
+    normalise = [r for r in records if "normalise the intensities" in r.getMessage()]
+    assert normalise and all(r.exc_info is None for r in normalise)

@@ -70,6 +70,11 @@ def _tables_by_experiment(experiments, joint):
     return [joint.select_on_experiment_identifiers([exp.identifier]) for exp in experiments]
 
 
+# dials.symmetry's likelihood of its best Laue group below which the choice is
+# reported as uncertain: less likely than all the other candidates together
+LAUE_LIKELIHOOD_WARN = 0.5
+
+
 def determine_symmetry(experiments, reflections):
     """(experiments, reflections) reindexed into the best space group, and a
     record {laue_group, space_group, cb_op, determined}.
@@ -87,7 +92,8 @@ def determine_symmetry(experiments, reflections):
         out.experiments = os.path.join(tmp, "symmetrized.expt")
         out.reflections = os.path.join(tmp, "symmetrized.refl")
         out.json = os.path.join(tmp, "dials.symmetry.json")
-        symmetry(work, tables, params)
+        with dials_compat.symmetry_warnings_in_one_line():
+            symmetry(work, tables, params)
         reindexed = ExperimentList.from_file(out.experiments, check_format=False)
         joint = flex.reflection_table.from_file(out.reflections)
         with open(out.json) as fh:
@@ -100,6 +106,7 @@ def determine_symmetry(experiments, reflections):
         "space_group": str(space_group.info()),
         "cb_op": best["cb_op"],
         "determined": True,
+        "likelihood": best["likelihood"],
     }
     logger.info(
         "Laue group %s (likelihood %.3f, confidence %.3f), space group %s, reindexing %s",
@@ -170,6 +177,19 @@ def estimate_resolution(experiments, joint, cc_half):
         if d_star_sq:
             return 1 / math.sqrt(d_star_sq), True
     return result.d_min, False
+
+
+def misigma_threshold(params):
+    """scaling.resolution.misigma (None: data beyond the last bin where CC½
+    can be measured are cut)."""
+    return getattr(params.scaling.resolution, "misigma", None)
+
+
+def estimate_resolution_misigma(experiments, joint, misigma):
+    """d_min where DIALS' fit of merged <I/σ(I)> against resolution (as
+    dials.estimate_resolution misigma=) falls to `misigma`; the edge of the
+    data when every bin is above it; None when the fit does not cross."""
+    return _resolutionizer(experiments, joint).resolution(metrics.MISIGMA, limit=misigma).d_min
 
 
 def completeness_threshold(params):
@@ -282,8 +302,9 @@ def choose_resolution(params, experiments, joint) -> dict:
     """The high resolution limit to apply after a first scaling of all data.
 
     Returns {"d_min": limit or None (no cut), "method": "user" | "cc_half" |
-    "completeness" | "completeness_falloff" | "none", "cc_half": threshold,
-    "d_min_data": highest resolution of the scaled data, "d_min_fit" (CC½),
+    "misigma" | "completeness" | "completeness_falloff" | "none", "cc_half":
+    threshold, "d_min_data": highest resolution of the scaled data, "d_min_fit"
+    (CC½), "d_min_misigma" (where CC½ cannot be measured beyond d_min_fit),
     "crossed", "message": one line saying the limit and why}. Of several
     criteria the lowest-resolution limit is taken (as
     dials.estimate_resolution does); the completeness falloff is applied last,
@@ -325,11 +346,7 @@ def choose_resolution(params, experiments, joint) -> dict:
             elif crossed:
                 candidates.append((round(d_fit, 2), "cc_half", f"from CC½ fit = {threshold:g}", True))
             else:
-                candidates.append((
-                    round(d_fit, 2), "cc_half",
-                    f"where CC½ can last be measured (above {threshold:g} up to there; "
-                    "beyond, too few repeated observations)", False,
-                ))
+                candidates.extend(_beyond_cc_half(params, experiments, joint, d_fit, d_data, threshold, out, notes))
     if completeness is not None:
         try:
             d_c = estimate_resolution_completeness(experiments, joint, completeness)
@@ -366,6 +383,38 @@ def choose_resolution(params, experiments, joint) -> dict:
     if crossed is not None:
         out["crossed"] = crossed
     return out
+
+
+def _beyond_cc_half(params, experiments, joint, d_fit, d_data, threshold, out, notes) -> list:
+    """The limit where CC½ stays above `threshold` as far as it can be
+    measured (to d_fit) and beyond it too few reflections are repeated: the
+    candidates of choose_resolution.
+
+    Few repeats say nothing about the quality of the data (sparse
+    small-molecule wedges: most reflections measured once, strong to the
+    edge of the detector), so beyond d_fit merged <I/σ(I)> decides, as
+    dials.estimate_resolution misigma= (xia2's former criterion, 1.0): the
+    data are kept as far as its fit stays above scaling.resolution.misigma.
+    None: cut at d_fit (dials.estimate_resolution's answer for CC½ alone).
+    """
+    why = f"where CC½ can last be measured (above {threshold:g} up to there; beyond, too few repeated observations)"
+    misigma = misigma_threshold(params)
+    if misigma is None:
+        return [(round(d_fit, 2), "cc_half", why, False)]
+    try:
+        d_i = estimate_resolution_misigma(experiments, joint, misigma)
+    except (RuntimeError, ValueError, AssertionError, ZeroDivisionError) as e:
+        notes.append(f"merged <I/σ> fit failed ({' '.join(str(e).split())[:80]})")
+        return [(round(d_fit, 2), "cc_half", why, False)]
+    out["d_min_misigma"] = d_i
+    if d_i is None or d_i >= d_fit:
+        return [(round(d_fit, 2), "cc_half", f"{why}, where merged <I/σ> falls below {misigma:g} too", False)]
+    beyond = (f"CC½ above {threshold:g} as far as it can be measured ({d_fit:.2f} Å); beyond, too few "
+              "repeated observations")
+    if d_data is None or d_i <= d_data * 1.001:
+        notes.append(f"{beyond}, and merged <I/σ> above {misigma:g} to the edge of the data")
+        return []
+    return [(round(d_i, 2), "misigma", f"from merged <I/σ> fit = {misigma:g} ({beyond})", None)]
 
 
 def falloff_shells(found) -> str:
@@ -474,6 +523,17 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None):
         except (ValueError, RuntimeError, AssertionError, IndexError) as e:
             record.warn(f"symmetry determination failed ({e}); scaling in P1")
             logger.warning("Symmetry determination failed (%s); scaling in P 1", e)
+        else:
+            if symmetry["likelihood"] < LAUE_LIKELIHOOD_WARN:
+                # dials.symmetry takes its best candidate however weak; on a few
+                # dozen reflections (sparse wedges) it is close to a guess
+                msg = (
+                    f"the Laue group {symmetry['laue_group']} is uncertain (dials.symmetry's likelihood "
+                    f"{symmetry['likelihood']:.2f}): the merging statistics assume it; give "
+                    "indexing.known_symmetry.space_group= if it is known"
+                )
+                record.warn(msg)
+                logger.warning("Warning: %s", msg)
     logger.info("Scaling %d block(s) in %s", len(experiments), symmetry["space_group"])
     user_d_min = params.scaling.d_min
     automatic = not user_d_min and any(
@@ -497,7 +557,7 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None):
 
     sp, stats, anom, scaled_experiments, joint = run_scaling(user_d_min, experiments, reflections)
     resolution = choose_resolution(params, scaled_experiments, joint)
-    if resolution["method"] in ("cc_half", "completeness", "completeness_falloff"):
+    if resolution["method"] in ("cc_half", "misigma", "completeness", "completeness_falloff"):
         for attempt in range(RECHECKS + 1):
             logger.info("Scaling again with the resolution limit: %s", resolution["message"])
             sp, stats, anom, scaled_experiments, joint = run_scaling(resolution["d_min"], *copy.deepcopy(unscaled))
