@@ -12,6 +12,7 @@ import contextlib
 import logging
 import re
 
+import dials.algorithms.merging.merge as dials_merge
 import dials.algorithms.symmetry as dials_symmetry
 import dials.command_line.integrate as dials_integrate
 import dials.util.export_mtz as dials_export_mtz
@@ -559,25 +560,29 @@ def crystals_differ_explained():
         target.removeFilter(quiet)
 
 
-class _OneLineWarning(logging.Filter):
+class _NoTraceback(logging.Filter):
     def filter(self, record):
-        if record.exc_info and record.levelno == logging.WARNING:
+        if record.exc_info and record.levelno in (logging.WARNING, logging.ERROR):
             record.exc_info = None
             record.exc_text = None
         return True
 
 
 @contextlib.contextmanager
-def symmetry_warnings_in_one_line():
-    """dials.symmetry warns with a traceback when it cannot normalise the
-    intensities of a few dozen reflections ("There may be too few unique
-    reflections. Resorting to using un-normalised intensities") and goes on: a
-    traceback in the log reads as a crash, so the warning keeps its text and
-    loses the traceback."""
-    target = logging.getLogger(dials_symmetry.__name__)
-    quiet = _OneLineWarning()
-    target.addFilter(quiet)
+def symmetry_and_merging_without_tracebacks():
+    """On a few dozen reflections dials.symmetry cannot normalise the
+    intensities ("There may be too few unique reflections. Resorting to using
+    un-normalised intensities") and dials.merge cannot compute Wilson
+    statistics ("Error encountered during Wilson statistics calculation"):
+    both log it with a traceback and go on.  A traceback in the log reads as
+    a crash, so these messages keep their text and lose the traceback."""
+    # each module's own logger (dials.algorithms.merging.merge logs to "dials")
+    targets = [getattr(m, "logger", None) or logging.getLogger(m.__name__) for m in (dials_symmetry, dials_merge)]
+    quiet = _NoTraceback()
+    for target in targets:
+        target.addFilter(quiet)
     try:
         yield
     finally:
-        target.removeFilter(quiet)
+        for target in targets:
+            target.removeFilter(quiet)

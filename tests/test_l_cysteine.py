@@ -238,11 +238,13 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
     from dials_gapfill.phil import params_from
     from dials_gapfill.stages.scaling import scale
 
-    folder = ours["gapped"]
-    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
-    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
     results = {}
-    for name, misigma in (("default", None), ("cc_half_only", "None")):
+    for name, run, misigma in (("default", "gapped", None), ("cc_half_only", "gapped", "None"),
+                               ("complete", "complete", None)):
+        folder = ours[run]
+        experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"),
+                                                           check_format=False)
+        reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
         params = params_from(["scale=True", f"output.directory={tmp_path / name}"]
                              + ([f"scaling.resolution.misigma={misigma}"] if misigma else []))
         outputs = Outputs(str(tmp_path / name))
@@ -268,6 +270,12 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
     # the Laue group is said to be uncertain
     assert default["symmetry"]["likelihood"] < 0.5
     assert any("Laue group" in w and "uncertain" in w for w in warnings), warnings
-    # DIALS' own warning kept, its traceback not
-    normalise = [r for r in records if "normalise the intensities" in r.getMessage()]
-    assert normalise and all(r.exc_info is None for r in normalise)
+    # DIALS' own messages kept, their tracebacks not: the normalisation in
+    # dials.symmetry, and (all 60 images: multiplicity 1.1) the Wilson
+    # statistics in dials.merge
+    complete, _, complete_records = results["complete"]
+    assert [r for r in records if "normalise the intensities" in r.getMessage()]
+    assert [r for r in complete_records if "Wilson statistics" in r.getMessage()]
+    assert not [r for r in records + complete_records if r.exc_info], "a traceback in the log"
+    # the complete wedges: nothing to measure CC½ on, all data kept
+    assert complete["resolution"]["d_min"] is None, complete["resolution"]

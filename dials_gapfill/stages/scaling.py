@@ -92,7 +92,7 @@ def determine_symmetry(experiments, reflections):
         out.experiments = os.path.join(tmp, "symmetrized.expt")
         out.reflections = os.path.join(tmp, "symmetrized.refl")
         out.json = os.path.join(tmp, "dials.symmetry.json")
-        with dials_compat.symmetry_warnings_in_one_line():
+        with dials_compat.symmetry_and_merging_without_tracebacks():
             symmetry(work, tables, params)
         reindexed = ExperimentList.from_file(out.experiments, check_format=False)
         joint = flex.reflection_table.from_file(out.reflections)
@@ -333,7 +333,7 @@ def choose_resolution(params, experiments, joint) -> dict:
             d_fit, crossed = estimate_resolution(experiments, joint, threshold)
         except (RuntimeError, ValueError, AssertionError, ZeroDivisionError) as e:
             d_fit, crossed = None, False
-            notes.append(" ".join(str(e).split())[:100])
+            notes.append(f"no CC½ limit ({' '.join(str(e).split())[:100]})")
         else:
             out["d_min_fit"] = d_fit
             if d_fit is None:
@@ -607,7 +607,8 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None):
         mp.partiality_threshold = sp.cut_data.partiality_cutoff
         if sp.cut_data.d_min:
             mp.d_min = sp.cut_data.d_min
-        mtz = merge_data_to_mtz(mp, experiments, [joint])
+        with dials_compat.symmetry_and_merging_without_tracebacks():
+            mtz = merge_data_to_mtz(mp, experiments, [joint])
         outputs.write(out.merged_mtz, lambda path: mtz.write(path))
         n_merged = mtz.n_reflections()
         summary["merged_reflections"] = n_merged
