@@ -141,6 +141,23 @@ def static_crystals_in_scan_varying_job(experiment_ids):
         yield done
 
 
+def fix_crystal_orientations(rp, experiment_ids, experiments) -> None:
+    """Leave the orientations of the crystals of `experiment_ids` (positions
+    in `experiments`) out of the job of `rp`: DIALS' crystal.orientation.fix_list
+    with the names configure gives them, ``Crystal<k>Phi`` for the k-th of
+    ``experiments.crystals()``; a crystal with every parameter fixed is not
+    parameterised at all.  (auto_reduction.action=fix, DIALS' remedy, ends
+    in an AssertionError in DIALS 3.12 where a job mixes static and
+    scan-varying crystals.)"""
+    crystals = ExperimentList(list(experiments)).crystals()
+    names = set()
+    for i in experiment_ids:
+        k = next(k for k, c in enumerate(crystals) if c is experiments[i].crystal)
+        names.add(f"Crystal{k + 1}Phi")
+    orientation = rp.refinement.parameterisation.crystal.orientation
+    orientation.fix_list = sorted(set(orientation.fix_list or []) | names)
+
+
 def crystals_refused_for_too_few_reflections(message: str, experiments) -> set[int]:
     """The experiments (positions in `experiments`) whose crystal DIALS'
     auto-reduction refused to parameterise in a failed job: its message

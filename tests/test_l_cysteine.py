@@ -279,3 +279,36 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
     assert not [r for r in records + complete_records if r.exc_info], "a traceback in the log"
     # the complete wedges: nothing to measure CC½ on, all data kept
     assert complete["resolution"]["d_min"] is None, complete["resolution"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("image,spots_enough", [(1, True), (14, False)])
+def test_a_sweep_of_one_image_among_whole_ones(l_cysteine, image, spots_enough):
+    """Sweeps 1 and 3 whole and one image of sweep 2: 7 strong spots on image
+    1, 4 on image 14.  Outlier rejection in one distribution with the other
+    sweeps would leave it fewer than DIALS needs for its orientation (5 per
+    parameter): its spots are kept unjudged; with 4 spots in all DIALS
+    refuses that orientation, and it stays as indexing gave it, said once.
+    The one cell stays within 0.1 % of the complete sweeps' cell."""
+    from dials_gapfill import pipeline
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages import refinement
+
+    files = _files(l_cysteine, 1) + [os.path.join(l_cysteine, f"l-cyst_02_{image:05d}.cbf.bz2")] + _files(l_cysteine, 3)
+    state = pipeline.Pipeline(params_from(["nproc=1"]), files).run(stop_before="refinement")
+    assert [(s.number, s.image_range) for s in state.sweeps] == [(1, (1, 15)), (2, (image, image)), (3, (1, 15))]
+    one = [e for e in state.experiments if e.scan.get_image_range() == (image, image)]
+    assert len(one) == 1
+    before = one[0].crystal.get_U()
+    record = refinement.run(state)
+    too_few = [w for w in record.warnings if "too few spots to refine the orientation" in w]
+    one = [e for e in state.experiments if e.scan.get_image_range() == (image, image)][0]
+    moved = max(abs(a - b) for a, b in zip(before, one.crystal.get_U()))
+    if spots_enough:
+        assert not too_few and moved > 1e-6, (record.warnings, moved)
+    else:
+        assert too_few == ["sweep(s) 2: too few spots to refine the orientation (DIALS' auto_reduction): kept as "
+                           "indexing gave it"], record.warnings
+        assert moved < 1e-9, moved
+    cell = state.experiments[0].crystal.get_unit_cell().parameters()
+    assert _cell_error(cell) < 0.001, cell

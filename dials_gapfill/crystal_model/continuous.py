@@ -842,12 +842,13 @@ class ContinuousModel(CrystalModel):
                 first.refinement.reflections.outlier.algorithm = "null"
                 sel = refinable.iselection()
             logger.info("Continuous model: an orientation per sweep, %d reflections", len(sel))
-            models, _, _ = _macrocycle(first, table.select(sel), models, "static refinement of the sweeps' orientations")
+            models, _, _ = _static_macrocycle(job, first, table.select(sel), models,
+                                              "static refinement of the sweeps' orientations")
         sel, job_rp = _job_selection(table, self._refinable(table), models, rp, self.gap_edge, job.xy_edge,
                                      nproc=self.nproc)
         work = table.select(sel)
         logger.info("Continuous model: static refinement, %d reflections", len(work))
-        static, work, refiner = _macrocycle(job_rp, work, models, "static refinement")
+        static, work, refiner = _static_macrocycle(job, job_rp, work, models, "static refinement")
         job.chi2["static"] = _reduced_chi_squared(refiner)
         if len(static) > 1:
             dials_compat.set_constrained_cell_covariance(refiner, [m.crystal for m in static])
@@ -987,6 +988,7 @@ class ContinuousModel(CrystalModel):
         logger.info("Continuous model: %s, %d reflections", what, len(work))
         factory = BSplineSmoother if self.smoother == "bspline" else None
         static_only = set(static_only)
+        fixed = set()
         while True:
             try:
                 with dials_compat.static_crystals_in_scan_varying_job(static_only), \
@@ -997,8 +999,15 @@ class ContinuousModel(CrystalModel):
                 # a sparse sweep (a dozen spots, as a 1.5-deg small-molecule
                 # wedge): DIALS refuses its scan-varying orientation for too
                 # few reflections per parameter; it stays static in this job
-                refused = dials_compat.crystals_refused_for_too_few_reflections(
-                    getattr(e, "dials_message", ""), models) - static_only
+                named = dials_compat.crystals_refused_for_too_few_reflections(getattr(e, "dials_message", ""), models)
+                refused = named - static_only
+                if named and not refused and not named <= fixed:
+                    # static already, and still too few: fixed
+                    job_rp = copy.deepcopy(job_rp)
+                    dials_compat.fix_crystal_orientations(job_rp, named - fixed, models)
+                    _too_few_said(job, named - fixed)
+                    fixed |= named
+                    continue
                 if not refused:
                     raise
                 logger.info("Sweep(s) %s: too few reflections for a scan-varying orientation (DIALS' "
@@ -1179,6 +1188,36 @@ def _merge_search(table, search, indexed):
 # --------------------------------------------------------------------------
 # Refinement helpers
 # --------------------------------------------------------------------------
+
+
+def _static_macrocycle(job, rp, reflections, experiments, what):
+    """A static job; where DIALS refuses a sweep's orientation for too few
+    reflections (a sweep of one or two images of a sparse pattern: DIALS
+    wants auto_reduction.min_nref_per_parameter spots for each parameter),
+    the job again with that orientation fixed: it stays as indexing (or the
+    job before) left it, said once."""
+    fixed = set()
+    while True:
+        try:
+            return _macrocycle(rp, reflections, experiments, what)
+        except GapfillError as e:
+            refused = dials_compat.crystals_refused_for_too_few_reflections(
+                getattr(e, "dials_message", ""), experiments) - fixed
+            if not refused:
+                raise
+        fixed |= refused
+        rp = copy.deepcopy(rp)
+        dials_compat.fix_crystal_orientations(rp, refused, experiments)
+        _too_few_said(job, refused)
+
+
+def _too_few_said(job, refused):
+    sweeps = ", ".join(str(i + 1) for i in sorted(refused))
+    said = (f"sweep(s) {sweeps}: too few spots to refine the orientation (DIALS' auto_reduction): kept as "
+            "indexing gave it")
+    if said not in job.record.warnings:
+        job.record.warn(said)
+        logger.warning("Warning: %s", said)
 
 
 def _macrocycle(rp, reflections, experiments, what):
@@ -1540,14 +1579,18 @@ def _job_selection(table, refinable, models, rp, gap_edge, edge=None, by_block=F
     job_rp.refinement.reflections.outlier.algorithm = "null"
     kept = refinable & ~table.get_flags(table.flags.centroid_outlier)
     if "sweep" in table and len(models) > 1:
-        # a sweep judged in one distribution with the others can lose every
-        # spot (its residuals offset from theirs); DIALS cannot refine an
-        # experiment without reflections: such a sweep keeps its spots unjudged
+        # a sweep judged in one distribution with the others can lose most
+        # of its spots (its residuals offset from theirs); DIALS cannot refine
+        # an orientation on fewer than auto_reduction.min_nref_per_parameter
+        # reflections: such a sweep keeps its spots unjudged
+        minimum = max(1, rp.refinement.parameterisation.auto_reduction.min_nref_per_parameter)
         sweeps = np.asarray(table["sweep"])
         ref, ok = np.asarray(refinable), np.asarray(kept)
         for g in np.unique(sweeps[ref]):
-            if g >= 0 and not (ok & (sweeps == g)).any():
-                logger.info("Sweep %d: every spot judged an outlier; its %d spots kept", g + 1,
+            left = int((ok & (sweeps == g)).sum())
+            if g >= 0 and left < minimum:
+                logger.info("Sweep %d: %d of its spots left by outlier rejection, fewer than DIALS needs to "
+                            "refine it (%d); its %d spots kept", g + 1, left, minimum,
                             int((ref & (sweeps == g)).sum()))
                 kept |= refinable & (table["sweep"] == int(g))
     return kept.iselection(), job_rp

@@ -228,8 +228,9 @@ def _pooled_profiles(ip, experiments, reference, small, sweeps=None):
     total = sum(weights.values())
     if total < ip.profile.gaussian_rs.min_spots.overall:
         raise GapfillError(
-            f"only {total} strong spots in the whole sweep, too few for a profile model: set "
-            "profile.gaussian_rs.parameters.sigma_b= and sigma_m= (degrees)"
+            f"only {total} indexed strong spots in all blocks together, fewer than DIALS' profile model "
+            f"needs (profile.gaussian_rs.min_spots.overall={ip.profile.gaussian_rs.min_spots.overall}): set "
+            "profile.gaussian_rs.parameters.sigma_b= and sigma_m= (degrees), or lower min_spots.overall"
         )
     # spot-weighted mean of the variances: the blocks' spots taken together
     sigma_b = math.sqrt(sum(own[i][0] ** 2 * w for i, w in weights.items()) / total)
