@@ -449,7 +449,9 @@ blocks
     .help = "largest: search for the lattice in the block with most spots, then"
             "index all blocks with its crystal (the cost does not grow with the"
             "number of blocks); joint: search in all blocks at once, as dials.index."
-            "If one fails, the other is tried."
+            "If one fails, the other is tried. With several sweeps the joint search"
+            "comes first (another sweep's goniometer setting, as the headers give"
+            "it, is rarely exact enough for the crystal of one block)."
   min_indexed_fraction = 0.2
     .type = float(value_min=0, value_max=1)
     .help = "A block whose strong spots index below this fraction (e.g. a wrong"

@@ -282,20 +282,25 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("image,spots_enough", [(1, True), (14, False)])
-def test_a_sweep_of_one_image_among_whole_ones(l_cysteine, image, spots_enough):
+@pytest.mark.parametrize("image,spots_enough,model", [(1, True, "continuous"), (14, False, "continuous"),
+                                                      (14, False, "per_block")])
+def test_a_sweep_of_one_image_among_whole_ones(l_cysteine, image, spots_enough, model):
     """Sweeps 1 and 3 whole and one image of sweep 2: 7 strong spots on image
     1, 4 on image 14.  Outlier rejection in one distribution with the other
     sweeps would leave it fewer than DIALS needs for its orientation (5 per
     parameter): its spots are kept unjudged; with 4 spots in all DIALS
     refuses that orientation, and it stays as indexing gave it, said once.
-    The one cell stays within 0.1 % of the complete sweeps' cell."""
+    The one cell stays within 0.1 % of the complete sweeps' cell.  The
+    per-block model searches for the lattice in all blocks jointly when
+    there are several sweeps (on sweep 1's block alone, its crystal indexed
+    14 % of sweep 3's spots: refused as another crystal)."""
     from dials_gapfill import pipeline
     from dials_gapfill.phil import params_from
     from dials_gapfill.stages import refinement
 
     files = _files(l_cysteine, 1) + [os.path.join(l_cysteine, f"l-cyst_02_{image:05d}.cbf.bz2")] + _files(l_cysteine, 3)
-    state = pipeline.Pipeline(params_from(["nproc=1"]), files).run(stop_before="refinement")
+    state = pipeline.Pipeline(params_from(["nproc=1", f"refinement.blocks.model={model}"]), files).run(
+        stop_before="refinement")
     assert [(s.number, s.image_range) for s in state.sweeps] == [(1, (1, 15)), (2, (image, image)), (3, (1, 15))]
     one = [e for e in state.experiments if e.scan.get_image_range() == (image, image)]
     assert len(one) == 1

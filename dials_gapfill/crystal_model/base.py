@@ -7,6 +7,9 @@ import copy
 import iotbx.phil
 from dials.algorithms.refinement.refiner import phil_scope as refiner_phil
 
+from dials_gapfill import dials_compat
+from dials_gapfill.errors import GapfillError
+
 
 class CrystalModel:
     """index() then refine(), each returning (experiments, reflections, Record).
@@ -117,3 +120,33 @@ def crystal_per_sweep(experiments) -> None:
         crystal = copy.deepcopy(experiments[group[0]].crystal)
         for i in group:
             experiments[i].crystal = crystal
+
+
+def fixing_sparse_sweeps(run, rp, experiments, said):
+    """run(rp), a static or scan-varying job of `experiments`; where DIALS
+    refuses a crystal's orientation for too few reflections (a sweep of one
+    or two images of a sparse pattern: DIALS wants
+    auto_reduction.min_nref_per_parameter spots for each parameter), the job
+    again with those orientations fixed (they stay as indexing, or the job
+    before, left them); said(the sweep numbers, from 1) each time.  DIALS'
+    own remedy, auto_reduction.action=fix, ends in an AssertionError in DIALS
+    3.12 where a job mixes static and scan-varying crystals."""
+    fixed = set()
+    while True:
+        try:
+            return run(rp)
+        except GapfillError as e:
+            refused = dials_compat.crystals_refused_for_too_few_reflections(
+                getattr(e, "dials_message", ""), experiments) - fixed
+            if not refused:
+                raise
+        fixed |= refused
+        rp = copy.deepcopy(rp)
+        dials_compat.fix_crystal_orientations(rp, refused, experiments)
+        groups = sweep_groups(experiments)
+        said(sorted({next(g for g, group in enumerate(groups) if i in group) + 1 for i in refused}))
+
+
+def too_few_spots_message(sweeps) -> str:
+    return (f"sweep(s) {', '.join(str(s) for s in sweeps)}: too few spots to refine the orientation "
+            "(DIALS' auto_reduction): kept as indexing gave it")

@@ -82,7 +82,14 @@ from scipy.special import ndtr
 from scitbx.array_family import flex as sflex
 
 from dials_gapfill import dials_compat
-from dials_gapfill.crystal_model.base import CrystalModel, crystal_per_sweep, one_cell, sweep_groups
+from dials_gapfill.crystal_model.base import (
+    CrystalModel,
+    crystal_per_sweep,
+    fixing_sparse_sweeps,
+    one_cell,
+    sweep_groups,
+    too_few_spots_message,
+)
 from dials_gapfill.crystal_model.lattice import SEARCH_ERRORS, staged_search
 from dials_gapfill.crystal_model.smoother import BSplineSmoother
 from dials_gapfill.errors import GapfillError, indexing_failure
@@ -1005,7 +1012,7 @@ class ContinuousModel(CrystalModel):
                     # static already, and still too few: fixed
                     job_rp = copy.deepcopy(job_rp)
                     dials_compat.fix_crystal_orientations(job_rp, named - fixed, models)
-                    _too_few_said(job, named - fixed)
+                    _too_few_said(job, sorted(i + 1 for i in named - fixed))
                     fixed |= named
                     continue
                 if not refused:
@@ -1191,30 +1198,14 @@ def _merge_search(table, search, indexed):
 
 
 def _static_macrocycle(job, rp, reflections, experiments, what):
-    """A static job; where DIALS refuses a sweep's orientation for too few
-    reflections (a sweep of one or two images of a sparse pattern: DIALS
-    wants auto_reduction.min_nref_per_parameter spots for each parameter),
-    the job again with that orientation fixed: it stays as indexing (or the
-    job before) left it, said once."""
-    fixed = set()
-    while True:
-        try:
-            return _macrocycle(rp, reflections, experiments, what)
-        except GapfillError as e:
-            refused = dials_compat.crystals_refused_for_too_few_reflections(
-                getattr(e, "dials_message", ""), experiments) - fixed
-            if not refused:
-                raise
-        fixed |= refused
-        rp = copy.deepcopy(rp)
-        dials_compat.fix_crystal_orientations(rp, refused, experiments)
-        _too_few_said(job, refused)
+    """A static job, a sweep with too few spots for its orientation fixed
+    (:func:`base.fixing_sparse_sweeps`)."""
+    return fixing_sparse_sweeps(lambda p: _macrocycle(p, reflections, experiments, what), rp, experiments,
+                                lambda sweeps: _too_few_said(job, sweeps))
 
 
-def _too_few_said(job, refused):
-    sweeps = ", ".join(str(i + 1) for i in sorted(refused))
-    said = (f"sweep(s) {sweeps}: too few spots to refine the orientation (DIALS' auto_reduction): kept as "
-            "indexing gave it")
+def _too_few_said(job, sweeps):
+    said = too_few_spots_message(sweeps)
     if said not in job.record.warnings:
         job.record.warn(said)
         logger.warning("Warning: %s", said)
