@@ -317,3 +317,25 @@ def test_a_sweep_of_one_image_among_whole_ones(l_cysteine, image, spots_enough, 
         assert moved < 1e-9, moved
     cell = state.experiments[0].crystal.get_unit_cell().parameters()
     assert _cell_error(cell) < 0.001, cell
+
+
+@pytest.mark.slow
+def test_a_sweep_of_single_image_blocks_indexes_with_the_others(l_cysteine):
+    """exclude_images=1:2:14 leaves sweep 1 as images 1 and 15: every spot of
+    it cut by a gap, none in a lattice search without such spots.  Indexed
+    afterwards against the crystal of the other sweeps it was predicted
+    only as well as the headers give its goniometer setting (1 of 35 spots:
+    refused as another crystal); its spots join the search, and both its
+    blocks index as the other sweeps do."""
+    from dials_gapfill import pipeline
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages import refinement
+
+    state = pipeline.Pipeline(params_from(["nproc=1", "exclude_images=1:2:14"]), _files(l_cysteine)).run(
+        stop_before="refinement")
+    blocks = [(b.sweep, b.first, b.last, b.stats) for b in state.report.blocks]
+    assert [b[:3] for b in blocks] == [(1, 1, 1), (1, 15, 15), (2, 1, 15), (3, 1, 15), (4, 1, 15)]
+    fractions = [b[3]["indexed_fraction"] for b in blocks]
+    assert min(fractions[:2]) >= 0.5 and min(fractions) >= 0.5, fractions
+    refinement.run(state)
+    assert _cell_error(state.experiments[0].crystal.get_unit_cell().parameters()) < 0.001

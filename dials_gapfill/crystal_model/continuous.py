@@ -641,7 +641,8 @@ class ContinuousModel(CrystalModel):
         table.unset_flags(flex.bool(len(table), True), table.flags.indexed)
         edge = gap_edge_spots(experiments, table)
         table["gap_edge"] = edge
-        search = table.select(~edge & (table["id"] >= 0))
+        searched = ~edge | _edge_spots_searched(table, edge, self._min_spots_per_parameter())
+        search = table.select(searched & (table["id"] >= 0))
         if "shoebox" in search:
             del search["shoebox"]
         if len(joined.groups) == 1:
@@ -695,9 +696,10 @@ class ContinuousModel(CrystalModel):
             exp.imageset = continuous.imageset
         # the search table's rows come back reordered: put its results onto all spots
         out = _merge_search(table, search, indexed)
-        # every spot (edge spots included) in mm, then the edge spots indexed
+        # every spot (edge spots included) in mm, then the edge spots not
+        # searched indexed
         out.centroid_px_to_mm(found)
-        edge = out["gap_edge"]
+        edge = out["gap_edge"] & ~searched
         n_edge = _index_each_sweep(found, out, edge, self.z_window)
         logger.info("Gap-edge spots indexed against predictions: %d of %d", n_edge, edge.count(True))
         blocks = joined.slice(found)
@@ -790,6 +792,10 @@ class ContinuousModel(CrystalModel):
         if reflections.reflections_per_degree is libtbx.Auto:
             reflections.reflections_per_degree = REFLECTIONS_PER_DEGREE
         return rp
+
+    def _min_spots_per_parameter(self):
+        """DIALS' refinement.parameterisation.auto_reduction.min_nref_per_parameter."""
+        return max(1, self._refine_params().refinement.parameterisation.auto_reduction.min_nref_per_parameter)
 
     def _refinable(self, table):
         ok = table.get_flags(table.flags.indexed) & (table["id"] >= 0)
@@ -1165,6 +1171,30 @@ def _indexed_per_block(table, rows_block, n_blocks):
     """Indexed spots per block (numpy); `rows_block`: each row's block, -1 none."""
     ok = np.asarray(table.get_flags(table.flags.indexed) & (table["id"] >= 0)) & (rows_block >= 0)
     return np.bincount(rows_block[ok], minlength=n_blocks)
+
+
+def _edge_spots_searched(table, edge, minimum):
+    """The gap-edge spots that join the lattice search: those of a sweep
+    (several sweeps) with fewer than `minimum` spots not cut by a gap (its
+    blocks single images, say).  Indexed afterwards against the crystal the
+    other sweeps found, such a sweep would be predicted only as well as the
+    headers give its goniometer setting (L-cysteine sweep 1 as images 1 and
+    15: 1 of 35 spots within 3 px); in the search, DIALS' indexer assigns
+    them in reciprocal space as any other spot (their x, y are whole, their
+    phi a little off)."""
+    sweeps = np.asarray(table["sweep"]) if "sweep" in table else np.zeros(len(table), dtype=int)
+    cut = np.asarray(edge)
+    out = np.zeros(len(table), dtype=bool)
+    if len(set(sweeps.tolist())) < 2:
+        return flex.bool(out.tolist())
+    for g in np.unique(sweeps):
+        rows = sweeps == g
+        inner = int((rows & ~cut).sum())
+        if inner < minimum and (rows & cut).any():
+            logger.info("Sweep %d: %d spots not cut by a gap; its %d spots cut by a gap join the lattice search",
+                        g + 1, inner, int((rows & cut).sum()))
+            out |= rows & cut
+    return flex.bool(out.tolist())
 
 
 def _merge_search(table, search, indexed):
