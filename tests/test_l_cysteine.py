@@ -320,22 +320,42 @@ def test_a_sweep_of_one_image_among_whole_ones(l_cysteine, image, spots_enough, 
 
 
 @pytest.mark.slow
-def test_a_sweep_of_single_image_blocks_indexes_with_the_others(l_cysteine):
+@pytest.mark.parametrize("model", ["continuous", "per_block"])
+def test_a_sweep_of_single_image_blocks(l_cysteine, tmp_path, model):
     """exclude_images=1:2:14 leaves sweep 1 as images 1 and 15: every spot of
-    it cut by a gap, none in a lattice search without such spots.  Indexed
-    afterwards against the crystal of the other sweeps it was predicted
-    only as well as the headers give its goniometer setting (1 of 35 spots:
-    refused as another crystal); its spots join the search, and both its
-    blocks index as the other sweeps do."""
-    from dials_gapfill import pipeline
-    from dials_gapfill.phil import params_from
-    from dials_gapfill.stages import refinement
+    it cut by a gap.  Indexing: in a lattice search without such spots and
+    indexed afterwards against the crystal of the other sweeps, it was
+    predicted only as well as the headers give its goniometer setting (1 of
+    35 spots: refused as another crystal); its spots join the search, and
+    both its blocks index as the other sweeps do.  Integration: DIALS'
+    integrate leaves out a block none of whose reference spots matched a
+    prediction (its image was then neither used nor listed as excluded); it
+    is integrated on its own by summation.  A block MTZ with no reflection
+    above the partiality threshold is not written, and said so."""
+    import gemmi
 
-    state = pipeline.Pipeline(params_from(["nproc=1", "exclude_images=1:2:14"]), _files(l_cysteine)).run(
-        stop_before="refinement")
-    blocks = [(b.sweep, b.first, b.last, b.stats) for b in state.report.blocks]
-    assert [b[:3] for b in blocks] == [(1, 1, 1), (1, 15, 15), (2, 1, 15), (3, 1, 15), (4, 1, 15)]
-    fractions = [b[3]["indexed_fraction"] for b in blocks]
-    assert min(fractions[:2]) >= 0.5 and min(fractions) >= 0.5, fractions
-    refinement.run(state)
-    assert _cell_error(state.experiments[0].crystal.get_unit_cell().parameters()) < 0.001
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    for n in (1, 2):  # an earlier run's block MTZs
+        with open(os.path.join(out, f"integrated_{n}.mtz"), "w") as fh:
+            fh.write("old")
+    process_ok(l_cysteine, out, "exclude_images=1:2:14", f"refinement.blocks.model={model}")
+    summary = _summary(out)
+    blocks = [(b["sweep"], b["first"], b["last"]) for b in summary["blocks"]]
+    assert blocks == [(1, 1, 1), (1, 15, 15), (2, 1, 15), (3, 1, 15), (4, 1, 15)]
+    assert min(b["indexed_fraction"] for b in summary["blocks"]) >= 0.5, summary["blocks"]
+    assert all(b["integrated"] > 0 for b in summary["blocks"]), summary["blocks"]
+    # every image used or listed
+    assert summary["totals"]["images_used"] + len(summary["excluded_images"]) == 60
+    # the per-block model's cells are each block's own (measured: 0.18 %)
+    assert _cell_error(summary["crystal"]["final"]["unit_cell"]) < (0.001 if model == "continuous" else 0.003)
+    batches = {b.number for b in gemmi.read_mtz_file(os.path.join(out, "integrated.mtz")).batches}
+    assert {1, 15} <= batches
+    for n in (1, 2):
+        path = os.path.join(out, f"integrated_{n}.mtz")
+        written = [f for f in summary["files"] if f["name"] == f"integrated_{n}.mtz"]
+        if written:
+            assert gemmi.read_mtz_file(path).nreflections == written[0]["reflections"] > 0
+        else:  # not written by this run: said, and no earlier file left with its name
+            assert any(f"integrated_{n}.mtz not written" in w for w in summary["warnings"]), summary["warnings"]
+            assert not os.path.exists(path)

@@ -77,6 +77,7 @@ class Outputs:
         self._lock_key: tuple[int, int] | None = None
         self._log: tuple[str, str] | None = None  # (temporary path, final path)
         self.removed: list[str] = []  # a killed run's temporary files, removed by lock()
+        self._retired: set[str] = set()  # final paths this run does not write: removed at commit
 
     LOCK_NAME = ".dials.process_gapped.lock"
 
@@ -262,7 +263,28 @@ class Outputs:
             f"cannot write {name} in {self.directory}: {e.strerror}: check the output folder"
         )
 
+    def discard(self, name: str) -> None:
+        """The output `name` is not written by this run after all (its writer
+        failed on data it cannot hold): its temporary file goes now, and a file
+        of that name from an earlier run at commit, so that the folder does not
+        show it beside this run's results."""
+        final = os.path.join(self.directory, name)
+        tmp = self._pending.pop(final, None)
+        self._complete.discard(final)
+        if tmp is not None:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        self._retired.add(final)
+
     def commit(self) -> list[str]:
+        for final in sorted(self._retired - set(self._pending)):
+            try:
+                os.remove(final)
+            except OSError:
+                pass
+        self._retired.clear()
         for final, tmp in self._pending.items():
             try:
                 os.replace(tmp, final)

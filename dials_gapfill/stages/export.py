@@ -47,6 +47,10 @@ def image_number_batches(experiments):
     return out
 
 
+# dials.export's message when every reflection is filtered out
+NOTHING_TO_WRITE = "All data has been filtered from the reflection table"
+
+
 def write_mtz(reflections, experiments, params, path, intensity=None, offsets=None):
     """dials.export's MTZ export with the mtz.* options (`offsets`: the batch
     offset of each experiment, None: DIALS'); returns the number of
@@ -119,7 +123,22 @@ def export(experiments, reflections, params, outputs, sweeps=None) -> Record:
             counts = {}
             kind = ["sum"] if number in summation_blocks else None
             mine = [offsets[i]] if offsets else None
-            outputs.write(name, lambda p: counts.setdefault("n", write_mtz(sub, sub_expts, params, p, kind, mine)))
+            try:
+                outputs.write(name, lambda p: counts.setdefault("n", write_mtz(sub, sub_expts, params, p, kind, mine)))
+            except GapfillError as e:
+                if NOTHING_TO_WRITE not in str(e):
+                    raise
+                # a block of an image or two: most of its reflections are
+                # partials below mtz.partiality_threshold; the combined MTZ
+                # has what the block adds to reflections of the others
+                outputs.discard(name)
+                msg = (
+                    f"block {number} (images {first}-{last}): no reflection passes dials.export's filters "
+                    f"(mtz.partiality_threshold={params.mtz.partiality_threshold:g}, ...): {name} not written"
+                )
+                logger.warning("Warning: %s", msg)
+                record.warn(msg)
+                continue
             files.append(
                 {"name": name, "kind": "block mtz", "block": number, "reflections": counts["n"]}
             )

@@ -265,7 +265,12 @@ def _run(ip, experiments, reference, params=None):
             experiments, reflections = cluster.integrate(ip, experiments, reference, params)
         else:
             with _blocks_profiled_in_parallel(ip):
-                experiments, reflections, _ = run_integration(ip, experiments, reference)
+                done, reflections, _ = run_integration(ip, experiments, reference)
+            removed = [e for e in experiments if e.identifier not in set(done.identifiers())]
+            if removed:
+                experiments, reflections = _integrate_removed(ip, experiments, removed, done, reflections)
+            else:
+                experiments = done
     except (ValueError, RuntimeError) as e:
         text = " ".join(str(e).split())
         killed = re.search(r"exit code = -(\d+)", text)
@@ -283,6 +288,38 @@ def _run(ip, experiments, reference, params=None):
             ) from None
         raise GapfillError(f"integration failed: {text[:200]}: check integration.*") from None
     return experiments, reflections
+
+
+def _integrate_removed(ip, given, removed, done, reflections):
+    """The blocks DIALS' run_integration left out of several (none of their
+    reference spots matched a prediction: a block of an image or two whose
+    few spots all went as outliers), each integrated on its own by summation
+    with the mean profile parameters (sigma_b, sigma_m) of the blocks
+    integrated.  (experiments in the order `given`, reflections)."""
+    Algorithm = _algorithm(ip)
+    sp = copy.deepcopy(ip)
+    g = sp.profile.gaussian_rs.parameters
+    g.sigma_b = sum(e.profile.sigma_b(deg=True) for e in done) / len(done)
+    g.sigma_m = sum(e.profile.sigma_m(deg=True) for e in done) / len(done)
+    sp.integration.profile.fitting = False
+    sp.create_profile_model = False
+    tables, order = [reflections], list(done)
+    for exp in removed:
+        logger.warning(
+            "Block of images %d-%d: none of its reference spots matched a prediction (DIALS' integrate would "
+            "leave it out): integrated by summation", *exp.scan.get_image_range(),
+        )
+        exp.profile = Algorithm.create(sp.profile, None, exp.crystal, exp.beam, exp.detector, exp.goniometer,
+                                       exp.scan)
+        alone, table, _ = run_integration(sp, ExperimentList([exp]), None)
+        for key in reflections.keys():
+            if key not in table:
+                table[key] = reflections[key][:1].__class__(len(table))
+        tables.append(table)
+        order.extend(alone)
+    position = {e.identifier: i for i, e in enumerate(given)}
+    order = ExperimentList(sorted(order, key=lambda e: position[e.identifier]))
+    return order, join_blocks(tables, order)
 
 
 def integrate(experiments, reference, params, sweeps, profile_model="per_block"):
@@ -365,6 +402,13 @@ def integrate(experiments, reference, params, sweeps, profile_model="per_block")
         reflections = join_blocks([big_refl, small_refl], order)
         experiments = order
 
+    # a block DIALS left out and integrated here on its own by summation
+    # (_integrate_removed), or any other without a profile-fitted row
+    prf = reflections.get_flags(reflections.flags.integrated_prf)
+    for i, exp in enumerate(experiments):
+        mine = reflections["id"] == i
+        if mine.count(True) and not (mine & prf).count(True) and prf.count(True):
+            record.block(exp.identifier)["profile"] = "summation only"
     if params.integration.gap_partials == "combine":
         reflections, _ = combine_gap_partials(experiments, reflections)
     _record(reflections, experiments, record, names)
