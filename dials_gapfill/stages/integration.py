@@ -267,7 +267,7 @@ def _run(ip, experiments, reference, params=None):
             with _blocks_profiled_in_parallel(ip):
                 done, reflections, _ = run_integration(ip, experiments, reference)
             removed = [e for e in experiments if e.identifier not in set(done.identifiers())]
-            if removed:
+            if removed and len(done) and ip.profile.algorithm == "gaussian_rs":
                 experiments, reflections = _integrate_removed(ip, experiments, removed, done, reflections)
             else:
                 experiments = done
