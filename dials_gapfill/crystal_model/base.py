@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import iotbx.phil
 from dials.algorithms.refinement.refiner import phil_scope as refiner_phil
 
 from dials_gapfill import dials_compat
 from dials_gapfill.errors import GapfillError
+
+logger = logging.getLogger("dials.process_gapped.refinement")
 
 
 class CrystalModel:
@@ -147,6 +150,10 @@ def fixing_sparse_sweeps(run, rp, experiments, said):
         said(sorted({next(g for g, group in enumerate(groups) if i in group) + 1 for i in refused}))
 
 
-def too_few_spots_message(sweeps) -> str:
-    return (f"sweep(s) {', '.join(str(s) for s in sweeps)}: too few spots to refine the orientation "
+def say_too_few_spots(record, sweeps) -> None:
+    """The warning of :func:`fixing_sparse_sweeps`, once per run (log and record)."""
+    said = (f"sweep(s) {', '.join(str(s) for s in sweeps)}: too few spots to refine the orientation "
             "(DIALS' auto_reduction): kept as indexing gave it")
+    if said not in record.warnings:
+        record.warn(said)
+        logger.warning("Warning: %s", said)

@@ -88,7 +88,7 @@ from dials_gapfill.crystal_model.base import (
     fixing_sparse_sweeps,
     one_cell,
     sweep_groups,
-    too_few_spots_message,
+    say_too_few_spots,
 )
 from dials_gapfill.crystal_model.lattice import SEARCH_ERRORS, staged_search
 from dials_gapfill.crystal_model.smoother import BSplineSmoother
@@ -1018,7 +1018,7 @@ class ContinuousModel(CrystalModel):
                     # static already, and still too few: fixed
                     job_rp = copy.deepcopy(job_rp)
                     dials_compat.fix_crystal_orientations(job_rp, named - fixed, models)
-                    _too_few_said(job, sorted(i + 1 for i in named - fixed))
+                    say_too_few_spots(job.record, sorted(i + 1 for i in named - fixed))
                     fixed |= named
                     continue
                 if not refused:
@@ -1231,14 +1231,7 @@ def _static_macrocycle(job, rp, reflections, experiments, what):
     """A static job, a sweep with too few spots for its orientation fixed
     (:func:`base.fixing_sparse_sweeps`)."""
     return fixing_sparse_sweeps(lambda p: _macrocycle(p, reflections, experiments, what), rp, experiments,
-                                lambda sweeps: _too_few_said(job, sweeps))
-
-
-def _too_few_said(job, sweeps):
-    said = too_few_spots_message(sweeps)
-    if said not in job.record.warnings:
-        job.record.warn(said)
-        logger.warning("Warning: %s", said)
+                                lambda sweeps: say_too_few_spots(job.record, sweeps))
 
 
 def _macrocycle(rp, reflections, experiments, what):

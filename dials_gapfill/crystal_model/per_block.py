@@ -58,7 +58,7 @@ from dials_gapfill.crystal_model.base import (
     refined_models,
     sweep_groups,
     tie_cells,
-    too_few_spots_message,
+    say_too_few_spots,
 )
 from dials_gapfill.crystal_model.lattice import SEARCH_ERRORS, staged_search
 from dials_gapfill.errors import GapfillError, indexing_failure
@@ -204,10 +204,7 @@ class PerBlockModel(CrystalModel):
             first = None
 
         def too_few(sweeps):
-            said = too_few_spots_message(sweeps)
-            if said not in record.warnings:
-                record.warn(said)
-                logger.warning("Warning: %s", said)
+            say_too_few_spots(record, sweeps)
 
         if first is not None:
             experiments, reflections = fixing_sparse_sweeps(
