@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import NPROC, process_ok, run_cmd
+from conftest import NPROC, process_ok, run_forked
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def cli_chain(sim_gapped, tmp_path_factory):
         ["dials.integrate", "refined.expt", "refined.refl", f"nproc={NPROC}"],
     ]
     for step in steps:
-        result = run_cmd(step, cwd=d, timeout=1800)
+        result = run_forked(step, cwd=d, timeout=1800)
         assert result.returncode == 0, (step, result.stdout[-2000:], result.stderr[-2000:])
     return d
 
@@ -98,7 +98,7 @@ def short_blocks(tiny_sweeps, tmp_path_factory):
         ["dials.refine", "indexed.expt", "indexed.refl"],
         ["dials.integrate", "refined.expt", "refined.refl", f"nproc={NPROC}"],
     ):
-        result = run_cmd(step, cwd=chain, timeout=1800)
+        result = run_forked(step, cwd=chain, timeout=1800)
         assert result.returncode == 0, (step, result.stdout[-2000:], result.stderr[-2000:])
     ours = str(tmp_path_factory.mktemp("short_per_block"))
     process_ok(folder, ours, "refinement.blocks.model=per_block", "integration.gap_partials=separate",

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import ROOT, process_ok, run_cmd
+from conftest import ROOT, process_ok, run_forked
 
 DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "l_cysteine"))
 # images left out: two images of sweep 1, one of sweep 3
@@ -77,7 +77,7 @@ def dials_chain(l_cysteine, tmp_path_factory):
          "profile.gaussian_rs.min_spots.overall=0", "profile.gaussian_rs.min_spots.per_degree=0"],
     ]
     for step in steps:
-        result = run_cmd(step, cwd=d)
+        result = run_forked(step, cwd=d)
         assert result.returncode == 0, (step, result.stdout[-2000:], result.stderr[-2000:])
     experiments = ExperimentListFactory.from_json_file(os.path.join(d, "integrated.expt"), check_format=False)
     return experiments, flex.reflection_table.from_file(os.path.join(d, "integrated.refl")), d
@@ -169,7 +169,7 @@ def test_spots_left_out_are_predicted_better_than_by_the_dials_chain(dials_chain
         # a tenth of the spots out can leave a parameter with too few for
         # DIALS: it then offers to fix it and remove its spots
         for extra in ([], ["auto_reduction.action=remove"]):
-            if run_cmd(["dials.refine", "in.expt", "in.refl", *extra], cwd=str(folder)).returncode == 0:
+            if run_forked(["dials.refine", "in.expt", "in.refl", *extra], cwd=str(folder)).returncode == 0:
                 return ExperimentListFactory.from_json_file(str(folder / "refined.expt"), check_format=False)
         raise AssertionError(f"dials.refine failed in {folder}")
 
