@@ -85,7 +85,7 @@ def run_forked(args, cwd=None, timeout=1200):
     with tempfile.TemporaryDirectory(prefix="forked-") as d:
         paths = [os.path.join(d, "stdout"), os.path.join(d, "stderr")]
         start = time.monotonic()
-        child = forked.context().Process(target=forked.main, args=(args, cwd, dict(os.environ), *paths))
+        child = forked.context().Process(target=forked.main, args=(args, cwd or os.getcwd(), dict(os.environ), *paths))
         child.start()
         child.join(timeout)
         if child.exitcode is None:
