@@ -222,8 +222,8 @@ def snase():
     return SNASE
 
 
-# the SNase images processed by test_export and test_sanity: two blocks of
-# 20 and 15 of the 96 images (a third of the whole sweep's cost)
+# the SNase images processed by test_export and test_sanity: two blocks, 35
+# of the 96 images (92 s alone, benchmarks/results/2026-12-05-forked-commands.md)
 SNASE_PROCESSED_BLOCKS = [(1, 20), (46, 60)]
 
 
