@@ -359,3 +359,39 @@ def test_a_sweep_of_single_image_blocks(l_cysteine, tmp_path, model):
         else:  # not written by this run: said, and no earlier file left with its name
             assert any(f"integrated_{n}.mtz not written" in w for w in summary["warnings"]), summary["warnings"]
             assert not os.path.exists(path)
+
+
+@pytest.mark.slow
+def test_two_wedges_the_static_crystal_indexes_its_spots(l_cysteine):
+    """Sweeps 1 and 3 alone: their scan-varying jobs move the beam (6.8 deg
+    in the spindle plane, DIALS' beam parameters as dials.refine has them)
+    and the orientation with it.  DIALS reads each block's static crystal
+    where it needs one for the block (dials.integrate's masking of a
+    neighbour's pixels in the reference spots): left at the static job's
+    orientation it indexed 2 of 30 spots, every reference pixel was masked
+    and no profile model was made ("only 0 indexed strong spots").  Each
+    block's static crystal indexes its spots as its scan points do, and with
+    DIALS' minimum of spots lowered below the 47 there are, the blocks are
+    integrated with profiles."""
+    from dials.algorithms.spot_prediction import PixelToMillerIndex
+
+    from dials_gapfill import pipeline
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages import integration
+
+    files = _files(l_cysteine, 1) + _files(l_cysteine, 3)
+    params = params_from(["nproc=1", "profile.gaussian_rs.min_spots.overall=40"])
+    state = pipeline.Pipeline(params, files).run(stop_before="integration")
+    table = state.reflections
+    for i, exp in enumerate(state.experiments):
+        assert exp.crystal.num_scan_points == 16
+        static = PixelToMillerIndex(exp.beam, exp.detector, exp.goniometer, exp.scan, exp.crystal)
+        mine = table.select((table["id"] == i) & table.get_flags(table.flags.indexed))
+        assert len(mine) >= 15
+        off = [max(abs(a - b) for a, b in zip(static.h(p, x, y, z), hkl))
+               for p, (x, y, z), hkl in zip(mine["panel"], mine["xyzobs.px.value"], mine["miller_index"])]
+        assert sum(d < 0.25 for d in off) >= 0.9 * len(off), sorted(off)
+    integration.run(state)
+    done = state.reflections.select(state.reflections.get_flags(state.reflections.flags.integrated_prf))
+    assert len(done) >= 50, len(done)
+    assert set(done["id"]) == {0, 1}

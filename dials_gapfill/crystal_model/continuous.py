@@ -246,11 +246,34 @@ def join_blocks(experiments, identifier="continuous"):
     )
 
 
+def static_orientation_at_centre(crystal) -> None:
+    """Set the static U of a scan-varying `crystal` (a copy owned by the
+    caller) to its U at the middle scan point, the scan points kept.
+
+    DIALS reads the static A where it needs one crystal for a whole block,
+    e.g. ``mask_neighbouring`` of dials.integrate's reference spots (each
+    pixel's Miller index).  Left at the static job's value it goes stale when
+    the scan-varying jobs move the beam: on two 1.5 deg L-cysteine wedges the
+    beam turned 6 deg in the spindle plane, the static U then indexed 2 of 30
+    spots, every reference pixel was masked as a neighbour's and no profile
+    model could be made."""
+    n = crystal.num_scan_points
+    if n == 0:
+        return
+    A = [crystal.get_A_at_scan_point(i) for i in range(n)]
+    cov = crystal.get_B_covariance_at_scan_points()
+    crystal.set_U(crystal.get_U_at_scan_point(n // 2))  # clears the scan points
+    crystal.set_A_at_scan_points(A)
+    if len(cov) > 0:
+        crystal.set_B_covariance_at_scan_points(cov)
+
+
 def slice_onto_blocks(continuous, experiments):
     """Block experiments (copies of `experiments`, same identifiers, image sets
     and scans) with the refined beam, detector and goniometer of `continuous`
     (shared) and each its slice of the continuous crystal: scan points of its
-    own images (n_images + 1), as ``dials.util.slice``; a static crystal is
+    own images (n_images + 1), as ``dials.util.slice``, and the static U of
+    its middle (:func:`static_orientation_at_centre`); a static crystal is
     shared as it is."""
 
     f0, l0 = continuous.scan.get_image_range()
@@ -273,6 +296,7 @@ def slice_onto_blocks(continuous, experiments):
                 crystal.set_A_at_scan_points(A)
             else:
                 crystal = slice_crystal(crystal, (f - f0, l - f0 + 1))
+            static_orientation_at_centre(crystal)
         out.append(
             Experiment(
                 imageset=exp.imageset,
