@@ -336,7 +336,7 @@ def test_a_sweep_of_single_image_blocks(l_cysteine, tmp_path, model):
 
     out = str(tmp_path / "out")
     os.makedirs(out)
-    for n in (1, 2):  # an earlier run's block MTZs
+    for n in (1, 2, 9):  # an earlier run's block MTZs (it had 9 blocks or more)
         with open(os.path.join(out, f"integrated_{n}.mtz"), "w") as fh:
             fh.write("old")
     process_ok(l_cysteine, out, "exclude_images=1:2:14", f"refinement.blocks.model={model}")
@@ -359,6 +359,10 @@ def test_a_sweep_of_single_image_blocks(l_cysteine, tmp_path, model):
         else:  # not written by this run: said, and no earlier file left with its name
             assert any(f"integrated_{n}.mtz not written" in w for w in summary["warnings"]), summary["warnings"]
             assert not os.path.exists(path)
+    # no block MTZ beyond this run's five blocks is left beside its own
+    assert not os.path.exists(os.path.join(out, "integrated_9.mtz"))
+    assert sorted(f for f in os.listdir(out) if f.startswith("integrated_")) == sorted(
+        f["name"] for f in summary["files"] if f["kind"] == "block mtz")
 
 
 @pytest.mark.slow

@@ -20,6 +20,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
+import re
+import string
 
 import iotbx.mtz
 from dials.command_line.export import export_mtz as dials_export_mtz
@@ -142,7 +145,28 @@ def export(experiments, reflections, params, outputs, sweeps=None) -> Record:
             files.append(
                 {"name": name, "kind": "block mtz", "block": number, "reflections": counts["n"]}
             )
+    # an earlier run's block MTZs in this folder that this run does not write
+    # (it had more blocks, or this run writes none) go at commit: the folder
+    # then shows only this run's blocks
+    written = {f["name"] for f in files}
+    for name in earlier_block_mtzs(outputs.directory, out.block_mtz):
+        if name not in written:
+            outputs.discard(name)
     return record
+
+
+def earlier_block_mtzs(directory, block_mtz) -> list[str]:
+    """Names of the files in `directory` that output.block_mtz (a format
+    with {block}, {first}, {last}) could have named."""
+    pattern = "".join(
+        re.escape(literal) + (r"-?\d+" if field is not None else "")
+        for literal, field, _, _ in string.Formatter().parse(block_mtz)
+    )
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(n for n in names if re.fullmatch(pattern, n))
 
 
 def run(state) -> Record | None:
