@@ -48,15 +48,21 @@ def test_glob_template_and_xia2_image_forms_agree(sim_gapped):
     by_dir, _ = _import(positional=[sim_gapped])
     by_glob, _ = _import(f"input.images={sim_gapped}/sim_*.cbf")
     by_template, _ = _import(f"input.template={sim_gapped}/sim_####.cbf")
+    # a template where file names go (the shell leaves # alone)
+    by_positional_template, _ = _import(positional=[f"{sim_gapped}/sim_####.cbf"])
     by_xia2, _ = _import(
         f"input.image={sim_gapped}/sim_0001.cbf:1:40",
         f"input.image={sim_gapped}/sim_0001.cbf:46:120",
     )
     expected = [(1, 40), (46, 80), (84, 120)]
-    for experiments in (by_dir, by_glob, by_template, by_xia2):
+    for experiments in (by_dir, by_glob, by_template, by_positional_template, by_xia2):
         assert _blocks(experiments) == expected
     partial, _ = _import(f"input.image={sim_gapped}/sim_0001.cbf:10:60")
     assert _blocks(partial) == [(10, 40), (46, 60)]
+    from dials_gapfill.errors import GapfillError
+
+    with pytest.raises(GapfillError, match=r"no files match .*sim_#####.cbf.*: check the path; # stands for"):
+        _import(positional=[f"{sim_gapped}/sim_#####.cbf"])
 
 
 def test_exclusion_splits_and_never_opens_excluded_files(sim_complete, sim_gapped, tmp_path):

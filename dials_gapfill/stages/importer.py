@@ -148,6 +148,14 @@ def collect_files(params, positional=()) -> list[str]:
             files.extend(found)
         elif _is_file(entry):
             files.append(entry)
+        elif "#" in os.path.basename(entry):
+            # a template given where file names go, as to template=
+            found = _template_files(entry)
+            if not found:
+                raise GapfillError(
+                    f"no files match {entry!r}: check the path; # stands for one digit of the image number"
+                )
+            files.extend(found[n] for n in sorted(found))
         else:
             raise GapfillError(f"no such file or directory: {entry!r}: check the path")
     for template in params.input.template or []:
