@@ -372,7 +372,7 @@ def test_two_wedges_the_static_crystal_indexes_its_spots(l_cysteine):
     and the orientation with it.  DIALS reads each block's static crystal
     where it needs one for the block (dials.integrate's masking of a
     neighbour's pixels in the reference spots): left at the static job's
-    orientation it indexed 2 of 30 spots, every reference pixel was masked
+    orientation it indexed 0 of 36 spots, every reference pixel was masked
     and no profile model was made ("only 0 indexed strong spots").  Each
     block's static crystal indexes its spots as its scan points do, and with
     DIALS' minimum of spots lowered below the 47 there are, the blocks are

@@ -254,9 +254,10 @@ def static_orientation_at_centre(crystal) -> None:
     e.g. ``mask_neighbouring`` of dials.integrate's reference spots (each
     pixel's Miller index).  Left at the static job's value it goes stale when
     the scan-varying jobs move the beam: on two 1.5 deg L-cysteine wedges the
-    beam turned 6 deg in the spindle plane, the static U then indexed 2 of 30
-    spots, every reference pixel was masked as a neighbour's and no profile
-    model could be made."""
+    beam turned 6.8 deg in the spindle plane, the static U was left 14 deg
+    from the scan points and indexed 0 of 36 spots, every reference pixel was
+    masked as a neighbour's and no profile model could be made
+    (benchmarks/results/2026-12-05-static-crystal.md)."""
     n = crystal.num_scan_points
     if n == 0:
         return

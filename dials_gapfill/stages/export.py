@@ -145,13 +145,14 @@ def export(experiments, reflections, params, outputs, sweeps=None) -> Record:
             files.append(
                 {"name": name, "kind": "block mtz", "block": number, "reflections": counts["n"]}
             )
-    # an earlier run's block MTZs in this folder that this run does not write
-    # (it had more blocks, or this run writes none) go at commit: the folder
-    # then shows only this run's blocks
-    written = {f["name"] for f in files}
-    for name in earlier_block_mtzs(outputs.directory, out.block_mtz):
-        if name not in written:
-            outputs.discard(name)
+    if out.mtz:
+        # an earlier run's block MTZs in this folder that this run does not
+        # write (it had more blocks, or this run writes none beside its MTZ)
+        # go at commit: the folder then shows only this run's blocks
+        written = {f["name"] for f in files}
+        for name in earlier_block_mtzs(outputs.directory, out.block_mtz):
+            if name not in written:
+                outputs.discard(name)
     return record
 
 
