@@ -133,3 +133,37 @@ def test_a_block_never_spans_two_imported_sequences():
     assert _blocks(sweeps) == [(1, 1, 10), (1, 11, 11), (1, 12, 24)]
     sweeps.exclude({(1, 11): "duplicate frame"}, "auto")
     assert _blocks(sweeps) == [(1, 1, 10), (1, 12, 24)]
+
+
+def test_dropping_a_block_keeps_the_other_blocks_spots_renumbered():
+    """After indexing, a dropped block takes only its own spots: the other
+    blocks keep their unindexed spots (the refined model may index them)
+    and ``id`` and ``imageset_id`` both become positions in the blocks kept
+    (DIALS maps centroids by ``imageset_id``)."""
+    from dials.array_family import flex
+
+    from dials_gapfill.model.tables import keep_blocks, keep_experiments, set_identifiers
+
+    blocks = [_sequence("/x/s1_#####.cbf", 1, 10), _sequence("/x/s2_#####.cbf", 1, 2),
+              _sequence("/x/s2_#####.cbf", 4, 15), _sequence("/x/s3_#####.cbf", 1, 15)]
+    for k, e in enumerate(blocks):
+        e.identifier = f"block-{k}"
+    table = flex.reflection_table()
+    # (block, indexed) for each spot
+    spots = [(0, True), (0, False), (1, True), (1, False), (2, True), (2, False), (2, False), (3, True)]
+    table["imageset_id"] = flex.int([b for b, _ in spots])
+    table["id"] = flex.int([b if ok else -1 for b, ok in spots])
+    table["spot"] = flex.int(range(len(spots)))
+    set_identifiers(table, blocks)
+    kept = {"block-0", "block-2", "block-3"}
+    out, experiments = keep_blocks(table, blocks, kept)
+    assert [e.identifier for e in experiments] == ["block-0", "block-2", "block-3"]
+    assert list(out["spot"]) == [0, 1, 4, 5, 6, 7]
+    assert list(out["imageset_id"]) == [0, 0, 1, 1, 1, 2]
+    assert list(out["id"]) == [0, -1, 1, -1, -1, 2]
+    assert dict(out.experiment_identifiers()) == {0: "block-0", 1: "block-2", 2: "block-3"}
+    # keep_experiments keeps the rows of an experiment's id (indexed ones),
+    # with imageset_id renumbered as id
+    out, _ = keep_experiments(table, blocks, kept)
+    assert list(out["spot"]) == [0, 4, 7]
+    assert list(out["id"]) == list(out["imageset_id"]) == [0, 1, 2]

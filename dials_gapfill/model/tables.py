@@ -16,8 +16,9 @@ def image_numbers_of_z(z) -> list[int]:
 
 def join_blocks(tables, experiments):
     """One table holding, for each experiment of `experiments` in that order,
-    its rows from whichever of `tables` has its identifier; ``id`` is the
-    experiment's position, the identifier map complete.
+    its rows from whichever of `tables` has its identifier; ``id`` (and
+    ``imageset_id``: each block has its own image set) is the experiment's
+    position, the identifier map complete.
 
     DIALS' ``reflection_table.concat`` renumbers ids over the experiments that
     have rows (an experiment without rows would shift the ids of the ones
@@ -32,6 +33,8 @@ def join_blocks(tables, experiments):
             continue
         part = table.select_on_experiment_identifiers([exp.identifier])
         part["id"] = flex.int(len(part), i)
+        if "imageset_id" in part:
+            part["imageset_id"] = flex.int(len(part), i)
         parts.append(part)
     out = flex.reflection_table()
     if parts:
@@ -50,6 +53,32 @@ def keep_experiments(reflections, experiments, identifiers):
     """Subset of experiments (by identifier) and their reflections, renumbered."""
     kept = ExperimentList([e for e in experiments if e.identifier in identifiers])
     return join_blocks([reflections], kept), kept
+
+
+def keep_blocks(reflections, experiments, identifiers):
+    """Subset of blocks (by identifier) and all their spots, unindexed ones
+    (``id`` -1) included, found by ``imageset_id`` (a block's position: each
+    block has its own image set); ``id`` and ``imageset_id`` renumbered.
+    (:func:`keep_experiments` keeps only rows with an experiment's id: after
+    indexing, the unindexed spots, which indexing against the refined model
+    may still take up.)"""
+    if "imageset_id" not in reflections:
+        return keep_experiments(reflections, experiments, identifiers)
+    positions = [i for i, e in enumerate(experiments) if e.identifier in identifiers]
+    kept = ExperimentList([experiments[i] for i in positions])
+    iset = reflections["imageset_id"]
+    sel = flex.bool(len(reflections), False)
+    for old in positions:
+        sel |= iset == old
+    out = reflections.select(sel)
+    ids, isets = out["id"], out["imageset_id"]
+    new_ids, new_isets = flex.int(len(out), -1), flex.int(len(out), -1)
+    for new, old in enumerate(positions):
+        new_ids.set_selected(ids == old, new)
+        new_isets.set_selected(isets == old, new)
+    out["id"], out["imageset_id"] = new_ids, new_isets
+    set_identifiers(out, kept)
+    return out, kept
 
 
 def set_identifiers(table, experiments) -> None:

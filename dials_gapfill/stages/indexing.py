@@ -27,7 +27,7 @@ from dials.command_line.refine_bravais_settings import (
 from dials_gapfill import crystal_model
 from dials_gapfill.errors import GapfillError, indexing_failure
 from dials_gapfill.model.state import Record, block_names
-from dials_gapfill.model.tables import keep_experiments
+from dials_gapfill.model.tables import keep_blocks
 from dials_gapfill.phil import _refinement, defaults, resolve_nproc
 
 logger = logging.getLogger("dials.process_gapped.indexing")
@@ -101,7 +101,7 @@ def run(state) -> Record:
         raise poorly_indexed_error(params, max(fractions))
     another_crystal(sweeps, owners, experiments, keep, fractions, threshold)
     if len(keep) < len(experiments):
-        indexed, experiments = keep_experiments(indexed, experiments, keep)
+        indexed, experiments = keep_blocks(indexed, experiments, keep)
     if params.indexing.bravais_lattice not in (None, "None", "none", ""):
         experiments, indexed, chosen = choose_bravais_lattice(experiments, indexed, params)
         record.crystal["bravais_lattice"] = chosen
