@@ -139,3 +139,41 @@ def test_full_search_that_indexes_fewer_spots_is_not_kept(caplog):
             lambda p, q=quick, f=full, n=n: calls.append(1) or (("quick", table(q, n)) if len(calls) == 1 else ("full", table(f, n))),
             ip, n, params)
         assert found[0] == kept, (quick, full, n)
+
+
+def test_a_search_that_loses_an_experiment_has_failed(caplog):
+    """Where a refinement macro-cycle fails with several experiments, DIALS'
+    indexer deletes the last one and goes on (meant for the last lattice of
+    a multi-lattice search; with joint indexing, a sweep).  The decision
+    alone, DIALS' search stood in for by its results: the quick search that
+    came back with 3 of 4 experiments is not kept, DIALS' full search is
+    run; when that loses one too, the search fails with DIALS' error type.
+    (The real case: L-cysteine without image 11 of sweep 2,
+    test_l_cysteine.py::test_one_image_left_out_of_a_later_sweep.)"""
+    from dials.algorithms.indexing import DialsIndexError
+    from dials.array_family import flex
+
+    from dials_gapfill.crystal_model.lattice import staged_search
+    from dials_gapfill.phil import dials_index_params, params_from
+
+    def table(n_indexed, n=100):
+        t = flex.reflection_table()
+        t["id"] = flex.int([0] * n_indexed + [-1] * (n - n_indexed))
+        t.set_flags(t["id"] >= 0, t.flags.indexed)
+        return t
+
+    params = params_from([])
+    ip = dials_index_params(params)
+    calls = []
+
+    def run(p, sizes=(3, 4)):
+        calls.append(p.indexing.basis_vector_combinations.max_refine)
+        return [object()] * sizes[len(calls) - 1], table(95)
+
+    with caplog.at_level(logging.INFO, logger="dials.process_gapped"):
+        found = staged_search(run, ip, 100, params, 4)
+    assert len(calls) == 2 and calls[0] == 5 and len(found[0]) == 4
+    assert "kept 3 of the 4 experiments" in caplog.text
+    calls.clear()
+    with pytest.raises(DialsIndexError, match="kept 3 of the 4"):
+        staged_search(lambda p: run(p, (3, 3)), ip, 100, params, 4)

@@ -44,11 +44,34 @@ def indexed_fraction(reflections, n_spots):
     return ok.count(True) / n_spots
 
 
-def staged_search(run, ip, n_spots, params):
+def all_experiments_kept(run, n_experiments):
+    """`run` whose result must hold `n_experiments` experiments.  Where a
+    refinement macro-cycle fails with several experiments, DIALS' indexer
+    deletes the last one and goes on (dials.algorithms.indexing.indexer,
+    Indexer.index: meant for the last lattice of a multi-lattice search); with
+    joint indexing that experiment is a sweep or block, whose spots are then
+    left unindexed.  Such a result is a failed search."""
+
+    def checked(p):
+        found = run(p)
+        if len(found[0]) < n_experiments:
+            raise DialsIndexError(
+                f"DIALS' indexer kept {len(found[0])} of the {n_experiments} experiments "
+                "(a refinement macro-cycle failed)"
+            )
+        return found
+
+    return checked
+
+
+def staged_search(run, ip, n_spots, params, n_experiments=1):
     """`run(ip)` -> (experiments, indexed reflections): DIALS' indexer on
-    `n_spots` spots with the dials.index parameters `ip`.  First with
-    QUICK_CANDIDATES candidates when DIALS would choose the number (Auto) and
-    the quick search is on, then, if needed, as given."""
+    `n_spots` spots of `n_experiments` experiments with the dials.index
+    parameters `ip`.  First with QUICK_CANDIDATES candidates when DIALS would
+    choose the number (Auto) and the quick search is on, then, if needed, as
+    given.  A search that loses an experiment fails
+    (:func:`all_experiments_kept`)."""
+    run = all_experiments_kept(run, n_experiments)
 
     bvc = ip.indexing.basis_vector_combinations
     quick_on = params.indexing.blocks.quick_search

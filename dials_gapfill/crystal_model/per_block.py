@@ -120,7 +120,8 @@ class PerBlockModel(CrystalModel):
     def _search_joint(self, experiments, reflections, ip):
         """all blocks jointly: dials.index on every block at once."""
         n_spots = int((reflections["id"] >= 0).count(True))
-        return staged_search(lambda p: dials_index(experiments, [reflections], p), ip, n_spots, self.params)
+        return staged_search(lambda p: dials_index(experiments, [reflections], p), ip, n_spots, self.params,
+                             len(experiments))
 
     def _search_largest_block(self, experiments, reflections, ip):
         """largest block: DIALS' indexer on the block with most spots, then all
