@@ -100,23 +100,26 @@ def test_too_few_indexed_falls_back_to_all_candidates(blocks_and_spots, model, c
     assert _same_lattice(fallback[0][0].crystal, full[0][0].crystal, tol=1e-6)
 
 
+def _indexed_table(n_indexed, n=100):
+    """A stand-in for an indexing result: `n` spots, the first `n_indexed` indexed."""
+    from dials.array_family import flex
+
+    t = flex.reflection_table()
+    t["id"] = flex.int([0] * n_indexed + [-1] * (n - n_indexed))
+    t.set_flags(t["id"] >= 0, t.flags.indexed)
+    return t
+
+
 def test_full_search_that_indexes_fewer_spots_is_not_kept(caplog):
     """The decision alone (DIALS' search stood in for by its two results): on
     a drifting crystal with every 6th image missing, DIALS' pick among all
     candidates indexed 50 % of the spots where the first 5 candidates'
     lattice indexed 89 %; the quick search's lattice is kept when DIALS'
     indexes fewer by more than 3 binomial standard deviations."""
-    from dials.array_family import flex
     from libtbx import Auto
 
     from dials_gapfill.crystal_model.lattice import staged_search
     from dials_gapfill.phil import dials_index_params, params_from
-
-    def table(n_indexed, n=100):
-        t = flex.reflection_table()
-        t["id"] = flex.int([0] * n_indexed + [-1] * (n - n_indexed))
-        t.set_flags(t["id"] >= 0, t.flags.indexed)
-        return t
 
     params = params_from([])
     ip = dials_index_params(params)
@@ -125,7 +128,7 @@ def test_full_search_that_indexes_fewer_spots_is_not_kept(caplog):
 
     def run(p):
         calls.append(p.indexing.basis_vector_combinations.max_refine)
-        return ("quick", table(89)) if len(calls) == 1 else ("full", table(50))
+        return ("quick", _indexed_table(89)) if len(calls) == 1 else ("full", _indexed_table(50))
 
     with caplog.at_level(logging.INFO, logger="dials.process_gapped"):
         found = staged_search(run, ip, 100, params)
@@ -136,7 +139,7 @@ def test_full_search_that_indexes_fewer_spots_is_not_kept(caplog):
                                  (130, 129, 160, "full"), (130, 110, 160, "quick")):
         calls.clear()
         found = staged_search(
-            lambda p, q=quick, f=full, n=n: calls.append(1) or (("quick", table(q, n)) if len(calls) == 1 else ("full", table(f, n))),
+            lambda p, q=quick, f=full, n=n: calls.append(1) or (("quick", _indexed_table(q, n)) if len(calls) == 1 else ("full", _indexed_table(f, n))),
             ip, n, params)
         assert found[0] == kept, (quick, full, n)
 
@@ -151,16 +154,9 @@ def test_a_search_that_loses_an_experiment_has_failed(caplog):
     (The real case: L-cysteine without image 11 of sweep 2,
     test_l_cysteine.py::test_one_image_left_out_of_a_later_sweep.)"""
     from dials.algorithms.indexing import DialsIndexError
-    from dials.array_family import flex
 
     from dials_gapfill.crystal_model.lattice import staged_search
     from dials_gapfill.phil import dials_index_params, params_from
-
-    def table(n_indexed, n=100):
-        t = flex.reflection_table()
-        t["id"] = flex.int([0] * n_indexed + [-1] * (n - n_indexed))
-        t.set_flags(t["id"] >= 0, t.flags.indexed)
-        return t
 
     params = params_from([])
     ip = dials_index_params(params)
@@ -168,7 +164,7 @@ def test_a_search_that_loses_an_experiment_has_failed(caplog):
 
     def run(p, sizes=(3, 4)):
         calls.append(p.indexing.basis_vector_combinations.max_refine)
-        return [object()] * sizes[len(calls) - 1], table(95)
+        return [object()] * sizes[len(calls) - 1], _indexed_table(95)
 
     with caplog.at_level(logging.INFO, logger="dials.process_gapped"):
         found = staged_search(run, ip, 100, params, 4)
