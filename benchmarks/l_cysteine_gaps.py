@@ -123,12 +123,12 @@ def summarise(name, out):
     rel = cell / REFERENCE_CELL - 1
     worst = int(np.argmax(np.abs(rel)))
     blocks = report["blocks"]
-    rmsd = {}
-    for key in ("x", "y", "phi"):
-        num = sum(b["rmsd_scan_varying"][key] ** 2 * b["rmsd_scan_varying"]["n"] for b in blocks
-                  if b.get("rmsd_scan_varying"))
-        n = sum(b["rmsd_scan_varying"]["n"] for b in blocks if b.get("rmsd_scan_varying"))
-        rmsd[key] = (num / n) ** 0.5 if n else None
+    # the last job's RMSDs: scan-varying, or static where a block has no scan points
+    last = [b.get("rmsd_scan_varying") or b.get("rmsd_static") for b in blocks]
+    last = [r for r in last if r and r.get("n")]
+    n = sum(r["n"] for r in last)
+    rmsd = {key: (sum(r[key] ** 2 * r["n"] for r in last) / n) ** 0.5 if n else float("nan")
+            for key in ("x", "y", "phi")}
     return {
         "name": name,
         "cell": [round(float(c), 4) for c in cell],
@@ -139,7 +139,7 @@ def summarise(name, out):
         "integrated": sum(b["integrated"] for b in blocks),
         "profile_fitted": sum(b.get("profile_fitted") or 0 for b in blocks),
         "rmsd": {k: round(v, 3) for k, v in rmsd.items()},
-        "n_refined": sum(b["rmsd_scan_varying"]["n"] for b in blocks if b.get("rmsd_scan_varying")),
+        "n_refined": n,
         "search": "; ".join(w[:70] for w in report["warnings"] if "lattice search" in w) or "-",
         "seconds": seconds,
     }
