@@ -46,9 +46,26 @@ def require_dials():
         ) from None
 
 
+def search_failure(e: Exception, limit: int = 160) -> str:
+    """Why a lattice search failed, in one line of at most `limit` characters
+    (cut at a word).  DIALS 3.12's indexer, when a refinement macro-cycle
+    fails on its first lattice with several experiments, deletes the last
+    experiment and then reads a variable it never set
+    (dials.algorithms.indexing.indexer, Indexer.index): that UnboundLocalError
+    is said for what it means."""
+    if isinstance(e, NameError) and "refined_reflections" in str(e):
+        text = ("DIALS' indexer: a refinement macro-cycle failed with several experiments, "
+                "then UnboundLocalError")
+    else:
+        text = " ".join(str(e).split()) or type(e).__name__
+    if len(text) > limit:
+        text = text[:limit - 4].rsplit(" ", 1)[0] + " ..."
+    return text
+
+
 def indexing_failure(e: Exception, params) -> str:
     """The one-line message of a failed indexing (names the known symmetry)."""
-    text = " ".join(str(e).split()) or type(e).__name__
+    text = search_failure(e)
     ks = params.indexing.known_symmetry
     if ks.space_group is not None or ks.unit_cell is not None:
         sym = []
@@ -57,10 +74,10 @@ def indexing_failure(e: Exception, params) -> str:
         if ks.unit_cell is not None:
             sym.append("unit_cell=" + ",".join(f"{v:g}" for v in ks.unit_cell.parameters()))
         return (
-            f"indexing failed with {' '.join(sym)}: {text[:160]}: the lattice of the spots "
+            f"indexing failed with {' '.join(sym)}: {text}: the lattice of the spots "
             "does not fit this symmetry; check indexing.known_symmetry (or leave it out)"
         )
     return (
-        f"indexing failed: {text[:160]}: check the geometry (beam centre, distance, "
+        f"indexing failed: {text}: check the geometry (beam centre, distance, "
         "oscillation: geometry.*) or the spot finding (spotfinder.*)"
     )

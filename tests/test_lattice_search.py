@@ -173,3 +173,25 @@ def test_a_search_that_loses_an_experiment_has_failed(caplog):
     calls.clear()
     with pytest.raises(DialsIndexError, match="kept 3 of the 4"):
         staged_search(lambda p: run(p, (3, 3)), ip, 100, params, 4)
+
+
+def test_a_failed_search_is_said_in_one_line_cut_at_a_word():
+    """DIALS 3.12's indexer fails with an UnboundLocalError when a refinement
+    macro-cycle fails on its first lattice with several experiments: the
+    message says that, not the variable's name cut mid-word."""
+    from dials_gapfill.errors import search_failure
+
+    def unbound():
+        try:
+            if False:
+                refined_reflections = 1
+            return refined_reflections  # noqa: F821
+        except NameError as e:
+            return e
+
+    said = search_failure(unbound(), 80)
+    assert said.startswith("DIALS' indexer: a refinement macro-cycle failed") and len(said) <= 80
+    long = ValueError("word " * 50)
+    said = search_failure(long, 60)
+    assert said.endswith("word ...") and len(said) <= 60 and "  " not in said
+    assert search_failure(ValueError("no lattice\n found")) == "no lattice found"

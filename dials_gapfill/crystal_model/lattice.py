@@ -25,6 +25,8 @@ import math
 from dials.algorithms.indexing import DialsIndexError
 from libtbx import Auto
 
+from dials_gapfill.errors import search_failure
+
 logger = logging.getLogger("dials.process_gapped.indexing")
 
 QUICK_CANDIDATES = 5  # DIALS' max_refine for stills
@@ -85,7 +87,7 @@ def staged_search(run, ip, n_spots, params, n_experiments=1):
     except SEARCH_ERRORS as e:
         logger.info(
             "Lattice search on the first %d candidate lattices failed (%s): all candidates evaluated",
-            QUICK_CANDIDATES, " ".join(str(e).split())[:120],
+            QUICK_CANDIDATES, search_failure(e, 120),
         )
         return run(ip)
     fraction = indexed_fraction(found[1], n_spots)
