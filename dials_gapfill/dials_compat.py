@@ -175,6 +175,43 @@ def crystals_refused_for_too_few_reflections(message: str, experiments) -> set[i
     return ids
 
 
+_MODELS = {"Beam": "beam", "Detector": "detector", "Goniometer": "goniometer"}
+
+
+def models_refused_for_too_few_reflections(message: str, experiments) -> dict[str, set[int]]:
+    """The beam, detector and goniometer parameters DIALS' auto-reduction
+    refused in a failed job, by name as its message gives them
+    ("Too few reflections to parameterise Detector2Dist, Detector2Shift1,
+    ..."; ``Detector<k>`` the k-th of ``experiments.detectors()``,
+    configure._parameterise_detectors), each with the experiments (positions
+    in `experiments`) that use that model.  Empty where the message is another."""
+    if "Too few reflections to parameterise" not in message:
+        return {}
+    elist = ExperimentList(list(experiments))
+    out = {}
+    for kind, k, rest in re.findall(r"\b(Beam|Detector|Goniometer)(\d+)([A-Za-z]\w*)", message):
+        models = getattr(elist, _MODELS[kind] + "s")()
+        if not 1 <= int(k) <= len(models) or "_sample" in rest:
+            continue
+        model = models[int(k) - 1]
+        out[f"{kind}{k}{rest}"] = {i for i, e in enumerate(experiments) if getattr(e, _MODELS[kind]) is model}
+    return out
+
+
+def fix_model_parameters(rp, names) -> None:
+    """Leave the beam, detector and goniometer parameters `names` (as
+    :func:`models_refused_for_too_few_reflections` gives them: model
+    identifier and parameter, ``Detector2Dist``) out of the job of `rp`,
+    through DIALS' fix_list of each model, which matches them by name with
+    the model's identifier as prefix (refinement_helpers.string_sel)."""
+    par = rp.refinement.parameterisation
+    for kind, attr in _MODELS.items():
+        mine = sorted(n for n in names if re.match(rf"{kind}\d", n))
+        if mine:
+            model = getattr(par, attr)
+            model.fix_list = sorted(set(model.fix_list or []) | set(mine))
+
+
 @contextlib.contextmanager
 def crystal_smoother(factory):
     """Inside the block, the scan-varying crystal parameterisations that DIALS'

@@ -506,6 +506,37 @@ def test_sweeps_dials_refuses_to_make_scan_varying_are_named_from_its_message():
                                                     experiments) == set()
 
 
+def test_a_detector_dials_refuses_for_too_few_reflections_is_fixed_by_name():
+    """A sweep at its own detector position with a few spots left: DIALS
+    names that detector's parameters (Detector<k>... for the k-th detector of
+    the job); they go on the detector's fix_list, where DIALS' own name
+    matching (string_sel, the model identifier as prefix) fixes them for
+    that detector and for no other."""
+    from dials.algorithms.refinement.refinement_helpers import string_sel
+    from dxtbx.model import Crystal, Detector, Experiment
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials_gapfill.dials_compat import fix_model_parameters, models_refused_for_too_few_reflections
+    from dials_gapfill.phil import dials_refine_params, params_from
+
+    crystal = Crystal((5.0, 0, 0), (0, 6.0, 0), (0, 0, 7.0), space_group_symbol="P 1")
+    first, second = Detector(), Detector()
+    experiments = ExperimentList([Experiment(crystal=crystal, detector=d) for d in (first, first, second)])
+    message = ("Too few reflections to parameterise Detector2Dist, Detector2Shift1, Detector2Tau1, "
+               "Crystal3Phi1.\nTry setting refinement.parameterisation.auto_reduction.action")
+    refused = models_refused_for_too_few_reflections(message, experiments)
+    assert refused == {"Detector2Dist": {2}, "Detector2Shift1": {2}, "Detector2Tau1": {2}}
+    assert models_refused_for_too_few_reflections("Detector2 diverged", experiments) == {}
+    rp = dials_refine_params(params_from([]))
+    beam_before = rp.refinement.parameterisation.beam.fix_list
+    fix_model_parameters(rp, refused)
+    fix_list = rp.refinement.parameterisation.detector.fix_list
+    names = ["Dist", "Shift1", "Shift2", "Tau1", "Tau2", "Tau3"]
+    assert string_sel(fix_list, names, "Detector2") == [True, True, False, True, False, False]
+    assert string_sel(fix_list, names, "Detector1") == [False] * 6
+    assert rp.refinement.parameterisation.beam.fix_list == beam_before
+
+
 def test_levmar_stops_on_rmsds_steady_over_two_steps():
     """dials_compat.steady_levmar: DIALS' LevMar stops when one step changes
     every RMSD by less than 0.01 %, which its damped first step can do (the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import iotbx.phil
 from dials.algorithms.refinement.refiner import phil_scope as refiner_phil
@@ -131,28 +132,60 @@ def fixing_sparse_sweeps(run, rp, experiments, said):
     or two images of a sparse pattern: DIALS wants
     auto_reduction.min_nref_per_parameter spots for each parameter), the job
     again with those orientations fixed (they stay as indexing, or the job
-    before, left them); said(the sweep numbers, from 1) each time.  DIALS'
+    before, left them); the same for a detector (or beam, goniometer) that
+    only such a sweep uses (sweep 4 of L-cysteine, at its own detector
+    position).  said(the sweep numbers, from 1, what) each time.  DIALS'
     own remedy, auto_reduction.action=fix, ends in an AssertionError in DIALS
     3.12 where a job mixes static and scan-varying crystals."""
-    fixed = set()
+    fixed, fixed_models = set(), set()
     while True:
         try:
             return run(rp)
         except GapfillError as e:
-            refused = dials_compat.crystals_refused_for_too_few_reflections(
-                getattr(e, "dials_message", ""), experiments) - fixed
+            message = getattr(e, "dials_message", "")
+            refused = dials_compat.crystals_refused_for_too_few_reflections(message, experiments) - fixed
             if not refused:
-                raise
-        fixed |= refused
+                rp = fixing_refused_models(message, rp, experiments, fixed_models, said)
+                if rp is None:
+                    raise
+                continue
         rp = copy.deepcopy(rp)
+        fixed |= refused
         dials_compat.fix_crystal_orientations(rp, refused, experiments)
-        groups = sweep_groups(experiments)
-        said(sorted({next(g for g, group in enumerate(groups) if i in group) + 1 for i in refused}))
+        said(sweeps_of(experiments, refused), "orientation")
 
 
-def say_too_few_spots(record, sweeps) -> None:
+def fixing_refused_models(message, rp, experiments, fixed, said):
+    """A copy of `rp` with the beam, detector and goniometer parameters that
+    DIALS' failed job named in `message` for too few reflections fixed
+    (:func:`dials_compat.models_refused_for_too_few_reflections`), those not
+    in `fixed` (which gains them); said(sweep numbers, "detector") for each
+    kind of model.  None where the message names no new one."""
+    refused = {name: ids for name, ids in
+               dials_compat.models_refused_for_too_few_reflections(message, experiments).items()
+               if name not in fixed}
+    if not refused:
+        return None
+    rp = copy.deepcopy(rp)
+    dials_compat.fix_model_parameters(rp, refused)
+    fixed |= set(refused)
+    kinds = {}
+    for name, ids in refused.items():
+        kinds.setdefault(re.match(r"[A-Za-z]+", name).group().lower(), set()).update(ids)
+    for kind, ids in sorted(kinds.items()):
+        said(sweeps_of(experiments, ids), kind)
+    return rp
+
+
+def sweeps_of(experiments, ids) -> list[int]:
+    """The sweep numbers (from 1) of the experiments `ids` (positions)."""
+    groups = sweep_groups(experiments)
+    return sorted({next(g for g, group in enumerate(groups) if i in group) + 1 for i in ids})
+
+
+def say_too_few_spots(record, sweeps, what="orientation") -> None:
     """The warning of :func:`fixing_sparse_sweeps`, once per run (log and record)."""
-    said = (f"sweep(s) {', '.join(str(s) for s in sweeps)}: too few spots to refine the orientation "
+    said = (f"sweep(s) {', '.join(str(s) for s in sweeps)}: too few spots to refine the {what} "
             "(DIALS' auto_reduction): kept as indexing gave it")
     if said not in record.warnings:
         record.warn(said)

@@ -92,7 +92,7 @@ from dials_gapfill.crystal_model.base import (
 )
 from dials_gapfill.crystal_model.lattice import SEARCH_ERRORS, staged_search
 from dials_gapfill.crystal_model.smoother import BSplineSmoother
-from dials_gapfill.errors import GapfillError, indexing_failure
+from dials_gapfill.errors import GapfillError, indexing_failure, search_failure
 from dials_gapfill.model.state import Record, block_names
 from dials_gapfill.model.tables import set_identifiers
 from dials_gapfill.phil import dials_index_params, dials_refine_params, resolve_nproc
@@ -707,7 +707,7 @@ class ContinuousModel(CrystalModel):
             if "shoebox" in search:
                 del search["shoebox"]
             message = (
-                f"lattice search without the spots cut by a gap failed ({' '.join(str(e).split())[:80]}): "
+                f"lattice search without the spots cut by a gap failed ({search_failure(e, 120)}): "
                 f"searched again with all {len(search)} spots"
             )
             logger.warning("Warning: %s", message)
@@ -1277,7 +1277,7 @@ def _static_macrocycle(job, rp, reflections, experiments, what):
     """A static job, a sweep with too few spots for its orientation fixed
     (:func:`base.fixing_sparse_sweeps`)."""
     return fixing_sparse_sweeps(lambda p: _macrocycle(p, reflections, experiments, what), rp, experiments,
-                                lambda sweeps: say_too_few_spots(job.record, sweeps))
+                                lambda sweeps, what: say_too_few_spots(job.record, sweeps, what))
 
 
 def _macrocycle(rp, reflections, experiments, what):

@@ -61,7 +61,7 @@ from dials_gapfill.crystal_model.base import (
     say_too_few_spots,
 )
 from dials_gapfill.crystal_model.lattice import SEARCH_ERRORS, staged_search
-from dials_gapfill.errors import GapfillError, indexing_failure
+from dials_gapfill.errors import GapfillError, indexing_failure, search_failure
 from dials_gapfill.model.state import Record, block_names
 from dials_gapfill.model.tables import join_blocks, keep_experiments, rmsds, set_identifiers
 from dials_gapfill.phil import dials_index_params, dials_refine_params
@@ -110,7 +110,7 @@ class PerBlockModel(CrystalModel):
                 failures.append(e)
                 index_logger.warning(
                     "Lattice search (%s) failed: %s", search.__doc__.split(":")[0],
-                    " ".join(str(e).split())[:160],
+                    search_failure(e),
                 )
                 continue
             _restore_identifiers(found, indexed, experiments)
@@ -208,8 +208,8 @@ class PerBlockModel(CrystalModel):
         else:
             first = None
 
-        def too_few(sweeps):
-            say_too_few_spots(record, sweeps)
+        def too_few(sweeps, what):
+            say_too_few_spots(record, sweeps, what)
 
         if first is not None:
             experiments, reflections = fixing_sparse_sweeps(
