@@ -15,7 +15,10 @@ chooses where DIALS looks for the lattice:
   (``dials.command_line.index.index``), exactly as the CLI.
 
 If the search fails on the largest block, the joint search is tried (and the
-other way round).
+other way round).  With several sweeps the joint search comes first; where it
+fails, the continuous model's search on each sweep's blocks joined into one
+scan (sparse sweeps: DIALS' joint indexing of blocks of a dozen spots fails
+where one block's refinement does), then the largest block's.
 
 Refinement: joint static refinement of the one crystal, then a copy of the
 crystal per block refined static and then scan-varying in ONE job with shared beam and
@@ -102,6 +105,9 @@ class PerBlockModel(CrystalModel):
             searches.reverse()
         if len(experiments) == 1:
             searches = searches[:1]
+        elif several:
+            # then each sweep's blocks joined, before one block's crystal
+            searches.insert(1, self._search_sweeps)
         failures = []
         for search in searches:
             try:
@@ -116,6 +122,20 @@ class PerBlockModel(CrystalModel):
             _restore_identifiers(found, indexed, experiments)
             return found, indexed, Record()
         raise GapfillError(indexing_failure(failures[0], params))
+
+    def _search_sweeps(self, experiments, reflections, ip):
+        """sweeps jointly: the continuous model's search, each sweep's blocks
+        joined into one scan.  A block of a sparse sweep holds a few spots,
+        and DIALS' joint indexing of blocks fails where one block's
+        refinement does (L-cysteine without image 7 of sweep 4: its blocks
+        of 6 and 8 images hold 19 and 15 spots)."""
+        from dials_gapfill.crystal_model.continuous import ContinuousModel
+
+        found, indexed, _ = ContinuousModel(self.params).index(experiments, reflections)
+        del indexed["gap_edge"]
+        if "s1" not in indexed:  # DIALS' refinement sets the observed s1 where it is zero
+            indexed["s1"] = flex.vec3_double(len(indexed), (0.0, 0.0, 0.0))
+        return found, indexed
 
     def _search_joint(self, experiments, reflections, ip):
         """all blocks jointly: dials.index on every block at once."""
