@@ -45,7 +45,7 @@ import copy
 import logging
 import time
 
-from dials.algorithms.indexing import indexer
+from dials.algorithms.indexing import DialsIndexError, indexer
 from dials.array_family import flex
 from dials.command_line.index import index as dials_index
 from dials.command_line.refine import run_macrocycle
@@ -131,7 +131,10 @@ class PerBlockModel(CrystalModel):
         of 6 and 8 images hold 19 and 15 spots)."""
         from dials_gapfill.crystal_model.continuous import ContinuousModel
 
-        found, indexed, _ = ContinuousModel(self.params).index(experiments, reflections)
+        try:
+            found, indexed, _ = ContinuousModel(self.params).index(experiments, reflections)
+        except GapfillError as e:  # its searches failed: the next search is tried
+            raise DialsIndexError(str(e)) from None
         del indexed["gap_edge"]
         if "s1" not in indexed:  # DIALS' refinement sets the observed s1 where it is zero
             indexed["s1"] = flex.vec3_double(len(indexed), (0.0, 0.0, 0.0))
