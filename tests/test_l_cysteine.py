@@ -458,3 +458,32 @@ def test_one_image_left_out_of_a_later_sweep(l_cysteine, sweep, image, dropped):
 def flex_sum(flags, ids, experiments):
     """Rows flagged in `flags` whose id is one of `experiments`."""
     return sum(int((flags & (ids == i)).count(True)) for i in experiments)
+
+
+@pytest.mark.slow
+def test_per_block_model_without_image_7_of_sweep_4(l_cysteine):
+    """The per-block model where DIALS' joint indexing of the blocks fails
+    (sweep 4 split into blocks of 19 and 15 spots; DIALS' indexer deletes its
+    last experiment and fails): the lattice search on each sweep's blocks
+    joined into one scan indexes all five blocks with one crystal.  In the
+    static job DIALS' rejection, block by block, flags every spot of sweep
+    4's blocks (below its minimum of 20): its orientation and its detector
+    (sweep 4's own position) are kept as indexing gave them, each said once,
+    and the other sweeps refine the one cell."""
+    from dials_gapfill import pipeline
+    from dials_gapfill.phil import params_from
+
+    files = [f for f in _files(l_cysteine) if not f.endswith("l-cyst_04_00007.cbf.bz2")]
+    state = pipeline.Pipeline(params_from(["nproc=1", "refinement.blocks.model=per_block"]), files).run(
+        stop_before="integration")
+    report = state.report
+    assert state.sweeps[3].blocks() == [(1, 6), (8, 15)]
+    assert {state.sweeps.sweep_of(e).number for e in state.experiments} == {1, 2, 3, 4}
+    said = [w for w in report.warnings if "too few spots to refine" in w]
+    assert said == [f"sweep(s) 4: too few spots to refine the {what} (DIALS' auto_reduction): kept as indexing "
+                    "gave it" for what in ("orientation", "detector")], report.warnings
+    static = report.crystal["static"]["unit_cell"]
+    assert _cell_error(static) < 0.001, static
+    table = state.reflections
+    indexed = table.get_flags(table.flags.indexed)
+    assert all((indexed & (table["id"] == i)).count(True) >= 10 for i in range(len(state.experiments)))
