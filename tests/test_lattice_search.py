@@ -195,3 +195,32 @@ def test_a_failed_search_is_said_in_one_line_cut_at_a_word():
     said = search_failure(long, 60)
     assert said.endswith("word ...") and len(said) <= 60 and "  " not in said
     assert search_failure(ValueError("no lattice\n found")) == "no lattice found"
+
+
+def test_a_failed_search_on_the_joined_blocks_is_said_once(blocks_and_spots):
+    """The per-block model tries the continuous model's search (the blocks
+    of each sweep joined) as one of its searches; where that fails, the
+    reason it logs is DIALS' own, not the continuous model's whole
+    "indexing failed: ...: check the geometry" sentence nested in its own."""
+    import copy
+
+    from dials.array_family import flex
+    from dials.algorithms.indexing import DialsIndexError
+
+    from dials_gapfill.crystal_model.per_block import PerBlockModel
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import params_from
+
+    experiments, spots = blocks_and_spots
+    few = spots.select(flex.size_t(range(6)))
+    model = PerBlockModel(params_from(["nproc=2"]))
+    with pytest.raises(DialsIndexError) as caught:
+        model._search_sweeps(copy.deepcopy(experiments), copy.deepcopy(few), None)
+    said = str(caught.value)
+    assert said and "indexing failed" not in said and "check the geometry" not in said, said
+    # the run's own message, where no other search is left, is still whole
+    from dials_gapfill.crystal_model.continuous import ContinuousModel
+
+    with pytest.raises(GapfillError, match=r"^indexing failed: .*check the geometry") as whole:
+        ContinuousModel(params_from(["nproc=2"])).index(copy.deepcopy(experiments), copy.deepcopy(few))
+    assert said in str(whole.value)

@@ -698,7 +698,7 @@ class ContinuousModel(CrystalModel):
             )
         except SEARCH_ERRORS as e:
             if not edge.count(True):
-                raise GapfillError(indexing_failure(e, self.params)) from None
+                raise _search_failed(e, self.params) from None
             # every block short (one image every other, two images apart):
             # nearly every spot is cut by a gap; their x, y are whole and
             # their z a little off, which the lattice search tolerates
@@ -718,7 +718,7 @@ class ContinuousModel(CrystalModel):
                     len(joined.experiments),
                 )
             except SEARCH_ERRORS as e2:
-                raise GapfillError(indexing_failure(e2, self.params)) from None
+                raise _search_failed(e2, self.params) from None
         for exp, continuous in zip(found, joined.experiments):
             exp.identifier = continuous.identifier
             exp.imageset = continuous.imageset
@@ -1550,6 +1550,39 @@ def _outlier_groups(sub, minimum, by_block):
     return None
 
 
+def _search_failed(e, params) -> GapfillError:
+    """The run's one-line error for a failed lattice search, carrying DIALS'
+    error as ``search_error`` for a caller that tries another search (the
+    per-block model) and says the reason in its own words."""
+    error = GapfillError(indexing_failure(e, params))
+    error.search_error = e
+    return error
+
+
+def _small_sweeps_uncut(sub, minimum):
+    """Rows of `sub` not cut by a gap (its ``gap_edge`` column) whose sweep
+    has fewer than `minimum` rows, where `sub` holds several sweeps: spots
+    that :func:`reject_outliers` leaves unjudged where it judges all sweeps
+    in one distribution.
+
+    Judged with the others, such a sweep loses the spots its own geometry
+    offsets from theirs: sweep 4 of L-cysteine (its own detector position, a
+    phi RMSD of ~0.5 images in every refinement, the DIALS chain's included,
+    against 0.1-0.3 in sweeps 1-3) kept 8 of 26 spots without its image 7,
+    and its detector could no longer be refined.  Its spots cut by a gap
+    are still judged: their phi (used where a block has no other spot) is
+    off by the cut, and unjudged they moved the cell of sweep 1 as images 1
+    and 15 alone from 0.045 % to 0.126 % off
+    (benchmarks/results/2026-12-05-l-cysteine-gaps.md)."""
+    if "sweep" not in sub or "gap_edge" not in sub:
+        return flex.bool(len(sub), False)
+    sweeps = np.asarray(sub["sweep"])
+    keys, inverse, counts = np.unique(sweeps, return_inverse=True, return_counts=True)
+    if len(keys) < 2:
+        return flex.bool(len(sub), False)
+    return flex.bool((counts[inverse] < minimum).tolist()) & ~sub["gap_edge"]
+
+
 def reject_outliers(table, selection, models, rp, edge=None, by_block=False, nproc=1):
     """DIALS' centroid outlier rejection (the algorithm of `rp`, as the
     refiner would run it on the current models; block by block where each
@@ -1557,6 +1590,8 @@ def reject_outliers(table, selection, models, rp, edge=None, by_block=False, npr
     not cut by a gap (x, y and phi residuals) and on the gap-edge spots (x and
     y residuals only: their phi is biased by the cut, and mixed with the others
     they would narrow or widen the distribution the algorithm estimates).
+    Where the sweeps are judged in one distribution, a sweep below DIALS'
+    minimum keeps its spots not cut by a gap (:func:`_small_sweeps_uncut`).
     Its jobs run on `nproc` processes, each seeded on its own
     (:func:`dials_compat.seeded_outlier_jobs`: the same outliers for any nproc).
     Sets ``centroid_outlier`` on `table` for the rejected rows of `selection`;
@@ -1602,6 +1637,8 @@ def reject_outliers(table, selection, models, rp, edge=None, by_block=False, npr
             detector.set_block_width(18.0)  # DIALS' choice without a centroid analysis
         detector(sub)
         bad = sub.get_flags(sub.flags.centroid_outlier)
+        if not ro.outlier.separate_experiments and name == "inner":
+            bad &= ~_small_sweeps_uncut(sub, minimum)
         full = flex.bool(len(table), False)
         full.set_selected(isel, bad)
         table.set_flags(full, table.flags.centroid_outlier)

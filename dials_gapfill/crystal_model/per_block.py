@@ -134,7 +134,7 @@ class PerBlockModel(CrystalModel):
         try:
             found, indexed, _ = ContinuousModel(self.params).index(experiments, reflections)
         except GapfillError as e:  # its searches failed: the next search is tried
-            raise DialsIndexError(str(e)) from None
+            raise DialsIndexError(search_failure(getattr(e, "search_error", e))) from None
         del indexed["gap_edge"]
         if "s1" not in indexed:  # DIALS' refinement sets the observed s1 where it is zero
             indexed["s1"] = flex.vec3_double(len(indexed), (0.0, 0.0, 0.0))
