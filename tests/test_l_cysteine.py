@@ -229,9 +229,10 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
     the data are strong, so they are kept (cut where CC½ can last be
     measured, most reflections would go); the Laue group dials.symmetry picks
     from a hundred reflections is reported as uncertain, and its warning
-    about normalising them reaches the log as one line, without a traceback.
-    The same images as integrated now, and all 60, are scaled to the edge of
-    the data."""
+    about normalising them, and dials.merge's about Wilson statistics on all
+    60 images (kept there too), reach the log as one line, without a
+    traceback.  The wedges as integrated now, with and without the images
+    left out, are scaled to the edge of the data."""
     import logging
 
     import gemmi
@@ -244,7 +245,9 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
 
     kept = os.path.join(ROOT, "tests", "data", "l_cysteine_wedges")
     results = {}
-    for name, folder, misigma in (("default", kept, None), ("cc_half_only", kept, "None"),
+    for name, folder, misigma in (("default", os.path.join(kept, "gapped"), None),
+                                  ("cc_half_only", os.path.join(kept, "gapped"), "None"),
+                                  ("complete_kept", os.path.join(kept, "complete"), None),
                                   ("gapped", ours["gapped"], None), ("complete", ours["complete"], None)):
         experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"),
                                                            check_format=False)
@@ -275,14 +278,14 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
     assert default["symmetry"]["likelihood"] < 0.5
     assert any("Laue group" in w and "uncertain" in w for w in warnings), warnings
     # DIALS' own messages kept, their tracebacks not: the normalisation in
-    # dials.symmetry, and (all 60 images: multiplicity 1.1) the Wilson
-    # statistics in dials.merge
-    complete_records = results["complete"][2]
+    # dials.symmetry, and (all 60 images) the Wilson statistics in dials.merge
+    complete_records = results["complete_kept"][2]
     assert [r for r in records if "normalise the intensities" in r.getMessage()]
     assert [r for r in complete_records if "Wilson statistics" in r.getMessage()]
-    assert not [r for r in records + complete_records if r.exc_info], "a traceback in the log"
-    # as integrated now, and the complete wedges: all data kept
-    for name in ("gapped", "complete"):
+    every = [r for name in results for r in results[name][2]]
+    assert not [r for r in every if r.exc_info], "a traceback in the log"
+    # all 60 images, and the wedges as integrated now: all data kept
+    for name in ("complete_kept", "gapped", "complete"):
         resolution = results[name][0]["resolution"]
         assert resolution["d_min"] is None, (name, resolution)
         scaled = gemmi.read_mtz_file(str(tmp_path / name / "scaled.mtz"))
@@ -436,8 +439,8 @@ def test_one_image_left_out_of_a_later_sweep(l_cysteine, sweep, image, dropped):
       rejection judges on their own, so all sweeps were judged in one
       distribution, in which sweep 4 (a phi RMSD of ~0.5 images against
       0.1-0.3 in the others) kept 8 of 26 and its detector could no longer
-      be refined.  Such a sweep's spots not cut by a gap are kept
-      unjudged."""
+      be refined.  A sweep left fewer spots than an orientation asks (15)
+      keeps its spots not cut by a gap."""
     from dials_gapfill import pipeline
     from dials_gapfill.phil import params_from
 

@@ -1559,30 +1559,6 @@ def _search_failed(e, params) -> GapfillError:
     return error
 
 
-def _small_sweeps_uncut(sub, minimum):
-    """Rows of `sub` not cut by a gap (its ``gap_edge`` column) whose sweep
-    has fewer than `minimum` rows, where `sub` holds several sweeps: spots
-    that :func:`reject_outliers` leaves unjudged where it judges all sweeps
-    in one distribution.
-
-    Judged with the others, such a sweep loses the spots its own geometry
-    offsets from theirs: sweep 4 of L-cysteine (its own detector position, a
-    phi RMSD of ~0.5 images in every refinement, the DIALS chain's included,
-    against 0.1-0.3 in sweeps 1-3) kept 8 of 26 spots without its image 7,
-    and its detector could no longer be refined.  Its spots cut by a gap
-    are still judged: their phi (used where a block has no other spot) is
-    off by the cut, and unjudged they moved the cell of sweep 1 as images 1
-    and 15 alone from 0.045 % to 0.126 % off
-    (benchmarks/results/2026-12-05-l-cysteine-gaps.md)."""
-    if "sweep" not in sub or "gap_edge" not in sub:
-        return flex.bool(len(sub), False)
-    sweeps = np.asarray(sub["sweep"])
-    keys, inverse, counts = np.unique(sweeps, return_inverse=True, return_counts=True)
-    if len(keys) < 2:
-        return flex.bool(len(sub), False)
-    return flex.bool((counts[inverse] < minimum).tolist()) & ~sub["gap_edge"]
-
-
 def reject_outliers(table, selection, models, rp, edge=None, by_block=False, nproc=1):
     """DIALS' centroid outlier rejection (the algorithm of `rp`, as the
     refiner would run it on the current models; block by block where each
@@ -1590,8 +1566,6 @@ def reject_outliers(table, selection, models, rp, edge=None, by_block=False, npr
     not cut by a gap (x, y and phi residuals) and on the gap-edge spots (x and
     y residuals only: their phi is biased by the cut, and mixed with the others
     they would narrow or widen the distribution the algorithm estimates).
-    Where the sweeps are judged in one distribution, a sweep below DIALS'
-    minimum keeps its spots not cut by a gap (:func:`_small_sweeps_uncut`).
     Its jobs run on `nproc` processes, each seeded on its own
     (:func:`dials_compat.seeded_outlier_jobs`: the same outliers for any nproc).
     Sets ``centroid_outlier`` on `table` for the rejected rows of `selection`;
@@ -1637,8 +1611,6 @@ def reject_outliers(table, selection, models, rp, edge=None, by_block=False, npr
             detector.set_block_width(18.0)  # DIALS' choice without a centroid analysis
         detector(sub)
         bad = sub.get_flags(sub.flags.centroid_outlier)
-        if not ro.outlier.separate_experiments and name == "inner":
-            bad &= ~_small_sweeps_uncut(sub, minimum)
         full = flex.bool(len(table), False)
         full.set_selected(isel, bad)
         table.set_flags(full, table.flags.centroid_outlier)
@@ -1677,19 +1649,33 @@ def _job_selection(table, refinable, models, rp, gap_edge, edge=None, by_block=F
     kept = refinable & ~table.get_flags(table.flags.centroid_outlier)
     if "sweep" in table and len(models) > 1:
         # a sweep judged in one distribution with the others can lose most
-        # of its spots (its residuals offset from theirs); DIALS cannot refine
-        # an orientation on fewer than auto_reduction.min_nref_per_parameter
-        # reflections: such a sweep keeps its spots unjudged
+        # of its spots (its residuals offset from theirs).  DIALS refines a
+        # parameter only on auto_reduction.min_nref_per_parameter reflections:
+        # left fewer, a sweep keeps all its spots unjudged; left fewer than an
+        # orientation's three parameters ask, its spots not cut by a gap.
+        # Those cut by a gap stay judged: their phi (used where a block has no
+        # other spot) is off by the cut.  L-cysteine without image 7 of sweep
+        # 4 (its own detector, a phi RMSD of ~0.5 images in every refinement,
+        # the DIALS chain's included, against 0.1-0.3 in sweeps 1-3): 8 of its
+        # 26 spots left, and its detector could no longer be refined
+        # (benchmarks/results/2026-12-05-l-cysteine-gaps.md)
         minimum = max(1, rp.refinement.parameterisation.auto_reduction.min_nref_per_parameter)
         sweeps = np.asarray(table["sweep"])
         ref, ok = np.asarray(refinable), np.asarray(kept)
         for g in np.unique(sweeps[ref]):
             left = int((ok & (sweeps == g)).sum())
+            rows = refinable & (table["sweep"] == int(g))
             if g >= 0 and left < minimum:
                 logger.info("Sweep %d: %d of its spots left by outlier rejection, fewer than DIALS needs to "
-                            "refine it (%d); its %d spots kept", g + 1, left, minimum,
-                            int((ref & (sweeps == g)).sum()))
-                kept |= refinable & (table["sweep"] == int(g))
+                            "refine it (%d); its %d spots kept", g + 1, left, minimum, rows.count(True))
+                kept |= rows
+            elif g >= 0 and left < 3 * minimum and "gap_edge" in table:
+                uncut = rows & ~table["gap_edge"] & ~kept
+                if uncut.count(True):
+                    logger.info("Sweep %d: %d of its spots left by outlier rejection, fewer than DIALS asks for "
+                                "an orientation (%d); its %d other spots not cut by a gap kept", g + 1, left,
+                                3 * minimum, uncut.count(True))
+                    kept |= uncut
     return kept.iselection(), job_rp
 
 
