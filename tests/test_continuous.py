@@ -572,3 +572,41 @@ def test_levmar_stops_on_rmsds_steady_over_two_steps():
     assert not stops(ours, steady[1:])  # steady only in the last step
     assert stops(ours, [steady[0]] + steady[1:2] + steady[1:2] + steady[1:2])
     assert stops(ours, steady + steady[-1:])
+
+
+def test_a_sweep_offset_as_a_whole_gets_its_uncut_spots_back():
+    """After outlier rejection in one distribution: a sweep left fewer spots
+    than DIALS refines a parameter on (5) keeps all of them; one left fewer
+    than an orientation asks (15) and less than half of its own (sweep 4 of
+    L-cysteine without image 7: 8 of 26) keeps those not cut by a gap, its
+    cut ones still judged; one left a share like the others' (sweep 2 of all
+    60 images: 14 of 23) and one left enough keep what rejection left."""
+    import numpy as np
+    from dials.array_family import flex
+
+    from dials_gapfill.crystal_model.continuous import _spots_given_back
+
+    sizes = {0: 40, 1: 26, 2: 23, 3: 10}
+    kept_of = {0: 30, 1: 8, 2: 14, 3: 3}
+    sweep, cut, kept = [], [], []
+    for g, n in sizes.items():
+        sweep += [g] * n
+        cut += [i % 3 == 0 for i in range(n)]  # every third spot cut by a gap
+        kept += [i < kept_of[g] for i in range(n)]
+    table = flex.reflection_table()
+    table["sweep"] = flex.int(sweep)
+    table["gap_edge"] = flex.bool(cut)
+    refinable = flex.bool(len(table), True)
+    refinable[len(table) - 1] = False  # a row outside the job stays out
+    before = flex.bool(kept)
+    after = _spots_given_back(table, refinable, before, 5)
+    assert list(before) == kept  # not changed in place
+    sweep, cut, after = np.array(sweep), np.array(cut), np.array(after)
+    refinable = np.array(refinable)
+    for g in (0, 2):
+        assert (after[sweep == g] == np.array(kept)[sweep == g]).all()
+    mine = sweep == 1
+    assert after[mine & ~cut].all()
+    assert (after[mine & cut] == np.array(kept)[mine & cut]).all()
+    assert after[mine & cut].sum() < (mine & cut).sum()
+    assert (after[sweep == 3] == refinable[sweep == 3]).all() and after[sweep == 3].sum() == 9

@@ -1631,6 +1631,48 @@ def _sweeps_judged_apart(table, selection, rp) -> bool:
     return int(np.bincount(sweeps).min()) >= outlier.minimum_number_of_reflections
 
 
+def _spots_given_back(table, refinable, kept, minimum):
+    """`kept` (the rows of `refinable` that outlier rejection left) with the
+    spots given back to a sweep that rejection in one distribution with the
+    others left too few; `minimum` is DIALS'
+    auto_reduction.min_nref_per_parameter.
+
+    A sweep judged with the others can lose most of its spots (its
+    residuals offset from theirs).  DIALS refines a parameter only on
+    `minimum` reflections: left fewer, a sweep keeps all its spots
+    unjudged.  Left fewer than an orientation's three parameters ask, and
+    less than half of its spots (the sweep as a whole offset, not a few bad
+    spots), it keeps its spots not cut by a gap; those cut by a gap stay
+    judged, their phi (used where a block has no other spot) off by the cut.
+    L-cysteine without image 7 of sweep 4 (its own detector, a phi RMSD of
+    ~0.5 images in every refinement, the DIALS chain's included, against
+    0.1-0.3 in sweeps 1-3): 8 of its 26 spots left where 40 % of all were
+    rejected, and its detector could no longer be refined.  All 60 images:
+    sweep 2 left 14 of 23, a share like the others'; given back its 9, its
+    y RMSD on the spots every refinement kept went from 0.10 to 0.21 px
+    (benchmarks/results/2026-12-05-l-cysteine-gaps.md)."""
+    kept = copy.deepcopy(kept)
+    sweeps = np.asarray(table["sweep"])
+    ref, ok = np.asarray(refinable), np.asarray(kept)
+    for g in np.unique(sweeps[ref]):
+        if g < 0:
+            continue
+        left = int((ok & (sweeps == g)).sum())
+        rows = refinable & (table["sweep"] == int(g))
+        if left < minimum:
+            logger.info("Sweep %d: %d of its spots left by outlier rejection, fewer than DIALS needs to "
+                        "refine it (%d); its %d spots kept", g + 1, left, minimum, rows.count(True))
+            kept |= rows
+        elif left < 3 * minimum and 2 * left < rows.count(True) and "gap_edge" in table:
+            uncut = rows & ~table["gap_edge"] & ~kept
+            if uncut.count(True):
+                logger.info("Sweep %d: %d of its %d spots left by outlier rejection, fewer than DIALS asks "
+                            "for an orientation (%d); its %d other spots not cut by a gap kept", g + 1, left,
+                            rows.count(True), 3 * minimum, uncut.count(True))
+                kept |= uncut
+    return kept
+
+
 def _job_selection(table, refinable, models, rp, gap_edge, edge=None, by_block=False, nproc=1):
     """Rows of one refinement job.  With gap_edge="xy" outliers are rejected
     here (:func:`reject_outliers`) and the job runs without DIALS' own
@@ -1648,38 +1690,8 @@ def _job_selection(table, refinable, models, rp, gap_edge, edge=None, by_block=F
     job_rp.refinement.reflections.outlier.algorithm = "null"
     kept = refinable & ~table.get_flags(table.flags.centroid_outlier)
     if "sweep" in table and len(models) > 1:
-        # a sweep judged in one distribution with the others can lose most
-        # of its spots (its residuals offset from theirs).  DIALS refines a
-        # parameter only on auto_reduction.min_nref_per_parameter reflections:
-        # left fewer, a sweep keeps all its spots unjudged.  Left fewer than
-        # an orientation's three parameters ask, and less than half of its
-        # spots (the sweep as a whole offset, not a few bad spots), it keeps
-        # its spots not cut by a gap; those cut by a gap stay judged, their
-        # phi (used where a block has no other spot) off by the cut.
-        # L-cysteine without image 7 of sweep 4 (its own detector, a phi RMSD
-        # of ~0.5 images in every refinement, the DIALS chain's included,
-        # against 0.1-0.3 in sweeps 1-3): 8 of its 26 spots left (40 % of all
-        # rejected), and its detector could no longer be refined.  All 60
-        # images: sweep 2 left 14 of 23, a share like the others'; given back
-        # its 9, its y RMSD on the spots every refinement kept went from 0.10
-        # to 0.21 px (benchmarks/results/2026-12-05-l-cysteine-gaps.md)
         minimum = max(1, rp.refinement.parameterisation.auto_reduction.min_nref_per_parameter)
-        sweeps = np.asarray(table["sweep"])
-        ref, ok = np.asarray(refinable), np.asarray(kept)
-        for g in np.unique(sweeps[ref]):
-            left = int((ok & (sweeps == g)).sum())
-            rows = refinable & (table["sweep"] == int(g))
-            if g >= 0 and left < minimum:
-                logger.info("Sweep %d: %d of its spots left by outlier rejection, fewer than DIALS needs to "
-                            "refine it (%d); its %d spots kept", g + 1, left, minimum, rows.count(True))
-                kept |= rows
-            elif g >= 0 and left < 3 * minimum and 2 * left < rows.count(True) and "gap_edge" in table:
-                uncut = rows & ~table["gap_edge"] & ~kept
-                if uncut.count(True):
-                    logger.info("Sweep %d: %d of its %d spots left by outlier rejection, fewer than DIALS asks "
-                                "for an orientation (%d); its %d other spots not cut by a gap kept", g + 1, left,
-                                rows.count(True), 3 * minimum, uncut.count(True))
-                    kept |= uncut
+        kept = _spots_given_back(table, refinable, kept, minimum)
     return kept.iselection(), job_rp
 
 
