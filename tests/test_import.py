@@ -132,6 +132,15 @@ def test_same_file_twice_is_used_once(small_sweep):
     assert report.inputs["n_files"] == 10  # each file counted once
 
 
+def test_a_sweep_given_twice_is_one_warning(small_sweep):
+    """A glob given twice repeats every file: one warning counts them."""
+    files = sorted(str(small_sweep / f) for f in os.listdir(small_sweep))
+    experiments, report = _import(positional=files + files[2:])
+    assert _blocks(experiments) == [(1, 10)]
+    (line,) = [w for w in report.warnings if "given twice" in w]
+    assert line.startswith("8 files were given twice or more (") and files[2] in line and files[-1] in line
+
+
 def test_help_and_config(tmp_path):
     result = run_cmd([tool("dials.process_gapped"), "-h"])
     assert result.returncode == 0 and "exclude_images" in result.stdout

@@ -178,6 +178,20 @@ def _is_container(path: str) -> bool:
     return path.lower().endswith(_CONTAINER_SUFFIXES)
 
 
+def _warn_repeated(repeated: list[str], record) -> None:
+    """One warning for the files given more than once (a sweep's glob given
+    twice repeats every one of its files)."""
+    if not repeated:
+        return
+    if len(repeated) == 1:
+        line = f"{repeated[0]} was given twice; it is used once"
+    else:
+        line = (f"{len(repeated)} files were given twice or more ({repeated[0]}, ..., {repeated[-1]}); "
+                "each is used once")
+    record.warn(line)
+    logger.warning(line)
+
+
 def group_sweeps(files: list[str], record) -> list[tuple[str, dict[int, str] | None]]:
     """The sweeps of the files given: [(template, {image number: path})], one
     per file-name template (a sweep split over several folders with the same
@@ -186,11 +200,12 @@ def group_sweeps(files: list[str], record) -> list[tuple[str, dict[int, str] | N
     sweeps: dict[str, dict[int, str]] = {}
     containers = []
     seen: dict[str, str] = {}
+    repeated: list[str] = []
     for f in files:
         real = os.path.realpath(f)
         if real in seen:
-            record.warn(f"{f} was given twice; it is used once")
-            logger.warning("%s was given twice; it is used once", f)
+            if f not in repeated:
+                repeated.append(f)
             continue
         seen[real] = f
         if _is_container(f):
@@ -209,6 +224,7 @@ def group_sweeps(files: list[str], record) -> list[tuple[str, dict[int, str] | N
                 "give each image once"
             )
         by_number[number] = path
+    _warn_repeated(repeated, record)
     numbered = []
     for name in sorted(sweeps):
         by_number = sweeps[name]
