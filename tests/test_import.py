@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import GAPS, SNASE_GEOMETRY, run_cmd, tool
+from conftest import GAPS, ROOT, SNASE, SNASE_GEOMETRY, run_cmd, tool
 
 
 def _import(*args, positional=()):
@@ -169,3 +169,17 @@ def test_mixed_goniometers_are_refused(sim_gapped):
     experiments[1].imageset.set_goniometer(tilted)
     with pytest.raises(GapfillError, match="mixed goniometers: images 1-40 and 46-80 differ"):
         adopt_experiments(experiments, working_params(""))
+
+
+def test_a_sweep_of_stills_among_rotation_sweeps_is_named():
+    """Real images: an L-cysteine rotation sweep with three SNase stills."""
+    import glob
+
+    from dials_gapfill.errors import GapfillError
+
+    rotation = sorted(glob.glob(os.path.join(ROOT, "..", "shared", "data", "l_cysteine", "l-cyst_01_0000[1-3].cbf.bz2")))
+    stills = sorted(glob.glob(os.path.join(SNASE, "snc_newhead_0000[1-3].img.bz2")))
+    if len(rotation) < 3 or len(stills) < 3:
+        pytest.skip("the L-cysteine and SNase images are not here: see ../shared/README.md")
+    with pytest.raises(GapfillError, match=r"^the images of sweep 2 \(snc_newhead_#####.img.bz2\) are stills"):
+        _import(positional=rotation + stills)

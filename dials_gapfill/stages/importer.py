@@ -713,14 +713,16 @@ def _make_sweep(template, experiments, params, image_range, statuses, record, wh
     """The imported sequences of one sweep, with the geometry overrides, each
     block's start angle from its image number and one beam, detector and
     goniometer."""
+    # with several sweeps, the one whose images are stills is named
+    which = f"{where} ({os.path.basename(template)})" if where else ""
     for imageset in experiments.imagesets():
         if not isinstance(imageset, ImageSequence) and params.geometry.scan.oscillation is None:
             raise GapfillError(
-                "the images are stills, not a rotation sweep (no oscillation in the "
+                f"the images{which} are stills, not a rotation sweep (no oscillation in the "
                 "headers): if the headers are wrong set geometry.scan.oscillation=start,width"
             )
     sources = _misplaced_frames(list(experiments.imagesets()), params, statuses, where)
-    sources = _apply_geometry(sources, params)
+    sources = _apply_geometry(sources, params, which)
     _fix_oscillation(sources, params, image_range[0])
     _check_shared(sources, params)
     _share_models(sources)
@@ -772,7 +774,7 @@ def _share_between_sweeps(sweeps, params) -> None:
             block.imageset.set_detector(block.detector)
 
 
-def _apply_geometry(imagesets, params):
+def _apply_geometry(imagesets, params, which=""):
     """dials.import's MetaDataUpdater on the imported sequences, in image order."""
     try:
         experiments = MetaDataUpdater(dials_import_params(params))(imagesets)
@@ -782,7 +784,7 @@ def _apply_geometry(imagesets, params):
     for exp in experiments:
         if not isinstance(exp.imageset, ImageSequence) or exp.scan is None or exp.scan.is_still():
             raise GapfillError(
-                "the images are stills, not a rotation sweep (oscillation width 0 in the "
+                f"the images{which} are stills, not a rotation sweep (oscillation width 0 in the "
                 "headers): set geometry.scan.oscillation=start,width"
             )
     return ExperimentList(sorted(experiments, key=lambda e: e.scan.get_image_range()[0]))
