@@ -455,7 +455,10 @@ blocks
   min_indexed_fraction = 0.2
     .type = float(value_min=0, value_max=1)
     .help = "A block whose strong spots index below this fraction (e.g. a wrong"
-            "start angle, or no diffraction) is dropped with a warning."
+            "start angle, or no diffraction) is dropped with a warning. With the"
+            "continuous model, of the spots its lattice search judged: a spot cut"
+            "by a gap that was left out of the search and not matched to the"
+            "unrefined crystal's predictions does not count."
   quick_search = True
     .type = bool
     .help = "With indexing.basis_vector_combinations.max_refine=Auto: let DIALS"

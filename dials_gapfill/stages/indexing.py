@@ -70,7 +70,11 @@ def run(state) -> Record:
     state.crystal_model = model
     spots = [int((state.reflections["id"] == i).count(True)) for i in range(len(state.experiments))]
     experiments, indexed, found = model.index(state.experiments, state.reflections)
-    record.blocks.update(found.blocks)
+    # the spots the lattice search could judge, where the model says which
+    # (the continuous model: not the gap-edge spots it left out and could not
+    # match before refinement); the report keeps indexed / all spots
+    judged = {ident: stats.pop("spots_judged") for ident, stats in found.blocks.items() if "spots_judged" in stats}
+    record.blocks.update({ident: stats for ident, stats in found.blocks.items() if stats})
     for line in found.warnings:
         record.warn(line)
     names = block_names(experiments)
@@ -80,23 +84,31 @@ def run(state) -> Record:
     threshold = params.indexing.blocks.min_indexed_fraction
     for i, exp in enumerate(experiments):
         n_indexed = int(((indexed["id"] == i) & flags).count(True))
-        fraction = n_indexed / spots[i] if spots[i] else 0.0
-        fractions.append(fraction)
         stats = record.block(exp.identifier)
-        stats.update(indexed=n_indexed, indexed_fraction=fraction)
-        stage_logger.info("%s: %d of %d spots indexed (%.1f%%)", names[exp.identifier], n_indexed, spots[i], 100 * fraction)
+        stats.update(indexed=n_indexed, indexed_fraction=n_indexed / spots[i] if spots[i] else 0.0)
+        n_judged = judged.get(exp.identifier, spots[i])
+        fraction = n_indexed / n_judged if n_judged else 0.0
+        fractions.append(fraction)
+        if n_judged == spots[i]:
+            stage_logger.info("%s: %d of %d spots indexed (%.1f%%)", names[exp.identifier], n_indexed, spots[i],
+                              100 * fraction)
+        else:
+            stage_logger.info("%s: %d of %d spots indexed (%.1f%% of the %d the lattice search judged; the others "
+                              "are cut by a gap)", names[exp.identifier], n_indexed, spots[i], 100 * fraction, n_judged)
         if fraction >= threshold and n_indexed > 0:
             keep.add(exp.identifier)
             continue
+        judged_by = "" if n_judged == spots[i] else " judged by the lattice search"
         reason = (
-            f"only {100 * fraction:.0f}% of its spots indexed "
+            f"only {100 * fraction:.0f}% of its spots{judged_by} indexed "
             f"(indexing.blocks.min_indexed_fraction={threshold})"
         )
         name = names[exp.identifier].replace("Block", "block", 1)
         stage_logger.warning("Dropping %s: %s", name, reason)
         record.warn(f"{name} dropped: {reason}")
         sweeps.drop_block(exp, reason, "block could not be indexed",
-                          stats={"spots": spots[i], "indexed": n_indexed, "indexed_fraction": fraction})
+                          stats={"spots": spots[i], "indexed": n_indexed,
+                                 "indexed_fraction": n_indexed / spots[i] if spots[i] else 0.0})
     if not keep:
         raise poorly_indexed_error(params, max(fractions))
     another_crystal(sweeps, owners, experiments, keep, fractions, threshold)
