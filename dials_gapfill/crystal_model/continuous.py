@@ -85,6 +85,7 @@ from dials_gapfill import dials_compat
 from dials_gapfill.crystal_model.base import (
     CrystalModel,
     crystal_per_sweep,
+    fewer_reflections_per_parameter,
     fixing_sparse_sweeps,
     one_cell,
     sweep_groups,
@@ -731,19 +732,21 @@ class ContinuousModel(CrystalModel):
         edge = out["gap_edge"] & ~searched
         n_edge = _index_each_sweep(found, out, edge, self.z_window)
         logger.info("Gap-edge spots indexed against predictions: %d of %d", n_edge, edge.count(True))
-        judged = searched | out.get_flags(out.flags.indexed)
+        judged = (searched & ~out["gap_edge"]) | out.get_flags(out.flags.indexed)
         blocks = joined.slice(found)
         out = joined.to_blocks(out, blocks)
         return blocks, out, self._judged_record(blocks, out, judged)
 
     def _judged_record(self, blocks, table, judged):
         """The index record: each block's spots judged by the lattice search
-        (``spots_judged``: those it searched, and the gap-edge spots indexed
-        against its crystal's predictions).  A gap-edge spot left out of the
-        search and not matched is not evidence against its block: its phi
-        is off by a fraction of an image, against an unrefined crystal (a
-        block of two images between gaps, L-cysteine: 2 of its 14 spots
-        matched, all 14 cut; after refinement they index)."""
+        (``spots_judged``: those not cut by a gap that it searched, and the
+        spots cut by a gap that it or the crystal's predictions indexed).
+        A gap-edge spot that did not index is not evidence against its
+        block: its phi is off by a fraction of an image, against an
+        unrefined crystal (a block of two images between gaps, L-cysteine:
+        2 of its 14 spots matched, all 14 cut; a single image between gaps
+        in the search with all spots: 2 of 11; after refinement they
+        index)."""
         record = Record(warnings=list(self.warnings))
         block = np.asarray(table["imageset_id"])
         counts = np.bincount(block[np.asarray(judged) & (block >= 0)], minlength=len(blocks))
@@ -1002,6 +1005,7 @@ class ContinuousModel(CrystalModel):
         unsettled = bool(self.second_job)
         for cycle in range(1 + cycles if self.scan_varying else 0):
             if cycle > 0:
+                saved = {column: table[column].deep_copy() for column in ("id", "miller_index", "flags")}
                 before = _indexed_per_block(table, rows_block, len(spots))
                 everything = table["id"] >= -1
                 n = _index_each_sweep(models, table, everything, self.z_window)
@@ -1040,6 +1044,29 @@ class ContinuousModel(CrystalModel):
             sel, job_rp = _job_selection(table, self._refinable(table), models, rp, self.gap_edge, job.xy_edge,
                                          by_block=cycle > 0 and moved, nproc=self.nproc)
             work = table.select(sel)
+            empty = [g for g in range(len(models)) if not (work["id"] == g).count(True)]
+            if empty and cycle > 0:
+                # DIALS cannot refine a sweep without a reflection (its scan is
+                # trimmed to its observations): such a sweep keeps the
+                # indexing of the job before (a sweep of one image with 2
+                # spots, re-indexed against the scan-varying model, kept none)
+                mine = flex.bool(len(table), False)
+                for g in empty:
+                    mine |= table["sweep"] == g
+                for column, values in saved.items():
+                    now = table[column]
+                    now.set_selected(mine, values.select(mine))
+                    table[column] = now
+                table.unset_flags(flex.bool(len(table), True), table.flags.used_in_refinement)
+                sel, job_rp = _job_selection(table, self._refinable(table), models, rp, self.gap_edge, job.xy_edge,
+                                             by_block=moved, nproc=self.nproc)
+                work = table.select(sel)
+                logger.info("Continuous model: re-indexed against the scan-varying model, sweep(s) %s kept no spot "
+                            "for refinement: their indexing before stands", ", ".join(str(g + 1) for g in empty))
+                if any(not (work["id"] == g).count(True) for g in range(len(models))):
+                    self._restore_edge_phi(job)
+                    logger.info("Continuous model: a sweep without a spot for refinement: the job before stands")
+                    break
             if self.gap_edge == "xy":
                 work["phi_weighted"] = ~job.xy_edge.select(sel)
             if self.choose_spacing and ours and (cycle > 0 or self.choose_spacing is True):
@@ -1066,6 +1093,7 @@ class ContinuousModel(CrystalModel):
         factory = BSplineSmoother if self.smoother == "bspline" else None
         static_only = set(static_only)
         fixed = set()
+        lowered = False
         while True:
             try:
                 with dials_compat.static_crystals_in_scan_varying_job(static_only), \
@@ -1078,11 +1106,18 @@ class ContinuousModel(CrystalModel):
                 # few reflections per parameter; it stays static in this job
                 named = dials_compat.crystals_refused_for_too_few_reflections(getattr(e, "dials_message", ""), models)
                 refused = named - static_only
+                if named and not refused and not lowered:
+                    # static already, and still too few: on fewer reflections
+                    # per parameter before it is fixed (base.FEWEST_NREF_PER_PARAMETER)
+                    lowered = True
+                    job_rp = fewer_reflections_per_parameter(job_rp, sorted(i + 1 for i in named))
+                    continue
                 if named and not refused and not named <= fixed:
-                    # static already, and still too few: fixed
+                    # and still too few: fixed
                     job_rp = copy.deepcopy(job_rp)
                     dials_compat.fix_crystal_orientations(job_rp, named - fixed, models)
-                    say_too_few_spots(job.record, sorted(i + 1 for i in named - fixed))
+                    say_too_few_spots(job.record, sorted(i + 1 for i in named - fixed),
+                                      kept_as="the job before left it")
                     fixed |= named
                     continue
                 if not refused:
@@ -1295,7 +1330,7 @@ def _static_macrocycle(job, rp, reflections, experiments, what):
     """A static job, a sweep with too few spots for its orientation fixed
     (:func:`base.fixing_sparse_sweeps`)."""
     return fixing_sparse_sweeps(lambda p: _macrocycle(p, reflections, experiments, what), rp, experiments,
-                                lambda sweeps, what: say_too_few_spots(job.record, sweeps, what))
+                                lambda sweeps, what: say_too_few_spots(job.record, sweeps, what), fewest=True)
 
 
 def _macrocycle(rp, reflections, experiments, what):
