@@ -822,9 +822,11 @@ class ContinuousModel(CrystalModel):
             rows = blocks_of_rows == i
             if rows.count(True) and (rows & ~xy_edge).count(True) == 0:
                 xy_edge.set_selected(rows, False)
-        # the same for a sweep: with fewer spots whose phi counts than DIALS
-        # asks for an orientation's three parameters (auto_reduction), its
-        # rotation about the spindle is held by almost nothing, and the
+        # the same for a sweep: with fewer spots whose phi counts than 3 x
+        # DIALS' auto_reduction.min_nref_per_parameter (DIALS counts every
+        # spot for each of an orientation's three angles; this asks for that
+        # many per angle), its rotation about the spindle is held by almost
+        # nothing, and the
         # biased phi of its cut spots (a fraction of an image) is better than
         # none.  L-cysteine without image 11 of sweep 4: 14 of its 27 indexed
         # spots with phi; with only those its orientation went astray (1 of
@@ -1693,7 +1695,8 @@ def _spots_given_back(table, refinable, kept, minimum):
     A sweep judged with the others can lose most of its spots (its
     residuals offset from theirs).  DIALS refines a parameter only on
     `minimum` reflections: left fewer, a sweep keeps all its spots
-    unjudged.  Left fewer than an orientation's three parameters ask, and
+    unjudged.  Left fewer than 3 x `minimum` (that many for each of an
+    orientation's three angles; DIALS counts every spot for each), and
     less than half of its spots (the sweep as a whole offset, not a few bad
     spots), it keeps its spots not cut by a gap; those cut by a gap stay
     judged, their phi (used where a block has no other spot) off by the cut.
