@@ -826,12 +826,12 @@ class ContinuousModel(CrystalModel):
         # DIALS' auto_reduction.min_nref_per_parameter (DIALS counts every
         # spot for each of an orientation's three angles; this asks for that
         # many per angle), its rotation about the spindle is held by almost
-        # nothing, and the
-        # biased phi of its cut spots (a fraction of an image) is better than
-        # none.  L-cysteine without image 11 of sweep 4: 14 of its 27 indexed
-        # spots with phi; with only those its orientation went astray (1 of
-        # its spots left by outlier rejection, the cell's esds 30-150 times
-        # smaller than in any other run; benchmarks/l_cysteine_gaps.py)
+        # nothing, and the biased phi of its cut spots (a fraction of an
+        # image) is better than none.  L-cysteine without image 11 of sweep
+        # 4: 14 of its 27 indexed spots with phi; with only those its
+        # orientation went astray (1 of its spots left by outlier rejection,
+        # the cell's esds 30-150 times smaller than in any other run;
+        # benchmarks/l_cysteine_gaps.py)
         indexed = table["id"] >= 0
         enough = 3 * self._min_spots_per_parameter()
         for g in range(len(joined.groups)):

@@ -85,7 +85,8 @@ def run(state) -> Record:
     for i, exp in enumerate(experiments):
         n_indexed = int(((indexed["id"] == i) & flags).count(True))
         stats = record.block(exp.identifier)
-        stats.update(indexed=n_indexed, indexed_fraction=n_indexed / spots[i] if spots[i] else 0.0)
+        of_all = n_indexed / spots[i] if spots[i] else 0.0  # as reported
+        stats.update(indexed=n_indexed, indexed_fraction=of_all)
         n_judged = judged.get(exp.identifier, spots[i])
         fraction = n_indexed / n_judged if n_judged else 0.0
         fractions.append(fraction)
@@ -107,8 +108,7 @@ def run(state) -> Record:
         stage_logger.warning("Dropping %s: %s", name, reason)
         record.warn(f"{name} dropped: {reason}")
         sweeps.drop_block(exp, reason, "block could not be indexed",
-                          stats={"spots": spots[i], "indexed": n_indexed,
-                                 "indexed_fraction": n_indexed / spots[i] if spots[i] else 0.0})
+                          stats={"spots": spots[i], "indexed": n_indexed, "indexed_fraction": of_all})
     if not keep:
         raise poorly_indexed_error(params, max(fractions))
     another_crystal(sweeps, owners, experiments, keep, fractions, threshold)
