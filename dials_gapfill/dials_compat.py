@@ -32,6 +32,8 @@ from dials.array_family import flex
 from dxtbx.model import Experiment
 from dxtbx.model.experiment_list import ExperimentList
 
+logger = logging.getLogger("dials.process_gapped.indexing")
+
 
 @contextlib.contextmanager
 def replaced(owner, name: str, replacement):
@@ -442,6 +444,68 @@ def joint_known_orientation(reflections, experiments, params, crystal):
     indexer = JointKnownOrientation(reflections, experiments, params, [crystal])
     indexer.index()
     return indexer
+
+
+def _basis_vector_key(strategy, rlp):
+    """Everything a basis-vector strategy's ``find_basis_vectors(rlp)`` reads:
+    its class, cell limits, target cell, its own parameters and the vectors."""
+    target = getattr(strategy, "_target_unit_cell", None)
+    scope = getattr(strategy, "phil_scope", None)
+    params = getattr(strategy, "_params", None)
+    params = scope.format(python_object=params).as_str() if scope is not None and params is not None else None
+    return (type(strategy), getattr(strategy, "_max_cell", None), getattr(strategy, "_min_cell", None),
+            target.parameters() if target is not None else None, params,
+            rlp.as_double().as_numpy_array().tobytes())
+
+
+@contextlib.contextmanager
+def basis_vectors_searched_once():
+    """Inside the block, a basis-vector search that DIALS' indexer runs again
+    on the same reciprocal-lattice vectors with the same strategy parameters
+    returns the first search's vectors instead of computing them again.
+
+    The lattice search (dials_gapfill.crystal_model.lattice) may run DIALS'
+    indexer twice on the same spots, once with 5 candidate lattices and once
+    with all of them; only ``basis_vector_combinations.max_refine`` differs,
+    which the basis-vector strategy never reads.  Its FFT (fft3d: a 256^3
+    grid) is the same both times: 3.3 s of each search on L-cysteine.  The
+    search is deterministic, so its vectors and ``used_in_indexing`` are those
+    DIALS would compute.  Wraps ``BasisVectorSearch.find_candidate_basis_vectors``
+    (``dials.algorithms.indexing.lattice_search``), which calls its strategy's
+    ``find_basis_vectors``; yields False (every search computed) where
+    either is not there.
+    """
+    try:
+        from dials.algorithms.indexing.lattice_search import BasisVectorSearch
+    except ImportError:
+        yield False
+        return
+    original = getattr(BasisVectorSearch, "find_candidate_basis_vectors", None)
+    found = {}
+
+    def find_candidate_basis_vectors(self):
+        strategy = getattr(self, "_basis_vector_search_strategy", None)
+        if original is None or strategy is None or not hasattr(strategy, "find_basis_vectors"):
+            return original(self)
+        search = strategy.find_basis_vectors
+
+        def remembered(rlp):
+            key = _basis_vector_key(strategy, rlp)
+            if key not in found:
+                found[key] = search(rlp)
+            else:
+                logger.debug("Basis vectors of the previous search on the same spots reused")
+            vectors, used = found[key]
+            return list(vectors), used.deep_copy()
+
+        strategy.find_basis_vectors = remembered
+        try:
+            return original(self)
+        finally:
+            del strategy.find_basis_vectors
+
+    with replaced(BasisVectorSearch, "find_candidate_basis_vectors", find_candidate_basis_vectors) as done:
+        yield done
 
 
 # --------------------------------------------------------------------------

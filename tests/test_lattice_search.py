@@ -77,7 +77,8 @@ def test_quick_search_finds_the_lattice_of_the_full_search(blocks_and_spots, mod
 def test_too_few_indexed_falls_back_to_all_candidates(blocks_and_spots, model, caplog):
     """A quarter of the spots moved off the lattice: the first 5 candidates
     index about 75 % of them, below quick_search_fraction (0.9), so DIALS'
-    full search runs, and its result is that of quick_search=False."""
+    full search runs (on the basis vectors the quick search found), and its
+    result is that of quick_search=False."""
     from dials.array_family import flex
 
     experiments, spots = blocks_and_spots
@@ -89,9 +90,11 @@ def test_too_few_indexed_falls_back_to_all_candidates(blocks_and_spots, model, c
             x, y, z = xyz[i]
             xyz[i] = (x + rng.choice((-1, 1)) * rng.uniform(6, 12), y + rng.choice((-1, 1)) * rng.uniform(6, 12), z)
     junk["xyzobs.px.value"] = xyz
-    with caplog.at_level(logging.INFO, logger="dials.process_gapped"):
+    with caplog.at_level(logging.DEBUG, logger="dials.process_gapped"):
         fallback = _index(model, experiments, junk)
     assert "all candidates evaluated, as dials.index does" in caplog.text
+    # the full search on the same spots takes the quick search's FFT basis vectors
+    assert "Basis vectors of the previous search on the same spots reused" in caplog.text
     full = _index(model, experiments, junk, "indexing.blocks.quick_search=False")
     assert _counts(*fallback) == _counts(*full)
     a = fallback[0][0].crystal.get_unit_cell().parameters()

@@ -13,7 +13,9 @@ for stills), keeps that result when it indexes at least
 (or when that search fails) runs DIALS' search over all 50 candidates, exactly
 as dials.index would, and keeps its result unless it indexes clearly fewer
 of the spots than the quick search's (by more than FEWER_INDEXED_SIGMAS
-binomial standard deviations).
+binomial standard deviations).  Both searches run on the same spots, so the
+basis vectors of DIALS' FFT are computed once
+(:func:`dials_gapfill.dials_compat.basis_vectors_searched_once`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import math
 from dials.algorithms.indexing import DialsIndexError
 from libtbx import Auto
 
+from dials_gapfill import dials_compat
 from dials_gapfill.errors import search_failure
 
 logger = logging.getLogger("dials.process_gapped.indexing")
@@ -74,7 +77,11 @@ def staged_search(run, ip, n_spots, params, n_experiments=1):
     given.  A search that loses an experiment fails
     (:func:`all_experiments_kept`)."""
     run = all_experiments_kept(run, n_experiments)
+    with dials_compat.basis_vectors_searched_once():
+        return _staged(run, ip, n_spots, params)
 
+
+def _staged(run, ip, n_spots, params):
     bvc = ip.indexing.basis_vector_combinations
     quick_on = params.indexing.blocks.quick_search
     if not quick_on or bvc.max_refine is not Auto or ip.indexing.method not in ("fft3d", "fft1d", "real_space_grid_search"):
