@@ -183,3 +183,30 @@ def test_a_sweep_of_stills_among_rotation_sweeps_is_named():
         pytest.skip("the L-cysteine and SNase images are not here: see ../shared/README.md")
     with pytest.raises(GapfillError, match=r"^the images of sweep 2 \(snc_newhead_#####.img.bz2\) are stills"):
         _import(positional=rotation + stills)
+
+
+def test_a_truncated_image_in_a_later_sweep_is_named_and_dxtbx_stays_quiet(tmp_path, capfd):
+    """Real images: image 7 of L-cysteine sweep 3 cut short (a broken bzip2
+    stream).  dxtbx cannot read the files together; read one by one, that
+    file is excluded as unreadable and the others make their sweeps, and
+    dxtbx' lines from C++ about scans it cannot join stay off the terminal."""
+    import glob
+
+    files = sorted(glob.glob(os.path.join(ROOT, "..", "shared", "data", "l_cysteine", "l-cyst_0[23]_*.cbf.bz2")))
+    if len(files) != 30:
+        pytest.skip("the L-cysteine images are not here: see ../shared/README.md")
+    for f in files:
+        name = os.path.basename(f)
+        if name == "l-cyst_03_00007.cbf.bz2":
+            with open(f, "rb") as fh:
+                (tmp_path / name).write_bytes(fh.read(30000))
+        else:
+            os.symlink(f, tmp_path / name)
+    capfd.readouterr()
+    experiments, report = _import(positional=[str(tmp_path)])
+    out = capfd.readouterr().out
+    # the run's sweeps are numbered in the order given: L-cysteine sweep 3 is sweep 2
+    excluded = [(e["sweep"], e["image"], e["status"], e["reason"]) for e in report.excluded]
+    assert excluded == [(2, 7, "bad", "unreadable: not a recognised image format")], excluded
+    assert _blocks(experiments) == [(1, 15), (1, 6), (8, 15)]
+    assert "Internal Error" not in out, out

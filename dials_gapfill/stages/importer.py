@@ -16,6 +16,7 @@ import base64
 import contextlib
 import glob
 import hashlib
+import io
 import logging
 import os
 import re
@@ -333,13 +334,17 @@ def _comparisons(params):
 def _quiet_scan_join_messages():
     """Hide dxtbx' 'Internal Error ... scan.h ... image_range_' lines.
 
-    dxtbx prints them from C++ while it tries (and fails, as it should) to
-    join the scans of two blocks across a gap, or a frame whose header angle
-    is not its neighbours' (then a ``diff_2pi`` line); they are not errors.
+    dxtbx prints them while it tries (and fails, as it should) to join the
+    scans of two blocks across a gap, or a frame whose header angle is not
+    its neighbours' (then a ``diff_2pi`` line); they are not errors.  C++
+    writes them to file descriptor 1 and dxtbx' ExperimentListFactory
+    ``print``s them to ``sys.stdout``, which need not be that descriptor (a
+    notebook, pytest): both are caught.
     """
-    with captured(1) as out:
+    printed = io.StringIO()
+    with captured(1) as out, contextlib.redirect_stdout(printed):
         yield
-    for line in out.text.splitlines():
+    for line in (printed.getvalue() + out.text).splitlines():
         if "DXTBX_ASSERT(image_range_" not in line and "DXTBX_ASSERT(std::min(diff_2pi" not in line:
             print(line)
 
@@ -356,19 +361,20 @@ def _read_with_dxtbx(paths, params):
     except Exception:
         # find the culprits one by one, then read the rest
         good, unhandled = [], []
-        for p in paths:
-            try:
-                ok = ExperimentListFactory.from_filenames([p], format_kwargs=_format_kwargs(params))
-            except Exception:
-                ok = None
-            (good if ok else unhandled).append(p)
-        experiments = (
-            ExperimentListFactory.from_filenames(
-                good, format_kwargs=_format_kwargs(params), **_comparisons(params)
+        with _quiet_scan_join_messages():
+            for p in paths:
+                try:
+                    ok = ExperimentListFactory.from_filenames([p], format_kwargs=_format_kwargs(params))
+                except Exception:
+                    ok = None
+                (good if ok else unhandled).append(p)
+            experiments = (
+                ExperimentListFactory.from_filenames(
+                    good, format_kwargs=_format_kwargs(params), **_comparisons(params)
+                )
+                if good
+                else []
             )
-            if good
-            else []
-        )
     return experiments, unhandled
 
 
