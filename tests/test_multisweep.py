@@ -261,3 +261,57 @@ def test_scaling_merges_all_sweeps(multi_runs):
     assert scaling["cc_half"][0] > 0.99 and scaling["multiplicity"][0] > 2
     assert [b["sweep"] for b in summary["blocks"]] == [b[0] for b in BLOCKS]
     assert os.path.exists(os.path.join(multi_runs["gapped"], "merged.mtz"))
+
+
+@pytest.mark.slow
+def test_a_block_of_another_crystal_in_a_later_sweep_is_dropped(tmp_path):
+    """Three sweeps of 12 images; images 9-12 of sweep 2 are of another
+    crystal (the same cell, another orientation) behind a missing image 8.
+    That block does not index on the one crystal and is dropped, named with
+    its sweep; the rest is one crystal to the MTZ, whose batches are the
+    images kept plus their sweep's offset."""
+    import dataclasses
+
+    import gemmi
+
+    from dials_gapfill.simulation.multisweep import MultiSweepConfig, default_sweeps, simulate_sweeps
+    from dials_gapfill.simulation.simulate import SimulationConfig
+
+    truths = {}
+    for name, seed in (("ours", 7), ("other", 8)):
+        base = SimulationConfig(n_images=12, osc_width=1.0, detector="pilatus300k", distance=150.0, seed=seed)
+        settings = tuple(dataclasses.replace(s) for s in default_sweeps(3, "kappa"))
+        truths[name] = simulate_sweeps(MultiSweepConfig(base=base, goniometer="kappa", sweeps=settings),
+                                       str(tmp_path / name))
+    images = tmp_path / "images"
+    images.mkdir()
+    for f in sorted(os.listdir(tmp_path / "ours")):
+        if not f.endswith(".cbf"):
+            continue
+        sweep, image = int(f[4:6]), int(f[7:11])
+        if (sweep, image) != (2, 8):
+            source = "other" if sweep == 2 and image >= 9 else "ours"
+            os.symlink(tmp_path / source / f, images / f)
+    out = str(tmp_path / "out")
+    process_ok(str(images), out)
+
+    summary = _summary(out)
+    assert [(b["sweep"], b["first"], b["last"]) for b in summary["blocks"]] == [(1, 1, 12), (2, 1, 7), (3, 1, 12)]
+    assert [(d["sweep"], d["first"], d["last"]) for d in summary["dropped_blocks"]] == [(2, 9, 12)]
+    assert "indexed" in summary["dropped_blocks"][0]["reason"]
+    assert sorted((e["sweep"], e["image"], e["status"]) for e in summary["excluded_images"]) == \
+        [(2, 8, "missing file")] + [(2, n, "dropped") for n in range(9, 13)]
+    assert any(w.startswith("block 3 (images 9-12 of sweep 2) dropped") for w in summary["warnings"]), \
+        summary["warnings"]
+    assert all(b["integrated"] > 1000 for b in summary["blocks"]), summary["blocks"]
+    experiments = _experiments(out)
+    assert [e.scan.get_image_range() for e in experiments] == [(1, 12), (1, 7), (1, 12)]
+    cell = experiments[0].crystal.get_unit_cell().parameters()
+    for e in experiments[1:]:
+        assert np.allclose(e.crystal.get_unit_cell().parameters(), cell, atol=1e-6)
+    assert all(abs(c / t - 1) < 5e-4 for c, t in zip(cell[:3], truths["ours"]["unit_cell"][:3])), cell
+    expected = set(range(1, 13)) | set(range(101, 108)) | set(range(201, 213))
+    mtz = gemmi.read_mtz_file(os.path.join(out, "integrated.mtz"))
+    assert set(np.array(mtz.column_with_label("BATCH"), dtype=int)) == expected
+    block_2 = gemmi.read_mtz_file(os.path.join(out, "integrated_2.mtz"))
+    assert set(np.array(block_2.column_with_label("BATCH"), dtype=int)) <= set(range(101, 108))

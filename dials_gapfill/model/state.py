@@ -35,12 +35,17 @@ class Block:
         return d
 
 
-def block_names(experiments) -> dict[str, str]:
-    """identifier -> 'Block k (images a-b)', for log messages."""
-    return {
-        e.identifier: "Block %d (images %d-%d)" % (i, *e.scan.get_image_range())
-        for i, e in enumerate(experiments, start=1)
-    }
+def block_names(experiments, sweeps=None) -> dict[str, str]:
+    """identifier -> 'Block k (images a-b)', for log messages; 'Block k
+    (images a-b of sweep s)' when `sweeps` (the run's Sweeps) holds several."""
+
+    def where(e):
+        first, last = e.scan.get_image_range()
+        if sweeps is not None and len(sweeps) > 1:
+            return f"images {first}-{last} of sweep {sweeps.sweep_of(e).number}"
+        return f"images {first}-{last}"
+
+    return {e.identifier: f"Block {i} ({where(e)})" for i, e in enumerate(experiments, start=1)}
 
 
 @dataclass

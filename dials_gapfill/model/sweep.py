@@ -344,7 +344,7 @@ def spot_record(experiments, reflections, sweeps):
     """Strong spots per image (by centroid; zero for images of the blocks
     without any, and for images found bad) and per block, as a Record."""
     record = Record()
-    names = block_names(experiments)
+    names = block_names(experiments, sweeps)
     z = reflections["xyzobs.px.value"].parts()[2]
     ids = reflections["id"]
     for i, exp in enumerate(experiments):

@@ -77,7 +77,7 @@ def run(state) -> Record:
     record.blocks.update({ident: stats for ident, stats in found.blocks.items() if stats})
     for line in found.warnings:
         record.warn(line)
-    names = block_names(experiments)
+    names = block_names(experiments, sweeps)
     flags = indexed.get_flags(indexed.flags.indexed)
     keep, fractions = set(), []
     owners = [sweeps.sweep_of(e) for e in experiments]  # before any block is dropped

@@ -328,7 +328,7 @@ def integrate(experiments, reference, params, sweeps, profile_model="per_block")
     profile_model: what integration.profile_model=auto means (the crystal
     model's choice: all_blocks for one crystal across the gaps)."""
     record = Record()
-    names = block_names(experiments)
+    names = block_names(experiments, sweeps)
     ip = dials_integrate_params(params)
     counts = _reference_counts(reference, experiments)
     small = []
