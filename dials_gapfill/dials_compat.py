@@ -485,7 +485,7 @@ def basis_vectors_searched_once():
 
     def find_candidate_basis_vectors(self):
         strategy = getattr(self, "_basis_vector_search_strategy", None)
-        if original is None or strategy is None or not hasattr(strategy, "find_basis_vectors"):
+        if strategy is None or not hasattr(strategy, "find_basis_vectors"):
             return original(self)
         search = strategy.find_basis_vectors
 
