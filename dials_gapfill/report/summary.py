@@ -27,7 +27,7 @@ def block_rows(report):
             [
                 b.number,
                 b.label,
-                f"{b.phi_start:.1f}-{b.phi_end:.1f}",
+                f"{b.phi_start:.1f} to {b.phi_end:.1f}",
                 s.get("spots", "-"),
                 _f(100 * frac if frac is not None else None, ".1f"),
                 _f(rmsd.get("x"), ".3f"),
