@@ -269,7 +269,7 @@ def test_a_block_of_another_crystal_in_a_later_sweep_is_dropped(tmp_path, model)
     """Three sweeps of 12 images; images 9-12 of sweep 2 are of another
     crystal (the same cell, another orientation) behind a missing image 8.
     That block does not index on the one crystal and is dropped, named with
-    its sweep; the rest goes to the MTZ (the continuous model: one cell),
+    its sweep (as every block is in the crystal model's log lines); the rest goes to the MTZ (the continuous model: one cell),
     whose batches are the images kept plus their sweep's offset."""
     import dataclasses
 
@@ -305,6 +305,10 @@ def test_a_block_of_another_crystal_in_a_later_sweep_is_dropped(tmp_path, model)
     assert any(w.startswith("block 3 (images 9-12 of sweep 2) dropped") for w in summary["warnings"]), \
         summary["warnings"]
     assert all(b["integrated"] > 1000 for b in summary["blocks"]), summary["blocks"]
+    with open(os.path.join(out, "dials.process_gapped.log")) as fh:
+        log = fh.read()
+    for k, (sweep, first, last) in enumerate(((1, 1, 12), (2, 1, 7), (3, 1, 12)), start=1):
+        assert f"Block {k} (images {first}-{last} of sweep {sweep}): RMSD x" in log  # the model's own lines
     experiments = _experiments(out)
     assert [e.scan.get_image_range() for e in experiments] == [(1, 12), (1, 7), (1, 12)]
     cells = [e.crystal.get_unit_cell().parameters() for e in experiments]

@@ -12,9 +12,10 @@ from dials_gapfill.errors import GapfillError
 MODELS = {m.name: m for m in (ContinuousModel, PerBlockModel)}
 
 
-def make(params, name=None, **options) -> CrystalModel:
-    """The model named by refinement.blocks.model (or `name`)."""
-    return MODELS[name or params.refinement.blocks.model](params, **options)
+def make(params, name=None, sweeps=None, **options) -> CrystalModel:
+    """The model named by refinement.blocks.model (or `name`); `sweeps` (the
+    run's Sweeps) names each block's sweep in its log lines."""
+    return MODELS[name or params.refinement.blocks.model](params, sweeps=sweeps, **options)
 
 
 # Where every block has at most this many images, every spot is cut by a gap
@@ -25,7 +26,7 @@ def make(params, name=None, **options) -> CrystalModel:
 SHORTEST_JOINED_BLOCKS = 2
 
 
-def choose(params, experiments):
+def choose(params, experiments, sweeps=None):
     """(model, warning or None): the model asked for, or per_block where the
     continuous model cannot describe the blocks (e.g. a block whose start
     angle is not on its sweep's rotation: a wrong header; such a block is
@@ -35,13 +36,13 @@ def choose(params, experiments):
         try:
             check_blocks(experiments)
         except GapfillError as e:
-            return PerBlockModel(params), f"{e}: using refinement.blocks.model=per_block"
+            return PerBlockModel(params, sweeps), f"{e}: using refinement.blocks.model=per_block"
         if len(experiments) > 1 and all(e.scan.get_num_images() <= SHORTEST_JOINED_BLOCKS for e in experiments):
-            return PerBlockModel(params), (
+            return PerBlockModel(params, sweeps), (
                 f"every block has at most {SHORTEST_JOINED_BLOCKS} images, so every spot is cut by a gap: "
                 "using refinement.blocks.model=per_block (a crystal per block)"
             )
-    return make(params), None
+    return make(params, sweeps=sweeps), None
 
 
 __all__ = ["CrystalModel", "ContinuousModel", "PerBlockModel", "choose", "make"]

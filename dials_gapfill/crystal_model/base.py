@@ -11,6 +11,7 @@ from dials.algorithms.refinement.refiner import phil_scope as refiner_phil
 
 from dials_gapfill import dials_compat
 from dials_gapfill.errors import GapfillError
+from dials_gapfill.model.state import block_names
 
 logger = logging.getLogger("dials.process_gapped.refinement")
 
@@ -34,8 +35,13 @@ class CrystalModel:
     # the profile model of integration.profile_model=auto with this model
     profile_model = "per_block"
 
-    def __init__(self, params):
+    def __init__(self, params, sweeps=None):
         self.params = params
+        self.sweeps = sweeps  # the run's Sweeps, for block names in log lines
+
+    def block_names(self, experiments) -> dict[str, str]:
+        """identifier -> 'Block k (images a-b[ of sweep s])' (model.state.block_names)."""
+        return block_names(experiments, self.sweeps)
 
     def index(self, experiments, reflections):
         raise NotImplementedError

@@ -94,7 +94,7 @@ from dials_gapfill.crystal_model.base import (
 from dials_gapfill.crystal_model.lattice import SEARCH_ERRORS, staged_search
 from dials_gapfill.crystal_model.smoother import BSplineSmoother
 from dials_gapfill.errors import GapfillError, indexing_failure, search_failure
-from dials_gapfill.model.state import Record, block_names
+from dials_gapfill.model.state import Record
 from dials_gapfill.model.tables import set_identifiers
 from dials_gapfill.phil import dials_index_params, dials_refine_params, resolve_nproc
 
@@ -618,9 +618,9 @@ class ContinuousModel(CrystalModel):
     name = "continuous"
     profile_model = "all_blocks"
 
-    def __init__(self, params, gap_edge="xy", reindex_gap_edges=True, final_reindex=True, z_window=2.0,
+    def __init__(self, params, sweeps=None, gap_edge="xy", reindex_gap_edges=True, final_reindex=True, z_window=2.0,
                  interval_width_degrees=CONTINUOUS_INTERVAL_WIDTH, choose_spacing="auto", **overrides):
-        super().__init__(params)
+        super().__init__(params, sweeps)
         if gap_edge not in GAP_EDGE_TREATMENTS:
             raise ValueError(f"gap_edge must be one of {GAP_EDGE_TREATMENTS}")
         blocks = params.refinement.blocks
@@ -1209,7 +1209,7 @@ class ContinuousModel(CrystalModel):
         blocks = joined.slice(final)
         out = joined.to_blocks(job.table, blocks)
         out = out.select(out.get_flags(out.flags.indexed) & (out["id"] >= 0))
-        names = block_names(blocks)
+        names = self.block_names(blocks)
         record = job.record
         rmsds = block_rmsds(out, blocks)
         for g, model in enumerate(final):

@@ -65,7 +65,7 @@ from dials_gapfill.crystal_model.base import (
 )
 from dials_gapfill.crystal_model.lattice import SEARCH_ERRORS, staged_search
 from dials_gapfill.errors import GapfillError, indexing_failure, search_failure
-from dials_gapfill.model.state import Record, block_names
+from dials_gapfill.model.state import Record
 from dials_gapfill.model.tables import join_blocks, keep_experiments, rmsds, set_identifiers
 from dials_gapfill.phil import dials_index_params, dials_refine_params
 
@@ -132,7 +132,7 @@ class PerBlockModel(CrystalModel):
         from dials_gapfill.crystal_model.continuous import ContinuousModel
 
         try:
-            found, indexed, _ = ContinuousModel(self.params).index(experiments, reflections)
+            found, indexed, _ = ContinuousModel(self.params, self.sweeps).index(experiments, reflections)
         except GapfillError as e:  # its searches failed: the next search is tried
             raise DialsIndexError(search_failure(getattr(e, "search_error", e))) from None
         del indexed["gap_edge"]
@@ -211,7 +211,7 @@ class PerBlockModel(CrystalModel):
         used (and returned).  Returns (experiments, reflections, record)."""
         params = self.params
         record = Record()
-        names = block_names(experiments)
+        names = self.block_names(experiments)
         blocks_p = params.refinement.blocks
         indexed = reflections.get_flags(reflections.flags.indexed) & (reflections["id"] >= 0)
         reflections = reflections.select(indexed)

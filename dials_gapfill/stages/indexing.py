@@ -63,7 +63,7 @@ def another_crystal(sweeps, owners, experiments, keep, fractions, threshold) -> 
 def run(state) -> Record:
     params, sweeps = state.params, state.sweeps
     record = Record()
-    model, warning = crystal_model.choose(params, state.experiments)
+    model, warning = crystal_model.choose(params, state.experiments, sweeps)
     if warning:
         stage_logger.warning("Warning: %s", warning)
         record.warn(warning)
