@@ -73,12 +73,14 @@ def test_quick_search_finds_the_lattice_of_the_full_search(blocks_and_spots, mod
         assert _same_lattice(q.crystal, f.crystal)
 
 
-@pytest.mark.parametrize("model", ["continuous", "per_block"])
-def test_too_few_indexed_falls_back_to_all_candidates(blocks_and_spots, model, caplog):
+@pytest.mark.parametrize("model,search", [("continuous", ()), ("per_block", ()),
+                                          ("per_block", ("indexing.blocks.lattice_search=joint",))])
+def test_too_few_indexed_falls_back_to_all_candidates(blocks_and_spots, model, search, caplog):
     """A quarter of the spots moved off the lattice: the first 5 candidates
     index about 75 % of them, below quick_search_fraction (0.9), so DIALS'
-    full search runs (on the basis vectors the quick search found), and its
-    result is that of quick_search=False."""
+    full search runs (from the input beam and detector, which DIALS' indexer
+    refines in place, and on the basis vectors the quick search found), and
+    its result is that of quick_search=False."""
     from dials.array_family import flex
 
     experiments, spots = blocks_and_spots
@@ -91,11 +93,11 @@ def test_too_few_indexed_falls_back_to_all_candidates(blocks_and_spots, model, c
             xyz[i] = (x + rng.choice((-1, 1)) * rng.uniform(6, 12), y + rng.choice((-1, 1)) * rng.uniform(6, 12), z)
     junk["xyzobs.px.value"] = xyz
     with caplog.at_level(logging.DEBUG, logger="dials.process_gapped"):
-        fallback = _index(model, experiments, junk)
+        fallback = _index(model, experiments, junk, *search)
     assert "all candidates evaluated, as dials.index does" in caplog.text
     # the full search on the same spots takes the quick search's FFT basis vectors
     assert "Basis vectors of the previous search on the same spots reused" in caplog.text
-    full = _index(model, experiments, junk, "indexing.blocks.quick_search=False")
+    full = _index(model, experiments, junk, "indexing.blocks.quick_search=False", *search)
     assert _counts(*fallback) == _counts(*full)
     a = fallback[0][0].crystal.get_unit_cell().parameters()
     b = full[0][0].crystal.get_unit_cell().parameters()

@@ -148,7 +148,8 @@ class PerBlockModel(CrystalModel):
         # of sweep 3 the per-block run keeps all 5 blocks, cell within
         # 0.03 %; refused as a failed search, it stopped at indexing
         # (benchmarks/results/2026-12-05-l-cysteine-gaps.md)
-        return staged_search(lambda p: dials_index(experiments, [reflections], p), ip, n_spots, self.params)
+        return staged_search(lambda p: dials_index(_fresh_models(experiments), [reflections], p), ip, n_spots,
+                             self.params)
 
     def _search_largest_block(self, experiments, reflections, ip):
         """largest block: DIALS' indexer on the block with most spots, then all
@@ -189,8 +190,7 @@ class PerBlockModel(CrystalModel):
         table["imageset_id"] = table["id"]
         searched = experiments[largest]
         blocks = ExperimentList()
-        for exp in experiments:
-            block = copy.copy(exp)
+        for exp, block in zip(experiments, _fresh_models(experiments)):
             for name in ("beam", "detector", "goniometer"):
                 if getattr(exp, name) is getattr(searched, name):
                     setattr(block, name, getattr(found, name))
@@ -353,6 +353,15 @@ class PerBlockModel(CrystalModel):
                 exp.crystal = refined[exp.identifier].crystal
         refined_models(experiments, sv_expts)
         return experiments, join_blocks([sv_refl, reflections], experiments)
+
+
+def _fresh_models(experiments):
+    """`experiments` with copies of their models, shared as in `experiments`,
+    and the same image sets (:func:`_restore_identifiers` matches on them).
+    DIALS' indexer refines the beam and detector in place: each search (the
+    quick one, then perhaps the full one) starts from the input models, as
+    dials.index would."""
+    return copy.deepcopy(experiments, {id(e.imageset): e.imageset for e in experiments})
 
 
 def _restore_identifiers(indexed_experiments, indexed, experiments):
