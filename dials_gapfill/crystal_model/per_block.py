@@ -49,7 +49,6 @@ from dials.algorithms.indexing import DialsIndexError, indexer
 from dials.array_family import flex
 from dials.command_line.index import index as dials_index
 from dials.command_line.refine import run_macrocycle
-from dxtbx.model import Experiment
 from dxtbx.model.experiment_list import ExperimentList
 
 from dials_gapfill import dials_compat
@@ -166,13 +165,7 @@ class PerBlockModel(CrystalModel):
         refl["imageset_id"] = refl["id"]
 
         def run(p):
-            # DIALS' indexer refines the beam and detector in place: each search
-            # (the quick one, then perhaps the full one) starts from the input models
-            e = experiments[largest]
-            fresh = ExperimentList([Experiment(
-                imageset=e.imageset, beam=copy.deepcopy(e.beam), detector=copy.deepcopy(e.detector),
-                goniometer=copy.deepcopy(e.goniometer), scan=copy.deepcopy(e.scan), identifier=e.identifier,
-            )])
+            fresh = _fresh_models(ExperimentList([experiments[largest]]))
             search = indexer.Indexer.from_parameters(copy.deepcopy(refl), fresh, params=copy.deepcopy(p))
             search.index()
             return search.refined_experiments, search.refined_reflections
