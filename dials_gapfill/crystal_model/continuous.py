@@ -702,7 +702,11 @@ class ContinuousModel(CrystalModel):
                 raise _search_failed(e, self.params) from None
             # every block short (one image every other, two images apart):
             # nearly every spot is cut by a gap; their x, y are whole and
-            # their z a little off, which the lattice search tolerates
+            # their z a little off, which the lattice search tolerates.  Also
+            # where a sparse sweep has too few spots for its own detector:
+            # fixing it in the search instead (auto_reduction.action=fix, as
+            # xia2 indexes several sweeps) gave L-cysteine worse cells and
+            # dropped a good block (benchmarks/results/2026-12-06-index-auto-reduction-fix.md)
             searched = table["id"] >= 0
             search = table.select(searched)
             if "shoebox" in search:
