@@ -360,6 +360,29 @@ def test_a_sweep_that_keeps_no_spot_after_re_indexing(l_cysteine, caplog):
 
 
 @pytest.mark.slow
+def test_a_sweep_left_without_blocks_keeps_the_others_numbers(l_cysteine, caplog):
+    """Sweep 2 as images 1-2 with gaps.min_block_images=3: its one block is
+    dropped at import and the sweep has none.  The crystal model's lines
+    name the other sweeps by the run's numbers, not by their position among
+    the sweeps with blocks (sweep 4, whose spots outlier rejection leaves
+    too few, was called sweep 3)."""
+    import logging
+    import re
+
+    from dials_gapfill import pipeline
+    from dials_gapfill.phil import params_from
+
+    with caplog.at_level(logging.INFO, logger="dials.process_gapped"):
+        state = pipeline.Pipeline(params_from(["nproc=1", "exclude_images=2:3:15", "gaps.min_block_images=3"]),
+                                  _files(l_cysteine)).run(stop_before="integration")
+    assert [state.sweeps.sweep_of(e).number for e in state.experiments] == [1, 3, 4]
+    assert [(d["sweep"], d["first"], d["last"]) for d in state.report.dropped_blocks] == [(2, 1, 2)]
+    assert re.search(r"Sweep 4: \d+ of its spots left by outlier rejection", caplog.text), caplog.text[-3000:]
+    for k, sweep in enumerate((1, 3, 4), start=1):
+        assert f"Block {k} (images 1-15 of sweep {sweep}): RMSD x" in caplog.text
+
+
+@pytest.mark.slow
 def test_a_sweep_of_two_images_is_oriented_not_fixed(l_cysteine):
     """Images 1-2 of sweep 1 (12 strong spots) with sweeps 2-4 whole.  In the
     last scan-varying job outlier rejection leaves sweep 1 four spots, fewer

@@ -39,6 +39,15 @@ class CrystalModel:
         self.params = params
         self.sweeps = sweeps  # the run's Sweeps, for block names in log lines
 
+    def sweep_numbers(self, blocks) -> list[int]:
+        """The run's number of each sweep of the block experiments `blocks`, in
+        :func:`sweep_groups` order: its position among them, from 1, without
+        the run's sweeps (a sweep left without blocks is not counted there)."""
+        groups = sweep_groups(blocks)
+        if self.sweeps is None:
+            return list(range(1, len(groups) + 1))
+        return [self.sweeps.sweep_of(blocks[group[0]]).number for group in groups]
+
     def block_names(self, experiments) -> dict[str, str]:
         """identifier -> 'Block k (images a-b[ of sweep s])' (model.state.block_names)."""
         return block_names(experiments, self.sweeps)
@@ -132,7 +141,7 @@ def crystal_per_sweep(experiments) -> None:
             experiments[i].crystal = crystal
 
 
-def fixing_sparse_sweeps(run, rp, experiments, said, fewest=False):
+def fixing_sparse_sweeps(run, rp, experiments, said, fewest=False, numbers=None):
     """run(rp), a static or scan-varying job of `experiments`; where DIALS
     refuses a crystal's orientation for too few reflections (a sweep of one
     or two images of a sparse pattern: DIALS wants
@@ -144,7 +153,8 @@ def fixing_sparse_sweeps(run, rp, experiments, said, fewest=False):
     only such a sweep uses (sweep 4 of L-cysteine, at its own detector
     position).  said(the sweep numbers, from 1, what) each time.  DIALS'
     own remedy, auto_reduction.action=fix, ends in an AssertionError in DIALS
-    3.12 where a job mixes static and scan-varying crystals."""
+    3.12 where a job mixes static and scan-varying crystals.  `numbers`: the
+    run's number of each sweep of `experiments` (:func:`sweeps_of`)."""
     fixed, fixed_models = set(), set()
     lowered = not fewest
     while True:
@@ -154,18 +164,18 @@ def fixing_sparse_sweeps(run, rp, experiments, said, fewest=False):
             message = getattr(e, "dials_message", "")
             refused = dials_compat.crystals_refused_for_too_few_reflections(message, experiments) - fixed
             if not refused:
-                rp = fixing_refused_models(message, rp, experiments, fixed_models, said)
+                rp = fixing_refused_models(message, rp, experiments, fixed_models, said, numbers)
                 if rp is None:
                     raise
                 continue
         if not lowered:
             lowered = True
-            rp = fewer_reflections_per_parameter(rp, sweeps_of(experiments, refused))
+            rp = fewer_reflections_per_parameter(rp, sweeps_of(experiments, refused, numbers))
             continue
         rp = copy.deepcopy(rp)
         fixed |= refused
         dials_compat.fix_crystal_orientations(rp, refused, experiments)
-        said(sweeps_of(experiments, refused), "orientation")
+        said(sweeps_of(experiments, refused, numbers), "orientation")
 
 
 # An orientation that DIALS refuses for fewer reflections per parameter than
@@ -192,7 +202,7 @@ def fewer_reflections_per_parameter(rp, sweeps):
     return rp
 
 
-def fixing_refused_models(message, rp, experiments, fixed, said):
+def fixing_refused_models(message, rp, experiments, fixed, said, numbers=None):
     """A copy of `rp` with the beam, detector and goniometer parameters that
     DIALS' failed job named in `message` for too few reflections fixed
     (:func:`dials_compat.models_refused_for_too_few_reflections`), those not
@@ -210,14 +220,17 @@ def fixing_refused_models(message, rp, experiments, fixed, said):
     for name, ids in refused.items():
         kinds.setdefault(re.match(r"[A-Za-z]+", name).group().lower(), set()).update(ids)
     for kind, ids in sorted(kinds.items()):
-        said(sweeps_of(experiments, ids), kind)
+        said(sweeps_of(experiments, ids, numbers), kind)
     return rp
 
 
-def sweeps_of(experiments, ids) -> list[int]:
-    """The sweep numbers (from 1) of the experiments `ids` (positions)."""
+def sweeps_of(experiments, ids, numbers=None) -> list[int]:
+    """The sweep numbers of the experiments `ids` (positions): `numbers[g]`
+    for the g-th of :func:`sweep_groups` (the run's numbers,
+    :meth:`CrystalModel.sweep_numbers`), else g + 1."""
     groups = sweep_groups(experiments)
-    return sorted({next(g for g, group in enumerate(groups) if i in group) + 1 for i in ids})
+    numbers = numbers or list(range(1, len(groups) + 1))
+    return sorted({numbers[next(g for g, group in enumerate(groups) if i in group)] for i in ids})
 
 
 def say_too_few_spots(record, sweeps, what="orientation", kept_as="indexing gave it") -> None:

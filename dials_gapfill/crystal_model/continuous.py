@@ -590,6 +590,7 @@ class _Job:
     spacing_choice: Any = None  # the checkpoint spacings compared and the one kept
     cycles: list = dataclasses.field(default_factory=list)  # each re-index cycle: spots gained, refined again
     smoother: str = "gaussian"  # the scan-varying jobs' smoother (SMOOTHER_NAMES)
+    numbers: Any = None  # the run's number of each sweep (CrystalModel.sweep_numbers), for log lines
 
 
 class ContinuousModel(CrystalModel):
@@ -667,7 +668,8 @@ class ContinuousModel(CrystalModel):
         table.unset_flags(flex.bool(len(table), True), table.flags.indexed)
         edge = gap_edge_spots(experiments, table)
         table["gap_edge"] = edge
-        searched = ~edge | _edge_spots_searched(table, edge, self._min_spots_per_parameter())
+        searched = ~edge | _edge_spots_searched(table, edge, self._min_spots_per_parameter(),
+                                                self.sweep_numbers(experiments))
         search = table.select(searched & (table["id"] >= 0))
         if "shoebox" in search:
             del search["shoebox"]
@@ -795,6 +797,7 @@ class ContinuousModel(CrystalModel):
 
     def _start(self, experiments, reflections) -> _Job:
         joined = Joined(experiments)
+        numbers = self.sweep_numbers(experiments)
         table = joined.to_continuous(reflections)
         if "gap_edge" not in table:
             table["gap_edge"] = gap_edge_spots(experiments, table)
@@ -844,7 +847,7 @@ class ContinuousModel(CrystalModel):
             if with_phi < enough and (rows & xy_edge).count(True):
                 logger.info("Sweep %d: %d of its %d indexed spots not cut by a gap or its scan's ends, fewer than "
                             "DIALS asks for an orientation (%d): the phi of all of them is used",
-                            g + 1, with_phi, rows.count(True), enough)
+                            numbers[g], with_phi, rows.count(True), enough)
                 xy_edge.set_selected(rows, False)
         if "xyzobs.mm.value" not in table:
             table.centroid_px_to_mm(joined.experiments)
@@ -854,7 +857,7 @@ class ContinuousModel(CrystalModel):
         record = Record()
         for e in experiments:
             record.block(e.identifier)
-        return _Job(joined, table, edge, xy_edge, original_mm, record, {})
+        return _Job(joined, table, edge, xy_edge, original_mm, record, {}, numbers=numbers)
 
     def _refine_params(self):
         """DIALS' refinement parameters of this model's jobs: dials.refine's,
@@ -923,7 +926,7 @@ class ContinuousModel(CrystalModel):
             refinable = self._refinable(table)
             if _sweeps_judged_apart(table, refinable & ~job.xy_edge, rp):
                 sel, first = _job_selection(table, refinable, models, rp, self.gap_edge, job.xy_edge,
-                                            nproc=self.nproc)
+                                            nproc=self.nproc, numbers=job.numbers)
             else:
                 first.refinement.reflections.outlier.algorithm = "null"
                 sel = refinable.iselection()
@@ -931,7 +934,7 @@ class ContinuousModel(CrystalModel):
             models, _, _ = _static_macrocycle(job, first, table.select(sel), models,
                                               "static refinement of the sweeps' orientations")
         sel, job_rp = _job_selection(table, self._refinable(table), models, rp, self.gap_edge, job.xy_edge,
-                                     nproc=self.nproc)
+                                     nproc=self.nproc, numbers=job.numbers)
         work = table.select(sel)
         logger.info("Continuous model: static refinement, %d reflections", len(work))
         static, work, refiner = _static_macrocycle(job, job_rp, work, models, "static refinement")
@@ -977,7 +980,7 @@ class ContinuousModel(CrystalModel):
                     static_only.add(g)
                     logger.info(
                         "Sweep %d: %d reflections, too few for a scan-varying orientation: static in the "
-                        "scan-varying job", g + 1, n,
+                        "scan-varying job", job.numbers[g], n,
                     )
         # the spacing is chosen from the data only where it is ours (the
         # orientation smoother left at DIALS' default)
@@ -1048,7 +1051,7 @@ class ContinuousModel(CrystalModel):
             # stable distribution (40 x 1 deg, every 8th image missing, 7-image
             # blocks: worst error 0.056 deg by block, 0.028 by sweep)
             sel, job_rp = _job_selection(table, self._refinable(table), models, rp, self.gap_edge, job.xy_edge,
-                                         by_block=cycle > 0 and moved, nproc=self.nproc)
+                                         by_block=cycle > 0 and moved, nproc=self.nproc, numbers=job.numbers)
             work = table.select(sel)
             empty = [g for g in range(len(models)) if not (work["id"] == g).count(True)]
             if empty and cycle > 0:
@@ -1065,10 +1068,10 @@ class ContinuousModel(CrystalModel):
                     table[column] = now
                 table.unset_flags(flex.bool(len(table), True), table.flags.used_in_refinement)
                 sel, job_rp = _job_selection(table, self._refinable(table), models, rp, self.gap_edge, job.xy_edge,
-                                             by_block=moved, nproc=self.nproc)
+                                             by_block=moved, nproc=self.nproc, numbers=job.numbers)
                 work = table.select(sel)
                 logger.info("Continuous model: re-indexed against the scan-varying model, sweep(s) %s kept no spot "
-                            "for refinement: their indexing before stands", ", ".join(str(g + 1) for g in empty))
+                            "for refinement: their indexing before stands", ", ".join(str(job.numbers[g]) for g in empty))
                 if any(not (work["id"] == g).count(True) for g in range(len(models))):
                     self._restore_edge_phi(job)
                     logger.info("Continuous model: a sweep without a spot for refinement: the job before stands")
@@ -1116,20 +1119,20 @@ class ContinuousModel(CrystalModel):
                     # static already, and still too few: on fewer reflections
                     # per parameter before it is fixed (base.FEWEST_NREF_PER_PARAMETER)
                     lowered = True
-                    job_rp = fewer_reflections_per_parameter(job_rp, sorted(i + 1 for i in named))
+                    job_rp = fewer_reflections_per_parameter(job_rp, sorted(job.numbers[i] for i in named))
                     continue
                 if named and not refused and not named <= fixed:
                     # and still too few: fixed
                     job_rp = copy.deepcopy(job_rp)
                     dials_compat.fix_crystal_orientations(job_rp, named - fixed, models)
-                    say_too_few_spots(job.record, sorted(i + 1 for i in named - fixed),
+                    say_too_few_spots(job.record, sorted(job.numbers[i] for i in named - fixed),
                                       kept_as="the job before left it")
                     fixed |= named
                     continue
                 if not refused:
                     raise
                 logger.info("Sweep(s) %s: too few reflections for a scan-varying orientation (DIALS' "
-                            "auto_reduction): static in this job", ", ".join(str(i + 1) for i in sorted(refused)))
+                            "auto_reduction): static in this job", ", ".join(str(job.numbers[i]) for i in sorted(refused)))
                 static_only |= refused
         job.smoother = "bspline" if swapped else "gaussian"
         oos = out_of_sample_rmsd(refiner, models)
@@ -1278,7 +1281,7 @@ def _indexed_per_block(table, rows_block, n_blocks):
     return np.bincount(rows_block[ok], minlength=n_blocks)
 
 
-def _edge_spots_searched(table, edge, minimum):
+def _edge_spots_searched(table, edge, minimum, numbers):
     """The gap-edge spots that join the lattice search: those of a sweep
     (several sweeps) with fewer than `minimum` spots not cut by a gap (its
     blocks single images, say).  Indexed afterwards against the crystal the
@@ -1297,7 +1300,7 @@ def _edge_spots_searched(table, edge, minimum):
         inner = int((rows & ~cut).sum())
         if inner < minimum and (rows & cut).any():
             logger.info("Sweep %d: %d spots not cut by a gap; its %d spots cut by a gap join the lattice search",
-                        g + 1, inner, int((rows & cut).sum()))
+                        numbers[g], inner, int((rows & cut).sum()))
             out |= rows & cut
     return flex.bool(out.tolist())
 
@@ -1336,7 +1339,8 @@ def _static_macrocycle(job, rp, reflections, experiments, what):
     """A static job, a sweep with too few spots for its orientation fixed
     (:func:`base.fixing_sparse_sweeps`)."""
     return fixing_sparse_sweeps(lambda p: _macrocycle(p, reflections, experiments, what), rp, experiments,
-                                lambda sweeps, what: say_too_few_spots(job.record, sweeps, what), fewest=True)
+                                lambda sweeps, what: say_too_few_spots(job.record, sweeps, what), fewest=True,
+                                numbers=job.numbers)
 
 
 def _macrocycle(rp, reflections, experiments, what):
@@ -1690,7 +1694,7 @@ def _sweeps_judged_apart(table, selection, rp) -> bool:
     return int(np.bincount(sweeps).min()) >= outlier.minimum_number_of_reflections
 
 
-def _spots_given_back(table, refinable, kept, minimum):
+def _spots_given_back(table, refinable, kept, minimum, numbers=None):
     """`kept` (the rows of `refinable` that outlier rejection left) with the
     spots given back to a sweep that rejection in one distribution with the
     others left too few; `minimum` is DIALS'
@@ -1712,6 +1716,7 @@ def _spots_given_back(table, refinable, kept, minimum):
     y RMSD on the spots every refinement kept went from 0.10 to 0.21 px
     (benchmarks/results/2026-12-05-l-cysteine-gaps.md)."""
     kept = copy.deepcopy(kept)
+    number = (lambda g: numbers[g]) if numbers else (lambda g: g + 1)  # noqa: E731  (the run's, for the log)
     sweeps = np.asarray(table["sweep"])
     ref, ok = np.asarray(refinable), np.asarray(kept)
     for g in np.unique(sweeps[ref]):
@@ -1721,19 +1726,19 @@ def _spots_given_back(table, refinable, kept, minimum):
         rows = refinable & (table["sweep"] == int(g))
         if left < minimum:
             logger.info("Sweep %d: %d of its spots left by outlier rejection, fewer than DIALS needs to "
-                        "refine it (%d); its %d spots kept", g + 1, left, minimum, rows.count(True))
+                        "refine it (%d); its %d spots kept", number(g), left, minimum, rows.count(True))
             kept |= rows
         elif left < 3 * minimum and 2 * left < rows.count(True) and "gap_edge" in table:
             uncut = rows & ~table["gap_edge"] & ~kept
             if uncut.count(True):
                 logger.info("Sweep %d: %d of its %d spots left by outlier rejection, fewer than DIALS asks "
-                            "for an orientation (%d); its %d other spots not cut by a gap kept", g + 1, left,
+                            "for an orientation (%d); its %d other spots not cut by a gap kept", number(g), left,
                             rows.count(True), 3 * minimum, uncut.count(True))
                 kept |= uncut
     return kept
 
 
-def _job_selection(table, refinable, models, rp, gap_edge, edge=None, by_block=False, nproc=1):
+def _job_selection(table, refinable, models, rp, gap_edge, edge=None, by_block=False, nproc=1, numbers=None):
     """Rows of one refinement job.  With gap_edge="xy" outliers are rejected
     here (:func:`reject_outliers`) and the job runs without DIALS' own
     rejection (which would judge the edge spots' unweighted, biased phi
@@ -1751,7 +1756,7 @@ def _job_selection(table, refinable, models, rp, gap_edge, edge=None, by_block=F
     kept = refinable & ~table.get_flags(table.flags.centroid_outlier)
     if "sweep" in table and len(models) > 1:
         minimum = max(1, rp.refinement.parameterisation.auto_reduction.min_nref_per_parameter)
-        kept = _spots_given_back(table, refinable, kept, minimum)
+        kept = _spots_given_back(table, refinable, kept, minimum, numbers)
     return kept.iselection(), job_rp
 
 

@@ -227,13 +227,15 @@ class PerBlockModel(CrystalModel):
         def too_few(sweeps, what):
             say_too_few_spots(record, sweeps, what)
 
+        numbers = self.sweep_numbers(experiments)
         if first is not None:
             experiments, reflections = fixing_sparse_sweeps(
-                lambda p: _macrocycle(p, reflections, experiments, "static refinement"), first, experiments, too_few)
+                lambda p: _macrocycle(p, reflections, experiments, "static refinement"), first, experiments, too_few,
+                numbers=numbers)
         logger.info("Static refinement of %d block(s) with one crystal", len(experiments))
         experiments, reflections, refiner = fixing_sparse_sweeps(
             lambda p: _macrocycle(p, reflections, experiments, "static refinement", with_refiner=True),
-            rp, experiments, too_few)
+            rp, experiments, too_few, numbers=numbers)
         if n_sweeps > 1:
             dials_compat.set_constrained_cell_covariance(refiner, list(experiments.crystals()))
         _record_rmsds(reflections, experiments, record, "rmsd_static", names)
