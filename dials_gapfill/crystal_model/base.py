@@ -41,8 +41,8 @@ class CrystalModel:
 
     def sweep_numbers(self, blocks) -> list[int]:
         """The run's number of each sweep of the block experiments `blocks`, in
-        :func:`sweep_groups` order: its position among them, from 1, without
-        the run's sweeps (a sweep left without blocks is not counted there)."""
+        :func:`sweep_groups` order.  Without the run's sweeps: the position
+        among them, from 1 (which skips a sweep left without blocks)."""
         groups = sweep_groups(blocks)
         if self.sweeps is None:
             return list(range(1, len(groups) + 1))

@@ -885,7 +885,7 @@ class ContinuousModel(CrystalModel):
         rocking curves (:func:`cut_rocking_curve_phi`)."""
         table = job.table
         uncut = self._refinable(table) & ~job.edge & ~scan_end_spots(job.joined.experiments, table)
-        sigma_m = rocking_curve_sigma_m(models, table, uncut)
+        sigma_m = rocking_curve_sigma_m(models, table, uncut, job.numbers)
         if not sigma_m:
             logger.info("Gap-edge spots: sigma_m could not be estimated from the uncut spots; their phi keeps "
                         "no weight")
@@ -1360,14 +1360,15 @@ def _macrocycle(rp, reflections, experiments, what):
     return refiner.get_experiments(), reflections, refiner
 
 
-def rocking_curve_sigma_m(models, table, rows):
+def rocking_curve_sigma_m(models, table, rows, numbers=None):
     """sigma_m (radians, the e.s.d. of the reflecting range) of DIALS'
     gaussian_rs profile model, estimated as dials.integrate's profile
     modelling does (ComputeEsdReflectingRange, "extended" maximum likelihood)
     on the spots `rows` of each sweep (`models`: one per sweep, ids = sweep),
     at most SIGMA_M_MAX_SPOTS of them, with DIALS' min_zeta 0.05; the
     sweeps' estimates pooled (rms weighted by spots).  None without an
-    estimate (no shoeboxes, too few spots)."""
+    estimate (no shoeboxes, too few spots).  `numbers`: the run's sweep
+    numbers, for the log."""
 
     if "shoebox" not in table:
         return None
@@ -1390,7 +1391,7 @@ def rocking_curve_sigma_m(models, table, rows):
             sigma = ComputeEsdReflectingRange(model.crystal, model.beam, model.detector, model.goniometer,
                                               model.scan, sub, algorithm="extended").sigma()
         except (RuntimeError, AssertionError, ValueError) as e:  # DIALS' estimator on too little signal
-            logger.debug("sigma_m of sweep %d: %s", g + 1, e)
+            logger.debug("sigma_m of sweep %d: %s", numbers[g] if numbers else g + 1, e)
             continue
         if math.isfinite(sigma) and sigma > 0:
             estimates.append((sigma, len(sub)))
