@@ -100,11 +100,13 @@ input
   use_gonio_reference = True
     .type = bool
     .expert_level = 2
-    .help = "If True, the goniometer from reference_geometry overrides the headers."
+    .help = "If True, the goniometer from reference_geometry overrides the headers"
+            "(refused where it would erase different settings of several sweeps)."
   use_detector_reference = True
     .type = bool
     .expert_level = 2
-    .help = "If True, the detector from reference_geometry overrides the headers."
+    .help = "If True, the detector from reference_geometry overrides the headers"
+            "(refused where it would erase different positions of several sweeps)."
 }
 
 gaps

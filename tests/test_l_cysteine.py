@@ -59,6 +59,56 @@ def test_each_sweep_alone_keeps_every_image(l_cysteine, sweep):
     assert sum(b.stats["spots"] for b in state.report.blocks) >= 25
 
 
+def test_a_reference_geometry_keeps_what_tells_the_sweeps_apart(l_cysteine, tmp_path):
+    """A reference_geometry holds one goniometer and one detector, and
+    dials.import gives them to every image set: the sweeps' settings (phi 0,
+    120, 240; sweep 4 a phi scan) and sweep 4's detector position (2-theta 0
+    against 30 deg) would be erased.  Each is refused with the switch that
+    keeps it; with the switches each sweep keeps its own, and the rest comes
+    from the reference.  One sweep takes the reference whole, as
+    dials.import does."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+    from scitbx import matrix
+
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages.importer import import_images
+
+    # sweep 1's headers, the detector moved 0.5 mm along its normal and the beam
+    # tilted 0.1 deg: a calibration the images do not carry
+    reference = ExperimentListFactory.from_filenames(_files(l_cysteine, 1)[:2])
+    panel = reference[0].detector[0]
+    panel.set_frame(panel.get_fast_axis(), panel.get_slow_axis(),
+                    matrix.col(panel.get_origin()) + 0.5 * matrix.col(panel.get_normal()))
+    s0 = matrix.col(reference[0].beam.get_s0())
+    reference[0].beam.set_s0(s0.rotate_around_origin(matrix.col((0, 1, 0)), 0.1, deg=True))
+    path = str(tmp_path / "reference.expt")
+    reference.as_file(path)
+    distance = panel.get_distance()
+
+    def sweeps(files, *switches):
+        params = params_from([f"reference_geometry={path}", *switches])
+        return import_images(params, files)[0]
+
+    with pytest.raises(GapfillError, match=r"sweeps 1 and 2 different settings .*input.use_gonio_reference=False"):
+        sweeps([l_cysteine])
+    with pytest.raises(GapfillError, match=r"for sweeps 1 and 4 \(origins .*input.use_detector_reference=False"):
+        sweeps([l_cysteine], "use_gonio_reference=False")
+    three = sweeps(_files(l_cysteine, 1) + _files(l_cysteine, 2) + _files(l_cysteine, 3), "use_gonio_reference=False")
+    assert [s.setting_text() for s in three] == [f"GON_PHI {phi}.0, GON_OMEGA scan" for phi in (0, 120, 240)]
+    for sweep in three:
+        assert sweep.sources[0].detector[0].get_distance() == pytest.approx(distance, abs=1e-6)
+        assert sweep.sources[0].beam.get_s0() == pytest.approx(reference[0].beam.get_s0(), abs=1e-9)
+    four = sweeps([l_cysteine], "use_gonio_reference=False", "use_detector_reference=False")
+    assert [s.setting_text() for s in four][3] == "GON_PHI scan, GON_OMEGA 0.0"
+    assert four[0].sources[0].detector is four[1].sources[0].detector is not four[3].sources[0].detector
+    assert four[0].sources[0].detector[0].get_distance() == pytest.approx(distance - 0.5, abs=1e-6)
+    assert four[3].sources[0].beam.get_s0() == pytest.approx(reference[0].beam.get_s0(), abs=1e-9)
+    (alone,) = sweeps(_files(l_cysteine, 2))
+    assert alone.setting_text() == "GON_PHI 0.0, GON_OMEGA scan"
+    assert alone.sources[0].detector[0].get_distance() == pytest.approx(distance, abs=1e-6)
+
+
 @pytest.fixture(scope="session")
 def dials_chain(l_cysteine, tmp_path_factory):
     """The DIALS 3.12 command line on all 60 images, as its README gives it:

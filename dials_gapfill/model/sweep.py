@@ -79,6 +79,18 @@ def _slice(imageset, first: int, last: int):
     return piece
 
 
+def setting_text(goniometer) -> str:
+    """A goniometer's angles (multi-axis: the scan axis named) or its rotation axis."""
+    g = goniometer
+    if hasattr(g, "get_names"):
+        scan_axis = g.get_scan_axis()
+        return ", ".join(
+            f"{n} scan" if k == scan_axis else f"{n} {a:.1f}"
+            for k, (n, a) in enumerate(zip(g.get_names(), g.get_angles()))
+        )
+    return "axis " + ", ".join(f"{v:.3f}" for v in g.get_rotation_axis())
+
+
 class Sweep:
     """Images and blocks of one rotation.
 
@@ -92,6 +104,8 @@ class Sweep:
         self.template = template
         self.number = number
         self.n_files = 0  # files given (for the summary)
+        # (goniometer, detector) as the headers give them, before the overrides
+        self.header_models = None
         self.sources = list(sources)
         first, last = image_range
         self.images = {n: Image(n) for n in range(first, last + 1)}
@@ -146,15 +160,7 @@ class Sweep:
         return self.sources[0].goniometer
 
     def setting_text(self) -> str:
-        """The goniometer's angles (multi-axis: the scan axis named) or its rotation axis."""
-        g = self.goniometer
-        if hasattr(g, "get_names"):
-            scan_axis = g.get_scan_axis()
-            return ", ".join(
-                f"{n} scan" if k == scan_axis else f"{n} {a:.1f}"
-                for k, (n, a) in enumerate(zip(g.get_names(), g.get_angles()))
-            )
-        return "axis " + ", ".join(f"{v:.3f}" for v in g.get_rotation_axis())
+        return setting_text(self.goniometer)
 
     def describe(self, batch_offset: int = 0) -> dict:
         return {

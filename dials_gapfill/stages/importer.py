@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import glob
 import hashlib
 import io
@@ -36,6 +37,7 @@ from dxtbx.sequence_filenames import (
     template_string_number_index,
     template_string_to_glob_expr,
 )
+from scitbx import matrix
 
 from dials_gapfill.errors import GapfillError
 from dials_gapfill.model.exclusions import (
@@ -45,7 +47,14 @@ from dials_gapfill.model.exclusions import (
     multiples,
 )
 from dials_gapfill.model.state import Record
-from dials_gapfill.model.sweep import BAD, EXCLUDED, NOT_GIVEN, Sweep, Sweeps
+from dials_gapfill.model.sweep import (
+    BAD,
+    EXCLUDED,
+    NOT_GIVEN,
+    Sweep,
+    Sweeps,
+    setting_text,
+)
 from dials_gapfill.phil import dials_import_params
 from dials_gapfill.util import captured, range_text
 
@@ -535,12 +544,57 @@ def import_images(params, positional):
         else:
             sweeps.append(_import_files(template, by_number, mine, every, params, record, where))
     sweeps = Sweeps(sweeps)
+    _check_reference_keeps_sweeps_apart(sweeps, params)
     _share_between_sweeps(sweeps, params)
     sweeps.drop_short_blocks(params.gaps.min_block_images)
     if not sweeps.used():
         raise GapfillError("no block is long enough to process: lower gaps.min_block_images")
     record.inputs.update(_inputs(sweeps, ranges, every))
     return sweeps, record
+
+
+def _check_reference_keeps_sweeps_apart(sweeps, params) -> None:
+    """Refuse a reference_geometry that would erase what tells the sweeps apart.
+
+    dials.import gives every image set the reference's one goniometer and
+    detector.  Where the headers give the sweeps different goniometer
+    settings, or put the detector at different positions, that would set
+    them all to the reference's: refused, naming the switch that keeps each
+    sweep's own (xia2 imports with use_gonio_reference=False for the same
+    reason).
+    """
+    ref = params.input
+    if not ref.reference_geometry or len(sweeps) < 2:
+        return
+    comp = _comparisons(params)
+    first = sweeps[0]
+    gonio, detector = first.header_models
+    for sweep in sweeps.sweeps[1:]:
+        their_gonio, their_detector = sweep.header_models
+        where = f"sweeps {first.number} and {sweep.number}"
+        if ref.use_gonio_reference and not comp["compare_goniometer"](gonio, their_gonio):
+            raise GapfillError(
+                f"reference_geometry would give all {len(sweeps)} sweeps its one goniometer, but the headers "
+                f"give {where} different settings ({setting_text(gonio)}; {setting_text(their_gonio)}): set "
+                "input.use_gonio_reference=False to keep each sweep's setting (beam and detector still from "
+                "the reference)"
+            )
+        if ref.use_detector_reference and not comp["compare_detector"](detector, their_detector):
+            raise GapfillError(
+                f"reference_geometry would put the detector of all {len(sweeps)} sweeps where it puts one, but "
+                f"the headers place it differently for {where} ({_apart(detector, their_detector)}): set "
+                "input.use_detector_reference=False to keep "
+                "each sweep's position (refined at each position), or process the sweeps at each position in "
+                "a run of their own"
+            )
+
+
+def _apart(a, b) -> str:
+    """How far two positions of one detector are apart (its first panel)."""
+    p, q = a[0], b[0]
+    shift = (matrix.col(p.get_origin()) - matrix.col(q.get_origin())).length()
+    tilt = matrix.col(p.get_normal()).angle(matrix.col(q.get_normal()), deg=True)
+    return f"origins {shift:.1f} mm apart, normals {tilt:.1f} deg apart"
 
 
 def _multiples_of_sweep(every, image_range, have, record, where) -> list[int]:
@@ -728,6 +782,7 @@ def _make_sweep(template, experiments, params, image_range, statuses, record, wh
                 "headers): if the headers are wrong set geometry.scan.oscillation=start,width"
             )
     sources = _misplaced_frames(list(experiments.imagesets()), params, statuses, where)
+    headers = (copy.deepcopy(sources[0].get_goniometer()), copy.deepcopy(sources[0].get_detector()))
     sources = _apply_geometry(sources, params, which)
     _fix_oscillation(sources, params, image_range[0])
     _check_shared(sources, params)
@@ -735,7 +790,9 @@ def _make_sweep(template, experiments, params, image_range, statuses, record, wh
     for line in _inconsistent_phi(sources):
         logger.warning(line)
         record.warn(line)
-    return Sweep(template, sources, image_range, statuses)
+    sweep = Sweep(template, sources, image_range, statuses)
+    sweep.header_models = headers
+    return sweep
 
 
 def _same_hardware(a, b) -> bool:
