@@ -7,6 +7,9 @@ import logging
 import re
 
 import iotbx.phil
+from dials.algorithms.refinement.parameterisation.crystal_parameters import (
+    CrystalUnitCellParameterisation,
+)
 from dials.algorithms.refinement.refiner import phil_scope as refiner_phil
 
 from dials_gapfill import dials_compat
@@ -75,17 +78,20 @@ def tie_cells(rp, sigmas) -> None:
     )
 
 
-def one_cell(rp) -> None:
+def one_cell(rp, crystal) -> None:
     """The unit cells of all crystals of a refinement job shift together:
     DIALS' equal-shift constraints on each cell parameter (unit_cell.
     constraints, one per parameter, applied to every crystal), so crystals
     that start with one cell keep one cell while each has its own
-    orientation."""
+    orientation.  `crystal`'s symmetry sets how many parameters the cell has
+    (6 in P1, 3 in an orthorhombic lattice): DIALS warns for a constraint on
+    a parameter that does not exist."""
+    n = CrystalUnitCellParameterisation(crystal).num_total()
     text = "\n".join(
         "refinement.parameterisation.crystal.unit_cell.constraints {\n"
         f"  parameter = g_param_{k}\n"
         "}"
-        for k in range(6)
+        for k in range(n)
     )
     extract = refiner_phil.fetch(iotbx.phil.parse(text)).extract()
     rp.refinement.parameterisation.crystal.unit_cell.constraints = (

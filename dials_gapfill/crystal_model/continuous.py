@@ -921,7 +921,7 @@ class ContinuousModel(CrystalModel):
             # against them (phi RMSD 0.21-0.80 images at the end, against
             # 0.07-0.50 with the rejection)
             crystal_per_sweep(models)
-            one_cell(rp)
+            one_cell(rp, models[0].crystal)
             first = copy.deepcopy(rp)
             refinable = self._refinable(table)
             if _sweeps_judged_apart(table, refinable & ~job.xy_edge, rp):
@@ -971,7 +971,7 @@ class ContinuousModel(CrystalModel):
             widths.append(smoother.interval_width_degrees)
         static_only = set()
         if len(models) > 1:
-            one_cell(rp)
+            one_cell(rp, models[0].crystal)
             table = job.table
             ok = self._refinable(table)
             for g, model in enumerate(models):

@@ -217,7 +217,7 @@ class PerBlockModel(CrystalModel):
         n_sweeps = len(sweep_groups(experiments))
         if n_sweeps > 1:
             crystal_per_sweep(experiments)
-            one_cell(rp)
+            one_cell(rp, experiments[0].crystal)
             first = copy.deepcopy(rp)
             first.refinement.reflections.outlier.algorithm = "null"
             logger.info("Static refinement of an orientation per sweep (%d sweeps), one cell", n_sweeps)
