@@ -86,7 +86,7 @@ def one_cell(rp, crystal) -> None:
     orientation.  `crystal`'s symmetry sets how many parameters the cell has
     (6 in P1, 3 in an orthorhombic lattice): DIALS warns for a constraint on
     a parameter that does not exist."""
-    n = CrystalUnitCellParameterisation(crystal).num_total()
+    n = CrystalUnitCellParameterisation(copy.deepcopy(crystal)).num_total()  # (it sets the crystal's B)
     text = "\n".join(
         "refinement.parameterisation.crystal.unit_cell.constraints {\n"
         f"  parameter = g_param_{k}\n"
