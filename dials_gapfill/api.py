@@ -242,7 +242,8 @@ class Job:
         extra = []
         if "export" in stages and params.output.mtz:
             # export finished: its MTZ files are complete too (scaling failed)
-            extra = [params.output.mtz] + [f["name"] for f in state.report.files if f.get("kind") == "block mtz"]
+            extra = [params.output.mtz] + [f["name"] for f in state.report.files
+                                           if f.get("kind") in ("block mtz", "sweep mtz")]
             extra = [n for n in extra if outputs.complete(n)]
         kept = outputs.keep(names + extra)
         if not all(os.path.join(outputs.directory, n) in kept for n in names):
@@ -250,7 +251,9 @@ class Job:
         extra = [n for n in extra if os.path.join(outputs.directory, n) in kept]
         shown = names + extra[:1]
         if len(extra) > 1:
-            shown.append(f"{len(extra) - 1} per-block MTZ files")
+            sweep_files = {f["name"] for f in state.report.files if f.get("kind") == "sweep mtz"}
+            what = "per-block and per-sweep" if sweep_files & set(extra) else "per-block"
+            shown.append(f"{len(extra) - 1} {what} MTZ files")
         listed = ", ".join(shown[:-1]) + " and " + shown[-1]
         return f"; the integrated data, complete, are kept as {listed} in {outputs.directory}"
 

@@ -258,6 +258,13 @@ output
   block_mtz = "integrated_{block}.mtz"
     .type = str
     .help = "Name of the per-block MTZ files; {block} is the block number (1, 2, ...)."
+  per_sweep_mtz = True
+    .type = bool
+    .help = "With several sweeps, also write one MTZ per sweep (all its blocks), named from"
+            "output.sweep_mtz."
+  sweep_mtz = "integrated_sweep{sweep}.mtz"
+    .type = str
+    .help = "Name of the per-sweep MTZ files; {sweep} is the sweep number (1, 2, ...)."
   scaled_mtz = scaled.mtz
     .type = str
     .help = "Unmerged scaled MTZ (with scaling.run=True)."

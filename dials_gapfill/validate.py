@@ -22,6 +22,7 @@ OUTPUT_FILES = {
     "reflections": None,
     "mtz": None,
     "block_mtz": None,
+    "sweep_mtz": None,
     "scaled_mtz": None,
     "merged_mtz": None,
     "log": None,
@@ -127,6 +128,13 @@ def _leaves(scope, prefix, depth=0):
         else:
             yield f"{prefix}.{name}", value
 
+# output.* names numbered per file: the number's field, the switch that
+# writes them, an example
+NUMBERED = {
+    "block_mtz": ("block", "per_block_mtz", "integrated_{block}.mtz"),
+    "sweep_mtz": ("sweep", "per_sweep_mtz", "integrated_sweep{sweep}.mtz"),
+}
+
 
 def _check_output(params) -> None:
     out = _get(params, "output")
@@ -143,21 +151,22 @@ def _check_output(params) -> None:
         if not _is_set(value):
             continue
         value = str(value)
-        if key == "block_mtz":
-            if not (_get(out, "per_block_mtz") and _is_set(_get(out, "mtz"))):
+        if key in NUMBERED:
+            field, switch, example = NUMBERED[key]
+            if not (_get(out, switch) and _is_set(_get(out, "mtz"))):
                 continue
             try:
-                first = value.format(block=1, first=1, last=10)
-                second = value.format(block=2, first=12, last=20)
+                first = value.format(**{field: 1}, first=1, last=10)
+                second = value.format(**{field: 2}, first=12, last=20)
             except (KeyError, IndexError, ValueError) as e:
                 raise GapfillError(
-                    f"output.block_mtz={value!r} cannot be filled in ({type(e).__name__}: {e}): "
-                    "use {block} for the block number ({first} and {last} for its images)"
+                    f"output.{key}={value!r} cannot be filled in ({type(e).__name__}: {e}): "
+                    f"use {{{field}}} for the {field} number ({{first}} and {{last}} for its images)"
                 ) from None
             if first == second:
                 raise GapfillError(
-                    f"output.block_mtz={value!r} gives every block the same file: put {{block}} in the name, "
-                    "e.g. output.block_mtz=integrated_{block}.mtz"
+                    f"output.{key}={value!r} gives every {field} the same file: put {{{field}}} in the name, "
+                    f"e.g. output.{key}={example}"
                 )
             candidates = [first]
         else:

@@ -321,6 +321,15 @@ def _case_block_mtz_unknown_field(tiny, tmp_path):
     return [tiny, "output.block_mtz=b_{blok}.mtz"], ["output.block_mtz", "{block}"]
 
 
+def _case_sweep_mtz_without_sweep(tiny, tmp_path):
+    return [tiny, "output.sweep_mtz=sweeps.mtz"], ["output.sweep_mtz", "{sweep}"]
+
+
+def _case_sweep_mtz_same_as_block_mtz(tiny, tmp_path):
+    return [tiny, "output.sweep_mtz=integrated_{sweep}.mtz"], [
+        "output.sweep_mtz and output.block_mtz", "different names"]
+
+
 def _case_bravais_lattice_unknown(tiny, tmp_path):
     return [tiny, "indexing.bravais_lattice=oQ"], ["indexing.bravais_lattice=oQ", "oP"]
 
@@ -339,6 +348,7 @@ VALIDATION_CASES = {
     "partiality_threshold_above_one", "partiality_threshold_negative", "mtz_d_min_negative",
     "scaling_d_min_zero", "mtz_hklout", "output_name_with_folder", "experiments_extension",
     "output_names_collide", "block_mtz_without_block", "block_mtz_unknown_field",
+    "sweep_mtz_without_sweep", "sweep_mtz_same_as_block_mtz",
     "bravais_lattice_unknown", "tie_sigma_zero",
 }
 

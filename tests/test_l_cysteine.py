@@ -491,10 +491,18 @@ def test_a_sweep_of_single_image_blocks(l_cysteine, tmp_path, model):
         else:  # not written by this run: said, and no earlier file left with its name
             assert any(f"integrated_{n}.mtz not written" in w for w in summary["warnings"]), summary["warnings"]
             assert not os.path.exists(path)
-    # no block MTZ beyond this run's five blocks is left beside its own
+    # no block MTZ beyond this run's five blocks is left beside its own; a
+    # sweep's MTZ holds its blocks' reflections
     assert not os.path.exists(os.path.join(out, "integrated_9.mtz"))
     assert sorted(f for f in os.listdir(out) if f.startswith("integrated_")) == sorted(
-        f["name"] for f in summary["files"] if f["kind"] == "block mtz")
+        f["name"] for f in summary["files"] if f["kind"] in ("block mtz", "sweep mtz"))
+    sweeps = {f["sweep"]: f["reflections"] for f in summary["files"] if f["kind"] == "sweep mtz"}
+    blocks = {f["block"]: f["reflections"] for f in summary["files"] if f["kind"] == "block mtz"}
+    assert [sweeps[s] for s in (2, 3, 4)] == [blocks[b] for b in (3, 4, 5)]
+    if 1 in blocks or 2 in blocks:
+        assert sweeps[1] == blocks.get(1, 0) + blocks.get(2, 0)
+    else:
+        assert 1 not in sweeps and any("integrated_sweep1.mtz not written" in w for w in summary["warnings"])
 
 
 @pytest.mark.slow

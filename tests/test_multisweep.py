@@ -250,6 +250,23 @@ def test_mtz_batches_are_image_numbers_plus_the_sweep_offset(multi_runs):
     for number, (s, first, last) in enumerate(BLOCKS, start=1):
         mtz = gemmi.read_mtz_file(os.path.join(folder, f"integrated_{number}.mtz"))
         assert set(np.array(mtz.column_with_label("BATCH"), dtype=int)) <= set(range(first + offsets[s], last + offsets[s] + 1))
+    # a sweep's own MTZ: all its blocks, the same batches; the three share
+    # out the reflections of integrated.mtz
+    def rows(mtz):
+        return set(zip(*(np.array(mtz.column_with_label(c), dtype=int) for c in ("BATCH", "H", "K", "L"))))
+
+    whole = rows(gemmi.read_mtz_file(os.path.join(folder, "integrated.mtz")))
+    written = {f["sweep"]: f for f in summary["files"] if f["kind"] == "sweep mtz"}
+    assert sorted(written) == [1, 2, 3]
+    parts = []
+    for s in (1, 2, 3):
+        mtz = gemmi.read_mtz_file(os.path.join(folder, f"integrated_sweep{s}.mtz"))
+        mine = {offsets[s] + n for t, first, last in BLOCKS if t == s for n in range(first, last + 1)}
+        assert sorted(b.number for b in mtz.batches) == sorted(mine), s
+        assert mtz.nreflections == written[s]["reflections"] > 1000
+        parts.append(rows(mtz))
+    assert sum(len(p) for p in parts) == len(whole)
+    assert set().union(*parts) == whole
 
 
 @pytest.mark.slow

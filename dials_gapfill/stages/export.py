@@ -1,6 +1,6 @@
 """Export stage: integrated.expt/.refl, one unmerged MTZ whose BATCH is the
 image number (plus its sweep's offset when there are several sweeps), and
-(optionally) one MTZ per block.
+(optionally) one MTZ per block and, with several sweeps, one per sweep.
 
 MTZ files are written by dials.export's own ``export_mtz`` (its mtz.* options).
 dxtbx gives a block starting at image n a batch offset of n - 1 (DIALS relies
@@ -145,23 +145,51 @@ def export(experiments, reflections, params, outputs, sweeps=None) -> Record:
             files.append(
                 {"name": name, "kind": "block mtz", "block": number, "reflections": counts["n"]}
             )
-    if out.mtz:
-        # an earlier run's block MTZs in this folder that this run does not
-        # write (it had more blocks, or this run writes none beside its MTZ)
-        # go at commit: the folder then shows only this run's blocks
-        written = {f["name"] for f in files}
-        for name in earlier_block_mtzs(outputs.directory, out.block_mtz):
-            if name not in written:
+    if out.mtz and out.per_sweep_mtz and sweeps is not None and len(sweeps) > 1:
+        for sweep in sweeps:
+            mine = [i for i, e in enumerate(experiments) if sweeps.sweep_of(e).number == sweep.number]
+            if not mine:  # a sweep left without blocks
+                continue
+            first, last = sweep.image_range
+            name = out.sweep_mtz.format(sweep=sweep.number, first=first, last=last)
+            sub, sub_expts = keep_experiments(reflections, mtz_experiments, {experiments[i].identifier for i in mine})
+            counts = {}
+            kind = ["sum"] if any(i + 1 in summation_blocks for i in mine) and "profile" in params.mtz.intensity else None
+            try:
+                outputs.write(name, lambda p: counts.setdefault(
+                    "n", write_mtz(sub, sub_expts, params, p, kind, [offsets[i] for i in mine])))
+            except GapfillError as e:
+                if NOTHING_TO_WRITE not in str(e):
+                    raise
                 outputs.discard(name)
+                msg = (
+                    f"sweep {sweep.number}: no reflection passes dials.export's filters "
+                    f"(mtz.partiality_threshold={params.mtz.partiality_threshold:g}, ...): {name} not written"
+                )
+                logger.warning("Warning: %s", msg)
+                record.warn(msg)
+                continue
+            files.append({"name": name, "kind": "sweep mtz", "sweep": sweep.number, "reflections": counts["n"]})
+    if out.mtz:
+        # an earlier run's block and sweep MTZs in this folder that this run
+        # does not write (it had more blocks or sweeps, or this run writes
+        # none beside its MTZ) go at commit: the folder then shows only this
+        # run's
+        written = {f["name"] for f in files}
+        for pattern in (out.block_mtz, out.sweep_mtz):
+            for name in earlier_numbered(outputs.directory, pattern):
+                if name not in written:
+                    outputs.discard(name)
     return record
 
 
-def earlier_block_mtzs(directory, block_mtz) -> list[str]:
-    """Names of the files in `directory` that output.block_mtz (a format
-    with {block}, {first}, {last}) could have named."""
+def earlier_numbered(directory, numbered) -> list[str]:
+    """Names of the files in `directory` that a numbered name (a format with
+    fields such as {block}, {sweep}, {first}, {last}: output.block_mtz,
+    output.sweep_mtz) could have given."""
     pattern = "".join(
         re.escape(literal) + (r"-?\d+" if field is not None else "")
-        for literal, field, _, _ in string.Formatter().parse(block_mtz)
+        for literal, field, _, _ in string.Formatter().parse(numbered)
     )
     try:
         names = os.listdir(directory)
