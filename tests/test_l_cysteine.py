@@ -90,9 +90,11 @@ def test_a_reference_geometry_keeps_what_tells_the_sweeps_apart(l_cysteine, tmp_
         params = params_from([f"reference_geometry={path}", *switches])
         return import_images(params, files)[0]
 
-    with pytest.raises(GapfillError, match=r"sweeps 1 and 2 different settings .*input.use_gonio_reference=False"):
+    with pytest.raises(GapfillError, match=r"one goniometer, but the headers differ for sweeps 1 and 2 \(GON_PHI 0.0, "
+                       r"GON_OMEGA scan; GON_PHI 120.0, .*input.use_gonio_reference=False"):
         sweeps([l_cysteine])
-    with pytest.raises(GapfillError, match=r"for sweeps 1 and 4 \(origins .*input.use_detector_reference=False"):
+    with pytest.raises(GapfillError, match=r"one detector, but the headers differ for sweeps 1 and 4 \(origins "
+                       r"105.3 mm apart, normals 30.0 deg apart\): .*input.use_detector_reference=False"):
         sweeps([l_cysteine], "use_gonio_reference=False")
     three = sweeps(_files(l_cysteine, 1) + _files(l_cysteine, 2) + _files(l_cysteine, 3), "use_gonio_reference=False")
     assert [s.setting_text() for s in three] == [f"GON_PHI {phi}.0, GON_OMEGA scan" for phi in (0, 120, 240)]

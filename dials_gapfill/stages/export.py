@@ -118,33 +118,38 @@ def export(experiments, reflections, params, outputs, sweeps=None) -> Record:
         )
         files.append({"name": out.mtz, "kind": "mtz", "reflections": counts["n"], "blocks": len(experiments)})
         logger.info("Wrote %d reflections of %d blocks to %s", counts["n"], len(experiments), out.mtz)
+    def write_part(name, what, blocks, kind):
+        """The MTZ of some blocks (indices); its reflection count, or None
+        where none passes dials.export's filters (said)."""
+        sub, sub_expts = keep_experiments(reflections, mtz_experiments, {experiments[i].identifier for i in blocks})
+        counts = {}
+        mine = [offsets[i] for i in blocks] if offsets else None
+        try:
+            outputs.write(name, lambda p: counts.setdefault("n", write_mtz(sub, sub_expts, params, p, kind, mine)))
+        except GapfillError as e:
+            if NOTHING_TO_WRITE not in str(e):
+                raise
+            # a block of an image or two: most of its reflections are
+            # partials below mtz.partiality_threshold; the combined MTZ has
+            # what the block adds to reflections of the others
+            outputs.discard(name)
+            msg = (
+                f"{what}: no reflection passes dials.export's filters "
+                f"(mtz.partiality_threshold={params.mtz.partiality_threshold:g}, ...): {name} not written"
+            )
+            logger.warning("Warning: %s", msg)
+            record.warn(msg)
+            return None
+        return counts["n"]
+
     if out.mtz and out.per_block_mtz and len(experiments) > 1:
         for i, exp in enumerate(experiments):
             number, (first, last) = i + 1, exp.scan.get_image_range()
             name = out.block_mtz.format(block=number, first=first, last=last)
-            sub, sub_expts = keep_experiments(reflections, mtz_experiments, {exp.identifier})
-            counts = {}
             kind = ["sum"] if number in summation_blocks else None
-            mine = [offsets[i]] if offsets else None
-            try:
-                outputs.write(name, lambda p: counts.setdefault("n", write_mtz(sub, sub_expts, params, p, kind, mine)))
-            except GapfillError as e:
-                if NOTHING_TO_WRITE not in str(e):
-                    raise
-                # a block of an image or two: most of its reflections are
-                # partials below mtz.partiality_threshold; the combined MTZ
-                # has what the block adds to reflections of the others
-                outputs.discard(name)
-                msg = (
-                    f"block {number} (images {first}-{last}): no reflection passes dials.export's filters "
-                    f"(mtz.partiality_threshold={params.mtz.partiality_threshold:g}, ...): {name} not written"
-                )
-                logger.warning("Warning: %s", msg)
-                record.warn(msg)
-                continue
-            files.append(
-                {"name": name, "kind": "block mtz", "block": number, "reflections": counts["n"]}
-            )
+            n = write_part(name, f"block {number} (images {first}-{last})", [i], kind)
+            if n is not None:
+                files.append({"name": name, "kind": "block mtz", "block": number, "reflections": n})
     if out.mtz and out.per_sweep_mtz and sweeps is not None and len(sweeps) > 1:
         for sweep in sweeps:
             mine = [i for i, e in enumerate(experiments) if sweeps.sweep_of(e).number == sweep.number]
@@ -152,24 +157,10 @@ def export(experiments, reflections, params, outputs, sweeps=None) -> Record:
                 continue
             first, last = sweep.image_range
             name = out.sweep_mtz.format(sweep=sweep.number, first=first, last=last)
-            sub, sub_expts = keep_experiments(reflections, mtz_experiments, {experiments[i].identifier for i in mine})
-            counts = {}
-            kind = ["sum"] if any(i + 1 in summation_blocks for i in mine) and "profile" in params.mtz.intensity else None
-            try:
-                outputs.write(name, lambda p: counts.setdefault(
-                    "n", write_mtz(sub, sub_expts, params, p, kind, [offsets[i] for i in mine])))
-            except GapfillError as e:
-                if NOTHING_TO_WRITE not in str(e):
-                    raise
-                outputs.discard(name)
-                msg = (
-                    f"sweep {sweep.number}: no reflection passes dials.export's filters "
-                    f"(mtz.partiality_threshold={params.mtz.partiality_threshold:g}, ...): {name} not written"
-                )
-                logger.warning("Warning: %s", msg)
-                record.warn(msg)
-                continue
-            files.append({"name": name, "kind": "sweep mtz", "sweep": sweep.number, "reflections": counts["n"]})
+            summation = any(i + 1 in summation_blocks for i in mine) and "profile" in params.mtz.intensity
+            n = write_part(name, f"sweep {sweep.number}", mine, ["sum"] if summation else None)
+            if n is not None:
+                files.append({"name": name, "kind": "sweep mtz", "sweep": sweep.number, "reflections": n})
     if out.mtz:
         # an earlier run's block and sweep MTZs in this folder that this run
         # does not write (it had more blocks or sweeps, or this run writes

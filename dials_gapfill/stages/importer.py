@@ -568,25 +568,23 @@ def _check_reference_keeps_sweeps_apart(sweeps, params) -> None:
         return
     comp = _comparisons(params)
     first = sweeps[0]
-    gonio, detector = first.header_models
+    # (switch, header model, comparison, how they differ, what each sweep keeps)
+    checks = [
+        ("gonio", 0, comp["compare_goniometer"], lambda a, b: f"{setting_text(a)}; {setting_text(b)}",
+         "setting (beam and detector still from the reference)"),
+        ("detector", 1, comp["compare_detector"], _apart,
+         "position (refined at each position), or process the sweeps at each position in a run of their own"),
+    ]
     for sweep in sweeps.sweeps[1:]:
-        their_gonio, their_detector = sweep.header_models
-        where = f"sweeps {first.number} and {sweep.number}"
-        if ref.use_gonio_reference and not comp["compare_goniometer"](gonio, their_gonio):
-            raise GapfillError(
-                f"reference_geometry would give all {len(sweeps)} sweeps its one goniometer, but the headers "
-                f"give {where} different settings ({setting_text(gonio)}; {setting_text(their_gonio)}): set "
-                "input.use_gonio_reference=False to keep each sweep's setting (beam and detector still from "
-                "the reference)"
-            )
-        if ref.use_detector_reference and not comp["compare_detector"](detector, their_detector):
-            raise GapfillError(
-                f"reference_geometry would put the detector of all {len(sweeps)} sweeps where it puts one, but "
-                f"the headers place it differently for {where} ({_apart(detector, their_detector)}): set "
-                "input.use_detector_reference=False to keep "
-                "each sweep's position (refined at each position), or process the sweeps at each position in "
-                "a run of their own"
-            )
+        for switch, k, same, differ, kept in checks:
+            a, b = first.header_models[k], sweep.header_models[k]
+            if getattr(ref, f"use_{switch}_reference") and not same(a, b):
+                thing = "goniometer" if switch == "gonio" else switch
+                raise GapfillError(
+                    f"reference_geometry would give all {len(sweeps)} sweeps its one {thing}, but the headers "
+                    f"differ for sweeps {first.number} and {sweep.number} ({differ(a, b)}): set "
+                    f"input.use_{switch}_reference=False to keep each sweep's {kept}"
+                )
 
 
 def _apart(a, b) -> str:
