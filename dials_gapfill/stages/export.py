@@ -118,6 +118,7 @@ def export(experiments, reflections, params, outputs, sweeps=None) -> Record:
         )
         files.append({"name": out.mtz, "kind": "mtz", "reflections": counts["n"], "blocks": len(experiments)})
         logger.info("Wrote %d reflections of %d blocks to %s", counts["n"], len(experiments), out.mtz)
+
     def write_part(name, what, blocks, kind):
         """The MTZ of some blocks (indices); its reflection count, or None
         where none passes dials.export's filters (said)."""
