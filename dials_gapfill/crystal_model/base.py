@@ -230,13 +230,16 @@ def fixing_refused_models(message, rp, experiments, fixed, said, numbers=None):
     return rp
 
 
+def sweep_number(numbers, g) -> int:
+    """The run's number of the g-th of :func:`sweep_groups` (`numbers`:
+    :meth:`CrystalModel.sweep_numbers`), else its position from 1."""
+    return numbers[g] if numbers else g + 1
+
+
 def sweeps_of(experiments, ids, numbers=None) -> list[int]:
-    """The sweep numbers of the experiments `ids` (positions): `numbers[g]`
-    for the g-th of :func:`sweep_groups` (the run's numbers,
-    :meth:`CrystalModel.sweep_numbers`), else g + 1."""
+    """The sweep numbers (:func:`sweep_number`) of the experiments `ids` (positions)."""
     groups = sweep_groups(experiments)
-    numbers = numbers or list(range(1, len(groups) + 1))
-    return sorted({numbers[next(g for g, group in enumerate(groups) if i in group)] for i in ids})
+    return sorted({sweep_number(numbers, next(g for g, group in enumerate(groups) if i in group)) for i in ids})
 
 
 def say_too_few_spots(record, sweeps, what="orientation", kept_as="indexing gave it") -> None:

@@ -90,6 +90,7 @@ from dials_gapfill.crystal_model.base import (
     one_cell,
     sweep_groups,
     say_too_few_spots,
+    sweep_number,
 )
 from dials_gapfill.crystal_model.lattice import SEARCH_ERRORS, staged_search
 from dials_gapfill.crystal_model.smoother import BSplineSmoother
@@ -1391,7 +1392,7 @@ def rocking_curve_sigma_m(models, table, rows, numbers=None):
             sigma = ComputeEsdReflectingRange(model.crystal, model.beam, model.detector, model.goniometer,
                                               model.scan, sub, algorithm="extended").sigma()
         except (RuntimeError, AssertionError, ValueError) as e:  # DIALS' estimator on too little signal
-            logger.debug("sigma_m of sweep %d: %s", numbers[g] if numbers else g + 1, e)
+            logger.debug("sigma_m of sweep %d: %s", sweep_number(numbers, g), e)
             continue
         if math.isfinite(sigma) and sigma > 0:
             estimates.append((sigma, len(sub)))
@@ -1717,7 +1718,6 @@ def _spots_given_back(table, refinable, kept, minimum, numbers=None):
     y RMSD on the spots every refinement kept went from 0.10 to 0.21 px
     (benchmarks/results/2026-12-05-l-cysteine-gaps.md)."""
     kept = copy.deepcopy(kept)
-    number = (lambda g: numbers[g]) if numbers else (lambda g: g + 1)  # noqa: E731  (the run's, for the log)
     sweeps = np.asarray(table["sweep"])
     ref, ok = np.asarray(refinable), np.asarray(kept)
     for g in np.unique(sweeps[ref]):
@@ -1727,13 +1727,13 @@ def _spots_given_back(table, refinable, kept, minimum, numbers=None):
         rows = refinable & (table["sweep"] == int(g))
         if left < minimum:
             logger.info("Sweep %d: %d of its spots left by outlier rejection, fewer than DIALS needs to "
-                        "refine it (%d); its %d spots kept", number(g), left, minimum, rows.count(True))
+                        "refine it (%d); its %d spots kept", sweep_number(numbers, g), left, minimum, rows.count(True))
             kept |= rows
         elif left < 3 * minimum and 2 * left < rows.count(True) and "gap_edge" in table:
             uncut = rows & ~table["gap_edge"] & ~kept
             if uncut.count(True):
                 logger.info("Sweep %d: %d of its %d spots left by outlier rejection, fewer than DIALS asks "
-                            "for an orientation (%d); its %d other spots not cut by a gap kept", number(g), left,
+                            "for an orientation (%d); its %d other spots not cut by a gap kept", sweep_number(numbers, g), left,
                             rows.count(True), 3 * minimum, uncut.count(True))
                 kept |= uncut
     return kept
