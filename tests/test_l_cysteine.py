@@ -106,6 +106,10 @@ def test_a_reference_geometry_keeps_what_tells_the_sweeps_apart(l_cysteine, tmp_
     assert four[0].sources[0].detector is four[1].sources[0].detector is not four[3].sources[0].detector
     assert four[0].sources[0].detector[0].get_distance() == pytest.approx(distance - 0.5, abs=1e-6)
     assert four[3].sources[0].beam.get_s0() == pytest.approx(reference[0].beam.get_s0(), abs=1e-9)
+    # the same through templates (each sweep one template)
+    templates = [f"template={os.path.join(l_cysteine, f'l-cyst_0{k}_#####.cbf.bz2')}" for k in (1, 2, 3, 4)]
+    with pytest.raises(GapfillError, match=r"headers differ for sweeps 1 and 2 .*input.use_gonio_reference=False"):
+        sweeps([], *templates)
     (alone,) = sweeps(_files(l_cysteine, 2))
     assert alone.setting_text() == "GON_PHI 0.0, GON_OMEGA scan"
     assert alone.sources[0].detector[0].get_distance() == pytest.approx(distance, abs=1e-6)
