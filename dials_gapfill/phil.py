@@ -271,6 +271,16 @@ output
   merged_mtz = merged.mtz
     .type = str
     .help = "Merged MTZ (with scaling.run=True)."
+  shelx = False
+    .type = bool
+    .help = "With scaling.run=True, also write the scaled data for SHELX (small-molecule"
+            "and electron-diffraction structure solution), as dials.export format=shelx:"
+            "<shelx_name>.hkl (unmerged, HKLF 4) and <shelx_name>.ins (wavelength, cell"
+            "with esds, space group)."
+  shelx_name = scaled
+    .type = str
+    .help = "The name of the SHELX files without extension: SHELX programs read"
+            "name.ins and name.hkl (shelxt name)."
   log = dials.process_gapped.log
     .type = str
     .help = "The log file."
@@ -542,6 +552,7 @@ ALIASES = {
     "exclude_images_multiple": "gaps.exclude_images_multiple",
     "scale": "scaling.run",
     "anomalous": "scaling.anomalous",
+    "shelx": "output.shelx",
 }
 
 

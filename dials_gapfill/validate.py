@@ -25,6 +25,7 @@ OUTPUT_FILES = {
     "sweep_mtz": None,
     "scaled_mtz": None,
     "merged_mtz": None,
+    "shelx_name": None,
     "log": None,
     "json": None,
     "html": None,
@@ -145,6 +146,8 @@ def _check_output(params) -> None:
     directory = _get(out, "directory")
     if directory is not None and directory is not Auto and str(directory).strip() == "":
         raise GapfillError("output.directory is empty: give a folder (. for the current one)")
+    if _get(out, "shelx") and not _get(params, "scaling.run"):
+        raise GapfillError("output.shelx=True writes the scaled data: add scale=True (or leave out output.shelx)")
     names = {}
     for key, extensions in OUTPUT_FILES.items():
         value = _get(out, key)
@@ -169,6 +172,10 @@ def _check_output(params) -> None:
                     f"e.g. output.{key}={example}"
                 )
             candidates = [first]
+        elif key == "shelx_name":
+            if not _get(out, "shelx"):
+                continue
+            candidates = [f"{value}.hkl", f"{value}.ins"]  # the pair SHELX programs read
         else:
             candidates = [value]
         for name in candidates:

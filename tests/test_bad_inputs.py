@@ -330,6 +330,20 @@ def _case_sweep_mtz_same_as_block_mtz(tiny, tmp_path):
         "output.sweep_mtz and output.block_mtz", "different names"]
 
 
+def _case_shelx_without_scaling(tiny, tmp_path):
+    return [tiny, "shelx=True"], ["output.shelx=True", "scale=True"]
+
+
+def _case_shelx_name_with_folder(tiny, tmp_path):
+    return [tiny, "scale=True", "shelx=True", "output.shelx_name=sub/x"], [
+        "output.shelx_name='sub/x'", "plain file name"]
+
+
+def _case_shelx_file_is_another_output(tiny, tmp_path):
+    return [tiny, "scale=True", "shelx=True", "output.mtz=scaled.hkl"], [
+        "output.shelx_name and output.mtz are both 'scaled.hkl'", "different names"]
+
+
 def _case_bravais_lattice_unknown(tiny, tmp_path):
     return [tiny, "indexing.bravais_lattice=oQ"], ["indexing.bravais_lattice=oQ", "oP"]
 
@@ -349,6 +363,7 @@ VALIDATION_CASES = {
     "scaling_d_min_zero", "mtz_hklout", "output_name_with_folder", "experiments_extension",
     "output_names_collide", "block_mtz_without_block", "block_mtz_unknown_field",
     "sweep_mtz_without_sweep", "sweep_mtz_same_as_block_mtz",
+    "shelx_without_scaling", "shelx_name_with_folder", "shelx_file_is_another_output",
     "bravais_lattice_unknown", "tie_sigma_zero",
 }
 

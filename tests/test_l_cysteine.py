@@ -309,16 +309,17 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
                                                            check_format=False)
         reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
         params = params_from(["scale=True", f"output.directory={tmp_path / name}"]
-                             + ([f"scaling.resolution.misigma={misigma}"] if misigma else []))
+                             + ([f"scaling.resolution.misigma={misigma}"] if misigma else [])
+                             + (["shelx=True"] if name == "complete" else []))
         outputs = Outputs(str(tmp_path / name))
         outputs.check_writable()
         caplog.clear()
         with caplog.at_level(logging.INFO):
             _, record = scale(experiments, reflections, params, outputs)
         outputs.commit()
-        results[name] = (record.scaling, record.warnings, list(caplog.records))
-    default, warnings, records = results["default"]
-    cut, _, _ = results["cc_half_only"]
+        results[name] = (record.scaling, record.warnings, list(caplog.records), record.files)
+    default, warnings, records, _ = results["default"]
+    cut = results["cc_half_only"][0]
     # CC½ above 0.3 as far as it can be measured, well inside the data
     assert cut["resolution"]["method"] == "cc_half" and not cut["resolution"]["crossed"]
     d_cc = cut["resolution"]["d_min"]
@@ -346,6 +347,19 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
         assert resolution["d_min"] is None, (name, resolution)
         scaled = gemmi.read_mtz_file(str(tmp_path / name / "scaled.mtz"))
         assert scaled.resolution_high() < 1.01 * resolution["d_min_data"], name
+    # the files SHELX reads (shelx=True, all 60 images): the reflections of
+    # scaled.mtz; the one cell, its esds as refined (reindexed by a,b,c),
+    # none for the angles the space group fixes
+    files = {f["name"]: f for f in results["complete"][3]}
+    hkl = [line for line in open(tmp_path / "complete" / "scaled.hkl") if line[:12].split() != ["0", "0", "0"]]
+    assert files["scaled.hkl"]["reflections"] == files["scaled.mtz"]["reflections"] == len(hkl) == scaled.nreflections
+    ins = {line.split()[0]: [float(v) for v in line.split()[1:]]
+           for line in open(tmp_path / "complete" / "scaled.ins") if line.startswith(("CELL", "ZERR"))}
+    assert ins["CELL"][1:] == pytest.approx(list(scaled.cell.parameters), abs=1e-4)
+    assert results["complete"][0]["symmetry"]["cb_op"] == "a,b,c"
+    final = _summary(ours["complete"])["crystal"]["final"]
+    assert ins["ZERR"][1:4] == pytest.approx(final["unit_cell_esd"][:3], abs=1e-4)
+    assert ins["ZERR"][4:] == [0, 0, 0]  # an orthorhombic Laue group (measured: P m m m)
 
 
 @pytest.mark.slow

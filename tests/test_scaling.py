@@ -35,9 +35,9 @@ def weak(tmp_path_factory):
 @pytest.fixture(scope="module")
 def weak_scaled(weak, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("weak_scaled"))
-    result = process_ok(weak, out, "scale=True")
+    result = process_ok(weak, out, "scale=True", "shelx=True")
     summary = json.load(open(os.path.join(out, "dials.process_gapped.json")))
-    return {"dir": out, "stdout": result.stdout, "scaling": summary["scaling"]}
+    return {"dir": out, "stdout": result.stdout, "scaling": summary["scaling"], "summary": summary}
 
 
 def _mtz_d_min(path):
@@ -105,6 +105,55 @@ def test_resolution_limit_from_cc_half(weak_scaled):
     for name in ("merged.mtz", "scaled.mtz"):
         d = _mtz_d_min(os.path.join(weak_scaled["dir"], name))
         assert res["d_min"] <= d < res["d_min"] + 0.03, (name, d)
+
+
+@pytest.mark.slow
+def test_shelx_files_hold_the_scaled_data(weak_scaled):
+    """shelx=True: scaled.hkl holds the reflections of scaled.mtz (the same
+    rows; intensities and sigmas up to one scale factor and the format's
+    0.01); scaled.ins the wavelength and cell of scaled.mtz, the space group
+    dials.symmetry found, and the esds of the one refined cell (ZERR: none
+    for the angles P 4 21 2 fixes), within which the cell meets the truth."""
+    import numpy as np
+    from cctbx import crystal, miller
+    from cctbx.array_family import flex
+
+    d, summary = weak_scaled["dir"], weak_scaled["summary"]
+    mtz = gemmi.read_mtz_file(os.path.join(d, "scaled.mtz"))
+    rows = [line for line in open(os.path.join(d, "scaled.hkl")) if line[:12].split() != ["0", "0", "0"]]
+    files = {f["name"]: f for f in summary["files"]}
+    assert files["scaled.hkl"]["reflections"] == files["scaled.mtz"]["reflections"] == len(rows) == mtz.nreflections
+    hkl = np.array([(int(r[0:4]), int(r[4:8]), int(r[8:12]), float(r[12:20]), float(r[20:28])) for r in rows])
+    symmetry = crystal.symmetry(unit_cell=mtz.cell.parameters, space_group_symbol=mtz.spacegroup.hm)
+    indices = flex.miller_index([tuple(map(int, h)) for h in hkl[:, :3]])
+    asu = np.array(miller.set(symmetry, indices, anomalous_flag=False).map_to_asu().indices())
+    columns = [np.array(mtz.column_with_label(c), dtype=float) for c in ("H", "K", "L", "I", "SIGI")]
+    k = np.abs(hkl[:, 3]).max() / np.abs(columns[3]).max()  # the scale to SHELX's fixed format
+    # the observations of one unique reflection in the same order in both
+    # files: by the values as the format rounds them
+    ours = sorted(zip(map(tuple, asu), hkl[:, 3], hkl[:, 4]))
+    theirs = sorted(zip(map(tuple, np.column_stack(columns[:3]).astype(int)), columns[3], columns[4]),
+                    key=lambda t: (t[0], round(k * t[1], 2), round(k * t[2], 2)))
+    assert [o[0] for o in ours] == [t[0] for t in theirs]
+    i_hkl, s_hkl = np.array([o[1:] for o in ours]).T
+    i_mtz, s_mtz = np.array([t[1:] for t in theirs]).T
+    tolerance = 0.005 + 2e-6 * np.abs(i_hkl).max()  # the format's rounding; MTZ's float32
+    assert np.abs(i_hkl - k * i_mtz).max() <= tolerance and np.abs(s_hkl - k * s_mtz).max() <= tolerance
+    ins = {line.split()[0]: line.split()[1:] for line in open(os.path.join(d, "scaled.ins"))}
+    symm = [line for line in open(os.path.join(d, "scaled.ins")) if line.startswith("SYMM")]
+    cell = [float(v) for v in ins["CELL"]]
+    assert cell[0] == pytest.approx(mtz.dataset(1).wavelength, abs=1e-5)
+    assert cell[1:] == pytest.approx(list(mtz.cell.parameters), abs=1e-4)
+    symmetry_found = summary["scaling"]["symmetry"]
+    assert symmetry_found["space_group"] == "P 4 21 2" == mtz.spacegroup.hm and symmetry_found["cb_op"] == "a,b,c"
+    assert len(symm) == len(mtz.spacegroup.operations().sym_ops) - 1 == 7
+    zerr = [float(v) for v in ins["ZERR"]]
+    assert zerr[0] == 8
+    # reindexed by a,b,c: the esds of the refined cell's lengths
+    assert zerr[1:4] == pytest.approx(summary["crystal"]["final"]["unit_cell_esd"][:3], abs=1e-4)
+    assert zerr[4:] == [0, 0, 0]
+    truth = np.array(WEAK["unit_cell"][:3])
+    assert (np.abs(np.array(cell[1:4]) - truth) < 3 * np.array(zerr[1:4])).all(), (cell, zerr)
 
 
 @pytest.mark.slow
@@ -193,6 +242,47 @@ def test_merging_table_is_dials_table():
     assert dials_rows.splitlines()[2] in text.splitlines()  # the CC half row, as DIALS writes it
     assert text.splitlines()[0].startswith("Merging statistics (space group P 4 21 2):")
     assert text.splitlines()[-1] == "Resolution limit: d_min 2.00 Å from scaling.d_min"
+
+
+@pytest.mark.parametrize("op, space_group", [("a,b,c", "P 1"), ("b,c,a", "P 1"), ("a+b,-a+b,c", "P 1"),
+                                              ("a,b,c", "P 4")])
+def test_cell_esds_follow_the_reindexing(op, space_group):
+    """cell_esd_in (the .ins file's ZERR): the unchanged basis gives dxtbx's
+    own esds; another basis gives what 20000 draws of B from its covariance
+    give there (within 5 %); an angle the space group fixes has none."""
+    import numpy as np
+    from cctbx import sgtbx, uctbx
+    from dxtbx.model import Crystal
+
+    from dials_gapfill.stages.scaling import cell_esd_in
+
+    rng = np.random.default_rng(3)
+    tetragonal = space_group == "P 4"
+    cell = (54.0, 54.0, 71.0, 90, 90, 90) if tetragonal else (5.42, 8.13, 12.02, 90.2, 89.7, 90.1)
+    uc = uctbx.unit_cell(cell)
+    ortho = np.array(uc.orthogonalization_matrix()).reshape(3, 3)
+    crystal = Crystal(*ortho.T.tolist(), sgtbx.space_group_info("P 1").group())
+    b = np.array(crystal.get_B())
+    half = rng.normal(size=(9, 9)) * 2e-4 * np.abs(b).max()
+    covariance = half @ half.T
+    crystal.set_B_covariance(tuple(covariance.ravel()))
+    basis = crystal.change_basis(sgtbx.change_of_basis_op(op))
+    if tetragonal:
+        basis.set_space_group(sgtbx.space_group_info(space_group).group())
+    esd = np.array(cell_esd_in(crystal, basis))
+    if op == "a,b,c" and not tetragonal:
+        assert esd == pytest.approx(np.array(crystal.get_cell_parameter_sd()), rel=1e-5)
+    m = np.linalg.inv(np.array(crystal.get_A()).reshape(3, 3)) @ np.array(basis.get_A()).reshape(3, 3)
+    reindexed = rng.multivariate_normal(b, covariance, size=20000).reshape(-1, 3, 3) @ m
+    g = np.linalg.inv(np.transpose(reindexed, (0, 2, 1)) @ reindexed)  # the metric tensors
+    lengths = np.sqrt(np.stack([g[:, 0, 0], g[:, 1, 1], g[:, 2, 2]], axis=1))
+    angles = [np.degrees(np.arccos(g[:, i, j] / (lengths[:, i] * lengths[:, j]))) for i, j in ((1, 2), (0, 2), (0, 1))]
+    spread = np.std(np.column_stack([lengths, *angles]), axis=0)
+    if tetragonal:
+        assert list(esd[3:]) == [0, 0, 0]
+        assert esd[:3] == pytest.approx(spread[:3], rel=0.05)
+    else:
+        assert esd == pytest.approx(spread, rel=0.05)
 
 
 # ---------------------------------------------------------------------------

@@ -38,12 +38,13 @@ import os
 import statistics
 import tempfile
 
+import iotbx.mtz
 import numpy
-from cctbx import miller
+from cctbx import miller, uctbx
 from dials.algorithms.scaling.algorithm import ScalingAlgorithm
 from dials.algorithms.scaling.scaling_library import determine_best_unit_cell, scaled_data_as_miller_array
 from dials.array_family import flex
-from dials.command_line.export import export_mtz
+from dials.command_line.export import export_mtz, export_shelx
 from dials.command_line.export import phil_scope as export_phil
 from dials.command_line.merge import merge_data_to_mtz
 from dials.command_line.merge import phil_scope as merge_phil
@@ -53,7 +54,7 @@ from dials.command_line.symmetry import symmetry
 from dials.report.analysis import table_1_stats
 from dials.util import resolution_analysis
 from dials.util.resolution_analysis import interpolate_value, metrics
-from dxtbx.model import ExperimentList
+from dxtbx.model import Experiment, ExperimentList
 
 from dials_gapfill import dials_compat
 from dials_gapfill.errors import GapfillError
@@ -508,6 +509,9 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None):
     record = Record()
     experiments = copy.deepcopy(experiments)
     reflections = copy.deepcopy(reflections)
+    integrated = experiments[0].crystal
+    cells = numpy.array([e.crystal.get_unit_cell().parameters() for e in experiments])
+    one_cell = numpy.ptp(cells, axis=0).max() < 1e-5  # the blocks share one cell (its esds: the crystal's)
     if "shoebox" in reflections:
         del reflections["shoebox"]
     symmetry = {
@@ -579,6 +583,7 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None):
             record.warn(msg)
             logger.warning("Warning: %s", msg)
     record.scaling = summary
+    esd = cell_esd_in(integrated, experiments[0].crystal) if one_cell else None
 
     if outputs is not None:
         for exp in experiments:  # (copies) BATCH = image number; blocks are separated by gaps
@@ -598,8 +603,8 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None):
                     dials_compat.crystals_differ_explained():
                 export_mtz(ep, experiments, [joint])
 
-        outputs.write(out.scaled_mtz, write_unmerged)
-        record.files.append({"name": out.scaled_mtz, "kind": "scaled unmerged mtz"})
+        n_scaled = iotbx.mtz.object(outputs.write(out.scaled_mtz, write_unmerged)).n_reflections()
+        record.files.append({"name": out.scaled_mtz, "kind": "scaled unmerged mtz", "reflections": n_scaled})
         mp = defaults(merge_phil)
         mp.assess_space_group = False
         mp.anomalous = params.scaling.anomalous
@@ -613,7 +618,84 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None):
         n_merged = mtz.n_reflections()
         summary["merged_reflections"] = n_merged
         record.files.append({"name": out.merged_mtz, "kind": "merged mtz", "reflections": n_merged})
+        if out.shelx:
+            record.files.extend(write_shelx(ep, experiments, joint, out.shelx_name, outputs, esd))
     return (experiments, joint), record
+
+
+def cell_esd_in(crystal, basis):
+    """The esds of `crystal`'s cell in the basis of `basis` (the same
+    lattice, e.g. as dials.symmetry reindexed it), or None when `crystal`
+    has no covariance: dxtbx's change_basis, which dials.symmetry reindexes
+    with, drops it.  First-order propagation of the covariance of B through
+    the reciprocal metric tensor, as dxtbx's get_cell_parameter_sd does for
+    an unchanged basis."""
+    covariance = crystal.get_B_covariance()
+    if not len(covariance):
+        return None
+    covariance = numpy.array(covariance).reshape(9, 9)
+    # A = UB takes h to its reciprocal-lattice vector; in the new basis A' = A m
+    m = numpy.linalg.inv(numpy.array(crystal.get_A()).reshape(3, 3)) @ numpy.array(basis.get_A()).reshape(3, 3)
+
+    def cell(b):
+        b = b.reshape(3, 3) @ m
+        g = numpy.linalg.inv(b.T @ b)  # the metric tensor: the inverse of the reciprocal one
+        return numpy.array(uctbx.unit_cell(metrical_matrix=(g[0, 0], g[1, 1], g[2, 2], g[0, 1], g[0, 2],
+                                                            g[1, 2])).parameters())
+
+    b = numpy.array(crystal.get_B())
+    jacobian = numpy.empty((6, 9))
+    for k in range(9):
+        step = 1e-6 * max(abs(b[k]), 1e-3)
+        up, down = b.copy(), b.copy()
+        up[k] += step
+        down[k] -= step
+        jacobian[:, k] = (cell(up) - cell(down)) / (2 * step)
+    esd = [float(e) for e in numpy.sqrt(numpy.diag(jacobian @ covariance @ jacobian.T))]
+    # an angle the space group fixes (90 or 120 deg whatever the metric) has no esd
+    space_group = basis.get_space_group()
+    angles = [space_group.average_unit_cell(uctbx.unit_cell(p)).parameters()[3:]
+              for p in ((7, 8, 9, 80, 85, 95), (6, 7.5, 10, 95, 100, 70))]
+    for k in range(3):
+        if abs(angles[0][k] - angles[1][k]) < 1e-6:
+            esd[3 + k] = 0.0
+    return esd
+
+
+def write_shelx(ep, experiments, joint, name, outputs, esd=None) -> list:
+    """<name>.hkl and <name>.ins as dials.export format=shelx writes them from
+    the scaled data: the reflections of scaled.mtz (ep: its export
+    parameters, the same filters), intensities scaled to SHELX's fixed
+    format, original indices (SHELX merges them itself); the files' entries
+    for the summary.  esd: the esds of the one cell all blocks share, in the
+    scaled basis, for the .ins file's ZERR line (DIALS writes it only for
+    one cell with a covariance, which dials.symmetry's reindexing drops)."""
+    hkl, ins = f"{name}.hkl", f"{name}.ins"
+    if esd:
+        best = determine_best_unit_cell(experiments)  # the cell of the .hkl's d-spacings, unchanged
+        copies = ExperimentList()  # the crystals copied (a scaling model cannot be)
+        for exp in experiments:
+            crystal = copy.deepcopy(exp.crystal)
+            crystal.set_recalculated_unit_cell(best)
+            crystal.set_recalculated_cell_parameter_sd(esd)
+            copies.append(Experiment(beam=exp.beam, detector=exp.detector, goniometer=exp.goniometer,
+                                     scan=exp.scan, crystal=crystal, imageset=exp.imageset,
+                                     identifier=exp.identifier))
+        experiments = copies
+
+    def write_both(path):
+        ep.shelx.hklout, ep.shelx.ins = path, outputs.path(ins)
+        try:
+            export_shelx(ep, experiments, [joint])
+        except (ValueError, AssertionError, RuntimeError) as e:
+            raise GapfillError(f"SHELX export failed: {' '.join(str(e).split())[:200]}: run without "
+                               "output.shelx and export scaled.mtz") from None
+
+    written = outputs.write(hkl, write_both)
+    outputs.write(ins, lambda path: None)  # written with the .hkl file, to this path
+    with open(written) as fh:  # the reflections, and the 0 0 0 line that ends them
+        n = sum(1 for line in fh if line[:12].split() != ["0", "0", "0"])
+    return [{"name": hkl, "kind": "shelx hkl", "reflections": n}, {"name": ins, "kind": "shelx ins"}]
 
 
 def run(state) -> Record:
