@@ -14,7 +14,10 @@ refinements, each static then scan-varying:
   cell parameters of the four crystals (one cell);
 - ``ours``: the continuous model of ``dials.process_gapped``
   (``ContinuousModel.refine``: an orientation per sweep, scan-varying, one
-  static cell for the four).
+  static cell for the four);
+- ``ours tied``: the same with a static cell per sweep restrained to their
+  mean (``refinement.blocks.continuous_sweep_cells=tied``), with
+  ``refinement.blocks.tie_sigma`` 0.01 (its default) and 0.003.
 
 Printed per sweep: the RMSDs of the spots each refinement used (x, y in px,
 phi in images, as DIALS' table); the RMSDs of the spots every refinement
@@ -45,6 +48,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "l_cysteine"))
 SEED = 7
+# dials.two_theta_refine on the complete sweeps (DIALS' small-molecule tutorial)
+REFERENCE_CELL = np.array([5.42183, 8.13282, 12.02218])
 REDUCED = []  # (model, fold, action) of refinements run with auto_reduction.action=fix
 ONE_CELL = "".join(
     f"refinement.parameterisation.crystal.unit_cell.constraints {{\n parameter = g_param_{k}\n}}\n" for k in range(6)
@@ -53,7 +58,11 @@ MODELS = {
     "chain": [],
     "free cells": ["crystal.unit_cell.force_static=True"],
     "one cell": ["crystal.unit_cell.force_static=True", "one_cell.phil"],
-    "ours": None,  # in process: ContinuousModel.refine
+    # in process: ContinuousModel.refine with these parameters
+    "ours": ("ours", []),
+    "ours tied": ("ours", ["refinement.blocks.continuous_sweep_cells=tied"]),
+    "tied 0.003": ("ours", ["refinement.blocks.continuous_sweep_cells=tied",
+                            "refinement.blocks.tie_sigma=" + ",".join(["0.003"] * 6)]),
 }
 
 
@@ -86,11 +95,11 @@ def refine(name, experiments, reflections, folder):
     from dxtbx.model.experiment_list import ExperimentListFactory
 
     os.makedirs(folder, exist_ok=True)
-    if MODELS[name] is None:
+    if isinstance(MODELS[name], tuple):
         from dials_gapfill.crystal_model.continuous import ContinuousModel
         from dials_gapfill.phil import params_from
 
-        out_e, out_r, _ = ContinuousModel(params_from(["nproc=1"])).refine(experiments, reflections)
+        out_e, out_r, _ = ContinuousModel(params_from(["nproc=1", *MODELS[name][1]])).refine(experiments, reflections)
         return out_e, out_r
     experiments.as_file(os.path.join(folder, "in.expt"))
     reflections.as_file(os.path.join(folder, "in.refl"))
@@ -158,13 +167,19 @@ def main(argv=None):
 
     from dials_gapfill.simulation.compare import held_out_residuals
 
-    result = {"used": {}, "common": {}, "held_out": {}, "folds": args.folds}
+    from dials_gapfill.model.tables import mean_cell
+
+    result = {"used": {}, "common": {}, "held_out": {}, "cell": {}, "folds": args.folds}
     inliers = None
     refined = {}
     for name in MODELS:
-        _, out = refine(name, copy.deepcopy(experiments), copy.deepcopy(reflections),
-                        os.path.join(workdir, name.replace(" ", "_"), "all"))
+        exps, out = refine(name, copy.deepcopy(experiments), copy.deepcopy(reflections),
+                           os.path.join(workdir, name.replace(" ", "_"), "all"))
         refined[name] = out
+        # each crystal's cell (its mean over its scan points), from the reference in %
+        cells = np.array([mean_cell(c) for c in exps.crystals()])[:, :3]
+        result["cell"][name] = {"mean": (100 * (cells.mean(axis=0) / REFERENCE_CELL - 1)).tolist(),
+                                "worst": (100 * np.abs(cells / REFERENCE_CELL - 1).max(axis=0)).tolist()}
         result["used"][name] = used_rmsds(out)
         keys = {k for k, u in zip(_key(out), out.get_flags(out.flags.used_in_refinement)) if u}
         inliers = keys if inliers is None else inliers & keys
@@ -199,6 +214,10 @@ def main(argv=None):
             r = result[what][name]
             print(f"{name:<12}" + "".join(
                 f"{r[s]['x']:>7.3f}{r[s]['y']:>6.3f}{r[s]['phi']:>6.3f}{r[s]['n']:>5d}" for s in (1, 2, 3, 4, "all")))
+    print("\nCell lengths a, b, c from the reference (%): the crystals' mean; the worst crystal")
+    for name in MODELS:
+        c = result["cell"][name]
+        print(f"{name:<12}" + "".join(f"{v:>+8.3f}" for v in c["mean"]) + "   " + "".join(f"{v:>8.3f}" for v in c["worst"]))
     if REDUCED:
         print("\nrefined with auto_reduction.action=fix (too few spots for a parameter otherwise): "
               + ", ".join(f"{n} {f} ({a})" for n, f, a in REDUCED))

@@ -384,6 +384,14 @@ blocks
             "job's outliers were judged against a model that had just moved); at"
             "most 6 times (a crystal that turns faster than the lattice search"
             "can follow)."
+  continuous_sweep_cells = *shared tied
+    .type = choice
+    .expert_level = 1
+    .help = "continuous, several sweeps: shared, one cell (DIALS' equal-shift"
+            "constraints); tied, a cell per sweep restrained to their mean"
+            "(unit_cell.restraints.tie_to_group, sigmas tie_sigma). On the four"
+            "L-cysteine sweeps tied cells fit their spots a little closer and"
+            "land further from the reference cell (docs/sweeps.md)."
   continuous_second_job = True
     .type = bool
     .expert_level = 1

@@ -18,9 +18,10 @@ Several sweeps (different goniometer settings) share the crystal while it is
 static: indexing and the static job see one crystal.  DIALS refines a
 scan-varying crystal against one scan and goniometer only, so for the
 scan-varying jobs each sweep gets its own copy (its own orientation through
-its own rotation), the cells static and restrained to their common mean
-(``unit_cell.restraints.tie_to_group``, sigmas refinement.blocks.tie_sigma):
-one crystal, one cell.  A sweep with too few reflections for a scan-varying
+its own rotation), the cells static and one (DIALS' equal-shift constraints,
+``base.one_cell``; refinement.blocks.continuous_sweep_cells=tied restrains a
+cell per sweep to their mean instead, ``unit_cell.restraints.tie_to_group``
+with sigmas refinement.blocks.tie_sigma).  A sweep with too few reflections for a scan-varying
 orientation (MIN_SCAN_VARYING_REFLECTIONS) keeps a static one in that job.
 
 Gap-edge spots
@@ -88,6 +89,7 @@ from dials_gapfill.crystal_model.base import (
     fewer_reflections_per_parameter,
     fixing_sparse_sweeps,
     one_cell,
+    tie_cells,
     sweep_groups,
     say_too_few_spots,
     sweep_number,
@@ -642,10 +644,20 @@ class ContinuousModel(CrystalModel):
         self.gap_edges = overrides.pop("gap_edges", blocks.continuous_gap_edges)
         self.reindex_cycles = overrides.pop("reindex_cycles", blocks.continuous_reindex_cycles)
         self.second_job = overrides.pop("second_job", blocks.continuous_second_job)
+        self.sweep_cells = overrides.pop("sweep_cells", blocks.continuous_sweep_cells)
+        self.tie_sigma = blocks.tie_sigma
         if overrides:
             raise TypeError(f"unknown options: {', '.join(overrides)}")
         self.last = {}
         self.warnings = []
+
+    def _one_cell(self, rp, crystal):
+        """The sweeps' cells in a job with several: one (shared), or each its
+        own restrained to their mean (tied)."""
+        if self.sweep_cells == "tied":
+            tie_cells(rp, self.tie_sigma)
+        else:
+            one_cell(rp, crystal)
 
     # ---- indexing ----------------------------------------------------------
 
@@ -922,7 +934,7 @@ class ContinuousModel(CrystalModel):
             # against them (phi RMSD 0.21-0.80 images at the end, against
             # 0.07-0.50 with the rejection)
             crystal_per_sweep(models)
-            one_cell(rp, models[0].crystal)
+            self._one_cell(rp, models[0].crystal)
             first = copy.deepcopy(rp)
             refinable = self._refinable(table)
             if _sweeps_judged_apart(table, refinable & ~job.xy_edge, rp):
@@ -940,7 +952,7 @@ class ContinuousModel(CrystalModel):
         logger.info("Continuous model: static refinement, %d reflections", len(work))
         static, work, refiner = _static_macrocycle(job, job_rp, work, models, "static refinement")
         job.chi2["static"] = _reduced_chi_squared(refiner)
-        if len(static) > 1:
+        if len(static) > 1 and self.sweep_cells == "shared":
             dials_compat.set_constrained_cell_covariance(refiner, [m.crystal for m in static])
         job.static_esd = _cell_esd(static[0].crystal)
         _write_back(table, sel, work)
@@ -972,7 +984,7 @@ class ContinuousModel(CrystalModel):
             widths.append(smoother.interval_width_degrees)
         static_only = set()
         if len(models) > 1:
-            one_cell(rp, models[0].crystal)
+            self._one_cell(rp, models[0].crystal)
             table = job.table
             ok = self._refinable(table)
             for g, model in enumerate(models):
@@ -1145,7 +1157,7 @@ class ContinuousModel(CrystalModel):
         if not self.scan_varying_cell:
             if len(models) == 1:
                 dials_compat.set_static_cell_covariance(refiner, models[0].crystal)
-            else:
+            elif self.sweep_cells == "shared":
                 dials_compat.set_constrained_cell_covariance(refiner, [m.crystal for m in models])
         _write_back(job.table, sel, work)
         self._restore_edge_phi(job)
