@@ -184,6 +184,13 @@ scaling
   anomalous = False
     .type = bool
     .help = "Keep Friedel pairs separate in scaling and merging statistics."
+  model = *auto physical KB
+    .type = choice
+    .help = "DIALS' scaling model (dials.scale model=): auto leaves the choice to"
+            "DIALS (physical for rotation data: scale and decay, absorption on wide"
+            "sweeps); KB (one scale and one B per block) stays sane where a few"
+            "dozen reflections of low multiplicity cannot fix the physical model"
+            "(sparse wedges: docs/scaling.md)."
   d_min = None
     .type = float(value_min=0)
     .help = "High resolution limit for scaling and merging (overrides"

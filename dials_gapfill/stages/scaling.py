@@ -119,6 +119,8 @@ def determine_symmetry(experiments, reflections):
 def _scale_params(params, d_min=None):
     sp = defaults(scale_phil)
     sp.anomalous = params.scaling.anomalous
+    if params.scaling.model != "auto":
+        sp.model = params.scaling.model
     if d_min:
         sp.cut_data.d_min = d_min
     sp.output.html = None
