@@ -24,6 +24,7 @@ import re
 import shlex
 
 import iotbx.phil
+import libtbx
 from dials.algorithms.integration.integrator import phil_scope as integrator_phil
 from dials.algorithms.profile_model.factory import phil_scope as profile_phil
 from dials.algorithms.spot_finding.factory import phil_scope as spotfinder_phil
@@ -666,10 +667,28 @@ def params_from(params=None):
     if isinstance(params, str):
         # PHIL text (e.g. a .phil file's content), else command-line words
         if not _has_unknown(params):
-            return master_phil().fetch(source=iotbx.phil.parse(params)).extract()
+            return auto_as_word(master_phil().fetch(source=iotbx.phil.parse(params)).extract())
         return _from_args(shlex.split(params))
     if isinstance(params, (list, tuple)):
         return _from_args(list(params))
+    return auto_as_word(params)
+
+
+# this project's choices whose first word is auto: PHIL extracts a typed
+# `auto` as libtbx's Auto but the default as the word, and the code compares
+# words (DIALS' own choices are left as DIALS reads them)
+AUTO_CHOICES = ("scaling.model", "output.progress", "integration.profile_model")
+
+
+def auto_as_word(params):
+    """params, with AUTO_CHOICES given as Auto set to the word "auto"."""
+    for path in AUTO_CHOICES:
+        *names, leaf = path.split(".")
+        scope = params
+        for name in names:
+            scope = getattr(scope, name, None)
+        if scope is not None and getattr(scope, leaf, None) is libtbx.Auto:
+            setattr(scope, leaf, "auto")
     return params
 
 
@@ -691,14 +710,14 @@ def _from_args(args):
         except Exception as e:
             raise GapfillError(f"cannot use {arg!r}: {' '.join(str(e).split())}") from None
     try:
-        return master_phil().fetch(sources=sources).extract()
+        return auto_as_word(master_phil().fetch(sources=sources).extract())
     except Exception as e:
         raise GapfillError(f"bad parameter value: {' '.join(str(e).split())}") from None
 
 
 def working_params(text: str = ""):
     """Extract of the master scope with `text` (PHIL) applied."""
-    return master_phil().fetch(source=iotbx.phil.parse(text)).extract()
+    return auto_as_word(master_phil().fetch(source=iotbx.phil.parse(text)).extract())
 
 
 # --------------------------------------------------------------------------

@@ -62,6 +62,30 @@ def test_short_forms_and_phil_files_combine(tmp_path):
     assert "tie_cells = False" in diff and "nproc = 3" in diff
 
 
+def test_a_typed_auto_is_the_default(tmp_path):
+    """PHIL extracts a typed `auto` as libtbx's Auto but the default as the
+    word; the code compares words, so every one of this project's choices
+    that offers auto must read the same either way, on every way in."""
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.phil import AUTO_CHOICES, master_phil, params_from
+
+    def value(params, path):
+        for name in path.split("."):
+            params = getattr(params, name)
+        return params
+
+    own = [d.path for d in master_phil().all_definitions()
+           if d.object.type.phil_type == "choice" and d.path.startswith(("scaling.", "output.", "integration.p"))
+           and "*auto" in [w.value for w in d.object.words]]
+    assert sorted(own) == sorted(AUTO_CHOICES)
+    typed = [f"{path}=auto" for path in AUTO_CHOICES]
+    f = tmp_path / "auto.phil"
+    f.write_text("\n".join(t.replace("=", " = ") for t in typed) + "\n")
+    for params in (params_from(typed), params_from("\n".join(typed)), parse(typed, master_phil())[0],
+                   parse([str(f)], master_phil())[0]):
+        assert [value(params, p) for p in AUTO_CHOICES] == ["auto"] * len(AUTO_CHOICES)
+
+
 def _summary(out):
     return json.load(open(os.path.join(out, "dials.process_gapped.json")))
 

@@ -138,7 +138,7 @@ def parse(args, phil):
     """(params, options, image arguments, diff phil text) as DIALS parses them."""
     from dials.util.options import ArgumentParser  # (DIALS is known to be installed here)
 
-    from dials_gapfill.phil import rewrite_aliases
+    from dials_gapfill.phil import auto_as_word, rewrite_aliases
 
     for arg in args:
         if _is_phil_file(arg) and not arg.startswith("-"):
@@ -177,7 +177,7 @@ def parse(args, phil):
             if err is not None:
                 raise err
         images.append(arg)
-    return params, options, images, parser.diff_phil.as_str()
+    return auto_as_word(params), options, images, parser.diff_phil.as_str()
 
 
 def _stop_workers() -> None:
