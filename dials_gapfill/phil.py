@@ -187,11 +187,12 @@ scaling
     .help = "Keep Friedel pairs separate in scaling and merging statistics."
   model = *auto physical KB
     .type = choice
-    .help = "DIALS' scaling model (dials.scale model=): auto leaves the choice to"
-            "DIALS (physical for rotation data: scale and decay, absorption on wide"
-            "sweeps); KB (one scale and one B per block) stays sane where a few"
-            "dozen reflections of low multiplicity cannot fix the physical model"
-            "(sparse wedges: docs/scaling.md)."
+    .help = "DIALS' scaling model (dials.scale model=): auto takes DIALS' choice"
+            "(physical for rotation data: scale and decay, absorption on wide"
+            "sweeps), and with two or more blocks scales again with KB where that"
+            "model diverged (scale factors below 0.001: sparse wedges,"
+            "docs/scaling.md); physical or KB as given (KB needs two or more"
+            "blocks: one scale and one B per block)."
   d_min = None
     .type = float(value_min=0)
     .help = "High resolution limit for scaling and merging (overrides"

@@ -45,7 +45,17 @@ class Stage:
     run: Callable  # State -> Record or None
     runs: Callable = _always  # params -> whether it runs
     checks: Callable | None = None  # (experiments, reflections, params) -> warnings, after it
+    ready: Callable | None = None  # State -> None: refuses, once the blocks are known, what they make impossible
 
+
+def _scaling_ready(state) -> None:
+    scaling.check_blocks(len(state.experiments), state.params)
+
+
+# the first stage whose work is worth saving: later stages' `ready` checks run
+# before it, when bad images have split the blocks (dropping a block later can
+# still make a check fail, at its own stage)
+READY_BEFORE = "indexing"
 
 STAGES = [
     Stage("import", importer.run),
@@ -56,7 +66,7 @@ STAGES = [
     Stage("refinement", refinement.run, checks=sanity.refinement_warnings),
     Stage("integration", integration.run, checks=sanity.integration_warnings),
     Stage("export", export.run),
-    Stage("scaling", scaling.run, lambda p: p.scaling.run),
+    Stage("scaling", scaling.run, lambda p: p.scaling.run, ready=_scaling_ready),
 ]
 
 
@@ -79,6 +89,10 @@ class Pipeline:
         for stage in STAGES:
             if stage.name == stop_before:
                 break
+            if stage.name == READY_BEFORE:
+                for later in STAGES[STAGES.index(stage):]:
+                    if later.ready is not None and later.runs(state.params):
+                        later.ready(state)
             if not stage.runs(state.params):
                 continue
             logger.info("")

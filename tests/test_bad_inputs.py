@@ -344,6 +344,11 @@ def _case_shelx_file_is_another_output(tiny, tmp_path):
         "output.shelx_name and output.mtz are both 'scaled.hkl'", "different names"]
 
 
+def _case_kb_scaling_of_one_block(tiny, tmp_path):
+    # known only once the blocks are: refused after spot finding, before indexing
+    return [tiny, "scale=True", "scaling.model=KB"], ["scaling.model=KB", "two or more blocks", "scaling.model=auto"]
+
+
 def _case_bravais_lattice_unknown(tiny, tmp_path):
     return [tiny, "indexing.bravais_lattice=oQ"], ["indexing.bravais_lattice=oQ", "oP"]
 
@@ -374,6 +379,8 @@ SLOW_CASES = {"indexing_impossible", "space_group_incompatible", "all_blank", "a
 # the parameter checks run in this process (below); these few also through the
 # command line, for its exit code, stderr and untouched folder
 VALIDATION_ON_THE_COMMAND_LINE = {"partiality_threshold_above_one", "output_names_collide"}
+# refused once the blocks are known, before the work that is worth saving
+BEFORE_INDEXING = {"kb_scaling_of_one_block"}
 
 
 @pytest.mark.parametrize("case", sorted(VALIDATION_CASES))
@@ -409,6 +416,9 @@ def test_fatal_bad_input(case, tiny, tmp_path):
         # refused before anything was read or written: not even a log
         assert sorted(os.listdir(out)) == sorted(PRODUCTS), os.listdir(out)
         assert "log of this run" not in result.stderr
+    if case in BEFORE_INDEXING:
+        log = open(os.path.join(out, FAILED_LOG)).read()
+        assert "=== Spot finding ===" in log and "=== Indexing ===" not in log
 
 
 def test_validation_comes_before_reading_images(tmp_path):

@@ -109,6 +109,17 @@ def test_scaling_in_process(processed):
     s = summary["scaling"]
     assert s["cc_half"][0] >= 0.95
     assert s["multiplicity"][0] > 1.5
+    # DIALS' physical model, as dials.scale chooses it: no scale factor below
+    # 0.001 on three blocks of 35-40 images (the sign of divergence that
+    # would have KB tried)
+    assert s["model"]["requested"] == "auto" and s["model"]["used"] == "physical", s["model"]
+    assert s["model"]["small_scales"] == 0 and s["model"]["kept"] > 25000, s["model"]
+    assert "replaced" not in s["model"]
+    import jsonschema
+
+    schema = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dials_gapfill", "report",
+                          "summary_schema.json")
+    jsonschema.validate(summary, json.load(open(schema)))
     # the space group was determined (orthorhombic, primitive)
     assert s["symmetry"]["determined"] and s["symmetry"]["space_group"].startswith("P 2")
     merged, col = _mtz(os.path.join(d, "merged.mtz"))

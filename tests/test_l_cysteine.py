@@ -330,7 +330,8 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
     about normalising them, and dials.merge's about Wilson statistics on all
     60 images (kept there too), reach the log as one line, without a
     traceback.  The wedges as integrated now, with and without the images
-    left out, are scaled to the edge of the data."""
+    left out, are scaled to the edge of the data.  On all 60 images DIALS'
+    physical model diverges and the run scales with KB instead."""
     import logging
 
     import gemmi
@@ -352,15 +353,18 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
         reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
         params = params_from(["scale=True", f"output.directory={tmp_path / name}"]
                              + ([f"scaling.resolution.misigma={misigma}"] if misigma else [])
-                             + (["shelx=True"] if name == "complete" else []))
+                             + (["shelx=True"] if name == "complete" else [])
+                             # DIALS' physical model as it came out: 54 reflections
+                             # kept, too few for dials.merge's Wilson statistics
+                             + (["scaling.model=physical"] if name == "complete_kept" else []))
         outputs = Outputs(str(tmp_path / name))
         outputs.check_writable()
         caplog.clear()
         with caplog.at_level(logging.INFO):
-            _, record = scale(experiments, reflections, params, outputs)
+            (_, joint), record = scale(experiments, reflections, params, outputs)
         outputs.commit()
-        results[name] = (record.scaling, record.warnings, list(caplog.records), record.files)
-    default, warnings, records, _ = results["default"]
+        results[name] = (record.scaling, record.warnings, list(caplog.records), record.files, joint)
+    default, warnings, records, _, _ = results["default"]
     cut = results["cc_half_only"][0]
     # CC½ above 0.3 as far as it can be measured, well inside the data
     assert cut["resolution"]["method"] == "cc_half" and not cut["resolution"]["crossed"]
@@ -377,7 +381,8 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
     assert default["symmetry"]["likelihood"] < 0.5
     assert any("Laue group" in w and "uncertain" in w for w in warnings), warnings
     # DIALS' own messages kept, their tracebacks not: the normalisation in
-    # dials.symmetry, and (all 60 images) the Wilson statistics in dials.merge
+    # dials.symmetry, and (all 60 images, physical model) the Wilson
+    # statistics in dials.merge
     complete_records = results["complete_kept"][2]
     assert [r for r in records if "normalise the intensities" in r.getMessage()]
     assert [r for r in complete_records if "Wilson statistics" in r.getMessage()]
@@ -402,19 +407,31 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
     final = _summary(ours["complete"])["crystal"]["final"]
     assert ins["ZERR"][1:4] == pytest.approx(final["unit_cell_esd"][:3], abs=1e-4)
     assert ins["ZERR"][4:] == [0, 0, 0]  # an orthorhombic Laue group (measured: P m m m)
-    # scaling.model=KB on the same wedges: every observation above the
-    # partiality cut-off scaled, by factors near one (DIALS' physical model,
-    # the default, measured: 54 of 117 kept, factors -3.2 to 21.6)
+    # all 60 images: DIALS' physical model (dials.scale's choice) diverges on
+    # the wedges (measured: 63 scale factors below 0.001, 54 of 117 kept,
+    # factors -3.2 to 21.6), so the run scales with KB, said as a warning:
+    # every observation above the partiality cut-off scaled, by factors near
+    # one
+    scaling, warnings, _, _, joint = results["complete"]
+    model = scaling["model"]
+    assert model["requested"] == "auto" and model["used"] == "KB", model
+    assert model["replaced"]["used"] == "physical" and model["replaced"]["small_scales"] > 10, model
+    assert model["small_scales"] == 0, model
+    assert any("scaling model (physical) diverged" in w and "scaled with KB" in w for w in warnings), warnings
+    good = ~joint.get_flags(joint.flags.bad_for_scaling, all=False)
+    above = joint["partiality"] >= 0.4
+    assert good.count(True) == (above & good).count(True) == above.count(True) == model["kept"] > 100, model
+    assert model["replaced"]["kept"] < 0.6 * model["kept"], model
+    factors = np.array(joint["inverse_scale_factor"].select(good))
+    assert 0.1 < factors.min() and factors.max() < 10, (factors.min(), factors.max())
+    assert scaling["cc_half"][0] > 0.99, scaling["cc_half"]
+    assert files["scaled.mtz"]["reflections"] == model["kept"]
+    # scaling.model=physical keeps DIALS' model as it came out
     experiments = ExperimentListFactory.from_json_file(os.path.join(ours["complete"], "integrated.expt"),
                                                        check_format=False)
     reflections = flex.reflection_table.from_file(os.path.join(ours["complete"], "integrated.refl"))
-    (_, joint), record = scale(experiments, reflections, params_from(["scale=True", "scaling.model=KB"]), None)
-    good = ~joint.get_flags(joint.flags.bad_for_scaling, all=False)
-    above = joint["partiality"] >= 0.4
-    assert good.count(True) == (above & good).count(True) == above.count(True) > 100, (good.count(True), above.count(True))
-    factors = np.array(joint["inverse_scale_factor"].select(good))
-    assert 0.1 < factors.min() and factors.max() < 10, (factors.min(), factors.max())
-    assert record.scaling["cc_half"][0] > 0.99, record.scaling["cc_half"]
+    _, record = scale(experiments, reflections, params_from(["scale=True", "scaling.model=physical"]), None)
+    assert record.scaling["model"] == {"requested": "physical", **model["replaced"]}
 
 
 @pytest.mark.slow

@@ -997,6 +997,15 @@ def _overview(data) -> list:
     symmetry = scaling.get("symmetry") or {}
     if symmetry.get("space_group"):
         row("Space group (scaling)", symmetry.get("space_group"))
+    model = scaling.get("model") or {}
+    if model.get("used"):
+        text = f"{model['used']}, {_fmt(model.get('kept'), 'd')} observations kept"
+        replaced = model.get("replaced")
+        if isinstance(replaced, dict):
+            text += (f" (DIALS' choice, {replaced.get('used')}, diverged: "
+                     f"{_fmt(replaced.get('small_scales'), 'd')} scale factors below 0.001, "
+                     f"{_fmt(replaced.get('kept'), 'd')} kept)")
+        row("Scaling model", text, warning=isinstance(replaced, dict))
     if totals:
         row(
             "Reflections",

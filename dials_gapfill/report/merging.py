@@ -29,7 +29,9 @@ def merging_table(scaling: dict) -> str:
     """DIALS' table of scaling (the summary's dict); undefined values blank."""
     sym = scaling.get("symmetry", {})
     stats = {label: scaling[key] for key, label in LABELS.items() if scaling.get(key)}
-    text = format_statistics(stats, caption=f"Merging statistics (space group {sym.get('space_group', '?')}):")
+    model = (scaling.get("model") or {}).get("used")
+    caption = f"space group {sym.get('space_group', '?')}" + (f", scaling model {model}" if model else "")
+    text = format_statistics(stats, caption=f"Merging statistics ({caption}):")
     resolution = scaling.get("resolution") or {}
     if resolution.get("message"):
         text += f"Resolution limit: {resolution['message']}"

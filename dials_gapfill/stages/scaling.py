@@ -116,17 +116,30 @@ def determine_symmetry(experiments, reflections):
     return work, joint, record
 
 
-def _scale_params(params, d_min=None):
+def _scale_params(params, d_min=None, model=None):
     sp = defaults(scale_phil)
     sp.anomalous = params.scaling.anomalous
-    if params.scaling.model != "auto":
-        sp.model = params.scaling.model
+    model = model or params.scaling.model
+    if model != "auto":
+        sp.model = model
     if d_min:
         sp.cut_data.d_min = d_min
     sp.output.html = None
     sp.output.json = None
     sp.output.delete_integration_shoeboxes = True
     return sp
+
+
+def check_blocks(n_blocks, params) -> None:
+    """Refuse KB for one block: KB scales each block relative to the others,
+    and one block's scale and B are undetermined.  DIALS 3.12 goes on and
+    diverges (weak simulated sweep: I/σ 0.15 against 32 with the physical
+    model); later DIALS refuses it (dials/dials#2974)."""
+    if params.scaling.run and params.scaling.model == "KB" and n_blocks < 2:
+        raise GapfillError(
+            "scaling.model=KB needs two or more blocks or sweeps (a scale and B for each, relative to the "
+            "others), and this run has one: use scaling.model=auto or physical"
+        )
 
 
 def cc_half_threshold(params):
@@ -540,39 +553,71 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None):
                 )
                 record.warn(msg)
                 logger.warning("Warning: %s", msg)
+    check_blocks(len(experiments), params)
     logger.info("Scaling %d block(s) in %s", len(experiments), symmetry["space_group"])
     user_d_min = params.scaling.d_min
     automatic = not user_d_min and any(
         t is not None for t in (cc_half_threshold(params), completeness_threshold(params), falloff_threshold(params))
     )
-    unscaled = (copy.deepcopy(experiments), copy.deepcopy(reflections)) if automatic else None
+    may_fall_back = params.scaling.model == "auto" and len(experiments) > 1
+    unscaled = (copy.deepcopy(experiments), copy.deepcopy(reflections)) if automatic or may_fall_back else None
 
-    def run_scaling(d_min, experiments, reflections):
-        sp = _scale_params(params, d_min)
+    def run_scaling(d_min, experiments, reflections, model=None):
+        sp = _scale_params(params, d_min, model)
         try:
             algorithm = ScalingAlgorithm(sp, experiments, [reflections])
             algorithm.run()
             stats, anom = algorithm.merging_statistics_result, algorithm.anom_merging_statistics_result
+            cutoff = sp.cut_data.small_scale_cutoff
+            small = sum((t["inverse_scale_factor"] < cutoff).count(True) for t in algorithm.reflections)
             experiments, joint = algorithm.finish()
         except (ValueError, RuntimeError, AssertionError) as e:
             raise GapfillError(
                 f"scaling failed: {' '.join(str(e).split())[:200]}: run without scaling.run "
                 "and scale integrated.expt/integrated.refl with dials.scale"
             ) from None
-        return sp, stats, anom, experiments, joint
+        counts = {
+            "used": ", ".join(sorted({e.scaling_model.id_ for e in experiments})),  # DIALS' auto: KB below 1 deg
+            "small_scales": small,
+            "kept": (~joint.get_flags(joint.flags.bad_for_scaling, all=False)).count(True),
+        }
+        return sp, stats, anom, experiments, joint, counts
 
-    sp, stats, anom, scaled_experiments, joint = run_scaling(user_d_min, experiments, reflections)
+    chosen = None  # the model given to DIALS: scaling.model, or KB after a fall-back
+    sp, stats, anom, scaled_experiments, joint, counts = run_scaling(user_d_min, experiments, reflections)
+    replaced = None
+    if may_fall_back and counts["small_scales"] > 0:
+        # DIALS' own sign that its model diverged: it leaves out every
+        # observation whose scale factor came out below 0.001 and warns "it
+        # may be best to rerun scaling".  A smooth scale and decay go there
+        # only where too few, too rarely repeated observations leave them
+        # free (sparse wedges); KB has two parameters per block.
+        alternative = run_scaling(user_d_min, *copy.deepcopy(unscaled), model="KB")
+        if alternative[-1]["small_scales"] < counts["small_scales"]:
+            chosen, replaced = "KB", counts
+            sp, stats, anom, scaled_experiments, joint, counts = alternative
     resolution = choose_resolution(params, scaled_experiments, joint)
     if resolution["method"] in ("cc_half", "misigma", "completeness", "completeness_falloff"):
         for attempt in range(RECHECKS + 1):
             logger.info("Scaling again with the resolution limit: %s", resolution["message"])
-            sp, stats, anom, scaled_experiments, joint = run_scaling(resolution["d_min"], *copy.deepcopy(unscaled))
+            sp, stats, anom, scaled_experiments, joint, counts = run_scaling(
+                resolution["d_min"], *copy.deepcopy(unscaled), model=chosen)
             if not recheck_falloff(params, resolution, scaled_experiments, joint, move=attempt < RECHECKS):
                 break
-    del unscaled
+    model = {"requested": params.scaling.model, **counts}
+    if replaced is not None:
+        model["replaced"] = replaced
+        msg = (
+            f"DIALS' scaling model ({replaced['used']}) diverged: {replaced['small_scales']} scale factors below "
+            f"{sp.cut_data.small_scale_cutoff:g} (left out), {replaced['kept']} observations kept; scaled with KB "
+            f"instead (one scale and B per block: {counts['kept']} kept)"
+        )
+        record.warn(msg)
+        logger.warning("Warning: %s", msg)
+    unscaled = None  # (memory)
     experiments = scaled_experiments
     logger.info("Resolution limit: %s", resolution["message"])
-    summary = {"symmetry": symmetry, "blocks": len(experiments), "resolution": resolution}
+    summary = {"symmetry": symmetry, "blocks": len(experiments), "model": model, "resolution": resolution}
     if stats is not None:
         summary.update(merging_summary(stats, anom if params.scaling.anomalous else None))
         overall = summary["cc_half"][0]
@@ -585,7 +630,9 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None):
             record.warn(msg)
             logger.warning("Warning: %s", msg)
     record.scaling = summary
-    esd = cell_esd_in(integrated, experiments[0].crystal) if one_cell else None
+    # before the MTZ export, which rotates the crystals into the Cambridge frame
+    # (cell_esd_in takes both crystals in one frame)
+    esd = cell_esd_in(integrated, experiments[0].crystal) if one_cell and params.output.shelx else None
 
     if outputs is not None:
         for exp in experiments:  # (copies) BATCH = image number; blocks are separated by gaps
