@@ -365,3 +365,30 @@ def test_no_falloff_cut_without_corner_loss(tiny, tmp_path_factory):
     assert 3.8 <= s["d_min"][0] < 3.9
     outer, median = _outer_and_median(s["shells"])
     assert outer >= FALLOFF * median, (outer, median)
+
+
+@pytest.mark.parametrize("bad_image", [None, 20])
+def test_kb_needs_two_blocks_as_the_bad_images_leave_them(tiny_sweeps, bad_image):
+    """scaling.model=KB is judged on the blocks the bad-image stage leaves,
+    before indexing: the whole tiny sweep is one block (refused, nothing
+    indexed); a zero image found in its middle splits it in two (accepted,
+    indexing runs on both)."""
+    import glob
+
+    from dials_gapfill import pipeline
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import params_from
+
+    folder = tiny_sweeps.make(bad={bad_image: "zero"} if bad_image else None, name=f"kb_{bad_image}")
+    params = params_from(["scale=True", "scaling.model=KB", "nproc=2"])
+    run = pipeline.Pipeline(params, sorted(glob.glob(os.path.join(folder, "*.cbf"))))
+    if bad_image is None:
+        with pytest.raises(GapfillError, match="scaling.model=KB needs two or more blocks"):
+            run.run(stop_before="refinement")
+        assert [s["name"] for s in run.state.report.stages] == ["import", "spot finding", "bad images",
+                                                                 "detector checks"]
+        return
+    state = run.run(stop_before="refinement")
+    assert [e.scan.get_image_range() for e in state.experiments] == [(1, 19), (21, 40)]
+    assert "indexing" in [s["name"] for s in state.report.stages]
+    assert state.reflections.get_flags(state.reflections.flags.indexed).count(True) > 100
