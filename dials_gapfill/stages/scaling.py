@@ -37,6 +37,7 @@ import math
 import os
 import statistics
 import tempfile
+import typing
 
 import iotbx.mtz
 import numpy
@@ -517,6 +518,158 @@ def merging_summary(stats, anom=None) -> dict:
     return out
 
 
+class _Scaled(typing.NamedTuple):
+    """One run of DIALS' ScalingAlgorithm: its parameters, merging statistics,
+    scaled experiments and joint table, and what the summary counts."""
+
+    params: object
+    stats: object
+    anom: object
+    experiments: ExperimentList
+    joint: flex.reflection_table
+    counts: dict
+
+
+def _run_scaling(params, d_min, experiments, reflections, model=None) -> _Scaled:
+    """DIALS' ScalingAlgorithm on all blocks (as dials.scale runs it)."""
+    sp = _scale_params(params, d_min, model)
+    try:
+        algorithm = ScalingAlgorithm(sp, experiments, [reflections])
+        algorithm.run()
+        stats, anom = algorithm.merging_statistics_result, algorithm.anom_merging_statistics_result
+        cutoff = sp.cut_data.small_scale_cutoff
+        small = sum((t["inverse_scale_factor"] < cutoff).count(True) for t in algorithm.reflections)
+        experiments, joint = algorithm.finish()
+    except (ValueError, RuntimeError, AssertionError) as e:
+        raise GapfillError(
+            f"scaling failed: {' '.join(str(e).split())[:200]}: run without scaling.run "
+            "and scale integrated.expt/integrated.refl with dials.scale"
+        ) from None
+    counts = {
+        "used": ", ".join(sorted({e.scaling_model.id_ for e in experiments})),  # DIALS' auto: KB below 1 deg
+        "small_scales": small,
+        "kept": (~joint.get_flags(joint.flags.bad_for_scaling, all=False)).count(True),
+    }
+    return _Scaled(sp, stats, anom, experiments, joint, counts)
+
+
+def _symmetry(experiments, reflections, params, record):
+    """(experiments, reflections, symmetry): as dials.symmetry finds it when
+    indexing ran in P1 without a known space group; else as indexed."""
+    symmetry = {
+        "space_group": str(experiments[0].crystal.get_space_group().info()),
+        "determined": False,
+    }
+    if experiments[0].crystal.get_space_group().type().number() != 1 or (
+        params.indexing.known_symmetry.space_group is not None
+    ):
+        return experiments, reflections, symmetry
+    logger.info("Determining the Laue group and space group (as dials.symmetry)")
+    try:
+        experiments, reflections, symmetry = determine_symmetry(experiments, reflections)
+    except (ValueError, RuntimeError, AssertionError, IndexError) as e:
+        record.warn(f"symmetry determination failed ({e}); scaling in P1")
+        logger.warning("Symmetry determination failed (%s); scaling in P 1", e)
+    else:
+        if symmetry["likelihood"] < LAUE_LIKELIHOOD_WARN:
+            # dials.symmetry takes its best candidate however weak; on a few
+            # dozen reflections (sparse wedges) it is close to a guess
+            msg = (
+                f"the Laue group {symmetry['laue_group']} is uncertain (dials.symmetry's likelihood "
+                f"{symmetry['likelihood']:.2f}): the merging statistics assume it; give "
+                "indexing.known_symmetry.space_group= if it is known"
+            )
+            record.warn(msg)
+            logger.warning("Warning: %s", msg)
+    return experiments, reflections, symmetry
+
+
+def _scale_choosing_the_model(params, d_min, unscaled, experiments, reflections):
+    """(scaled, the model given to DIALS, the counts of the model replaced or
+    None).  With scaling.model=auto and several blocks, DIALS' own choice is
+    replaced by KB when that leaves fewer observations out for a scale
+    factor below DIALS' small_scale_cutoff."""
+    scaled = _run_scaling(params, d_min, experiments, reflections)
+    if unscaled is None or scaled.counts["small_scales"] == 0:
+        return scaled, None, None
+    # DIALS' own sign that its model diverged: it leaves out every
+    # observation whose scale factor came out below 0.001 and warns "it
+    # may be best to rerun scaling".  A smooth scale and decay go there
+    # only where too few, too rarely repeated observations leave them
+    # free (sparse wedges); KB has two parameters per block.
+    alternative = _run_scaling(params, d_min, *copy.deepcopy(unscaled), model="KB")
+    if alternative.counts["small_scales"] < scaled.counts["small_scales"]:
+        return alternative, "KB", scaled.counts
+    return scaled, None, None
+
+
+def _scale_at_the_limit(params, scaled, unscaled, model):
+    """(scaled, resolution): the resolution limit chosen on the scaled data
+    and, where a criterion set it, the blocks scaled again with it (the
+    limit moving inward while the completeness falloff asks)."""
+    resolution = choose_resolution(params, scaled.experiments, scaled.joint)
+    if resolution["method"] in ("cc_half", "misigma", "completeness", "completeness_falloff"):
+        for attempt in range(RECHECKS + 1):
+            logger.info("Scaling again with the resolution limit: %s", resolution["message"])
+            scaled = _run_scaling(params, resolution["d_min"], *copy.deepcopy(unscaled), model=model)
+            if not recheck_falloff(params, resolution, scaled.experiments, scaled.joint, move=attempt < RECHECKS):
+                break
+    return scaled, resolution
+
+
+def _model_summary(params, scaled, replaced, record) -> dict:
+    """The JSON's scaling.model, with the warning when KB replaced DIALS' choice."""
+    model = {"requested": params.scaling.model, **scaled.counts}
+    if replaced is not None:
+        model["replaced"] = replaced
+        msg = (
+            f"DIALS' scaling model ({replaced['used']}) diverged: {replaced['small_scales']} scale factors below "
+            f"{scaled.params.cut_data.small_scale_cutoff:g} (left out), {replaced['kept']} observations kept; "
+            f"scaled with KB instead (one scale and B per block: {scaled.counts['kept']} kept)"
+        )
+        record.warn(msg)
+        logger.warning("Warning: %s", msg)
+    return model
+
+
+def _write_outputs(params, scaled, outputs, batch_offsets, esd, summary, record) -> None:
+    """scaled.mtz, merged.mtz and (shelx) the SHELX pair, as dials.export and
+    dials.merge write them from the scaled data."""
+    sp, experiments, joint = scaled.params, scaled.experiments, scaled.joint
+    for exp in experiments:  # (copies) BATCH = image number; blocks are separated by gaps
+        exp.scan.set_batch_offset(0)
+    ep = defaults(export_phil)
+    ep.intensity = ["scale"]
+    ep.mtz.partiality_threshold = sp.cut_data.partiality_cutoff
+    if sp.cut_data.d_min:
+        ep.mtz.d_min = sp.cut_data.d_min
+    out = params.output
+    offsets = [batch_offsets[e.identifier] for e in experiments] if batch_offsets else None
+
+    def write_unmerged(path):
+        ep.mtz.hklout = path
+        with dials_compat.mtz_batch_offsets(offsets) if offsets else contextlib.nullcontext(), \
+                dials_compat.crystals_differ_explained():
+            export_mtz(ep, experiments, [joint])
+
+    n_scaled = iotbx.mtz.object(outputs.write(out.scaled_mtz, write_unmerged)).n_reflections()
+    record.files.append({"name": out.scaled_mtz, "kind": "scaled unmerged mtz", "reflections": n_scaled})
+    mp = defaults(merge_phil)
+    mp.assess_space_group = False
+    mp.anomalous = params.scaling.anomalous
+    mp.output.html = None
+    mp.partiality_threshold = sp.cut_data.partiality_cutoff
+    if sp.cut_data.d_min:
+        mp.d_min = sp.cut_data.d_min
+    with dials_compat.symmetry_and_merging_without_tracebacks():
+        mtz = merge_data_to_mtz(mp, experiments, [joint])
+    outputs.write(out.merged_mtz, lambda path: mtz.write(path))
+    summary["merged_reflections"] = mtz.n_reflections()
+    record.files.append({"name": out.merged_mtz, "kind": "merged mtz", "reflections": mtz.n_reflections()})
+    if out.shelx:
+        record.files.extend(write_shelx(ep, experiments, joint, out.shelx_name, outputs, esd))
+
+
 def scale(experiments, reflections, params, outputs, batch_offsets=None):
     """Scale, merge and (if outputs) write scaled.mtz and merged.mtz:
     ((scaled experiments, reflections), Record).  batch_offsets: experiment
@@ -529,30 +682,7 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None):
     one_cell = numpy.ptp(cells, axis=0).max() < 1e-5  # the blocks share one cell (its esds: the crystal's)
     if "shoebox" in reflections:
         del reflections["shoebox"]
-    symmetry = {
-        "space_group": str(experiments[0].crystal.get_space_group().info()),
-        "determined": False,
-    }
-    if experiments[0].crystal.get_space_group().type().number() == 1 and (
-        params.indexing.known_symmetry.space_group is None
-    ):
-        logger.info("Determining the Laue group and space group (as dials.symmetry)")
-        try:
-            experiments, reflections, symmetry = determine_symmetry(experiments, reflections)
-        except (ValueError, RuntimeError, AssertionError, IndexError) as e:
-            record.warn(f"symmetry determination failed ({e}); scaling in P1")
-            logger.warning("Symmetry determination failed (%s); scaling in P 1", e)
-        else:
-            if symmetry["likelihood"] < LAUE_LIKELIHOOD_WARN:
-                # dials.symmetry takes its best candidate however weak; on a few
-                # dozen reflections (sparse wedges) it is close to a guess
-                msg = (
-                    f"the Laue group {symmetry['laue_group']} is uncertain (dials.symmetry's likelihood "
-                    f"{symmetry['likelihood']:.2f}): the merging statistics assume it; give "
-                    "indexing.known_symmetry.space_group= if it is known"
-                )
-                record.warn(msg)
-                logger.warning("Warning: %s", msg)
+    experiments, reflections, symmetry = _symmetry(experiments, reflections, params, record)
     check_blocks(len(experiments), params)
     logger.info("Scaling %d block(s) in %s", len(experiments), symmetry["space_group"])
     user_d_min = params.scaling.d_min
@@ -561,65 +691,15 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None):
     )
     may_fall_back = params.scaling.model == "auto" and len(experiments) > 1
     unscaled = (copy.deepcopy(experiments), copy.deepcopy(reflections)) if automatic or may_fall_back else None
-
-    def run_scaling(d_min, experiments, reflections, model=None):
-        sp = _scale_params(params, d_min, model)
-        try:
-            algorithm = ScalingAlgorithm(sp, experiments, [reflections])
-            algorithm.run()
-            stats, anom = algorithm.merging_statistics_result, algorithm.anom_merging_statistics_result
-            cutoff = sp.cut_data.small_scale_cutoff
-            small = sum((t["inverse_scale_factor"] < cutoff).count(True) for t in algorithm.reflections)
-            experiments, joint = algorithm.finish()
-        except (ValueError, RuntimeError, AssertionError) as e:
-            raise GapfillError(
-                f"scaling failed: {' '.join(str(e).split())[:200]}: run without scaling.run "
-                "and scale integrated.expt/integrated.refl with dials.scale"
-            ) from None
-        counts = {
-            "used": ", ".join(sorted({e.scaling_model.id_ for e in experiments})),  # DIALS' auto: KB below 1 deg
-            "small_scales": small,
-            "kept": (~joint.get_flags(joint.flags.bad_for_scaling, all=False)).count(True),
-        }
-        return sp, stats, anom, experiments, joint, counts
-
-    chosen = None  # the model given to DIALS: scaling.model, or KB after a fall-back
-    sp, stats, anom, scaled_experiments, joint, counts = run_scaling(user_d_min, experiments, reflections)
-    replaced = None
-    if may_fall_back and counts["small_scales"] > 0:
-        # DIALS' own sign that its model diverged: it leaves out every
-        # observation whose scale factor came out below 0.001 and warns "it
-        # may be best to rerun scaling".  A smooth scale and decay go there
-        # only where too few, too rarely repeated observations leave them
-        # free (sparse wedges); KB has two parameters per block.
-        alternative = run_scaling(user_d_min, *copy.deepcopy(unscaled), model="KB")
-        if alternative[-1]["small_scales"] < counts["small_scales"]:
-            chosen, replaced = "KB", counts
-            sp, stats, anom, scaled_experiments, joint, counts = alternative
-    resolution = choose_resolution(params, scaled_experiments, joint)
-    if resolution["method"] in ("cc_half", "misigma", "completeness", "completeness_falloff"):
-        for attempt in range(RECHECKS + 1):
-            logger.info("Scaling again with the resolution limit: %s", resolution["message"])
-            sp, stats, anom, scaled_experiments, joint, counts = run_scaling(
-                resolution["d_min"], *copy.deepcopy(unscaled), model=chosen)
-            if not recheck_falloff(params, resolution, scaled_experiments, joint, move=attempt < RECHECKS):
-                break
-    model = {"requested": params.scaling.model, **counts}
-    if replaced is not None:
-        model["replaced"] = replaced
-        msg = (
-            f"DIALS' scaling model ({replaced['used']}) diverged: {replaced['small_scales']} scale factors below "
-            f"{sp.cut_data.small_scale_cutoff:g} (left out), {replaced['kept']} observations kept; scaled with KB "
-            f"instead (one scale and B per block: {counts['kept']} kept)"
-        )
-        record.warn(msg)
-        logger.warning("Warning: %s", msg)
+    scaled, model, replaced = _scale_choosing_the_model(
+        params, user_d_min, unscaled if may_fall_back else None, experiments, reflections)
+    scaled, resolution = _scale_at_the_limit(params, scaled, unscaled, model)
     unscaled = None  # (memory)
-    experiments = scaled_experiments
+    model = _model_summary(params, scaled, replaced, record)
     logger.info("Resolution limit: %s", resolution["message"])
-    summary = {"symmetry": symmetry, "blocks": len(experiments), "model": model, "resolution": resolution}
-    if stats is not None:
-        summary.update(merging_summary(stats, anom if params.scaling.anomalous else None))
+    summary = {"symmetry": symmetry, "blocks": len(scaled.experiments), "model": model, "resolution": resolution}
+    if scaled.stats is not None:
+        summary.update(merging_summary(scaled.stats, scaled.anom if params.scaling.anomalous else None))
         overall = summary["cc_half"][0]
         if overall is not None and overall < 0.3:
             msg = (
@@ -632,44 +712,10 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None):
     record.scaling = summary
     # before the MTZ export, which rotates the crystals into the Cambridge frame
     # (cell_esd_in takes both crystals in one frame)
-    esd = cell_esd_in(integrated, experiments[0].crystal) if one_cell and params.output.shelx else None
-
+    esd = cell_esd_in(integrated, scaled.experiments[0].crystal) if one_cell and params.output.shelx else None
     if outputs is not None:
-        for exp in experiments:  # (copies) BATCH = image number; blocks are separated by gaps
-            exp.scan.set_batch_offset(0)
-        ep = defaults(export_phil)
-        ep.intensity = ["scale"]
-        ep.mtz.partiality_threshold = sp.cut_data.partiality_cutoff
-        if sp.cut_data.d_min:
-            ep.mtz.d_min = sp.cut_data.d_min
-        out = params.output
-
-        offsets = [batch_offsets[e.identifier] for e in experiments] if batch_offsets else None
-
-        def write_unmerged(path):
-            ep.mtz.hklout = path
-            with dials_compat.mtz_batch_offsets(offsets) if offsets else contextlib.nullcontext(), \
-                    dials_compat.crystals_differ_explained():
-                export_mtz(ep, experiments, [joint])
-
-        n_scaled = iotbx.mtz.object(outputs.write(out.scaled_mtz, write_unmerged)).n_reflections()
-        record.files.append({"name": out.scaled_mtz, "kind": "scaled unmerged mtz", "reflections": n_scaled})
-        mp = defaults(merge_phil)
-        mp.assess_space_group = False
-        mp.anomalous = params.scaling.anomalous
-        mp.output.html = None
-        mp.partiality_threshold = sp.cut_data.partiality_cutoff
-        if sp.cut_data.d_min:
-            mp.d_min = sp.cut_data.d_min
-        with dials_compat.symmetry_and_merging_without_tracebacks():
-            mtz = merge_data_to_mtz(mp, experiments, [joint])
-        outputs.write(out.merged_mtz, lambda path: mtz.write(path))
-        n_merged = mtz.n_reflections()
-        summary["merged_reflections"] = n_merged
-        record.files.append({"name": out.merged_mtz, "kind": "merged mtz", "reflections": n_merged})
-        if out.shelx:
-            record.files.extend(write_shelx(ep, experiments, joint, out.shelx_name, outputs, esd))
-    return (experiments, joint), record
+        _write_outputs(params, scaled, outputs, batch_offsets, esd, summary, record)
+    return (scaled.experiments, scaled.joint), record
 
 
 def cell_esd_in(crystal, basis):
