@@ -435,6 +435,44 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
 
 
 @pytest.mark.slow
+
+def test_a_block_the_scaler_removes_is_said(tmp_path):
+    """The wedges without images 6-7 of sweep 2 and 10 of sweep 4, as
+    integrated once (tests/data/l_cysteine_wedges/block_left_out): the last
+    block, images 11-15 of sweep 4, shares no reflection with the others and
+    DIALS' scaler removes it ("Removed datasets: [5]" in its log only).  The
+    run says which block is in none of the scaled files, in a warning and in
+    the JSON's scaling.blocks_left_out."""
+    import gemmi
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.handlers.outputs import Outputs
+    from dials_gapfill.model.state import block_names
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages.scaling import scale
+
+    folder = os.path.join(ROOT, "tests", "data", "l_cysteine_wedges", "block_left_out")
+    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    assert [e.scan.get_image_range() for e in experiments] == [(1, 15), (1, 5), (8, 15), (1, 15), (1, 9), (11, 15)]
+    identifiers = list(experiments.identifiers())
+    params = params_from(["scale=True", "shelx=True", f"output.directory={tmp_path}"])
+    outputs = Outputs(str(tmp_path))
+    outputs.check_writable()
+    (scaled, joint), record = scale(experiments, reflections, params, outputs, names=block_names(experiments))
+    outputs.commit()
+    assert record.scaling["blocks_left_out"] == [6]
+    assert record.scaling["blocks"] == 5
+    assert list(scaled.identifiers()) == identifiers[:5]
+    assert set(joint.experiment_identifiers().values()) == set(identifiers[:5])
+    said = [w for w in record.warnings if "left out of the scaled data" in w]
+    assert len(said) == 1 and said[0].startswith("Block 6 (images 11-15): "), record.warnings
+    assert "scaled.mtz, merged.mtz, scaled.hkl" in said[0]
+    # scaled.mtz: a batch for every image of the five blocks kept, none of the sixth
+    mtz = gemmi.read_mtz_file(str(tmp_path / "scaled.mtz"))
+    assert len(mtz.batches) == 15 + 5 + 8 + 15 + 9
+
 @pytest.mark.parametrize("image,spots_enough,model", [(1, True, "continuous"), (14, True, "continuous"),
                                                       (14, False, "per_block")])
 def test_a_sweep_of_one_image_among_whole_ones(l_cysteine, image, spots_enough, model):

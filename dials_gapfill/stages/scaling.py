@@ -59,7 +59,7 @@ from dxtbx.model import Experiment, ExperimentList
 
 from dials_gapfill import dials_compat
 from dials_gapfill.errors import GapfillError
-from dials_gapfill.model.state import Record
+from dials_gapfill.model.state import Record, block_names
 from dials_gapfill.phil import defaults
 from dials_gapfill.report.merging import LABELS
 
@@ -670,11 +670,34 @@ def _write_outputs(params, scaled, outputs, batch_offsets, esd, summary, record)
         record.files.extend(write_shelx(ep, experiments, joint, out.shelx_name, outputs, esd))
 
 
-def scale(experiments, reflections, params, outputs, batch_offsets=None):
+def _left_out(identifiers, scaled, names, outputs, params, record) -> list[int]:
+    """The blocks (numbers from 1, of the blocks' `identifiers`) DIALS'
+    scaler removed for having no reflection it could scale (none left
+    after its partiality, I/sigma and outlier cuts, or none linked to the
+    other blocks): said, as they are in no file written from the scaled data."""
+    kept = set(scaled.experiments.identifiers())
+    gone = [k for k, ident in enumerate(identifiers, start=1) if ident not in kept]
+    if gone:
+        files = [params.output.scaled_mtz, params.output.merged_mtz]
+        if params.output.shelx:
+            files.append(f"{params.output.shelx_name}.hkl")
+        where = f" (not in {', '.join(files)})" if outputs is not None else ""
+        msg = (
+            f"{', '.join(names[identifiers[k - 1]] for k in gone)}: no reflection DIALS' scaler could use "
+            f"(none left by its cuts, or none shared with the other blocks): left out of the scaled data{where}"
+        )
+        record.warn(msg)
+        logger.warning("Warning: %s", msg)
+    return gone
+
+
+def scale(experiments, reflections, params, outputs, batch_offsets=None, names=None):
     """Scale, merge and (if outputs) write scaled.mtz and merged.mtz:
     ((scaled experiments, reflections), Record).  batch_offsets: experiment
-    identifier -> the MTZ batch offset of its sweep (several sweeps)."""
+    identifier -> the MTZ batch offset of its sweep (several sweeps); names:
+    identifier -> the block's name in messages (model.state.block_names)."""
     record = Record()
+    names = names or block_names(experiments)
     experiments = copy.deepcopy(experiments)
     reflections = copy.deepcopy(reflections)
     integrated = experiments[0].crystal
@@ -691,13 +714,17 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None):
     )
     may_fall_back = params.scaling.model == "auto" and len(experiments) > 1
     unscaled = (copy.deepcopy(experiments), copy.deepcopy(reflections)) if automatic or may_fall_back else None
+    # DIALS' scaler removes blocks from the list it is given (their
+    # experiment objects then no longer valid): the identifiers, kept first
+    blocks = list(experiments.identifiers())
     scaled, model, replaced = _scale_choosing_the_model(
         params, user_d_min, unscaled if may_fall_back else None, experiments, reflections)
     scaled, resolution = _scale_at_the_limit(params, scaled, unscaled, model)
     unscaled = None  # (memory)
     model = _model_summary(params, scaled, replaced, record)
     logger.info("Resolution limit: %s", resolution["message"])
-    summary = {"symmetry": symmetry, "blocks": len(scaled.experiments), "model": model, "resolution": resolution}
+    summary = {"symmetry": symmetry, "blocks": len(scaled.experiments), "model": model, "resolution": resolution,
+               "blocks_left_out": _left_out(blocks, scaled, names, outputs, params, record)}
     if scaled.stats is not None:
         summary.update(merging_summary(scaled.stats, scaled.anom if params.scaling.anomalous else None))
         overall = summary["cc_half"][0]
@@ -798,5 +825,6 @@ def run(state) -> Record:
     if state.sweeps is not None and len(state.sweeps) > 1:
         by_sweep = state.sweeps.batch_offsets()
         offsets = {e.identifier: by_sweep[state.sweeps.sweep_of(e).number] for e in state.experiments}
-    state.scaled, record = scale(state.experiments, state.reflections, state.params, state.outputs, offsets)
+    state.scaled, record = scale(state.experiments, state.reflections, state.params, state.outputs, offsets,
+                                 block_names(state.experiments, state.sweeps))
     return record
