@@ -473,6 +473,7 @@ def test_a_block_the_scaler_removes_is_said(tmp_path):
     mtz = gemmi.read_mtz_file(str(tmp_path / "scaled.mtz"))
     assert len(mtz.batches) == 15 + 5 + 8 + 15 + 9
 
+
 @pytest.mark.parametrize("image,spots_enough,model", [(1, True, "continuous"), (14, True, "continuous"),
                                                       (14, False, "per_block")])
 def test_a_sweep_of_one_image_among_whole_ones(l_cysteine, image, spots_enough, model):
@@ -537,6 +538,11 @@ def test_a_sweep_that_keeps_no_spot_after_re_indexing(l_cysteine, caplog):
     assert {state.sweeps.sweep_of(e).number for e in state.experiments} == {1, 2, 3}
     cell = state.experiments[0].crystal.get_unit_cell().parameters()
     assert _cell_error(cell) < 0.005, cell
+    # a block none of whose spots refinement kept has no RMSDs (the JSON
+    # schema's rmsd is an object), not null ones
+    rmsds = [(b.stats.get("images"), key, b.stats[key]) for b in state.report.blocks
+             for key in ("rmsd_static", "rmsd_scan_varying") if key in b.stats]
+    assert rmsds and all(r is not None for _, _, r in rmsds), rmsds
 
 
 @pytest.mark.slow

@@ -959,7 +959,8 @@ class ContinuousModel(CrystalModel):
         self._restore_edge_phi(job)
         blocks = job.joined.to_blocks(copy.deepcopy(table), experiments)
         for ident, r in block_rmsds(blocks, experiments).items():
-            job.record.block(ident)["rmsd_static"] = r
+            if r is not None:  # None: no spot of the block in the job
+                job.record.block(ident)["rmsd_static"] = r
         return static
 
     def _scan_varying_params(self, job, models):
@@ -1246,7 +1247,7 @@ class ContinuousModel(CrystalModel):
                 ident = blocks[i].identifier
                 r = rmsds[ident]
                 stats = record.block(ident)
-                if self.scan_varying:
+                if self.scan_varying and r is not None:  # None: no spot of the block in the job
                     stats["rmsd_scan_varying"] = r
                     if r:
                         logger.info(

@@ -228,7 +228,8 @@ def _pooled_profiles(ip, experiments, reference, small, sweeps=None):
     total = sum(weights.values())
     if total < ip.profile.gaussian_rs.min_spots.overall:
         raise GapfillError(
-            f"only {total} indexed strong spots in all blocks together, fewer than DIALS' profile model "
+            f"only {total} reference spots in all blocks together (the indexed strong spots that refinement "
+            "kept and that match a prediction, as dials.integrate chooses them), fewer than DIALS' profile model "
             f"needs (profile.gaussian_rs.min_spots.overall={ip.profile.gaussian_rs.min_spots.overall}): set "
             "profile.gaussian_rs.parameters.sigma_b= and sigma_m= (degrees), or lower min_spots.overall"
         )
