@@ -59,6 +59,34 @@ def test_each_sweep_alone_keeps_every_image(l_cysteine, sweep):
     assert sum(b.stats["spots"] for b in state.report.blocks) >= 25
 
 
+@pytest.mark.slow
+def test_one_sweep_alone_stops_at_the_profile_model_naming_the_fix(l_cysteine, tmp_path):
+    """Sweep 1 alone (1.5 degrees, 54 strong spots) indexes and refines, and
+    has fewer reference spots than DIALS' profile model needs (as the DIALS
+    chain, which stops there too): one line, exit 1, counting the reference
+    spots (not more than were indexed) and naming the parameters; with the
+    parameter it names lowered, the sweep integrates to an MTZ."""
+    import re
+
+    import gemmi
+
+    from conftest import process
+
+    out = str(tmp_path / "alone")
+    result = process(_files(l_cysteine, 1), out)
+    assert result.returncode == 1
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    found = re.search(r"only (\d+) reference spots in all blocks together \(the indexed strong spots", err)
+    assert found and "profile.gaussian_rs.min_spots.overall=50" in err and "sigma_m=" in err, err
+    log = open(os.path.join(out, "dials.process_gapped.failed.log")).read()
+    indexed = [int(n) for n in re.findall(r"Block 1 \(images 1-15\): (\d+) of \d+ spots indexed", log)]
+    assert indexed and 0 < int(found.group(1)) <= indexed[-1] and int(found.group(1)) < 50, (found.group(0), indexed)
+    fixed = str(tmp_path / "fixed")
+    process_ok(_files(l_cysteine, 1), fixed, "profile.gaussian_rs.min_spots.overall=0")
+    assert gemmi.read_mtz_file(os.path.join(fixed, "integrated.mtz")).nreflections > 20
+
+
 def test_a_reference_geometry_keeps_what_tells_the_sweeps_apart(l_cysteine, tmp_path):
     """A reference_geometry holds one goniometer and one detector, and
     dials.import gives them to every image set: the sweeps' settings (phi 0,
