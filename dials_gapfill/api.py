@@ -154,6 +154,7 @@ class Job:
             if self.progress is not None:
                 self.progress.close()
         if self.outputs is not None:
+            self.outputs.retire(_written_with_other_parameters(self.params))
             if self.log is not None and self.params.output.log:
                 state.report.files.append({"name": self.params.output.log, "kind": "log"})
             write_reports(state, self.outputs, self.diff_phil)
@@ -256,6 +257,19 @@ class Job:
             shown.append(f"{len(extra) - 1} {what} MTZ files")
         listed = ", ".join(shown[:-1]) + " and " + shown[-1]
         return f"; the integrated data, complete, are kept as {listed} in {outputs.directory}"
+
+
+def _written_with_other_parameters(params) -> list[str]:
+    """Outputs that a run writes only with other parameters (scaling, SHELX)
+    or after a failure (the failed log): an earlier run's files of these
+    names are removed when this run's are committed, unless it wrote them."""
+    out = params.output
+    names = [out.scaled_mtz, out.merged_mtz]
+    if out.shelx_name:
+        names += [f"{out.shelx_name}.hkl", f"{out.shelx_name}.ins"]
+    if out.log:
+        names.append(Outputs.failed_log_name(out.log))
+    return names
 
 
 def _machine_warnings(params) -> list[str]:

@@ -31,9 +31,18 @@ def test_api_from_images_writes_only_when_asked(tiny, tmp_path, monkeypatch):
     assert result.files == []
 
     out = tmp_path / "written"
+    # an earlier run's files that this run (no scaling) does not write: its
+    # scaled outputs and a failed log go when this run's files are
+    # committed; a file of the user's stays
+    out.mkdir()
+    earlier = ["scaled.mtz", "merged.mtz", "scaled.hkl", "scaled.ins", "dials.process_gapped.failed.log"]
+    for name in earlier + ["notes.txt"]:
+        (out / name).write_text("an earlier run's\n")
     written = process_gapped(
         [tiny], f"mp.nproc=2\ngaps.exclude_images=21:23\noutput.directory={out}", write_files=True
     )
+    assert not [name for name in earlier if (out / name).exists()]
+    (out / "notes.txt").unlink()
     # a stage that does not run (scaling, scale=False) is not listed as taking 0.0 s
     assert "scaling" not in [s["name"] for s in written.summary["timing"]["stages"]]
     assert "integration" in [s["name"] for s in written.summary["timing"]["stages"]]

@@ -278,6 +278,13 @@ class Outputs:
                 pass
         self._retired.add(final)
 
+    def retire(self, names) -> None:
+        """Files of these names from an earlier run go at commit unless this
+        run writes them: outputs that only other parameters produce (the
+        scaled files of a run with scaling), so that the folder shows one
+        run's results."""
+        self._retired.update(os.path.join(self.directory, n) for n in names if n)
+
     def commit(self) -> list[str]:
         for final in sorted(self._retired - set(self._pending)):
             try:
