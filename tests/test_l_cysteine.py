@@ -87,6 +87,31 @@ def test_one_sweep_alone_stops_at_the_profile_model_naming_the_fix(l_cysteine, t
     assert gemmi.read_mtz_file(os.path.join(fixed, "integrated.mtz")).nreflections > 20
 
 
+def test_a_sweep_split_over_two_folders_reads_each_image_from_its_folder(l_cysteine, tmp_path):
+    """Sweep 1 as images 1-7 in one folder and 8-15 in another (one name
+    template): dxtbx joins such files into one sequence with the first
+    folder's template, so images 8-15 were looked for there and excluded as
+    unreadable.  Read folder by folder, every image comes from its own file
+    and nothing is excluded; a block ends at the folder."""
+    from dials_gapfill import pipeline
+    from dials_gapfill.phil import params_from
+
+    folders = {}
+    for n, path in enumerate(_files(l_cysteine, 1), start=1):
+        folder = tmp_path / ("first" if n <= 7 else "second")
+        folder.mkdir(exist_ok=True)
+        os.symlink(path, folder / os.path.basename(path))
+        folders[n] = str(folder)
+    state = pipeline.Pipeline(params_from(["nproc=1"]), [folders[1], folders[15]]).run(stop_before="indexing")
+    assert [e.scan.get_image_range() for e in state.experiments] == [(1, 7), (8, 15)]
+    assert state.report.excluded == []
+    for exp in state.experiments:
+        first, last = exp.scan.get_image_range()
+        paths = [exp.imageset.get_path(k) for k in range(len(exp.imageset))]
+        assert [os.path.dirname(p) for p in paths] == [folders[n] for n in range(first, last + 1)], paths
+    assert sum(b.stats["spots"] for b in state.report.blocks) >= 50
+
+
 def test_a_reference_geometry_keeps_what_tells_the_sweeps_apart(l_cysteine, tmp_path):
     """A reference_geometry holds one goniometer and one detector, and
     dials.import gives them to every image set: the sweeps' settings (phi 0,

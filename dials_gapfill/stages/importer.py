@@ -681,7 +681,16 @@ def _import_files(template, by_number, exclusions, every, params, record, where)
     if not paths:
         raise GapfillError("none of the images can be read: check the files")
     number_of = {p: n for n, p in by_number.items()}
-    experiments, unhandled = _read_with_dxtbx(paths, params)
+    # folder by folder: dxtbx joins the files of one name template in two
+    # folders into one sequence whose template is the first folder's (the
+    # images of the second then read from the first); read apart, each
+    # folder's images are their own sequence, and a block ends at the folder
+    read, unhandled = [], []
+    for folder in sorted({os.path.dirname(p) for p in paths}):
+        some, bad = _read_with_dxtbx([p for p in paths if os.path.dirname(p) == folder], params)
+        read += list(some)
+        unhandled += bad
+    experiments = ExperimentList(sorted(read, key=lambda e: e.scan.get_image_range()[0] if e.scan else 0))
     for p in unhandled:
         n = number_of.get(p)
         if not params.gaps.auto_exclude:
