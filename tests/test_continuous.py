@@ -584,7 +584,7 @@ def test_a_sweep_offset_as_a_whole_gets_its_uncut_spots_back():
     import numpy as np
     from dials.array_family import flex
 
-    from dials_gapfill.crystal_model.continuous import _spots_given_back
+    from dials_gapfill.crystal_model.continuous import spots_given_back
 
     sizes = {0: 40, 1: 26, 2: 23, 3: 10}
     kept_of = {0: 30, 1: 8, 2: 14, 3: 3}
@@ -599,7 +599,7 @@ def test_a_sweep_offset_as_a_whole_gets_its_uncut_spots_back():
     refinable = flex.bool(len(table), True)
     refinable[len(table) - 1] = False  # a row outside the job stays out
     before = flex.bool(kept)
-    after = _spots_given_back(table, refinable, before, 5)
+    after = spots_given_back(table, refinable, before, 5)
     assert list(before) == kept  # not changed in place
     sweep, cut, after = np.array(sweep), np.array(cut), np.array(after)
     refinable = np.array(refinable)

@@ -937,7 +937,7 @@ class ContinuousModel(CrystalModel):
             self._one_cell(rp, models[0].crystal)
             first = copy.deepcopy(rp)
             refinable = self._refinable(table)
-            if _sweeps_judged_apart(table, refinable & ~job.xy_edge, rp):
+            if sweeps_judged_apart(table, refinable & ~job.xy_edge, rp):
                 sel, first = _job_selection(table, refinable, models, rp, self.gap_edge, job.xy_edge,
                                             nproc=self.nproc, numbers=job.numbers)
             else:
@@ -1696,7 +1696,7 @@ def reject_outliers(table, selection, models, rp, edge=None, by_block=False, npr
     return counts
 
 
-def _sweeps_judged_apart(table, selection, rp) -> bool:
+def sweeps_judged_apart(table, selection, rp) -> bool:
     """Whether :func:`reject_outliers` judges the spots of `selection` (not
     cut by a gap) sweep by sweep: DIALS' rejection on, separate_experiments,
     and every sweep with at least DIALS' minimum_number_of_reflections."""
@@ -1709,7 +1709,7 @@ def _sweeps_judged_apart(table, selection, rp) -> bool:
     return int(np.bincount(sweeps).min()) >= outlier.minimum_number_of_reflections
 
 
-def _spots_given_back(table, refinable, kept, minimum, numbers=None):
+def spots_given_back(table, refinable, kept, minimum, numbers=None):
     """`kept` (the rows of `refinable` that outlier rejection left) with the
     spots given back to a sweep that rejection in one distribution with the
     others left too few; `minimum` is DIALS'
@@ -1770,7 +1770,7 @@ def _job_selection(table, refinable, models, rp, gap_edge, edge=None, by_block=F
     kept = refinable & ~table.get_flags(table.flags.centroid_outlier)
     if "sweep" in table and len(models) > 1:
         minimum = max(1, rp.refinement.parameterisation.auto_reduction.min_nref_per_parameter)
-        kept = _spots_given_back(table, refinable, kept, minimum, numbers)
+        kept = spots_given_back(table, refinable, kept, minimum, numbers)
     return kept.iselection(), job_rp
 
 
