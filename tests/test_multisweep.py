@@ -287,8 +287,8 @@ def test_scaling_merges_all_sweeps(multi_runs):
 def test_a_block_of_another_crystal_in_a_later_sweep_is_dropped(tmp_path, model):
     """Three sweeps of 12 images; images 9-12 of sweep 2 are of another
     crystal (the same cell, another orientation) behind a missing image 8.
-    That block does not index on the one crystal and is dropped, named with
-    its sweep (as every block is in the crystal model's log lines); the rest goes to the MTZ (the continuous model: one cell),
+    That block does not index on the one crystal and is dropped, named by
+    its images and sweep; the rest goes to the MTZ (the continuous model: one cell),
     whose batches are the images kept plus their sweep's offset."""
     import dataclasses
 
@@ -321,8 +321,11 @@ def test_a_block_of_another_crystal_in_a_later_sweep_is_dropped(tmp_path, model)
     assert "indexed" in summary["dropped_blocks"][0]["reason"]
     assert sorted((e["sweep"], e["image"], e["status"]) for e in summary["excluded_images"]) == \
         [(2, 8, "missing file")] + [(2, n, "dropped") for n in range(9, 13)]
-    assert any(w.startswith("block 3 (images 9-12 of sweep 2) dropped") for w in summary["warnings"]), \
+    # named by its images: the blocks after it are numbered anew (block 3 is
+    # now images 1-12 of sweep 3)
+    assert any(w.startswith("the block of images 9-12 of sweep 2 dropped: ") for w in summary["warnings"]), \
         summary["warnings"]
+    assert not [w for w in summary["warnings"] if w.startswith("block 3")], summary["warnings"]
     assert all(b["integrated"] > 1000 for b in summary["blocks"]), summary["blocks"]
     with open(os.path.join(out, "dials.process_gapped.log")) as fh:
         log = fh.read()

@@ -87,7 +87,9 @@ def run(state) -> Record:
         stats = record.block(exp.identifier)
         of_all = n_indexed / spots[i] if spots[i] else 0.0  # as reported
         stats.update(indexed=n_indexed, indexed_fraction=of_all)
-        n_judged = judged.get(exp.identifier, spots[i])
+        # judged on the spots the lattice search judged (not cut by a gap);
+        # on all of them where it judged none (a block whose every spot is cut)
+        n_judged = judged.get(exp.identifier, spots[i]) or spots[i]
         fraction = n_indexed / n_judged if n_judged else 0.0
         fractions.append(fraction)
         if n_judged == spots[i]:
@@ -104,7 +106,10 @@ def run(state) -> Record:
             f"only {100 * fraction:.0f}% of its spots{judged_by} indexed "
             f"(indexing.blocks.min_indexed_fraction={threshold})"
         )
-        name = names[exp.identifier].replace("Block", "block", 1)
+        # by its images, not its number: the blocks after it are numbered anew
+        first, last = exp.scan.get_image_range()
+        name = f"the block of images {first}-{last}" + (
+            f" of sweep {owners[i].number}" if len(sweeps) > 1 else "")
         stage_logger.warning("Dropping %s: %s", name, reason)
         record.warn(f"{name} dropped: {reason}")
         sweeps.drop_block(exp, reason, "block could not be indexed",
