@@ -185,6 +185,26 @@ def test_a_sweep_of_stills_among_rotation_sweeps_is_named():
         _import(positional=rotation + stills)
 
 
+def test_a_sweep_of_broken_links_is_named(tmp_path):
+    """Sweep 1 of L-cysteine whole and sweep 2 as links to files that are
+    gone: the one line names the sweep and its template, and how to process
+    the other."""
+    import glob
+
+    from dials_gapfill.errors import GapfillError
+
+    files = sorted(glob.glob(os.path.join(ROOT, "..", "shared", "data", "l_cysteine", "l-cyst_01_0000[1-3].cbf.bz2")))
+    if len(files) != 3:
+        pytest.skip("the L-cysteine images are not here: see ../shared/README.md")
+    for f in files:
+        os.symlink(f, tmp_path / os.path.basename(f))
+    for n in (1, 2, 3):
+        os.symlink(tmp_path / "gone" / f"x_{n}", tmp_path / f"l-cyst_02_{n:05d}.cbf.bz2")
+    with pytest.raises(GapfillError, match=r"^none of the images of sweep 2 \(l-cyst_02_#####.cbf.bz2\) can be "
+                                           r"read: check the files \(to process the other sweeps, leave its files out\)$"):
+        _import(positional=[str(tmp_path)])
+
+
 def test_a_truncated_image_in_a_later_sweep_is_named_and_dxtbx_stays_quiet(tmp_path, capfd):
     """Real images: image 7 of L-cysteine sweep 3 cut short (a broken bzip2
     stream).  dxtbx cannot read the files together; read one by one, that

@@ -679,7 +679,10 @@ def _import_files(template, by_number, exclusions, every, params, record, where)
         else:
             paths.append(by_number[n])
     if not paths:
-        raise GapfillError("none of the images can be read: check the files")
+        raise GapfillError(
+            f"none of the images{where} ({os.path.basename(template)}) can be read: check the files"
+            + (" (to process the other sweeps, leave its files out)" if where else "")
+        )
     number_of = {p: n for n, p in by_number.items()}
     # folder by folder: dxtbx joins the files of one name template in two
     # folders into one sequence whose template is the first folder's (the
