@@ -62,6 +62,7 @@ from dials_gapfill.crystal_model.base import (
     tie_cells,
     say_too_few_spots,
 )
+from dials_gapfill.crystal_model.continuous import ContinuousModel, reject_outliers, spots_given_back, sweeps_judged_apart
 from dials_gapfill.crystal_model.lattice import SEARCH_ERRORS, staged_search
 from dials_gapfill.errors import GapfillError, indexing_failure, search_failure
 from dials_gapfill.model.state import Record
@@ -128,8 +129,6 @@ class PerBlockModel(CrystalModel):
         and DIALS' joint indexing of blocks fails where one block's
         refinement does (L-cysteine without image 7 of sweep 4: its blocks
         of 6 and 8 images hold 19 and 15 spots)."""
-        from dials_gapfill.crystal_model.continuous import ContinuousModel
-
         try:
             found, indexed, _ = ContinuousModel(self.params, self.sweeps).index(experiments, reflections)
         except GapfillError as e:  # its searches failed: the next search is tried
@@ -393,8 +392,6 @@ def _judged_by_sweep(reflections, experiments, rp, numbers, unjudged=None):
     the jobs as they were measured (a sweep of two single images: static
     cell 0.18 % from the complete sweeps', 0.42 % judged by sweep, its spots'
     phi biased by the gaps on both sides)."""
-    from dials_gapfill.crystal_model.continuous import spots_given_back, sweeps_judged_apart, reject_outliers
-
     sweep_of = {i: g for g, group in enumerate(sweep_groups(experiments)) for i in group}
     table = copy.deepcopy(reflections)
     table["sweep"] = flex.int([sweep_of[i] for i in table["id"]])
