@@ -74,11 +74,13 @@ def test_exclusion_cuts_a_block_and_keeps_the_others_as_they_were():
     assert sweeps.experiments()[0].identifier == first
 
 
-def test_short_blocks_are_dropped_with_their_reason():
+def test_short_blocks_are_dropped_with_their_reason(caplog):
     from dials_gapfill.errors import GapfillError
 
     sweeps = _sweeps(("/d/x_####.cbf", [(1, 40)], (1, 40), None))
     sweeps.exclude({(1, n): "bad" for n in (2, 4)}, "auto", min_block_images=2)
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("Dropping")] == \
+        ["Dropping images 1-1", "Dropping images 3-3"]
     assert _blocks(sweeps) == [(1, 5, 40)]  # blocks 1 and 3 dropped
     dropped = sweeps.dropped_blocks
     assert [(d["sweep"], d["first"], d["last"]) for d in dropped] == [(1, 1, 1), (1, 3, 3)]
@@ -111,6 +113,7 @@ def test_several_sweeps_name_images_and_number_batches_by_sweep():
     assert _blocks(sweeps)[:4] == [(1, 1, 15), (2, 1, 2), (2, 4, 6), (2, 8, 15)]
     assert sweeps.image_name((2, 3)) == "image 3 of sweep 2"
     assert sweeps.exclude_images_value((2, 3)) == "2:3:3"
+    assert sweeps.images_name(2, 4, 6) == "images 4-6 of sweep 2"
     # DIALS' rule: ranges kept where they do not overlap, else the next hundred
     assert sweeps.batch_offsets() == {1: 0, 2: 200, 3: 0}
     # block identifiers: unique, and the same for the same input
@@ -124,6 +127,7 @@ def test_one_sweep_keeps_image_numbers_as_batches():
     sweeps = _sweeps(("/d/x_####.cbf", [(1, 40), (46, 80)], (1, 80), None))
     assert sweeps.batch_offsets() == {1: 0}
     assert sweeps.image_name((1, 12)) == "image 12" and sweeps.exclude_images_value((1, 12)) == "12"
+    assert sweeps.images_name(1, 46, 80) == "images 46-80"
 
 
 def test_a_block_never_spans_two_imported_sequences():

@@ -41,9 +41,9 @@ def block_names(experiments, sweeps=None) -> dict[str, str]:
 
     def where(e):
         first, last = e.scan.get_image_range()
-        if sweeps is not None and len(sweeps) > 1:
-            return f"images {first}-{last} of sweep {sweeps.sweep_of(e).number}"
-        return f"images {first}-{last}"
+        if sweeps is None or len(sweeps) == 1:  # (a single sweep's blocks need not be looked up)
+            return f"images {first}-{last}"
+        return sweeps.images_name(sweeps.sweep_of(e).number, first, last)
 
     return {e.identifier: f"Block {i} ({where(e)})" for i, e in enumerate(experiments, start=1)}
 

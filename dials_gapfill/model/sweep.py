@@ -276,6 +276,11 @@ class Sweeps:
         s, n = key
         return f"image {n}" if len(self.sweeps) == 1 else f"image {n} of sweep {s}"
 
+    def images_name(self, sweep_number: int, first: int, last: int) -> str:
+        """'images 3-9', or 'images 3-9 of sweep 2' when the run has several sweeps."""
+        where = f"images {first}-{last}"
+        return where if len(self.sweeps) == 1 else f"{where} of sweep {sweep_number}"
+
     def exclude_images_value(self, key: tuple[int, int]) -> str:
         """The gaps.exclude_images value that leaves out one image."""
         s, n = key
@@ -337,7 +342,7 @@ class Sweeps:
                 if last - first + 1 >= min_images:
                     continue
                 reason = f"block of {last - first + 1} images is shorter than gaps.min_block_images{why}"
-                where = f"images {first}-{last}" + (f" of sweep {sweep.number}" if len(self.sweeps) > 1 else "")
+                where = self.images_name(sweep.number, first, last)
                 logger.warning("Dropping %s: %s", where, reason)
                 sweep._set_status({n: "block too short" for n in range(first, last + 1)}, DROPPED, "auto")
                 entry = {"first": first, "last": last, "reason": reason}

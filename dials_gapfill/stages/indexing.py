@@ -108,8 +108,7 @@ def run(state) -> Record:
         )
         # by its images, not its number: the blocks after it are numbered anew
         first, last = exp.scan.get_image_range()
-        name = f"the block of images {first}-{last}" + (
-            f" of sweep {owners[i].number}" if len(sweeps) > 1 else "")
+        name = f"the block of {sweeps.images_name(owners[i].number, first, last)}"
         stage_logger.warning("Dropping %s: %s", name, reason)
         record.warn(f"{name} dropped: {reason}")
         sweeps.drop_block(exp, reason, "block could not be indexed",
