@@ -229,9 +229,9 @@ def test_exclusion_outside_the_images_is_named(nexus_sweep):
     from dials_gapfill.errors import GapfillError
 
     path, _ = nexus_sweep
-    with pytest.raises(GapfillError, match=r"range 11:13 lies outside the images \(1-12\)"):
+    with pytest.raises(GapfillError, match=r"range 11:13 reaches past the images \(1-12\)"):
         _import(path, "gaps.exclude_images=11:13")
-    with pytest.raises(GapfillError, match="range 20:20"):
+    with pytest.raises(GapfillError, match="range 20:20 lies outside the images"):
         _import(path, "gaps.exclude_images=2,20")
 
 

@@ -477,8 +477,10 @@ def _check_exclusions(numbers, exclusions, where):
     lo, hi = numbers[0], numbers[-1]
     for first, last in exclusions:
         if first < lo or last > hi:
+            # a range that reaches past the images is refused too: probably a typo
+            how = "lies outside" if last < lo or first > hi else "reaches past"
             raise GapfillError(
-                f"gaps.exclude_images range {first}:{last} lies outside the images "
+                f"gaps.exclude_images range {first}:{last} {how} the images "
                 f"({lo}-{hi}): {where}"
             )
 
