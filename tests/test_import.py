@@ -208,8 +208,10 @@ def test_a_sweep_of_broken_links_is_named(tmp_path):
 def test_a_truncated_image_in_a_later_sweep_is_named_and_dxtbx_stays_quiet(tmp_path, capfd):
     """Real images: image 7 of L-cysteine sweep 3 cut short (a broken bzip2
     stream).  dxtbx cannot read the files together; read one by one, that
-    file is excluded as unreadable and the others make their sweeps, and
-    dxtbx' lines from C++ about scans it cannot join stay off the terminal."""
+    file is excluded as a broken bzip2 file and the others make their sweeps, and
+    dxtbx' lines from C++ about scans it cannot join stay off the terminal.
+    Image 9, a whole bzip2 file of something else, is named as not an image."""
+    import bz2
     import glob
 
     files = sorted(glob.glob(os.path.join(ROOT, "..", "shared", "data", "l_cysteine", "l-cyst_0[23]_*.cbf.bz2")))
@@ -220,13 +222,16 @@ def test_a_truncated_image_in_a_later_sweep_is_named_and_dxtbx_stays_quiet(tmp_p
         if name == "l-cyst_03_00007.cbf.bz2":
             with open(f, "rb") as fh:
                 (tmp_path / name).write_bytes(fh.read(30000))
+        elif name == "l-cyst_03_00009.cbf.bz2":
+            (tmp_path / name).write_bytes(bz2.compress(b"beamline notes\n" * 100))
         else:
             os.symlink(f, tmp_path / name)
     capfd.readouterr()
     experiments, report = _import(positional=[str(tmp_path)])
     out = capfd.readouterr().out
     # the run's sweeps are numbered in the order given: L-cysteine sweep 3 is sweep 2
-    excluded = [(e["sweep"], e["image"], e["status"], e["reason"]) for e in report.excluded]
-    assert excluded == [(2, 7, "bad", "unreadable: not a recognised image format")], excluded
-    assert _blocks(experiments) == [(1, 15), (1, 6), (8, 15)]
+    excluded = [(e["sweep"], e["image"], e["status"], e["reason"].split(" (")[0]) for e in report.excluded]
+    assert excluded == [(2, 7, "bad", "unreadable: truncated or corrupt bz2 file"),
+                        (2, 9, "bad", "unreadable: not a recognised image format")], excluded
+    assert _blocks(experiments) == [(1, 15), (1, 6), (8, 8), (10, 15)]
     assert "Internal Error" not in out, out

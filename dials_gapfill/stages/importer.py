@@ -24,6 +24,7 @@ import re
 
 from dials.command_line.dials_import import MetaDataUpdater
 from dials.util import Sorry, tabulate
+from dxtbx.format.Format import Format
 from dxtbx.imageset import ImageSequence
 from dxtbx.model.experiment_list import (
     BeamComparison,
@@ -301,6 +302,22 @@ def damaged_reason(path: str) -> str | None:
         if size < need:
             return f"unreadable: truncated file ({size} of {need} bytes)"
     return None
+
+
+def unrecognised_reason(path: str) -> str:
+    """Why dxtbx found no format for `path`.  A compressed image (.bz2, .gz:
+    what dxtbx decompresses as it reads) cut short cannot give dxtbx its
+    header, so it is decompressed once here to tell a damaged file from one
+    of an unknown format (only files dxtbx has already refused pay for it)."""
+    if path.endswith((".bz2", ".gz")):
+        try:
+            with Format.open_file(path) as fh:
+                while fh.read(1 << 20):
+                    pass
+        except (EOFError, OSError) as e:
+            kind = "bz2" if path.endswith(".bz2") else "gzip"
+            return f"unreadable: truncated or corrupt {kind} file ({e})"
+    return "unreadable: not a recognised image format"
 
 
 # --------------------------------------------------------------------------
@@ -698,13 +715,14 @@ def _import_files(template, by_number, exclusions, every, params, record, where)
     experiments = ExperimentList(sorted(read, key=lambda e: e.scan.get_image_range()[0] if e.scan else 0))
     for p in unhandled:
         n = number_of.get(p)
+        reason = unrecognised_reason(p)
         if not params.gaps.auto_exclude:
             raise GapfillError(
-                f"image {n}{where} ({p}) is not a readable image: leave it out with "
-                f"exclude_images={n} (or set gaps.auto_exclude=True)"
+                f"image {n}{where} ({p}) is not a readable image ({reason.split(': ', 1)[1]}): leave it "
+                f"out with exclude_images={n} (or set gaps.auto_exclude=True)"
             )
-        logger.warning("Excluding image %s%s: not a recognised image format", n, where)
-        statuses[n] = (BAD, "unreadable: not a recognised image format", "auto")
+        logger.warning("Excluding image %s%s: %s", n, where, reason.split(": ", 1)[1])
+        statuses[n] = (BAD, reason, "auto")
     if not experiments:
         raise GapfillError(
             f"none of the {len(paths)} files is an image dxtbx can read "
