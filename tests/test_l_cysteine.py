@@ -347,6 +347,67 @@ def test_the_sweeps_cells_shared_or_tied(dials_chain):
         assert max(_cell_error(cell) for cell in lengths) < 0.003, (cells, lengths)
 
 
+def _integrated_twice(reflections):
+    """(block, Miller index) of rows that integrate one reflection twice in
+    one block: the same index and direction of crossing, overlapping
+    shoeboxes, and not parts of one prediction that DIALS' integrator split
+    (those share a partial_id and do not overlap)."""
+    from collections import defaultdict
+
+    x0, x1, y0, y1, z0, z1 = reflections["bbox"].parts()
+    rows = defaultdict(list)
+    for i in range(len(reflections)):
+        rows[(reflections["id"][i], reflections["miller_index"][i], reflections["entering"][i])].append(i)
+    twice = set()
+    for key, group in rows.items():
+        for a in group:
+            for b in group:
+                if a < b and reflections["partial_id"][a] != reflections["partial_id"][b] and \
+                        x0[a] < x1[b] and x0[b] < x1[a] and y0[a] < y1[b] and y0[b] < y1[a] and \
+                        z0[a] < z1[b] and z0[b] < z1[a]:
+                    twice.add(key[:2])
+    return twice
+
+
+def test_a_reflection_predicted_twice_in_a_block_is_integrated_once():
+    """DIALS' scan-varying predictor predicts some reflections at the ends of
+    a block's scan twice (its padding frames restart from the crystal of the
+    scan's end frame), and both rows are integrated on the same pixels.  On
+    the wedges as integrated once (tests/data/l_cysteine_wedges), the rows
+    repeated_predictions drops leave every reflection once per block, and
+    each dropped row repeats one kept (same block, index, crossing and
+    shoebox pixels), the kept one nearer the block's frames."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.stages.integration import repeated_predictions
+
+    seen = 0
+    for name in ("gapped", "complete", "block_left_out"):
+        folder = os.path.join(ROOT, "tests", "data", "l_cysteine_wedges", name)
+        experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+        reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+        twice = _integrated_twice(reflections)
+        seen += len(twice)
+        drop = repeated_predictions(experiments, reflections)
+        keep = flex.bool(len(reflections), True)
+        keep.set_selected(drop, False)
+        kept = reflections.select(keep)
+        assert not _integrated_twice(kept), name
+        # only repeats dropped: each has a kept row of the same reflection, nearer the frames
+        z = reflections["xyzcal.px"].parts()[2]
+        for i in drop:
+            lo, hi = experiments[reflections["id"][i]].scan.get_array_range()
+            outside = max(lo - z[i], z[i] - hi, 0)
+            same = [j for j in keep.iselection() if reflections["id"][j] == reflections["id"][i]
+                    and reflections["miller_index"][j] == reflections["miller_index"][i]
+                    and reflections["entering"][j] == reflections["entering"][i]]
+            assert len(same) == 1, (name, i)
+            assert max(lo - z[same[0]], z[same[0]] - hi, 0) <= outside
+        assert len(drop) == len(reflections) - len(kept) >= len(twice)
+    assert seen > 0  # the stored runs hold such repeats
+
+
 @pytest.mark.slow
 def test_four_sweeps_with_images_left_out(ours):
     import gemmi
@@ -369,6 +430,14 @@ def test_four_sweeps_with_images_left_out(ours):
     assert batches == expected
     assert set(np.array(mtz.column_with_label("BATCH"), dtype=int)) <= expected
     assert mtz.nreflections > 80
+    # each reflection integrated once per block, and once per image in the MTZ
+    from dials.array_family import flex
+
+    for run in ours.values():
+        assert not _integrated_twice(flex.reflection_table.from_file(os.path.join(run, "integrated.refl")))
+        mtz = gemmi.read_mtz_file(os.path.join(run, "integrated.mtz"))
+        rows = np.array(mtz, copy=False)[:, [mtz.column_labels().index(c) for c in ("H", "K", "L", "M/ISYM", "BATCH")]]
+        assert len(np.unique(rows, axis=0)) == len(rows)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import re
 import signal
 
 import dials.extensions
+import numpy as np
 from dxtbx.model.experiment_list import ExperimentList
 
 from dials.array_family import flex
@@ -410,6 +411,15 @@ def integrate(experiments, reference, params, sweeps, profile_model="per_block")
         mine = reflections["id"] == i
         if mine.count(True) and not (mine & prf).count(True) and prf.count(True):
             record.block(exp.identifier)["profile"] = "summation only"
+    repeated = repeated_predictions(experiments, reflections)
+    if len(repeated):
+        keep = flex.bool(len(reflections), True)
+        keep.set_selected(repeated, False)
+        reflections = reflections.select(keep)
+        logger.info(
+            "%d repeated predictions of a reflection in the same block dropped (DIALS' scan-varying "
+            "predictor past the ends of a block's scan: the same pixels integrated twice)", len(repeated),
+        )
     if params.integration.gap_partials == "combine":
         reflections, _ = combine_gap_partials(experiments, reflections)
     _record(reflections, experiments, record, names)
@@ -502,6 +512,58 @@ def _record(reflections, experiments, record, names):
             names[exp.identifier], len(sub), stats["profile_fitted"],
             f"{stats['mean_isigi']:.1f}" if stats["mean_isigi"] is not None else "-",
         )
+
+
+# --------------------------------------------------------------------------
+# One row per reflection in a block
+# --------------------------------------------------------------------------
+
+
+def repeated_predictions(experiments, reflections):
+    """Rows of integrated `reflections` that repeat another prediction of the
+    same reflection in the same block: a flex.size_t selection to drop.
+
+    DIALS' scan-varying predictor also predicts the frames of its padding
+    (``prediction.padding``, 1° on each side of a block's scan), each with the
+    crystal of the scan's first or last frame, turned from its start to its
+    end setting within the frame (dials/algorithms/spot_prediction/
+    reflection_predictor.h, ``ScanVaryingReflectionPredictor::for_ub``).
+    Where the crystal turns between scan points, its setting jumps back at
+    the start of every padding frame, so a reflection crossing near there is
+    predicted twice, crossing the same way.  Both rows are integrated on the
+    same pixels, and where summation intensities are exported both pass the
+    partiality threshold: the same photons would count twice.  Of the rows of
+    one block with the same Miller index and the same direction of crossing
+    within half a turn, the prediction nearest the block's frames is kept
+    (with the rows DIALS split from it: same ``partial_id``).  Rows split by
+    DIALS' integrator share a ``partial_id`` and are left alone."""
+    if not len(reflections) or "partial_id" not in reflections:
+        return flex.size_t()
+    ids = reflections["id"].as_numpy_array()
+    hkl = reflections["miller_index"].as_vec3_double().as_numpy_array().astype(np.int64)
+    entering = reflections["entering"].as_numpy_array()
+    z = reflections["xyzcal.px"].parts()[2].as_numpy_array()
+    partial_id = reflections["partial_id"].as_numpy_array()
+    partiality = reflections["partiality"].as_numpy_array()
+    lo = np.array([e.scan.get_array_range()[0] for e in experiments], dtype=float)[ids]
+    hi = np.array([e.scan.get_array_range()[1] for e in experiments], dtype=float)[ids]
+    width = np.array([e.scan.get_oscillation()[1] for e in experiments])[ids]
+    outside = np.maximum(np.maximum(lo - z, z - hi), 0.0)
+    keys = np.column_stack([ids, hkl, entering.astype(np.int64)])
+    # grouped by reflection and direction; in each group nearest the frames first
+    order = np.lexsort((-partiality, outside, *keys.T[::-1]))
+    keys, order_z = keys[order], z[order]
+    starts = np.flatnonzero(np.r_[True, np.any(keys[1:] != keys[:-1], axis=1)])
+    ends = np.r_[starts[1:], len(order)]
+    drop = []
+    for a, b in zip(starts, ends):
+        if b - a < 2:
+            continue
+        kept = order[a]
+        for row, zz in zip(order[a + 1 : b], order_z[a + 1 : b]):
+            if partial_id[row] != partial_id[kept] and abs(zz - z[kept]) * width[row] < 180.0:
+                drop.append(row)
+    return flex.size_t(sorted(int(r) for r in drop))
 
 
 # --------------------------------------------------------------------------
