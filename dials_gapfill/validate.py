@@ -58,6 +58,7 @@ def validate(params) -> None:
     _check_mtz(params)
     _check_scaling(params)
     _check_output(params)
+    _check_input(params)
     _check_gaps(params)
     _check_indexing(params)
     _check_refinement(params)
@@ -197,6 +198,15 @@ def _check_output(params) -> None:
             names[name] = key
 
 
+def _check_input(params) -> None:
+    """The syntax of input.image ranges (whether their files exist is known
+    only at import)."""
+    from dials_gapfill.stages.importer import xia2_image_spec
+
+    for spec in _get(params, "input.image") or []:
+        xia2_image_spec(os.path.expanduser(spec))
+
+
 def _check_gaps(params) -> None:
     """The syntax of gaps.exclude_images and the value of
     gaps.exclude_images_multiple; which sweep a range names, and whether it
@@ -220,7 +230,8 @@ def _check_indexing(params) -> None:
         if not fits:
             values = ",".join(f"{v:g}" for v in cell.parameters())
             raise GapfillError(
-                f"unit_cell={values} does not fit space_group={group} (a {system.lower()} cell): "
+                f"unit_cell={values} does not fit space_group={group} "
+                f"({'an' if system[:1].lower() in 'aeiou' else 'a'} {system.lower()} cell): "
                 "fix the cell or the space group (indexing.known_symmetry)"
             )
     wanted = _get(params, "indexing.bravais_lattice")

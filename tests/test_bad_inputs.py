@@ -194,6 +194,11 @@ def _case_exclude_reversed(tiny, tmp_path):
     return [tiny, "exclude_images=6:4"], ["first <= last"]
 
 
+def _case_image_range_reversed(tiny, tmp_path):
+    return [tiny, f"image={tiny}/sim_0001.cbf:10:5"], ["input.image=", "last image 5 is before first 10",
+                                                 "sim_0001.cbf:5:10"]
+
+
 def _case_unknown_parameter(tiny, tmp_path):
     return [tiny, "exlude_images=4"], ["unknown parameter", "did you mean", "gaps.exclude_images"]
 
@@ -369,7 +374,7 @@ VALIDATION_CASES = {
     "output_names_collide", "block_mtz_without_block", "block_mtz_unknown_field",
     "sweep_mtz_without_sweep", "sweep_mtz_same_as_block_mtz",
     "shelx_without_scaling", "shelx_name_with_folder", "shelx_file_is_another_output",
-    "bravais_lattice_unknown", "tie_sigma_zero",
+    "bravais_lattice_unknown", "tie_sigma_zero", "image_range_reversed",
 }
 
 
@@ -378,7 +383,7 @@ SLOW_CASES = {"indexing_impossible", "space_group_incompatible", "all_blank", "a
               "another_crystal_per_block"}
 # the parameter checks run in this process (below); these few also through the
 # command line, for its exit code, stderr and untouched folder
-VALIDATION_ON_THE_COMMAND_LINE = {"partiality_threshold_above_one", "output_names_collide"}
+VALIDATION_ON_THE_COMMAND_LINE = {"partiality_threshold_above_one", "output_names_collide", "image_range_reversed"}
 # refused once the blocks are known, before the work that is worth saving
 BEFORE_INDEXING = {"kb_scaling_of_one_block"}
 

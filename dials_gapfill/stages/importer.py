@@ -115,9 +115,9 @@ def _template_files(template: str, first=None, last=None) -> dict[int, str]:
     return found
 
 
-def _xia2_image(spec: str) -> dict[int, str]:
-    """``/path/name_0001.cbf:1:40`` -> the existing files of images 1..40."""
-
+def xia2_image_spec(spec: str) -> tuple[str, int, int]:
+    """``/path/name_0001.cbf:1:40`` -> (path, first, last); GapfillError on
+    what no file can fix (checked before anything is written)."""
     m = re.fullmatch(r"(.+?):(\d+):(\d+)", spec)
     if not m:
         raise GapfillError(
@@ -126,7 +126,16 @@ def _xia2_image(spec: str) -> dict[int, str]:
         )
     path, first, last = m.group(1), int(m.group(2)), int(m.group(3))
     if last < first:
-        raise GapfillError(f"input.image={spec!r}: last image {last} is before first {first}")
+        raise GapfillError(
+            f"input.image={spec!r}: last image {last} is before first {first}: write first:last, "
+            f"e.g. {path}:{last}:{first}"
+        )
+    return path, first, last
+
+
+def _xia2_image(spec: str) -> dict[int, str]:
+    """``/path/name_0001.cbf:1:40`` -> the existing files of images 1..40."""
+    path, first, last = xia2_image_spec(spec)
     template, _ = template_regex(path)
     if not template or "#" not in template:
         raise GapfillError(f"input.image={spec!r}: no image number in the file name")
