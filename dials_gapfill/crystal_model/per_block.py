@@ -240,6 +240,8 @@ class PerBlockModel(CrystalModel):
                 reflections = after
             if small:
                 job_reflections, job_rp = _judged_by_sweep(reflections, experiments, rp, numbers)
+            else:
+                job_reflections, job_rp = _small_blocks_judged_with_their_sweep(reflections, experiments, rp, numbers)
         logger.info("Static refinement of %d block(s) with one crystal", len(experiments))
         experiments, reflections, refiner = fixing_sparse_sweeps(
             lambda p: _macrocycle(p, job_reflections, experiments, "static refinement", with_refiner=True),
@@ -407,6 +409,54 @@ def _judged_by_sweep(reflections, experiments, rp, numbers, unjudged=None):
     minimum = max(1, rp.refinement.parameterisation.auto_reduction.min_nref_per_parameter)
     kept = spots_given_back(table, everything, kept, minimum, numbers)
     logger.info("Outliers judged sweep by sweep: %d of %d spots left out", kept.count(False), len(kept))
+    rp = copy.deepcopy(rp)
+    rp.refinement.reflections.outlier.algorithm = "null"
+    return reflections.select(kept), rp
+
+
+def _small_blocks_judged_with_their_sweep(reflections, experiments, rp, numbers):
+    """(reflections, refinement parameters) of the second static job with
+    several sweeps where some blocks, not all of any sweep, are below DIALS'
+    minimum_number_of_reflections for outlier rejection.  DIALS, judging
+    block by block, flags every spot of such a block, which then has no
+    reference spot for profile fitting and leaves its sweep's orientation to
+    the other blocks (the L-cysteine wedges without images 6-7 of sweep 2 by
+    the per-block model: block 1-5 of sweep 2, 10 spots, all flagged; 0 of
+    its 46 reflections profile fitted, <I/sigma> 5.6).  Here its spots are
+    judged in their sweep's distribution (continuous.reject_outliers), the
+    other blocks' spots block by block as DIALS would, and the job runs on
+    the spots kept without rejection of its own.  Otherwise (reflections,
+    rp)."""
+    outlier = rp.refinement.reflections.outlier
+    if outlier.algorithm in ("null", None) or not outlier.separate_experiments:
+        return reflections, rp
+    minimum = outlier.minimum_number_of_reflections
+    ids = reflections["id"]
+    small = [i for i in range(len(experiments)) if (ids == i).count(True) < minimum]
+    if not small:
+        return reflections, rp
+    sweep_of = {i: g for g, group in enumerate(sweep_groups(experiments)) for i in group}
+    table = copy.deepcopy(reflections)
+    everything = flex.bool(len(table), True)
+    no_edge = flex.bool(len(table), False)
+    table["sweep"] = flex.int([sweep_of[i] for i in ids])
+    if not sweeps_judged_apart(table, everything, rp):
+        return reflections, rp
+    reject_outliers(table, everything, experiments, rp, edge=no_edge)
+    by_sweep = table.get_flags(table.flags.centroid_outlier)
+    in_small = flex.bool(len(table), False)
+    for i in small:
+        in_small |= ids == i
+    table["sweep"] = ids  # the groups: each block of its own
+    reject_outliers(table, ~in_small, experiments, rp, edge=no_edge)
+    by_block = table.get_flags(table.flags.centroid_outlier)
+    kept = ~((in_small & by_sweep) | (~in_small & by_block))
+    minimum_refined = max(1, rp.refinement.parameterisation.auto_reduction.min_nref_per_parameter)
+    table["sweep"] = flex.int([sweep_of[i] for i in ids])
+    kept = spots_given_back(table, everything, kept, minimum_refined, numbers)
+    logger.info(
+        "Outliers judged block by block, those of %d block(s) below DIALS' minimum of %d spots with their "
+        "sweep: %d of %d spots left out", len(small), minimum, kept.count(False), len(kept))
     rp = copy.deepcopy(rp)
     rp.refinement.reflections.outlier.algorithm = "null"
     return reflections.select(kept), rp
