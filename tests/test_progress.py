@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import pty
 import re
@@ -268,3 +269,26 @@ def test_the_modes_from_the_parameters():
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_the_same_image_number_in_several_sweeps_counts_once_in_each():
+    """DIALS says "Found N strong pixels on image n" without the sweep: four
+    sweeps of images 1-15 are 60 images, not 15; an image said more often
+    than blocks hold it (a frame of two integration jobs) counts once per
+    block."""
+    from dials_gapfill.handlers.progress import _Marks
+
+    marks = _Marks([(1, 15), (1, 5), (8, 15), (1, 15), (1, 15)])
+    finder = logging.getLogger("dials.algorithms.spot_finding.finder")
+    level = finder.level
+    finder.setLevel(logging.DEBUG)  # (as the stage sets it while it runs)
+    try:
+        with marks.attached():
+            for _ in range(4):
+                for n in range(1, 16):
+                    finder.debug("Found %d strong pixels on image %d", 3, n)
+    finally:
+        finder.setLevel(level)
+    # images 6-7 are held by three blocks, the others by four
+    assert marks.count("Found") == 4 * 15 - 2
+    assert marks.count("Integrated") == 0

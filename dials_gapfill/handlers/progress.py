@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import multiprocessing
 import os
 import re
 import sys
@@ -163,21 +164,31 @@ def image_numbers():
 class _Marks(logging.Filter):
     """Which images DIALS has said it finished, per kind of per-image message
     ("Found N strong pixels on image n", "Modelled/Integrated/Validated ...
-    on image n"): one byte per image number in shared memory.
+    on image n"): per image number, how many times, in shared memory.
+
+    DIALS' messages give the image number, not the sweep: with several
+    sweeps image 1 is done once in each.  An image number counts as many
+    times as it is said, up to the number of blocks that hold it (a frame
+    of two of DIALS' integration jobs is said twice).
 
     A filter (it lets every record through) on the loggers that say it, so it
     runs where the record is made: in DIALS' worker processes too (forked,
-    they keep the filter and the shared memory), as each image is done, not
-    when the worker hands its records back at the end of its job.
+    they keep the filter, the lock and the shared memory), as each image is
+    done, not when the worker hands its records back at the end of its job.
     """
 
     KINDS = ("Found", "Modelled", "Integrated", "Validated")
     LOGGERS = ("dials.algorithms.spot_finding.finder", INTEGRATOR)
 
-    def __init__(self, last_image):
+    def __init__(self, image_ranges):
         super().__init__()
-        self.size = int(last_image) + 1
-        self.arrays = {kind: RawArray("B", self.size) for kind in self.KINDS}
+        self.size = max(last for _, last in image_ranges) + 1
+        self.blocks = [0] * self.size  # how many blocks hold each image number
+        for first, last in image_ranges:
+            for n in range(max(first, 0), last + 1):
+                self.blocks[n] += 1
+        self.lock = multiprocessing.Lock()
+        self.arrays = {kind: RawArray("H", self.size) for kind in self.KINDS}
 
     def filter(self, record):
         msg = record.msg
@@ -186,14 +197,18 @@ class _Marks(logging.Filter):
                 kind = msg.split(None, 1)[0]
                 image = record.args[1] if kind == "Found" else record.args[-1]
                 if kind in self.arrays and 0 <= image < self.size:
-                    self.arrays[kind][image] = 1
+                    with self.lock:
+                        array = self.arrays[kind]
+                        array[image] = min(array[image] + 1, 65535)
             except Exception:
                 pass
         return True
 
     def count(self, kind) -> int:
         array = self.arrays.get(kind)
-        return bytes(array).count(1) if array is not None else 0
+        if array is None:
+            return 0
+        return sum(min(said, held) for said, held in zip(array, self.blocks))
 
     @contextlib.contextmanager
     def attached(self):
@@ -468,13 +483,14 @@ class Progress:
     # -- one stage ---------------------------------------------------------
 
     @contextlib.contextmanager
-    def stage(self, name, total=None, last_image=None):
+    def stage(self, name, total=None, image_ranges=None):
         """Progress of one stage; `total`: images it goes through, if known;
-        `last_image`: the highest image number (images are counted up to it)."""
+        `image_ranges`: (first, last) image numbers of each block (the images
+        counted)."""
         if self.mode == "none":
             yield None
             return
-        marks = _Marks(last_image) if last_image else None
+        marks = _Marks(image_ranges) if image_ranges else None
         count = _Count(name, total, marks)
         watch = _Watch(count)
         dials_logger = logging.getLogger("dials")
@@ -576,10 +592,10 @@ def abort():
 
 
 def stage_images(experiments):
-    """(images of the blocks, the highest image number), or (None, None)."""
+    """(images of the blocks, each block's (first, last) image numbers), or (None, None)."""
     try:
         return (sum(e.scan.get_num_images() for e in experiments),
-                max(e.scan.get_image_range()[1] for e in experiments))
+                [tuple(e.scan.get_image_range()) for e in experiments])
     except Exception:
         return None, None
 
@@ -598,8 +614,8 @@ def stage_progress(progress, name, state):
         if progress is None:
             yield
             return
-        total = last = None
+        total = ranges = None
         if name in IMAGES and state.experiments:
-            total, last = stage_images(state.experiments)
-        with progress.stage(name, total if name in COUNTED else None, last):
+            total, ranges = stage_images(state.experiments)
+        with progress.stage(name, total if name in COUNTED else None, ranges):
             yield
