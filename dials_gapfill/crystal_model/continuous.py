@@ -100,6 +100,7 @@ from dials_gapfill.errors import GapfillError, indexing_failure, search_failure
 from dials_gapfill.model.state import Record
 from dials_gapfill.model.tables import set_identifiers
 from dials_gapfill.phil import dials_index_params, dials_refine_params, resolve_nproc
+from dials_gapfill.util import range_text
 
 logger = logging.getLogger("dials.process_gapped.continuous")
 
@@ -290,10 +291,13 @@ def slice_onto_blocks(continuous, experiments):
             if f < f0 or l > l0:
                 # DIALS trims a scan to the images with observations: a block
                 # beyond them keeps the orientation of the nearest end
-                logger.warning(
-                    "Images %d-%d lie outside the refined scan %d-%d: the orientation of its "
-                    "nearest end is used", f, l, f0, l0,
-                )
+                before, after = range(f, min(l, f0 - 1) + 1), range(max(f, l0 + 1), l + 1)
+                for images, end in ((before, f0), (after, l0)):
+                    if len(images):
+                        logger.info(
+                            "Block of images %d-%d: image(s) %s had no spot in the scan-varying refinement "
+                            "(its scan: images %d-%d) and keep the orientation at the scan's nearest end "
+                            "(image %d)", f, l, range_text(images), f0, l0, end)
                 n = crystal.num_scan_points
                 A = [crystal.get_A_at_scan_point(min(max(k - f0, 0), n - 1)) for k in range(f, l + 2)]
                 crystal = copy.deepcopy(crystal)
