@@ -54,8 +54,8 @@ def search_failure(e: Exception, limit: int = 160) -> str:
     (dials.algorithms.indexing.indexer, Indexer.index): that UnboundLocalError
     is said for what it means."""
     if isinstance(e, NameError) and "refined_reflections" in str(e):
-        text = ("DIALS' indexer: a refinement macro-cycle failed with several experiments, "
-                "then UnboundLocalError")
+        text = ("DIALS' indexer could not refine the candidate lattice against the blocks together "
+                "(a refinement macro-cycle failed)")
     else:
         text = " ".join(str(e).split()) or type(e).__name__
     if len(text) > limit:
