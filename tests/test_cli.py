@@ -214,3 +214,26 @@ def test_validate_accepts_the_defaults_and_the_example_files():
         args = [os.path.join(PHIL, name)] if name else []
         params, _, _, _ = parse(args + ["/data/x_*.cbf"], master_phil())
         validate(params)
+
+
+@pytest.mark.parametrize("arg,said", [
+    ("space_group=P999", ["'indexing.known_symmetry.space_group=P999'", "Space group symbol not recognized: P999",
+                          "check the value"]),
+    ("nproc=two", ["'mp.nproc=two'", "check the value"]),
+    ("scale=maybe", ["'scaling.run=maybe'", "True or False", "check the value"]),
+    ("unit_cell=5,5", ["'unit_cell=5,5'", "six cell parameters"]),
+    ("unit_cell=abc", ["'unit_cell=abc'", "six cell parameters"]),
+])
+def test_a_value_that_cannot_be_read_names_its_parameter(arg, said):
+    """One line naming the argument: cctbx fills a short cell in (5,5 is 5,
+    5, 1, 90, 90, 90) and its own errors name no parameter."""
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import master_phil
+
+    with pytest.raises(GapfillError) as info:
+        parse([arg, "/data/x_*.cbf"], master_phil())
+    message = str(info.value)
+    assert "\n" not in message and "cctbx Error" not in message
+    for text in said:
+        assert text in message, (text, message)

@@ -78,6 +78,37 @@ def _phil_error(arg, master):
     return None
 
 
+def _value_error(args, master):
+    """The first key=value argument whose value PHIL cannot convert (a
+    number, a cell, a space group), as a GapfillError naming it; else None."""
+    interpreter = master.command_line_argument_interpreter()
+    for arg in args:
+        if not _is_assignment(arg) or os.path.exists(arg):
+            continue
+        try:
+            master.fetch(sources=[interpreter.process_arg(arg=arg)]).extract()
+        except Exception as e:
+            text = " ".join(str(e).split())
+            text = re.sub(r"^cctbx Error: ", "", re.sub(r" \(command line argument, line \d+\)$", "", text))
+            return GapfillError(f"cannot use {arg!r}: {text}: check the value")
+    return None
+
+
+def _cell_error(args):
+    """A unit_cell of other than six numbers (cctbx would fill in the rest:
+    unit_cell=5,5 is 5, 5, 1, 90, 90, 90)."""
+    for arg in args:
+        name, sep, value = arg.partition("=")
+        if sep and _is_assignment(arg) and name.strip().split(".")[-1] == "unit_cell" and value.strip():
+            numbers = [v for v in re.split(r"[,\s]+", value.strip()) if v]
+            if len(numbers) != 6:
+                return GapfillError(
+                    f"{arg!r}: give the six cell parameters a,b,c,alpha,beta,gamma "
+                    "(e.g. unit_cell=5.42,8.13,12.02,90,90,90)"
+                )
+    return None
+
+
 PHIL_EXTENSIONS = (".phil", ".param", ".params", ".eff", ".def")
 
 
@@ -146,6 +177,9 @@ def parse(args, phil):
                 raise GapfillError(f"no such parameter file: {arg!r}: check the path")
             if not os.access(arg, os.R_OK):
                 raise GapfillError(f"cannot read the parameter file {arg!r}: check its permissions")
+    err = _cell_error(args)
+    if err is not None:
+        raise err
     parser = ArgumentParser(
         usage=f"{PROGRAM} [options] [param.phil] images=/path/to/images_*.cbf",
         phil=phil,
@@ -167,6 +201,9 @@ def parse(args, phil):
         if "not recognised" in text or "Unknown" in text:
             bad = text.split("recognised", 1)[-1].strip() if "recognised" in text else text
             raise _unknown_parameter_error(bad, phil) from None
+        err = _value_error(rewrite_aliases(args), phil)
+        if err is not None:
+            raise err from None
         raise GapfillError(f"cannot read the parameters: {text}") from None
     images = []
     for arg in unhandled:
