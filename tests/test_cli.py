@@ -237,3 +237,15 @@ def test_a_value_that_cannot_be_read_names_its_parameter(arg, said):
     assert "\n" not in message and "cctbx Error" not in message
     for text in said:
         assert text in message, (text, message)
+
+
+def test_a_short_form_in_a_parameter_file_names_the_full_name(tmp_path):
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import master_phil
+
+    f = tmp_path / "short.phil"
+    f.write_text("scale = True\n")
+    with pytest.raises(GapfillError, match=r"line 1: unknown parameter 'scale'; in a parameter file write its full "
+                                           r"name, scaling.run"):
+        parse([str(f), "/data/x_*.cbf"], master_phil())

@@ -57,10 +57,15 @@ def _unknown_parameter_error(arg, master):
     leaves = {}
     for p in paths:
         leaves.setdefault(p.rsplit(".", 1)[-1], []).append(p)
+    from dials_gapfill.phil import ALIASES
+
     close = difflib.get_close_matches(name, paths, n=3, cutoff=0.6)
     for leaf in difflib.get_close_matches(name.rsplit(".", 1)[-1], list(leaves), n=3, cutoff=0.7):
         close.extend(p for p in leaves[leaf] if p not in close)
     hint = f"; did you mean {', '.join(close[:4])}?" if close else ""
+    if name in ALIASES:
+        # (a short form reaches PHIL unchanged only from a parameter file)
+        hint = f"; in a parameter file write its full name, {ALIASES[name]} (the short form is for the command line)"
     return GapfillError(
         f"unknown parameter {arg!r}{hint} (list them with {PROGRAM} -c -e 2)"
     )
