@@ -171,3 +171,19 @@ def test_dropping_a_block_keeps_the_other_blocks_spots_renumbered():
     out, _ = keep_experiments(table, blocks, kept)
     assert list(out["spot"]) == [0, 4, 7]
     assert list(out["id"]) == list(out["imageset_id"]) == [0, 1, 2]
+
+
+def test_the_summary_lists_the_mtz_batches_each_sweep_has():
+    """Batches of the blocks (image number + the sweep's offset), not the
+    sweep's whole image range."""
+    from dials_gapfill.model.state import Block, Report
+    from dials_gapfill.report.summary import summary_text
+
+    report = Report()
+    report.sweeps = [{"number": s, "template": f"/d/x_{s}_#####.cbf", "image_range": [1, 15], "n_blocks": n,
+                      "goniometer": "", "batch_offset": 100 * (s - 1)} for s, n in ((1, 1), (2, 2), (3, 1))]
+    report.blocks = [Block(1, 1, 15, 0, 1.5, sweep=1), Block(2, 1, 5, 0, 0.5, sweep=2),
+                     Block(3, 8, 15, 0.7, 1.5, sweep=2), Block(4, 3, 15, 0.2, 1.5, sweep=3)]
+    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip()
+            for line in summary_text(report).splitlines() if "/d/x_" in line}
+    assert rows == {"1": "1-15", "2": "101-105, 108-115", "3": "203-215"}

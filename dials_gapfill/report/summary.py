@@ -49,13 +49,20 @@ BLOCK_HEADER = [
 ]
 
 
+def _batches(report, sweep) -> str:
+    """The MTZ batches of a sweep's blocks (image number + its offset)."""
+    numbers = {n + sweep["batch_offset"] for b in report.blocks if b.sweep == sweep["number"]
+               for n in range(b.first, b.last + 1)}
+    return range_text(numbers) if numbers else "-"
+
+
 def summary_text(report, directory=None) -> str:
     several = len(report.sweeps) > 1
     lines = ["", "=" * 30 + " dials.process_gapped summary " + "=" * 30, ""]
     if several:
         lines.append(tabulate(
             [[s["number"], s["template"], f"{s['image_range'][0]}-{s['image_range'][1]}", s["n_blocks"],
-              s["goniometer"], f"{s['image_range'][0] + s['batch_offset']}-{s['image_range'][1] + s['batch_offset']}"]
+              s["goniometer"], _batches(report, s)]
              for s in report.sweeps],
             ["sweep", "template", "images", "blocks", "goniometer", "MTZ batches"],
         ))
