@@ -598,6 +598,31 @@ def test_a_block_the_scaler_removes_is_said(tmp_path):
     assert len(mtz.batches) == 15 + 5 + 8 + 15 + 9
 
 
+def test_cc_half_over_fewer_than_three_reflections_is_not_a_number(tmp_path):
+    """The wedges as integrated once (tests/data/l_cysteine_wedges/gapped),
+    scaled: in shells where one or two reflections were measured more than
+    once iotbx reports CC½ 0 (one) or +-1 (two, whatever the data); they are
+    left out (null), the overall CC½ stays."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.handlers.outputs import Outputs
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages.scaling import scale
+
+    folder = os.path.join(ROOT, "tests", "data", "l_cysteine_wedges", "gapped")
+    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    outputs = Outputs(str(tmp_path))
+    outputs.check_writable()
+    _, record = scale(experiments, reflections, params_from(["scale=True", f"output.directory={tmp_path}"]), outputs)
+    shells = record.scaling["shells"]
+    assert all(s["n_obs"] - s["n_unique"] >= 3 for s in shells if s["cc_half"] is not None), shells
+    assert any(s["cc_half"] is None and 0 < s["n_obs"] - s["n_unique"] < 3 for s in shells), shells
+    assert record.scaling["cc_half"][0] > 0.9
+    assert not [w for w in record.warnings if "hardly agree" in w]
+
+
 @pytest.mark.parametrize("image,spots_enough,model", [(1, True, "continuous"), (14, True, "continuous"),
                                                       (14, False, "per_block")])
 def test_a_sweep_of_one_image_among_whole_ones(l_cysteine, image, spots_enough, model):

@@ -504,6 +504,12 @@ def merging_summary(stats, anom=None) -> dict:
     }
     for key in NEED_PAIRS:
         out[key] = [None if n <= u else v for v, n, u in zip(out[key], out["n_obs"], out["n_unique"])]
+    # a CC½ over fewer than three reflections is no correlation (iotbx reports
+    # 0 for one; over two it is ±1 whatever the data)
+    if "cc_half" in out:
+        parts = (stats.overall, stats.bins[0], stats.bins[-1])
+        out["cc_half"] = [None if getattr(b, "cc_one_half_n_refl", 3) < 3 else v
+                          for v, b in zip(out["cc_half"], parts)]
     out["shells"] = []
     for b in stats.bins:
         shell = {
@@ -514,6 +520,8 @@ def merging_summary(stats, anom=None) -> dict:
         }
         if b.n_obs <= b.n_uniq:
             shell.update({key: None for key in NEED_PAIRS if key in shell})
+        elif getattr(b, "cc_one_half_n_refl", 3) < 3:
+            shell["cc_half"] = None
         out["shells"].append(shell)
     return out
 
