@@ -454,8 +454,10 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
     about normalising them, and dials.merge's about Wilson statistics on all
     60 images (kept there too), reach the log as one line, without a
     traceback.  The wedges as integrated now, with and without the images
-    left out, are scaled to the edge of the data.  On all 60 images DIALS'
-    physical model diverges and the run scales with KB instead."""
+    left out, are scaled to the edge of the data.  On all 60 images as
+    integrated once (a few reflections at scan ends integrated twice) DIALS'
+    physical model diverges and the run scales with KB instead; as
+    integrated now, DIALS' model holds."""
     import logging
 
     import gemmi
@@ -471,6 +473,7 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
     for name, folder, misigma in (("default", os.path.join(kept, "gapped"), None),
                                   ("cc_half_only", os.path.join(kept, "gapped"), "None"),
                                   ("complete_kept", os.path.join(kept, "complete"), None),
+                                  ("complete_auto", os.path.join(kept, "complete"), None),
                                   ("gapped", ours["gapped"], None), ("complete", ours["complete"], None)):
         experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"),
                                                            check_format=False)
@@ -531,12 +534,13 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
     final = _summary(ours["complete"])["crystal"]["final"]
     assert ins["ZERR"][1:4] == pytest.approx(final["unit_cell_esd"][:3], abs=1e-4)
     assert ins["ZERR"][4:] == [0, 0, 0]  # an orthorhombic Laue group (measured: P m m m)
-    # all 60 images: DIALS' physical model (dials.scale's choice) diverges on
-    # the wedges (measured: 63 scale factors below 0.001, 54 of 117 kept,
-    # factors -3.2 to 21.6), so the run scales with KB, said as a warning:
-    # every observation above the partiality cut-off scaled, by factors near
-    # one
-    scaling, warnings, _, _, joint = results["complete"]
+    # all 60 images as integrated once (tests/data/l_cysteine_wedges/complete,
+    # with the rows DIALS' predictor repeated at scan ends): DIALS' physical
+    # model (dials.scale's choice) diverges (measured: 63 scale factors below
+    # 0.001, 54 of 117 kept, factors -3.2 to 21.6), so the run scales with KB,
+    # said as a warning: every observation above the partiality cut-off
+    # scaled, by factors near one
+    scaling, warnings, _, auto_files, joint = results["complete_auto"]
     model = scaling["model"]
     assert model["requested"] == "auto" and model["used"] == "KB", model
     assert model["replaced"]["used"] == "physical" and model["replaced"]["small_scales"] > 10, model
@@ -549,13 +553,25 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
     factors = np.array(joint["inverse_scale_factor"].select(good))
     assert 0.1 < factors.min() and factors.max() < 10, (factors.min(), factors.max())
     assert scaling["cc_half"][0] > 0.99, scaling["cc_half"]
-    assert files["scaled.mtz"]["reflections"] == model["kept"]
+    assert {f["name"]: f for f in auto_files}["scaled.mtz"]["reflections"] == model["kept"]
     # scaling.model=physical keeps DIALS' model as it came out
-    experiments = ExperimentListFactory.from_json_file(os.path.join(ours["complete"], "integrated.expt"),
+    experiments = ExperimentListFactory.from_json_file(os.path.join(kept, "complete", "integrated.expt"),
                                                        check_format=False)
-    reflections = flex.reflection_table.from_file(os.path.join(ours["complete"], "integrated.refl"))
+    reflections = flex.reflection_table.from_file(os.path.join(kept, "complete", "integrated.refl"))
     _, record = scale(experiments, reflections, params_from(["scale=True", "scaling.model=physical"]), None)
     assert record.scaling["model"] == {"requested": "physical", **model["replaced"]}
+    # all 60 images as integrated now (each reflection once per block): DIALS'
+    # physical model does not diverge, and keeps as many observations
+    scaling, _, _, _, joint = results["complete"]
+    now = scaling["model"]
+    assert now["used"] == "physical" and now["small_scales"] == 0 and "replaced" not in now, now
+    good = ~joint.get_flags(joint.flags.bad_for_scaling, all=False)
+    above = joint["partiality"] >= 0.4
+    assert good.count(True) == above.count(True) == now["kept"] > 100, now
+    factors = np.array(joint["inverse_scale_factor"].select(good))
+    assert 0.1 < factors.min() and factors.max() < 10, (factors.min(), factors.max())
+    assert scaling["cc_half"][0] > 0.99, scaling["cc_half"]
+    assert files["scaled.mtz"]["reflections"] == now["kept"]
 
 
 @pytest.mark.slow
