@@ -394,9 +394,8 @@ def _judged_by_sweep(reflections, experiments, rp, numbers, unjudged=None):
     the jobs as they were measured (a sweep of two single images: static
     cell 0.18 % from the complete sweeps', 0.42 % judged by sweep, its spots'
     phi biased by the gaps on both sides)."""
-    sweep_of = {i: g for g, group in enumerate(sweep_groups(experiments)) for i in group}
     table = copy.deepcopy(reflections)
-    table["sweep"] = flex.int([sweep_of[i] for i in table["id"]])
+    table["sweep"] = _sweep_column(experiments, table["id"])
     everything = flex.bool(len(table), True)
     if not sweeps_judged_apart(table, everything, rp):
         if unjudged is None:
@@ -406,9 +405,22 @@ def _judged_by_sweep(reflections, experiments, rp, numbers, unjudged=None):
         return reflections, rp
     reject_outliers(table, everything, experiments, rp, edge=flex.bool(len(table), False))
     kept = everything & ~table.get_flags(table.flags.centroid_outlier)
+    return _job_on_kept(reflections, table, kept, rp, numbers, "Outliers judged sweep by sweep")
+
+
+def _sweep_column(experiments, ids):
+    """Each row's sweep (0, 1, ...: its group in sweep_groups) from its block id."""
+    sweep_of = {i: g for g, group in enumerate(sweep_groups(experiments)) for i in group}
+    return flex.int([sweep_of[i] for i in ids])
+
+
+def _job_on_kept(reflections, table, kept, rp, numbers, judged):
+    """(the rows `kept`, with spots given back to a sweep left too few
+    (continuous.spots_given_back), and `rp` without outlier rejection of its
+    own): a static job on spots judged here.  `table` has the "sweep" column."""
     minimum = max(1, rp.refinement.parameterisation.auto_reduction.min_nref_per_parameter)
-    kept = spots_given_back(table, everything, kept, minimum, numbers)
-    logger.info("Outliers judged sweep by sweep: %d of %d spots left out", kept.count(False), len(kept))
+    kept = spots_given_back(table, flex.bool(len(table), True), kept, minimum, numbers)
+    logger.info("%s: %d of %d spots left out", judged, kept.count(False), len(kept))
     rp = copy.deepcopy(rp)
     rp.refinement.reflections.outlier.algorithm = "null"
     return reflections.select(kept), rp
@@ -435,11 +447,11 @@ def _small_blocks_judged_with_their_sweep(reflections, experiments, rp, numbers)
     small = [i for i in range(len(experiments)) if (ids == i).count(True) < minimum]
     if not small:
         return reflections, rp
-    sweep_of = {i: g for g, group in enumerate(sweep_groups(experiments)) for i in group}
+    sweeps = _sweep_column(experiments, ids)
     table = copy.deepcopy(reflections)
     everything = flex.bool(len(table), True)
     no_edge = flex.bool(len(table), False)
-    table["sweep"] = flex.int([sweep_of[i] for i in ids])
+    table["sweep"] = sweeps
     if not sweeps_judged_apart(table, everything, rp):
         return reflections, rp
     reject_outliers(table, everything, experiments, rp, edge=no_edge)
@@ -451,15 +463,10 @@ def _small_blocks_judged_with_their_sweep(reflections, experiments, rp, numbers)
     reject_outliers(table, ~in_small, experiments, rp, edge=no_edge)
     by_block = table.get_flags(table.flags.centroid_outlier)
     kept = ~((in_small & by_sweep) | (~in_small & by_block))
-    minimum_refined = max(1, rp.refinement.parameterisation.auto_reduction.min_nref_per_parameter)
-    table["sweep"] = flex.int([sweep_of[i] for i in ids])
-    kept = spots_given_back(table, everything, kept, minimum_refined, numbers)
-    logger.info(
-        "Outliers judged block by block, those of %d block(s) below DIALS' minimum of %d spots with their "
-        "sweep: %d of %d spots left out", len(small), minimum, kept.count(False), len(kept))
-    rp = copy.deepcopy(rp)
-    rp.refinement.reflections.outlier.algorithm = "null"
-    return reflections.select(kept), rp
+    table["sweep"] = sweeps
+    return _job_on_kept(reflections, table, kept, rp, numbers,
+                        f"Outliers judged block by block, those of {len(small)} block(s) below DIALS' minimum "
+                        f"of {minimum} spots with their sweep")
 
 
 def _fresh_models(experiments):
