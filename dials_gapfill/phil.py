@@ -668,7 +668,9 @@ def params_from(params=None):
     if isinstance(params, str):
         # PHIL text (e.g. a .phil file's content), else command-line words
         if not _has_unknown(params):
-            return auto_as_word(master_phil().fetch(source=iotbx.phil.parse(params)).extract())
+            parsed = iotbx.phil.parse(params)
+            check_cell_words(parsed)
+            return auto_as_word(master_phil().fetch(source=parsed).extract())
         return _from_args(shlex.split(params))
     if isinstance(params, (list, tuple)):
         return _from_args(list(params))
@@ -701,6 +703,24 @@ def _has_unknown(text):
     return bool(unused)
 
 
+def check_cell_words(parsed, where: str = "") -> None:
+    """Raise GapfillError where a parsed PHIL scope sets a unit_cell to other
+    than six numbers: cctbx would fill in the rest (unit_cell=5,5 reads as
+    5, 5, 1, 90, 90, 90) and indexing would search for a cell nobody gave."""
+    for d in parsed.all_definitions():
+        if d.object.name != "unit_cell":
+            continue
+        words = " ".join(str(w.value) for w in d.object.words)
+        if words.strip().lower() in ("", "none"):
+            continue
+        numbers = [v for v in re.split(r"[,\s]+", words.strip()) if v]
+        if len(numbers) != 6:
+            raise GapfillError(
+                f"{d.path}={words}{where}: give the six cell parameters a,b,c,alpha,beta,gamma "
+                "(e.g. unit_cell=5.42,8.13,12.02,90,90,90)"
+            )
+
+
 def _from_args(args):
 
     interpreter = master_phil().command_line_argument_interpreter()
@@ -710,6 +730,7 @@ def _from_args(args):
             sources.append(interpreter.process_arg(arg=arg))
         except Exception as e:
             raise GapfillError(f"cannot use {arg!r}: {' '.join(str(e).split())}") from None
+        check_cell_words(sources[-1])
     try:
         return auto_as_word(master_phil().fetch(sources=sources).extract())
     except Exception as e:

@@ -249,3 +249,30 @@ def test_a_short_form_in_a_parameter_file_names_the_full_name(tmp_path):
     with pytest.raises(GapfillError, match=r"line 1: unknown parameter 'scale'; in a parameter file write its full "
                                            r"name, scaling.run"):
         parse([str(f), "/data/x_*.cbf"], master_phil())
+
+
+@pytest.mark.parametrize("how", ["parameter file", "api text", "api words"])
+def test_a_short_cell_is_refused_from_a_file_and_from_the_api(tmp_path, how):
+    """unit_cell with fewer than six numbers is refused wherever it is given:
+    a parameter file and the API's PHIL text or words as the command line."""
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import master_phil, params_from
+
+    text = "indexing {\n  known_symmetry {\n    unit_cell = 5.4 8.1\n  }\n}\n"
+    with pytest.raises(GapfillError) as info:
+        if how == "parameter file":
+            f = tmp_path / "cell.phil"
+            f.write_text(text)
+            parse([str(f), "/data/x_*.cbf"], master_phil())
+        elif how == "api text":
+            params_from(text)
+        else:
+            params_from(["unit_cell=5.4,8.1"])
+    message = str(info.value)
+    assert "indexing.known_symmetry.unit_cell=5.4" in message and "six cell parameters" in message, message
+    if how == "parameter file":
+        assert "cell.phil" in message, message
+    # six numbers, and None, pass
+    assert params_from(text.replace("5.4 8.1", "5.4 8.1 12.0 90 90 90")).indexing.known_symmetry.unit_cell is not None
+    assert params_from(["unit_cell=None"]).indexing.known_symmetry.unit_cell is None

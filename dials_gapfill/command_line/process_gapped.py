@@ -172,9 +172,10 @@ def _phil_file_error(path, master):
 
 def parse(args, phil):
     """(params, options, image arguments, diff phil text) as DIALS parses them."""
-    from dials.util.options import ArgumentParser  # (DIALS is known to be installed here)
+    import iotbx.phil  # (DIALS is known to be installed here)
+    from dials.util.options import ArgumentParser
 
-    from dials_gapfill.phil import auto_as_word, rewrite_aliases
+    from dials_gapfill.phil import auto_as_word, check_cell_words, rewrite_aliases
 
     for arg in args:
         if _is_phil_file(arg) and not arg.startswith("-"):
@@ -185,6 +186,13 @@ def parse(args, phil):
     err = _cell_error(args)
     if err is not None:
         raise err
+    for arg in args:
+        if _is_phil_file(arg) and os.path.isfile(arg):
+            try:
+                parsed = iotbx.phil.parse(file_name=arg)
+            except Exception:
+                continue  # the syntax error is named below, with its line
+            check_cell_words(parsed, f" in {arg}")
     parser = ArgumentParser(
         usage=f"{PROGRAM} [options] [param.phil] images=/path/to/images_*.cbf",
         phil=phil,
