@@ -92,6 +92,11 @@ def test_resolution_limit_from_cc_half(weak_scaled):
     assert res["d_min_data"] < 2.4
     # said on the terminal, with the reason
     assert f"d_min {res['d_min']:.2f} Å from CC½ fit = 0.3" in weak_scaled["stdout"]
+    # thousands of repeated measurements for a dozen scale parameters: the
+    # merging statistics are not flagged as the fit's own
+    model = s["model"]
+    assert 0 < model["parameters"] < (s["n_obs"][0] - s["n_unique"][0]) / 5, (model, s["n_obs"], s["n_unique"])
+    assert "repeated measurements" not in weak_scaled["stdout"]
     # the merging statistics end at the limit, and their outer shell is more
     # complete and stronger than the corner shell without the cut (47 %
     # complete, I/σ 0.2). The outer shell's own CC½ is not asserted: ~95 unique
@@ -392,3 +397,31 @@ def test_kb_needs_two_blocks_as_the_bad_images_leave_them(tiny_sweeps, bad_image
     assert [e.scan.get_image_range() for e in state.experiments] == [(1, 19), (21, 40)]
     assert "indexing" in [s["name"] for s in state.report.stages]
     assert state.reflections.get_flags(state.reflections.flags.indexed).count(True) > 100
+
+
+@pytest.mark.parametrize("model", ["KB", "physical"])
+def test_merging_statistics_from_the_pairs_that_set_the_scales_are_flagged(tmp_path, model):
+    """The four L-cysteine wedges (tests/data/l_cysteine_wedges/complete):
+    about ten reflections are measured twice, and the scale parameters of the
+    four blocks (KB: 2 each; physical: more) are fitted to those same pairs,
+    so CC½ near 1 says nothing about the data: a warning names both counts.
+    The counts are DIALS' own: the parameters of the scaled experiments'
+    models, the observations and unique reflections of the merging table."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.stages.scaling import scale
+
+    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
+    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    (scaled, _), record = scale(experiments, reflections, _params(f"scaling.model={model}"), None)
+    s = record.scaling
+    parameters = sum(c.n_params for e in scaled for c in e.scaling_model.components.values())
+    assert s["model"]["parameters"] == parameters >= 2 * len(scaled), s["model"]
+    differences = s["n_obs"][0] - s["n_unique"][0]
+    assert 0 < differences < 5 * parameters, (differences, parameters)
+    flagged = [w for w in record.warnings if "repeated measurements" in w]
+    assert len(flagged) == 1, record.warnings
+    assert f"rest on {differences} repeated measurements" in flagged[0]
+    assert f"the {parameters} scale parameters of the {len(scaled)} blocks" in flagged[0]

@@ -526,6 +526,33 @@ def merging_summary(stats, anom=None) -> dict:
     return out
 
 
+# Differences between repeated measurements per scale parameter below which
+# the merging statistics are flagged: fitting p parameters to m differences
+# shrinks their spread by sqrt(1 - p/m), 11 % at 5 per parameter, and the
+# R-factors and CC½ then describe the fit more than the data.
+DIFFERENCES_PER_PARAMETER = 5
+
+
+def few_differences(summary) -> str | None:
+    """The warning when the merging statistics rest on too few repeated
+    measurements for the scale parameters fitted to those same measurements
+    (sparse wedges: a CC½ of 0.999 from 9 pairs and 20 parameters), else None."""
+    parameters = (summary.get("model") or {}).get("parameters")
+    n_obs, n_unique = (summary.get("n_obs") or [None])[0], (summary.get("n_unique") or [None])[0]
+    if not parameters or n_obs is None or n_unique is None:
+        return None
+    differences = n_obs - n_unique
+    if differences >= DIFFERENCES_PER_PARAMETER * parameters:
+        return None
+    return (
+        f"the merging statistics rest on {differences} repeated measurements (observations beyond the first of "
+        f"each reflection), and the {parameters} scale parameters of the "
+        f"{summary.get('blocks', '?')} blocks were fitted to them: CC½ and the R-factors describe that fit, "
+        f"not the data's agreement (fewer than {DIFFERENCES_PER_PARAMETER} per parameter); more images or "
+        "sweeps give an independent measure"
+    )
+
+
 class _Scaled(typing.NamedTuple):
     """One run of DIALS' ScalingAlgorithm: its parameters, merging statistics,
     scaled experiments and joint table, and what the summary counts."""
@@ -557,6 +584,7 @@ def _run_scaling(params, d_min, experiments, reflections, model=None) -> _Scaled
         "used": ", ".join(sorted({e.scaling_model.id_ for e in experiments})),  # DIALS' auto: KB below 1 deg
         "small_scales": small,
         "kept": (~joint.get_flags(joint.flags.bad_for_scaling, all=False)).count(True),
+        "parameters": sum(c.n_params for e in experiments for c in e.scaling_model.components.values()),
     }
     return _Scaled(sp, stats, anom, experiments, joint, counts)
 
@@ -742,6 +770,10 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None, names=N
                 f"{summary['r_merge'][0]:.2f}) after scaling in {symmetry['space_group']}; "
                 "read the other warnings, and check the space group"
             )
+            record.warn(msg)
+            logger.warning("Warning: %s", msg)
+        msg = few_differences(summary)
+        if msg:
             record.warn(msg)
             logger.warning("Warning: %s", msg)
     record.scaling = summary
