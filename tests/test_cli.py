@@ -19,6 +19,19 @@ def test_help():
         assert text in result.stdout
 
 
+@pytest.mark.parametrize("command", ["dials.process_gapped", "dials.simulate_sweep"])
+def test_version(tmp_path, command):
+    """--version prints DIALS' version and ours and exits 0, writing nothing
+    (not even a failed-run log in the working folder)."""
+    from dials_gapfill import __version__
+
+    result = run_cmd([tool(command), "--version"], cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == f"dials-gapfill {__version__}"
+    assert result.stdout.startswith("DIALS ")
+    assert os.listdir(tmp_path) == []
+
+
 def test_show_config_levels():
     base = run_cmd([tool("dials.process_gapped"), "-c"])
     expert = run_cmd([tool("dials.process_gapped"), "-c", "-e", "2"])

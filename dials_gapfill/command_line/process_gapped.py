@@ -333,6 +333,10 @@ def run(args=None, phil=None) -> int:
         from dials_gapfill.phil import master_phil
         from dials_gapfill.report.summary import summary_text
 
+        if "--version" in args:
+            print(dials_version())
+            print(f"dials-gapfill {__version__}")
+            return 0
         params, options, images, diff_phil = parse(args, phil or master_phil())
         verbose = options.verbose
         if not images and not (params.input.images or params.input.template or params.input.image):

@@ -390,6 +390,14 @@ def run(args=None):
             epilog=__doc__,
         )
         args, scopes = _sweep_scopes(sys.argv[1:] if args is None else list(args))
+        if "--version" in args:
+            from dials.util.version import dials_version
+
+            from dials_gapfill import __version__
+
+            print(dials_version())
+            print(f"dials-gapfill {__version__}")
+            return 0
         params, options = parser.parse_args(args=args, show_diff_phil=False)
         if scopes:
             # "sweep { ... }" arguments, read as a phil file would be: on the command
