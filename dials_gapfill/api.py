@@ -157,6 +157,8 @@ class Job:
             self.outputs.retire(_written_with_other_parameters(self.params))
             if self.log is not None and self.params.output.log:
                 state.report.files.append({"name": self.params.output.log, "kind": "log"})
+            elif self.params.output.log:
+                self.outputs.retire([self.params.output.log])  # (an earlier run's, beside these results)
             write_reports(state, self.outputs, self.diff_phil)
         return self.result()
 
@@ -176,7 +178,15 @@ class Job:
         outputs = self.outputs
         if exc_type is None:
             if outputs is not None:
-                outputs.commit()
+                try:
+                    outputs.commit()  # (all or none)
+                except GapfillError as e:
+                    outputs.rollback()
+                    if self.log is not None:
+                        _log_error(e)
+                    self.failed_log = outputs.finish_log(False)
+                    outputs.unlock()
+                    raise
                 outputs.finish_log(True)
                 outputs.unlock()
             return False
@@ -246,17 +256,23 @@ class Job:
             extra = [params.output.mtz] + [f["name"] for f in state.report.files
                                            if f.get("kind") in ("block mtz", "sweep mtz")]
             extra = [n for n in extra if outputs.complete(n)]
-        kept = outputs.keep(names + extra)
-        if not all(os.path.join(outputs.directory, n) in kept for n in names):
+        kept = {os.path.basename(k) for k in outputs.keep(names + extra)}
+        renamed = not all(n in kept for n in names)  # beside an earlier run's results
+        if renamed:
+            names, extra = [Outputs.failed_name(n) for n in names], [Outputs.failed_name(n) for n in extra]
+        if not all(n in kept for n in names):
             return ""
-        extra = [n for n in extra if os.path.join(outputs.directory, n) in kept]
+        extra = [n for n in extra if n in kept]
         shown = names + extra[:1]
         if len(extra) > 1:
             sweep_files = {f["name"] for f in state.report.files if f.get("kind") == "sweep mtz"}
+            if renamed:
+                sweep_files = {Outputs.failed_name(n) for n in sweep_files}
             what = "per-block and per-sweep" if sweep_files & set(extra) else "per-block"
             shown.append(f"{len(extra) - 1} {what} MTZ files")
         listed = ", ".join(shown[:-1]) + " and " + shown[-1]
-        return f"; the integrated data, complete, are kept as {listed} in {outputs.directory}"
+        where = " (the earlier results there are untouched)" if renamed else ""
+        return f"; the integrated data, complete, are kept as {listed} in {outputs.directory}{where}"
 
 
 def _written_with_other_parameters(params) -> list[str]:
@@ -268,7 +284,9 @@ def _written_with_other_parameters(params) -> list[str]:
     if out.shelx_name:
         names += [f"{out.shelx_name}.hkl", f"{out.shelx_name}.ins"]
     if out.log:
-        names.append(Outputs.failed_log_name(out.log))
+        names.append(Outputs.failed_name(out.log))
+    # what an earlier failed run kept beside earlier results (Outputs.keep)
+    names += [Outputs.failed_name(n) for n in (out.experiments, out.reflections, out.mtz) if n]
     return names
 
 

@@ -10,6 +10,7 @@ The command line and the Python API call it before any work.
 from __future__ import annotations
 
 import os
+import string
 
 from dials_gapfill.errors import GapfillError
 
@@ -167,10 +168,14 @@ def _check_output(params) -> None:
                     f"output.{key}={value!r} cannot be filled in ({type(e).__name__}: {e}): "
                     f"use {{{field}}} for the {field} number ({{first}} and {{last}} for its images)"
                 ) from None
-            if first == second:
+            # {first}-{last} alone is not enough: blocks of different sweeps can
+            # cover the same image numbers (four sweeps of images 1-15)
+            fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+            if first == second or field not in fields:
+                what = (f"gives every {field} the same file" if first == second else
+                        f"can give two {field}s one file (the sweeps' images are numbered apart)")
                 raise GapfillError(
-                    f"output.{key}={value!r} gives every {field} the same file: put {{{field}}} in the name, "
-                    f"e.g. output.{key}={example}"
+                    f"output.{key}={value!r} {what}: put {{{field}}} in the name, e.g. output.{key}={example}"
                 )
             candidates = [first]
         elif key == "shelx_name":

@@ -322,6 +322,11 @@ def _case_block_mtz_without_block(tiny, tmp_path):
     return [tiny, "output.block_mtz=blocks.mtz"], ["output.block_mtz", "{block}"]
 
 
+def _case_block_mtz_images_only(tiny, tmp_path):
+    # blocks of different sweeps can cover the same images: {block} is needed
+    return [tiny, "output.block_mtz=b_{first}-{last}.mtz"], ["output.block_mtz", "two blocks one file", "{block}"]
+
+
 def _case_block_mtz_unknown_field(tiny, tmp_path):
     return [tiny, "output.block_mtz=b_{blok}.mtz"], ["output.block_mtz", "{block}"]
 
@@ -371,7 +376,7 @@ VALIDATION_CASES = {
     "cell_does_not_fit_space_group",
     "partiality_threshold_above_one", "partiality_threshold_negative", "mtz_d_min_negative",
     "scaling_d_min_zero", "mtz_hklout", "output_name_with_folder", "experiments_extension",
-    "output_names_collide", "block_mtz_without_block", "block_mtz_unknown_field",
+    "output_names_collide", "block_mtz_without_block", "block_mtz_images_only", "block_mtz_unknown_field",
     "sweep_mtz_without_sweep", "sweep_mtz_same_as_block_mtz",
     "shelx_without_scaling", "shelx_name_with_folder", "shelx_file_is_another_output",
     "bravais_lattice_unknown", "tie_sigma_zero", "image_range_reversed",
@@ -561,8 +566,10 @@ def test_disk_full_while_writing(tiny, tmp_path):
 @pytest.mark.slow
 def test_late_failure_keeps_integrated_data_and_folder_is_locked(tiny, tmp_path):
     """An export that fails at the end (no reflection within mtz.d_min=100, which
-    only the data can tell) keeps the complete integrated.expt/.refl under their
-    names and says so; meanwhile a second run into the folder is refused."""
+    only the data can tell) keeps the complete integrated data and says so:
+    beside an earlier run's results as integrated.failed.expt/.refl, the
+    earlier files all untouched; meanwhile a second run into the folder is
+    refused.  The next successful run removes them with the failed log."""
     from dials.array_family import flex
     from dxtbx.model.experiment_list import ExperimentListFactory
 
@@ -586,13 +593,66 @@ def test_late_failure_keeps_integrated_data_and_folder_is_locked(tiny, tmp_path)
     assert first.returncode == 1, (stdout[-2000:], err)
     assert len(err.splitlines()) == 1 and "Traceback" not in stdout + stderr, err
     assert "MTZ export failed" in err and "mtz." in err
-    assert f"the integrated data, complete, are kept as integrated.expt and integrated.refl in {out}" in err
-    experiments = ExperimentListFactory.from_json_file(os.path.join(out, "integrated.expt"), check_format=False)
-    reflections = flex.reflection_table.from_file(os.path.join(out, "integrated.refl"))
+    assert (f"the integrated data, complete, are kept as integrated.failed.expt and integrated.failed.refl in {out} "
+            "(the earlier results there are untouched)") in err
+    experiments = ExperimentListFactory.from_json_file(os.path.join(out, "integrated.failed.expt"),
+                                                       check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(out, "integrated.failed.refl"))
     assert len(experiments) == 1 and experiments[0].scan.get_image_range() == (1, 40)
     assert reflections.get_flags(reflections.flags.integrated).count(True) > 5000
-    for name in PRODUCTS:  # everything else as it was
-        if name not in ("integrated.expt", "integrated.refl"):
-            assert open(os.path.join(out, name)).read() == f"old {name}\n", name
+    for name in PRODUCTS:  # the earlier results as they were
+        assert open(os.path.join(out, name)).read() == f"old {name}\n", name
     assert "MTZ export failed" in open(os.path.join(out, FAILED_LOG)).read()
     assert not [f for f in os.listdir(out) if f.startswith(".")], os.listdir(out)
+    # a successful run leaves one run's results
+    assert process(tiny, out).returncode == 0
+    left = os.listdir(out)
+    assert not [f for f in left if ".failed." in f], left
+    assert len(ExperimentListFactory.from_json_file(os.path.join(out, "integrated.expt"), check_format=False)) == 1
+
+
+@pytest.mark.slow
+def test_an_output_that_cannot_take_its_name_leaves_the_earlier_results_whole(tiny, tmp_path):
+    """The last step of a run, renaming its outputs, is all or none: a folder
+    where the JSON would go stops the run with one line, and none of the
+    earlier files is replaced; no temporary file or lock is left, and the
+    run's log is the failed log."""
+    out = str(tmp_path / "out")
+    _seed_old_results(out)
+    os.remove(os.path.join(out, "dials.process_gapped.json"))
+    os.mkdir(os.path.join(out, "dials.process_gapped.json"))
+    result = process(tiny, out, timeout=900)
+    err = result.stderr.strip()
+    assert result.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in result.stdout + err, err
+    assert "cannot write dials.process_gapped.json" in err and "a folder of that name" in err, err
+    for name in PRODUCTS:
+        if name != "dials.process_gapped.json":
+            assert open(os.path.join(out, name)).read() == f"old {name}\n", name
+    assert sorted(os.listdir(out)) == sorted(PRODUCTS + (FAILED_LOG,)), os.listdir(out)
+    assert "a folder of that name" in open(os.path.join(out, FAILED_LOG)).read()
+
+
+def test_renaming_is_undone_when_one_rename_fails(tmp_path, monkeypatch):
+    """Outputs.commit(): where a rename fails midway (here made to fail for
+    the second file), the first file is put back with the earlier one."""
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.handlers.outputs import Outputs
+
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(f"old {name}")
+    outputs = Outputs(str(tmp_path))
+    for name in ("a.txt", "b.txt"):
+        outputs.write(name, lambda p, name=name: open(p, "w").write(f"new {name}"))
+    real = os.replace
+
+    def failing(src, dst):
+        if str(dst).endswith("b.txt") and ".tmp-" in str(src) and ".old." not in str(src):
+            raise OSError(13, "Permission denied")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(GapfillError, match="cannot write b.txt"):
+        outputs.commit()
+    monkeypatch.setattr(os, "replace", real)
+    outputs.rollback()
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a.txt": "old a.txt", "b.txt": "old b.txt"}

@@ -184,7 +184,8 @@ def test_second_lock_in_this_process_is_refused(tmp_path):
 
 
 def test_stale_temporary_files_are_removed(tmp_path):
-    """Only this program's temporary names, only those of a pid not running."""
+    """Only this program's temporary names, only those of a pid not running;
+    of their logs the newest is kept as the failed log."""
     from dials_gapfill.handlers.outputs import Outputs
 
     dead = subprocess.Popen(["true"])
@@ -210,7 +211,9 @@ def test_stale_temporary_files_are_removed(tmp_path):
         outputs.lock()
         try:
             assert sorted(outputs.removed) == sorted(stale)
-            assert sorted(os.listdir(tmp_path)) == sorted(kept + [LOCK])
+            # the newest killed run's log is kept as the failed log
+            assert outputs.killed_log == "dials.process_gapped.failed.log"
+            assert sorted(os.listdir(tmp_path)) == sorted(kept + [LOCK, outputs.killed_log])
         finally:
             outputs.unlock()
     finally:

@@ -23,9 +23,15 @@ process that holds them, folders locked in this process are also kept in a
 set, so that a second run in the same process is refused too.
 
 When it takes the folder, ``lock()`` also removes the temporary files that a
-run killed before its cleanup left (``.<stem>.tmp-<pid><ext>``, the log's
-included): only names of that pattern, and only when no process with that
-pid is running.
+run killed before its cleanup left (``.<stem>.tmp-<pid><ext>``): only names of
+that pattern, and only when no process with that pid is running.  Such a run's
+log is kept as ``<stem>.failed.log``, the one record of how far it got.
+
+``commit()`` renames all outputs or none: where one cannot take its final
+name, those already renamed are put back with the earlier files they
+replaced.  After a late failure ``keep()`` names the complete outputs
+(integrated.expt/.refl, MTZ files) as final, or as ``<stem>.failed<ext>``
+where an earlier run's results have those names.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ class Outputs:
         self._lock_key: tuple[int, int] | None = None
         self._log: tuple[str, str] | None = None  # (temporary path, final path)
         self.removed: list[str] = []  # a killed run's temporary files, removed by lock()
+        self.killed_log: str | None = None  # the failed-log name its log was kept under
         self._retired: set[str] = set()  # final paths this run does not write: removed at commit
 
     LOCK_NAME = ".dials.process_gapped.lock"
@@ -112,7 +119,7 @@ class Outputs:
         except OSError as e:
             self.unlock()
             raise self._os_error(e, self.LOCK_NAME) from None
-        self.removed = remove_stale_temporaries(self.directory)
+        self.removed, self.killed_log = remove_stale_temporaries(self.directory)
 
     def _take(self, path: str) -> int:
         """An open descriptor of the lock file `path`, its record lock held."""
@@ -162,6 +169,8 @@ class Outputs:
                 "Removed %d temporary file(s) left in %s by a run that was killed or crashed: %s",
                 len(self.removed), self.directory, ", ".join(self.removed),
             )
+        if self.killed_log:
+            logger.info("The killed run's log is kept as %s", self.killed_log)
 
     def unlock(self) -> None:
         if self._lock_fd is None:
@@ -187,7 +196,8 @@ class Outputs:
         return tmp
 
     @staticmethod
-    def failed_log_name(name: str) -> str:
+    def failed_name(name: str) -> str:
+        """The name a file of a failed run is kept under: x.log -> x.failed.log."""
         stem, ext = os.path.splitext(name)
         return f"{stem}.failed{ext or '.log'}"
 
@@ -197,7 +207,7 @@ class Outputs:
             return None
         tmp, final = self._log
         if not success:
-            final = os.path.join(os.path.dirname(final), self.failed_log_name(os.path.basename(final)))
+            final = os.path.join(os.path.dirname(final), self.failed_name(os.path.basename(final)))
         self._log = None
         try:
             os.replace(tmp, final)
@@ -286,35 +296,75 @@ class Outputs:
         self._retired.update(os.path.join(self.directory, n) for n in names if n)
 
     def commit(self) -> list[str]:
+        """Give every output its final name, all or none: where one cannot
+        be replaced (a folder of that name, permissions), the outputs already
+        renamed are put back as they were and the error raised."""
+        for final in self._pending:
+            if os.path.isdir(final) and not os.path.islink(final):
+                raise GapfillError(
+                    f"cannot write {os.path.basename(final)} in {self.directory}: a folder of that name is "
+                    "there: move it away or choose another folder with output.directory= (nothing was written)"
+                )
+        done: list[tuple[str, str, str | None]] = []  # (final, temporary, the earlier file moved aside)
+        try:
+            for final, tmp in self._pending.items():
+                aside = None
+                if os.path.lexists(final):
+                    stem, ext = os.path.splitext(os.path.basename(final))
+                    aside = os.path.join(self.directory, f".{stem}.old.tmp-{os.getpid()}{ext}")
+                    os.replace(final, aside)
+                try:
+                    os.replace(tmp, final)
+                except OSError:
+                    if aside is not None:
+                        os.replace(aside, final)
+                    raise
+                done.append((final, tmp, aside))
+        except OSError as e:
+            failed = os.path.basename(final)
+            for renamed, tmp, aside in reversed(done):
+                try:
+                    os.replace(renamed, tmp)
+                    if aside is not None:
+                        os.replace(aside, renamed)
+                except OSError:
+                    pass
+            raise self._os_error(e, failed) from None
+        for _, _, aside in done:
+            if aside is not None:
+                try:
+                    os.remove(aside)
+                except OSError:
+                    pass
         for final in sorted(self._retired - set(self._pending)):
             try:
                 os.remove(final)
             except OSError:
                 pass
         self._retired.clear()
-        for final, tmp in self._pending.items():
-            try:
-                os.replace(tmp, final)
-            except OSError as e:
-                raise self._os_error(e, os.path.basename(final)) from None
-            self.committed.append(final)
+        self.committed.extend(final for final, _, _ in done)
         self._pending.clear()
         return self.committed
 
     def keep(self, names) -> list[str]:
-        """After a failure: give these already written outputs their final
-        names (complete files of earlier stages), drop all the others."""
-        wanted = {os.path.join(self.directory, n) for n in names if n}
+        """After a failure: give these already written outputs (complete
+        files of earlier stages) final names, drop all the others.  Where an
+        earlier run's file has one of those names, all are kept as
+        ``<stem>.failed<ext>`` instead, so that the earlier results stay
+        whole beside them."""
+        wanted = [os.path.join(self.directory, n) for n in names if n]
+        ready = [f for f in wanted if f in self._pending and os.path.exists(self._pending[f])]
+        earlier = any(os.path.lexists(f) for f in ready)
         kept = []
-        for final, tmp in list(self._pending.items()):
-            if final in wanted and os.path.exists(tmp):
-                try:
-                    os.replace(tmp, final)
-                except OSError:
-                    continue
-                del self._pending[final]
-                self.committed.append(final)
-                kept.append(final)
+        for final in ready:
+            target = os.path.join(self.directory, self.failed_name(os.path.basename(final))) if earlier else final
+            try:
+                os.replace(self._pending[final], target)
+            except OSError:
+                continue
+            del self._pending[final]
+            self.committed.append(target)
+            kept.append(target)
         self.rollback()
         return kept
 
@@ -351,14 +401,15 @@ def _running(pid: int) -> bool:
         return True
 
 
-def remove_stale_temporaries(directory: str) -> list[str]:
+def remove_stale_temporaries(directory: str) -> tuple[list[str], str | None]:
     """Remove this program's temporary files in `directory` whose pid is no
-    longer running (a run killed before it could clean up); their names."""
-    removed = []
+    longer running (a run killed before it could clean up): (their names,
+    the failed-log name the newest such run's log was kept under, or None)."""
+    removed, logs = [], []
     try:
         entries = list(os.scandir(directory))
     except OSError:
-        return removed
+        return removed, None
     for entry in sorted(entries, key=lambda e: e.name):
         m = TEMPORARY.fullmatch(entry.name)
         if m is None:
@@ -369,8 +420,26 @@ def remove_stale_temporaries(directory: str) -> list[str]:
         try:
             if entry.is_dir(follow_symlinks=False):
                 continue
+            log = re.fullmatch(r"\.(?P<stem>.+)\.tmp-[0-9]+\.log", entry.name)
+            if log is not None and not log.group("stem").endswith(".old"):
+                logs.append((entry.stat().st_mtime, entry.name, log.group("stem")))
+                continue
             os.remove(entry.path)
         except OSError:
             continue
         removed.append(entry.name)
-    return removed
+    kept = None
+    # the newest killed run's log is the one record of how far it got
+    for i, (_, name, stem) in enumerate(sorted(logs)):
+        path = os.path.join(directory, name)
+        try:
+            if i == len(logs) - 1:
+                kept = Outputs.failed_name(stem + ".log")
+                os.replace(path, os.path.join(directory, kept))
+            else:
+                os.remove(path)
+        except OSError:
+            kept = None
+            continue
+        removed.append(name)
+    return removed, kept

@@ -31,6 +31,7 @@ from dxtbx.model.experiment_list import ExperimentList
 
 from dials_gapfill import dials_compat
 from dials_gapfill.errors import GapfillError
+from dials_gapfill.handlers.outputs import Outputs
 from dials_gapfill.phil import defaults
 from dials_gapfill.model.state import Record
 from dials_gapfill.model.tables import keep_experiments
@@ -168,7 +169,9 @@ def export(experiments, reflections, params, outputs, sweeps=None) -> Record:
         # none beside its MTZ) go at commit: the folder then shows only this
         # run's
         written = {f["name"] for f in files}
-        for pattern in (out.block_mtz, out.sweep_mtz):
+        # (and those an earlier failed run kept beside earlier results)
+        numbered = [p for p in (out.block_mtz, out.sweep_mtz) if p]
+        for pattern in numbered + [Outputs.failed_name(p) for p in numbered]:
             for name in earlier_numbered(outputs.directory, pattern):
                 if name not in written:
                     outputs.discard(name)
