@@ -39,7 +39,7 @@ from dials_gapfill.model.state import Record
 from dials_gapfill.phil import master_phil, params_from
 from dials_gapfill.pipeline import Pipeline
 from dials_gapfill.report import finalise, summary_dict, write_reports
-from dials_gapfill.stages.importer import adopt_experiments
+from dials_gapfill.stages.importer import adopt_experiments, check_readable
 from dials_gapfill.validate import validate
 
 logger = logging.getLogger("dials.process_gapped")
@@ -103,9 +103,9 @@ class Job:
     def __init__(self, params=None, images=None, experiments=None, write_files=False,
                  log: Callable[[str], None] | None = None, progress=None, diff_phil: str = ""):
         self.params = params_from(params)
-        if isinstance(images, str):
+        if isinstance(images, (str, os.PathLike)):
             images = [images]
-        self.images = list(images or [])
+        self.images = [os.fspath(i) if isinstance(i, os.PathLike) else i for i in images or []]
         self.experiments = experiments
         self.write_files = write_files
         self.log = log
@@ -123,6 +123,7 @@ class Job:
             if self.images:
                 raise GapfillError("give either images or experiments=, not both")
             check_experiments_params(self.params)
+            check_readable(self.experiments)
         elif not self.images and not (
             self.params.input.images or self.params.input.template or self.params.input.image
         ):

@@ -19,12 +19,14 @@ command's working PHIL so that its defaults are DIALS' defaults.
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import re
 import shlex
 
 import iotbx.phil
 import libtbx
+import libtbx.phil
 from dials.algorithms.integration.integrator import phil_scope as integrator_phil
 from dials.algorithms.profile_model.factory import phil_scope as profile_phil
 from dials.algorithms.spot_finding.factory import phil_scope as spotfinder_phil
@@ -661,20 +663,77 @@ def rewrite_aliases(args):
 
 
 def params_from(params=None):
-    """A working extract from None, PHIL text, a list of key=value strings or an extract."""
+    """A working extract from None, PHIL text, a list of key=value strings, a
+    dict {name: value} or an extract; a GapfillError names what cannot be used."""
 
     if params is None:
         return working_params("")
     if isinstance(params, str):
-        # PHIL text (e.g. a .phil file's content), else command-line words
-        if not _has_unknown(params):
-            parsed = iotbx.phil.parse(params)
-            check_cell_words(parsed)
-            return auto_as_word(master_phil().fetch(source=parsed).extract())
-        return _from_args(shlex.split(params))
+        return _from_text(params)
+    if isinstance(params, dict):
+        return _from_args([f"{k}={v}" for k, v in params.items()])
     if isinstance(params, (list, tuple)):
-        return _from_args(list(params))
+        return _from_args([str(p) for p in params])
+    if not isinstance(params, libtbx.phil.scope_extract):
+        raise GapfillError(
+            f"params of type {type(params).__name__}: give PHIL text, a list of key=value strings, a dict "
+            "or an extract of dials_gapfill.phil.master_phil()"
+        )
     return auto_as_word(params)
+
+
+def _from_text(text):
+    """PHIL text (e.g. a .phil file's content), or on one line command-line
+    words (short forms and all: "nproc=4 exclude_images=41:45")."""
+    one_line = "\n" not in text.strip() and not re.search(r"[{}#]", text)
+    try:
+        parsed = iotbx.phil.parse(text)
+    except Exception as e:
+        if one_line:
+            return _from_args(_words(text))
+        raise GapfillError(f"cannot read the PHIL text: {' '.join(str(e).split())}") from None
+    check_cell_words(parsed)
+    try:
+        fetched, unused = master_phil().fetch(source=parsed, track_unused_definitions=True)
+    except Exception as e:
+        raise GapfillError(f"bad parameter value: {' '.join(str(e).split())}") from None
+    if unused:
+        if one_line:
+            return _from_args(_words(text))
+        first = unused[0]
+        line = re.search(r"line (\d+)", getattr(first.object, "where_str", "") or "")
+        where = f"line {line.group(1)}: " if line else ""
+        raise GapfillError(f"in the PHIL text, {where}{unknown_parameter(first.path, 'PHIL text')}")
+    try:
+        return auto_as_word(fetched.extract())
+    except Exception as e:
+        raise GapfillError(f"bad parameter value: {' '.join(str(e).split())}") from None
+
+
+def _words(line):
+    """Command-line words of one line of text ("nproc = 4" as "nproc=4")."""
+    try:
+        return shlex.split(re.sub(r"\s*=\s*", "=", line))
+    except ValueError as e:
+        raise GapfillError(f"cannot read the parameters {line!r}: {e}") from None
+
+
+def unknown_parameter(arg, where="a parameter file", master=None):
+    """The message for an unknown parameter (arg: name or name=value): the
+    closest parameter names, or for a short form (which reaches PHIL
+    unchanged only from outside the command line) its full name."""
+    name = arg.split("=", 1)[0].strip()
+    paths = [d.path for d in (master or master_phil()).all_definitions()]
+    leaves = {}
+    for p in paths:
+        leaves.setdefault(p.rsplit(".", 1)[-1], []).append(p)
+    close = difflib.get_close_matches(name, paths, n=3, cutoff=0.6)
+    for leaf in difflib.get_close_matches(name.rsplit(".", 1)[-1], list(leaves), n=3, cutoff=0.7):
+        close.extend(p for p in leaves[leaf] if p not in close)
+    hint = f"; did you mean {', '.join(close[:4])}?" if close else ""
+    if name in ALIASES:
+        hint = f"; in {where} write its full name, {ALIASES[name]} (the short form is for the command line)"
+    return f"unknown parameter {arg!r}{hint}"
 
 
 # this project's choices whose first word is auto: PHIL extracts a typed

@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+from conftest import ROOT
+
 
 def _imported(folder):
     from dxtbx.model.experiment_list import ExperimentListFactory
@@ -32,10 +34,11 @@ def test_api_from_images_writes_only_when_asked(tiny, tmp_path, monkeypatch):
 
     out = tmp_path / "written"
     # an earlier run's files that this run (no scaling) does not write: its
-    # scaled outputs and a failed log go when this run's files are
-    # committed; a file of the user's stays
+    # scaled outputs, its log (the API writes none) and a failed log go when
+    # this run's files are committed; a file of the user's stays
     out.mkdir()
-    earlier = ["scaled.mtz", "merged.mtz", "scaled.hkl", "scaled.ins", "dials.process_gapped.failed.log"]
+    earlier = ["scaled.mtz", "merged.mtz", "scaled.hkl", "scaled.ins", "dials.process_gapped.failed.log",
+               "dials.process_gapped.log", "integrated.failed.expt", "integrated_3.failed.mtz"]
     for name in earlier + ["notes.txt"]:
         (out / name).write_text("an earlier run's\n")
     written = process_gapped(
@@ -135,3 +138,58 @@ def test_api_refuses_a_folder_in_use(tiny, tmp_path):
     finally:
         holder.unlock()
     assert os.listdir(out) == []
+
+
+@pytest.mark.parametrize("params,said", [
+    ("output {\n  per_block_mtz = False\n  htm = None\n}\n", ["line 3", "unknown parameter 'output.htm'",
+                                                             "did you mean output.html"]),
+    ("scale = True\nnproc = 2\n", ["line 1", "unknown parameter 'scale'", "write its full name, scaling.run"]),
+    ("mp.nproc=one", ["mp.nproc", "one"]),
+    (5, ["params of type int"]),
+])
+def test_parameters_the_api_cannot_use_are_one_gapfill_error(params, said):
+    """PHIL text with an unknown name (the line and the closest names, as the
+    command line says of a parameter file), a value that cannot be read, a
+    type that is no parameters: one GapfillError, before any work."""
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import params_from
+
+    with pytest.raises(GapfillError) as info:
+        params_from(params)
+    message = str(info.value)
+    assert "\n" not in message
+    for text in said:
+        assert text in message, (text, message)
+
+
+def test_the_api_reads_parameter_files_words_and_dicts():
+    """Each shipped parameter file's text (comments, quotes, scopes) is
+    read as PHIL; one line of words with short forms, spaces round "=", and
+    a dict, as the command line reads them."""
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.phil import master_phil, params_from
+
+    for name in sorted(os.listdir(os.path.join(ROOT, "phil"))):
+        path = os.path.join(ROOT, "phil", name)
+        from_text = params_from(open(path).read() + "\nmp.nproc = 1\n")
+        from_file, _, _, _ = parse([path, "nproc=1", "/data/x_*.cbf"], master_phil())
+        assert master_phil().format(from_text).as_str() == master_phil().format(from_file).as_str(), name
+    for given in ("nproc = 3 scale=True", {"nproc": 3, "scale": True}, ["nproc=3", "scale=True"]):
+        params = params_from(given)
+        assert (params.mp.nproc, params.scaling.run) == (3, True), given
+
+
+def test_experiments_that_cannot_read_their_images_are_refused(tmp_path):
+    """Loaded with check_format=False, experiments cannot read their images:
+    refused with one line naming the fix, before the folder is touched."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill import process_gapped
+    from dials_gapfill.errors import GapfillError
+
+    expt = os.path.join(ROOT, "tests", "data", "l_cysteine_wedges", "complete", "integrated.expt")
+    experiments = ExperimentListFactory.from_json_file(expt, check_format=False)
+    out = tmp_path / "out"
+    with pytest.raises(GapfillError, match=r"check_format=False\): load them with"):
+        process_gapped(experiments=experiments, params=[f"output.directory={out}"], write_files=True)
+    assert not out.exists()

@@ -35,7 +35,6 @@ scale= (scaling.run), anomalous= (scaling.anomalous).
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re
@@ -52,23 +51,9 @@ PROGRAM = "dials.process_gapped"
 
 def _unknown_parameter_error(arg, master):
     """DIALS' unknown-parameter message, with the closest parameter names."""
-    name = arg.split("=", 1)[0].strip()
-    paths = [d.path for d in master.all_definitions()]
-    leaves = {}
-    for p in paths:
-        leaves.setdefault(p.rsplit(".", 1)[-1], []).append(p)
-    from dials_gapfill.phil import ALIASES
+    from dials_gapfill.phil import unknown_parameter
 
-    close = difflib.get_close_matches(name, paths, n=3, cutoff=0.6)
-    for leaf in difflib.get_close_matches(name.rsplit(".", 1)[-1], list(leaves), n=3, cutoff=0.7):
-        close.extend(p for p in leaves[leaf] if p not in close)
-    hint = f"; did you mean {', '.join(close[:4])}?" if close else ""
-    if name in ALIASES:
-        # (a short form reaches PHIL unchanged only from a parameter file)
-        hint = f"; in a parameter file write its full name, {ALIASES[name]} (the short form is for the command line)"
-    return GapfillError(
-        f"unknown parameter {arg!r}{hint} (list them with {PROGRAM} -c -e 2)"
-    )
+    return GapfillError(f"{unknown_parameter(arg, master=master)} (list them with {PROGRAM} -c -e 2)")
 
 
 def _phil_error(arg, master):

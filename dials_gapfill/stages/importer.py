@@ -892,6 +892,19 @@ def _apply_geometry(imagesets, params, which=""):
     return ExperimentList(sorted(experiments, key=lambda e: e.scan.get_image_range()[0]))
 
 
+def check_readable(experiments) -> None:
+    """Refuse experiments whose image sets cannot read their images: loaded
+    with check_format=False, dxtbx gives them the Format base class, and
+    every image would look unreadable (bad) to the stages."""
+    for exp in experiments:
+        imageset = exp.imageset
+        if imageset is not None and imageset.get_format_class() is Format:
+            raise GapfillError(
+                "the experiments cannot read their images (loaded with check_format=False): load them with "
+                "ExperimentListFactory.from_json_file(path), whose check_format is True"
+            )
+
+
 def adopt_experiments(experiments, params):
     """The Sweeps of an ExperimentList made elsewhere (e.g. by dials.import):
     (Sweeps, Record).  Sequences sharing an image template are one sweep.

@@ -38,6 +38,7 @@ import os
 import statistics
 import tempfile
 import typing
+import warnings
 
 import iotbx.mtz
 import numpy
@@ -761,6 +762,7 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None, names=N
     logger.info("Resolution limit: %s", resolution["message"])
     summary = {"symmetry": symmetry, "blocks": len(scaled.experiments), "model": model, "resolution": resolution,
                "blocks_left_out": _left_out(blocks, scaled, names, outputs, params, record)}
+    summary["merged_reflections"] = None  # (counted where merged.mtz is written)
     if scaled.stats is not None:
         summary.update(merging_summary(scaled.stats, scaled.anom if params.scaling.anomalous else None))
         overall = summary["cc_half"][0]
@@ -865,6 +867,10 @@ def run(state) -> Record:
     if state.sweeps is not None and len(state.sweeps) > 1:
         by_sweep = state.sweeps.batch_offsets()
         offsets = {e.identifier: by_sweep[state.sweeps.sweep_of(e).number] for e in state.experiments}
-    state.scaled, record = scale(state.experiments, state.reflections, state.params, state.outputs, offsets,
-                                 block_names(state.experiments, state.sweeps))
+    with warnings.catch_warnings():
+        # DIALS 3.12's scaler uses pandas' deprecated iteritems: a FutureWarning
+        # per call, on stderr of whatever program calls this
+        warnings.simplefilter("ignore", FutureWarning)
+        state.scaled, record = scale(state.experiments, state.reflections, state.params, state.outputs, offsets,
+                                     block_names(state.experiments, state.sweeps))
     return record
