@@ -1008,3 +1008,26 @@ def test_per_block_model_with_sweeps_split_into_small_blocks(l_cysteine, left_ou
         rmsd = report.find_block(exp.identifier).stats.get("rmsd_static")
         assert rmsd and rmsd["n"] >= 5 and rmsd["x"] < 1 and rmsd["y"] < 1 and rmsd["phi"] < 1, (i, rmsd)
         assert (used & (table["id"] == i)).count(True) >= 5
+
+
+@pytest.mark.slow
+def test_the_small_molecule_example_file_on_the_wedges(l_cysteine, tmp_path):
+    """phil/high_mosaicity.phil, offered for small molecules, on the four
+    wedges as a user runs it: one crystal over the four sweeps, its cell as
+    close to the reference as with the defaults, and summation intensities
+    (no profile-fitted rows) in an MTZ of every block."""
+    import gemmi
+
+    out = str(tmp_path / "out")
+    process_ok(os.path.join(ROOT, "phil", "high_mosaicity.phil"), out, f"images={l_cysteine}")
+    summary = _summary(out)
+    assert [(b["sweep"], b["first"], b["last"]) for b in summary["blocks"]] == [(s, 1, 15) for s in (1, 2, 3, 4)]
+    assert _cell_error(summary["crystal"]["final"]["unit_cell"]) < 0.0005, summary["crystal"]["final"]
+    assert summary["totals"]["indexed"] > 0.75 * summary["totals"]["spots"], summary["totals"]
+    from dials.array_family import flex
+
+    reflections = flex.reflection_table.from_file(os.path.join(out, "integrated.refl"))
+    assert reflections.get_flags(reflections.flags.integrated_sum).count(True) > 200
+    assert reflections.get_flags(reflections.flags.integrated_prf).count(True) == 0
+    mtz = gemmi.read_mtz_file(os.path.join(out, "integrated.mtz"))
+    assert mtz.nreflections > 90 and sorted(set(mtz.column_with_label("BATCH").array // 100)) == [0, 1, 2, 3]
