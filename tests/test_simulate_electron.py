@@ -158,3 +158,14 @@ def test_timepix516_is_one_panel(tmp_path):
     assert exp.goniometer.get_rotation_axis() == pytest.approx((0.7826, -0.6226, 0.0), abs=1e-3)
     assert exp.detector[0].get_beam_centre_px(exp.beam.get_s0()) == pytest.approx(truth["beam_centre_raw_px"])
     assert exp.imageset.get_raw_data(1)[0].as_numpy_array().max() > 200  # spots
+
+
+def test_electron_values_given_equal_to_the_xray_defaults_are_kept(tmp_path):
+    """n_images=120 (the X-ray default, given) writes 120 frames, not the
+    electron default's 240; ed.tracking=none (a PHIL choice read as None)
+    is no tracking."""
+    result = run_cmd([tool("dials.simulate_sweep"), f"output.directory={tmp_path}", "electron=True",
+                      "n_images=120", "ed.tracking=none"])
+    assert result.returncode == 0, result.stderr
+    truth = json.load(open(tmp_path / "ground_truth.json"))
+    assert len(truth["files"]) == 120 and truth["tracking"]["frames"] == []

@@ -30,8 +30,10 @@ setting and fixed rotation and orientations)::
   dials.simulate_sweep goniometer=fixed_chi sweeps=4
 
   dials.simulate_sweep goniometer=kappa "sweep { angles=kappa:0,phi:0 }" \
-      "sweep { angles=kappa:40,phi:120 omit=11:15 }" \
-      "sweep { scan_axis=phi angles=kappa:-40,omega:30 n_images=40 }"
+      "sweep { angles=kappa:40,phi:120; omit=11:15 }" \
+      "sweep { scan_axis=phi; angles=kappa:-40,omega:30; n_images=40 }"
+
+(on one line, the assignments inside a scope are separated by ";")
 
 or the sweep scopes in a file (dials.simulate_sweep sweeps.phil), one
 "sweep { ... }" per sweep.
@@ -49,6 +51,8 @@ intensities; the rotation axis is the one dxtbx' format class fixes)::
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import sys
 
@@ -283,9 +287,10 @@ ED_DEFAULTED = ("n_images", "osc_start", "osc_width", "unit_cell", "space_group"
                 "wavelength", "mosaicity", "intensity_scale", "wilson_b", "prefix")
 
 
-def ed_config_from_params(params):
-    """The EDSimulationConfig of electron=True: parameters at their (X-ray)
-    default take the electron defaults."""
+def ed_config_from_params(params, given_names=None):
+    """The EDSimulationConfig of electron=True: parameters not given (the
+    names in given_names; without it, those at their X-ray default) take
+    the electron defaults."""
     import iotbx.phil
 
     from dials_gapfill.simulation.electron import EDSimulationConfig
@@ -294,7 +299,7 @@ def ed_config_from_params(params):
     given = {}
     for name in ED_DEFAULTED:
         value = getattr(params, name)
-        if value != getattr(defaults, name):
+        if (name in given_names) if given_names is not None else value != getattr(defaults, name):
             given[name] = tuple(value) if name == "unit_cell" else value
     return EDSimulationConfig(
         first_image=params.first_image,
@@ -303,7 +308,7 @@ def ed_config_from_params(params):
         seed=params.seed,
         drift_acceleration=params.drift_acceleration,
         detector=params.ed.detector,
-        tracking=params.ed.tracking,
+        tracking=params.ed.tracking or "none",  # (PHIL reads the choice "none" as None)
         tracking_every=params.ed.tracking_every,
         **given,
     )
@@ -334,7 +339,7 @@ def config_from_params(params):
     )
 
 
-def _run_electron(params):
+def _run_electron(params, given_names=None):
     from dials_gapfill.errors import GapfillError
     from dials_gapfill.simulation.electron import simulate_ed
 
@@ -343,7 +348,7 @@ def _run_electron(params):
     if params.format == "nexus":
         raise GapfillError("electron=True writes SMV files (TimePix_SU): leave out format=nexus")
     try:
-        config = ed_config_from_params(params)
+        config = ed_config_from_params(params, given_names)
     except (ValueError, KeyError) as e:
         raise GapfillError(str(e)) from None
     truth = simulate_ed(config, params.output.directory)
@@ -404,7 +409,13 @@ def run(args=None):
             # line each assignment of a multiple scope would make a sweep of its own
             params = phil.fetch(sources=[parser.phil, *scopes]).extract()
         if params.electron:
-            return _run_electron(params)
+            # the names the user gave (a value equal to the X-ray default included)
+            interpreter = phil.command_line_argument_interpreter()
+            given = set()
+            for arg in args:
+                with contextlib.suppress(Exception):  # (not a parameter: DIALS said so above)
+                    given |= {d.path for d in interpreter.process_arg(arg=arg).all_definitions()}
+            return _run_electron(params, given)
         try:
             config = config_from_params(params)
             multi = multisweep_config_from_params(params)
