@@ -656,3 +656,16 @@ def test_renaming_is_undone_when_one_rename_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", real)
     outputs.rollback()
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a.txt": "old a.txt", "b.txt": "old b.txt"}
+
+
+def test_a_sweep_that_does_not_index_names_changed_spot_finding():
+    """The refusal of a sweep that does not index on the others' crystal
+    names the spot finder's settings where they were changed: with
+    min_spot_size=2 the L-cysteine wedges' sweep 2 (noise spots) is refused
+    so, with DIALS' defaults it indexes."""
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages.indexing import changed_spotfinding
+
+    assert changed_spotfinding(params_from(["nproc=1", "scale=True"])) == []
+    assert changed_spotfinding(params_from(["spotfinder.filter.min_spot_size=2", "nproc=1"])) == [
+        "spotfinder.filter.min_spot_size=2"]

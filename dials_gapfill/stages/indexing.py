@@ -28,7 +28,7 @@ from dials_gapfill import crystal_model
 from dials_gapfill.errors import GapfillError, indexing_failure
 from dials_gapfill.model.state import Record, block_names
 from dials_gapfill.model.tables import keep_blocks
-from dials_gapfill.phil import _refinement, defaults, resolve_nproc
+from dials_gapfill.phil import _refinement, defaults, master_phil, resolve_nproc
 
 logger = logging.getLogger("dials.process_gapped.indexing")
 stage_logger = logging.getLogger("dials.process_gapped")
@@ -41,7 +41,15 @@ def poorly_indexed_error(params, best_fraction):
     )
 
 
-def another_crystal(sweeps, owners, experiments, keep, fractions, threshold) -> None:
+def changed_spotfinding(params) -> list[str]:
+    """The spotfinder.* parameters given other than their defaults, as name=value."""
+    master = master_phil()
+    diff = master.fetch_diff(source=master.format(params))
+    return [f"{d.path}={' '.join(str(w.value) for w in d.object.words)}"
+            for d in diff.all_definitions() if d.path.startswith("spotfinder.")]
+
+
+def another_crystal(sweeps, owners, experiments, keep, fractions, threshold, params=None) -> None:
     """Refuse a run in which every block of one sweep fails to index on the
     crystal that indexes the others: a block lost within a sweep is damage
     (dropped, as above), a whole sweep lost is most likely another crystal,
@@ -52,10 +60,13 @@ def another_crystal(sweeps, owners, experiments, keep, fractions, threshold) -> 
         mine = [i for i, owner in enumerate(owners) if owner is sweep]
         if mine and not any(experiments[i].identifier in keep for i in mine):
             best = max(fractions[i] for i in mine)
+            # spots of noise (a spot finder set for weaker spots) look the same
+            changed = changed_spotfinding(params) if params is not None else []
+            noise = f", or spots of noise ({', '.join(changed)}: try DIALS' defaults)" if changed else ""
             raise GapfillError(
                 f"sweep {sweep.number} ({os.path.basename(sweep.template)}) does not index on the crystal of the "
                 f"other sweeps (at best {100 * best:.0f}% of a block's spots, "
-                f"indexing.blocks.min_indexed_fraction={threshold}): images of another crystal? "
+                f"indexing.blocks.min_indexed_fraction={threshold}): images of another crystal{noise}? "
                 "Process that sweep in a run of its own, or leave it out"
             )
 
@@ -115,7 +126,7 @@ def run(state) -> Record:
                           stats={"spots": spots[i], "indexed": n_indexed, "indexed_fraction": of_all})
     if not keep:
         raise poorly_indexed_error(params, max(fractions))
-    another_crystal(sweeps, owners, experiments, keep, fractions, threshold)
+    another_crystal(sweeps, owners, experiments, keep, fractions, threshold, params)
     if len(keep) < len(experiments):
         indexed, experiments = keep_blocks(indexed, experiments, keep)
     if params.indexing.bravais_lattice not in (None, "None", "none", ""):
