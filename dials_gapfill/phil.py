@@ -754,14 +754,6 @@ def auto_as_word(params):
     return params
 
 
-def _has_unknown(text):
-    try:
-        _, unused = master_phil().fetch(source=iotbx.phil.parse(text), track_unused_definitions=True)
-    except Exception:
-        return True
-    return bool(unused)
-
-
 def check_cell_words(parsed, where: str = "") -> None:
     """Raise GapfillError where a parsed PHIL scope sets a unit_cell to other
     than six numbers: cctbx would fill in the rest (unit_cell=5,5 reads as

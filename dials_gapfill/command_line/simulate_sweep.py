@@ -53,7 +53,6 @@ intensities; the rotation axis is the one dxtbx' format class fixes)::
 from __future__ import annotations
 
 import contextlib
-
 import sys
 
 PROGRAM = "dials.simulate_sweep"
