@@ -11,8 +11,10 @@ with defaults (no scaling), then its integrated.expt / integrated.refl are
 scaled in process (dials_gapfill.stages.scaling.scale, the scaling stage
 itself) with scaling.model=physical, KB and auto, and for each it prints
 the blocks, the model used, the scale factors below 0.001, the
-observations kept, the range of the kept scale factors, overall CC½ and the
-merged reflections; and dials.scale with its defaults on the same files.
+observations kept, the range of the kept scale factors, overall CC½, the
+merged reflections, and the repeated measurements (observations beyond the
+first of each reflection) per scale parameter, which the run flags below 5;
+and dials.scale with its defaults on the same files.
 
 Data sets (--data, comma-separated):
   lcys          the four L-cysteine wedges, all 60 images (../shared)
@@ -109,6 +111,8 @@ def scale_three_ways(folder):
             "kept": s["model"]["kept"], "factor_min": float(factors.min()), "factor_max": float(factors.max()),
             "cc_half": s["cc_half"][0], "merged": s["n_unique"][0], "d_min": s["d_min"][0],
             "replaced": s["model"].get("replaced"),
+            "parameters": s["model"]["parameters"], "differences": s["n_obs"][0] - s["n_unique"][0],
+            "flagged": any("repeated measurements" in w for w in record.warnings),
         }
     return rows
 
@@ -148,21 +152,24 @@ def main():
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
-    head = "| data | blocks | model asked | used | factors < 0.001 | kept | kept factors | CC½ | merged | d_min (Å) |"
+    head = ("| data | blocks | model asked | used | factors < 0.001 | kept | kept factors | CC½ | merged | d_min (Å) "
+            "| repeated measurements / scale parameters (flagged below 5) |")
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for name, rows in results.items():
         for model, r in rows.items():
             if model == "dials.scale":
                 text = "failed" if r is None else f"{r[0]} | {r[1]} (in its scaled.mtz)"
-                print(f"| {name} | | dials.symmetry, dials.scale | DIALS' choice | {text} | | | | |")
+                print(f"| {name} | | dials.symmetry, dials.scale | DIALS' choice | {text} | | | | | |")
                 continue
             if r is None:
-                print(f"| {name} | 1 | {model} | refused (one block) | | | | | | |")
+                print(f"| {name} | 1 | {model} | refused (one block) | | | | | | | |")
                 continue
             cc = "-" if r["cc_half"] is None else f"{r['cc_half']:.4f}"
             print(f"| {name} | {r['blocks']} | {model} | {r['used']} | {r['small']} | {r['kept']} | "
-                  f"{r['factor_min']:.3g}-{r['factor_max']:.3g} | {cc} | {r['merged']} | {r['d_min']:.2f} |")
+                  f"{r['factor_min']:.3g}-{r['factor_max']:.3g} | {cc} | {r['merged']} | {r['d_min']:.2f} | "
+                  f"{r['differences']} / {r['parameters']} = {r['differences'] / r['parameters']:.1f}"
+                  f"{' (flagged)' if r['flagged'] else ''} |")
 
 
 if __name__ == "__main__":
