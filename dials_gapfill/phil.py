@@ -754,6 +754,11 @@ def auto_as_word(params):
     return params
 
 
+def six_numbers(value: str) -> bool:
+    """Whether a unit_cell value has six words (a,b,c,alpha,beta,gamma)."""
+    return len([v for v in re.split(r"[,\s]+", value.strip()) if v]) == 6
+
+
 def check_cell_words(parsed, where: str = "") -> None:
     """Raise GapfillError where a parsed PHIL scope sets a unit_cell to other
     than six numbers: cctbx would fill in the rest (unit_cell=5,5 reads as
@@ -764,8 +769,7 @@ def check_cell_words(parsed, where: str = "") -> None:
         words = " ".join(str(w.value) for w in d.object.words)
         if words.strip().lower() in ("", "none"):
             continue
-        numbers = [v for v in re.split(r"[,\s]+", words.strip()) if v]
-        if len(numbers) != 6:
+        if not six_numbers(words):
             raise GapfillError(
                 f"{d.path}={words}{where}: give the six cell parameters a,b,c,alpha,beta,gamma "
                 "(e.g. unit_cell=5.42,8.13,12.02,90,90,90)"

@@ -86,12 +86,14 @@ def _value_error(args, master):
 
 def _cell_error(args):
     """A unit_cell of other than six numbers (cctbx would fill in the rest:
-    unit_cell=5,5 is 5, 5, 1, 90, 90, 90)."""
+    unit_cell=5,5 is 5, 5, 1, 90, 90, 90); phil.check_cell_words does the
+    same in parameter files and the API's text."""
+    from dials_gapfill.phil import six_numbers
+
     for arg in args:
         name, sep, value = arg.partition("=")
-        if sep and _is_assignment(arg) and name.strip().split(".")[-1] == "unit_cell" and value.strip():
-            numbers = [v for v in re.split(r"[,\s]+", value.strip()) if v]
-            if len(numbers) != 6:
+        if sep and _is_assignment(arg) and name.strip().split(".")[-1] == "unit_cell" and value.strip().lower() not in ("", "none"):
+            if not six_numbers(value):
                 return GapfillError(
                     f"{arg!r}: give the six cell parameters a,b,c,alpha,beta,gamma "
                     "(e.g. unit_cell=5.42,8.13,12.02,90,90,90)"
