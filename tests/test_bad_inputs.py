@@ -669,3 +669,62 @@ def test_a_sweep_that_does_not_index_names_changed_spot_finding():
     assert changed_spotfinding(params_from(["nproc=1", "scale=True"])) == []
     assert changed_spotfinding(params_from(["spotfinder.filter.min_spot_size=2", "nproc=1"])) == [
         "spotfinder.filter.min_spot_size=2"]
+
+
+def test_scaling_d_min_beyond_every_reflection_is_one_line():
+    """scaling.d_min beyond the data's lowest resolution: refused in one
+    line naming the data's range (DIALS 3.12's scaler would drop every
+    block and stop on an IndexError); a d_min inside the range passes."""
+    from dials.array_family import flex
+
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.stages.scaling import check_d_min
+
+    table = flex.reflection_table()
+    table["d"] = flex.double([4.07, 2.0, 0.59, 50.0])
+    table.set_flags(flex.bool([True, True, True, False]), table.flags.integrated_sum)
+    check_d_min(table, None)
+    check_d_min(table, 4.0)
+    with pytest.raises(GapfillError) as e:
+        check_d_min(table, 5)  # (the 50 Å reflection was not integrated)
+    assert str(e.value) == ("scaling.d_min=5 leaves no reflection: the integrated data reach from 4.07 to "
+                            "0.59 A; give a scaling.d_min below 4.07")
+
+
+@pytest.mark.slow
+def test_a_scaling_failure_keeps_every_mtz_of_several_sweeps(tmp_path):
+    """Scaling, the last stage, fails on the four L-cysteine sweeps beside an
+    earlier run's results: one line naming the problem; the integrated data
+    and every MTZ export wrote (all sweeps, each block, each sweep) are kept
+    as *.failed.*, complete, with BATCH unique across the sweeps; the earlier
+    files, numbered MTZ files included, are untouched."""
+    import iotbx.mtz
+
+    data = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "l_cysteine"))
+    if not glob.glob(os.path.join(data, "l-cyst_0*.cbf.bz2")):
+        pytest.skip(f"the L-cysteine images are not here ({data}): see ../shared/README.md")
+    out = str(tmp_path / "out")
+    _seed_old_results(out)
+    numbered = [f"integrated_{k}.mtz" for k in range(1, 5)] + [f"integrated_sweep{k}.mtz" for k in range(1, 5)]
+    for name in numbered:
+        with open(os.path.join(out, name), "w") as fh:
+            fh.write(f"old {name}\n")
+    result = process(data, out, "scale=True", "scaling.d_min=100")
+    err = result.stderr.strip()
+    assert result.returncode == 1 and "Traceback" not in result.stdout + err, (result.stdout[-2000:], err)
+    assert len(err.splitlines()) == 1 and err.startswith("dials.process_gapped: error: scaling.d_min=100 "
+                                                         "leaves no reflection"), err
+    assert ("the integrated data, complete, are kept as integrated.failed.expt, integrated.failed.refl, "
+            f"integrated.failed.mtz and 8 per-block and per-sweep MTZ files in {out} "
+            "(the earlier results there are untouched)") in err, err
+    for name in PRODUCTS + tuple(numbered):
+        assert open(os.path.join(out, name)).read() == f"old {name}\n", name
+    kept = ["integrated.failed.expt", "integrated.failed.refl", "integrated.failed.mtz"] + [
+        n.replace(".mtz", ".failed.mtz") for n in numbered]
+    assert sorted(os.listdir(out)) == sorted(PRODUCTS + tuple(numbered) + tuple(kept) + (FAILED_LOG,))
+    batches = [b.num() for b in iotbx.mtz.object(os.path.join(out, "integrated.failed.mtz")).batches()]
+    assert len(batches) == len(set(batches)) == 60
+    per_sweep = [{b.num() for b in iotbx.mtz.object(os.path.join(out, f"integrated_sweep{k}.failed.mtz")).batches()}
+                 for k in range(1, 5)]
+    assert set().union(*per_sweep) == set(batches) and sum(map(len, per_sweep)) == 60
+    assert "scaling.d_min=100 leaves no reflection" in open(os.path.join(out, FAILED_LOG)).read()

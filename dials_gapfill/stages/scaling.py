@@ -144,6 +144,20 @@ def check_blocks(n_blocks, params) -> None:
         )
 
 
+def check_d_min(reflections, d_min) -> None:
+    """Refuse a scaling.d_min that leaves no integrated reflection: DIALS'
+    scaler then drops every block and stops on its own empty list (an
+    IndexError in DIALS 3.12)."""
+    if not d_min or "d" not in reflections:
+        return
+    d = reflections["d"].select(reflections.get_flags(reflections.flags.integrated, all=False))
+    if len(d) and flex.max(d) < d_min:
+        raise GapfillError(
+            f"scaling.d_min={d_min:g} leaves no reflection: the integrated data reach from "
+            f"{flex.max(d):.2f} to {flex.min(d):.2f} A; give a scaling.d_min below {flex.max(d):.2f}"
+        )
+
+
 def cc_half_threshold(params):
     """scaling.resolution.cc_half (None: no CC1/2 criterion)."""
     return params.scaling.resolution.cc_half
@@ -576,7 +590,8 @@ def _run_scaling(params, d_min, experiments, reflections, model=None) -> _Scaled
         cutoff = sp.cut_data.small_scale_cutoff
         small = sum((t["inverse_scale_factor"] < cutoff).count(True) for t in algorithm.reflections)
         experiments, joint = algorithm.finish()
-    except (ValueError, RuntimeError, AssertionError) as e:
+    except (ValueError, RuntimeError, AssertionError, IndexError) as e:
+        # (IndexError: DIALS 3.12's scaler when its cuts left no block)
         raise GapfillError(
             f"scaling failed: {' '.join(str(e).split())[:200]}: run without scaling.run "
             "and scale integrated.expt/integrated.refl with dials.scale"
@@ -746,6 +761,7 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None, names=N
     check_blocks(len(experiments), params)
     logger.info("Scaling %d block(s) in %s", len(experiments), symmetry["space_group"])
     user_d_min = params.scaling.d_min
+    check_d_min(reflections, user_d_min)
     automatic = not user_d_min and any(
         t is not None for t in (cc_half_threshold(params), completeness_threshold(params), falloff_threshold(params))
     )
