@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import traceback
+
 
 class GapfillError(Exception):
     """A problem with the input or the environment that the user can fix.
@@ -46,6 +49,18 @@ def require_dials():
         ) from None
 
 
+def one_line(e: BaseException, limit: int | None = None) -> str:
+    """An exception's message on one line, cut at `limit` characters; where it
+    has none (a bare assert in DIALS or cctbx), its type and the function
+    that raised it."""
+    text = " ".join(str(e).split())
+    if not text:
+        frames = traceback.extract_tb(e.__traceback__)
+        where = f" in {frames[-1].name} ({os.path.basename(frames[-1].filename)})" if frames else ""
+        text = type(e).__name__ + where
+    return text[:limit] if limit else text
+
+
 def search_failure(e: Exception, limit: int = 160) -> str:
     """Why a lattice search failed, in one line of at most `limit` characters
     (cut at a word).  DIALS 3.12's indexer, when a refinement macro-cycle
@@ -57,7 +72,7 @@ def search_failure(e: Exception, limit: int = 160) -> str:
         text = ("DIALS' indexer could not refine the candidate lattice against the blocks together "
                 "(a refinement macro-cycle failed)")
     else:
-        text = " ".join(str(e).split()) or type(e).__name__
+        text = one_line(e)
     if len(text) > limit:
         text = text[:limit - 4].rsplit(" ", 1)[0] + " ..."
     return text

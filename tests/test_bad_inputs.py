@@ -728,3 +728,43 @@ def test_a_scaling_failure_keeps_every_mtz_of_several_sweeps(tmp_path):
                  for k in range(1, 5)]
     assert set().union(*per_sweep) == set(batches) and sum(map(len, per_sweep)) == 60
     assert "scaling.d_min=100 leaves no reflection" in open(os.path.join(out, FAILED_LOG)).read()
+
+
+def test_a_scaling_failure_inside_dials_names_where_and_the_limit():
+    """DIALS' scaler stopping on a bare assert (cctbx's resolution binner,
+    with 14 reflections within scaling.d_min=2 of the L-cysteine wedges as
+    integrated once) is one line naming the exception, where it was raised,
+    the limit and how many reflections it left."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages.scaling import scale
+
+    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
+    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    with pytest.raises(GapfillError) as e:
+        scale(experiments, reflections, params_from(["nproc=1", "scale=True", "scaling.d_min=2"]), None)
+    assert str(e.value) == (
+        "scaling failed with scaling.d_min=2 (14 integrated reflections within it): AssertionError in "
+        "setup_binner_d_star_sq_step (__init__.py): give a smaller scaling.d_min, or run without scaling.run "
+        "and scale integrated.expt/integrated.refl with dials.scale")
+
+
+def test_one_line_of_an_exception():
+    from dials_gapfill.errors import one_line
+
+    assert one_line(ValueError("two\n  lines")) == "two lines"
+    assert one_line(ValueError("x" * 50), 10) == "x" * 10
+
+    def binner():
+        raise AssertionError  # (as a bare assert in cctbx)
+
+    try:
+        binner()
+    except AssertionError as e:
+        assert one_line(e) == "AssertionError in binner (test_bad_inputs.py)"
+    else:
+        raise AssertionError("not raised")

@@ -30,7 +30,7 @@ from dials.command_line.export import phil_scope as export_phil
 from dxtbx.model.experiment_list import ExperimentList
 
 from dials_gapfill import dials_compat
-from dials_gapfill.errors import GapfillError
+from dials_gapfill.errors import GapfillError, one_line
 from dials_gapfill.handlers.outputs import Outputs
 from dials_gapfill.phil import defaults
 from dials_gapfill.model.state import Record
@@ -70,7 +70,7 @@ def write_mtz(reflections, experiments, params, path, intensity=None, offsets=No
             dials_export_mtz(ep, experiments, [copy.deepcopy(reflections)])
     except (ValueError, AssertionError, RuntimeError) as e:
         raise GapfillError(
-            f"MTZ export failed: {' '.join(str(e).split())[:200]}: check mtz.*"
+            f"MTZ export failed: {one_line(e, 200)}: check mtz.*"
         ) from None
     return iotbx.mtz.object(path).n_reflections()
 

@@ -59,7 +59,7 @@ from dials.util.resolution_analysis import interpolate_value, metrics
 from dxtbx.model import Experiment, ExperimentList
 
 from dials_gapfill import dials_compat
-from dials_gapfill.errors import GapfillError
+from dials_gapfill.errors import GapfillError, one_line
 from dials_gapfill.model.state import Record, block_names
 from dials_gapfill.phil import defaults
 from dials_gapfill.report.merging import LABELS
@@ -592,8 +592,17 @@ def _run_scaling(params, d_min, experiments, reflections, model=None) -> _Scaled
         experiments, joint = algorithm.finish()
     except (ValueError, RuntimeError, AssertionError, IndexError) as e:
         # (IndexError: DIALS 3.12's scaler when its cuts left no block)
+        within, smaller = "", ""
+        if params.scaling.d_min:
+            n = None
+            if "d" in reflections:
+                integrated = reflections.get_flags(reflections.flags.integrated, all=False)
+                n = (integrated & (reflections["d"] >= params.scaling.d_min)).count(True)
+            within = f" with scaling.d_min={params.scaling.d_min:g}"
+            within += f" ({n} integrated reflections within it)" if n is not None else ""
+            smaller = "give a smaller scaling.d_min, or "
         raise GapfillError(
-            f"scaling failed: {' '.join(str(e).split())[:200]}: run without scaling.run "
+            f"scaling failed{within}: {one_line(e, 200)}: {smaller}run without scaling.run "
             "and scale integrated.expt/integrated.refl with dials.scale"
         ) from None
     counts = {
@@ -868,7 +877,7 @@ def write_shelx(ep, experiments, joint, name, outputs, esd=None) -> list:
         try:
             export_shelx(ep, experiments, [joint])
         except (ValueError, AssertionError, RuntimeError) as e:
-            raise GapfillError(f"SHELX export failed: {' '.join(str(e).split())[:200]}: run without "
+            raise GapfillError(f"SHELX export failed: {one_line(e, 200)}: run without "
                                "output.shelx and export scaled.mtz") from None
 
     written = outputs.write(hkl, write_both)
