@@ -24,6 +24,7 @@ integrated.expt/.refl are kept under their names.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from dials_gapfill.errors import GapfillError, Interrupted
 from dials_gapfill.handlers import workers
 from dials_gapfill.handlers.outputs import Outputs
 from dials_gapfill.model.state import Record
-from dials_gapfill.phil import master_phil, params_from
+from dials_gapfill.phil import master_phil, modified_text, params_from
 from dials_gapfill.pipeline import Pipeline
 from dials_gapfill.report import finalise, summary_dict, write_reports
 from dials_gapfill.stages.importer import adopt_experiments, check_readable
@@ -94,14 +95,15 @@ class Job:
     directs logging to the given (temporary) log file path; the log gets its
     final name at the end of a successful run and is kept as
     ``<log>.failed.log`` after a failure.  progress: a handlers.progress
-    Progress, or None.  diff_phil: the modified parameters, for the reports.
+    Progress, or None.  ``diff_phil``: the parameters changed from the
+    defaults (the image arguments included), as the log and reports give them.
 
     After a failure, ``kept`` says which complete outputs were kept (text for
     the error message, "" if none) and ``failed_log`` where the log is.
     """
 
     def __init__(self, params=None, images=None, experiments=None, write_files=False,
-                 log: Callable[[str], None] | None = None, progress=None, diff_phil: str = ""):
+                 log: Callable[[str], None] | None = None, progress=None):
         self.params = params_from(params)
         if isinstance(images, (str, os.PathLike)):
             images = [images]
@@ -110,7 +112,7 @@ class Job:
         self.write_files = write_files
         self.log = log
         self.progress = progress
-        self.diff_phil = diff_phil
+        self.diff_phil = modified_text(self.params, self.images)
         self.outputs = None
         self.pipeline = None
         self.kept = ""
@@ -155,7 +157,10 @@ class Job:
             if self.progress is not None:
                 self.progress.close()
         if self.outputs is not None:
-            self.outputs.retire(_written_with_other_parameters(self.params))
+            earlier = _written_with_other_parameters(self.params) + _listed_by_the_earlier_run(self.params,
+                                                                                             self.outputs.directory)
+            # (the log of a killed run, kept by this run: said so, it stays)
+            self.outputs.retire([n for n in earlier if n != self.outputs.killed_log])
             if self.log is not None and self.params.output.log:
                 state.report.files.append({"name": self.params.output.log, "kind": "log"})
             elif self.params.output.log:
@@ -289,6 +294,22 @@ def _written_with_other_parameters(params) -> list[str]:
     # what an earlier failed run kept beside earlier results (Outputs.keep)
     names += [Outputs.failed_name(n) for n in (out.experiments, out.reflections, out.mtz) if n]
     return names
+
+
+def _listed_by_the_earlier_run(params, directory) -> list[str]:
+    """The files an earlier successful run listed in its JSON summary (this
+    run's JSON name, or the default where this run writes none): those this
+    run does not write go at commit, whatever names or switches made them (a
+    report a preview run leaves out, another output.block_mtz pattern).
+    Only plain names, in this folder."""
+    name = params.output.json or master_phil.extract().output.json
+    try:
+        with open(os.path.join(directory, name)) as fh:
+            listed = json.load(fh).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    names = [f.get("name") for f in listed if isinstance(f, dict)] if isinstance(listed, list) else []
+    return [n for n in names if isinstance(n, str) and n and os.path.basename(n) == n and n not in (".", "..")]
 
 
 def _machine_warnings(params) -> list[str]:

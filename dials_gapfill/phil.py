@@ -297,7 +297,7 @@ output
     .help = "The log file."
   json = dials.process_gapped.json
     .type = str
-    .help = "Machine-readable summary (layout in README.md). None: do not write."
+    .help = "Machine-readable summary (layout in docs/outputs.md). None: do not write."
   html = dials.process_gapped.html
     .type = str
     .help = "Self-contained HTML report with plots. None: do not write."
@@ -684,13 +684,13 @@ def params_from(params=None):
 
 def _from_text(text):
     """PHIL text (e.g. a .phil file's content), or on one line command-line
-    words (short forms and all: "nproc=4 exclude_images=41:45")."""
-    one_line = "\n" not in text.strip() and not re.search(r"[{}#]", text)
+    words (short forms and all: "nproc=4 exclude_images=41:45"; a # is then
+    part of a word, as in template=x_####.cbf, not a PHIL comment)."""
+    if "\n" not in text.strip() and not re.search(r"[{}]", text):
+        return _from_args(_words(text))
     try:
         parsed = iotbx.phil.parse(text)
     except Exception as e:
-        if one_line:
-            return _from_args(_words(text))
         raise GapfillError(f"cannot read the PHIL text: {' '.join(str(e).split())}") from None
     check_cell_words(parsed)
     try:
@@ -698,8 +698,6 @@ def _from_text(text):
     except Exception as e:
         raise GapfillError(f"bad parameter value: {' '.join(str(e).split())}") from None
     if unused:
-        if one_line:
-            return _from_args(_words(text))
         first = unused[0]
         line = re.search(r"line (\d+)", getattr(first.object, "where_str", "") or "")
         where = f"line {line.group(1)}: " if line else ""
@@ -784,6 +782,8 @@ def _from_args(args):
         try:
             sources.append(interpreter.process_arg(arg=arg))
         except Exception as e:
+            if "Unknown command line parameter definition" in str(e):
+                raise GapfillError(unknown_parameter(arg, "the parameters")) from None
             raise GapfillError(f"cannot use {arg!r}: {' '.join(str(e).split())}") from None
         check_cell_words(sources[-1])
     try:
@@ -924,3 +924,27 @@ def dials_integrate_params(params):
     p.prediction = copy.deepcopy(params.prediction)
     _set_mp(p.integration.mp, params, "multiprocessing")
     return p
+
+
+def with_images(params, images=()):
+    """A copy of `params` whose input.images also holds the image arguments
+    given apart from it (the command line's plain words, the API's images=),
+    so that the working parameters reproduce the run."""
+    images = [i for i in images or [] if i not in (params.input.images or [])]
+    if not images:
+        return params
+    params = copy.deepcopy(params)
+    params.input.images = list(params.input.images or []) + list(images)
+    return params
+
+
+def working_text(params, images=()) -> str:
+    """Every parameter of the run as PHIL text (the image arguments included)."""
+    return master_phil().format(python_object=with_images(params, images)).as_str()
+
+
+def modified_text(params, images=()) -> str:
+    """The parameters that differ from the defaults, as PHIL text (the image
+    arguments included): what the log and the reports call modified."""
+    master = master_phil()
+    return master.fetch_diff(source=master.format(python_object=with_images(params, images))).as_str()

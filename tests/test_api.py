@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import pytest
@@ -41,10 +42,16 @@ def test_api_from_images_writes_only_when_asked(tiny, tmp_path, monkeypatch):
                "dials.process_gapped.log", "integrated.failed.expt", "integrated_3.failed.mtz"]
     for name in earlier + ["notes.txt"]:
         (out / name).write_text("an earlier run's\n")
+    # and what its JSON lists, under names this run does not use
+    other_names = ["report.html", "b_1_20.mtz", "foo.json"]
+    for name in other_names:
+        (out / name).write_text("an earlier run's\n")
+    (out / "dials.process_gapped.json").write_text(json.dumps({"files": [
+        {"name": n} for n in other_names + ["../notes.txt", "dials.process_gapped.json"]]}))
     written = process_gapped(
         [tiny], f"mp.nproc=2\ngaps.exclude_images=21:23\noutput.directory={out}", write_files=True
     )
-    assert not [name for name in earlier if (out / name).exists()]
+    assert not [name for name in earlier + other_names if (out / name).exists()]
     (out / "notes.txt").unlink()
     # a stage that does not run (scaling, scale=False) is not listed as taking 0.0 s
     assert "scaling" not in [s["name"] for s in written.summary["timing"]["stages"]]
@@ -53,6 +60,10 @@ def test_api_from_images_writes_only_when_asked(tiny, tmp_path, monkeypatch):
     assert names == sorted(os.listdir(out)) and "integrated.mtz" in names
     assert "dials.process_gapped.log" not in names  # the log belongs to the command line
     assert written.summary["totals"]["integrated"] == n
+    # the parameters as changed, the images included: what reproduces the run
+    modified = written.summary["parameters"]["modified"]
+    assert f'images = "{tiny}"' in modified and "exclude_images = \"21:23\"" in modified, modified
+    assert f'images = "{tiny}"' in written.summary["parameters"]["working"]
 
 
 @pytest.mark.slow
@@ -167,6 +178,7 @@ def test_the_api_reads_parameter_files_words_and_dicts():
     read as PHIL; one line of words with short forms, spaces round "=", and
     a dict, as the command line reads them."""
     from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.errors import GapfillError
     from dials_gapfill.phil import master_phil, params_from
 
     for name in sorted(os.listdir(os.path.join(ROOT, "phil"))):
@@ -177,6 +189,13 @@ def test_the_api_reads_parameter_files_words_and_dicts():
     for given in ("nproc = 3 scale=True", {"nproc": 3, "scale": True}, ["nproc=3", "scale=True"]):
         params = params_from(given)
         assert (params.mp.nproc, params.scaling.run) == (3, True), given
+    # on one line a # is part of a word (a template), as on the command line
+    for given in ("template=/d/x_####.cbf nproc=3", "input.template=/d/x_####.cbf mp.nproc=3"):
+        params = params_from(given)
+        assert (params.input.template, params.mp.nproc) == (["/d/x_####.cbf"], 3), given
+    assert params_from("mp.nproc = 3 # a comment\nscaling.run = True").mp.nproc == 3  # (PHIL text)
+    with pytest.raises(GapfillError, match=r"^unknown parameter 'outptu.directory=x'; did you mean output.directory"):
+        params_from("nproc=1 outptu.directory=x")
 
 
 def test_experiments_that_cannot_read_their_images_are_refused(tmp_path):

@@ -376,4 +376,7 @@ def test_kill_9_during_integration(tiny, tmp_path):
     assert os.path.exists(os.path.join(out, "integrated.refl"))
     text = open(os.path.join(out, "dials.process_gapped.log")).read()
     assert f"by a run that was killed or crashed: .dials.process_gapped.tmp-{proc.pid}.log" in text
-    assert not glob.glob(os.path.join(out, "*.failed.log"))
+    # the killed run's log, as this run's log says, is kept (until the next run)
+    assert "The killed run's log is kept as dials.process_gapped.failed.log" in text
+    assert glob.glob(os.path.join(out, "*.failed.log")) == [os.path.join(out, "dials.process_gapped.failed.log")]
+    assert "=== Integration ===" in open(os.path.join(out, "dials.process_gapped.failed.log")).read()

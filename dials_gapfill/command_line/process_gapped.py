@@ -324,22 +324,21 @@ def run(args=None, phil=None) -> int:
             print(dials_version())
             print(f"dials-gapfill {__version__}")
             return 0
-        params, options, images, diff_phil = parse(args, phil or master_phil())
+        params, options, images, _ = parse(args, phil or master_phil())
         verbose = options.verbose
         if not images and not (params.input.images or params.input.template or params.input.image):
             print(f"usage: {PROGRAM} [options] [param.phil] images=/path/to/images_*.cbf")
             print(f"Run '{PROGRAM} -h' for help and '{PROGRAM} -c' for the parameters.")
             return 0
         job = Job(params, images, write_files=True, log=_logging_to(options.verbose),
-                  progress=Progress(params.output.progress, params.output.progress_interval),
-                  diff_phil=diff_phil)
+                  progress=Progress(params.output.progress, params.output.progress_interval))
         with job:
             _install_signal_handlers(job)
             logger.info(dials_version())
             logger.info("dials-gapfill %s", __version__)
-            if diff_phil:
+            if job.diff_phil:
                 logger.info("The following parameters have been modified:\n")
-                logger.info(diff_phil)
+                logger.info(job.diff_phil)
             result = job.run()
         logger.info("\n" + summary_text(result.report, job.outputs.directory))
         return 0

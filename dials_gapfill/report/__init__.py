@@ -17,7 +17,7 @@ from dials.util.version import dials_version
 from scitbx import matrix
 
 from dials_gapfill import __version__
-from dials_gapfill.phil import master_phil
+from dials_gapfill.phil import working_text
 from dials_gapfill.report.html import html_report
 from dials_gapfill.model.tables import mean_cell
 
@@ -179,7 +179,7 @@ def summary_dict(state, diff_phil: str = "") -> dict:
     per_image = sorted(report.per_image.items())
     excluded_images = {(e.get("sweep", 1), e["image"]) for e in report.excluded}
     try:
-        working = state.params and _working_phil_text(state.params)
+        working = state.params and working_text(state.params, state.images)
     except Exception:
         working = None
     return _clean(
@@ -223,11 +223,6 @@ def summary_dict(state, diff_phil: str = "") -> dict:
             "warnings": report.warnings,
         }
     )
-
-
-def _working_phil_text(params) -> str:
-
-    return master_phil().format(python_object=params).as_str()
 
 
 def write_reports(state, outputs, diff_phil: str = "") -> None:
