@@ -181,6 +181,11 @@ def _check_output(params) -> None:
         elif key == "shelx_name":
             if not _get(out, "shelx"):
                 continue
+            if value.lower().endswith((".hkl", ".ins")):
+                raise GapfillError(
+                    f"output.shelx_name={value!r} would give {value}.hkl and {value}.ins: give the name "
+                    f"without the extension, output.shelx_name={value[:-4]}"
+                )
             candidates = [f"{value}.hkl", f"{value}.ins"]  # the pair SHELX programs read
         else:
             candidates = [value]

@@ -349,6 +349,22 @@ def _case_shelx_name_with_folder(tiny, tmp_path):
         "output.shelx_name='sub/x'", "plain file name"]
 
 
+def _case_shelx_name_with_extension(tiny, tmp_path):
+    return [tiny, "scale=True", "shelx=True", "output.shelx_name=foo.hkl"], [
+        "output.shelx_name='foo.hkl' would give foo.hkl.hkl", "output.shelx_name=foo"]
+
+
+def _case_sweep_of_damaged_and_unrecognised_files(tiny, tmp_path):
+    # a second sweep whose every file is truncated or not an image at all
+    d = tmp_path / "other"
+    d.mkdir()
+    data = open(os.path.join(tiny, "sim_0001.cbf"), "rb").read()
+    (d / "bad_0001.cbf").write_bytes(data[: len(data) // 2])
+    (d / "bad_0002.cbf").write_bytes(b"\x00not an image" * 400)
+    return [tiny, str(d)], ["none of the images of sweep", "(bad_####.cbf) can be read",
+                            "to process the other sweeps, leave its files out"]
+
+
 def _case_shelx_file_is_another_output(tiny, tmp_path):
     return [tiny, "scale=True", "shelx=True", "output.mtz=scaled.hkl"], [
         "output.shelx_name and output.mtz are both 'scaled.hkl'", "different names"]

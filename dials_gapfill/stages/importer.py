@@ -707,10 +707,7 @@ def _import_files(template, by_number, exclusions, every, params, record, where)
         else:
             paths.append(by_number[n])
     if not paths:
-        raise GapfillError(
-            f"none of the images{where} ({os.path.basename(template)}) can be read: check the files"
-            + (" (to process the other sweeps, leave its files out)" if where else "")
-        )
+        raise _none_readable(template, where)
     number_of = {p: n for n, p in by_number.items()}
     # folder by folder: dxtbx joins the files of one name template in two
     # folders into one sequence whose template is the first folder's (the
@@ -733,13 +730,17 @@ def _import_files(template, by_number, exclusions, every, params, record, where)
         logger.warning("Excluding image %s%s: %s", n, where, reason.split(": ", 1)[1])
         statuses[n] = (BAD, reason, "auto")
     if not experiments:
-        raise GapfillError(
-            f"none of the {len(paths)} files is an image dxtbx can read "
-            f"(e.g. {paths[0]}): check the files"
-        )
+        raise _none_readable(template, where)
     sweep = _make_sweep(template, experiments, params, (numbers[0], numbers[-1]), statuses, record, where)
     sweep.n_files = len(numbers)
     return sweep
+
+
+def _none_readable(template, where) -> GapfillError:
+    return GapfillError(
+        f"none of the images{where} ({os.path.basename(template)}) can be read: check the files"
+        + (" (to process the other sweeps, leave its files out)" if where else "")
+    )
 
 
 def _import_container(path, exclusions, every, params, record, where) -> Sweep:
