@@ -214,7 +214,8 @@ def two_sweep_summary():
         {"number": 2, "template": "/data/s2_####.cbf", "image_range": [1, 30], "n_blocks": 1,
          "batch_offset": 100, "goniometer": f"kappa 30 {NASTY}"},
     ]
-    data["input"] = {"template": "/data/s1_####.cbf", "format": "FormatCBFMiniPilatus", "image_range": [1, 40]}
+    data["input"] = {"template": ["/data/s1_####.cbf", "/data/s2_####.cbf"], "format": "FormatCBFMiniPilatus",
+                     "image_range": [1, 40]}
     data["blocks"] = blocks
     data["dropped_blocks"] = []
     data["excluded_images"] = (
@@ -459,6 +460,8 @@ def test_two_sweeps_grouped_by_sweep():
     assert rows == [("sweep-row", "1", None), (None, "1", "missing"), (None, "1", "auto"),
                     ("sweep-row", "2", None), (None, "2", "missing"), (None, "2", "not-given"), (None, "2", "user")]
     assert "Sweep 2: /data/s2_####.cbf, images 1-30" in text
+    assert "<p>/data/s1_####.cbf, /data/s2_####.cbf</p>" in text and "[&#39;" not in text  # the header
+    assert "(1 block; batch offset 100" in text and "(2 blocks; batch offset 0" in text
     assert "kappa 30 &lt;script&gt;" in text and "<script>alert" not in text
     assert ">21-22<" in text and text.count(">21-22<") == 2  # the same image numbers in both sweeps
 

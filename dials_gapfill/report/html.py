@@ -181,6 +181,13 @@ def _label(value) -> str:
     return str(escape(_text(value)))
 
 
+def _templates_text(template) -> str:
+    """The input's template, or several sweeps' templates, as one line."""
+    if isinstance(template, (list, tuple)):
+        return ", ".join(str(t) for t in template if t)
+    return str(template or "")
+
+
 def _int(value, default=None):
     """value as an int, or default if it is not a number."""
     return int(value) if _is_number(value) else default
@@ -418,7 +425,7 @@ def _sweep_view(data, sweep) -> dict:
     title = f"Sweep {sweep}" + (f": {description}" if description else "")
     details = []
     if _is_number(entry.get("n_blocks")):
-        details.append(f"{_fmt(entry['n_blocks'], 'd')} blocks")
+        details.append(f"{_fmt(entry['n_blocks'], 'd')} block" + ("" if _int(entry["n_blocks"]) == 1 else "s"))
     if _is_number(entry.get("batch_offset")):
         details.append(f"batch offset {_fmt(entry['batch_offset'], 'd')}")
     if entry.get("goniometer"):
@@ -1170,7 +1177,7 @@ def html_report(data: dict) -> str:
     totals = data.get("totals") or {}
     context = {
         "program": data.get("program") or "dials.process_gapped",
-        "template": (data.get("input") or {}).get("template") or "",
+        "template": _templates_text((data.get("input") or {}).get("template")),
         "nav": NAV,
         "overview": _overview(data),
         "cell": _cell_rows(data),
