@@ -365,6 +365,14 @@ def _case_sweep_of_damaged_and_unrecognised_files(tiny, tmp_path):
                             "to process the other sweeps, leave its files out"]
 
 
+def _case_reference_geometry_of_two_detectors(tiny, tmp_path):
+    # the L-cysteine wedges as integrated: two detector positions
+    two = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete", "integrated.expt")
+    return [tiny, f"reference_geometry={two}"], [
+        "applying the geometry failed", "2 detector definitions",
+        "give a reference_geometry file with one detector"]
+
+
 def _case_shelx_file_is_another_output(tiny, tmp_path):
     return [tiny, "scale=True", "shelx=True", "output.mtz=scaled.hkl"], [
         "output.shelx_name and output.mtz are both 'scaled.hkl'", "different names"]

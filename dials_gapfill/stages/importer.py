@@ -40,7 +40,7 @@ from dxtbx.sequence_filenames import (
 )
 from scitbx import matrix
 
-from dials_gapfill.errors import GapfillError
+from dials_gapfill.errors import GapfillError, one_line
 from dials_gapfill.model.exclusions import (
     exclusion_multiple,
     exclusion_ranges,
@@ -882,8 +882,12 @@ def _apply_geometry(imagesets, params, which=""):
     try:
         experiments = MetaDataUpdater(dials_import_params(params))(imagesets)
     except (Sorry, AssertionError, RuntimeError, ValueError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        raise GapfillError(f"applying the geometry failed: {msg}: check geometry.* and reference_geometry") from None
+        msg = one_line(e).rstrip(".")
+        fix = "check geometry.* and reference_geometry"
+        if "detector definitions" in msg:  # DIALS' reference geometry holds one detector
+            fix = ("give a reference_geometry file with one detector (the experiments of one sweep, e.g. from "
+                   "dials.split_experiments), or process the sweeps of each detector position apart")
+        raise GapfillError(f"applying the geometry failed: {msg}: {fix}") from None
     for exp in experiments:
         if not isinstance(exp.imageset, ImageSequence) or exp.scan is None or exp.scan.is_still():
             raise GapfillError(
