@@ -317,7 +317,8 @@ def completeness_falloff(shells, fraction, d_from):
     while True:
         completeness, n_kept = shells(d_min)
         if completeness is None:
-            return {"d_min": None, "why": f"completeness falloff not measured (an empty shell at {d_min:.2f} Å)"}
+            why = f"completeness falloff not measured (a shell of the table to {d_min:.2f} Å holds no reflection)"
+            return {"d_min": None, "why": why}
         if n_kept < (1 - FALLOFF_MAX_LOSS) * n_all:
             return {
                 "d_min": None,
