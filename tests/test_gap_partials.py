@@ -207,3 +207,59 @@ def test_a_part_that_holds_the_reflection_is_not_summed_with_a_sliver(separate):
             summed += 1
             assert out["intensity.sum.value"][k] == I[keep] + I[drop] and out["gap_combined"][k]
     assert whole == len(planted) == 10 and summed == n > 1000
+
+
+def _split_over_folders(tiny, tmp_path, last_in_first=20, omit=()):
+    """The tiny sweep's files in two folders: 1..last_in_first, the rest."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    a.mkdir()
+    b.mkdir()
+    for name in sorted(os.listdir(tiny)):
+        if not name.endswith(".cbf"):
+            continue
+        n = int(name.split("_")[-1].split(".")[0])
+        if n not in omit:
+            os.symlink(os.path.join(tiny, name), (a if n <= last_in_first else b) / name)
+    return str(a), str(b)
+
+
+def test_blocks_of_one_rotation_and_of_other_sweeps(tiny, tmp_path):
+    """Which neighbouring blocks a reflection can span: those of one
+    rotation, after a gap or where the files go on in another folder (no
+    image missing); never a block of another sweep (the L-cysteine wedges,
+    four sweeps whose image numbers are each 1-15)."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.pipeline import Pipeline
+    from dials_gapfill.stages.integration import one_rotation
+
+    folders = _split_over_folders(tiny, tmp_path, omit=(31, 32))
+    state = Pipeline(params_from(["nproc=1"]), list(folders)).run(stop_before="spot finding")
+    blocks = state.sweeps.experiments()
+    assert [e.scan.get_image_range() for e in blocks] == [(1, 20), (21, 30), (33, 40)]
+    assert [one_rotation(blocks[i], blocks[i + 1]) for i in range(2)] == [True, True]
+    assert not one_rotation(blocks[1], blocks[0])
+    wedges = ExperimentListFactory.from_json_file(
+        os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete", "integrated.expt"),
+        check_format=False)
+    assert [one_rotation(wedges[i], wedges[i + 1]) for i in range(3)] == [False] * 3
+
+
+@pytest.mark.slow
+def test_a_sweep_going_on_in_another_folder_measures_the_boundary_once(tiny, tmp_path):
+    """The tiny sweep's files in two folders, no image missing: two blocks
+    (each folder is read as its own sequence), and each reflection whose
+    rocking curve spans images 20 and 21 is one row, as across a gap."""
+    from dials_gapfill.simulation.compare import load
+    from dials_gapfill.stages.integration import gap_partial_pairs
+
+    out = str(tmp_path / "out")
+    process_ok(list(_split_over_folders(tiny, tmp_path)), out)
+    experiments, reflections = load(out)
+    assert [e.scan.get_image_range() for e in experiments] == [(1, 20), (21, 40)]
+    with open(os.path.join(out, "dials.process_gapped.json")) as fh:
+        summary = json.load(fh)
+    combined = reflections["gap_combined"].count(True)
+    assert combined == summary["totals"]["gap_combined"] > 100
+    assert gap_partial_pairs(experiments, reflections) == []  # none left in two parts

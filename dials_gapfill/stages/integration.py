@@ -575,7 +575,8 @@ def gap_partial_pairs(experiments, reflections, max_dz=1.5):
     """Pairs (i, j) of rows of integrated `reflections`: the same reflection
     (same Miller index, the same crystal position, i.e. predicted centroids
     within `max_dz` frames) observed in part at the end of one block (row i)
-    and in part at the start of the next block after a gap (row j).  Rows must
+    and in part at the start of the next block of the same rotation, after a
+    gap or where a sweep's files go on in another folder (row j).  Rows must
     have ``partiality`` < 1 (DIALS clipped their shoebox) and be integrated
     (summation or profile fitting)."""
 
@@ -591,8 +592,8 @@ def gap_partial_pairs(experiments, reflections, max_dz=1.5):
     pairs = []
     for b in range(len(ranges) - 1):
         (_, l), (f, _) = ranges[b], ranges[b + 1]
-        if f <= l + 1:
-            continue  # no gap between these blocks
+        if not one_rotation(experiments[b], experiments[b + 1]):
+            continue  # (another sweep: its frames are not this rotation's)
         # clipped at the gap: i at the end of block b, j at the start of b + 1
         before = ((ids == b) & integrated & (part < 0.999) & (z1 >= l)).iselection()
         after = ((ids == b + 1) & integrated & (part < 0.999) & (z0 <= f - 1)).iselection()
@@ -604,6 +605,26 @@ def gap_partial_pairs(experiments, reflections, max_dz=1.5):
                 if abs(zc[i] - zc[j]) <= max_dz:
                     pairs.append((int(i), int(j)))
     return pairs
+
+
+def one_rotation(first, second) -> bool:
+    """Whether block `second` goes on with `first`'s rotation: the same
+    goniometer setting and axis, and its first image where the oscillation of
+    `first` continued over the image numbers between them would put it (a
+    gap, or none where a sweep's files go on in another folder).  Blocks of
+    different sweeps are not, whatever their image numbers."""
+    g1, g2 = first.goniometer, second.goniometer
+    if g1 is None or g2 is None:
+        return False
+    for get in ("get_rotation_axis", "get_setting_rotation", "get_fixed_rotation"):
+        if not np.allclose(getattr(g1, get)(), getattr(g2, get)(), atol=1e-6):
+            return False
+    (_, last), (start, _) = first.scan.get_image_range(), second.scan.get_image_range()
+    width = first.scan.get_oscillation()[1]
+    if start <= last or not np.isclose(second.scan.get_oscillation()[1], width, rtol=1e-4):
+        return False
+    expected = first.scan.get_oscillation_range()[1] + (start - last - 1) * width
+    return bool(np.isclose(second.scan.get_oscillation_range()[0], expected, atol=0.01 * abs(width)))
 
 
 # A gap-spanning reflection with this much of its rocking curve on one side
