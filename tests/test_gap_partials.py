@@ -226,8 +226,9 @@ def _split_over_folders(tiny, tmp_path, last_in_first=20, omit=()):
 def test_blocks_of_one_rotation_and_of_other_sweeps(tiny, tmp_path):
     """Which neighbouring blocks a reflection can span: those of one
     rotation, after a gap or where the files go on in another folder (no
-    image missing); never a block of another sweep (the L-cysteine wedges,
-    four sweeps whose image numbers are each 1-15)."""
+    image missing); never a block of another sweep (another file-name
+    template going on with the rotation; the L-cysteine wedges, four sweeps
+    whose image numbers are each 1-15)."""
     from dxtbx.model.experiment_list import ExperimentListFactory
 
     from dials_gapfill.phil import params_from
@@ -240,6 +241,15 @@ def test_blocks_of_one_rotation_and_of_other_sweeps(tiny, tmp_path):
     assert [e.scan.get_image_range() for e in blocks] == [(1, 20), (21, 30), (33, 40)]
     assert [one_rotation(blocks[i], blocks[i + 1]) for i in range(2)] == [True, True]
     assert not one_rotation(blocks[1], blocks[0])
+    # images 21-40 under another name: the same rotation, another sweep
+    other = tmp_path / "rep"
+    other.mkdir()
+    for n in range(21, 41):
+        os.symlink(os.path.join(tiny, f"sim_{n:04d}.cbf"), other / f"rep_{n:04d}.cbf")
+    state = Pipeline(params_from(["nproc=1"]), [folders[0], str(other)]).run(stop_before="spot finding")
+    by_range = {e.scan.get_image_range(): e for e in state.sweeps.experiments()}
+    assert sorted(by_range) == [(1, 20), (21, 40)]
+    assert not one_rotation(by_range[(1, 20)], by_range[(21, 40)])
     wedges = ExperimentListFactory.from_json_file(
         os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete", "integrated.expt"),
         check_format=False)

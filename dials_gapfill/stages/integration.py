@@ -15,6 +15,7 @@ import contextlib
 import copy
 import logging
 import math
+import os
 import re
 import signal
 
@@ -395,7 +396,9 @@ def integrate(experiments, reference, params, sweeps, profile_model="per_block")
             )
         small_ref, small_expts = keep_experiments(reference, experiments, {e.identifier for e in small_expts})
         small_expts, small_refl = _run(sp, small_expts, small_ref, params)
-        order = ExperimentList(sorted(list(big_expts) + list(small_expts), key=lambda e: e.scan.get_image_range()[0]))
+        # the blocks' own order (sweep by sweep: image numbers repeat across sweeps)
+        position = {e.identifier: k for k, e in enumerate(experiments)}
+        order = ExperimentList(sorted(list(big_expts) + list(small_expts), key=lambda e: position[e.identifier]))
         # summation-only rows get empty profile-fitting columns (their flags
         # say they were not profile fitted)
         for key in big_refl.keys():
@@ -614,7 +617,7 @@ def one_rotation(first, second) -> bool:
     gap, or none where a sweep's files go on in another folder).  Blocks of
     different sweeps are not, whatever their image numbers."""
     g1, g2 = first.goniometer, second.goniometer
-    if g1 is None or g2 is None:
+    if g1 is None or g2 is None or _sweep_key(first) != _sweep_key(second):
         return False
     for get in ("get_rotation_axis", "get_setting_rotation", "get_fixed_rotation"):
         if not np.allclose(getattr(g1, get)(), getattr(g2, get)(), atol=1e-6):
@@ -625,6 +628,18 @@ def one_rotation(first, second) -> bool:
         return False
     expected = first.scan.get_oscillation_range()[1] + (start - last - 1) * width
     return bool(np.isclose(second.scan.get_oscillation_range()[0], expected, atol=0.01 * abs(width)))
+
+
+def _sweep_key(experiment):
+    """What names an experiment's sweep: its file-name template (the same in
+    every folder a sweep's files lie in), or its file where one file holds
+    the sweep (NeXus)."""
+    imageset = experiment.imageset
+    template = imageset.get_template() if imageset is not None and hasattr(imageset, "get_template") else None
+    if template and "#" in template:
+        return os.path.basename(template)
+    paths = imageset.paths() if imageset is not None else []
+    return os.path.abspath(paths[0]) if len(paths) else template
 
 
 # A gap-spanning reflection with this much of its rocking curve on one side
