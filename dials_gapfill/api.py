@@ -24,9 +24,12 @@ integrated.expt/.refl are kept under their names.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -41,7 +44,7 @@ from dials_gapfill.phil import master_phil, modified_text, params_from
 from dials_gapfill.pipeline import Pipeline
 from dials_gapfill.report import finalise, summary_dict, write_reports
 from dials_gapfill.stages.importer import adopt_experiments, check_readable
-from dials_gapfill.validate import validate
+from dials_gapfill.validate import numbered_pattern, validate
 
 logger = logging.getLogger("dials.process_gapped")
 
@@ -117,6 +120,7 @@ class Job:
         self.pipeline = None
         self.kept = ""
         self.failed_log = None
+        self.written = False  # the outputs have their final names (a success)
         self._workers = workers.Hold(False)
 
     def __enter__(self) -> Job:
@@ -133,7 +137,7 @@ class Job:
         if self.write_files:
             outputs = Outputs(self.params.output.directory)
             outputs.check_writable()
-            outputs.lock()
+            outputs.lock(self.params.output.log)
             self.outputs = outputs
             if self.log is not None and self.params.output.log:
                 self.log(outputs.start_log(self.params.output.log))
@@ -143,6 +147,9 @@ class Job:
         return self
 
     def run(self) -> Result:
+        if self.outputs is not None:
+            # a folder with an output's name is found now, not after the processing
+            self.outputs.check_no_folders(*_output_names(self.params))
         self.pipeline = Pipeline(self.params, self.images, outputs=self.outputs, progress=self.progress)
         state = self.pipeline.state
         for line in _machine_warnings(self.params):
@@ -157,7 +164,7 @@ class Job:
             if self.progress is not None:
                 self.progress.close()
         if self.outputs is not None:
-            earlier = _written_with_other_parameters(self.params) + _listed_by_the_earlier_run(self.params,
+            earlier = _kept_after_failures(self.params) + _listed_by_the_earlier_run(self.params,
                                                                                              self.outputs.directory)
             # (the log of a killed run, kept by this run: said so, it stays)
             self.outputs.retire([n for n in earlier if n != self.outputs.killed_log])
@@ -184,17 +191,21 @@ class Job:
         outputs = self.outputs
         if exc_type is None:
             if outputs is not None:
-                try:
-                    outputs.commit()  # (all or none)
-                except GapfillError as e:
-                    outputs.rollback()
-                    if self.log is not None:
-                        _log_error(e)
-                    self.failed_log = outputs.finish_log(False)
+                # SIGINT/SIGTERM wait until the renaming and the log are done:
+                # a stop halfway would leave two runs' files under final names
+                with signals_held():
+                    try:
+                        outputs.commit()  # (all or none)
+                    except GapfillError as e:
+                        outputs.rollback()
+                        if self.log is not None:
+                            _log_error(e)
+                        self.failed_log = outputs.finish_log(False)
+                        outputs.unlock()
+                        raise
+                    outputs.finish_log(True)
                     outputs.unlock()
-                    raise
-                outputs.finish_log(True)
-                outputs.unlock()
+                    self.written = True
             return False
         if outputs is not None:
             self.kept = self._keep_integrated()
@@ -281,17 +292,55 @@ class Job:
         return f"; the integrated data, complete, are kept as {listed} in {outputs.directory}{where}"
 
 
-def _written_with_other_parameters(params) -> list[str]:
-    """Outputs that a run writes only with other parameters (scaling, SHELX)
-    or after a failure (the failed log): an earlier run's files of these
-    names are removed when this run's are committed, unless it wrote them."""
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM held back, then given to their handlers at the end.
+    Recorded by a handler of their own, not masked: a process-directed
+    signal masked in this thread goes to another one (OpenBLAS' threads)
+    and Python runs its handler at once.  Handlers are the main thread's."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not None}  # (None: set outside Python)
+    for s in previous:
+        signal.signal(s, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def _output_names(params) -> tuple[list[str], list[str]]:
+    """(the names of the files this run may write, the regular expressions of
+    its numbered ones: block and sweep MTZs)."""
     out = params.output
-    names = [out.scaled_mtz, out.merged_mtz]
-    if out.shelx_name:
-        names += [f"{out.shelx_name}.hkl", f"{out.shelx_name}.ins"]
-    if out.log:
-        names.append(Outputs.failed_name(out.log))
-    # what an earlier failed run kept beside earlier results (Outputs.keep)
+    names = [out.experiments, out.reflections, out.mtz, out.json, out.html, out.log]
+    if params.scaling.run:
+        names += [out.scaled_mtz, out.merged_mtz]
+        if out.shelx and out.shelx_name:
+            names += [f"{out.shelx_name}.hkl", f"{out.shelx_name}.ins"]
+    patterns = []
+    if out.mtz:
+        for numbered, switch in ((out.block_mtz, out.per_block_mtz), (out.sweep_mtz, out.per_sweep_mtz)):
+            if numbered and switch:
+                patterns.append(numbered_pattern(numbered))
+    return [n for n in names if n], patterns
+
+
+def _kept_after_failures(params) -> list[str]:
+    """What a failed run leaves under this program's own failed names (the
+    failed log, what Outputs.keep kept beside earlier results): an earlier
+    run's files of these names go when this run's are committed.  Other
+    names go only where the earlier run's JSON lists them
+    (_listed_by_the_earlier_run): scaled.mtz and merged.mtz are also what
+    dials.export and dials.merge write by default."""
+    out = params.output
+    names = [Outputs.failed_name(out.log)] if out.log else []
     names += [Outputs.failed_name(n) for n in (out.experiments, out.reflections, out.mtz) if n]
     return names
 
@@ -302,7 +351,7 @@ def _listed_by_the_earlier_run(params, directory) -> list[str]:
     run does not write go at commit, whatever names or switches made them (a
     report a preview run leaves out, another output.block_mtz pattern).
     Only plain names, in this folder."""
-    name = params.output.json or master_phil.extract().output.json
+    name = params.output.json or master_phil().extract().output.json
     try:
         with open(os.path.join(directory, name)) as fh:
             listed = json.load(fh).get("files", [])

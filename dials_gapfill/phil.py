@@ -671,7 +671,9 @@ def params_from(params=None):
     if isinstance(params, str):
         return _from_text(params)
     if isinstance(params, dict):
-        return _from_args([f"{k}={v}" for k, v in params.items()])
+        # a list value: the parameter given once per item (input.images, exclude_images)
+        return _from_args([f"{k}={item}" for k, v in params.items()
+                           for item in (v if isinstance(v, (list, tuple)) else [v])])
     if isinstance(params, (list, tuple)):
         return _from_args([str(p) for p in params])
     if not isinstance(params, libtbx.phil.scope_extract):
@@ -686,8 +688,14 @@ def _from_text(text):
     """PHIL text (e.g. a .phil file's content), or on one line command-line
     words (short forms and all: "nproc=4 exclude_images=41:45"; a # is then
     part of a word, as in template=x_####.cbf, not a PHIL comment)."""
-    if "\n" not in text.strip() and not re.search(r"[{}]", text):
-        return _from_args(_words(text))
+    if "\n" not in text.strip():
+        try:
+            words = _words(text)
+        except GapfillError:
+            words = None
+        # (one line of PHIL with scopes, "a { b = 1 }", has words that are not assignments)
+        if words and all("=" in w and not w.startswith(("{", "}")) for w in words):
+            return _from_args(words)
     try:
         parsed = iotbx.phil.parse(text)
     except Exception as e:

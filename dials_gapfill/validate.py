@@ -10,6 +10,7 @@ The command line and the Python API call it before any work.
 from __future__ import annotations
 
 import os
+import re
 import string
 
 from dials_gapfill.errors import GapfillError
@@ -206,6 +207,28 @@ def _check_output(params) -> None:
                     "other; give them different names"
                 )
             names[name] = key
+    # a plain name that a numbered one can also give (output.mtz=integrated_2.mtz
+    # and block 2's MTZ): one file would overwrite the other
+    for key, (field, switch, _) in NUMBERED.items():
+        value = _get(out, key)
+        if not (_is_set(value) and _get(out, switch) and _is_set(_get(out, "mtz"))):
+            continue
+        pattern = numbered_pattern(str(value))
+        for name, other in names.items():
+            if other != key and re.fullmatch(pattern, name):
+                raise GapfillError(
+                    f"output.{other}={name!r} is also a name output.{key}={str(value)!r} gives (a {field}'s "
+                    "MTZ): one would overwrite the other; give them different names"
+                )
+
+
+def numbered_pattern(numbered: str) -> str:
+    """The regular expression of the names a numbered name (a format with
+    fields such as {block}, {sweep}, {first}, {last}) can give."""
+    return "".join(
+        re.escape(literal) + (r"-?\d+" if field is not None else "")
+        for literal, field, _, _ in string.Formatter().parse(numbered)
+    )
 
 
 def _check_input(params) -> None:

@@ -34,16 +34,18 @@ def test_api_from_images_writes_only_when_asked(tiny, tmp_path, monkeypatch):
     assert result.files == []
 
     out = tmp_path / "written"
-    # an earlier run's files that this run (no scaling) does not write: its
-    # scaled outputs, its log (the API writes none) and a failed log go when
-    # this run's files are committed; a file of the user's stays
+    # an earlier run's files that this run does not write: its log (the API
+    # writes none), a failed log and what a failed run kept go when this
+    # run's files are committed; a file of the user's stays
     out.mkdir()
-    earlier = ["scaled.mtz", "merged.mtz", "scaled.hkl", "scaled.ins", "dials.process_gapped.failed.log",
-               "dials.process_gapped.log", "integrated.failed.expt", "integrated_3.failed.mtz"]
+    earlier = ["dials.process_gapped.failed.log", "dials.process_gapped.log", "integrated.failed.expt",
+               "integrated_3.failed.mtz"]
     for name in earlier + ["notes.txt"]:
         (out / name).write_text("an earlier run's\n")
-    # and what its JSON lists, under names this run does not use
-    other_names = ["report.html", "b_1_20.mtz", "foo.json"]
+    # and what its JSON lists, under names this run does not use; scaled.mtz
+    # and merged.mtz as it lists them (as dials.export and dials.merge write
+    # them, unlisted, they would stay)
+    other_names = ["report.html", "b_1_20.mtz", "foo.json", "scaled.mtz", "merged.mtz", "scaled.hkl", "scaled.ins"]
     for name in other_names:
         (out / name).write_text("an earlier run's\n")
     (out / "dials.process_gapped.json").write_text(json.dumps({"files": [
@@ -194,6 +196,15 @@ def test_the_api_reads_parameter_files_words_and_dicts():
         params = params_from(given)
         assert (params.input.template, params.mp.nproc) == (["/d/x_####.cbf"], 3), given
     assert params_from("mp.nproc = 3 # a comment\nscaling.run = True").mp.nproc == 3  # (PHIL text)
+    # braces in a value on one line are words; scopes on one line are PHIL
+    assert params_from("output.block_mtz=b_{block}.mtz nproc=4").output.block_mtz == "b_{block}.mtz"
+    assert params_from("mp { nproc = 3 }").mp.nproc == 3
+    # a list in a dict: the parameter once per item, as on the command line
+    given = params_from({"input.images": ["/d/a_*.cbf", "/d/b_*.cbf"], "exclude_images": ["41:45", "81:83"]})
+    words = parse(["images=/d/a_*.cbf", "images=/d/b_*.cbf", "exclude_images=41:45", "exclude_images=81:83"],
+                  master_phil())[0]
+    assert given.input.images == ["/d/a_*.cbf", "/d/b_*.cbf"]
+    assert master_phil().format(given).as_str() == master_phil().format(words).as_str()
     with pytest.raises(GapfillError, match=r"^unknown parameter 'outptu.directory=x'; did you mean output.directory"):
         params_from("nproc=1 outptu.directory=x")
 

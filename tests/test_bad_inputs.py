@@ -373,6 +373,12 @@ def _case_reference_geometry_of_two_detectors(tiny, tmp_path):
         "give a reference_geometry file with one detector"]
 
 
+def _case_mtz_name_a_block_mtz_also_gives(tiny, tmp_path):
+    return [tiny, "output.mtz=integrated_2.mtz"], [
+        "output.mtz='integrated_2.mtz' is also a name output.block_mtz='integrated_{block}.mtz' gives",
+        "different names"]
+
+
 def _case_shelx_file_is_another_output(tiny, tmp_path):
     return [tiny, "scale=True", "shelx=True", "output.mtz=scaled.hkl"], [
         "output.shelx_name and output.mtz are both 'scaled.hkl'", "different names"]
@@ -635,25 +641,29 @@ def test_late_failure_keeps_integrated_data_and_folder_is_locked(tiny, tmp_path)
     assert len(ExperimentListFactory.from_json_file(os.path.join(out, "integrated.expt"), check_format=False)) == 1
 
 
-@pytest.mark.slow
-def test_an_output_that_cannot_take_its_name_leaves_the_earlier_results_whole(tiny, tmp_path):
-    """The last step of a run, renaming its outputs, is all or none: a folder
-    where the JSON would go stops the run with one line, and none of the
-    earlier files is replaced; no temporary file or lock is left, and the
-    run's log is the failed log."""
+@pytest.mark.parametrize("folder", ["dials.process_gapped.json", "integrated_2.mtz"])
+def test_an_output_that_cannot_take_its_name_leaves_the_earlier_results_whole(tiny, tmp_path, folder):
+    """A folder where an output would go (the JSON, or a block's MTZ, whose
+    numbers are known only later) stops the run before any processing, with
+    one line, and none of the earlier files is replaced; no temporary file
+    or lock is left, and the run's log is the failed log.  (The renaming at
+    the end, for a folder made meanwhile, is all or none:
+    test_renaming_is_undone_when_one_rename_fails.)"""
     out = str(tmp_path / "out")
     _seed_old_results(out)
-    os.remove(os.path.join(out, "dials.process_gapped.json"))
-    os.mkdir(os.path.join(out, "dials.process_gapped.json"))
+    if os.path.exists(os.path.join(out, folder)):
+        os.remove(os.path.join(out, folder))
+    os.mkdir(os.path.join(out, folder))
     result = process(tiny, out, timeout=900)
     err = result.stderr.strip()
     assert result.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in result.stdout + err, err
-    assert "cannot write dials.process_gapped.json" in err and "a folder of that name" in err, err
+    assert f"cannot write {folder}" in err and "a folder of that name" in err, err
     for name in PRODUCTS:
-        if name != "dials.process_gapped.json":
+        if name != folder:
             assert open(os.path.join(out, name)).read() == f"old {name}\n", name
-    assert sorted(os.listdir(out)) == sorted(PRODUCTS + (FAILED_LOG,)), os.listdir(out)
-    assert "a folder of that name" in open(os.path.join(out, FAILED_LOG)).read()
+    assert sorted(os.listdir(out)) == sorted(set(PRODUCTS + (FAILED_LOG, folder))), os.listdir(out)
+    log = open(os.path.join(out, FAILED_LOG)).read()
+    assert "a folder of that name" in log and "=== Spot finding ===" not in log
 
 
 def test_renaming_is_undone_when_one_rename_fails(tmp_path, monkeypatch):
@@ -792,3 +802,22 @@ def test_one_line_of_an_exception():
         assert one_line(e) == "AssertionError in binner (test_bad_inputs.py)"
     else:
         raise AssertionError("not raised")
+
+
+def test_a_signal_during_the_renaming_waits_for_its_end(tmp_path):
+    """SIGINT while the outputs take their final names (Job.__exit__ holds
+    the signals): every file is renamed first, then the signal is
+    delivered (here Python's own handler: KeyboardInterrupt)."""
+    from dials_gapfill.api import signals_held
+    from dials_gapfill.handlers.outputs import Outputs
+
+    outputs = Outputs(str(tmp_path))
+    for name in ("a.txt", "b.txt"):
+        outputs.write(name, lambda p, name=name: open(p, "w").write(name))
+    renamed = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGINT)  # pending, not delivered
+            renamed = [os.path.basename(f) for f in outputs.commit()]
+    assert renamed == ["a.txt", "b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]

@@ -289,3 +289,26 @@ def test_a_short_cell_is_refused_from_a_file_and_from_the_api(tmp_path, how):
     # six numbers, and None, pass
     assert params_from(text.replace("5.4 8.1", "5.4 8.1 12.0 90 90 90")).indexing.known_symmetry.unit_cell is not None
     assert params_from(["unit_cell=None"]).indexing.known_symmetry.unit_cell is None
+
+
+@pytest.mark.slow
+def test_a_run_without_json_or_report_leaves_one_runs_results(tiny, tmp_path):
+    """output.json=None output.html=None (the preview example file) into a
+    folder of an earlier run: the files that run's JSON listed and this run
+    does not write go (its JSON and report, block MTZs of another name), a
+    file it did not list stays (merged.mtz as dials.merge writes it)."""
+    import json
+
+    out = tmp_path / "out"
+    out.mkdir()
+    listed = ["dials.process_gapped.json", "dials.process_gapped.html", "b_1.mtz", "b_2.mtz", "scaled.mtz"]
+    for name in listed + ["merged.mtz"]:
+        (out / name).write_text("an earlier run's\n")
+    (out / "dials.process_gapped.json").write_text(json.dumps({"files": [{"name": n} for n in listed]}))
+    result = process(tiny, str(out), os.path.join(PHIL, "fast_preview.phil"), "output.json=None",
+                     "output.html=None")
+    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+    files = sorted(os.listdir(out))
+    assert files == ["dials.process_gapped.log", "integrated.expt", "integrated.mtz", "integrated.refl",
+                     "merged.mtz"], files
+    assert (out / "merged.mtz").read_text() == "an earlier run's\n"

@@ -216,6 +216,17 @@ def test_stale_temporary_files_are_removed(tmp_path):
             assert sorted(os.listdir(tmp_path)) == sorted(kept + [LOCK, outputs.killed_log])
         finally:
             outputs.unlock()
+        # a log of another extension (output.log=run.txt) is known by its name
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / f".run.tmp-{dead.pid}.txt").write_text("how far it got")
+        outputs = Outputs(str(other))
+        outputs.lock("run.txt")
+        try:
+            assert outputs.killed_log == "run.failed.txt"
+            assert (other / "run.failed.txt").read_text() == "how far it got"
+        finally:
+            outputs.unlock()
     finally:
         live.kill()
         live.wait()

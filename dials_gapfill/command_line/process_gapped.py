@@ -299,6 +299,11 @@ def _install_signal_handlers(job) -> None:
             # a DIALS worker process (forked with this handler): leave quietly,
             # the main process reports the interrupt
             os._exit(128 + signum)
+        if job.written:  # (while the summary is printed: the results are whole)
+            print(f"{PROGRAM}: interrupted by {signal.Signals(signum).name} after this run's results were written "
+                  f"in {job.outputs.directory}", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(128 + signum)
         _interrupted(job, Interrupted(signum))
 
     signal.signal(signal.SIGTERM, handler)

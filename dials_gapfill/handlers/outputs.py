@@ -92,7 +92,7 @@ class Outputs:
     def lock_path(self) -> str:
         return os.path.join(self.directory, self.LOCK_NAME)
 
-    def lock(self) -> None:
+    def lock(self, log: str | None = None) -> None:
         """Take the output folder for this run, or refuse if another run has it."""
         path = self.lock_path
         try:
@@ -119,7 +119,7 @@ class Outputs:
         except OSError as e:
             self.unlock()
             raise self._os_error(e, self.LOCK_NAME) from None
-        self.removed, self.killed_log = remove_stale_temporaries(self.directory)
+        self.removed, self.killed_log = remove_stale_temporaries(self.directory, log)
 
     def _take(self, path: str) -> int:
         """An open descriptor of the lock file `path`, its record lock held."""
@@ -235,6 +235,25 @@ class Outputs:
                 "choose another with output.directory="
             ) from None
 
+    def check_no_folders(self, names, patterns=()) -> None:
+        """Refuse (one line, nothing written) where a folder has an output's
+        name: one of `names`, or a name one of the regular expressions
+        `patterns` matches (numbered outputs, whose numbers are not known yet)."""
+        finals = [os.path.join(self.directory, os.path.basename(n)) for n in names if n]
+        if patterns:
+            try:
+                listed = os.listdir(self.directory)
+            except OSError:
+                listed = []
+            finals += [os.path.join(self.directory, n) for n in listed
+                       if any(re.fullmatch(p, n) for p in patterns)]
+        for final in finals:
+            if os.path.isdir(final) and not os.path.islink(final):
+                raise GapfillError(
+                    f"cannot write {os.path.basename(final)} in {self.directory}: a folder of that name is "
+                    "there: move it away or choose another folder with output.directory= (nothing was written)"
+                )
+
     def path(self, name: str) -> str:
         """Temporary path to write the output `name` to."""
         final = os.path.join(self.directory, name)
@@ -299,12 +318,7 @@ class Outputs:
         """Give every output its final name, all or none: where one cannot
         be replaced (a folder of that name, permissions), the outputs already
         renamed are put back as they were and the error raised."""
-        for final in self._pending:
-            if os.path.isdir(final) and not os.path.islink(final):
-                raise GapfillError(
-                    f"cannot write {os.path.basename(final)} in {self.directory}: a folder of that name is "
-                    "there: move it away or choose another folder with output.directory= (nothing was written)"
-                )
+        self.check_no_folders(self._pending)
         done: list[tuple[str, str, str | None]] = []  # (final, temporary, the earlier file moved aside)
         try:
             for final, tmp in self._pending.items():
@@ -401,10 +415,12 @@ def _running(pid: int) -> bool:
         return True
 
 
-def remove_stale_temporaries(directory: str) -> tuple[list[str], str | None]:
+def remove_stale_temporaries(directory: str, log: str | None = None) -> tuple[list[str], str | None]:
     """Remove this program's temporary files in `directory` whose pid is no
     longer running (a run killed before it could clean up): (their names,
-    the failed-log name the newest such run's log was kept under, or None)."""
+    the failed-log name the newest such run's log was kept under, or None).
+    A temporary log is one of a *.log name, or of `log` (output.log)."""
+    log_stem, log_ext = os.path.splitext(os.path.basename(log)) if log else (None, None)
     removed, logs = [], []
     try:
         entries = list(os.scandir(directory))
@@ -420,9 +436,12 @@ def remove_stale_temporaries(directory: str) -> tuple[list[str], str | None]:
         try:
             if entry.is_dir(follow_symlinks=False):
                 continue
-            log = re.fullmatch(r"\.(?P<stem>.+)\.tmp-[0-9]+\.log", entry.name)
-            if log is not None and not log.group("stem").endswith(".old"):
-                logs.append((entry.stat().st_mtime, entry.name, log.group("stem")))
+            found = re.fullmatch(r"\.(?P<stem>.+)\.tmp-[0-9]+(?P<ext>\.log)", entry.name)
+            if found is None and log_stem:
+                found = re.fullmatch(rf"\.(?P<stem>{re.escape(log_stem)})\.tmp-[0-9]+(?P<ext>{re.escape(log_ext)})",
+                                     entry.name)
+            if found is not None and not found.group("stem").endswith(".old"):
+                logs.append((entry.stat().st_mtime, entry.name, found.group("stem") + found.group("ext")))
                 continue
             os.remove(entry.path)
         except OSError:
@@ -430,11 +449,11 @@ def remove_stale_temporaries(directory: str) -> tuple[list[str], str | None]:
         removed.append(entry.name)
     kept = None
     # the newest killed run's log is the one record of how far it got
-    for i, (_, name, stem) in enumerate(sorted(logs)):
+    for i, (_, name, final) in enumerate(sorted(logs)):
         path = os.path.join(directory, name)
         try:
             if i == len(logs) - 1:
-                kept = Outputs.failed_name(stem + ".log")
+                kept = Outputs.failed_name(final)
                 os.replace(path, os.path.join(directory, kept))
             else:
                 os.remove(path)

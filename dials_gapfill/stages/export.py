@@ -8,8 +8,9 @@ on it to slice image sets by array range), and export_mtz keeps distinct
 offsets, so the later blocks' BATCH numbers would not be their image numbers
 (blocks 1-40, 46-80, 84-120 come out as batches 1-40, 91-125, 167-203).  The
 MTZ files are written from copies of the experiments whose offsets are all 0,
-so export_mtz numbers batches by image number; blocks never touch (a gap
-separates them), so batches cannot collide.  Several sweeps overlap in image
+so export_mtz numbers batches by image number; the blocks of a sweep hold
+different image numbers (a gap separates them, or a folder where the
+sweep's files go on), so batches cannot collide.  Several sweeps overlap in image
 numbers: each sweep's blocks take its offset (Sweeps.batch_offsets, DIALS'
 rule: 1-15, 101-115, 201-215, ...).  integrated.expt keeps dxtbx' offsets, so
 DIALS programs can read and re-slice it as usual.
@@ -22,7 +23,6 @@ import copy
 import logging
 import os
 import re
-import string
 
 import iotbx.mtz
 from dials.command_line.export import export_mtz as dials_export_mtz
@@ -31,6 +31,7 @@ from dxtbx.model.experiment_list import ExperimentList
 
 from dials_gapfill import dials_compat
 from dials_gapfill.errors import GapfillError, one_line
+from dials_gapfill.validate import numbered_pattern
 from dials_gapfill.handlers.outputs import Outputs
 from dials_gapfill.phil import defaults
 from dials_gapfill.model.state import Record
@@ -182,10 +183,7 @@ def earlier_numbered(directory, numbered) -> list[str]:
     """Names of the files in `directory` that a numbered name (a format with
     fields such as {block}, {sweep}, {first}, {last}: output.block_mtz,
     output.sweep_mtz) could have given."""
-    pattern = "".join(
-        re.escape(literal) + (r"-?\d+" if field is not None else "")
-        for literal, field, _, _ in string.Formatter().parse(numbered)
-    )
+    pattern = numbered_pattern(numbered)
     try:
         names = os.listdir(directory)
     except OSError:
