@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -531,3 +532,20 @@ def test_job_scripts_of_every_scheduler(tmp_path):
             c.close()
         for line in lines + ["DIALS_GAPFILL_CLUSTER_CORES=4", "--no-nanny", "dials-gapfill"]:
             assert line in script, (method, line, script)
+
+
+def test_the_cluster_check_leaves_ctrl_c_as_it_was():
+    """Importing dask_jobqueue sets SIGINT to sys.exit() (its runner module):
+    a Ctrl-C would end the run with status 0. The check that imports it puts
+    the handler back (a fresh process: the import happens once)."""
+    code = (
+        "import signal, dials_gapfill\n"
+        "from dials_gapfill.phil import params_from\n"
+        "from dials_gapfill.cluster.checks import check\n"
+        "before = signal.getsignal(signal.SIGINT)\n"
+        "try:\n    check(params_from(['mp.method=slurm']))\nexcept Exception:\n    pass\n"
+        "import sys\n"
+        "print('dask_jobqueue.runner' in sys.modules, signal.getsignal(signal.SIGINT) is before)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["True", "True"], result.stdout + result.stderr[-2000:]

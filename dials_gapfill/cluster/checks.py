@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import tempfile
+import threading
 
 from dials_gapfill.cluster.session import (
     METHODS,
@@ -38,6 +40,9 @@ def check(params) -> None:
         )
     if method not in METHODS:
         return
+    # dask_jobqueue's import (its runner module) sets SIGINT to sys.exit():
+    # Ctrl-C would then end the run with status 0 and no cleanup message
+    interrupt = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
         import dask_jobqueue  # noqa: F401
         import distributed  # noqa: F401
@@ -47,6 +52,9 @@ def check(params) -> None:
             f"mp.method={method} needs Dask and dask-jobqueue: pip install 'dials-gapfill[cluster]' "
             "(or pip install distributed dask-jobqueue) into this Python, or use mp.method=multiprocessing"
         ) from None
+    finally:
+        if interrupt is not None and signal.getsignal(signal.SIGINT) is not interrupt:
+            signal.signal(signal.SIGINT, interrupt)
     c = mp.cluster
     try:
         parse_bytes(str(c.memory))
