@@ -43,6 +43,7 @@ from dials_gapfill.model.state import Record
 from dials_gapfill.phil import master_phil, modified_text, params_from
 from dials_gapfill.pipeline import Pipeline
 from dials_gapfill.report import finalise, summary_dict, write_reports
+from dials_gapfill.stages.export import earlier_numbered
 from dials_gapfill.stages.importer import adopt_experiments, check_readable
 from dials_gapfill.validate import numbered_pattern, validate
 
@@ -198,6 +199,7 @@ class Job:
                         outputs.commit()  # (all or none)
                     except GapfillError as e:
                         outputs.rollback()
+                        self._drop_earlier_failed()
                         if self.log is not None:
                             _log_error(e)
                         self.failed_log = outputs.finish_log(False)
@@ -210,6 +212,7 @@ class Job:
         if outputs is not None:
             self.kept = self._keep_integrated()
             outputs.rollback()
+            self._drop_earlier_failed()
             if self.log is not None:
                 _log_error(exc, self.kept)
             self.failed_log = outputs.finish_log(False)
@@ -231,11 +234,27 @@ class Job:
         if self.outputs is None:
             return None
         self.outputs.rollback()
+        self._drop_earlier_failed()
         if self.log is not None:
             _log_error(error)
         path = self.outputs.finish_log(False)
         self.outputs.unlock()
         return path
+
+    def _drop_earlier_failed(self) -> None:
+        """This run's failed log replaces an earlier failed run's: the data
+        that run kept (integrated.failed.*, its failed block and sweep MTZs)
+        go with it, unless this run kept them anew, so that the failed files
+        in the folder are one run's, the run its failed log tells of."""
+        outputs = self.outputs
+        mine = {os.path.basename(f) for f in outputs.committed}
+        stale = [n for n in _earlier_failed(self.params, outputs.directory) if n not in mine]
+        for name in stale:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(outputs.directory, name))
+        if stale:
+            logger.info("Removed what an earlier failed run kept (its failed log is replaced by this run's): %s",
+                        ", ".join(stale))
 
     def _integrated(self) -> bool:
         if self.pipeline is None:
@@ -342,6 +361,20 @@ def _kept_after_failures(params) -> list[str]:
     out = params.output
     names = [Outputs.failed_name(out.log)] if out.log else []
     names += [Outputs.failed_name(n) for n in (out.experiments, out.reflections, out.mtz) if n]
+    return names
+
+
+def _earlier_failed(params, directory) -> list[str]:
+    """The data files a failed run kept beside earlier results in
+    `directory` (Job._keep_integrated): integrated.failed.expt/.refl/.mtz and
+    the failed block and sweep MTZs, as they are there now."""
+    out = params.output
+    names = [Outputs.failed_name(n) for n in (out.experiments, out.reflections, out.mtz) if n]
+    names = [n for n in names if os.path.isfile(os.path.join(directory, n))]
+    for numbered in (out.block_mtz, out.sweep_mtz):
+        if numbered:
+            names += [n for n in earlier_numbered(directory, Outputs.failed_name(numbered))
+                      if os.path.isfile(os.path.join(directory, n))]
     return names
 
 

@@ -605,6 +605,11 @@ def test_late_failure_keeps_integrated_data_and_folder_is_locked(tiny, tmp_path)
 
     out = str(tmp_path / "out")
     _seed_old_results(out)
+    # what an earlier failed run kept and this one will not: it goes with
+    # that run's failed log, which this run's replaces
+    for name in ("integrated.failed.mtz", "integrated_3.failed.mtz", "integrated.failed.expt"):
+        with open(os.path.join(out, name), "w") as fh:
+            fh.write("an earlier failed run's\n")
     args = [tool("dials.process_gapped"), tiny, f"output.directory={out}", f"nproc={NPROC}", "mtz.d_min=100"]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -634,6 +639,8 @@ def test_late_failure_keeps_integrated_data_and_folder_is_locked(tiny, tmp_path)
         assert open(os.path.join(out, name)).read() == f"old {name}\n", name
     assert "MTZ export failed" in open(os.path.join(out, FAILED_LOG)).read()
     assert not [f for f in os.listdir(out) if f.startswith(".")], os.listdir(out)
+    assert sorted(f for f in os.listdir(out) if ".failed." in f) == [
+        FAILED_LOG, "integrated.failed.expt", "integrated.failed.refl"], os.listdir(out)
     # a successful run leaves one run's results
     assert process(tiny, out).returncode == 0
     left = os.listdir(out)
@@ -664,6 +671,29 @@ def test_an_output_that_cannot_take_its_name_leaves_the_earlier_results_whole(ti
     assert sorted(os.listdir(out)) == sorted(set(PRODUCTS + (FAILED_LOG, folder))), os.listdir(out)
     log = open(os.path.join(out, FAILED_LOG)).read()
     assert "a folder of that name" in log and "=== Spot finding ===" not in log
+
+
+def test_a_failed_run_replaces_what_an_earlier_failed_run_kept(tiny, tmp_path):
+    """The failed files in a folder are one run's: a run that fails
+    replaces the earlier failed run's log, and the data that run kept
+    (integrated.failed.*, its failed block and sweep MTZs) go with it.  The
+    earlier results and a user's own files stay."""
+    out = str(tmp_path / "out")
+    _seed_old_results(out)
+    earlier_failed = ["integrated.failed.expt", "integrated.failed.refl", "integrated.failed.mtz",
+                      "integrated_2.failed.mtz", "integrated_sweep1.failed.mtz"]
+    for name in earlier_failed + [FAILED_LOG, "notes.failed.txt", "integrated_2.mtz"]:
+        with open(os.path.join(out, name), "w") as fh:
+            fh.write(f"old {name}\n")
+    os.mkdir(os.path.join(out, "integrated_3.mtz"))  # (fails the run before any processing)
+    result = process(tiny, out, timeout=900)
+    err = result.stderr.strip()
+    assert result.returncode == 1 and "cannot write integrated_3.mtz" in err, err
+    for name in PRODUCTS + ("notes.failed.txt", "integrated_2.mtz"):
+        assert open(os.path.join(out, name)).read() == f"old {name}\n", name
+    assert not [n for n in earlier_failed if os.path.exists(os.path.join(out, n))], os.listdir(out)
+    log = open(os.path.join(out, FAILED_LOG)).read()
+    assert "cannot write integrated_3.mtz" in log and "integrated.failed.expt" in log
 
 
 def test_renaming_is_undone_when_one_rename_fails(tmp_path, monkeypatch):
