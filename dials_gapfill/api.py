@@ -17,8 +17,9 @@ Nothing is written unless ``write_files=True``: then exactly what the command
 writes, in ``output.directory``, with the temporary-name-and-rename rule and
 the lock on the folder (:class:`Job`, which the command line uses too, so
 both give the same outputs for the same parameters).  If a stage after
-integration fails, the GapfillError carries the integrated data as
-``error.result`` (a Result) and, with ``write_files=True``, the complete
+integration fails, the error carries the integrated data as
+``error.result`` (a Result; a GapfillError, or an error not foreseen, as
+raised) and, with ``write_files=True``, the complete
 integrated.expt/.refl are kept under their names.
 """
 
@@ -225,6 +226,14 @@ class Job:
             new.result = self.result()
             new.kept, new.core = self.kept, str(exc)
             raise new from None
+        if isinstance(exc, Exception) and not isinstance(exc, (GapfillError, Interrupted)) and self._integrated():
+            # an error not foreseen, after integration: the same exception,
+            # with the integrated data (and what was kept) on it
+            try:
+                finalise(self.pipeline.state)
+                exc.result, exc.kept = self.result(), self.kept
+            except Exception:
+                pass
         return False
 
     def abandon(self, error) -> str | None:

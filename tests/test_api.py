@@ -93,6 +93,36 @@ def test_api_from_imported_experiments(tiny_sweeps):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("foreseen", [True, False], ids=["gapfill_error", "error_not_foreseen"])
+def test_an_error_after_integration_carries_the_integrated_data(tiny, monkeypatch, foreseen):
+    """A stage after integration failing (scaling.d_min beyond every
+    reflection; or an error nobody foresaw there, raised in its place) gives
+    the API caller the integrated data on the error, as the command keeps
+    them on disc."""
+    from dials_gapfill import process_gapped
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.stages import scaling
+
+    if not foreseen:
+        def check_d_min(reflections, d_min):
+            raise ZeroDivisionError("float division by zero")
+
+        monkeypatch.setattr(scaling, "check_d_min", check_d_min)
+    with pytest.raises(GapfillError if foreseen else ZeroDivisionError) as e:
+        process_gapped(tiny, ["nproc=2", "scale=True", "scaling.d_min=100"])
+    if foreseen:
+        assert "scaling.d_min=100 leaves no reflection" in str(e.value)
+        assert str(e.value).endswith("the integrated experiments and reflections are in this error's .result")
+    else:
+        assert str(e.value) == "float division by zero"
+    result = e.value.result
+    assert [x.scan.get_image_range() for x in result.experiments] == [(1, 40)]
+    n = result.reflections.get_flags(result.reflections.flags.integrated).count(True)
+    assert n > 5000 and result.summary["totals"]["integrated"] == len(result.reflections)
+    assert result.scaled is None and result.files == []
+
+
 @pytest.mark.parametrize(
     "param, expected",
     [
