@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -591,6 +592,43 @@ def test_disk_full_while_writing(tiny, tmp_path):
     listing = (tmp_path / "listing").read_text().split()
     assert not [f for f in listing if ".tmp-" in f], listing
     assert (tmp_path / "contents").read_text() == "".join(f"old {n}\n" for n in PRODUCTS)
+
+
+def test_disk_full_while_the_mtz_is_written(tmp_path):
+    """iotbx's MTZ writer reports a full disk as "MTZ file read error": the
+    folder being full is what the message says (the stored L-cysteine
+    integration, 69 KiB of MTZ, into a 16 KiB tmpfs)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    code = (
+        "import os\n"
+        "from dials.array_family import flex\n"
+        "from dxtbx.model.experiment_list import ExperimentListFactory\n"
+        "from dials_gapfill.errors import GapfillError\n"
+        "from dials_gapfill.handlers.outputs import Outputs\n"
+        "from dials_gapfill.phil import params_from\n"
+        "from dials_gapfill.stages.export import write_mtz\n"
+        f"d = {os.path.join(os.path.dirname(__file__), 'data', 'l_cysteine_wedges', 'complete')!r}\n"
+        "e = ExperimentListFactory.from_json_file(os.path.join(d, 'integrated.expt'), check_format=False)\n"
+        "r = flex.reflection_table.from_file(os.path.join(d, 'integrated.refl'))\n"
+        f"outputs = Outputs({str(mnt)!r})\n"
+        "try:\n"
+        "    outputs.write('integrated.mtz', lambda p: write_mtz(r, e, params_from(['nproc=1']), p))\n"
+        "except GapfillError as x:\n"
+        "    print(x)\n"
+        "outputs.rollback()\n"
+        "print(os.listdir(outputs.directory))\n"
+    )
+    script = f"mount -t tmpfs -o size=16k tmpfs {mnt} && {sys.executable} -c \"$0\"; rc=$?; umount {mnt}; exit $rc"
+    cmd = ["unshare", "--mount", "sh", "-c", script, code]
+    if os.geteuid() != 0:
+        cmd = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, code]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    said, left = result.stdout.strip().splitlines()[-2:]
+    assert said == (f"disk full while writing integrated.mtz in {mnt}: free some space or choose another "
+                    "folder with output.directory= (nothing was written)"), said
+    assert left == "[]"
 
 
 @pytest.mark.slow

@@ -272,10 +272,26 @@ class Outputs:
             writer(tmp)
         except OSError as e:
             raise self._os_error(e, name) from None
+        except Exception:
+            # a writer in C++ tells a full disk in its own words (iotbx's MTZ
+            # writer: "MTZ file read error"): the folder says what it was
+            if self._full():
+                raise self._os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), name) from None
+            raise
         if not os.path.exists(tmp):
             raise GapfillError(f"writing {name} produced no file: check the output folder")
         self._complete.add(final)
         return tmp
+
+    def _full(self) -> bool:
+        """Whether the folder's file system has less than 1 MiB left for
+        this process (root may use the blocks reserved for it)."""
+        try:
+            st = os.statvfs(self.directory)
+        except OSError:
+            return False
+        blocks = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+        return blocks * st.f_frsize < 1 << 20
 
     def complete(self, name: str) -> bool:
         """Whether `name` was written completely (and is waiting for commit)."""
