@@ -205,3 +205,27 @@ def test_a_killed_integration_worker_is_named_in_the_message(tiny, tmp_path):
     assert proc.returncode == 1 and len(err.splitlines()) == 1, err
     assert "integration failed: one of its worker processes was killed (SIGKILL" in err, err
     assert "nproc=" in err and "check integration.*" not in err
+
+
+@pytest.mark.slow
+def test_a_per_block_crystal_covers_images_without_spots_at_a_block_end(tiny_sweeps):
+    """Blank images 36-40 kept (auto_exclude=False): DIALS' refiner trims the
+    block's scan to the images with spots and refines the crystal's scan
+    points over those only.  The per-block model's crystal still has one
+    scan point per image of the block (+1), so DIALS predicts it
+    scan-varying (its predictor takes a crystal of another length as
+    static, silently): the trimmed-off images keep the last refined
+    orientation."""
+    from dials_gapfill import pipeline
+    from dials_gapfill.phil import params_from
+
+    blank = tiny_sweeps.make(bad={k: "blank" for k in range(36, 41)}, name="blank_end")
+    params = params_from(["nproc=1", "gaps.auto_exclude=False", "refinement.blocks.model=per_block"])
+    state = pipeline.Pipeline(params, [blank]).run(stop_before="integration")
+    (exp,) = state.experiments
+    assert exp.scan.get_image_range() == (1, 40)
+    crystal = exp.crystal
+    assert crystal.num_scan_points == 41
+    last = [crystal.get_A_at_scan_point(k) for k in range(36, 41)]
+    assert all(a == last[-1] for a in last)  # held beyond the last refined image
+    assert crystal.get_A_at_scan_point(0) != last[-1]  # and scan-varying where it was refined

@@ -274,6 +274,36 @@ def static_orientation_at_centre(crystal) -> None:
         crystal.set_B_covariance_at_scan_points(cov)
 
 
+def crystal_on_images(crystal, refined_range, images):
+    """The scan-varying `crystal`, refined over the images `refined_range`
+    (first, last), on the images `images` (first, last): scan points of
+    those images (n_images + 1), as ``dials.util.slice``, and the static U of
+    their middle (:func:`static_orientation_at_centre`).  DIALS' refiner
+    trims a scan to the images with observations
+    (``trim_scan_to_observations``): images beyond the refined ones keep the
+    orientation of its nearest end.  A static crystal is returned as it is."""
+    if crystal.num_scan_points == 0:
+        return crystal
+    (f0, l0), (f, l) = refined_range, images
+    if f < f0 or l > l0:
+        before, after = range(f, min(l, f0 - 1) + 1), range(max(f, l0 + 1), l + 1)
+        for shown, end in ((before, f0), (after, l0)):
+            if len(shown):
+                logger.info(
+                    "Block of images %d-%d: image(s) %s had no spot in the scan-varying refinement "
+                    "(its scan: images %d-%d) and keep the orientation at the scan's nearest end "
+                    "(image %d)", f, l, range_text(shown), f0, l0, end)
+        n = crystal.num_scan_points
+        A = [crystal.get_A_at_scan_point(min(max(k - f0, 0), n - 1)) for k in range(f, l + 2)]
+        crystal = copy.deepcopy(crystal)
+        crystal.reset_scan_points()
+        crystal.set_A_at_scan_points(A)
+    else:
+        crystal = slice_crystal(crystal, (f - f0, l - f0 + 1))
+    static_orientation_at_centre(crystal)
+    return crystal
+
+
 def slice_onto_blocks(continuous, experiments):
     """Block experiments (copies of `experiments`, same identifiers, image sets
     and scans) with the refined beam, detector and goniometer of `continuous`
@@ -282,30 +312,10 @@ def slice_onto_blocks(continuous, experiments):
     its middle (:func:`static_orientation_at_centre`); a static crystal is
     shared as it is."""
 
-    f0, l0 = continuous.scan.get_image_range()
     out = ExperimentList()
     for exp in experiments:
-        f, l = exp.scan.get_image_range()
-        crystal = continuous.crystal
-        if crystal.num_scan_points > 0:
-            if f < f0 or l > l0:
-                # DIALS trims a scan to the images with observations: a block
-                # beyond them keeps the orientation of the nearest end
-                before, after = range(f, min(l, f0 - 1) + 1), range(max(f, l0 + 1), l + 1)
-                for images, end in ((before, f0), (after, l0)):
-                    if len(images):
-                        logger.info(
-                            "Block of images %d-%d: image(s) %s had no spot in the scan-varying refinement "
-                            "(its scan: images %d-%d) and keep the orientation at the scan's nearest end "
-                            "(image %d)", f, l, range_text(images), f0, l0, end)
-                n = crystal.num_scan_points
-                A = [crystal.get_A_at_scan_point(min(max(k - f0, 0), n - 1)) for k in range(f, l + 2)]
-                crystal = copy.deepcopy(crystal)
-                crystal.reset_scan_points()
-                crystal.set_A_at_scan_points(A)
-            else:
-                crystal = slice_crystal(crystal, (f - f0, l - f0 + 1))
-            static_orientation_at_centre(crystal)
+        crystal = crystal_on_images(continuous.crystal, continuous.scan.get_image_range(),
+                                    exp.scan.get_image_range())
         out.append(
             Experiment(
                 imageset=exp.imageset,

@@ -62,7 +62,13 @@ from dials_gapfill.crystal_model.base import (
     tie_cells,
     say_too_few_spots,
 )
-from dials_gapfill.crystal_model.continuous import ContinuousModel, reject_outliers, spots_given_back, sweeps_judged_apart
+from dials_gapfill.crystal_model.continuous import (
+    ContinuousModel,
+    crystal_on_images,
+    reject_outliers,
+    spots_given_back,
+    sweeps_judged_apart,
+)
 from dials_gapfill.crystal_model.lattice import SEARCH_ERRORS, staged_search
 from dials_gapfill.errors import GapfillError, indexing_failure, search_failure
 from dials_gapfill.model.state import Record
@@ -351,11 +357,19 @@ class PerBlockModel(CrystalModel):
         _record_rmsds(sv_refl, sv_expts, record, "rmsd_scan_varying", names)
 
         # the refined models in place; blocks that shared a beam, detector or
-        # goniometer share its refined one
+        # goniometer share its refined one.  DIALS trims a block's scan to
+        # the images with observations: its crystal's scan points then cover
+        # fewer images than the block, and DIALS' predictor would fall back
+        # to the static crystal without a word; the trimmed-off images keep
+        # the orientation of the nearest refined one.
         refined = {e.identifier: e for e in sv_expts}
         for exp in experiments:
             if exp.identifier in refined:
-                exp.crystal = refined[exp.identifier].crystal
+                done = refined[exp.identifier]
+                exp.crystal = done.crystal
+                if done.scan.get_image_range() != exp.scan.get_image_range():
+                    exp.crystal = crystal_on_images(done.crystal, done.scan.get_image_range(),
+                                                    exp.scan.get_image_range())
         refined_models(experiments, sv_expts)
         return experiments, join_blocks([sv_refl, reflections], experiments)
 
