@@ -229,3 +229,47 @@ def test_a_per_block_crystal_covers_images_without_spots_at_a_block_end(tiny_swe
     last = [crystal.get_A_at_scan_point(k) for k in range(36, 41)]
     assert all(a == last[-1] for a in last)  # held beyond the last refined image
     assert crystal.get_A_at_scan_point(0) != last[-1]  # and scan-varying where it was refined
+
+
+@pytest.mark.slow
+def test_a_block_dials_indexer_leaves_out_is_dropped_as_not_indexed(tiny_sweeps, monkeypatch):
+    """DIALS' indexer deletes its last experiment when a refinement
+    macro-cycle fails with it, and goes on (Indexer.index); the per-block
+    searches take such a result.  The block it left out is dropped as not
+    indexed, named and counted, not carried on as processed: here the
+    per-block model's result with its last block taken out, as DIALS'
+    indexer does (its spots unindexed)."""
+    from dials_gapfill import crystal_model, pipeline
+    from dials_gapfill.crystal_model.per_block import PerBlockModel
+    from dials_gapfill.model.state import Report
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages import indexing
+
+    class LastLeftOut(PerBlockModel):
+        def index(self, experiments, reflections):
+            found, indexed, record = super().index(experiments, reflections)
+            last = len(found) - 1
+            sel = indexed["id"] == last
+            indexed["id"].set_selected(sel, -1)
+            indexed["miller_index"].set_selected(sel, (0, 0, 0))
+            indexed.unset_flags(sel, indexed.flags.indexed)
+            del found[last]
+            indexed.experiment_identifiers().__delitem__(last)
+            return found, indexed, record
+
+    gapped = tiny_sweeps.make(omit=(20, 21), name="gap_20_21")
+    params = params_from(["nproc=1", "refinement.blocks.model=per_block"])
+    state = pipeline.Pipeline(params, [gapped]).run(stop_before="indexing")
+    assert [e.scan.get_image_range() for e in state.experiments] == [(1, 19), (22, 40)]
+    monkeypatch.setattr(crystal_model, "choose", lambda p, e, s=None: (LastLeftOut(p, s), None))
+    record = indexing.run(state)
+    assert [e.scan.get_image_range() for e in state.experiments] == [(1, 19)]
+    assert set(state.reflections.select(state.reflections["id"] >= 0)["id"]) == {0}
+    (sweep,) = state.sweeps
+    (dropped,) = sweep.dropped_blocks
+    assert (dropped["first"], dropped["last"]) == (22, 40)
+    assert "DIALS' indexer left it out" in dropped["reason"] and dropped["stats"]["spots"] > 1000
+    assert any("22-40" in w and "dropped" in w for w in record.warnings), record.warnings
+    report = Report()
+    report.sync(state.sweeps, state.experiments)
+    assert {e["image"] for e in report.excluded} == {20, 21} | set(range(22, 41))

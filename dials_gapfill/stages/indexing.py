@@ -71,6 +71,16 @@ def another_crystal(sweeps, owners, experiments, keep, fractions, threshold, par
             )
 
 
+def _drop(sweeps, record, exp, sweep, reason, stats) -> None:
+    """Drop the block `exp` (of `sweep`) as not indexed, with `reason`."""
+    # by its images, not its number: the blocks after it are numbered anew
+    first, last = exp.scan.get_image_range()
+    name = f"the block of {sweeps.images_name(sweep.number, first, last)}"
+    stage_logger.warning("Dropping %s: %s", name, reason)
+    record.warn(f"{name} dropped: {reason}")
+    sweeps.drop_block(exp, reason, "block could not be indexed", stats=stats)
+
+
 def run(state) -> Record:
     params, sweeps = state.params, state.sweeps
     record = Record()
@@ -79,8 +89,14 @@ def run(state) -> Record:
         stage_logger.warning("Warning: %s", warning)
         record.warn(warning)
     state.crystal_model = model
-    spots = [int((state.reflections["id"] == i).count(True)) for i in range(len(state.experiments))]
+    before = list(state.experiments)
+    spots = {e.identifier: int((state.reflections["id"] == i).count(True)) for i, e in enumerate(before)}
     experiments, indexed, found = model.index(state.experiments, state.reflections)
+    # DIALS' indexer deletes the last experiment when a refinement
+    # macro-cycle fails with it and goes on (Indexer.index); the per-block
+    # searches take such a result, the block is then dropped as not indexed
+    returned = {e.identifier for e in experiments}
+    lost = [e for e in before if e.identifier not in returned]
     # the spots the lattice search could judge, where the model says which
     # (the continuous model: not the gap-edge spots it left out and could not
     # match before refinement); the report keeps indexed / all spots
@@ -95,38 +111,37 @@ def run(state) -> Record:
     threshold = params.indexing.blocks.min_indexed_fraction
     for i, exp in enumerate(experiments):
         n_indexed = int(((indexed["id"] == i) & flags).count(True))
+        n_spots = spots[exp.identifier]
         stats = record.block(exp.identifier)
-        of_all = n_indexed / spots[i] if spots[i] else 0.0  # as reported
+        of_all = n_indexed / n_spots if n_spots else 0.0  # as reported
         stats.update(indexed=n_indexed, indexed_fraction=of_all)
         # judged on the spots the lattice search judged (not cut by a gap);
         # on all of them where it judged none (a block whose every spot is cut)
-        n_judged = judged.get(exp.identifier, spots[i]) or spots[i]
+        n_judged = judged.get(exp.identifier, n_spots) or n_spots
         fraction = n_indexed / n_judged if n_judged else 0.0
         fractions.append(fraction)
-        if n_judged == spots[i]:
-            stage_logger.info("%s: %d of %d spots indexed (%.1f%%)", names[exp.identifier], n_indexed, spots[i],
+        if n_judged == n_spots:
+            stage_logger.info("%s: %d of %d spots indexed (%.1f%%)", names[exp.identifier], n_indexed, n_spots,
                               100 * fraction)
         else:
             stage_logger.info("%s: %d of %d spots indexed (%.1f%% of the %d the lattice search judged; the others "
-                              "are cut by a gap)", names[exp.identifier], n_indexed, spots[i], 100 * fraction, n_judged)
+                              "are cut by a gap)", names[exp.identifier], n_indexed, n_spots, 100 * fraction, n_judged)
         if fraction >= threshold and n_indexed > 0:
             keep.add(exp.identifier)
             continue
-        judged_by = "" if n_judged == spots[i] else " judged by the lattice search"
-        reason = (
+        judged_by = "" if n_judged == n_spots else " judged by the lattice search"
+        _drop(sweeps, record, exp, owners[i], (
             f"only {100 * fraction:.0f}% of its spots{judged_by} indexed "
             f"(indexing.blocks.min_indexed_fraction={threshold})"
-        )
-        # by its images, not its number: the blocks after it are numbered anew
-        first, last = exp.scan.get_image_range()
-        name = f"the block of {sweeps.images_name(owners[i].number, first, last)}"
-        stage_logger.warning("Dropping %s: %s", name, reason)
-        record.warn(f"{name} dropped: {reason}")
-        sweeps.drop_block(exp, reason, "block could not be indexed",
-                          stats={"spots": spots[i], "indexed": n_indexed, "indexed_fraction": of_all})
+        ), {"spots": n_spots, "indexed": n_indexed, "indexed_fraction": of_all})
+    for exp in lost:
+        owners.append(sweeps.sweep_of(exp))
+        fractions.append(0.0)
+        _drop(sweeps, record, exp, owners[-1], "DIALS' indexer left it out (a refinement macro-cycle failed with it)",
+              {"spots": spots[exp.identifier], "indexed": 0, "indexed_fraction": 0.0})
     if not keep:
         raise poorly_indexed_error(params, max(fractions))
-    another_crystal(sweeps, owners, experiments, keep, fractions, threshold, params)
+    another_crystal(sweeps, owners, list(experiments) + lost, keep, fractions, threshold, params)
     if len(keep) < len(experiments):
         indexed, experiments = keep_blocks(indexed, experiments, keep)
     if params.indexing.bravais_lattice not in (None, "None", "none", ""):
