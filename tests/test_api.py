@@ -253,3 +253,26 @@ def test_experiments_that_cannot_read_their_images_are_refused(tmp_path):
     with pytest.raises(GapfillError, match=r"check_format=False\): load them with"):
         process_gapped(experiments=experiments, params=[f"output.directory={out}"], write_files=True)
     assert not out.exists()
+
+
+def test_experiments_whose_sweeps_share_one_goniometer_object_stay_several_sweeps(tiny, tmp_path):
+    """dials.import reference_geometry= gives every sweep the reference's one
+    goniometer object (and an .expt keeps it one): each sweep is still a
+    sweep of its own, its blocks told from the next sweep's."""
+    from dials_gapfill.crystal_model.base import sweep_groups
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages.importer import adopt_experiments
+
+    for prefix in ("a", "b"):
+        for k in range(1, 11):
+            os.symlink(os.path.join(tiny, f"sim_{k:04d}.cbf"), tmp_path / f"{prefix}_{k:04d}.cbf")
+    experiments = _imported(str(tmp_path))
+    assert len(experiments) == 2
+    for exp in experiments:  # (as dials.import's ReferenceGeometryUpdater)
+        exp.goniometer = experiments[0].goniometer
+        exp.imageset.set_goniometer(experiments[0].goniometer)
+    sweeps, _ = adopt_experiments(experiments, params_from(["exclude_images=2:5:6"]))
+    blocks = sweeps.experiments()
+    assert [(sweeps.sweep_of(e).number, e.scan.get_image_range()) for e in blocks] == [
+        (1, (1, 10)), (2, (1, 4)), (2, (7, 10))]
+    assert sweep_groups(blocks) == [[0], [1, 2]]

@@ -850,6 +850,18 @@ def _share_between_sweeps(sweeps, params) -> None:
     position its own model); each sweep keeps its goniometer setting."""
     if len(sweeps) < 2:
         return
+    # each sweep its own goniometer object: its blocks are told from the
+    # next sweep's by it (crystal_model.base.sweep_groups); dials.import with
+    # reference_geometry= gives every sweep the reference's one object
+    seen = set()
+    for sweep in sweeps.sweeps:
+        goniometer = sweep.sources[0].goniometer
+        if goniometer is not None and id(goniometer) in seen:
+            goniometer = copy.deepcopy(goniometer)
+            for block in sweep.sources:
+                block.goniometer = goniometer
+                block.imageset.set_goniometer(goniometer)
+        seen.add(id(goniometer))
     comp = _comparisons(params)
     ref = sweeps[0].sources[0]
     detectors = [ref.detector]
