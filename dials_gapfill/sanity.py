@@ -379,6 +379,9 @@ def spot_position_statistic(reflections) -> dict | None:
     if r is None or "xyzcal.px" not in r or not len(r):
         return None
     sel = r.get_flags(r.flags.indexed) | r.get_flags(r.flags.used_in_refinement)
+    # (rows no refinement job predicted, e.g. its outliers, hold (0, 0, 0):
+    # a z of 0 would count as a boundary)
+    sel &= r["xyzcal.px"].norms() > 0
     if sel.count(True) == 0:
         return None
     z = np.array(r["xyzcal.px"].parts()[2])[np.array(sel)]

@@ -145,3 +145,26 @@ def test_small_gapped_sweep_no_integration_warnings(tiny_sweeps, tmp_path):
     assert sanity.refinement_warnings(experiments, reflections, None) == []
     assert sanity.integration_warnings(experiments, reflections, None) == []
     assert "stills posing" not in result.stdout
+
+
+def test_rows_no_refinement_predicted_do_not_count_as_at_a_boundary():
+    """Indexed rows that no refinement job predicted (its outliers) hold
+    xyzcal.px (0, 0, 0); a z of 0 is an image boundary.  Stills-like
+    predictions (all near image centres) with a tenth such rows give the
+    statistic of the predicted rows alone."""
+    import random
+
+    from dials.array_family import flex
+
+    rng = random.Random(3)
+    rows = [(100.0, 100.0, k + 0.5 + rng.uniform(-0.05, 0.05)) for k in range(400)]
+
+    def table(xyz):
+        t = flex.reflection_table()
+        t["xyzcal.px"] = flex.vec3_double(xyz)
+        t.set_flags(flex.bool(len(t), True), t.flags.indexed)
+        return t
+
+    alone = sanity.spot_position_statistic(table(rows))
+    assert alone["edge"] == 0 and alone["centre"] == 400
+    assert sanity.spot_position_statistic(table(rows + [(0.0, 0.0, 0.0)] * 40)) == alone
