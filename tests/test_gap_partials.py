@@ -223,6 +223,26 @@ def _split_over_folders(tiny, tmp_path, last_in_first=20, omit=()):
     return str(a), str(b)
 
 
+def test_spots_at_a_folder_boundary_are_cut_as_at_a_gap(tiny, tmp_path):
+    """A sweep split over two folders, no image missing: spots are found
+    block by block, so one recorded on both sides of the boundary is cut
+    there, and the continuous model treats those as gap-edge spots (phi
+    not trusted), as integration treats that boundary."""
+    from dials_gapfill.crystal_model.continuous import gap_edge_spots, scan_end_spots
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.pipeline import Pipeline
+
+    state = Pipeline(params_from(["nproc=1"]), list(_split_over_folders(tiny, tmp_path))).run(stop_before="indexing")
+    experiments, spots = state.experiments, state.reflections
+    assert [e.scan.get_image_range() for e in experiments] == [(1, 20), (21, 40)]
+    edge = gap_edge_spots(experiments, spots)
+    z0, z1 = spots["bbox"].parts()[4], spots["bbox"].parts()[5]
+    at_boundary = ((spots["id"] == 0) & (z1 >= 20)) | ((spots["id"] == 1) & (z0 <= 20))
+    assert at_boundary.count(True) > 100
+    assert list(edge) == list(at_boundary)
+    assert (edge & scan_end_spots(experiments, spots)).count(True) == 0
+
+
 def test_blocks_of_one_rotation_and_of_other_sweeps(tiny, tmp_path):
     """Which neighbouring blocks a reflection can span: those of one
     rotation, after a gap or where the files go on in another folder (no

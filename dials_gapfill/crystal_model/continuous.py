@@ -26,9 +26,10 @@ orientation (MIN_SCAN_VARYING_REFLECTIONS) keeps a static one in that job.
 
 Gap-edge spots
 --------------
-A spot whose shoebox touches a block's first frame with missing images before
-it, or its last frame with missing images after it, was recorded only in part:
-its z centroid is pulled into the block.  Such spots (:func:`gap_edge_spots`;
+A spot whose shoebox touches a block's first frame with another block of its
+sweep before it, or its last frame with one after it (missing images between
+them, or a folder boundary), was recorded only in part: its z centroid is
+pulled into the block.  Such spots (:func:`gap_edge_spots`;
 a sweep's own first and last image are not gaps) are
 
 - left out of the lattice search;
@@ -417,9 +418,13 @@ class Joined:
 
 
 def gap_edge_spots(experiments, reflections):
-    """flex.bool: spots whose shoebox (bbox) touches a block's first frame with
-    missing images before it, or its last frame with missing images after it,
-    in the same sweep.  A sweep's own first and last image are not gaps."""
+    """flex.bool: spots whose shoebox (bbox) touches a block's first frame
+    with another block of the same sweep before it, or its last frame with
+    one after it: missing images between them, or none (a sweep split over
+    two folders, each read as its own sequence: the spots are found block by
+    block, so one recorded across the boundary is cut there as at a gap,
+    as integration takes it, model.sweep.Sweeps.gap_before).  A sweep's
+    own first and last image are not gaps."""
 
     z0 = reflections["bbox"].parts()[4]
     z1 = reflections["bbox"].parts()[5]
@@ -432,9 +437,9 @@ def gap_edge_spots(experiments, reflections):
         ranges = [experiments[i].scan.get_image_range() for i in group]
         for k, (i, (f, l)) in enumerate(zip(group, ranges)):
             here = blocks == i
-            if k > 0 and ranges[k - 1][1] < f - 1:
+            if k > 0:
                 edge |= here & (z0 <= f - 1)
-            if k + 1 < len(ranges) and ranges[k + 1][0] > l + 1:
+            if k + 1 < len(ranges):
                 edge |= here & (z1 >= l)
     return edge
 
