@@ -855,6 +855,30 @@ def test_a_scaling_failure_inside_dials_names_where_and_the_limit():
         "and scale integrated.expt/integrated.refl with dials.scale")
 
 
+def test_no_reference_spot_for_a_profile_model_is_one_line_with_min_spots_zero(monkeypatch):
+    """profile.gaussian_rs.min_spots.overall=0 (what the DIALS chain needs on
+    sparse sweeps) and no block's reference spots matched to a prediction
+    (here none kept, in place of the matching): one line naming the way
+    out, not a division by zero."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import dials_integrate_params, params_from
+    from dials_gapfill.stages import integration
+
+    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
+    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+    reference = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    monkeypatch.setattr(integration, "_matched_reference", lambda ip, e, r: r.select(flex.bool(len(r), False)))
+    ip = dials_integrate_params(params_from(["nproc=1", "profile.gaussian_rs.min_spots.overall=0"]))
+    with pytest.raises(GapfillError) as e:
+        integration._pooled_profiles(ip, experiments, reference, list(range(len(experiments))))
+    assert str(e.value) == (
+        "no block's reference spots (the indexed strong spots that refinement kept and that match a prediction, "
+        "0 in all) give a profile model: set profile.gaussian_rs.parameters.sigma_b= and sigma_m= (degrees)")
+
+
 def test_one_line_of_an_exception():
     from dials_gapfill.errors import one_line
 

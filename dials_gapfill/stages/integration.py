@@ -206,7 +206,7 @@ def _pooled_profiles(ip, experiments, reference, small, sweeps=None):
     whole = ref
     if sweeps is not None:
         cut = _cut_by_a_gap(ref, experiments, sweeps)
-        if len(ref) - cut.count(True) >= ip.profile.gaussian_rs.min_spots.overall:
+        if len(ref) - cut.count(True) >= max(1, ip.profile.gaussian_rs.min_spots.overall):
             logger.info(
                 "Profile model: %d of %d reference spots cut by a gap left out of the sigma calculation",
                 cut.count(True), len(ref),
@@ -228,6 +228,12 @@ def _pooled_profiles(ip, experiments, reference, small, sweeps=None):
         own[i] = (model.sigma_b(deg=True), model.sigma_m(deg=True))
         weights[i] = counts[i]
     total = sum(weights.values())
+    if total == 0:
+        raise GapfillError(
+            f"no block's reference spots (the indexed strong spots that refinement kept and that match a "
+            f"prediction, {len(whole)} in all) give a profile model: set profile.gaussian_rs.parameters.sigma_b= "
+            "and sigma_m= (degrees)"
+        )
     if total < ip.profile.gaussian_rs.min_spots.overall:
         raise GapfillError(
             f"only {total} reference spots in all blocks together (the indexed strong spots that refinement "
