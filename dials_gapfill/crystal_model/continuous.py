@@ -21,8 +21,8 @@ scan-varying jobs each sweep gets its own copy (its own orientation through
 its own rotation), the cells static and one (DIALS' equal-shift constraints,
 ``base.one_cell``; refinement.blocks.continuous_sweep_cells=tied restrains a
 cell per sweep to their mean instead, ``unit_cell.restraints.tie_to_group``
-with sigmas refinement.blocks.tie_sigma).  A sweep with too few reflections for a scan-varying
-orientation (MIN_SCAN_VARYING_REFLECTIONS) keeps a static one in that job.
+with sigmas refinement.blocks.tie_sigma).  A sweep whose reflections DIALS finds too few for a scan-varying
+orientation (it refuses to parameterise it) keeps a static one in that job.
 
 Gap-edge spots
 --------------
@@ -120,11 +120,6 @@ GAP_EDGE_TREATMENTS = ("xy", "exclude", "full")
 # 0.009/0.033).
 CONTINUOUS_INTERVAL_WIDTH = 12.0
 DIALS_INTERVAL_WIDTH = 36.0
-
-# A sweep's crystal is scan-varying when the sweep has at least this many
-# indexed reflections: the smoother of even a short sweep has 3 orientation
-# sets (9 parameters) and DIALS asks for 5 reflections per parameter.
-MIN_SCAN_VARYING_REFLECTIONS = 0
 
 # The refinement jobs of the continuous model use DIALS' random sample of
 # this many reflections per degree (refinement.reflections.
@@ -254,7 +249,9 @@ def join_blocks(experiments, identifier="continuous"):
 
 def static_orientation_at_centre(crystal) -> None:
     """Set the static U of a scan-varying `crystal` (a copy owned by the
-    caller) to its U at the middle scan point, the scan points kept.
+    caller) to its U at the middle scan point, the scan points kept (of
+    an odd number of images, the scan point half an image past the middle:
+    a scan point is an image boundary).
 
     DIALS reads the static A where it needs one crystal for a whole block,
     e.g. ``mask_neighbouring`` of dials.integrate's reference spots (each
@@ -1002,19 +999,11 @@ class ContinuousModel(CrystalModel):
             else:
                 ours.append(False)
             widths.append(smoother.interval_width_degrees)
+        # (a sweep's orientation is static in a job only where DIALS refuses
+        # to parameterise it for too few reflections: _scan_varying_job)
         static_only = set()
         if len(models) > 1:
             self._one_cell(rp, models[0].crystal)
-            table = job.table
-            ok = self._refinable(table)
-            for g, model in enumerate(models):
-                n = (ok & (table["sweep"] == g)).count(True)
-                if n < MIN_SCAN_VARYING_REFLECTIONS:
-                    static_only.add(g)
-                    logger.info(
-                        "Sweep %d: %d reflections, too few for a scan-varying orientation: static in the "
-                        "scan-varying job", job.numbers[g], n,
-                    )
         # the spacing is chosen from the data only where it is ours (the
         # orientation smoother left at DIALS' default)
         return rp, widths, static_only, ours[0]
