@@ -499,9 +499,11 @@ def _restore_identifiers(indexed_experiments, indexed, experiments):
     holds the image set (and image range) of one input block.
     """
     by_imageset = {id(e.imageset): e.identifier for e in experiments}
-    by_range = {e.scan.get_image_range(): e.identifier for e in experiments}
+    # (image ranges repeat between sweeps: with the template)
+    by_range = {(e.imageset.get_template(), e.scan.get_image_range()): e.identifier for e in experiments}
     for exp in indexed_experiments:
-        exp.identifier = by_imageset.get(id(exp.imageset)) or by_range[exp.scan.get_image_range()]
+        exp.identifier = (by_imageset.get(id(exp.imageset))
+                          or by_range[exp.imageset.get_template(), exp.scan.get_image_range()])
     set_identifiers(indexed, indexed_experiments)
 
 
