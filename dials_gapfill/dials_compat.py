@@ -269,39 +269,56 @@ def set_static_cell_covariance(refiner, crystal) -> bool:
     parameterisation turn it into the B covariance.  It reads the refiner's
     private ``_pred_param`` and ``_refinery``.  Returns True when it did;
     False (crystal untouched) where this DIALS keeps its parameterisations or
-    covariance elsewhere."""
+    covariance elsewhere, or the job had other than one static cell."""
+    covs = _static_cell_covariances(refiner)
+    if covs is None or len(covs) != 1:
+        return False
+    crystal.set_B_covariance(covs[0][1])
+    return True
+
+
+def set_static_cell_covariances(refiner, experiments) -> int:
+    """Every static cell of a scan-varying job with several crystals (a
+    crystal per block) gets the covariance of its own block of the job's
+    parameter covariance (DIALS 3.12 gives each the block of an
+    orientation's smoother parameters: :func:`set_static_cell_covariance`),
+    on the crystals of `experiments` (the refiner's, as it returned them, in
+    its order) it parameterises.  Returns how many cells were set (0 where
+    this DIALS keeps its parameterisations or covariance elsewhere)."""
+    covs = _static_cell_covariances(refiner) or []
+    for model, cov in covs:
+        for i in model.get_experiment_ids():
+            experiments[i].crystal.set_B_covariance(cov)
+    return len(covs)
+
+
+def _static_cell_covariances(refiner):
+    """[(static cell parameterisation, its B covariance from its own block
+    of the job's parameter covariance)], or None where the refiner is not
+    laid out as DIALS 3.12's."""
     pred = getattr(refiner, "_pred_param", None)
     refinery = getattr(refiner, "_refinery", None)
     var_cov = getattr(refinery, "parameter_var_cov", None)
     if pred is None or var_cov is None:
-        return False
+        return None
     try:
-        groups = [
-            getattr(pred, "_" + name)
-            for name in (
-                "detector_parameterisations", "beam_parameterisations", "xl_orientation_parameterisations",
-                "xl_unit_cell_parameterisations", "goniometer_parameterisations",
-            )
-        ]
+        groups = _parameterisation_groups(pred)
     except AttributeError:
-        return False
+        return None
     if sum(m.num_free() for g in groups for m in g) != var_cov.focus()[0]:
-        return False  # not the layout this was written for
-    cells = groups[3]
-    if len(cells) != 1 or isinstance(cells[0], ScanVaryingModelParameterisation) or cells[0].is_multi_state():
-        return False  # one static cell expected
+        return None  # not the layout this was written for
+    out = []
     i = 0
-    for group in groups:
+    for k, group in enumerate(groups):
         for model in group:
             n = model.num_free()
-            if model is cells[0]:
+            if k == 3 and not isinstance(model, ScanVaryingModelParameterisation) and not model.is_multi_state():
                 covs = model.calculate_state_uncertainties(var_cov.matrix_copy_block(i, i, n, n))
                 if not covs:
-                    return False
-                crystal.set_B_covariance(covs[0])
-                return True
+                    return None
+                out.append((model, covs[0]))
             i += n
-    return False
+    return out
 
 
 def _parameterisation_groups(pred):

@@ -353,7 +353,11 @@ class PerBlockModel(CrystalModel):
         with dials_compat.static_crystals_in_scan_varying_job(static_ids) as applied:
             if not applied:
                 logger.warning("This DIALS cannot mix static and scan-varying crystals: all are scan-varying")
-            sv_expts, sv_refl = _macrocycle(rp, sv_refl, sv_expts, "scan-varying refinement")
+            sv_expts, sv_refl, refiner = _macrocycle(rp, sv_refl, sv_expts, "scan-varying refinement",
+                                                     with_refiner=True)
+        # each block's static cell its own esds (DIALS 3.12 gives it those of
+        # an orientation's smoother parameters: 100-200 times too large)
+        dials_compat.set_static_cell_covariances(refiner, sv_expts)
         _record_rmsds(sv_refl, sv_expts, record, "rmsd_scan_varying", names)
 
         # the refined models in place; blocks that shared a beam, detector or
