@@ -46,7 +46,7 @@ def test_gapped_esds_match_one_block(tiny_sweeps, one_block, model):
     if model == "per_block":
         # each block's crystal in integrated.expt carries its own cell's esds,
         # of the size of the one cell's (DIALS 3.12 gives those of an
-        # orientation's smoother parameters: measured 14-110x the one cell's)
+        # orientation's smoother parameters: measured 28x in b, 1100x in beta)
         for exp in report.experiments:
             sd = list(exp.crystal.get_cell_parameter_sd())
             assert all(0 < e < 4 * s for e, s in zip(sd, esd)), (sd, esd)
