@@ -235,3 +235,30 @@ def test_a_truncated_image_in_a_later_sweep_is_named_and_dxtbx_stays_quiet(tmp_p
                         (2, 9, "bad", "unreadable: not a recognised image format")], excluded
     assert _blocks(experiments) == [(1, 15), (1, 6), (8, 8), (10, 15)]
     assert "Internal Error" not in out, out
+
+
+def test_a_gzip_image_damaged_inside_is_a_bad_image(tmp_path):
+    """Real images gzipped, image 2's compressed stream damaged in the middle
+    (zlib's "invalid distance too far back", not an end of file): a bad
+    image, excluded, the others read."""
+    import glob
+    import gzip
+
+    files = sorted(glob.glob(os.path.join(ROOT, "..", "shared", "data", "l_cysteine", "l-cyst_01_0000[1-4].cbf.bz2")))
+    if len(files) != 4:
+        pytest.skip("the L-cysteine images are not here: see ../shared/README.md")
+    import bz2
+
+    for k, f in enumerate(files, start=1):
+        with bz2.open(f) as fh:
+            data = gzip.compress(fh.read())
+        if k == 2:
+            data = bytearray(data)
+            for i in range(400, 404):
+                data[i] ^= 0xFF
+            data = bytes(data)
+        (tmp_path / f"y_{k:05d}.cbf.gz").write_bytes(data)
+    experiments, report = _import(positional=[str(tmp_path)])
+    excluded = [(e["image"], e["status"], e["reason"].split(" (")[0]) for e in report.excluded]
+    assert excluded == [(2, "bad", "unreadable: truncated or corrupt gzip file")], excluded
+    assert _blocks(experiments) == [(1, 1), (3, 4)]

@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import re
+import zlib
 
 from dials.command_line.dials_import import MetaDataUpdater
 from dials.util import Sorry, tabulate
@@ -323,7 +324,7 @@ def unrecognised_reason(path: str) -> str:
             with Format.open_file(path) as fh:
                 while fh.read(1 << 20):
                     pass
-        except (EOFError, OSError) as e:
+        except (EOFError, OSError, zlib.error) as e:  # (zlib: a gzip stream damaged inside)
             kind = "bz2" if path.endswith(".bz2") else "gzip"
             return f"unreadable: truncated or corrupt {kind} file ({e})"
     return "unreadable: not a recognised image format"
