@@ -262,3 +262,30 @@ def test_a_gzip_image_damaged_inside_is_a_bad_image(tmp_path):
     excluded = [(e["image"], e["status"], e["reason"].split(" (")[0]) for e in report.excluded]
     assert excluded == [(2, "bad", "unreadable: truncated or corrupt gzip file")], excluded
     assert _blocks(experiments) == [(1, 1), (3, 4)]
+
+
+def test_a_folder_with_other_files_beside_the_images(tmp_path, caplog):
+    """A folder as users have them: the images, a notes file without an
+    image number, a thumbnail; an Eiger master's data files.  The images are
+    taken, the rest left out and named in the log, as dials.import takes a
+    folder."""
+    import glob
+    import logging
+
+    from dials_gapfill.stages.importer import _listdir_images
+
+    files = sorted(glob.glob(os.path.join(ROOT, "..", "shared", "data", "l_cysteine", "l-cyst_01_0000[1-5].cbf.bz2")))
+    if len(files) != 5:
+        pytest.skip("the L-cysteine images are not here: see ../shared/README.md")
+    for f in files:
+        os.symlink(f, tmp_path / os.path.basename(f))
+    (tmp_path / "processing_notes").write_text("crystal 1, 100 K\n")
+    (tmp_path / "l-cyst_01_00001.jpeg").write_bytes(b"\xff\xd8\xff\xe0 a thumbnail")
+    caplog.set_level(logging.INFO)
+    experiments, report = _import(positional=[str(tmp_path)])
+    assert _blocks(experiments) == [(1, 5)] and report.excluded == []
+    assert "not taken as images: l-cyst_01_00001.jpeg, processing_notes" in caplog.text
+    for name in ("x_master.h5", "x_data_000001.h5", "x_data_000002.h5"):
+        (tmp_path / name).write_bytes(b"")
+    names = [os.path.basename(p) for p in _listdir_images(str(tmp_path))]
+    assert names == [os.path.basename(f) for f in files] + ["x_master.h5"]

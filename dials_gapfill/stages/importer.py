@@ -64,7 +64,8 @@ logger = logging.getLogger("dials.process_gapped.import")
 
 _NOT_IMAGES = {
     ".json", ".txt", ".log", ".expt", ".refl", ".phil", ".param", ".params",
-    ".mtz", ".html", ".py", ".md", ".pickle", ".png", ".jpg", ".pdf", ".sh",
+    ".mtz", ".html", ".py", ".md", ".pickle", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".pdf", ".sh",
+    ".csv", ".xml", ".yaml", ".yml", ".ini", ".cfg", ".hkl", ".ins", ".cif", ".pdb", ".lp",
 }
 _CONTAINER_SUFFIXES = (".h5", ".hdf5", ".nxs", ".nx5")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -82,14 +83,25 @@ def _is_file(path: str) -> bool:
 
 
 def _listdir_images(directory: str) -> list[str]:
-    names = sorted(os.listdir(directory))
-    return [
-        os.path.join(directory, n)
-        for n in names
-        if not n.startswith(".")
-        and _is_file(os.path.join(directory, n))
-        and os.path.splitext(n)[1].lower() not in _NOT_IMAGES
-    ]
+    """The image files of a folder, as dials.import takes a folder: what is
+    plainly not an image (other file types, names without an image number,
+    an Eiger master's data files, which dxtbx reads through the master) is
+    left out, and said in the log."""
+    files = [n for n in sorted(os.listdir(directory)) if not n.startswith(".") and _is_file(os.path.join(directory, n))]
+    candidates = [n for n in files if os.path.splitext(n)[1].lower() not in _NOT_IMAGES]
+    masters = {n[: -len("_master.h5")] for n in candidates if n.endswith("_master.h5")}
+    kept, skipped = [], [n for n in files if n not in candidates]
+    for n in candidates:
+        data = re.fullmatch(r"(.+)_data_\d+\.h5", n)
+        if data and data.group(1) in masters:
+            skipped.append(n)
+        elif _is_container(n) or "#" in (template_regex(n)[0] or ""):
+            kept.append(n)
+        else:
+            skipped.append(n)
+    if skipped and kept:
+        logger.info("In %s, not taken as images: %s", directory, ", ".join(sorted(skipped)))
+    return [os.path.join(directory, n) for n in (kept if kept else candidates)]
 
 
 def _template_files(template: str, first=None, last=None) -> dict[int, str]:
