@@ -549,3 +549,15 @@ def test_the_cluster_check_leaves_ctrl_c_as_it_was():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.stdout.split() == ["True", "True"], result.stdout + result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("walltime, method, ok", [
+    ("02:00:00", "slurm", True), ("90", "slurm", True), ("1-00:00:00", "slurm", True), ("2-12", "slurm", True),
+    ("1-00:00:00", "pbs", False), ("soon", "slurm", False), ("1-", "slurm", False), ("1-2:3:4:5", "slurm", False),
+])
+def test_walltime_forms(walltime, method, ok):
+    """Slurm's time forms, its days form (D-HH:MM:SS) included; the other
+    schedulers' HH:MM:SS."""
+    from dials_gapfill.cluster.checks import _walltime_ok
+
+    assert _walltime_ok(walltime, method) is ok

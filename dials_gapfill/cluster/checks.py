@@ -62,9 +62,10 @@ def check(params) -> None:
         raise GapfillError(
             f"mp.cluster.memory={c.memory} is not an amount of memory: give e.g. 4GB or 16GiB"
         ) from None
-    if c.walltime is not None and not _walltime_ok(str(c.walltime)):
+    if c.walltime is not None and not _walltime_ok(str(c.walltime), method):
+        days = " or D-HH:MM:SS" if method == "slurm" else ""
         raise GapfillError(
-            f"mp.cluster.walltime={c.walltime} is not a time: give HH:MM:SS (e.g. 02:00:00)"
+            f"mp.cluster.walltime={c.walltime} is not a time: give HH:MM:SS{days} (e.g. 02:00:00)"
         )
     commands = METHODS[method][1]
     missing = [cmd for cmd in commands if shutil.which(cmd) is None]
@@ -77,7 +78,12 @@ def check(params) -> None:
         _check_slurm(params)
 
 
-def _walltime_ok(text: str) -> bool:
+def _walltime_ok(text: str, method: str = "") -> bool:
+    """[[HH:]MM:]SS, and for Slurm also its days form D-HH[:MM[:SS]]."""
+    if method == "slurm":
+        days, dash, rest = text.partition("-")
+        if dash:
+            return days.isdigit() and 1 <= len(rest.split(":")) <= 3 and all(p.isdigit() for p in rest.split(":"))
     parts = text.split(":")
     return 1 <= len(parts) <= 3 and all(p.isdigit() for p in parts)
 

@@ -12,6 +12,7 @@ is at the end of this module.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import logging
@@ -306,7 +307,7 @@ class Session:
             try:
                 self.client.wait_for_workers(1, timeout=min(1.0, remaining))
                 return
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # (distinct before Python 3.11)
                 continue
 
     def _stop_if_refused(self) -> None:
@@ -320,7 +321,7 @@ class Session:
             self._stop_if_refused()
             try:
                 return future.result(timeout=1.0)
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # (distinct before Python 3.11)
                 continue
 
     def _job_states(self) -> str:
