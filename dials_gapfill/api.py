@@ -126,11 +126,12 @@ class Job:
         self._workers = workers.Hold(False)
 
     def __enter__(self) -> Job:
-        validate(self.params)
         if self.experiments is not None:
             if self.images:
                 raise GapfillError("give either images or experiments=, not both")
-            check_experiments_params(self.params)
+            check_experiments_params(self.params)  # (before the values of what does not apply)
+        validate(self.params)
+        if self.experiments is not None:
             check_readable(self.experiments)
         elif not self.images and not (
             self.params.input.images or self.params.input.template or self.params.input.image

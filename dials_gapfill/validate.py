@@ -233,11 +233,17 @@ def numbered_pattern(numbered: str) -> str:
 
 def _check_input(params) -> None:
     """The syntax of input.image ranges (whether their files exist is known
-    only at import)."""
+    only at import); that a reference_geometry file is there."""
     from dials_gapfill.stages.importer import xia2_image_spec
 
     for spec in _get(params, "input.image") or []:
         xia2_image_spec(os.path.expanduser(spec))
+    reference = _get(params, "input.reference_geometry")
+    if _is_set(reference) and not os.path.isfile(os.path.expanduser(str(reference))):
+        raise GapfillError(
+            f"input.reference_geometry={reference}: no such file: give the models.expt (or .json) "
+            "whose geometry the images take"
+        )
 
 
 def _check_gaps(params) -> None:

@@ -374,6 +374,11 @@ def _case_reference_geometry_of_two_detectors(tiny, tmp_path):
         "give a reference_geometry file with one detector"]
 
 
+def _case_reference_geometry_not_there(tiny, tmp_path):
+    return [tiny, f"reference_geometry={tmp_path}/modles.expt"], [
+        f"input.reference_geometry={tmp_path}/modles.expt: no such file", "give the models.expt"]
+
+
 def _case_mtz_name_a_block_mtz_also_gives(tiny, tmp_path):
     return [tiny, "output.mtz=integrated_2.mtz"], [
         "output.mtz='integrated_2.mtz' is also a name output.block_mtz='integrated_{block}.mtz' gives",
@@ -410,7 +415,7 @@ VALIDATION_CASES = {
     "output_names_collide", "block_mtz_without_block", "block_mtz_images_only", "block_mtz_unknown_field",
     "sweep_mtz_without_sweep", "sweep_mtz_same_as_block_mtz",
     "shelx_without_scaling", "shelx_name_with_folder", "shelx_file_is_another_output",
-    "bravais_lattice_unknown", "tie_sigma_zero", "image_range_reversed",
+    "bravais_lattice_unknown", "tie_sigma_zero", "image_range_reversed", "reference_geometry_not_there",
 }
 
 
