@@ -286,10 +286,13 @@ def _check_refinement(params) -> None:
     if blocks is None:
         return
     sigma = _get(blocks, "tie_sigma")
-    if _get(blocks, "tie_cells") and sigma is not None and any(s <= 0 for s in sigma):
+    # (the restraint of per_block's tie_cells, and of the continuous model's
+    # continuous_sweep_cells=tied)
+    tied = _get(blocks, "tie_cells") or _get(blocks, "continuous_sweep_cells") == "tied"
+    if tied and sigma is not None and any(s <= 0 for s in sigma):
         raise GapfillError(
             "refinement.blocks.tie_sigma has a zero: the restraint needs six positive sigmas "
-            "(or refinement.blocks.tie_cells=False for no restraint)"
+            "(or refinement.blocks.tie_cells=False and continuous_sweep_cells=shared for no restraint)"
         )
 
 

@@ -403,6 +403,11 @@ def _case_tie_sigma_zero(tiny, tmp_path):
     return [tiny, "refinement.blocks.tie_sigma=0,0.01,0.01,0.01,0.01,0.01"], ["tie_sigma", "positive"]
 
 
+def _case_tie_sigma_zero_for_tied_sweep_cells(tiny, tmp_path):
+    return [tiny, "refinement.blocks.tie_cells=False", "refinement.blocks.continuous_sweep_cells=tied",
+            "refinement.blocks.tie_sigma=0.01,0.01,0,0.01,0.01,0.01"], ["tie_sigma", "positive"]
+
+
 def _case_cell_does_not_fit_space_group(tiny, tmp_path):
     return [tiny, "space_group=P4", "unit_cell=54,62,71,90,90,90"], [
         "unit_cell=54,62,71,90,90,90 does not fit space_group=P 4", "tetragonal"]
@@ -415,7 +420,7 @@ VALIDATION_CASES = {
     "output_names_collide", "block_mtz_without_block", "block_mtz_images_only", "block_mtz_unknown_field",
     "sweep_mtz_without_sweep", "sweep_mtz_same_as_block_mtz",
     "shelx_without_scaling", "shelx_name_with_folder", "shelx_file_is_another_output",
-    "bravais_lattice_unknown", "tie_sigma_zero", "image_range_reversed", "reference_geometry_not_there",
+    "bravais_lattice_unknown", "tie_sigma_zero", "tie_sigma_zero_for_tied_sweep_cells", "image_range_reversed", "reference_geometry_not_there",
 }
 
 
