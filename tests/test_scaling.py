@@ -425,3 +425,47 @@ def test_merging_statistics_from_the_pairs_that_set_the_scales_are_flagged(tmp_p
     assert len(flagged) == 1, record.warnings
     assert f"rest on {differences} repeated measurements" in flagged[0]
     assert f"the {parameters} scale parameters of the {len(scaled)} blocks" in flagged[0]
+
+
+@pytest.mark.parametrize("op", ["a,b,c", "-a,-b,c", "b,a,-c", "a+b,-a+b,c", "a,b+c,c"])
+def test_the_reindexing_operator_is_the_one_from_integrated_to_scaled_indices(op):
+    """The change of basis the summary gives: from the integrated crystal to
+    the one dials.symmetry chose, whatever its minimum cell (the simulated
+    electron sweep, beta 87.1 deg: -a,-b,c, where DIALS' subgroup table says
+    a,b,c from its minimum cell).  Checked on Miller indices."""
+    from cctbx import sgtbx
+    from cctbx.array_family import flex
+    from dxtbx.model import Crystal
+
+    from dials_gapfill.stages.scaling import reindexing_operator
+
+    before = Crystal((7.5, 0.1, 0.2), (0.3, 11.1, -0.4), (-0.7, 0.2, 13.9), space_group_symbol="P 1")
+    cb = sgtbx.change_of_basis_op(op)
+    after = before.change_basis(cb)
+    found = sgtbx.change_of_basis_op(reindexing_operator(before, after))
+    h = flex.miller_index([(1, 2, 3), (-4, 0, 7), (2, -3, -5)])
+    assert list(found.apply(h)) == list(cb.apply(h))
+
+
+def test_the_summary_gives_the_operator_dials_symmetry_applied():
+    """The stored L-cysteine integration in another setting (b,c,a): the
+    operator in the symmetry record takes each reflection's integrated index
+    to the one dials.symmetry gave it."""
+    from cctbx import sgtbx
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.stages.scaling import determine_symmetry
+
+    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
+    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    setting = sgtbx.change_of_basis_op("b,c,a")
+    for exp in experiments:
+        exp.crystal = exp.crystal.change_basis(setting)
+    reflections["miller_index"] = setting.apply(reflections["miller_index"])
+    _, joint, record = determine_symmetry(experiments, reflections)
+    assert record["space_group"] == "P 2 2 2" and record["cb_op"] != "a,b,c"
+    assert len(joint) == len(reflections)
+    op = sgtbx.change_of_basis_op(record["cb_op"])
+    assert list(op.apply(reflections["miller_index"])) == list(joint["miller_index"])

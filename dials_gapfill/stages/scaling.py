@@ -42,7 +42,7 @@ import warnings
 
 import iotbx.mtz
 import numpy
-from cctbx import miller, uctbx
+from cctbx import miller, sgtbx, uctbx
 from dials.algorithms.scaling.algorithm import ScalingAlgorithm
 from dials.algorithms.scaling.scaling_library import determine_best_unit_cell, scaled_data_as_miller_array
 from dials.array_family import flex
@@ -57,6 +57,7 @@ from dials.report.analysis import table_1_stats
 from dials.util import resolution_analysis
 from dials.util.resolution_analysis import interpolate_value, metrics
 from dxtbx.model import Experiment, ExperimentList
+from scitbx import matrix
 
 from dials_gapfill import dials_compat
 from dials_gapfill.errors import GapfillError, one_line
@@ -107,7 +108,9 @@ def determine_symmetry(experiments, reflections):
     record = {
         "laue_group": str(space_group.build_derived_patterson_group().info()),
         "space_group": str(space_group.info()),
-        "cb_op": best["cb_op"],
+        # from the integrated indices to the scaled ones (dials.symmetry's
+        # subgroup table gives it from its minimum cell)
+        "cb_op": reindexing_operator(experiments[0].crystal, work[0].crystal) or best["cb_op"],
         "determined": True,
         "likelihood": best["likelihood"],
     }
@@ -116,6 +119,21 @@ def determine_symmetry(experiments, reflections):
         record["laue_group"], best["likelihood"], best["confidence"], record["space_group"], record["cb_op"],
     )
     return work, joint, record
+
+
+def reindexing_operator(before, after) -> str | None:
+    """The change of basis (as a,b,c) taking the Miller indices of crystal
+    `before` to those of `after`, the same lattice in the same frame: h' = M h
+    with M = A_after^-1 A_before; None where M is not integral."""
+    m = matrix.sqr(after.get_A()).inverse() * matrix.sqr(before.get_A())
+    rounded = matrix.sqr([round(x) for x in m.elems])
+    if max(abs(a - b) for a, b in zip(m.elems, rounded.elems)) > 0.05 or rounded.determinant() == 0:
+        return None
+    den = 12  # (the inverse of a centring's M has halves and thirds)
+    r = rounded.transpose().inverse()
+    op = sgtbx.change_of_basis_op(sgtbx.rt_mx(sgtbx.rot_mx([round(x * den) for x in r.elems], den),
+                                              sgtbx.tr_vec((0, 0, 0), den * 12)))
+    return op.as_abc()
 
 
 def _scale_params(params, d_min=None, model=None):
