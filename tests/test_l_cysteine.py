@@ -560,6 +560,9 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
     reflections = flex.reflection_table.from_file(os.path.join(kept, "complete", "integrated.refl"))
     _, record = scale(experiments, reflections, params_from(["scale=True", "scaling.model=physical"]), None)
     assert record.scaling["model"] == {"requested": "physical", **model["replaced"]}
+    # and says so, not only in the counts
+    said = [w for w in record.warnings if "left out" in w and "scale factor came out below 0.001" in w]
+    assert len(said) == 1 and f"left out {model['replaced']['small_scales']} observations" in said[0], record.warnings
     # all 60 images as integrated now (each reflection once per block): DIALS'
     # physical model does not diverge, and keeps as many observations
     scaling, _, _, _, joint = results["complete"]

@@ -469,3 +469,26 @@ def test_the_summary_gives_the_operator_dials_symmetry_applied():
     assert len(joint) == len(reflections)
     op = sgtbx.change_of_basis_op(record["cb_op"])
     assert list(op.apply(reflections["miller_index"])) == list(joint["miller_index"])
+
+
+def test_a_diverged_scaling_model_that_is_kept_is_said():
+    """The stored L-cysteine integration scaled with scaling.model=physical
+    (no other model tried): DIALS leaves out the observations whose scale
+    factor came out below 0.001, its own sign of divergence; the run warns,
+    with the count the JSON gives."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages.scaling import scale
+
+    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
+    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    _, record = scale(experiments, reflections, params_from(["nproc=1", "scale=True", "scaling.model=physical"]), None)
+    small = record.scaling["model"]["small_scales"]
+    assert small > 10
+    said = [w for w in record.warnings if "scale factor came out below 0.001" in w]
+    assert said == [f"DIALS' scaling model (physical) left out {small} observations whose scale factor came out "
+                    "below 0.001, DIALS' own sign of a model that diverged where too few repeated observations "
+                    "hold it"], record.warnings

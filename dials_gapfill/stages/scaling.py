@@ -709,6 +709,16 @@ def _model_summary(params, scaled, replaced, record) -> dict:
         )
         record.warn(msg)
         logger.warning("Warning: %s", msg)
+    elif scaled.counts.get("small_scales"):
+        # kept (KB no better, or no other model to try): said, not only counted
+        msg = (
+            f"DIALS' scaling model ({scaled.counts.get('used')}) left out {scaled.counts['small_scales']} "
+            f"observations whose scale factor came out below {scaled.params.cut_data.small_scale_cutoff:g}, "
+            "DIALS' own sign of a model that diverged where too few repeated observations hold it"
+            + (" (KB was no better)" if params.scaling.model == "auto" and len(scaled.experiments) > 1 else "")
+        )
+        record.warn(msg)
+        logger.warning("Warning: %s", msg)
     return model
 
 
