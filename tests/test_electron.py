@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -198,6 +199,11 @@ def test_defocused_tracking_frames_found_as_by_hand(ed):
         assert (status, by) == ("bad", "auto")
         assert reason.startswith("not a rotation image (") and "crystal-tracking" in reason
     assert any("exclude_images_multiple=20" in w and "crystal-tracking" in w for w in auto.report.warnings)
+    # their spots as found before they were left out (the spots-per-image
+    # plot): the count their reason gives
+    for n, (_, reason, _) in not_used.items():
+        given = int(re.search(r"of its (\d+) strong spots", reason).group(1))
+        assert auto.report.per_image[(1, n)]["spots"] == given > 5, (n, reason, auto.report.per_image[(1, n)])
     a, m = auto.reflections, manual.reflections
     assert len(a) == len(m) > 500
     assert list(a["id"]) == list(m["id"]) and list(a["bbox"]) == list(m["bbox"])

@@ -351,9 +351,11 @@ class Sweeps:
         return dropped
 
 
-def spot_record(experiments, reflections, sweeps):
+def spot_record(experiments, reflections, sweeps, spots_of_bad=None):
     """Strong spots per image (by centroid; zero for images of the blocks
-    without any, and for images found bad) and per block, as a Record."""
+    without any) and per block, as a Record.  Images found bad: their
+    spots as counted before they were excluded (`spots_of_bad`, (sweep,
+    image) -> n), else zero."""
     record = Record()
     names = block_names(experiments, sweeps)
     z = reflections["xyzobs.px.value"].parts()[2]
@@ -373,7 +375,8 @@ def spot_record(experiments, reflections, sweeps):
     for sweep in sweeps:
         for d in sweep.not_used():
             if d["status"] == BAD:
-                record.per_image[(sweep.number, d["image"])] = {"spots": 0}
+                key = (sweep.number, d["image"])
+                record.per_image[key] = {"spots": (spots_of_bad or {}).get(key, 0)}
     return record
 
 

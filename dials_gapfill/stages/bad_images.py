@@ -277,11 +277,13 @@ def find_bad_images(reflections, experiments, params, sweeps) -> dict:
 def run(state) -> Record | None:
     params, sweeps = state.params, state.sweeps
     found = False
+    spots_of_bad = {}  # (sweep, image) -> its strong spots, before it was excluded
     for _ in range(ROUNDS):
         bad = find_bad_images(state.reflections, state.experiments, params, sweeps)
         if not bad:
             break
         found = True
+        counts = _per_image(state.reflections, state.experiments, sweeps)
         used = len(sweeps.used())
         if len(bad) >= used:
             raise GapfillError(
@@ -289,6 +291,7 @@ def run(state) -> Record | None:
                 "to process; check the data collection"
             )
         over = {k: r for k, r in bad.items() if r.startswith("over-exposed")}
+        spots_of_bad.update({k: counts.get(k, 0) for k in (over or bad)})
         state.experiments, state.reflections = sweeps.exclude(
             over or bad, "auto", state.reflections, state.find_spots,
             min_block_images=params.gaps.min_block_images,
@@ -298,7 +301,7 @@ def run(state) -> Record | None:
     if not found:
         logger.info("No bad images found")
         return None
-    record = spot_record(state.experiments, state.reflections, sweeps)
+    record = spot_record(state.experiments, state.reflections, sweeps, spots_of_bad)
     for line in regular_hint(sweeps):
         logger.warning(line)
         record.warn(line)
