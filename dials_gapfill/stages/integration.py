@@ -484,8 +484,8 @@ def flag_cut_rocking_curves(reflections, experiments, record, partiality_thresho
         if stats["gap_edge"]:
             logger.info(
                 "%s: %d reflections with rocking curves cut by a gap "
-                "(flagged gap_edge; %d with partiality >= %.2f go to the MTZ, scaled by 1/partiality "
-                "where summation-integrated)",
+                "(flagged gap_edge; %d with partiality >= %.2f pass the MTZ's partiality cut, their "
+                "summation intensities scaled by 1/partiality)",
                 names[exp.identifier], stats["gap_edge"],
                 stats["gap_edge_exported"], partiality_threshold,
             )
