@@ -419,7 +419,11 @@ def integrate(experiments, reference, params, sweeps, profile_model="per_block")
     for i, exp in enumerate(experiments):
         mine = reflections["id"] == i
         if mine.count(True) and not (mine & prf).count(True) and prf.count(True):
-            record.block(exp.identifier)["profile"] = "summation only"
+            stats = record.block(exp.identifier)
+            if stats.get("profile") != "summation only":
+                logger.info("%s: no reflection profile-fitted (DIALS fitted none with its %s profile model): "
+                            "summation intensities only", names[exp.identifier], stats.get("profile", "own"))
+            stats["profile"] = "summation only"
     repeated = repeated_predictions(experiments, reflections)
     if len(repeated):
         keep = flex.bool(len(reflections), True)
