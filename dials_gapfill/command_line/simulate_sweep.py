@@ -425,8 +425,8 @@ def run(args=None):
 
             if params.format == "nexus":
                 raise GapfillError(
-                    "several sweeps are written as full CBF files (format=cbf): a NeXus "
-                    "file cannot leave images out"
+                    "several sweeps are written as CBF files only: leave out format=nexus (or simulate "
+                    "each sweep as its own NeXus file, one run per sweep with its own osc_start and prefix)"
                 )
             truth = simulate_sweeps(multi, params.output.directory)
             print(
