@@ -492,3 +492,36 @@ def test_a_diverged_scaling_model_that_is_kept_is_said():
     assert said == [f"DIALS' scaling model (physical) left out {small} observations whose scale factor came out "
                     "below 0.001, DIALS' own sign of a model that diverged where too few repeated observations "
                     "hold it"], record.warnings
+
+
+def test_a_scaling_that_fails_at_the_resolution_limit_leaves_the_first_standing(monkeypatch):
+    """The stored L-cysteine integration, scaling.resolution.misigma=30 (a
+    limit at 1.01 A): where DIALS' scaling at the limit fails (made to fail
+    here; docs/scaling.md has L-cysteine wedges on which the repeat at the
+    CC½ limit failed in DIALS for every model), the first scaling, of all
+    data, stands, and a warning says why there is no cut."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages import scaling
+
+    real = scaling._run_scaling
+
+    def failing_at_a_limit(params, d_min, *args, **kwargs):
+        if d_min:
+            raise GapfillError("scaling failed: AssertionError in setup_binner_d_star_sq_step (__init__.py)")
+        return real(params, d_min, *args, **kwargs)
+
+    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
+    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    params = params_from(["nproc=1", "scale=True", "scaling.resolution.misigma=30"])
+    monkeypatch.setattr(scaling, "_run_scaling", failing_at_a_limit)
+    (scaled, joint), record = scaling.scale(experiments, reflections, params, None)
+    resolution = record.scaling["resolution"]
+    assert resolution["d_min"] is None and resolution["method"] == "none", resolution
+    said = [w for w in record.warnings if "scaling again at 1.01 A" in w]
+    assert len(said) == 1 and said[0].endswith("the scaled data of the scaling before it are kept"), record.warnings
+    assert len(scaled) == record.scaling["blocks"] > 1 and len(joint) > 100

@@ -677,7 +677,11 @@ def _scale_choosing_the_model(params, d_min, unscaled, experiments, reflections)
     # may be best to rerun scaling".  A smooth scale and decay go there
     # only where too few, too rarely repeated observations leave them
     # free (sparse wedges); KB has two parameters per block.
-    alternative = _run_scaling(params, d_min, *copy.deepcopy(unscaled), model="KB")
+    try:
+        alternative = _run_scaling(params, d_min, *copy.deepcopy(unscaled), model="KB")
+    except GapfillError as e:  # (the first scaling stands)
+        logger.info("Scaling with KB instead failed: %s; DIALS' choice kept", e)
+        return scaled, None, None
     if alternative.counts["small_scales"] < scaled.counts["small_scales"]:
         return alternative, "KB", scaled.counts
     return scaled, None, None
@@ -689,11 +693,24 @@ def _scale_at_the_limit(params, scaled, unscaled, model):
     limit moving inward while the completeness falloff asks)."""
     resolution = choose_resolution(params, scaled.experiments, scaled.joint)
     if resolution["method"] in ("cc_half", "misigma", "completeness", "completeness_falloff"):
+        # a scaling that fails at the limit leaves the one before it standing
+        # (all data, or the limit before the falloff moved it inward)
+        before = (scaled, None)
         for attempt in range(RECHECKS + 1):
             logger.info("Scaling again with the resolution limit: %s", resolution["message"])
-            scaled = _run_scaling(params, resolution["d_min"], *copy.deepcopy(unscaled), model=model)
+            try:
+                scaled = _run_scaling(params, resolution["d_min"], *copy.deepcopy(unscaled), model=model)
+            except GapfillError as e:
+                scaled, earlier = before
+                failed = f"scaling again at {resolution['d_min']:.2f} A ({resolution['message']}) failed: {e}"
+                resolution = earlier or dict(resolution, d_min=None, method="none",
+                                             message="no resolution cut: scaling at the limit failed")
+                resolution["rescale_failed"] = failed
+                break
+            at = copy.deepcopy(resolution)
             if not recheck_falloff(params, resolution, scaled.experiments, scaled.joint, move=attempt < RECHECKS):
                 break
+            before = (scaled, at)
     return scaled, resolution
 
 
@@ -813,6 +830,10 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None, names=N
     scaled, resolution = _scale_at_the_limit(params, scaled, unscaled, model)
     unscaled = None  # (memory)
     model = _model_summary(params, scaled, replaced, record)
+    if resolution.get("rescale_failed"):
+        msg = f"{resolution.pop('rescale_failed')}; the scaled data of the scaling before it are kept"
+        record.warn(msg)
+        logger.warning("Warning: %s", msg)
     logger.info("Resolution limit: %s", resolution["message"])
     summary = {"symmetry": symmetry, "blocks": len(scaled.experiments), "model": model, "resolution": resolution,
                "blocks_left_out": _left_out(blocks, scaled, names, outputs, params, record)}
