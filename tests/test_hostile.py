@@ -273,3 +273,35 @@ def test_a_block_dials_indexer_leaves_out_is_dropped_as_not_indexed(tiny_sweeps,
     report = Report()
     report.sync(state.sweeps, state.experiments)
     assert {e["image"] for e in report.excluded} == {20, 21} | set(range(22, 41))
+
+
+@pytest.mark.slow
+def test_a_block_without_reference_spots_is_integrated_by_summation(tiny_sweeps, caplog):
+    """A block none of whose reference spots is left (here all of block 2's
+    flagged bad for refinement, as outlier rejection flags a short block's
+    few spots): DIALS' run over several blocks leaves it out ("Removing
+    experiment 1"); it is integrated on its own by summation, with the other
+    block's profile parameters, and kept in its place."""
+    import logging
+
+    from dials_gapfill import pipeline
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages import integration
+
+    gapped = tiny_sweeps.make(omit=(20, 21), name="gap_20_21")
+    state = pipeline.Pipeline(params_from(["nproc=1"]), [gapped]).run(stop_before="integration")
+    reference = state.reflections
+    second = reference["id"] == 1
+    assert second.count(True) > 100
+    reference.set_flags(second, reference.flags.bad_for_refinement)
+    caplog.set_level(logging.INFO)
+    experiments, reflections, record = integration.integrate(
+        state.experiments, reference, state.params, state.sweeps, "per_block")
+    assert [e.scan.get_image_range() for e in experiments] == [(1, 19), (22, 40)]
+    assert "Block of images 22-40: none of its reference spots matched a prediction" in caplog.text
+    prf = reflections.get_flags(reflections.flags.integrated_prf)
+    summed = reflections.get_flags(reflections.flags.integrated_sum)
+    mine = reflections["id"] == 1
+    assert (mine & summed).count(True) > 1000 and (mine & prf).count(True) == 0
+    assert (~mine & prf).count(True) > 1000
+    assert record.blocks[experiments[1].identifier]["profile"] == "summation only"

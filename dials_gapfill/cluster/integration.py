@@ -44,6 +44,11 @@ PASSES = {
 }
 
 
+# DIALS' run_integration on one block whose reference spots are none, or match
+# no prediction; on several blocks it leaves such a block out instead
+NO_REFERENCE = ("No indexed spots found", "Zero reference spots were matched")
+
+
 def frame_range_jobs(n_blocks: int, njobs: int) -> int:
     """DIALS' integration ``njobs`` for a cluster run: 1 (one task per block)
     when there are at least as many blocks as jobs, else ceil(njobs / blocks)
@@ -81,6 +86,10 @@ def integrate(ip, experiments, reference, params):
         replay(result[-1])
         if result[0] == "error":
             _, kind, message, _ = result
+            if kind == "ValueError" and any(m in message for m in NO_REFERENCE) and len(experiments) > 1:
+                # what DIALS' run over all blocks does with such a block: left
+                # out (the caller integrates it by summation, as locally)
+                continue
             raise (ValueError if kind == "ValueError" else RuntimeError)(message)
         _, expt_dict, reflections, _ = result
         done = ExperimentListFactory.from_dict(expt_dict, check_format=False)

@@ -270,16 +270,16 @@ def _pooled_profiles(ip, experiments, reference, small, sweeps=None):
 def _run(ip, experiments, reference, params=None):
     try:
         if params is not None and cluster.is_cluster(params):
-            # --- cluster: one task per block on the jobs (dials_gapfill/cluster.py)
-            experiments, reflections = cluster.integrate(ip, experiments, reference, params)
+            # --- cluster: the blocks, or their frame ranges, on the jobs (dials_gapfill/cluster/)
+            done, reflections = cluster.integrate(ip, experiments, reference, params)
         else:
             with _blocks_profiled_in_parallel(ip):
                 done, reflections, _ = run_integration(ip, experiments, reference)
-            removed = [e for e in experiments if e.identifier not in set(done.identifiers())]
-            if removed and len(done) and ip.profile.algorithm == "gaussian_rs":
-                experiments, reflections = _integrate_removed(ip, experiments, removed, done, reflections)
-            else:
-                experiments = done
+        removed = [e for e in experiments if e.identifier not in set(done.identifiers())]
+        if removed and len(done) and ip.profile.algorithm == "gaussian_rs":
+            experiments, reflections = _integrate_removed(ip, experiments, removed, done, reflections)
+        else:
+            experiments = done
     except (ValueError, RuntimeError) as e:
         text = " ".join(str(e).split())
         killed = re.search(r"exit code = -(\d+)", text)
