@@ -561,3 +561,34 @@ def test_walltime_forms(walltime, method, ok):
     from dials_gapfill.cluster.checks import _walltime_ok
 
     assert _walltime_ok(walltime, method) is ok
+
+
+def test_a_cluster_that_cannot_start_leaves_the_process_as_it_was(tmp_path, monkeypatch):
+    """The scheduler's object failing to start (here made to fail, as a port
+    already taken does): one ClusterError line, and the signal handlers,
+    dask's settings, the log filters and the job folder as before."""
+    import importlib
+    import logging
+
+    import dask
+
+    from dials_gapfill.phil import params_from
+
+    cluster_session = importlib.import_module("dials_gapfill.cluster.session")
+
+    def refused(*args, **kwargs):
+        raise OSError(98, "Address already in use")
+
+    monkeypatch.setattr(cluster_session, "cluster_object", refused)
+    params = params_from(["mp.method=slurm", "mp.njobs=1", f"mp.cluster.log_directory={tmp_path}"])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    allowed = dask.config.get("distributed.scheduler.allowed-failures")
+    filters = {name: list(logging.getLogger(name).filters) for name in cluster_session._LOOP_LOGGERS}
+    with pytest.raises(cluster_session.ClusterError) as e:
+        cluster_session.Session(params)
+    assert str(e.value) == ("the slurm cluster could not start: [Errno 98] Address already in use: "
+                            "check mp.cluster.*")
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+    assert dask.config.get("distributed.scheduler.allowed-failures") == allowed
+    assert {name: list(logging.getLogger(name).filters) for name in filters} == filters
+    assert [p for p in glob.glob(os.path.join(str(tmp_path), "**", "cluster-*"), recursive=True)] == []

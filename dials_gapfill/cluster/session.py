@@ -29,6 +29,7 @@ import time
 import warnings
 
 from dials_gapfill.errors import GapfillError
+from dials_gapfill.errors import one_line as error_line
 
 logger = logging.getLogger("dials.process_gapped.cluster")
 
@@ -266,10 +267,18 @@ class Session:
         atexit.register(close)
         t0 = time.perf_counter()
         job_cls = getattr(dask_jobqueue, METHODS[mp.method][0]).job_cls
-        self.cluster = cluster_object(params, self.directory, _recording_job_class(job_cls, self.rejected))
-        self.client = Client(self.cluster)
-        # dead jobs are replaced: the number of jobs is held at njobs
-        self.cluster.adapt(minimum_jobs=mp.njobs, maximum_jobs=mp.njobs)
+        try:
+            self.cluster = cluster_object(params, self.directory, _recording_job_class(job_cls, self.rejected))
+            self.client = Client(self.cluster)
+            # dead jobs are replaced: the number of jobs is held at njobs
+            self.cluster.adapt(minimum_jobs=mp.njobs, maximum_jobs=mp.njobs)
+        except BaseException as e:  # (the settings, handlers and folder above undone)
+            self.close()
+            if not isinstance(e, Exception):
+                raise
+            raise ClusterError(
+                f"the {mp.method} cluster could not start: {error_line(e, 200)}: check mp.cluster.*"
+            ) from None
         logger.info(
             "Cluster: %d %s job(s) of %d core(s), %s, walltime %s%s (job files in %s)",
             mp.njobs, mp.method, c.cores, c.memory, c.walltime,
