@@ -525,3 +525,28 @@ def test_a_scaling_that_fails_at_the_resolution_limit_leaves_the_first_standing(
     said = [w for w in record.warnings if "scaling again at 1.01 A" in w]
     assert len(said) == 1 and said[0].endswith("the scaled data of the scaling before it are kept"), record.warnings
     assert len(scaled) == record.scaling["blocks"] > 1 and len(joint) > 100
+
+
+def test_the_symmetry_of_a_chosen_bravais_lattice_is_judged_by_the_intensities():
+    """indexing.bravais_lattice gives the crystal a lattice's space group
+    (oP: P 2 2 2); that is the metric's symmetry, not yet the intensities':
+    dials.symmetry judges it before scaling, as when indexing stayed in P1
+    (the stored L-cysteine integration, its crystals set to P 2 2 2)."""
+    from cctbx import sgtbx
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages.scaling import scale
+
+    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
+    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    for exp in experiments:
+        exp.crystal.set_space_group(sgtbx.space_group_info("P 2 2 2").group())
+    _, record = scale(experiments, reflections, params_from(["nproc=1", "scale=True"]), None)
+    symmetry = record.scaling["symmetry"]
+    assert symmetry["determined"] is True and symmetry["laue_group"] == "P m m m", symmetry
+    # a space group given is taken as given
+    _, record = scale(experiments, reflections, params_from(["nproc=1", "scale=True", "space_group=P222"]), None)
+    assert record.scaling["symmetry"] == {"space_group": "P 2 2 2", "determined": False}

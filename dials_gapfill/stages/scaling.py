@@ -634,15 +634,17 @@ def _run_scaling(params, d_min, experiments, reflections, model=None) -> _Scaled
 
 
 def _symmetry(experiments, reflections, params, record):
-    """(experiments, reflections, symmetry): as dials.symmetry finds it when
-    indexing ran in P1 without a known space group; else as indexed."""
+    """(experiments, reflections, symmetry): as dials.symmetry finds it, from
+    the intensities, unless the space group was given; a Bravais lattice
+    chosen at indexing (indexing.bravais_lattice) is a lattice's symmetry,
+    which the intensities may not have (a monoclinic crystal with beta near
+    90 deg, indexed oP), so dials.symmetry judges that too, as xia2 runs it
+    after integration whatever the indexing."""
     symmetry = {
         "space_group": str(experiments[0].crystal.get_space_group().info()),
         "determined": False,
     }
-    if experiments[0].crystal.get_space_group().type().number() != 1 or (
-        params.indexing.known_symmetry.space_group is not None
-    ):
+    if params.indexing.known_symmetry.space_group is not None:
         return experiments, reflections, symmetry
     logger.info("Determining the Laue group and space group (as dials.symmetry)")
     try:
