@@ -112,8 +112,8 @@ def _integrate_task(ip, task):
     with collect_logs() as records:
         try:
             experiments, reflections, _ = run_integration(ip, experiments, reference)
-        except (ValueError, RuntimeError) as e:
-            return ("error", type(e).__name__, str(e), records)
+        except Exception as e:  # (any: the run names it in one line, as for the frame-range tasks)
+            return ("error", type(e).__name__, str(e) or type(e).__name__, records)
     return ("ok", experiments.to_dict(), reflections, records)
 
 
