@@ -550,3 +550,43 @@ def test_the_symmetry_of_a_chosen_bravais_lattice_is_judged_by_the_intensities()
     # a space group given is taken as given
     _, record = scale(experiments, reflections, params_from(["nproc=1", "scale=True", "space_group=P222"]), None)
     assert record.scaling["symmetry"] == {"space_group": "P 2 2 2", "determined": False}
+
+
+def test_a_block_dials_symmetry_cannot_use_does_not_send_the_run_to_p1():
+    """One block with no reflection dials.symmetry's filter keeps (here the
+    stored L-cysteine integration in setting b,c,a, block 4's partialities
+    set below 0.4): dials.symmetry refuses the whole run ("Some datasets have
+    no reflection after prefiltering"); the other blocks' symmetry is found
+    and applied to all, block 4's crystal and indices reindexed with the
+    same operator, consistently (A h unchanged)."""
+    from cctbx import sgtbx
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+    from scitbx import matrix
+
+    from dials_gapfill.model.state import Record
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages.scaling import _symmetry
+
+    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
+    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    setting = sgtbx.change_of_basis_op("b,c,a")
+    for exp in experiments:
+        exp.crystal = exp.crystal.change_basis(setting)
+    reflections["miller_index"] = setting.apply(reflections["miller_index"])
+    fourth = reflections["id"] == 3
+    reflections["partiality"].set_selected(fourth, 0.1)
+    record = Record()
+    out, table, symmetry = _symmetry(experiments, reflections, params_from(["scale=True"]), record)
+    assert symmetry["determined"] and symmetry["space_group"] == "P 2 2 2", (symmetry, record.warnings)
+    assert not [w for w in record.warnings if "failed" in w], record.warnings
+    assert [str(e.crystal.get_space_group().info()) for e in out] == ["P 2 2 2"] * 4
+    op = sgtbx.change_of_basis_op(symmetry["cb_op"])
+    assert list(table["miller_index"]) == list(op.apply(reflections["miller_index"]))
+    rows = fourth.iselection()[:20]
+    before, after = matrix.sqr(experiments[3].crystal.get_A()), matrix.sqr(out[3].crystal.get_A())
+    for k in rows:
+        a = before * matrix.col(reflections["miller_index"][k])
+        b = after * matrix.col(table["miller_index"][k])
+        assert (a - b).length() < 1e-3 * a.length()

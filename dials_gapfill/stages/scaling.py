@@ -62,6 +62,7 @@ from scitbx import matrix
 from dials_gapfill import dials_compat
 from dials_gapfill.errors import GapfillError, one_line
 from dials_gapfill.model.state import Record, block_names
+from dials_gapfill.model.tables import keep_experiments
 from dials_gapfill.phil import defaults
 from dials_gapfill.report.merging import LABELS
 
@@ -648,7 +649,12 @@ def _symmetry(experiments, reflections, params, record):
         return experiments, reflections, symmetry
     logger.info("Determining the Laue group and space group (as dials.symmetry)")
     try:
-        experiments, reflections, symmetry = determine_symmetry(experiments, reflections)
+        try:
+            experiments, reflections, symmetry = determine_symmetry(experiments, reflections)
+        except ValueError as e:
+            if "no reflection after prefiltering" not in str(e):
+                raise
+            experiments, reflections, symmetry = _symmetry_of_the_blocks_with_data(experiments, reflections, e)
     except (ValueError, RuntimeError, AssertionError, IndexError) as e:
         record.warn(f"symmetry determination failed ({e}); scaling in P1")
         logger.warning("Symmetry determination failed (%s); scaling in P 1", e)
@@ -664,6 +670,36 @@ def _symmetry(experiments, reflections, params, record):
             record.warn(msg)
             logger.warning("Warning: %s", msg)
     return experiments, reflections, symmetry
+
+
+def _symmetry_of_the_blocks_with_data(experiments, reflections, error):
+    """dials.symmetry refuses a run in which one block has no reflection
+    left by its filter (partiality >= 0.4: a block of an image or two of
+    fine slices): the symmetry of the other blocks, applied to all blocks,
+    as dials.symmetry applies it (crystals and indices reindexed).  `error`
+    is raised again where no block, or every block, has such reflections."""
+    usable = reflections.get_flags(reflections.flags.integrated, all=False) & (reflections["partiality"] >= 0.4)
+    with_data = {e.identifier for i, e in enumerate(experiments) if (usable & (reflections["id"] == i)).count(True)}
+    if not with_data or len(with_data) == len(experiments):
+        raise error
+    logger.info("dials.symmetry on the %d of %d blocks with reflections it can use, its result applied to all",
+                len(with_data), len(experiments))
+    sub_reflections, sub_experiments = keep_experiments(reflections, experiments, with_data)
+    work, _, symmetry = determine_symmetry(sub_experiments, sub_reflections)
+    op = sgtbx.change_of_basis_op(symmetry["cb_op"])
+    found = {e.identifier: e.crystal for e in work}
+    group, B = work[0].crystal.get_space_group(), work[0].crystal.get_B()
+    out = copy.deepcopy(experiments)
+    for exp in out:
+        crystal = found.get(exp.identifier)
+        if crystal is None:
+            crystal = exp.crystal.change_basis(op)
+            crystal.set_space_group(group)
+            crystal.set_B(B)  # (the cell as symmetrized)
+        exp.crystal = crystal
+    table = copy.deepcopy(reflections)
+    table["miller_index"] = op.apply(table["miller_index"])
+    return out, table, symmetry
 
 
 def _scale_choosing_the_model(params, d_min, unscaled, experiments, reflections):
