@@ -407,14 +407,10 @@ def test_merging_statistics_from_the_pairs_that_set_the_scales_are_flagged(tmp_p
     so CC½ near 1 says nothing about the data: a warning names both counts.
     The counts are DIALS' own: the parameters of the scaled experiments'
     models, the observations and unique reflections of the merging table."""
-    from dials.array_family import flex
-    from dxtbx.model.experiment_list import ExperimentListFactory
 
     from dials_gapfill.stages.scaling import scale
 
-    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
-    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
-    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    experiments, reflections = _stored_wedges()
     (scaled, _), record = scale(experiments, reflections, _params(f"scaling.model={model}"), None)
     s = record.scaling
     parameters = sum(c.n_params for e in scaled for c in e.scaling_model.components.values())
@@ -425,6 +421,25 @@ def test_merging_statistics_from_the_pairs_that_set_the_scales_are_flagged(tmp_p
     assert len(flagged) == 1, record.warnings
     assert f"rest on {differences} repeated measurements" in flagged[0]
     assert f"the {parameters} scale parameters of the {len(scaled)} blocks" in flagged[0]
+
+
+def _stored_wedges(setting=None):
+    """The four L-cysteine wedges as integrated once
+    (tests/data/l_cysteine_wedges/complete): (experiments, reflections), in
+    another setting of the crystal where `setting` (as a,b,c) is given."""
+    from cctbx import sgtbx
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
+    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    if setting:
+        op = sgtbx.change_of_basis_op(setting)
+        for exp in experiments:
+            exp.crystal = exp.crystal.change_basis(op)
+        reflections["miller_index"] = op.apply(reflections["miller_index"])
+    return experiments, reflections
 
 
 @pytest.mark.parametrize("op", ["a,b,c", "-a,-b,c", "b,a,-c", "a+b,-a+b,c", "a,b+c,c"])
@@ -452,18 +467,10 @@ def test_the_summary_gives_the_operator_dials_symmetry_applied():
     operator in the symmetry record takes each reflection's integrated index
     to the one dials.symmetry gave it."""
     from cctbx import sgtbx
-    from dials.array_family import flex
-    from dxtbx.model.experiment_list import ExperimentListFactory
 
     from dials_gapfill.stages.scaling import determine_symmetry
 
-    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
-    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
-    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
-    setting = sgtbx.change_of_basis_op("b,c,a")
-    for exp in experiments:
-        exp.crystal = exp.crystal.change_basis(setting)
-    reflections["miller_index"] = setting.apply(reflections["miller_index"])
+    experiments, reflections = _stored_wedges("b,c,a")
     _, joint, record = determine_symmetry(experiments, reflections)
     assert record["space_group"] == "P 2 2 2" and record["cb_op"] != "a,b,c"
     assert len(joint) == len(reflections)
@@ -476,15 +483,11 @@ def test_a_diverged_scaling_model_that_is_kept_is_said():
     (no other model tried): DIALS leaves out the observations whose scale
     factor came out below 0.001, its own sign of divergence; the run warns,
     with the count the JSON gives."""
-    from dials.array_family import flex
-    from dxtbx.model.experiment_list import ExperimentListFactory
 
     from dials_gapfill.phil import params_from
     from dials_gapfill.stages.scaling import scale
 
-    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
-    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
-    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    experiments, reflections = _stored_wedges()
     _, record = scale(experiments, reflections, params_from(["nproc=1", "scale=True", "scaling.model=physical"]), None)
     small = record.scaling["model"]["small_scales"]
     assert small > 10
@@ -500,8 +503,6 @@ def test_a_scaling_that_fails_at_the_resolution_limit_leaves_the_first_standing(
     here; docs/scaling.md has L-cysteine wedges on which the repeat at the
     CC½ limit failed in DIALS for every model), the first scaling, of all
     data, stands, and a warning says why there is no cut."""
-    from dials.array_family import flex
-    from dxtbx.model.experiment_list import ExperimentListFactory
 
     from dials_gapfill.errors import GapfillError
     from dials_gapfill.phil import params_from
@@ -514,9 +515,7 @@ def test_a_scaling_that_fails_at_the_resolution_limit_leaves_the_first_standing(
             raise GapfillError("scaling failed: AssertionError in setup_binner_d_star_sq_step (__init__.py)")
         return real(params, d_min, *args, **kwargs)
 
-    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
-    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
-    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    experiments, reflections = _stored_wedges()
     params = params_from(["nproc=1", "scale=True", "scaling.resolution.misigma=30"])
     monkeypatch.setattr(scaling, "_run_scaling", failing_at_a_limit)
     (scaled, joint), record = scaling.scale(experiments, reflections, params, None)
@@ -533,15 +532,11 @@ def test_the_symmetry_of_a_chosen_bravais_lattice_is_judged_by_the_intensities()
     dials.symmetry judges it before scaling, as when indexing stayed in P1
     (the stored L-cysteine integration, its crystals set to P 2 2 2)."""
     from cctbx import sgtbx
-    from dials.array_family import flex
-    from dxtbx.model.experiment_list import ExperimentListFactory
 
     from dials_gapfill.phil import params_from
     from dials_gapfill.stages.scaling import scale
 
-    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
-    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
-    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    experiments, reflections = _stored_wedges()
     for exp in experiments:
         exp.crystal.set_space_group(sgtbx.space_group_info("P 2 2 2").group())
     _, record = scale(experiments, reflections, params_from(["nproc=1", "scale=True"]), None)
@@ -560,21 +555,13 @@ def test_a_block_dials_symmetry_cannot_use_does_not_send_the_run_to_p1():
     and applied to all, block 4's crystal and indices reindexed with the
     same operator, consistently (A h unchanged)."""
     from cctbx import sgtbx
-    from dials.array_family import flex
-    from dxtbx.model.experiment_list import ExperimentListFactory
     from scitbx import matrix
 
     from dials_gapfill.model.state import Record
     from dials_gapfill.phil import params_from
     from dials_gapfill.stages.scaling import _symmetry
 
-    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
-    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
-    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
-    setting = sgtbx.change_of_basis_op("b,c,a")
-    for exp in experiments:
-        exp.crystal = exp.crystal.change_basis(setting)
-    reflections["miller_index"] = setting.apply(reflections["miller_index"])
+    experiments, reflections = _stored_wedges("b,c,a")
     fourth = reflections["id"] == 3
     reflections["partiality"].set_selected(fourth, 0.1)
     record = Record()
