@@ -254,3 +254,29 @@ def test_simulate_sweep_command_writes_nexus(tmp_path):
     assert refused.returncode == 1
     assert "cannot have holes" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "no").exists()
+
+
+def test_a_nexus_file_whose_header_says_zero_width(nexus_sweep, tmp_path):
+    """The file's omega says 0 deg per image (omega_end = omega): dxtbx
+    reads its 12 images as 12 stills.  Without an override the run is
+    refused in one line naming the option; with
+    geometry.scan.oscillation=start,width all 12 images are one sweep."""
+    import shutil
+
+    import h5py
+
+    from dials_gapfill.errors import GapfillError
+
+    path = str(tmp_path / "zero_master.h5")
+    shutil.copy(nexus_sweep[0], path)
+    with h5py.File(path, "r+") as f:
+        axes = f["/entry/sample/transformations"]
+        start = float(axes["omega"][0])
+        for name in ("omega", "omega_end"):
+            axes[name][...] = np.full(axes[name].shape, start)
+        axes["omega_increment_set"][...] = 0.0
+    with pytest.raises(GapfillError) as e:
+        _import(path)
+    assert "geometry.scan.oscillation" in str(e.value), str(e.value)
+    experiments, _ = _import(path, "geometry.scan.oscillation=0,0.5")
+    assert [x.scan.get_image_range() for x in experiments] == [(1, 12)]

@@ -761,7 +761,15 @@ def _import_container(path, exclusions, every, params, record, where) -> Sweep:
     experiments, unhandled = _read_with_dxtbx([path], params)
     if unhandled or not experiments:
         raise GapfillError(f"{path} is not an image file dxtbx can read: check the file")
-    first, last = experiments[0].scan.get_image_range()
+    # (all of the file's images: dxtbx gives a file of stills, a scan of
+    # zero width included, as one experiment per image)
+    ranges = [e.scan.get_image_range() for e in experiments if e.scan is not None]
+    if not ranges:
+        raise GapfillError(
+            f"{os.path.basename(path)}{where}: its images have no scan (stills): dials.process_gapped processes "
+            "rotation data; give geometry.scan.oscillation=start,width if the header is wrong"
+        )
+    first, last = min(f for f, _ in ranges), max(last for _, last in ranges)
     numbers = list(range(first, last + 1))
     _check_exclusions(numbers, exclusions, f"the images of {os.path.basename(path)}")
     statuses = {}
@@ -772,7 +780,7 @@ def _import_container(path, exclusions, every, params, record, where) -> Sweep:
             statuses[n] = (EXCLUDED, "gaps.exclude_images", "user")
     if len(statuses) == len(numbers):
         raise _nothing_left(path, every, where)
-    sweep = _make_sweep(path, experiments, params, (first, last), statuses, record)
+    sweep = _make_sweep(path, experiments, params, (first, last), statuses, record, where)
     sweep.n_files = 1
     return sweep
 
