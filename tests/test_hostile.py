@@ -70,9 +70,10 @@ def test_a_broken_link_without_auto_exclude_is_refused_in_one_line(dangling):
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def duplicated(tiny, tmp_path):
-    """The tiny sweep with image 10's file copied as image 11."""
+@pytest.fixture(params=["copy", "link"])
+def duplicated(tiny, tmp_path, request):
+    """The tiny sweep with image 10's file copied as image 11, or image 11 a
+    link to image 10's file (one file, two image numbers)."""
     import shutil
 
     d = tmp_path / "sweep"
@@ -80,7 +81,10 @@ def duplicated(tiny, tmp_path):
     for name in sorted(os.listdir(tiny)):
         if name.endswith(".cbf") and name != "sim_0011.cbf":
             os.symlink(os.path.join(tiny, name), d / name)
-    shutil.copy(os.path.join(tiny, "sim_0010.cbf"), d / "sim_0011.cbf")
+    if request.param == "copy":
+        shutil.copy(os.path.join(tiny, "sim_0010.cbf"), d / "sim_0011.cbf")
+    else:
+        os.symlink("sim_0010.cbf", d / "sim_0011.cbf")
     return d
 
 

@@ -232,10 +232,13 @@ def group_sweeps(files: list[str], record) -> list[tuple[str, dict[int, str] | N
     of its own: (path, None), in the order given."""
     sweeps: dict[str, dict[int, str]] = {}
     containers = []
-    seen: dict[str, str] = {}
+    seen: dict[tuple[str, str], str] = {}
     repeated: list[str] = []
     for f in files:
-        real = os.path.realpath(f)
+        # the same file under the same name (overlapping globs, a linked
+        # folder) is given twice; a link inside a sweep to another of its
+        # images is an image of its own (a duplicated frame, found as such)
+        real = (os.path.realpath(f), os.path.basename(f))
         if real in seen:
             if f not in repeated:
                 repeated.append(f)
