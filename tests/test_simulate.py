@@ -180,3 +180,56 @@ def test_first_image_number_does_not_move_the_spots(tmp_path):
     assert data.max() > 1000  # spots, not background only
     truth = json.load(open(tmp_path / "ground_truth.json"))
     assert truth["drift"]["acceleration"] == 0.01
+
+
+def test_the_gauges_of_the_orientation_error():
+    """compare.orientation_errors on crystals built from the truth itself
+    (no images: the simulator's truth and its models), every 10th image
+    missing.  The truth scores 0 whatever the gauge.  A constant error about
+    the spindle, which DIALS does not leave free (its beam is fixed in the
+    spindle plane), is removed by a full gauge but kept by the gauge
+    perpendicular to the spindle and by none; an error of each block's own
+    is kept by all three; `images` judges only those images."""
+    import copy
+
+    import numpy as np
+    from dxtbx.model import Experiment, ExperimentList, ScanFactory
+
+    from dials_gapfill.simulation import compare
+    from dials_gapfill.simulation.simulate import Simulation, SimulationConfig, rotation
+
+    config = SimulationConfig(n_images=40, osc_width=0.5, detector="pilatus300k", drift=0.01, seed=42)
+    sim = Simulation(config)
+    truth = sim.ground_truth()
+    B = np.array(truth["orientation"]["B"]).reshape(3, 3)
+    U = [np.array(u).reshape(3, 3) for u in truth["orientation"]["U"]]
+    blocks = [(1, 9), (11, 19), (21, 29), (31, 39)]
+    spindle = np.array(truth["rotation_axis"])
+    tilts = [rotation(axis, 0.01) for axis in ([1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.6, 0.8, 0])]
+
+    def crystals(offset):
+        out = ExperimentList()
+        for b, (f, l) in enumerate(blocks):
+            scan = ScanFactory.make_scan(image_range=(f, l), exposure_times=0.1,
+                                         oscillation=(config.osc_start + (f - 1) * config.osc_width, config.osc_width),
+                                         epochs={i: 0.1 * i for i in range(f, l + 1)}, deg=True)
+            crystal = copy.deepcopy(sim.crystal)
+            crystal.reset_scan_points()
+            crystal.set_A_at_scan_points([tuple((offset(b) @ U[k] @ B).ravel()) for k in range(f - 1, l + 1)])
+            out.append(Experiment(beam=sim.beam, detector=sim.detector, goniometer=sim.goniometer, scan=scan,
+                                  crystal=crystal))
+        return out
+
+    for gauge in compare.GAUGES:
+        assert compare.orientation_errors(crystals(lambda b: np.eye(3)), truth, gauge=gauge)["worst"] < 1e-5
+    about_spindle = crystals(lambda b: rotation(spindle, 0.02))
+    assert compare.orientation_errors(about_spindle, truth)["worst"] < 1e-6
+    for gauge in ("perpendicular", "none"):
+        errors = compare.orientation_errors(about_spindle, truth, gauge=gauge)
+        assert errors["median"] == pytest.approx(0.02, abs=1e-6) and errors["worst"] == pytest.approx(0.02, abs=1e-6)
+    own = crystals(lambda b: tilts[b])
+    for gauge in compare.GAUGES:
+        assert compare.orientation_errors(own, truth, gauge=gauge)["median"] > 0.004
+    judged = compare.orientation_errors(own, truth, images=range(11, 20))
+    # one block: its tilt (in the crystal frame, turning with phi) is nearly all gauge
+    assert judged["images"] == list(range(11, 20)) and judged["worst"] < 0.001

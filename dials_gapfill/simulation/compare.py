@@ -249,7 +249,10 @@ def basis_to_truth(A_refined, A_true):
     return Xr
 
 
-def orientation_errors(experiments, truth: dict) -> dict:
+GAUGES = ("full", "perpendicular", "none")
+
+
+def orientation_errors(experiments, truth: dict, gauge: str = "full", images=None) -> dict:
     """Orientation of refined crystals against the simulator's truth.
 
     For every image of every experiment, the refined setting matrix at the
@@ -267,10 +270,24 @@ def orientation_errors(experiments, truth: dict) -> dict:
     gauge is removed from all; the result also has "sweeps" (the sweep of
     each image) and "per_sweep" ({sweep: {"median", "worst"}}).
 
+    `gauge`: "full" (above); "perpendicular", only its component
+    perpendicular to the spindle (DIALS fixes the beam's rotation about the
+    spindle, beam.fix=in_spindle_plane: an orientation error common to all
+    images about the spindle is an error, and is kept); "none", nothing
+    removed.  A full gauge also takes away whatever error every image
+    shares, which favours one crystal across the blocks over a crystal per
+    block, whose offsets differ.  `images`: only these image numbers are
+    judged (and the gauge fitted on them): runs compared on the same images.
+
     Returns {"images", "errors_deg", "vectors_deg" (the remaining rotation of
-    each image, lab frame, axis times angle), "median", "worst", "gauge_deg"}.
+    each image, lab frame, axis times angle), "median", "worst", "gauge_deg"
+    (the angle of the rotation removed)}.
     """
+    if gauge not in GAUGES:
+        raise ValueError(f"gauge {gauge!r}: one of {', '.join(GAUGES)}")
+    wanted = None if images is None else set(images)
     multi = "sweeps" in truth
+    spindle = None
     images, rotations, image_sweeps = [], [], []
     X = None
     for exp in experiments:
@@ -279,6 +296,9 @@ def orientation_errors(experiments, truth: dict) -> dict:
         osc0, width = st["oscillation"]
         first = st["image_range"][0]
         truth_gonio = _truth_SRF(st)
+        if spindle is None:
+            spindle = truth_gonio[0] @ truth_gonio[1]
+            spindle = spindle / np.linalg.norm(spindle)
         srf = _goniometer_SRF(exp.goniometer)
         f, l = exp.scan.get_image_range()
         # each experiment's own basis (separately indexed sweeps may differ);
@@ -287,6 +307,8 @@ def orientation_errors(experiments, truth: dict) -> dict:
         if X_exp is not None:
             X = X_exp
         for n in range(f, l + 1):
+            if wanted is not None and n not in wanted:
+                continue
             A = _crystal_A_mid(exp.crystal, n - f)
             At = truth_A_mid(st, n)
             if X is None:
@@ -300,7 +322,15 @@ def orientation_errors(experiments, truth: dict) -> dict:
             rotations.append(_nearest_rotation(Mr @ np.linalg.inv(Mt)))
             images.append(n)
             image_sweeps.append(k)
-    gauge = _nearest_rotation(sum(rotations))
+    if gauge == "none":
+        removed = np.eye(3)
+    else:
+        removed = _nearest_rotation(sum(rotations))
+        if gauge == "perpendicular":
+            v = np.radians(_rotation_vector_deg(removed))
+            v = v - (v @ spindle) * spindle
+            removed = rotation(v / np.linalg.norm(v), np.degrees(np.linalg.norm(v))) if np.linalg.norm(v) else np.eye(3)
+    gauge = removed
     errors = [_rotation_angle_deg(gauge.T @ R) for R in rotations]
     result = {
         "images": images,
