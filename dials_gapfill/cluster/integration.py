@@ -82,6 +82,7 @@ def integrate(ip, experiments, reference, params):
     results = s.map(_integrate_task, tasks, "integration", shared=ip)
     tables = []
     kept = []
+    left_out = []
     for exp, result in zip(experiments, results):
         replay(result[-1])
         if result[0] == "error":
@@ -89,6 +90,7 @@ def integrate(ip, experiments, reference, params):
             if kind == "ValueError" and any(m in message for m in NO_REFERENCE) and len(experiments) > 1:
                 # what DIALS' run over all blocks does with such a block: left
                 # out (the caller integrates it by summation, as locally)
+                left_out.append(message)
                 continue
             raise (ValueError if kind == "ValueError" else RuntimeError)(message)
         _, expt_dict, reflections, _ = result
@@ -98,6 +100,8 @@ def integrate(ip, experiments, reference, params):
         reflections["imageset_id"] = flex.int(len(reflections), len(kept))
         tables.append(reflections)
         kept.append(exp)
+    if not kept and left_out:  # (none has a reference spot: as DIALS' run over all blocks)
+        raise ValueError(left_out[0])
     return ExperimentList(kept), join_blocks(tables, ExperimentList(kept))
 
 
