@@ -247,6 +247,11 @@ def test_merging_table_is_dials_table():
     assert dials_rows.splitlines()[2] in text.splitlines()  # the CC half row, as DIALS writes it
     assert text.splitlines()[0].startswith("Merging statistics (space group P 4 21 2):")
     assert text.splitlines()[-1] == "Resolution limit: d_min 2.00 Å from scaling.d_min"
+    # a caption longer than DIALS' first column (the scaling model named) goes
+    # on its own line: the column headings stay over the numbers
+    lines = merging_table({**scaling, "model": {"used": "physical"}}).splitlines()
+    assert lines[0] == "Merging statistics (space group P 4 21 2, scaling model physical):"
+    assert lines[1].index("Overall") < lines[2].index("2.00") + 4 < lines[1].index("Low"), lines[:3]
 
 
 @pytest.mark.parametrize("op, space_group", [("a,b,c", "P 1"), ("b,c,a", "P 1"), ("a+b,-a+b,c", "P 1"),
@@ -577,3 +582,57 @@ def test_a_block_dials_symmetry_cannot_use_does_not_send_the_run_to_p1():
         a = before * matrix.col(reflections["miller_index"][k])
         b = after * matrix.col(table["miller_index"][k])
         assert (a - b).length() < 1e-3 * a.length()
+
+
+def test_writing_mtz_files_leaves_the_crystal_models_as_they_were(tmp_path):
+    """DIALS' MTZ export turns the models it is given into the Cambridge frame
+    in place.  On the four wedges as integrated once: after integrated.mtz,
+    the per-block MTZs and the scaled data are written, every block's
+    crystal, beam and goniometer are unchanged (the report's orientations
+    and the scaling come from them), each per-block MTZ gives its batches the
+    orientation integrated.mtz gives them, and scaled.mtz the same ones
+    (turned by the reindexing operator only)."""
+    import numpy as np
+    from cctbx import sgtbx
+
+    from dials_gapfill.handlers.outputs import Outputs
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages.export import export
+    from dials_gapfill.stages.scaling import scale
+
+    experiments, reflections = _stored_wedges()
+
+    def models():
+        return [(list(e.crystal.get_A()), [list(e.crystal.get_A_at_scan_point(i)) for i in range(e.crystal.num_scan_points)],
+                 list(e.beam.get_s0()), list(e.goniometer.get_rotation_axis()), list(e.goniometer.get_setting_rotation()))
+                for e in experiments]
+
+    before = models()
+    params = params_from(["scale=True", "output.per_block_mtz=True", f"output.directory={tmp_path}"])
+    outputs = Outputs(str(tmp_path))
+    outputs.check_writable()
+    files = export(experiments, reflections, params, outputs).files
+    (scaled, _), record = scale(experiments, reflections, params, outputs)
+    outputs.commit()
+    assert models() == before
+
+    def umats(path):
+        return {b.number: np.array(list(b.floats)[6:15]).reshape(3, 3) for b in gemmi.read_mtz_file(str(path)).batches}
+
+    combined = list(umats(tmp_path / "integrated.mtz").values())
+
+    def found(u):
+        return min(np.abs(u - c).max() for c in combined) < 1e-5
+
+    block_files = [f["name"] for f in files if f["name"] != "integrated.mtz" and f["name"].endswith(".mtz")]
+    assert len(block_files) == len(experiments) > 1, files
+    for name in block_files:
+        assert all(found(u) for u in umats(tmp_path / name).values()), name
+    # scaled.mtz: the same crystal, in the basis the scaling chose (U turned
+    # by the same orthogonal matrix Q at every image)
+    crystal = experiments[0].crystal
+    U = np.array(crystal.get_U()).reshape(3, 3)
+    Q = U.T @ np.array(crystal.change_basis(sgtbx.change_of_basis_op(record.scaling["symmetry"]["cb_op"])).get_U()).reshape(3, 3)
+    scaled_u = umats(tmp_path / "scaled.mtz")
+    assert len(scaled_u) > 40
+    assert all(found(u @ Q.T) for u in scaled_u.values()), record.scaling["symmetry"]["cb_op"]
