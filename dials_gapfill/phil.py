@@ -262,7 +262,8 @@ output
     .help = "Integrated reflections."
   mtz = integrated.mtz
     .type = str
-    .help = "One unmerged MTZ with all blocks; BATCH equals the image number."
+    .help = "One unmerged MTZ with all blocks; BATCH equals the image number (with several sweeps, plus"
+            "the sweep's batch offset: 0, 100, 200, ...; the summary lists them)."
   per_block_mtz = True
     .type = bool
     .help = "Also write one MTZ per block, named from output.block_mtz."

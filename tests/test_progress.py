@@ -292,3 +292,28 @@ def test_the_same_image_number_in_several_sweeps_counts_once_in_each():
     # images 6-7 are held by three blocks, the others by four
     assert marks.count("Found") == 4 * 15 - 2
     assert marks.count("Integrated") == 0
+
+
+def test_the_closing_line_counts_every_image_of_a_stage_that_ended():
+    """DIALS' integrator says "Integrated ... on image n" only for frames on
+    which some reflection ends: on a sparse pattern (L-cysteine, 1-5 spots a
+    frame) most frames are never named.  Lines during the stage count what
+    was named; the closing line of a stage that ended counts all its images."""
+    from dials_gapfill.handlers.progress import INTEGRATOR, _Count, _Marks
+
+    marks = _Marks([(1, 15), (1, 15)])
+    count = _Count("integration", total=30, marks=marks)
+    integrator = logging.getLogger(INTEGRATOR)
+    level = integrator.level
+    integrator.setLevel(logging.DEBUG)  # (as the stage sets it while it runs)
+    try:
+        with marks.attached():
+            count.read(logging.LogRecord(INTEGRATOR, logging.INFO, __file__, 0, " Integrating reflections", None, None))
+            for n in (3, 9, 14):
+                integrator.debug("Integrated %d (sum) %d (prf) on image %d", 2, 2, n)
+    finally:
+        integrator.setLevel(level)
+    assert count.snapshot()[0] == "integration (integrating)"
+    assert re.match(r"integration \(integrating\): 3/30 images \(10 %\), \d+ s elapsed", count.line())
+    assert re.match(r"integration \(integrating\): 30/30 images \(100 %\), stage done in \d+ s",
+                    count.line(final=True))

@@ -288,6 +288,12 @@ class _Count:
     def line(self, final=False) -> str:
         """The plain progress line (`final`: at the end of the stage)."""
         label, done, total, elapsed, left = self.snapshot()
+        if final and total:
+            # the stage went through all its images; DIALS' integrator names
+            # only the frames on which some reflection ends (processor.h: a
+            # frame without one is not processed), so on sparse patterns the
+            # images it has named stay short of them
+            done = total
         parts = []
         if total:
             parts.append(f"{done}/{total} images ({100 * done // total} %)")

@@ -31,7 +31,10 @@ def merging_table(scaling: dict) -> str:
     stats = {label: scaling[key] for key, label in LABELS.items() if scaling.get(key)}
     model = (scaling.get("model") or {}).get("used")
     caption = f"space group {sym.get('space_group', '?')}" + (f", scaling model {model}" if model else "")
-    text = format_statistics(stats, caption=f"Merging statistics ({caption}):")
+    title = f"Merging statistics ({caption}):"
+    # DIALS pads the caption to its first column (44 characters): a longer one
+    # goes on its own line, so that the column headings stay over their numbers
+    text = format_statistics(stats, caption=title) if len(title) <= 44 else title + "\n" + format_statistics(stats)
     resolution = scaling.get("resolution") or {}
     if resolution.get("message"):
         text += f"Resolution limit: {resolution['message']}"
