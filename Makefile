@@ -26,6 +26,7 @@ setup-test:
 	@VENV=$(VENV) WITH_TEST_TOOLS=1 bash scripts/bootstrap.sh
 
 demo: setup
+	rm -rf $(DEMO)/images
 	$(VENV)/bin/dials.simulate_sweep output.directory=$(DEMO)/images omit=41:45,81:83
 	$(VENV)/bin/dials.process_gapped images=$(DEMO)/images nproc=$(NPROC) output.directory=$(DEMO)/processed
 	@echo "The results are in $(DEMO)/processed: integrated.mtz (BATCH = image number), integrated.expt/.refl,"

@@ -233,3 +233,66 @@ def test_the_gauges_of_the_orientation_error():
     judged = compare.orientation_errors(own, truth, images=range(11, 20))
     # one block: its tilt (in the crystal frame, turning with phi) is nearly all gauge
     assert judged["images"] == list(range(11, 20)) and judged["worst"] < 0.001
+
+
+def test_headers_and_file_names_give_dxtbx_the_sweep_simulated(tmp_path):
+    """Angles keep every digit in the headers (0.00125 deg written 0.0013 made
+    dxtbx read 7 sweeps) and image numbers one width over the sweep
+    (sim_9999 and sim_10000 are two templates), for one sweep and several."""
+    import glob
+
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.command_line.simulate_sweep import run
+
+    def sweeps(folder):
+        experiments = ExperimentListFactory.from_filenames(sorted(glob.glob(str(folder / "*.cbf"))))
+        return [(e.scan.get_image_range(), e.scan.get_oscillation()) for e in experiments]
+
+    assert run([f"output.directory={tmp_path / 'fine'}", "detector=pilatus300k", "n_images=20",
+                "osc_width=0.00125"]) == 0
+    assert sweeps(tmp_path / "fine") == [((1, 20), (0.0, 0.00125))]
+    assert run([f"output.directory={tmp_path / 'many'}", "detector=pilatus300k", "n_images=4",
+                "first_image=9998", "osc_start=12.34567"]) == 0
+    assert sweeps(tmp_path / "many") == [((9998, 10001), (12.34567, 0.5))]
+    assert run([f"output.directory={tmp_path / 'two'}", "detector=pilatus300k", "n_images=3", "sweeps=2",
+                "osc_width=0.00125"]) == 0
+    assert sweeps(tmp_path / "two") == [((1, 3), (0.0, 0.00125))] * 2
+
+
+@pytest.mark.parametrize("args, said", [
+    (["osc_width=0"], "osc_width element is less than the minimum allowed value"),
+    (["n_images=abc"], "n_images"),
+    (["unit_cell=1,2,3"], "unit_cell"),
+    (["space_group=P99"], "space_group 'P99': not a space group symbol"),
+    (["unit_cell=10,10,10,90,90,120", "space_group=P4"], "does not have the symmetry of space_group P4"),
+    (["seed=-1"], "seed must be >= 0"),
+    (["prefix=sub/sim"], "without a folder"),
+    (["bad_images=abc:blank"], "bad_images: cannot read 'abc:blank'"),
+    (["n_images=5", "bad_images=30:blank"], "bad_images: image 30 is not in the sweep (images 1-5)"),
+    (["n_images=5", "omit=10"], "omit: image 10 is not in the sweep (images 1-5)"),
+    (["n_images=5", "omit=1:5"], "omit leaves no image of 1-5 to write"),
+    (["sweep { n_images=0 }"], "sweep.n_images"),
+    (["sweep { angles=kappa:abc }"], "sweep angles: cannot read 'kappa:abc'"),
+    (["electron=True", "ed.tracking_every=1"], "ed.tracking_every"),
+])
+def test_bad_parameters_give_one_line_and_write_nothing(tmp_path, capsys, args, said):
+    from dials_gapfill.command_line.simulate_sweep import run
+
+    out = tmp_path / "out"
+    assert run([f"output.directory={out}", "detector=pilatus300k", *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dials.simulate_sweep: error: ") and said in err and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_a_folder_holding_a_sweep_is_refused(tmp_path, capsys):
+    """An image omitted now but written by an earlier run would fill the gap."""
+    from dials_gapfill.command_line.simulate_sweep import run
+
+    assert run([f"output.directory={tmp_path}", "detector=pilatus300k", "n_images=5"]) == 0
+    before = sorted(os.listdir(tmp_path))
+    assert run([f"output.directory={tmp_path}", "detector=pilatus300k", "n_images=5", "omit=3"]) == 1
+    err = capsys.readouterr().err
+    assert "already holds ground_truth.json and 5 image files (sim_0001.cbf, ...)" in err
+    assert sorted(os.listdir(tmp_path)) == before

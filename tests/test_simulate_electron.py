@@ -169,3 +169,17 @@ def test_electron_values_given_equal_to_the_xray_defaults_are_kept(tmp_path):
     assert result.returncode == 0, result.stderr
     truth = json.load(open(tmp_path / "ground_truth.json"))
     assert len(truth["files"]) == 120 and truth["tracking"]["frames"] == []
+
+
+def test_electron_values_from_a_phil_file_and_drift_are_kept(tmp_path):
+    """electron=True: values given in a phil file are the user's, not left
+    at the electron defaults; drift= is passed on."""
+    from dials_gapfill.command_line.simulate_sweep import run
+
+    phil = tmp_path / "ed.phil"
+    phil.write_text("electron=True\nn_images=12\nosc_width=0.5\nprefix=mine\n")
+    out = tmp_path / "out"
+    assert run([str(phil), f"output.directory={out}", "drift=0", "ed.tracking=none"]) == 0
+    truth = json.load(open(out / "ground_truth.json"))
+    assert (truth["config"]["n_images"], truth["config"]["osc_width"], truth["config"]["prefix"]) == (12, 0.5, "mine")
+    assert truth["drift"]["rate"] == 0 and truth["files"][0] == "mine_00001.img"

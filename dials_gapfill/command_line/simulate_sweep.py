@@ -53,6 +53,7 @@ intensities; the rotation axis is the one dxtbx' format class fixes)::
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 PROGRAM = "dials.simulate_sweep"
@@ -176,7 +177,8 @@ electron = False
           "length) 530 mm, wavelength 0.0251 A, unit_cell 7.53,11.15,13.91,90,92.9,90,"
           "space_group P121/n1, mosaicity 0.15, wilson_b 3, intensity_scale 400,"
           "prefix ed (files ed_00001.img, ...). The detector is ed.detector's; bad"
-          "images as for X-rays (truncated, garbage and corrupt break the SMV file)."
+          "images as for X-rays (garbage breaks the SMV file; after truncated and corrupt"
+          "it still reads, with panels of zeros or random counts)."
 ed {
   tracking = *missing defocused none
     .type = choice
@@ -231,7 +233,11 @@ def _parse_bad(values):
             if not token:
                 continue
             image, _, mode = token.partition(":")
-            bad[int(image)] = mode
+            try:
+                bad[int(image)] = mode
+            except ValueError:
+                raise ValueError(f"bad_images: cannot read {token!r}: give image:mode pairs separated "
+                                 "by commas, e.g. bad_images=50:blank,60:zero") from None
     return bad
 
 
@@ -244,7 +250,11 @@ def _parse_angles(values):
             axis, sep, angle = token.partition(":")
             if not sep:
                 raise ValueError(f"sweep angles: {token!r} is not axis:degrees")
-            angles[axis.strip().lower()] = float(angle)
+            try:
+                angles[axis.strip().lower()] = float(angle)
+            except ValueError:
+                raise ValueError(f"sweep angles: cannot read {token!r}: give axis:degrees pairs, "
+                                 "e.g. angles=kappa:40,phi:120") from None
     return angles
 
 
@@ -305,6 +315,7 @@ def ed_config_from_params(params, given_names=None):
         omit=_parse_ranges(params.omit),
         bad_images=_parse_bad(params.bad_images),
         seed=params.seed,
+        drift=params.drift,
         drift_acceleration=params.drift_acceleration,
         detector=params.ed.detector,
         tracking=params.ed.tracking or "none",  # (PHIL reads the choice "none" as None)
@@ -350,6 +361,7 @@ def _run_electron(params, given_names=None):
         config = ed_config_from_params(params, given_names)
     except (ValueError, KeyError) as e:
         raise GapfillError(str(e)) from None
+    _check_empty(params.output.directory)
     truth = simulate_ed(config, params.output.directory)
     tracking = truth["tracking"]
     print(
@@ -359,6 +371,30 @@ def _run_electron(params, given_names=None):
         f"{tracking['mode']}) and ground_truth.json to {params.output.directory}"
     )
     return 0
+
+
+IMAGE_EXTENSIONS = (".cbf", ".img", ".h5", ".nxs")
+
+
+def _check_empty(directory):
+    """Refuse a folder that holds a simulated sweep or images: files of an
+    earlier run would join the new sweep (an image omitted now, written
+    before, would fill the gap in the truth's place)."""
+    import os
+
+    from dials_gapfill.errors import GapfillError
+
+    if not os.path.isdir(directory):
+        return
+    names = os.listdir(directory)
+    images = sorted(n for n in names if n.endswith(IMAGE_EXTENSIONS))
+    held = (["ground_truth.json"] if "ground_truth.json" in names else []) + (
+        [f"{len(images)} image files ({images[0]}, ...)" if len(images) > 1 else images[0]] if images else [])
+    if held:
+        raise GapfillError(
+            f"output.directory {directory} already holds {' and '.join(held)}: give a new "
+            "output.directory, or delete that folder first"
+        )
 
 
 def _sweep_scopes(args):
@@ -402,24 +438,32 @@ def run(args=None):
             print(dials_version())
             print(f"dials-gapfill {__version__}")
             return 0
-        params, options = parser.parse_args(args=args, show_diff_phil=False)
-        if scopes:
-            # "sweep { ... }" arguments, read as a phil file would be: on the command
-            # line each assignment of a multiple scope would make a sweep of its own
-            params = phil.fetch(sources=[parser.phil, *scopes]).extract()
+        try:
+            params, options = parser.parse_args(args=args, show_diff_phil=False)
+            if scopes:
+                # "sweep { ... }" arguments, read as a phil file would be: on the command
+                # line each assignment of a multiple scope would make a sweep of its own
+                params = phil.fetch(sources=[parser.phil, *scopes]).extract()
+        except (RuntimeError, ValueError) as e:  # (PHIL's type and range checks)
+            raise GapfillError(f"{' '.join(str(e).split())}: check the value") from None
         if params.electron:
-            # the names the user gave (a value equal to the X-ray default included)
+            # the names the user gave, on the command line or in a phil file (a
+            # value equal to the X-ray default included)
             interpreter = phil.command_line_argument_interpreter()
             given = set()
             for arg in args:
                 with contextlib.suppress(Exception):  # (not a parameter: DIALS said so above)
-                    given |= {d.path for d in interpreter.process_arg(arg=arg).all_definitions()}
+                    if os.path.isfile(arg):
+                        given |= {d.path for d in iotbx.phil.parse(file_name=arg).all_definitions()}
+                    else:
+                        given |= {d.path for d in interpreter.process_arg(arg=arg).all_definitions()}
             return _run_electron(params, given)
         try:
             config = config_from_params(params)
             multi = multisweep_config_from_params(params)
         except (ValueError, KeyError) as e:
             raise GapfillError(str(e)) from None
+        _check_empty(params.output.directory)
         if multi is not None:
             from dials_gapfill.simulation.multisweep import simulate_sweeps
 

@@ -46,6 +46,7 @@ from dials_gapfill.simulation.simulate import (
     Simulation,
     SimulationConfig,
     _write_atomic,
+    angle_text,
 )
 
 # name -> (pixels fast, pixels slow, dxtbx format class)
@@ -132,7 +133,7 @@ class EDSimulationConfig(SimulationConfig):
         return (round(nx / 2 - 8.6, 2), round(ny / 2 + 7.4, 2))
 
     def filename(self, image: int) -> str:
-        return f"{self.prefix}_{image:05d}.img"
+        return f"{self.prefix}_{image:0{max(5, self.digits)}d}.img"
 
 
 class SMVTimePix:
@@ -187,9 +188,9 @@ class SMVTimePix:
             ("TIME", f"{config.exposure_time:.4f}"),
             ("DISTANCE", f"{config.distance:.4f}"),
             ("TWOTHETA", "0.00"),
-            ("PHI", f"{start:.4f}"),
-            ("OSC_START", f"{start:.4f}"),
-            ("OSC_RANGE", f"{config.osc_width:.4f}"),
+            ("PHI", angle_text(start)),
+            ("OSC_START", angle_text(start)),
+            ("OSC_RANGE", angle_text(config.osc_width)),
             ("WAVELENGTH", f"{config.wavelength:.6f}"),
             ("BEAM_CENTER_X", f"{bx:.4f}"),
             ("BEAM_CENTER_Y", f"{by:.4f}"),

@@ -51,6 +51,7 @@ from dials_gapfill.simulation.simulate import (
     Simulation,
     SimulationConfig,
     _write_atomic,
+    angle_text,
     cbf_binary_section,
     pilatus_gap_mask,
 )
@@ -326,8 +327,8 @@ class FullCBFPilatus:
             f"# Beam_xy ({bx:.2f}, {by:.2f}) pixels",
             "# Flux 0.000000",
             "# Filter_transmission 1.0000",
-            f"# Start_angle {self.angle(config, image, self.scan_axis):.4f} deg.",
-            f"# Angle_increment {config.osc_width:.4f} deg.",
+            f"# Start_angle {angle_text(self.angle(config, image, self.scan_axis))} deg.",
+            f"# Angle_increment {angle_text(config.osc_width)} deg.",
             "# Detector_2theta 0.0000 deg.",
             "# Polarization 0.990",
             "# Alpha 0.0000 deg.",
@@ -335,8 +336,8 @@ class FullCBFPilatus:
         for name, _ in self.axes:
             increment = config.osc_width if name == self.scan_axis else 0.0
             label = name.capitalize()
-            lines.append(f"# {label} {self.angle(config, image, name):.4f} deg.")
-            lines.append(f"# {label}_increment {increment:.4f} deg.")
+            lines.append(f"# {label} {angle_text(self.angle(config, image, name))} deg.")
+            lines.append(f"# {label}_increment {angle_text(increment)} deg.")
         lines += [f"# Oscillation_axis {self.scan_axis.upper()}", "# N_oscillations 1"]
         return "".join(line + "\r\n" for line in lines)
 
@@ -385,7 +386,8 @@ class FullCBFPilatus:
         for name, _ in self.axes:
             width = config.osc_width if name == self.scan_axis else 0.0
             scan_rows.append(
-                f"SCAN1 {_cbf_id(name)} {frame_start[name]:.4f} {width:.4f} {width:.4f} 0.0 0.0 0.0"
+                f"SCAN1 {_cbf_id(name)} {angle_text(frame_start[name])} {angle_text(width)} {angle_text(width)} "
+                "0.0 0.0 0.0"
             )
         scan_rows += [
             "SCAN1 DET_2THETA 0.0000 0.0 0.0 0.0 0.0 0.0",
@@ -403,7 +405,7 @@ class FullCBFPilatus:
              "_diffrn_scan_frame.scan_id", "_diffrn_scan_frame.date",
              values=[(f"FRAME1 {image} {config.exposure_time:.6f} {config.exposure_time:.6f} SCAN1 "
                       f"{_epoch_text(self._time(config, image))}")])
-        frame_rows = [f"FRAME1 {_cbf_id(name)} {frame_start[name]:.4f} 0.0" for name, _ in self.axes]
+        frame_rows = [f"FRAME1 {_cbf_id(name)} {angle_text(frame_start[name])} 0.0" for name, _ in self.axes]
         frame_rows += [
             "FRAME1 DET_2THETA 0.0000 0.0",
             f"FRAME1 DET_Z 0.0 {distance:.4f}",
@@ -526,7 +528,7 @@ class MultiSweepSimulation:
         return {
             "sweep": sim.sweep.index,
             "prefix": c.prefix,
-            "template": f"{c.prefix}_####.cbf",
+            "template": f"{c.prefix}_{'#' * c.digits}.cbf",
             "scan_axis": fmt.scan_axis,
             "angles": {name: fmt.angle(c, c.first_image, name) for name in names},
             "comment": "lab frame: S R(rotation_axis, phi) F U B, S setting_rotation, F fixed_rotation "

@@ -122,6 +122,37 @@ class SimulationConfig:
         self._check_detector()
         if self.n_images < 1 or self.osc_width <= 0:
             raise ValueError("n_images must be >= 1 and osc_width > 0")
+        first, last = self.first_image, self.first_image + self.n_images - 1
+        for what, images in (("omit", self.omit), ("bad_images", sorted(self.bad_images))):
+            outside = [i for i in images if not first <= i <= last]
+            if outside:
+                raise ValueError(f"{what}: image {outside[0]} is not in the sweep (images {first}-{last}): "
+                                 "give image numbers of the sweep")
+        if len(self.omit) >= self.n_images:
+            raise ValueError(f"omit leaves no image of {first}-{last} to write: omit fewer images")
+        if self.seed < 0 or self.noise_seed < 0:
+            raise ValueError("seed must be >= 0")
+        if not self.prefix or os.sep in self.prefix or "/" in self.prefix:
+            raise ValueError(f"prefix {self.prefix!r}: give a file name prefix without a folder "
+                             "(the folder is output.directory)")
+        self._check_symmetry()
+
+    def _check_symmetry(self) -> None:
+        from cctbx import sgtbx, uctbx
+
+        try:
+            group = sgtbx.space_group_info(self.space_group).group()
+        except RuntimeError:
+            raise ValueError(f"space_group {self.space_group!r}: not a space group symbol "
+                             "(e.g. P 21 21 21 or P212121)") from None
+        try:
+            cell = uctbx.unit_cell(self.unit_cell)
+        except RuntimeError:
+            raise ValueError(f"unit_cell {self.unit_cell}: not a unit cell (a, b, c in A, then "
+                             "alpha, beta, gamma in degrees)") from None
+        if not group.is_compatible_unit_cell(cell):
+            raise ValueError(f"unit_cell {self.unit_cell} does not have the symmetry of space_group "
+                             f"{self.space_group}: give a cell with its lattice's lengths and angles")
 
     def _check_detector(self) -> None:
         detector_size(self.detector)
@@ -142,8 +173,14 @@ class SimulationConfig:
         # off-centre by a few pixels, and away from module gaps
         return (round(nx / 2 - 7.3, 2), round(ny / 2 + 11.6, 2))
 
+    @property
+    def digits(self) -> int:
+        """Width of the image numbers in file names: one width for the whole
+        sweep (dxtbx reads sim_9999 and sim_10000 as two templates)."""
+        return max(4, len(str(self.first_image + self.n_images - 1)))
+
     def filename(self, image: int) -> str:
-        return f"{self.prefix}_{image:04d}.cbf"
+        return f"{self.prefix}_{image:0{self.digits}d}.cbf"
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -154,6 +191,14 @@ class SimulationConfig:
 # --------------------------------------------------------------------------
 # miniCBF writing (byte_offset compression by dxtbx)
 # --------------------------------------------------------------------------
+
+
+def angle_text(degrees: float) -> str:
+    """An angle for an image header: four decimals, as detectors write them,
+    or as many as the value needs (0.00125 written 0.0013 would be another
+    scan, and dxtbx would split the sweep where the rounded starts jump)."""
+    short = f"{degrees:.4f}"
+    return short if abs(float(short) - degrees) < 1e-9 else f"{degrees:.10f}".rstrip("0")
 
 
 def _timestamp(config: SimulationConfig, image: int) -> str:
@@ -193,13 +238,13 @@ def cbf_header_text(config: SimulationConfig, image: int) -> str:
         f"# Beam_xy ({bx:.2f}, {by:.2f}) pixels\r\n"
         "# Flux 0.000000\r\n"
         "# Filter_transmission 1.0000\r\n"
-        f"# Start_angle {start:.4f} deg.\r\n"
-        f"# Angle_increment {config.osc_width:.4f} deg.\r\n"
+        f"# Start_angle {angle_text(start)} deg.\r\n"
+        f"# Angle_increment {angle_text(config.osc_width)} deg.\r\n"
         "# Detector_2theta 0.0000 deg.\r\n"
         "# Polarization 0.990\r\n"
         "# Alpha 0.0000 deg.\r\n"
         "# Kappa 0.0000 deg.\r\n"
-        f"# Phi {start:.4f} deg.\r\n"
+        f"# Phi {angle_text(start)} deg.\r\n"
         "# Chi 0.0000 deg.\r\n"
         "# Oscillation_axis X, CW\r\n"
         "# N_oscillations 1\r\n"
