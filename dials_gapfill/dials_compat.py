@@ -9,6 +9,7 @@ DIALS' own behaviour.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import re
 
@@ -644,6 +645,26 @@ def integration_algorithms_set(algorithms):
 # --------------------------------------------------------------------------
 # Export: MTZ batches of several sweeps
 # --------------------------------------------------------------------------
+
+
+def models_to_export(experiments):
+    """The experiments for DIALS' MTZ export, each with its own copies of the
+    models dials.util.export_mtz.convert_to_cambridge turns into its frame in
+    place (it copies only the models experiments share): the run's models
+    stay in the laboratory frame, and each file written gets them once.  The
+    rest is shared (a scaling model cannot be deep-copied).  On a DIALS that
+    leaves them alone, the copies cost a little memory."""
+    from dxtbx.model.experiment_list import ExperimentList
+
+    out = ExperimentList()
+    for exp in experiments:
+        new = copy.copy(exp)
+        for name in ("crystal", "beam", "detector", "goniometer"):
+            model = getattr(exp, name)
+            if model is not None:
+                setattr(new, name, copy.deepcopy(model))
+        out.append(new)
+    return out
 
 
 @contextlib.contextmanager

@@ -317,3 +317,38 @@ def test_the_closing_line_counts_every_image_of_a_stage_that_ended():
     assert re.match(r"integration \(integrating\): 3/30 images \(10 %\), \d+ s elapsed", count.line())
     assert re.match(r"integration \(integrating\): 30/30 images \(100 %\), stage done in \d+ s",
                     count.line(final=True))
+
+
+def test_records_a_worker_hands_back_are_not_counted_again():
+    """DIALS' workers give their log records back to the parent at the end of
+    a job, where they are handled again (dials.util.log.
+    rehandle_cached_records): counted once, in the (forked) worker that made
+    them; those of a process without the filter (a cluster job) where they
+    come back."""
+    import pickle
+
+    from dials.util.log import rehandle_cached_records
+
+    from dials_gapfill.handlers.progress import _Marks
+
+    marks = _Marks([(1, 15)] * 4)
+    finder = logging.getLogger("dials.algorithms.spot_finding.finder")
+    level = finder.level
+    finder.setLevel(logging.DEBUG)
+    try:
+        with marks.attached():
+            made = [finder.makeRecord(finder.name, logging.DEBUG, __file__, 0, "Found %d strong pixels on image %d",
+                                      (3, n), None) for n in range(1, 16)]
+            for record in made:
+                finder.handle(record)  # (made in this process)
+            assert marks.count("Found") == 15
+            # back from the worker (pickled, as multiprocessing hands them back)
+            rehandle_cached_records([pickle.loads(pickle.dumps(r)) for r in made])
+            assert marks.count("Found") == 15
+            # a cluster job's records: made where no filter counted them
+            rehandle_cached_records([finder.makeRecord(finder.name, logging.DEBUG, __file__, 0,
+                                                       "Found %d strong pixels on image %d", (3, n), None)
+                                     for n in range(1, 16)])
+    finally:
+        finder.setLevel(level)
+    assert marks.count("Found") == 30

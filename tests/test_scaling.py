@@ -584,7 +584,8 @@ def test_a_block_dials_symmetry_cannot_use_does_not_send_the_run_to_p1():
         assert (a - b).length() < 1e-3 * a.length()
 
 
-def test_writing_mtz_files_leaves_the_crystal_models_as_they_were(tmp_path):
+@pytest.mark.parametrize("which", ["complete", "gapped"])  # (scaled with KB; with the physical model)
+def test_writing_mtz_files_leaves_the_crystal_models_as_they_were(tmp_path, which):
     """DIALS' MTZ export turns the models it is given into the Cambridge frame
     in place.  On the four wedges as integrated once: after integrated.mtz,
     the per-block MTZs and the scaled data are written, every block's
@@ -600,7 +601,12 @@ def test_writing_mtz_files_leaves_the_crystal_models_as_they_were(tmp_path):
     from dials_gapfill.stages.export import export
     from dials_gapfill.stages.scaling import scale
 
-    experiments, reflections = _stored_wedges()
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", which)
+    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
 
     def models():
         return [(list(e.crystal.get_A()), [list(e.crystal.get_A_at_scan_point(i)) for i in range(e.crystal.num_scan_points)],
@@ -615,6 +621,7 @@ def test_writing_mtz_files_leaves_the_crystal_models_as_they_were(tmp_path):
     (scaled, _), record = scale(experiments, reflections, params, outputs)
     outputs.commit()
     assert models() == before
+    assert record.scaling["model"]["used"] == {"complete": "KB", "gapped": "KB, physical"}[which]
 
     def umats(path):
         return {b.number: np.array(list(b.floats)[6:15]).reshape(3, 3) for b in gemmi.read_mtz_file(str(path)).batches}

@@ -192,7 +192,14 @@ class _Marks(logging.Filter):
 
     def filter(self, record):
         msg = record.msg
+        # a worker's records come back to the parent when its job ends and are
+        # handled there again (dials.util.log.rehandle_cached_records): a record
+        # counted in a forked worker (which has this filter) carries the mark
+        # back; one from a cluster job's process is counted here
+        if getattr(record, "gapfill_counted", False):
+            return True
         if isinstance(msg, str) and "on image %d" in msg:
+            record.gapfill_counted = True
             try:
                 kind = msg.split(None, 1)[0]
                 image = record.args[1] if kind == "Found" else record.args[-1]

@@ -65,12 +65,10 @@ def write_mtz(reflections, experiments, params, path, intensity=None, offsets=No
         setattr(ep.mtz, name, copy.deepcopy(getattr(params.mtz, name)))
     ep.mtz.hklout = path
     ep.intensity = list(intensity or params.mtz.intensity)
-    # copies: DIALS turns the models it is given into the Cambridge frame in
-    # place (export_mtz.convert_to_cambridge copies only models experiments share)
     try:
         with dials_compat.mtz_batch_offsets(offsets) if offsets else contextlib.nullcontext(), \
                 dials_compat.crystals_differ_explained():
-            dials_export_mtz(ep, copy.deepcopy(experiments), [copy.deepcopy(reflections)])
+            dials_export_mtz(ep, dials_compat.models_to_export(experiments), [copy.deepcopy(reflections)])
     except (ValueError, AssertionError, RuntimeError) as e:
         raise GapfillError(
             f"MTZ export failed: {one_line(e, 200)}: check mtz.*"

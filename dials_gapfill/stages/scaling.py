@@ -795,7 +795,7 @@ def _write_outputs(params, scaled, outputs, batch_offsets, esd, summary, record)
         ep.mtz.hklout = path
         with dials_compat.mtz_batch_offsets(offsets) if offsets else contextlib.nullcontext(), \
                 dials_compat.crystals_differ_explained():
-            export_mtz(ep, copy.deepcopy(experiments), [joint])  # (it turns them in place)
+            export_mtz(ep, dials_compat.models_to_export(experiments), [joint])
 
     n_scaled = iotbx.mtz.object(outputs.write(out.scaled_mtz, write_unmerged)).n_reflections()
     record.files.append({"name": out.scaled_mtz, "kind": "scaled unmerged mtz", "reflections": n_scaled})
