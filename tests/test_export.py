@@ -154,3 +154,28 @@ def test_snase_batches_are_image_numbers(snase_processed):
         assert b["indexed_fraction"] > 0.95, b
         assert b["rmsd_scan_varying"]["x"] < 0.6 and b["rmsd_scan_varying"]["y"] < 0.6
         assert b["rmsd_scan_varying"]["phi"] < 0.3
+
+
+def test_a_sweep_whose_files_start_at_image_0(tmp_path):
+    """MTZ batches start at 1: a sweep with an image 0 has BATCH = image + 1
+    in every block (DIALS' own numbering shifts only the block that starts at
+    0), as its batch offset in the JSON says; image 0 can be excluded."""
+    from conftest import process_ok
+
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
+
+    images = str(tmp_path / "images")
+    simulate(SimulationConfig(n_images=24, first_image=0, osc_width=1.0, detector="pilatus300k", distance=150.0,
+                              omit=(10, 11), seed=42), images)
+    out = str(tmp_path / "out")
+    result = process_ok(images, out, "exclude_images=0")
+    summary = json.load(open(os.path.join(out, "dials.process_gapped.json")))
+    assert [s["batch_offset"] for s in summary["sweeps"]] == [1]
+    assert [(b["first"], b["last"]) for b in summary["blocks"]] == [(1, 9), (12, 23)]
+    assert {"image": 0, "reason": "gaps.exclude_images"}.items() <= summary["excluded_images"][0].items()
+    assert "MTZ batches:   2-10, 13-24 (image number + 1: MTZ batches start at 1)" in result.stdout
+    combined = {b.number for b in gemmi.read_mtz_file(os.path.join(out, "integrated.mtz")).batches}
+    assert combined == {n + 1 for n in list(range(1, 10)) + list(range(12, 24))}
+    for number, (first, last) in enumerate([(1, 9), (12, 23)], start=1):
+        block = gemmi.read_mtz_file(os.path.join(out, f"integrated_{number}.mtz"))
+        assert {b.number for b in block.batches} == set(range(first + 1, last + 2)), number

@@ -25,16 +25,16 @@ def exclusion_ranges(values) -> list[tuple[int | None, int, int]]:
                 parts = token.split(":")
                 if len(parts) > 3 or not all(re.fullmatch(r"\d+", p) for p in parts):
                     raise GapfillError(
-                        f"gaps.exclude_images: cannot read {token!r}: give 1-based image "
-                        "numbers and first:last ranges separated by commas, e.g. "
+                        f"gaps.exclude_images: cannot read {token!r}: give image "
+                        "numbers (as the files number them) and first:last ranges separated by commas, e.g. "
                         f"{EXAMPLE} (sweep:first:last with several sweeps)"
                     )
                 numbers = [int(p) for p in parts]
                 sweep = numbers.pop(0) if len(numbers) == 3 else None
                 first, last = numbers[0], numbers[-1]
-                if last < first or first < 1:
+                if last < first:  # (image 0 is an image where a sweep's files start at 0)
                     raise GapfillError(
-                        f"gaps.exclude_images: range {token!r} is empty or starts below 1: "
+                        f"gaps.exclude_images: range {token!r} is empty: "
                         "write ranges as first:last with first <= last, e.g. 41:45"
                     )
                 if sweep is not None and sweep < 1:

@@ -90,6 +90,10 @@ def summary_text(report, directory=None) -> str:
         first, last = report.inputs.get("image_range", ["?", "?"])
         of = f"{first}-{last}"
     lines.append(f"Blocks:        {len(report.blocks)} ({n_images} images used of {of})")
+    if not several and report.sweeps and report.sweeps[0].get("batch_offset"):
+        offset = report.sweeps[0]["batch_offset"]
+        lines.append(f"MTZ batches:   {_batches(report, report.sweeps[0])} (image number + {offset}: "
+                     "MTZ batches start at 1)")
     lines.append(
         "Totals:        "
         f"{sum(b.stats.get('spots', 0) for b in report.blocks)} strong spots, "

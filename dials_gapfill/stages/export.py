@@ -12,7 +12,9 @@ so export_mtz numbers batches by image number; the blocks of a sweep hold
 different image numbers (a gap separates them, or a folder where the
 sweep's files go on), so batches cannot collide.  Several sweeps overlap in image
 numbers: each sweep's blocks take its offset (Sweeps.batch_offsets, DIALS'
-rule: 1-15, 101-115, 201-215, ...).  integrated.expt keeps dxtbx' offsets, so
+rule: 1-15, 101-115, 201-215, ...).  A sweep with an image 0 takes offset 1
+for all its blocks (MTZ batches start at 1; DIALS' own numbering would shift
+only the block that starts at 0).  integrated.expt keeps dxtbx' offsets, so
 DIALS programs can read and re-slice it as usual.
 """
 
@@ -82,7 +84,7 @@ def export(experiments, reflections, params, outputs, sweeps=None) -> Record:
     out = params.output
     mtz_experiments = image_number_batches(experiments)
     offsets = None
-    if sweeps is not None and len(sweeps) > 1:
+    if sweeps is not None:  # (one sweep: 0, or 1 where it has an image 0: MTZ batches start at 1)
         by_sweep = sweeps.batch_offsets()
         offsets = [by_sweep[sweeps.sweep_of(e).number] for e in experiments]
     files = record.files

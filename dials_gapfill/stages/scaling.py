@@ -977,7 +977,7 @@ def write_shelx(ep, experiments, joint, name, outputs, esd=None) -> list:
 
 def run(state) -> Record:
     offsets = None
-    if state.sweeps is not None and len(state.sweeps) > 1:
+    if state.sweeps is not None:  # (as the export numbers them)
         by_sweep = state.sweeps.batch_offsets()
         offsets = {e.identifier: by_sweep[state.sweeps.sweep_of(e).number] for e in state.experiments}
     with warnings.catch_warnings():
