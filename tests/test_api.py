@@ -147,11 +147,40 @@ def test_api_refuses_import_options_with_experiments(tiny, param, expected, tmp_
 
 
 def test_api_takes_the_tolerances_with_experiments(tiny_sweeps):
-    """input.tolerance.* decides which models the blocks share: it applies."""
-    from dials_gapfill.api import check_experiments_params
-    from dials_gapfill.phil import params_from
+    """input.tolerance.* decides which models the blocks of experiments given
+    to the API share: two blocks whose wavelengths differ by 5e-6 A share one
+    beam within input.tolerance.beam.wavelength=1e-5 and are refused as mixed
+    wavelengths within 1e-7."""
+    import copy
+    import glob
 
-    check_experiments_params(params_from(["input.tolerance.beam.wavelength=1e-5", "exclude_images=3"]))
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.api import check_experiments_params
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages.importer import adopt_experiments
+
+    folder = tiny_sweeps.make(omit=range(15, 18), name="tolerance")
+
+    def blocks():
+        files = sorted(glob.glob(os.path.join(folder, "*.cbf")))
+        experiments = ExperimentListFactory.from_filenames(files)
+        assert [e.scan.get_image_range() for e in experiments] == [(1, 14), (18, 40)]
+        beam = copy.deepcopy(experiments[1].beam)  # (dxtbx gave both blocks one beam)
+        beam.set_wavelength(beam.get_wavelength() + 5e-6)
+        experiments[1].beam = beam
+        experiments[1].imageset.set_beam(beam)
+        assert experiments[0].beam is not experiments[1].beam
+        return experiments
+
+    loose = params_from(["input.tolerance.beam.wavelength=1e-5"])
+    check_experiments_params(loose)
+    sweeps, _ = adopt_experiments(blocks(), loose)
+    (sweep,) = sweeps.sweeps
+    assert len(sweep.sources) == 2 and sweep.sources[0].beam is sweep.sources[1].beam
+    with pytest.raises(GapfillError, match="mixed wavelengths or beams: images 1-14 and 18-40 differ"):
+        adopt_experiments(blocks(), params_from(["input.tolerance.beam.wavelength=1e-7"]))
 
 
 def test_api_validates_parameters_first(tmp_path, monkeypatch):

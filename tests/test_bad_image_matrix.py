@@ -1,7 +1,7 @@
 """Bad images wherever they sit, whatever the input: every kind of bad image in
 every position a user meets (first block, a later block, the first image after
-a gap, the last image before a gap), from a file list, a template and a NeXus
-file, is found, named and cut out exactly as if the user had excluded it by
+a gap, the last image before a gap, the sweep's first and last images, two
+side by side), from a file list, a template and a NeXus file, is found, named and cut out exactly as if the user had excluded it by
 hand: same blocks, same statuses, and the same spot table, row for row.
 
 The cells run the pipeline's first stages (import, spot finding, bad images)
@@ -54,14 +54,17 @@ def _inputs(folder, how):
 
 
 def _assert_same(auto, manual, image, reason):
+    """`image`: the bad image's number, or a tuple of them."""
+    bad = image if isinstance(image, tuple) else (image,)
     blocks = lambda s: [e.scan.get_image_range() for e in s.experiments]  # noqa: E731
     assert blocks(auto) == blocks(manual)
     not_used = {e["image"]: e for e in auto.report.excluded}
-    assert not_used[image]["status"] == "bad" and not_used[image]["by"] == "auto"
-    assert not_used[image]["reason"].startswith(reason), not_used[image]
-    others = {n: (e["status"], e["reason"]) for n, e in not_used.items() if n != image}
+    for n in bad:
+        assert not_used[n]["status"] == "bad" and not_used[n]["by"] == "auto"
+        assert not_used[n]["reason"].startswith(reason), not_used[n]
+    others = {n: (e["status"], e["reason"]) for n, e in not_used.items() if n not in bad}
     assert others == {n: (e["status"], e["reason"]) for n, e in
-                      ((e["image"], e) for e in manual.report.excluded) if n != image}
+                      ((e["image"], e) for e in manual.report.excluded) if n not in bad}
     a, m = auto.reflections, manual.reflections
     assert len(a) == len(m) > 1000
     assert list(a["id"]) == list(m["id"])
@@ -94,6 +97,28 @@ def test_bad_image_equals_exclusion_by_hand(sweeps, manual_runs, kind, position,
     images, phil = _inputs(folder, how)
     auto = _first_stages(images, *phil)
     _assert_same(auto, manual_runs(how, image), image, KINDS[kind])
+
+
+# the sweep's own ends (neighbours on one side only) and two bad images side
+# by side; from a file list (the input path does not depend on the position)
+ENDS = {"first image": 1, "last image": 20}
+
+
+@pytest.mark.parametrize("position", ENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_image_at_a_sweep_end_equals_exclusion_by_hand(sweeps, manual_runs, kind, position):
+    image = ENDS[position]
+    folder = sweeps.make(omit=GAP, bad={image: kind}, name=f"{kind}_{image}")
+    images, phil = _inputs(folder, "file list")
+    _assert_same(_first_stages(images, *phil), manual_runs("file list", image), image, KINDS[kind])
+
+
+@pytest.mark.parametrize("kind", ["blank", "flare", "truncated"])
+def test_two_bad_images_side_by_side_equal_exclusion_by_hand(sweeps, kind):
+    folder = sweeps.make(omit=GAP, bad={3: kind, 4: kind}, name=f"{kind}_3_4")
+    images, phil = _inputs(folder, "file list")
+    clean, _ = _inputs(sweeps.make(omit=GAP, name="clean"), "file list")
+    _assert_same(_first_stages(images, *phil), _first_stages(clean, "exclude_images=3:4"), (3, 4), KINDS[kind])
 
 
 @pytest.fixture(scope="module")

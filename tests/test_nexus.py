@@ -280,3 +280,39 @@ def test_a_nexus_file_whose_header_says_zero_width(nexus_sweep, tmp_path):
     assert "geometry.scan.oscillation" in str(e.value), str(e.value)
     experiments, _ = _import(path, "geometry.scan.oscillation=0,0.5")
     assert [x.scan.get_image_range() for x in experiments] == [(1, 12)]
+
+
+@pytest.mark.slow
+def test_a_nexus_sweep_to_the_mtz_equals_its_cbf_files(tmp_path):
+    """The same simulated images as one NeXus file and as CBF files, with a
+    flare frame (found) and images 8-9 excluded: the same blocks, the same
+    cell, the same integrated intensities, and MTZ batches the image numbers."""
+    import gemmi
+    from dials.array_family import flex
+
+    from conftest import process_ok
+    from dials_gapfill.simulation.nexus_writer import simulate_nexus
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
+
+    config = dict(n_images=24, osc_width=1.0, detector="pilatus300k", distance=150.0, seed=42, bad_images={15: "flare"})
+    runs = {}
+    for kind, write in (("nexus", simulate_nexus), ("cbf", simulate)):
+        images = str(tmp_path / kind)
+        write(SimulationConfig(**config), images)
+        out = str(tmp_path / f"{kind}_out")
+        process_ok(os.path.join(images, "sim_master.h5") if kind == "nexus" else images, out, "exclude_images=8:9")
+        with open(os.path.join(out, "dials.process_gapped.json")) as fh:
+            summary = json.load(fh)
+        runs[kind] = (summary, flex.reflection_table.from_file(os.path.join(out, "integrated.refl")),
+                      gemmi.read_mtz_file(os.path.join(out, "integrated.mtz")))
+    (nexus, nexus_refl, nexus_mtz), (cbf, cbf_refl, cbf_mtz) = runs["nexus"], runs["cbf"]
+    assert [(b["first"], b["last"]) for b in nexus["blocks"]] == [(1, 7), (10, 14), (16, 24)]
+    assert [e["image"] for e in nexus["excluded_images"]] == [e["image"] for e in cbf["excluded_images"]] == [8, 9, 15]
+    assert [b["integrated"] for b in nexus["blocks"]] == [b["integrated"] for b in cbf["blocks"]]
+    assert nexus["totals"]["integrated"] > 5000
+    assert np.allclose(nexus["crystal"]["final"]["unit_cell"], cbf["crystal"]["final"]["unit_cell"], rtol=1e-9, atol=1e-9)
+    assert list(nexus_refl["miller_index"]) == list(cbf_refl["miller_index"])
+    assert np.allclose(nexus_refl["intensity.sum.value"].as_numpy_array(), cbf_refl["intensity.sum.value"].as_numpy_array())
+    images = set(range(1, 25)) - {8, 9, 15}
+    assert {b.number for b in nexus_mtz.batches} == {b.number for b in cbf_mtz.batches} == images
+    assert nexus_mtz.nreflections == cbf_mtz.nreflections > 4000

@@ -138,7 +138,7 @@ def test_two_runs_give_the_same_mtz(tiny_sweeps, tmp_path):
     while (start := a.find(b"COLSRC", start + 1)) > 0:
         stamps.append(start)
     assert stamps[0] > 0 and len(stamps) == 1 + 17  # 17 columns
-    assert differ and all(any(s <= i < s + 80 for s in stamps) for i in differ), differ[:5]
+    assert all(any(s <= i < s + 80 for s in stamps) for i in differ), differ[:5]  # (the time stamps only)
     ma, mb = (gemmi.read_mtz_file(os.path.join(o, "integrated.mtz")) for o in outs)
     assert np.array_equal(np.array(ma, copy=False), np.array(mb, copy=False))
     for name in ("integrated.expt",):

@@ -168,8 +168,9 @@ def runs(slurm, sweep, tmp_path_factory, job_folder):
     t1 = time.time()
     args, proc = _start(sweep, on_slurm, f"mp.cluster.log_directory={job_folder}")
     assert _wait_for(proc, on_slurm, INTEGRATION_SUBMITTED), proc.communicate()
-    time.sleep(1.0)
-    running = _running_jobs()
+    deadline = time.time() + 120  # (the jobs start when Slurm schedules them)
+    while not (running := _running_jobs()) and time.time() < deadline:
+        time.sleep(0.5)
     assert running
     subprocess.run(["scancel", "--full", "--signal=KILL", running[0]], check=True)
     stdout, stderr = proc.communicate(timeout=900)
@@ -239,8 +240,9 @@ def test_slurm_run_equals_local_run(runs, slurm, job_folder):
     assert stages == {"spot finding", "integration"}, lines
     jobs = {j.strip() for _, _, ids in lines for j in ids.split(",")}
     assert ("integration", "3", ) == next((s, n) for s, n, _ in lines if s == "integration")
-    time.sleep(2)  # the record is written when the job ends
-    records = _records(slurm)
+    deadline = time.time() + 60  # the record is written when the job ends
+    while not jobs <= set(records := _records(slurm)) and time.time() < deadline:
+        time.sleep(0.5)
     for job in jobs:
         assert job in records, (job, sorted(records))
         assert records[job]["Name"] == "dials-gapfill"
