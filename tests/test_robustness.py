@@ -117,6 +117,15 @@ def test_small_blocks_do_not_stop_the_run(one_image_block, tmp_path, mode):
         assert single["profile"] == "summation only" and single["profile_fitted"] == 0
         assert any("summation intensities" in w for w in summary["warnings"])
     assert any("given twice" in w for w in summary["warnings"])
+    # the per-block crystals index in one basis: the partials cut by the
+    # gaps are combined (gap_partials=combine, the default), none left apart
+    from dials.array_family import flex
+
+    from dials_gapfill.stages.integration import gap_partial_pairs
+
+    reflections = flex.reflection_table.from_file(os.path.join(out, "integrated.refl"))
+    assert summary["totals"]["gap_combined"] == reflections["gap_combined"].count(True) > 50
+    assert gap_partial_pairs(_experiments(out), reflections) == []
 
 
 def test_two_runs_give_the_same_mtz(tiny_sweeps, tmp_path):
