@@ -296,3 +296,21 @@ def test_a_folder_holding_a_sweep_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already holds ground_truth.json and 5 image files (sim_0001.cbf, ...)" in err
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_the_comparison_of_two_runs_keeps_the_blocks_of_several_sweeps_apart():
+    """Four sweeps of images 1-15 (the L-cysteine wedges as integrated once):
+    four blocks of the same image numbers, each compared with its own."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.simulation.compare import compare
+
+    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
+    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    assert [e.scan.get_image_range() for e in experiments] == [(1, 15)] * 4
+    result = compare(experiments, reflections, experiments, reflections)
+    assert [(b["sweep"], b["images"]) for b in result["blocks"]] == [(k, [1, 15]) for k in (1, 2, 3, 4)]
+    assert result["integrated_a"] == result["integrated_b"] == len(reflections)
+    assert result["count_rel_diff"] == 0 and result["cell_rel_diff_max"] == 0

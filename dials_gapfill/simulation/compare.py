@@ -44,22 +44,34 @@ def _corrected(refl, i):
 
 
 def _index(experiments, reflections, basis=None):
-    """{(block image range, h, k, l, image): (I, sigma)} of profile-fitted reflections."""
+    """{(block key, h, k, l, image): (I, sigma)} of profile-fitted reflections."""
     out = {}
     prf = reflections.get_flags(reflections.flags.integrated_prf)
+    keys = _block_keys(experiments)
     ids = reflections["id"]
     hkl = reflections["miller_index"]
     z = reflections["xyzcal.px"].parts()[2]
     for i in range(len(reflections)):
         if not prf[i]:
             continue
-        exp = experiments[ids[i]]
         h = hkl[i]
         if basis is not None:
             h = tuple(int(round(v)) for v in (basis[ids[i]] * __import__("scitbx").matrix.col(h)).elems)
-        key = (exp.scan.get_image_range(), tuple(h), int(math.floor(z[i])))
+        key = (keys[ids[i]], tuple(h), int(math.floor(z[i])))
         out[key] = _corrected(reflections, i)
     return out
+
+
+def _block_keys(experiments) -> list:
+    """Each block's key in either run: (its sweep, its image range); several
+    sweeps have blocks of the same image numbers.  A sweep is a file template,
+    numbered in the order of the templates' names (the runs' folders, even
+    their formats, may differ)."""
+    def template(e):
+        return os.path.basename((e.imageset.get_template() if e.imageset is not None else "") or "")
+
+    sweeps = {name: k for k, name in enumerate(sorted({template(e) for e in experiments}), start=1)}
+    return [(sweeps[template(e)], tuple(e.scan.get_image_range())) for e in experiments]
 
 
 def _pearson(x, y):
@@ -73,10 +85,10 @@ def _pearson(x, y):
 
 def compare(experiments_a, reflections_a, experiments_b, reflections_b, min_isigma=3.0) -> dict:
     """Numbers comparing run b with run a (a is the reference)."""
-    blocks_a = {e.scan.get_image_range(): i for i, e in enumerate(experiments_a)}
-    blocks_b = {e.scan.get_image_range(): i for i, e in enumerate(experiments_b)}
+    blocks_a = {key: i for i, key in enumerate(_block_keys(experiments_a))}
+    blocks_b = {key: i for i, key in enumerate(_block_keys(experiments_b))}
     common = sorted(set(blocks_a) & set(blocks_b))
-    result = {"blocks_a": sorted(blocks_a), "blocks_b": sorted(blocks_b), "blocks": []}
+    result = {"blocks_a": sorted(r for _, r in blocks_a), "blocks_b": sorted(r for _, r in blocks_b), "blocks": []}
     basis = {}
     for r in common:
         ea, eb = experiments_a[blocks_a[r]], experiments_b[blocks_b[r]]
@@ -93,7 +105,8 @@ def compare(experiments_a, reflections_a, experiments_b, reflections_b, min_isig
         ang = [abs(x - y) for x, y in zip(ca[3:], cb[3:])] if same_basis else None
         result["blocks"].append(
             {
-                "images": list(r),
+                "sweep": r[0],
+                "images": list(r[1]),
                 "cell_a": ca,
                 "cell_b": cb,
                 "cell_rel_diff_max": max(rel) if rel else None,
