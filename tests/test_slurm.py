@@ -594,3 +594,39 @@ def test_a_cluster_that_cannot_start_leaves_the_process_as_it_was(tmp_path, monk
     assert dask.config.get("distributed.scheduler.allowed-failures") == allowed
     assert {name: list(logging.getLogger(name).filters) for name in filters} == filters
     assert [p for p in glob.glob(os.path.join(str(tmp_path), "**", "cluster-*"), recursive=True)] == []
+
+
+@pytest.mark.slow
+def test_a_block_without_reference_spots_on_the_jobs_is_integrated_by_summation(slurm, sweep, job_folder, caplog):
+    """As locally (test_hostile.py): a block none of whose reference spots is
+    left fails on its job with DIALS' "no reference" error; it is integrated
+    on its own by summation, with the other blocks' profile parameters, and
+    kept in its place."""
+    import logging
+
+    from dials_gapfill import cluster, pipeline
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages import integration
+
+    state = pipeline.Pipeline(params_from(["nproc=1"]), [sweep]).run(stop_before="integration")
+    assert [e.scan.get_image_range() for e in state.experiments] == [(1, 10), (12, 21), (23, 32)]
+    reference = state.reflections
+    second = reference["id"] == 1
+    assert second.count(True) > 100
+    reference.set_flags(second, reference.flags.bad_for_refinement)
+    params = params_from(["nproc=1", *SLURM, f"mp.cluster.log_directory={job_folder}"])
+    caplog.set_level(logging.INFO)
+    try:
+        experiments, reflections, record = integration.integrate(
+            state.experiments, reference, params, state.sweeps, "per_block")
+    finally:
+        cluster.close()
+    assert [e.scan.get_image_range() for e in experiments] == [(1, 10), (12, 21), (23, 32)]
+    assert "Block of images 12-21: none of its reference spots matched a prediction" in caplog.text
+    prf = reflections.get_flags(reflections.flags.integrated_prf)
+    summed = reflections.get_flags(reflections.flags.integrated_sum)
+    mine = reflections["id"] == 1
+    assert (mine & summed).count(True) > 500 and (mine & prf).count(True) == 0
+    assert (~mine & prf).count(True) > 1000
+    assert record.blocks[experiments[1].identifier]["profile"] == "summation only"
+    assert _queue_drains() and os.listdir(job_folder) == []

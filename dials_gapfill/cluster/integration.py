@@ -70,20 +70,27 @@ def integrate(ip, experiments, reference, params):
     k = frame_range_jobs(len(experiments), params.mp.njobs)
     if k > 1:
         return _integrate_frame_ranges(ip, experiments, reference, s, k)
-    tasks = []
+    tasks, sent = [], []
+    left_out = []
     for i, exp in enumerate(experiments):
         ref = reference.select(reference["id"] == i)
+        if not _usable_reference(ref).count(True):
+            # DIALS' run over all blocks leaves such a block out ("Zero
+            # reference spots were matched"); on its own, DIALS stops at an
+            # assertion (an empty table): it is left out here, as there
+            left_out.append(f"{NO_REFERENCE[1]} for the block of images {exp.scan.get_image_range()}")
+            continue
         ids = ref.experiment_identifiers()
         for key in list(ids.keys()):
             del ids[key]
         ref["id"] = flex.int(len(ref), 0)
         ref.experiment_identifiers()[0] = exp.identifier
         tasks.append((ExperimentList([exp]).to_dict(), ref))
-    results = s.map(_integrate_task, tasks, "integration", shared=ip)
+        sent.append(exp)
+    results = s.map(_integrate_task, tasks, "integration", shared=ip) if tasks else []
     tables = []
     kept = []
-    left_out = []
-    for exp, result in zip(experiments, results):
+    for exp, result in zip(sent, results):
         replay(result[-1])
         if result[0] == "error":
             _, kind, message, _ = result
@@ -103,6 +110,15 @@ def integrate(ip, experiments, reference, params):
     if not kept and left_out:  # (none has a reference spot: as DIALS' run over all blocks)
         raise ValueError(left_out[0])
     return ExperimentList(kept), join_blocks(tables, ExperimentList(kept))
+
+
+def _usable_reference(reference):
+    """The rows DIALS' integrator keeps as reference spots
+    (dials.command_line.integrate.process_reference): indexed, not bad for
+    refinement, hkl not 0,0,0."""
+    return (reference.get_flags(reference.flags.indexed)
+            & ~reference.get_flags(reference.flags.bad_for_refinement, all=False)
+            & (reference["miller_index"] != (0, 0, 0)))
 
 
 def _integrate_task(ip, task):

@@ -312,6 +312,10 @@ def _integrate_removed(ip, given, removed, done, reflections):
     g.sigma_m = sum(e.profile.sigma_m(deg=True) for e in done) / len(done)
     sp.integration.profile.fitting = False
     sp.create_profile_model = False
+    if sp.integration.mp.method != "multiprocessing":
+        # a cluster run: the block is integrated here, not through DIALS' own
+        # cluster route (libtbx' queuing system)
+        sp.integration.mp.method, sp.integration.mp.njobs, sp.integration.mp.nproc = "multiprocessing", 1, 1
     tables, order = [reflections], list(done)
     for exp in removed:
         logger.warning(
