@@ -331,7 +331,8 @@ mp
             "drmaa (DIALS' own route) does not work with DIALS 3.12 and is refused."
   njobs = 1
     .type = int(value_min=1)
-    .help = "Number of cluster jobs (with a cluster method)."
+    .help = "Number of cluster jobs (with a cluster method only; on this machine"
+            "mp.nproc sets the processes)."
   # --- cluster (dials_gapfill/cluster.py) ---
   cluster
     .help = "The jobs of mp.method=slurm|sge|pbs|lsf (dask-jobqueue)."

@@ -309,6 +309,13 @@ def _check_spotfinder(params) -> None:
 def _check_mp(params) -> None:
     """mp.method: a cluster route that cannot work stops here (dials_gapfill/cluster.py)."""
     if _get(params, "mp.method") in (None, "multiprocessing"):
+        njobs = _get(params, "mp.njobs")
+        if njobs not in (None, 1):
+            # (DIALS' spot finder refuses njobs > 1 without a cluster method, late)
+            raise GapfillError(
+                f"mp.njobs={njobs} is the number of cluster jobs: give a cluster method with it "
+                "(mp.method=slurm, sge, pbs or lsf), or leave it out (mp.nproc sets the processes on this machine)"
+            )
         return
     from dials_gapfill import cluster
     cluster.check(params)

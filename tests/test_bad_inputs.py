@@ -216,6 +216,10 @@ def _case_nproc_negative(tiny, tmp_path):
     return [tiny, "nproc=-2"], ["mp.nproc", "minimum"]
 
 
+def _case_njobs_without_a_cluster(tiny, tmp_path):
+    return [tiny, "mp.njobs=2"], ["mp.njobs=2 is the number of cluster jobs", "mp.method=slurm"]
+
+
 def _case_phil_file_missing(tiny, tmp_path):
     return [tiny, str(tmp_path / "missing.phil")], ["no such parameter file", "missing.phil"]
 
