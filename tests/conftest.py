@@ -45,6 +45,22 @@ def summation_against_truth(reflections, truth):
     return against(reflections, truth)
 
 
+def assert_block_integrated_by_summation(experiments, reflections, record, log, blocks, k, n_summed):
+    """Integration's result where block k (from 0) had no reference spot left:
+    the blocks in their places (`blocks`: image ranges), block k said and
+    integrated by summation only (more than n_summed), the others profile
+    fitted."""
+    assert [e.scan.get_image_range() for e in experiments] == blocks
+    first, last = blocks[k]
+    assert f"Block of images {first}-{last}: none of its reference spots matched a prediction" in log
+    prf = reflections.get_flags(reflections.flags.integrated_prf)
+    summed = reflections.get_flags(reflections.flags.integrated_sum)
+    mine = reflections["id"] == k
+    assert (mine & summed).count(True) > n_summed and (mine & prf).count(True) == 0
+    assert (~mine & prf).count(True) > 1000
+    assert record.blocks[experiments[k].identifier]["profile"] == "summation only"
+
+
 def tool(name):
     """Path of a console script installed with this package (or on PATH)."""
     path = os.path.join(BIN, name)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import process_ok
+from conftest import assert_block_integrated_by_summation, process_ok
 
 
 def _import(*phil, positional=()):
@@ -301,11 +301,4 @@ def test_a_block_without_reference_spots_is_integrated_by_summation(tiny_sweeps,
     caplog.set_level(logging.INFO)
     experiments, reflections, record = integration.integrate(
         state.experiments, reference, state.params, state.sweeps, "per_block")
-    assert [e.scan.get_image_range() for e in experiments] == [(1, 19), (22, 40)]
-    assert "Block of images 22-40: none of its reference spots matched a prediction" in caplog.text
-    prf = reflections.get_flags(reflections.flags.integrated_prf)
-    summed = reflections.get_flags(reflections.flags.integrated_sum)
-    mine = reflections["id"] == 1
-    assert (mine & summed).count(True) > 1000 and (mine & prf).count(True) == 0
-    assert (~mine & prf).count(True) > 1000
-    assert record.blocks[experiments[1].identifier]["profile"] == "summation only"
+    assert_block_integrated_by_summation(experiments, reflections, record, caplog.text, [(1, 19), (22, 40)], 1, 1000)

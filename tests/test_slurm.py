@@ -22,7 +22,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, Sweeps, process, run_cmd, tool
+from conftest import ROOT, Sweeps, assert_block_integrated_by_summation, process, run_cmd, tool
 
 SCRIPT = os.path.join(ROOT, "scripts", "slurm_one_node.sh")
 # 3 blocks (1-10, 12-21, 23-32) of 1 deg images on a Pilatus 300K
@@ -621,12 +621,6 @@ def test_a_block_without_reference_spots_on_the_jobs_is_integrated_by_summation(
             state.experiments, reference, params, state.sweeps, "per_block")
     finally:
         cluster.close()
-    assert [e.scan.get_image_range() for e in experiments] == [(1, 10), (12, 21), (23, 32)]
-    assert "Block of images 12-21: none of its reference spots matched a prediction" in caplog.text
-    prf = reflections.get_flags(reflections.flags.integrated_prf)
-    summed = reflections.get_flags(reflections.flags.integrated_sum)
-    mine = reflections["id"] == 1
-    assert (mine & summed).count(True) > 500 and (mine & prf).count(True) == 0
-    assert (~mine & prf).count(True) > 1000
-    assert record.blocks[experiments[1].identifier]["profile"] == "summation only"
+    assert_block_integrated_by_summation(experiments, reflections, record, caplog.text,
+                                         [(1, 10), (12, 21), (23, 32)], 1, 500)
     assert _queue_drains() and os.listdir(job_folder) == []
