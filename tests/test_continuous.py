@@ -260,8 +260,8 @@ def test_gap_edges_modelled_phi(every_8th, caplog):
     sigma_m, n, edge = float(found[-1][0]), int(found[-1][1]), int(found[-1][2])
     assert 0.08 < sigma_m < 0.2 and 0.2 * edge < n < edge
     e_modelled, e_xy = compare.orientation_errors(modelled, truth), compare.orientation_errors(xy, truth)
-    assert e_modelled["median"] <= 1.1 * e_xy["median"] + 0.001, (e_modelled["median"], e_xy["median"])
-    assert e_modelled["worst"] <= 1.1 * e_xy["worst"] + 0.002, (e_modelled["worst"], e_xy["worst"])
+    assert e_modelled["median"] <= e_xy["median"], (e_modelled["median"], e_xy["median"])
+    assert e_modelled["worst"] <= e_xy["worst"], (e_modelled["worst"], e_xy["worst"])
     for exp in modelled:
         assert compare.cell_error(exp.crystal, truth)["rel_error_max"] < 0.002
     # the default is modelled: the module's run is the same model
@@ -313,15 +313,15 @@ def test_orientation_and_cell_against_truth(every_8th, gapless):
     truth = every_8th["truth"]
     gapped = compare.orientation_errors(every_8th["refined_blocks"], truth)
     full = compare.orientation_errors(gapless["refined_blocks"], truth)
-    assert gapped["median"] < 0.05 and gapped["worst"] < 0.15
-    assert gapped["median"] <= 1.25 * full["median"] + 0.005
+    assert gapped["median"] < 0.02 and gapped["worst"] < 0.1
+    assert gapped["median"] <= 1.25 * full["median"], (gapped["median"], full["median"])
     # image 40 is a block of one image at the sweep's end, behind the gap at 39:
     # its orientation is extrapolated over the gap from one image's spots (0.036
     # deg against 0.020-0.022 without the gap); every other image as without gaps
     end = gapped["images"].index(40)
     inner = [e for i, e in zip(gapped["images"], gapped["errors_deg"]) if i != 40]
     full_at = dict(zip(full["images"], full["errors_deg"]))
-    assert max(inner) <= 1.25 * full["worst"] + 0.01
+    assert max(inner) <= 1.25 * full["worst"], (max(inner), full["worst"])
     assert gapped["errors_deg"][end] <= 2 * full_at[40]
     for exp in every_8th["refined_blocks"]:
         assert compare.cell_error(exp.crystal, truth)["rel_error_max"] < 0.002
