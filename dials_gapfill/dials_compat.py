@@ -694,8 +694,8 @@ class _CrystalsDiffer(logging.Filter):
         if not _CrystalsDiffer.said:
             _CrystalsDiffer.said = True
             logging.getLogger("dials.process_gapped.export").info(
-                "The MTZ file's cell is the first block's crystal's; each batch carries its own "
-                "orientation and cell (dials.export: 'Experiment crystals differ')"
+                "The MTZ file's cell is the blocks' median cell (dials.export: 'Experiment crystals "
+                "differ'); each batch carries its own orientation and cell"
             )
         return False
 

@@ -54,3 +54,14 @@ def captured(fd: int):
             os.close(saved)
             capture.seek(0)
             holder.text = capture.read().decode(errors="replace")
+
+
+def esd_decimals(esd, least: int = 4) -> int:
+    """Decimals to print a value and its esd with: `least`, or as many as the
+    esd needs for one significant digit (an electron-diffraction cell's
+    0.00004 A would print as 0.0000), at most 8."""
+    import math
+
+    if esd is None or not isinstance(esd, (int, float)) or not math.isfinite(esd) or esd <= 0:
+        return least
+    return max(least, min(8, math.ceil(-math.log10(esd) + 1e-9) if esd < 0.5 * 10.0 ** -least else least))

@@ -154,6 +154,9 @@ def test_shelx_files_hold_the_scaled_data(weak_scaled):
     assert len(symm) == len(mtz.spacegroup.operations().sym_ops) - 1 == 7
     zerr = [float(v) for v in ins["ZERR"]]
     assert zerr[0] == 8
+    # the summary's cell as scaled: the files' cell and esds
+    assert summary["scaling"]["unit_cell"] == pytest.approx(cell[1:], abs=1e-3)
+    assert summary["scaling"]["unit_cell_esd"] == pytest.approx(zerr[1:], abs=1e-4)
     # reindexed by a,b,c: the esds of the refined cell's lengths
     assert zerr[1:4] == pytest.approx(summary["crystal"]["final"]["unit_cell_esd"][:3], abs=1e-4)
     assert zerr[4:] == [0, 0, 0]
@@ -643,3 +646,48 @@ def test_writing_mtz_files_leaves_the_crystal_models_as_they_were(tmp_path, whic
     scaled_u = umats(tmp_path / "scaled.mtz")
     assert len(scaled_u) > 40
     assert all(found(u @ Q.T) for u in scaled_u.values()), record.scaling["symmetry"]["cb_op"]
+
+
+def test_the_cell_as_scaled_is_reported_with_the_files_esds(tmp_path):
+    """The summary gives the cell of the scaled data (the setting of
+    scaled.mtz, merged.mtz and the SHELX files) with the esds the .ins file's
+    ZERR line has; the wedges as integrated once, scaled in process."""
+    import numpy as np
+
+    from dials_gapfill.handlers.outputs import Outputs
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.report.summary import cell_text
+    from dials_gapfill.stages.scaling import scale
+
+    experiments, reflections = _stored_wedges()
+    outputs = Outputs(str(tmp_path))
+    outputs.check_writable()
+    _, record = scale(experiments, reflections,
+                      params_from(["scale=True", "shelx=True", f"output.directory={tmp_path}"]), outputs)
+    outputs.commit()
+    s = record.scaling
+    ins = {line.split()[0]: [float(v) for v in line.split()[1:]]
+           for line in open(tmp_path / "scaled.ins") if line.startswith(("CELL", "ZERR"))}
+    assert np.allclose(s["unit_cell"], ins["CELL"][1:], atol=1e-3)
+    assert np.allclose(s["unit_cell"], gemmi.read_mtz_file(str(tmp_path / "merged.mtz")).cell.parameters, atol=1e-3)
+    assert len(s["unit_cell_esd"]) == 6 and np.allclose(s["unit_cell_esd"], ins["ZERR"][1:], atol=1e-4)
+    assert 0 < min(s["unit_cell_esd"][:3])
+    assert cell_text(s["unit_cell"], s["unit_cell_esd"]).startswith(f"{s['unit_cell'][0]:.4f}(")
+
+
+def test_esds_below_the_last_printed_digit_keep_one_significant_digit(tmp_path):
+    """An electron-diffraction cell's esd of 0.00004 A: printed so, not 0.0000,
+    in the summary and in the .ins file's ZERR line (DIALS writes 4 decimals)."""
+    from dials_gapfill.report.summary import cell_text
+    from dials_gapfill.stages.scaling import _zerr_digits
+
+    cell, esd = [7.53012, 11.1501, 13.9102, 90.0, 92.9012, 90.0], [3.9e-5, 0.0003, 0.00021, 0.0, 0.0004, 0.0]
+    assert cell_text(cell, esd).split() == ["7.53012(0.00004)", "11.1501(0.0003)", "13.9102(0.0002)", "90.0000",
+                                            "92.9012(0.0004)", "90.0000"]
+    ins = tmp_path / "x.ins"
+    ins.write_text("TITL 14 in P2(1)/n\nCELL  0.02510   7.5301  11.1501  13.9102   90.000   92.901   90.000\n"
+                   "ZERR    4.000   0.0000   0.0003   0.0002    0.000    0.000    0.000\nLATT 1\n")
+    _zerr_digits(str(ins), esd)
+    lines = ins.read_text().splitlines()
+    assert lines[2].split() == ["ZERR", "4.000", "0.00004", "0.0003", "0.0002", "0.000", "0.0004", "0.000"]
+    assert lines[1].startswith("CELL") and lines[3] == "LATT 1"

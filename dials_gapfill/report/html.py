@@ -48,6 +48,7 @@ from markupsafe import Markup, escape
 from dials_gapfill.report.merging import LABELS as MERGING_LABELS
 from dials_gapfill.util import range_text as compact_ranges
 from dials_gapfill.util import runs as _runs
+from dials_gapfill.util import esd_decimals
 
 # Colours of the blocks, the same in every plot (no grey, red or purple: those
 # are the colours of the images not used).
@@ -996,14 +997,16 @@ def _overview(data) -> list:
     row("Images used / not used", f"{_fmt(totals.get('images_used'), 'd')} / {len(_excluded(data))}")
     cell = final.get("unit_cell") or []
     if len(cell) == 6:
-        esd = list(final.get("unit_cell_esd") or []) + [None] * 6
-        parts = [_fmt(v, ".4f") + (f" ± {_fmt(e, '.4f')}" if _is_number(e) else "") for v, e in zip(cell, esd)]
-        row("Unit cell (Å, °)", ", ".join(parts))
+        row("Unit cell (Å, °)", _cell_text(cell, final.get("unit_cell_esd")))
     if final.get("space_group"):
         row("Space group (integration)", final.get("space_group"))
     symmetry = scaling.get("symmetry") or {}
     if symmetry.get("space_group"):
         row("Space group (scaling)", symmetry.get("space_group"))
+    scaled_cell = scaling.get("unit_cell") or []
+    if len(scaled_cell) == 6:
+        row(f"Unit cell as scaled (Å, °; reindexed {symmetry.get('cb_op', '?')})",
+            _cell_text(scaled_cell, scaling.get("unit_cell_esd")))
     model = scaling.get("model") or {}
     if model.get("used"):
         text = f"{model['used']}, {_fmt(model.get('kept'), 'd')} observations kept"
@@ -1033,6 +1036,15 @@ def _overview(data) -> list:
     return rows
 
 
+def _cell_text(cell, esd) -> str:
+    """'54.0122 ± 0.0050, ...': digits enough for each esd's first significant
+    one; none for a value without (an angle the space group fixes: 0)."""
+    esd = list(esd or []) + [None] * 6
+    return ", ".join(
+        _fmt(v, f".{esd_decimals(e)}f") + (f" ± {_fmt(e, f'.{esd_decimals(e)}f')}" if _is_number(e) and e else "")
+        for v, e in zip(cell, esd))
+
+
 def _cell_rows(data):
     """Rows of the crystal table, or None without a crystal model."""
     final = (data.get("crystal") or {}).get("final") or {}
@@ -1042,7 +1054,8 @@ def _cell_rows(data):
     esd = list(final.get("unit_cell_esd") or []) + [None] * 6
     spread = list(final.get("cell_spread") or []) + [None] * 6
     return [
-        {"label": label, "value": v, "esd": e, "spread": s}
+        {"label": label, "value": v, "esd": e, "spread": s,
+         "fmt": f".{esd_decimals(e) if _is_number(e) else 4}f"}
         for label, v, e, s in zip(CELL_LABELS, cell, esd, spread)
     ]
 

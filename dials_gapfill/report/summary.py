@@ -7,13 +7,21 @@ import math
 from dials.util import tabulate
 
 from dials_gapfill.report.merging import merging_table
-from dials_gapfill.util import range_text
+from dials_gapfill.util import esd_decimals, range_text
 
 
 def _f(v, fmt):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return format(v, fmt)
+
+
+def cell_text(cell, esd=None) -> str:
+    """'54.0122(0.0050)  62.0159(0.0068) ...': each value with its esd (digits
+    enough for the esd's first significant one), or alone."""
+    esd = list(esd or []) + [None] * 6
+    return "  ".join(f"{v:.{esd_decimals(e)}f}({e:.{esd_decimals(e)}f})" if e else f"{v:.4f}"
+                     for v, e in zip(cell, esd))
 
 
 def block_rows(report):
@@ -73,10 +81,7 @@ def summary_text(report, directory=None) -> str:
     if c:
         cell = c.get("unit_cell", [])
         esd = c.get("unit_cell_esd") or [None] * 6
-        cell_text = "  ".join(
-            f"{v:.4f}({_f(e, '.4f')})" if e else f"{v:.4f}" for v, e in zip(cell, esd)
-        )
-        lines.append(f"Unit cell:     {cell_text}")
+        lines.append(f"Unit cell:     {cell_text(cell, esd)}")
         lines.append(f"Space group:   {c.get('space_group', '-')}")
         if c.get("cell_spread") is not None:
             lines.append(
@@ -115,6 +120,12 @@ def summary_text(report, directory=None) -> str:
         lines.append(f"Dropped block {d['first']}-{d['last']}{where}: {d['reason']}")
     if report.scaling:
         lines.append("")
+        scaled = report.scaling
+        if scaled.get("unit_cell"):
+            # the setting of the scaled and merged data (and the SHELX files)
+            sym = scaled.get("symmetry") or {}
+            lines.append(f"Unit cell as scaled ({sym.get('space_group', '?')}, reindexed {sym.get('cb_op', '?')}): "
+                         f"{cell_text(scaled['unit_cell'], scaled.get('unit_cell_esd'))}")
         lines.append(merging_table(report.scaling))
     if report.warnings:
         lines.append("Warnings:")

@@ -65,6 +65,7 @@ from dials_gapfill.model.state import Record, block_names
 from dials_gapfill.model.tables import keep_experiments
 from dials_gapfill.phil import defaults
 from dials_gapfill.report.merging import LABELS
+from dials_gapfill.util import esd_decimals
 
 logger = logging.getLogger("dials.process_gapped.scaling")
 
@@ -891,10 +892,12 @@ def scale(experiments, reflections, params, outputs, batch_offsets=None, names=N
         if msg:
             record.warn(msg)
             logger.warning("Warning: %s", msg)
+    # the cell of the scaled data (the setting of scaled.mtz, merged.mtz and the
+    # SHELX files) with the esds of the one cell all blocks share, in its basis
+    summary["unit_cell"] = list(determine_best_unit_cell(scaled.experiments).parameters())
+    summary["unit_cell_esd"] = cell_esd_in(integrated, scaled.experiments[0].crystal) if one_cell else None
     record.scaling = summary
-    # before the MTZ export, which rotates the crystals into the Cambridge frame
-    # (cell_esd_in takes both crystals in one frame)
-    esd = cell_esd_in(integrated, scaled.experiments[0].crystal) if one_cell and params.output.shelx else None
+    esd = summary["unit_cell_esd"] if params.output.shelx else None
     if outputs is not None:
         _write_outputs(params, scaled, outputs, batch_offsets, esd, summary, record)
     return (scaled.experiments, scaled.joint), record
@@ -939,6 +942,24 @@ def cell_esd_in(crystal, basis):
     return esd
 
 
+def _zerr_digits(ins, esd) -> None:
+    """DIALS writes ZERR's esds with 4 decimals (lengths) and 3 (angles): an
+    esd below half the last digit (an electron-diffraction cell's 0.00004 A)
+    would read as 0, which SHELXL takes as an exact cell.  Such a line is
+    written again with the digits the esds need."""
+    decimals = [esd_decimals(e, 4) for e in esd[:3]] + [esd_decimals(e, 3) for e in esd[3:]]
+    if decimals == [4, 4, 4, 3, 3, 3]:
+        return
+    with open(ins) as fh:
+        lines = fh.readlines()
+    for k, line in enumerate(lines):
+        if line.startswith("ZERR"):
+            z = line.split()[1]
+            lines[k] = f"ZERR {float(z):8.3f} " + " ".join(f"{e:8.{d}f}" for e, d in zip(esd, decimals)) + "\n"
+    with open(ins, "w") as fh:
+        fh.writelines(lines)
+
+
 def write_shelx(ep, experiments, joint, name, outputs, esd=None) -> list:
     """<name>.hkl and <name>.ins as dials.export format=shelx writes them from
     the scaled data: the reflections of scaled.mtz (ep: its export
@@ -967,6 +988,8 @@ def write_shelx(ep, experiments, joint, name, outputs, esd=None) -> list:
         except (ValueError, AssertionError, RuntimeError) as e:
             raise GapfillError(f"SHELX export failed: {one_line(e, 200)}: run without "
                                "output.shelx and export scaled.mtz") from None
+        if esd:
+            _zerr_digits(ep.shelx.ins, esd)
 
     written = outputs.write(hkl, write_both)
     outputs.write(ins, lambda path: None)  # written with the .hkl file, to this path
