@@ -716,6 +716,33 @@ def crystals_differ_explained():
         target.removeFilter(quiet)
 
 
+@contextlib.contextmanager
+def screw_axes_scored():
+    """The screw axes dials.symmetry's absence check scores, as it scores
+    them: yields a list that fills with (name, reflections of the class the
+    axis would leave present, of the class it would extinguish).  Without
+    the function it wraps the list stays empty (no warning follows)."""
+    seen = []
+    try:
+        from dials.algorithms.symmetry.absences import run_absences_checks as checks
+    except ImportError:
+        yield seen
+        return
+    original = getattr(checks, "score_screw_axes", None)
+
+    def scoring(*args, **kwargs):
+        axes, scores = original(*args, **kwargs)
+        for axis in axes:
+            try:
+                seen.append((str(axis.name), int(axis.n_refl_used[0]), int(axis.n_refl_used[1])))
+            except (AttributeError, IndexError, TypeError, ValueError):
+                pass
+        return axes, scores
+
+    with replaced(checks, "score_screw_axes", scoring):
+        yield seen
+
+
 class _NoTraceback(logging.Filter):
     def filter(self, record):
         if record.exc_info and record.levelno in (logging.WARNING, logging.ERROR):

@@ -673,6 +673,12 @@ def test_the_cell_as_scaled_is_reported_with_the_files_esds(tmp_path):
     assert len(s["unit_cell_esd"]) == 6 and np.allclose(s["unit_cell_esd"], ins["ZERR"][1:], atol=1e-4)
     assert 0 < min(s["unit_cell_esd"][:3])
     assert cell_text(s["unit_cell"], s["unit_cell_esd"]).startswith(f"{s['unit_cell'][0]:.4f}(")
+    # 1.5 deg wedges measure no reflection on an axis that a 2-fold screw
+    # would extinguish (L-cysteine is P 21 21 21): said, not taken as P 2 2 2
+    assert s["symmetry"]["space_group"] == "P 2 2 2"
+    assert s["symmetry"]["screw_axes_undetermined"] == ["21a", "21b", "21c"]
+    said = [w for w in record.warnings if "screw axes 21a, 21b, 21c would extinguish" in w]
+    assert len(said) == 1 and "space group P 2 2 2 is one of several" in said[0], record.warnings
 
 
 def test_esds_below_the_last_printed_digit_keep_one_significant_digit(tmp_path):

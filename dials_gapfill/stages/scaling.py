@@ -98,7 +98,7 @@ def determine_symmetry(experiments, reflections):
         out.experiments = os.path.join(tmp, "symmetrized.expt")
         out.reflections = os.path.join(tmp, "symmetrized.refl")
         out.json = os.path.join(tmp, "dials.symmetry.json")
-        with dials_compat.symmetry_and_merging_without_tracebacks():
+        with dials_compat.symmetry_and_merging_without_tracebacks(), dials_compat.screw_axes_scored() as axes:
             symmetry(work, tables, params)
         reindexed = ExperimentList.from_file(out.experiments, check_format=False)
         joint = flex.reflection_table.from_file(out.reflections)
@@ -115,6 +115,9 @@ def determine_symmetry(experiments, reflections):
         "cb_op": reindexing_operator(experiments[0].crystal, work[0].crystal) or best["cb_op"],
         "determined": True,
         "likelihood": best["likelihood"],
+        # screw axes of which no reflection of the class they extinguish was
+        # measured: the data do not tell them from a 2-, 3-, 4- or 6-fold axis
+        "screw_axes_undetermined": [name for name, _, absent in axes if absent == 0],
     }
     logger.info(
         "Laue group %s (likelihood %.3f, confidence %.3f), space group %s, reindexing %s",
@@ -667,6 +670,15 @@ def _symmetry(experiments, reflections, params, record):
                 f"the Laue group {symmetry['laue_group']} is uncertain (dials.symmetry's likelihood "
                 f"{symmetry['likelihood']:.2f}): the merging statistics assume it; give "
                 "indexing.known_symmetry.space_group= if it is known"
+            )
+            record.warn(msg)
+            logger.warning("Warning: %s", msg)
+        undetermined = symmetry.get("screw_axes_undetermined")
+        if undetermined:
+            msg = (
+                f"no reflection that screw axes {', '.join(undetermined)} would extinguish was measured: the "
+                f"data do not tell them from plain rotation axes, so the space group {symmetry['space_group']} "
+                "is one of several the intensities allow; give indexing.known_symmetry.space_group= if it is known"
             )
             record.warn(msg)
             logger.warning("Warning: %s", msg)
