@@ -8,6 +8,7 @@ rotation sweeps (complete, gapped, small) must give none.
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import pytest
@@ -120,6 +121,23 @@ def test_snase_stills_warning(snase_processed):
     assert len(stills) == 1 and "indexed strong spots" in stills[0] and "I/σ > 3" in stills[0], warnings
     # and the background: about 30 % of the fully recorded reflections below -3 sigma
     assert any("I/σ < -3" in w for w in warnings), warnings
+    # the run's summary keeps the later word of the check in the earlier's place
+    with open(os.path.join(snase_processed, "dials.process_gapped.json")) as fh:
+        said = [w for w in json.load(fh)["warnings"] if w.startswith("stills posing as rotation data")]
+    assert len(said) == 1 and "I/σ > 3" in said[0], said
+
+
+def test_a_check_run_again_on_more_data_keeps_one_warning():
+    from dials_gapfill.model.state import Record, Report
+
+    report = Report()
+    for lines in (["stills posing as rotation data? 10 spots: early", "another warning"],
+                  ["stills posing as rotation data? 40 spots; and more: later"]):
+        record = Record()
+        for line in lines:
+            record.warn(line)
+        report.merge(record)
+    assert report.warnings == ["stills posing as rotation data? 40 spots; and more: later", "another warning"]
 
 
 @pytest.mark.slow

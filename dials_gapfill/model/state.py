@@ -87,6 +87,11 @@ def blocks_of(experiments, sweeps, previous=()):
     return blocks
 
 
+# warnings of checks that run again on more data (sanity.py: after refinement,
+# then after integration)
+REPEATED_CHECKS = ("stills posing as rotation data?",)
+
+
 @dataclass
 class Report:
     """Everything the summary, the JSON and the HTML report show.
@@ -129,7 +134,16 @@ class Report:
                 block.stats.update(stats)
         self.crystal.update(record.crystal)
         for line in record.warnings:
-            if line not in self.warnings:
+            if line in self.warnings:
+                continue
+            # a check run again later on more data ("stills posing as rotation
+            # data?" after refinement, then after integration): its later word
+            # stands in the earlier's place (the log keeps both)
+            topic = next((t for t in REPEATED_CHECKS if line.startswith(t)), None)
+            earlier = [k for k, w in enumerate(self.warnings) if topic and w.startswith(topic)]
+            if earlier:
+                self.warnings[earlier[0]] = line
+            else:
                 self.warnings.append(line)
         self.inputs.update(record.inputs)
         for key, values in record.per_image.items():
