@@ -275,6 +275,7 @@ def test_headers_and_file_names_give_dxtbx_the_sweep_simulated(tmp_path):
     (["sweep { n_images=0 }"], "sweep.n_images"),
     (["sweep { angles=kappa:abc }"], "sweep angles: cannot read 'kappa:abc'"),
     (["electron=True", "ed.tracking_every=1"], "ed.tracking_every"),
+    (["electron=True"], "electron=True takes its detector from ed.detector"),
 ])
 def test_bad_parameters_give_one_line_and_write_nothing(tmp_path, capsys, args, said):
     from dials_gapfill.command_line.simulate_sweep import run

@@ -357,6 +357,9 @@ def _run_electron(params, given_names=None):
         raise GapfillError("electron=True writes one sweep: leave out sweeps= and sweep scopes")
     if params.format == "nexus":
         raise GapfillError("electron=True writes SMV files (TimePix_SU): leave out format=nexus")
+    if given_names is not None and "detector" in given_names:
+        raise GapfillError(f"electron=True takes its detector from ed.detector (timepix512 or timepix516): "
+                           f"leave out detector={params.detector}")
     try:
         config = ed_config_from_params(params, given_names)
     except (ValueError, KeyError) as e:
