@@ -262,8 +262,9 @@ output
     .help = "Integrated reflections."
   mtz = integrated.mtz
     .type = str
-    .help = "One unmerged MTZ with all blocks; BATCH equals the image number (with several sweeps, plus"
-            "the sweep's batch offset: 0, 100, 200, ...; the summary lists them)."
+    .help = "One unmerged MTZ with all blocks; BATCH equals the image number plus the sweep's batch"
+            "offset: 0 for one sweep (1 where its files start at image 0), 0, 100, 200, ... for"
+            "several (DIALS' rule); the summary lists them."
   per_block_mtz = True
     .type = bool
     .help = "Also write one MTZ per block, named from output.block_mtz."

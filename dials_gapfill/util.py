@@ -56,12 +56,20 @@ def captured(fd: int):
             holder.text = capture.read().decode(errors="replace")
 
 
+def has_esd(esd) -> bool:
+    """An esd worth printing: a number above rounding noise (dxtbx gives the
+    angles a space group fixes esds of about 1e-18)."""
+    import math
+
+    return isinstance(esd, (int, float)) and math.isfinite(esd) and esd > 1e-10
+
+
 def esd_decimals(esd, least: int = 4) -> int:
     """Decimals to print a value and its esd with: `least`, or as many as the
     esd needs for one significant digit (an electron-diffraction cell's
     0.00004 A would print as 0.0000), at most 8."""
     import math
 
-    if esd is None or not isinstance(esd, (int, float)) or not math.isfinite(esd) or esd <= 0:
+    if not has_esd(esd):
         return least
-    return max(least, min(8, math.ceil(-math.log10(esd) + 1e-9) if esd < 0.5 * 10.0 ** -least else least))
+    return max(least, min(8, math.ceil(-math.log10(2 * esd))))

@@ -690,6 +690,9 @@ def test_esds_below_the_last_printed_digit_keep_one_significant_digit(tmp_path):
     cell, esd = [7.53012, 11.1501, 13.9102, 90.0, 92.9012, 90.0], [3.9e-5, 0.0003, 0.00021, 0.0, 0.0004, 0.0]
     assert cell_text(cell, esd).split() == ["7.53012(0.00004)", "11.1501(0.0003)", "13.9102(0.0002)", "90.0000",
                                             "92.9012(0.0004)", "90.0000"]
+    # the angles a known space group fixes: dxtbx's esds of 1e-18 are none
+    assert cell_text([54.0082, 62.0112, 71.0119, 90, 90, 90], [0.00497, 0.00611, 1e-5, 4.7e-19, 1.7e-18, 0]).split() \
+        == ["54.0082(0.0050)", "62.0112(0.0061)", "71.01190(0.00001)", "90.0000", "90.0000", "90.0000"]
     ins = tmp_path / "x.ins"
     ins.write_text("TITL 14 in P2(1)/n\nCELL  0.02510   7.5301  11.1501  13.9102   90.000   92.901   90.000\n"
                    "ZERR    4.000   0.0000   0.0003   0.0002    0.000    0.000    0.000\nLATT 1\n")

@@ -48,7 +48,7 @@ from markupsafe import Markup, escape
 from dials_gapfill.report.merging import LABELS as MERGING_LABELS
 from dials_gapfill.util import range_text as compact_ranges
 from dials_gapfill.util import runs as _runs
-from dials_gapfill.util import esd_decimals
+from dials_gapfill.util import esd_decimals, has_esd
 
 # Colours of the blocks, the same in every plot (no grey, red or purple: those
 # are the colours of the images not used).
@@ -1005,7 +1005,7 @@ def _overview(data) -> list:
         row("Space group (scaling)", symmetry.get("space_group"))
     scaled_cell = scaling.get("unit_cell") or []
     if len(scaled_cell) == 6:
-        row(f"Unit cell as scaled (Å, °; reindexed {symmetry.get('cb_op', '?')})",
+        row("Unit cell as scaled (Å, °" + (f"; reindexed {symmetry['cb_op']})" if symmetry.get("cb_op") else ")"),
             _cell_text(scaled_cell, scaling.get("unit_cell_esd")))
     model = scaling.get("model") or {}
     if model.get("used"):
@@ -1041,7 +1041,7 @@ def _cell_text(cell, esd) -> str:
     one; none for a value without (an angle the space group fixes: 0)."""
     esd = list(esd or []) + [None] * 6
     return ", ".join(
-        _fmt(v, f".{esd_decimals(e)}f") + (f" ± {_fmt(e, f'.{esd_decimals(e)}f')}" if _is_number(e) and e else "")
+        _fmt(v, f".{esd_decimals(e)}f") + (f" ± {_fmt(e, f'.{esd_decimals(e)}f')}" if has_esd(e) else "")
         for v, e in zip(cell, esd))
 
 
@@ -1055,7 +1055,7 @@ def _cell_rows(data):
     spread = list(final.get("cell_spread") or []) + [None] * 6
     return [
         {"label": label, "value": v, "esd": e, "spread": s,
-         "fmt": f".{esd_decimals(e) if _is_number(e) else 4}f"}
+         "fmt": f".{esd_decimals(e)}f"}
         for label, v, e, s in zip(CELL_LABELS, cell, esd, spread)
     ]
 

@@ -7,7 +7,7 @@ import math
 from dials.util import tabulate
 
 from dials_gapfill.report.merging import merging_table
-from dials_gapfill.util import esd_decimals, range_text
+from dials_gapfill.util import esd_decimals, has_esd, range_text
 
 
 def _f(v, fmt):
@@ -20,7 +20,7 @@ def cell_text(cell, esd=None) -> str:
     """'54.0122(0.0050)  62.0159(0.0068) ...': each value with its esd (digits
     enough for the esd's first significant one), or alone."""
     esd = list(esd or []) + [None] * 6
-    return "  ".join(f"{v:.{esd_decimals(e)}f}({e:.{esd_decimals(e)}f})" if e else f"{v:.4f}"
+    return "  ".join(f"{v:.{esd_decimals(e)}f}({e:.{esd_decimals(e)}f})" if has_esd(e) else f"{v:.4f}"
                      for v, e in zip(cell, esd))
 
 
@@ -124,8 +124,8 @@ def summary_text(report, directory=None) -> str:
         if scaled.get("unit_cell"):
             # the setting of the scaled and merged data (and the SHELX files)
             sym = scaled.get("symmetry") or {}
-            lines.append(f"Unit cell as scaled ({sym.get('space_group', '?')}, reindexed {sym.get('cb_op', '?')}): "
-                         f"{cell_text(scaled['unit_cell'], scaled.get('unit_cell_esd'))}")
+            how = ", ".join([sym.get("space_group", "?")] + ([f"reindexed {sym['cb_op']}"] if sym.get("cb_op") else []))
+            lines.append(f"Unit cell as scaled ({how}): {cell_text(scaled['unit_cell'], scaled.get('unit_cell_esd'))}")
         lines.append(merging_table(report.scaling))
     if report.warnings:
         lines.append("Warnings:")
