@@ -145,8 +145,10 @@ class Job:
             if self.log is not None and self.params.output.log:
                 self.log(outputs.start_log(self.params.output.log))
             outputs.log_recovered()
-            # workers must not outlive a killed run
-            self._workers = workers.hold()
+        # DIALS' workers must not outlive a killed run, whether it writes
+        # files or not (last: __exit__, which releases it, runs only after
+        # __enter__ returned)
+        self._workers = workers.hold()
         return self
 
     def run(self) -> Result:

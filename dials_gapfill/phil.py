@@ -121,7 +121,11 @@ gaps
     .help = "Image numbers (1-based, as in the file names) to leave out, as"
             "ranges first:last and single numbers separated by commas, e.g."
             "exclude_images=41:45,81. Excluded files are never opened: each"
-            "range becomes a gap between blocks."
+            "range becomes a gap between blocks. With several sweeps each"
+            "range names its sweep, sweep:first:last, the sweeps numbered from"
+            "1 as in the summary (by file-name template), e.g."
+            "exclude_images=2:41:45 for sweep 2; DIALS' own exp:first:last"
+            "counts experiments from 0."
   exclude_images_multiple = None
     .type = str
     .help = "Leave out every image whose number is a multiple of N (N >= 2), in"

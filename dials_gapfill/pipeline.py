@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from dials_gapfill import sanity
+from dials_gapfill.errors import GapfillError, one_line
 from dials_gapfill.handlers.progress import stage_progress
 from dials_gapfill.model.state import Record, State
 from dials_gapfill.report import finalise
@@ -99,7 +100,14 @@ class Pipeline:
             logger.info("=== %s ===", stage.name.capitalize())
             t0 = time.perf_counter()
             with stage_progress(self.progress, stage.name, state):  # and image numbers in DIALS' messages
-                record = stage.run(state) or Record()
+                try:
+                    record = stage.run(state) or Record()
+                except SystemExit as e:
+                    # DIALS code that ends its command line with sys.exit
+                    # would end the caller's interpreter (API) or skip the
+                    # run's rollback and log (command line)
+                    why = one_line(e, 200) if isinstance(e.code, str) else f"exit code {e.code}"
+                    raise GapfillError(f"{stage.name} stopped inside DIALS: {why}") from None
             if stage.checks is not None and sanity.enabled(state.params):
                 for line in stage.checks(state.experiments, state.reflections, state.params):
                     logger.warning("Warning: %s", line)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 
 import pytest
 
@@ -210,6 +211,41 @@ def test_api_refuses_a_folder_in_use(tiny, tmp_path):
     finally:
         holder.unlock()
     assert os.listdir(out) == []
+
+
+def test_dials_exiting_inside_a_stage_is_one_error_and_nothing_is_written(tiny, tmp_path, monkeypatch):
+    """DIALS code that ends with sys.exit inside a stage (its scaler and
+    reflection selection do) stops the run with one GapfillError naming the
+    stage: the API caller's interpreter goes on, the folder is left as it
+    was and free for the next run.  (The exit is raised in place of the
+    spot-finding stage: no DIALS stage exits on the test sweep.)"""
+    from dials_gapfill import pipeline, process_gapped
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.handlers import workers
+
+    stage = next(s for s in pipeline.STAGES if s.name == "spot finding")
+
+    def exits(state):
+        sys.exit("\nCould not find anything,\nstopping.")
+
+    monkeypatch.setattr(stage, "run", exits)
+    out = tmp_path / "out"
+    with pytest.raises(GapfillError) as e:
+        process_gapped(tiny, [f"output.directory={out}"], write_files=True)
+    assert str(e.value) == "spot finding stopped inside DIALS: Could not find anything, stopping."
+    assert os.listdir(out) == []
+    # in memory too; and DIALS' workers are tied to the run there as well
+    # (a host killed outright takes them with it: handlers/workers.py)
+    held = []
+
+    def exits_with_code(state):
+        held.append(workers._held)
+        sys.exit(3)
+
+    monkeypatch.setattr(stage, "run", exits_with_code)
+    with pytest.raises(GapfillError, match="^spot finding stopped inside DIALS: exit code 3$"):
+        process_gapped(tiny, ["nproc=1"])
+    assert held == [1] and workers._held == 0
 
 
 @pytest.mark.parametrize("params,said", [

@@ -289,3 +289,43 @@ def test_a_folder_with_other_files_beside_the_images(tmp_path, caplog):
         (tmp_path / name).write_bytes(b"")
     names = [os.path.basename(p) for p in _listdir_images(str(tmp_path))]
     assert names == [os.path.basename(f) for f in files] + ["x_master.h5"]
+
+
+def test_experiments_are_numbered_as_images_and_left_as_they_were(tiny, tmp_path):
+    """Two sweeps whose file names sort one way and folders the other
+    (data/b/a_####.cbf, data/a/b_####.cbf): the same sweep numbers from the
+    files and from an ExperimentList of them, so exclude_images=1:3:4 leaves
+    out the same images on both routes; the caller's ExperimentList keeps
+    its crystal and its own models (the run works on a copy)."""
+    import glob
+
+    from dxtbx.model import Crystal
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.phil import working_params
+    from dials_gapfill.stages.importer import adopt_experiments, import_images
+
+    for folder, prefix, first in (("b", "a", 1), ("a", "b", 11)):
+        os.makedirs(tmp_path / folder)
+        for k in range(1, 11):
+            os.symlink(os.path.join(tiny, f"sim_{first + k - 1:04d}.cbf"), tmp_path / folder / f"{prefix}_{k:04d}.cbf")
+    files = sorted(glob.glob(str(tmp_path / "*" / "*.cbf")))
+    params = working_params("gaps.exclude_images=1:3:4")
+
+    def excluded(sweeps):
+        return [(os.path.basename(s.template), [e.scan.get_image_range() for e in s.experiments()]) for s in sweeps]
+
+    from_files, _ = import_images(params, files)
+    experiments = ExperimentListFactory.from_filenames(files)
+    crystal = Crystal((10, 0, 0), (0, 11, 0), (0, 0, 12), "P 1")
+    experiments[0].crystal = crystal
+    beam, detector = experiments[0].beam, experiments[1].detector
+    wavelength = beam.get_wavelength()
+    adopted, _ = adopt_experiments(experiments, params)
+    assert excluded(adopted) == excluded(from_files) == [
+        ("a_####.cbf", [(1, 2), (5, 10)]), ("b_####.cbf", [(1, 10)])]
+    assert experiments[0].crystal is crystal
+    assert experiments[0].beam is beam and experiments[1].detector is detector
+    assert all(e.beam is not beam for s in adopted for e in s.experiments())
+    adopted[0].experiments()[0].beam.set_wavelength(2 * wavelength)
+    assert beam.get_wavelength() == wavelength

@@ -700,3 +700,33 @@ def test_esds_below_the_last_printed_digit_keep_one_significant_digit(tmp_path):
     lines = ins.read_text().splitlines()
     assert lines[2].split() == ["ZERR", "4.000", "0.00004", "0.0003", "0.0002", "0.000", "0.0004", "0.000"]
     assert lines[1].startswith("CELL") and lines[3] == "LATT 1"
+
+
+def test_dials_scaling_that_exits_is_one_error():
+    """DIALS 3.12's scaler ends with sys.exit when no reflection is measured
+    twice: the stored L-cysteine integration cut to one observation of each
+    reflection (under the lattice's P 2 2 2) stops scaling with a
+    GapfillError naming DIALS' reason, not a SystemExit that would end an
+    API caller's interpreter."""
+    from cctbx import crystal, miller
+    from dials.array_family import flex
+
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages.scaling import scale
+
+    experiments, reflections = _stored_wedges()
+    reflections = reflections.select(reflections.get_flags(reflections.flags.integrated_sum))
+    symmetry = crystal.symmetry(experiments[0].crystal.get_unit_cell(), space_group_symbol="P 2 2 2")
+    asu = miller.set(symmetry, reflections["miller_index"], anomalous_flag=False).map_to_asu().indices()
+    seen, keep = set(), flex.bool(len(reflections), False)
+    for i, h in enumerate(asu):
+        if h not in seen:
+            seen.add(h)
+            keep[i] = True
+    once = reflections.select(keep)
+    assert 50 < len(once) < len(reflections)
+    with pytest.raises(GapfillError) as e:
+        scale(experiments, once, params_from(["nproc=1", "scale=True"]), None)
+    assert str(e.value).startswith("scaling failed: Could not find any cross-dataset connected reflections"), e.value
+    assert "\n" not in str(e.value)

@@ -45,18 +45,6 @@ def exclusion_ranges(values) -> list[tuple[int | None, int, int]]:
     return ranges
 
 
-def parse_exclusions(values) -> list[tuple[int, int]]:
-    """Ranges of one sweep: ``["41:45,81"]`` -> ``[(41, 45), (81, 81)]``."""
-    out = []
-    for sweep, first, last in exclusion_ranges(values):
-        if sweep not in (None, 1):
-            raise GapfillError(
-                f"gaps.exclude_images: sweep {sweep} named, but there is one sweep: write first:last"
-            )
-        out.append((first, last))
-    return out
-
-
 MULTIPLE_EXAMPLE = "exclude_images_multiple=20"
 
 

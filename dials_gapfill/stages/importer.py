@@ -225,6 +225,15 @@ def _warn_repeated(repeated: list[str], record) -> None:
     logger.warning(line)
 
 
+def _sweep_order(templates) -> list[str]:
+    """The order sweeps are numbered in, on every route (files, templates,
+    an ExperimentList): numbered sweeps by their file-name template (then
+    folder), NeXus/HDF5 files after them in the order given."""
+    numbered = [t for t in templates if "#" in os.path.basename(t)]
+    containers = [t for t in templates if "#" not in os.path.basename(t)]
+    return sorted(numbered, key=lambda t: (os.path.basename(t), t)) + containers
+
+
 def group_sweeps(files: list[str], record) -> list[tuple[str, dict[int, str] | None]]:
     """The sweeps of the files given: [(template, {image number: path})], one
     per file-name template (a sweep split over several folders with the same
@@ -262,7 +271,7 @@ def group_sweeps(files: list[str], record) -> list[tuple[str, dict[int, str] | N
         by_number[number] = path
     _warn_repeated(repeated, record)
     numbered = []
-    for name in sorted(sweeps):
+    for name in _sweep_order(sweeps):
         by_number = sweeps[name]
         folders = sorted({os.path.dirname(p) for p in by_number.values()})
         # the template of the folder holding the first image
@@ -951,8 +960,12 @@ def adopt_experiments(experiments, params):
     (Sweeps, Record).  Sequences sharing an image template are one sweep.
 
     The same checks and model sharing as import_images; the geometry is taken
-    as it is (overrides belong to the import that made it).
+    as it is (overrides belong to the import that made it).  The run works on
+    a copy: the caller's experiments keep their crystals and models (the
+    refinement would otherwise move their beam and detector).  Sweeps are
+    numbered as import_images numbers them (_sweep_order).
     """
+    experiments = copy.deepcopy(experiments)  # (models shared within the list stay shared)
     sequences = [e for e in experiments if isinstance(e.imageset, ImageSequence) and e.scan and not e.scan.is_still()]
     if not sequences:
         raise GapfillError("the experiments hold no rotation sweep: import the images as sequences")
@@ -962,7 +975,7 @@ def adopt_experiments(experiments, params):
         by_template.setdefault(exp.imageset.get_template(), []).append(exp)
     ranges = exclusion_ranges(params.gaps.exclude_images)
     every = exclusion_multiple(params.gaps.exclude_images_multiple)
-    templates = sorted(by_template)
+    templates = _sweep_order(by_template)
     exclusions = _exclusions_by_sweep(ranges, len(templates))
     sweeps = []
     record = Record()

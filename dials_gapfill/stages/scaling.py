@@ -614,8 +614,10 @@ def _run_scaling(params, d_min, experiments, reflections, model=None) -> _Scaled
         cutoff = sp.cut_data.small_scale_cutoff
         small = sum((t["inverse_scale_factor"] < cutoff).count(True) for t in algorithm.reflections)
         experiments, joint = algorithm.finish()
-    except (ValueError, RuntimeError, AssertionError, IndexError) as e:
-        # (IndexError: DIALS 3.12's scaler when its cuts left no block)
+    except (ValueError, RuntimeError, AssertionError, IndexError, SystemExit) as e:
+        # (IndexError: DIALS 3.12's scaler when its cuts left no block;
+        # SystemExit: its reflection selection and scaler exit, e.g. when
+        # no reflection is measured twice)
         within, smaller = "", ""
         if params.scaling.d_min:
             n = None
@@ -626,7 +628,7 @@ def _run_scaling(params, d_min, experiments, reflections, model=None) -> _Scaled
             within += f" ({n} integrated reflections within it)" if n is not None else ""
             smaller = "give a smaller scaling.d_min, or "
         raise GapfillError(
-            f"scaling failed{within}: {one_line(e, 200)}: {smaller}run without scaling.run "
+            f"scaling failed{within}: {one_line(e, 200).rstrip('.')}: {smaller}run without scaling.run "
             "and scale integrated.expt/integrated.refl with dials.scale"
         ) from None
     counts = {
@@ -659,9 +661,9 @@ def _symmetry(experiments, reflections, params, record):
             if "no reflection after prefiltering" not in str(e):
                 raise
             experiments, reflections, symmetry = _symmetry_of_the_blocks_with_data(experiments, reflections, e)
-    except (ValueError, RuntimeError, AssertionError, IndexError) as e:
-        record.warn(f"symmetry determination failed ({e}); scaling in P1")
-        logger.warning("Symmetry determination failed (%s); scaling in P 1", e)
+    except (ValueError, RuntimeError, AssertionError, IndexError, SystemExit) as e:
+        record.warn(f"symmetry determination failed ({one_line(e, 200)}); scaling in P1")
+        logger.warning("Symmetry determination failed (%s); scaling in P 1", one_line(e, 200))
     else:
         if symmetry["likelihood"] < LAUE_LIKELIHOOD_WARN:
             # dials.symmetry takes its best candidate however weak; on a few
