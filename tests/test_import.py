@@ -329,3 +329,17 @@ def test_experiments_are_numbered_as_images_and_left_as_they_were(tiny, tmp_path
     assert all(e.beam is not beam for s in adopted for e in s.experiments())
     adopted[0].experiments()[0].beam.set_wavelength(2 * wavelength)
     assert beam.get_wavelength() == wavelength
+
+
+def test_unpadded_numbers_number_the_sweeps_in_image_order(tiny, tmp_path):
+    """img_1.cbf ... img_12.cbf: dxtbx reads two templates (img_#.cbf,
+    img_##.cbf), as dials.import does, so two sweeps; sweep 1 is images 1-9
+    (the narrower number first), not 10-12 as the templates' characters sort."""
+    from dials_gapfill.phil import working_params
+    from dials_gapfill.stages.importer import import_images
+
+    for k in range(1, 13):
+        os.symlink(os.path.join(tiny, f"sim_{k:04d}.cbf"), tmp_path / f"img_{k}.cbf")
+    sweeps, _ = import_images(working_params(""), [str(tmp_path)])
+    assert [(os.path.basename(s.template), s.image_range) for s in sweeps] == [
+        ("img_#.cbf", (1, 9)), ("img_##.cbf", (10, 12))]

@@ -227,11 +227,18 @@ def _warn_repeated(repeated: list[str], record) -> None:
 
 def _sweep_order(templates) -> list[str]:
     """The order sweeps are numbered in, on every route (files, templates,
-    an ExperimentList): numbered sweeps by their file-name template (then
-    folder), NeXus/HDF5 files after them in the order given."""
+    an ExperimentList): numbered sweeps by their file-name template, the
+    narrower number first where only its width differs (img_#.cbf, images
+    1-9, before img_##.cbf, 10-99: unpadded numbers), then folder;
+    NeXus/HDF5 files after them in the order given."""
     numbered = [t for t in templates if "#" in os.path.basename(t)]
     containers = [t for t in templates if "#" not in os.path.basename(t)]
-    return sorted(numbered, key=lambda t: (os.path.basename(t), t)) + containers
+
+    def key(t):
+        base = os.path.basename(t)
+        return re.sub("#+", "#", base), base.count("#"), t
+
+    return sorted(numbered, key=key) + containers
 
 
 def group_sweeps(files: list[str], record) -> list[tuple[str, dict[int, str] | None]]:
