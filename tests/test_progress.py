@@ -222,7 +222,10 @@ def test_ctrl_c_clears_the_bar(short_sweep, tmp_path):
     )
     text = shown.decode(errors="replace")
     assert seconds is not None, text[-2000:]
-    assert rc == 128 + signal.SIGINT and seconds < 15, (rc, seconds)
+    # stopped inside the stage it was interrupted in (a lattice search that
+    # waited for its end would have said so), not after a time
+    assert rc == 128 + signal.SIGINT, (rc, seconds)
+    assert "Indexing done" not in text and "=== Refinement ===" not in text, text[-2000:]
     # the error line starts at the beginning of a line, and no bar follows it
     m = re.search(r"(^|[\r\n])dials\.process_gapped: error: interrupted by SIGINT", text)
     assert m, repr(text[-500:])

@@ -382,11 +382,10 @@ def test_job_larger_than_the_node_refused_up_front(slurm, sweep, tmp_path, job_f
     memory, node_mb = _memory_over_the_node()
     if memory is None:
         pytest.skip(f"no amount fits {node_mb} MB in MiB but not in whole GiB")
-    t0 = time.time()
-    # (a run that let this job through would wait out the start timeout)
+    # (a run that let this job through would wait out the start timeout,
+    # far past _refused's limit on the command)
     line = _refused(sweep, tmp_path, *SLURM[:3], f"mp.cluster.memory={memory}",
-                    "mp.cluster.start_timeout=60", f"mp.cluster.log_directory={job_folder}")
-    assert time.time() - t0 < 60
+                    "mp.cluster.start_timeout=3600", f"mp.cluster.log_directory={job_folder}")
     assert f"mp.cluster.memory={memory} is more than any node" in line, line
     assert f"has {node_mb} MB" in line and f"give mp.cluster.memory={node_mb // 1024}GiB or less" in line, line
     assert not _our_jobs()
@@ -409,20 +408,18 @@ def test_refused_submission_stops_the_run_at_once(slurm, sweep, tmp_path, job_fo
     )
     sbatch.chmod(0o755)
     out = str(tmp_path / "out")
-    t0 = time.time()
+    # (a run that waited for the start timeout would outlast the command's limit)
     r = run_cmd(
         [tool("dials.process_gapped"), sweep, f"output.directory={out}", *SLURM,
-         "mp.cluster.start_timeout=90", f"mp.cluster.log_directory={job_folder}"],
-        env={"PATH": f"{bin_dir}:{os.environ['PATH']}"}, timeout=300,
+         "mp.cluster.start_timeout=3600", f"mp.cluster.log_directory={job_folder}"],
+        env={"PATH": f"{bin_dir}:{os.environ['PATH']}"}, timeout=600,
     )
-    seconds = time.time() - t0
     assert r.returncode == 1, r.stderr + r.stdout[-2000:]
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, r.stderr
     assert "Traceback" not in r.stdout + r.stderr
     assert "mp.method=slurm: the scheduler refused the job (sbatch: Memory specification can not be satisfied; Batch job" in lines[0]
     assert "fix mp.cluster.memory" in lines[0], lines[0]
-    assert seconds < 60, seconds
     assert _queue_drains()
     assert os.listdir(job_folder) == []
 
