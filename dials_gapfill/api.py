@@ -89,6 +89,13 @@ def check_experiments_params(params) -> None:
             )
 
 
+# One run at a time in a process: what a run changes while a stage runs is
+# the process's, not the run's (DIALS functions replaced by dials_compat, file
+# descriptors 1 and 2 captured by util.captured, the signal handlers), so two
+# runs in two threads would undo each other's changes.
+_ONE_RUN = threading.Lock()
+
+
 class Job:
     """One run: parameters checked, the output folder taken, the stages run,
     the reports written; on any failure nothing half-written is left and
@@ -126,6 +133,18 @@ class Job:
         self._workers = workers.Hold(False)
 
     def __enter__(self) -> Job:
+        if not _ONE_RUN.acquire(blocking=False):
+            raise GapfillError(
+                "another dials.process_gapped run is active in this process: run one at a time "
+                "(wait for it to end, or run each in its own process)"
+            )
+        try:
+            return self._enter()
+        except BaseException:
+            _ONE_RUN.release()
+            raise
+
+    def _enter(self) -> Job:
         if self.experiments is not None:
             if self.images:
                 raise GapfillError("give either images or experiments=, not both")
@@ -192,6 +211,12 @@ class Job:
         )
 
     def __exit__(self, exc_type, exc, tb):
+        try:
+            return self._exit(exc_type, exc)
+        finally:
+            _ONE_RUN.release()
+
+    def _exit(self, exc_type, exc):
         self._workers.release()
         outputs = self.outputs
         if exc_type is None:

@@ -248,6 +248,39 @@ def test_dials_exiting_inside_a_stage_is_one_error_and_nothing_is_written(tiny, 
     assert held == [1] and workers._held == 0
 
 
+def test_one_run_at_a_time_in_a_process(tiny):
+    """Two runs in two threads of one host would undo each other's changes
+    to the process (DIALS functions replaced during a stage, stdout and
+    stderr captured): the second is refused with one line while the first
+    is on, and runs once it has ended."""
+    import threading
+
+    from dials_gapfill import process_gapped
+    from dials_gapfill.api import Job
+    from dials_gapfill.errors import GapfillError
+
+    refused = []
+
+    def second():
+        try:
+            process_gapped(tiny, ["nproc=1"])
+        except GapfillError as e:
+            refused.append(str(e))
+
+    with Job(["nproc=1"], [tiny]):
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join()
+    assert refused == ["another dials.process_gapped run is active in this process: run one at a time "
+                       "(wait for it to end, or run each in its own process)"], refused
+    # a Job that fails on entering frees the process for the next
+    with pytest.raises(GapfillError):
+        with Job(["nproc=1", "mtz.partiality_threshold=2"], [tiny]):
+            pass
+    with Job(["nproc=1"], [tiny]):
+        pass
+
+
 @pytest.mark.parametrize("params,said", [
     ("output {\n  per_block_mtz = False\n  htm = None\n}\n", ["line 3", "unknown parameter 'output.htm'",
                                                              "did you mean output.html"]),

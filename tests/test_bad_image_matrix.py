@@ -173,12 +173,14 @@ def test_not_given_is_not_missing(sweeps):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,position,how", [
-    ("zero", "later block", "file list"),
-    ("flare", "first after gap", "template"),
+@pytest.mark.parametrize("kind,position,how,model", [
+    ("zero", "later block", "file list", "continuous"),
+    ("flare", "first after gap", "template", "continuous"),
+    ("blank", "last before gap", "file list", "per_block"),
 ])
-def test_bad_image_run_to_the_mtz_equals_exclusion_by_hand(sweeps, tmp_path, kind, position, how):
-    """The whole run, to the MTZ: same blocks, same integrated count, same cell."""
+def test_bad_image_run_to_the_mtz_equals_exclusion_by_hand(sweeps, tmp_path, kind, position, how, model):
+    """The whole run, to the MTZ, with either crystal model: same blocks,
+    same integrated count, same cell."""
     import gemmi
 
     image = POSITIONS[position]
@@ -188,7 +190,7 @@ def test_bad_image_run_to_the_mtz_equals_exclusion_by_hand(sweeps, tmp_path, kin
     for label, folder, extra in (("auto", bad, ()), ("manual", clean, (f"exclude_images={image}",))):
         images, phil = _inputs(folder, how)
         out = str(tmp_path / label)
-        result = process(images or [], out, *phil, *extra)
+        result = process(images or [], out, *phil, *extra, f"refinement.blocks.model={model}")
         assert result.returncode == 0, result.stderr + result.stdout[-2000:]
         outs[label] = out
     summaries = {k: json.load(open(os.path.join(v, "dials.process_gapped.json"))) for k, v in outs.items()}
@@ -197,6 +199,9 @@ def test_bad_image_run_to_the_mtz_equals_exclusion_by_hand(sweeps, tmp_path, kin
     assert auto["totals"]["integrated"] == manual["totals"]["integrated"] > 3000
     for x, y in zip(auto["crystal"]["final"]["unit_cell"], manual["crystal"]["final"]["unit_cell"]):
         assert abs(x - y) < 1e-4
+    for a, m in zip(auto["blocks"], manual["blocks"]):  # (per block: each block's own crystal)
+        assert max(abs(x - y) for x, y in zip(a["unit_cell"], m["unit_cell"])) < 1e-4, (a, m)
+        assert max(abs(x - y) for x, y in zip(a["U_mid"], m["U_mid"])) < 1e-6, (a, m)
     mtz = {k: gemmi.read_mtz_file(os.path.join(v, "integrated.mtz")) for k, v in outs.items()}
     assert mtz["auto"].nreflections == mtz["manual"].nreflections
     batches = sorted({int(b) for b in mtz["auto"].column_with_label("BATCH")})
@@ -223,6 +228,21 @@ def _three_sweeps(directory, bad):
     return directory
 
 
+@pytest.fixture(scope="module")
+def several_sweeps(tmp_path_factory):
+    """planted -> the folder of three sweeps with those bad images (each
+    simulated once for the module's tests)."""
+    made = {}
+
+    def make(planted):
+        key = repr(sorted((s, sorted(images.items())) for s, images in planted.items()))
+        if key not in made:
+            made[key] = _three_sweeps(str(tmp_path_factory.mktemp("three_sweeps")), planted)
+        return made[key]
+
+    return make
+
+
 # runs of all-zero frames (a detector that stopped): to the end of the first
 # sweep, from the start of the second
 ZERO_RUNS = {1: {n: "zero" for n in range(5, 13)}, 2: {n: "zero" for n in range(1, 9)}}
@@ -232,12 +252,24 @@ ZERO_RUNS = {1: {n: "zero" for n in range(5, 13)}, 2: {n: "zero" for n in range(
     (PLANTED_IN_SWEEPS, [(1, 1, 11), (2, 2, 12), (3, 1, 5), (3, 8, 12)]),
     (ZERO_RUNS, [(1, 1, 4), (2, 9, 12), (3, 1, 6), (3, 8, 12)]),
 ], ids=["one image each", "runs of all-zero frames"])
-def test_bad_images_in_several_sweeps_equal_exclusion_by_hand(tmp_path, planted, expected):
+@pytest.mark.parametrize("how", ["folder", "file list", "templates"])
+def test_bad_images_in_several_sweeps_equal_exclusion_by_hand(several_sweeps, planted, expected, how):
     """The blank test compares an image with its neighbours: a run of faulty
-    frames is found at its ends, and from there frame by frame."""
-    auto = _first_stages([_three_sweeps(str(tmp_path / "bad"), planted)])
+    frames is found at its ends, and from there frame by frame; the sweeps
+    given as a folder, as all their files or as one template each."""
+
+    def given(folder):
+        if how == "folder":
+            return [folder], ()
+        if how == "file list":
+            return sorted(glob.glob(os.path.join(folder, "*.cbf"))), ()
+        return [], tuple(f"input.template={os.path.join(folder, f'sim_{k:02d}_####.cbf')}" for k in (1, 2, 3))
+
+    images, phil = given(several_sweeps(planted))
+    auto = _first_stages(images, *phil)
     by_hand = ",".join(f"{s}:{n}:{n}" for s, images in planted.items() for n in images)
-    manual = _first_stages([_three_sweeps(str(tmp_path / "clean"), {})], f"exclude_images={by_hand}")
+    images, phil = given(several_sweeps({}))
+    manual = _first_stages(images, *phil, f"exclude_images={by_hand}")
     blocks = lambda state: [(state.sweeps.sweep_of(e).number, *e.scan.get_image_range())  # noqa: E731
                             for e in state.experiments]
     assert blocks(auto) == blocks(manual) == expected
