@@ -343,3 +343,33 @@ def test_unpadded_numbers_number_the_sweeps_in_image_order(tiny, tmp_path):
     sweeps, _ = import_images(working_params(""), [str(tmp_path)])
     assert [(os.path.basename(s.template), s.image_range) for s in sweeps] == [
         ("img_#.cbf", (1, 9)), ("img_##.cbf", (10, 12))]
+
+
+def test_headers_that_go_past_360_deg_again_from_0_are_one_rotation(tmp_path):
+    """A sweep from 350 deg whose headers say 0-9 deg for images 11-20 (a
+    goniometer that reports angles modulo 360): with images 9-12 left out,
+    the second block starts at 362 deg, a whole turn on from its headers,
+    so the blocks lie on one rotation (the continuous model's check passes)
+    and no header is called wrong."""
+    import re
+
+    from dials_gapfill.crystal_model.continuous import check_blocks
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
+
+    folder = str(tmp_path / "images")
+    simulate(SimulationConfig(n_images=20, osc_start=350.0, osc_width=1.0, detector="pilatus300k",
+                              distance=150.0, seed=42), folder)
+    for k in range(11, 21):
+        path = os.path.join(folder, f"sim_{k:04d}.cbf")
+        with open(path, "rb") as fh:
+            data = fh.read()
+        wrapped = re.sub(rb"# Start_angle (\d+\.\d+) deg\.",
+                         lambda m: b"# Start_angle %.4f deg." % (float(m.group(1)) - 360), data, count=1)
+        assert wrapped != data
+        with open(path, "wb") as fh:
+            fh.write(wrapped)
+    experiments, report = _import("gaps.exclude_images=9:12", positional=[folder])
+    assert [(e.scan.get_image_range(), e.scan.get_oscillation()) for e in experiments] == [
+        ((1, 8), (350.0, 1.0)), ((13, 20), (362.0, 1.0))]
+    assert not report.warnings, report.warnings
+    check_blocks(experiments)

@@ -500,6 +500,26 @@ def _fix_oscillation(experiments, params, reference_image: int) -> None:
         exp.imageset.set_scan(exp.scan)
 
 
+def _unwrap_phi(experiments) -> None:
+    """Blocks whose headers start a rotation that went past 360 deg again
+    from 0 (a sweep from 350 deg: images at 0-9 deg where their numbers put
+    them at 360-369): their start taken as the numbers put it, a whole turn
+    on, so that the blocks lie on one rotation (the same crystal positions:
+    a rotation by 362 deg is one by 2 deg)."""
+    ref = experiments[0].scan
+    width = ref.get_oscillation()[1]
+    for exp in experiments[1:]:
+        first = exp.scan.get_image_range()[0]
+        expected = ref.get_angle_from_image_index(first)
+        actual, w = exp.scan.get_oscillation()
+        turns = round((expected - actual) / 360.0)
+        if turns and abs(actual + 360.0 * turns - expected) <= 0.5 * abs(width):
+            logger.info("Images %d-%d: their headers start at %.2f deg, taken as %.2f deg (the rotation past %d deg)",
+                        *exp.scan.get_image_range(), actual, actual + 360.0 * turns, 360 * max(turns, 0))
+            exp.scan.set_oscillation((actual + 360.0 * turns, w))
+            exp.imageset.set_scan(exp.scan)
+
+
 def _inconsistent_phi(experiments) -> list[str]:
     """Blocks whose start angle is not where their first image number puts it."""
     ref = experiments[0].scan
@@ -512,8 +532,9 @@ def _inconsistent_phi(experiments) -> list[str]:
         if abs(expected - actual) > 0.5 * abs(width):
             out.append(
                 f"block starting at image {first} starts at {actual:.2f} deg but its image "
-                f"number implies {expected:.2f} deg: check the image headers (or set "
-                "geometry.scan.oscillation=start,width)"
+                f"number implies {expected:.2f} deg: as wedges collected out of order (inverse beam, "
+                "interleaved) do, whose blocks are then refined each on its own; otherwise check the image headers (set "
+                "geometry.scan.oscillation=start,width only if they are wrong)"
             )
     return out
 
@@ -865,6 +886,7 @@ def _make_sweep(template, experiments, params, image_range, statuses, record, wh
     headers = (copy.deepcopy(sources[0].get_goniometer()), copy.deepcopy(sources[0].get_detector()))
     sources = _apply_geometry(sources, params, which)
     _fix_oscillation(sources, params, image_range[0])
+    _unwrap_phi(sources)
     _check_shared(sources, params)
     _share_models(sources)
     for line in _inconsistent_phi(sources):
