@@ -411,6 +411,31 @@ def test_a_30_degree_gap_is_not_singular(tmp_path_factory):
     assert blocks[0].crystal.num_scan_points == 16 and blocks[1].crystal.num_scan_points == 16
 
 
+@pytest.mark.slow
+def test_a_gap_that_leaves_checkpoints_without_reflections_is_said(tmp_path):
+    """Two 6-image wedges 60 deg apart in one sweep: checkpoints (every 12
+    deg) inside the gap have no reflection, DIALS refuses the sweep's
+    scan-varying orientation and it stays static: said in a warning that
+    names the gap, with the per-block model as the alternative; the static
+    orientation is still close to the truth."""
+    from dials_gapfill.simulation import compare
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
+
+    folder = str(tmp_path / "wedges")
+    simulate(SimulationConfig(**dict(TINY, n_images=72, omit=tuple(range(7, 67)))), folder)
+    run = _run(folder, folder)
+    blocks = run["refined_blocks"]
+    assert [e.scan.get_image_range() for e in blocks] == [(1, 6), (67, 72)]
+    assert all(e.crystal.num_scan_points == 0 for e in blocks)
+    warnings = [w for w in run["record"].warnings if "stays static" in w]
+    assert warnings == [
+        "the sweep's crystal orientation stays static, not scan-varying: the 60-deg gap between images 6 and 67 "
+        "leaves the smoother's checkpoints there (every 12 deg) without reflections, so DIALS refuses the "
+        "parameters; refinement.blocks.model=per_block gives each block its own scan-varying crystal"], warnings
+    errors = compare.orientation_errors(blocks, run["truth"])
+    assert errors["worst"] < 0.05, errors
+
+
 def test_the_checkpoint_spacing_chosen_on_left_out_reflections(every_8th):
     # the last scan-varying job repeated with finer checkpoints on the same
     # reflections and random sample: kept only where the reflections the
