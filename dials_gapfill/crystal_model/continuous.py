@@ -1319,12 +1319,12 @@ def _static_for_a_long_gap(job, refused, width) -> list[str]:
     smoother interval (`width` deg) long: checkpoints inside it have no
     reflection however many the sweep has (two 6-image wedges of a
     drifting crystal, 1 x 1 deg, 50 deg or more apart).  Measured on such
-    wedges 60-174 deg apart: the static orientation is as close to the
-    truth as per-block crystals (median 0.009-0.028 against 0.027-0.038
-    deg), but the wedge after the gap is predicted less well the longer
-    the gap (RMSD x 0.036-0.106 px against 0.032-0.048 per block) and
-    1.1-1.5 % fewer reflections are integrated; so this is said, and the
-    model is not changed."""
+    wedges 50-174 deg apart (benchmarks/long_gap.py): the static
+    orientation is at least as close to the truth as per-block crystals
+    (median 0.008-0.028 against 0.027-0.039 deg), but the wedge after the
+    gap is predicted less well the longer the gap (RMSD x 0.032-0.106 px
+    against 0.032-0.048 per block); so this is said, and the model is not
+    changed."""
     lines = []
     several = len(job.joined.groups) > 1
     for g in refused:
