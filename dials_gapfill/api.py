@@ -133,18 +133,6 @@ class Job:
         self._workers = workers.Hold(False)
 
     def __enter__(self) -> Job:
-        if not _ONE_RUN.acquire(blocking=False):
-            raise GapfillError(
-                "another dials.process_gapped run is active in this process: run one at a time "
-                "(wait for it to end, or run each in its own process)"
-            )
-        try:
-            return self._enter()
-        except BaseException:
-            _ONE_RUN.release()
-            raise
-
-    def _enter(self) -> Job:
         if self.experiments is not None:
             if self.images:
                 raise GapfillError("give either images or experiments=, not both")
@@ -156,6 +144,19 @@ class Job:
             self.params.input.images or self.params.input.template or self.params.input.image
         ):
             raise GapfillError("no images: give image paths (or input.template=, input.image=) or experiments=")
+        if not _ONE_RUN.acquire(blocking=False):
+            raise GapfillError(
+                "another dials.process_gapped run is active in this process (another thread's, or the one "
+                "this call was made from): run them one after the other, or each in its own process"
+            )
+        try:
+            return self._enter()
+        except BaseException:
+            _ONE_RUN.release()
+            raise
+
+    def _enter(self) -> Job:
+        """What a run changes: the folder's lock and log, the worker hooks."""
         if self.write_files:
             outputs = Outputs(self.params.output.directory)
             outputs.check_writable()

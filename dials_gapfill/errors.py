@@ -61,6 +61,17 @@ def one_line(e: BaseException, limit: int | None = None) -> str:
     return text[:limit] if limit else text
 
 
+def dials_exit(e: SystemExit) -> bool:
+    """Whether a SystemExit is DIALS ending its command line (its code a
+    message, or raised inside DIALS, dxtbx or cctbx), not the host
+    program's own exit (a signal handler's sys.exit(0)), which must go on."""
+    if isinstance(e.code, str):
+        return True
+    frames = traceback.extract_tb(e.__traceback__)
+    path = frames[-1].filename.replace(os.sep, "/") if frames else ""
+    return any(f"/{name}/" in path for name in ("dials", "dxtbx", "cctbx", "scitbx", "iotbx", "libtbx"))
+
+
 def search_failure(e: Exception, limit: int = 160) -> str:
     """Why a lattice search failed, in one line of at most `limit` characters
     (cut at a word).  DIALS 3.12's indexer, when a refinement macro-cycle

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from dials_gapfill import sanity
-from dials_gapfill.errors import GapfillError, one_line
+from dials_gapfill.errors import GapfillError, dials_exit, one_line
 from dials_gapfill.handlers.progress import stage_progress
 from dials_gapfill.model.state import Record, State
 from dials_gapfill.report import finalise
@@ -105,7 +105,10 @@ class Pipeline:
                 except SystemExit as e:
                     # DIALS code that ends its command line with sys.exit
                     # would end the caller's interpreter (API) or skip the
-                    # run's rollback and log (command line)
+                    # run's rollback and log (command line); the host's own
+                    # exit goes on
+                    if not dials_exit(e):
+                        raise
                     why = one_line(e, 200) if isinstance(e.code, str) else f"exit code {e.code}"
                     raise GapfillError(f"{stage.name} stopped inside DIALS: {why}") from None
             if stage.checks is not None and sanity.enabled(state.params):

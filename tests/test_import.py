@@ -373,3 +373,57 @@ def test_headers_that_go_past_360_deg_again_from_0_are_one_rotation(tmp_path):
         ((1, 8), (350.0, 1.0)), ((13, 20), (362.0, 1.0))]
     assert not report.warnings, report.warnings
     check_blocks(experiments)
+
+
+def test_the_experiment_list_route_takes_sweeps_as_the_file_route(tiny, tmp_path):
+    """From dials.import's ExperimentList, as from the files: one sweep split
+    over two folders is one sweep (exclude_images=9:10 needs no sweep
+    number), and headers that go on from 0 after 360 deg are a whole turn
+    on, on one rotation."""
+    import glob
+    import re
+
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.phil import working_params
+    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
+    from dials_gapfill.stages.importer import adopt_experiments, import_images
+
+    for folder, numbers in (("d1", range(1, 5)), ("d2", range(7, 13))):
+        os.makedirs(tmp_path / folder)
+        for k in numbers:
+            os.symlink(os.path.join(tiny, f"sim_{k:04d}.cbf"), tmp_path / folder / f"sim_{k:04d}.cbf")
+    files = sorted(glob.glob(str(tmp_path / "d*" / "*.cbf")))
+    params = working_params("gaps.exclude_images=9:10")
+    ranges = lambda sweeps: [[e.scan.get_image_range() for e in s.experiments()] for s in sweeps]  # noqa: E731
+    from_files, _ = import_images(params, files)
+    adopted, _ = adopt_experiments(ExperimentListFactory.from_filenames(files), params)
+    assert ranges(adopted) == ranges(from_files) == [[(1, 4), (7, 8), (11, 12)]]
+
+    wrapped = str(tmp_path / "wrapped")
+    simulate(SimulationConfig(n_images=20, osc_start=350.0, osc_width=1.0, detector="pilatus300k",
+                              distance=150.0, seed=42), wrapped)
+    for k in range(11, 21):
+        path = os.path.join(wrapped, f"sim_{k:04d}.cbf")
+        with open(path, "rb") as fh:
+            data = fh.read()
+        with open(path, "wb") as fh:
+            fh.write(re.sub(rb"# Start_angle (\d+\.\d+) deg\.",
+                            lambda m: b"# Start_angle %.4f deg." % (float(m.group(1)) - 360), data, count=1))
+    files = [os.path.join(wrapped, f"sim_{k:04d}.cbf") for k in list(range(1, 9)) + list(range(13, 21))]
+    adopted, record = adopt_experiments(ExperimentListFactory.from_filenames(files), working_params(""))
+    assert [(e.scan.get_image_range(), e.scan.get_oscillation()) for e in adopted[0].experiments()] == [
+        ((1, 8), (350.0, 1.0)), ((13, 20), (362.0, 1.0))]
+    assert not record.warnings, record.warnings
+
+
+def test_sweeps_are_numbered_in_one_order():
+    """Numbered templates by file name (narrower numbers first), then folder;
+    NeXus files after them by file name, then folder, whatever order they
+    were given in (dials.import sorts them too)."""
+    from dials_gapfill.stages.importer import _sweep_order
+
+    given = ["/z/sim_master.h5", "/b/x_####.cbf", "/a/img_##.cbf", "/a/sim_master.h5", "/c/img_#.cbf",
+             "/a/a_master.h5"]
+    assert _sweep_order(given) == ["/c/img_#.cbf", "/a/img_##.cbf", "/b/x_####.cbf", "/a/a_master.h5",
+                                   "/a/sim_master.h5", "/z/sim_master.h5"]

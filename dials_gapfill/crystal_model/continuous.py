@@ -610,6 +610,7 @@ class _Job:
     cycles: list = dataclasses.field(default_factory=list)  # each re-index cycle: spots gained, refined again
     smoother: str = "gaussian"  # the scan-varying jobs' smoother (SMOOTHER_NAMES)
     numbers: Any = None  # the run's number of each sweep (CrystalModel.sweep_numbers), for log lines
+    static_for_a_gap: set = dataclasses.field(default_factory=set)  # sweeps warned of (_static_for_a_long_gap)
 
 
 class ContinuousModel(CrystalModel):
@@ -1156,10 +1157,10 @@ class ContinuousModel(CrystalModel):
                 logger.info("Sweep(s) %s: too few reflections for a scan-varying orientation (DIALS' "
                             "auto_reduction): static in this job", ", ".join(str(job.numbers[i]) for i in sorted(refused)))
                 width = job_rp.refinement.parameterisation.crystal.orientation.smoother.interval_width_degrees
-                for line in _static_for_a_long_gap(job, sorted(refused), width):
-                    if line not in job.record.warnings:  # (said once, not in every job)
-                        logger.warning("Warning: %s", line)
-                        job.record.warn(line)
+                for g, line in _static_for_a_long_gap(job, sorted(refused - job.static_for_a_gap), width):
+                    job.static_for_a_gap.add(g)  # (said once, not in every job)
+                    logger.warning("Warning: %s", line)
+                    job.record.warn(line)
                 static_only |= refused
         job.smoother = "bspline" if swapped else "gaussian"
         oos = out_of_sample_rmsd(refiner, models)
@@ -1313,12 +1314,19 @@ def longest_gap(blocks):
     return longest
 
 
-def _static_for_a_long_gap(job, refused, width) -> list[str]:
-    """Warnings for the sweeps (group indices `refused`) whose orientation
-    DIALS refused to make scan-varying and that have a gap at least one
-    smoother interval (`width` deg) long: checkpoints inside it have no
-    reflection however many the sweep has (two 6-image wedges of a
-    drifting crystal, 1 x 1 deg, 50 deg or more apart).  Measured on such
+# A gap of this many smoother intervals leaves checkpoints inside it with no
+# reflection near them: two 6-image wedges of 1 deg 40 deg apart (3.3
+# intervals of 12 deg) kept their scan-varying orientation, 50 deg apart
+# DIALS refused it (benchmarks/long_gap.py)
+LONG_GAP_INTERVALS = 3
+
+
+def _static_for_a_long_gap(job, refused, width) -> list[tuple[int, str]]:
+    """(sweep, warning) for the sweeps (group indices `refused`) whose
+    orientation DIALS refused to make scan-varying and that have a gap of
+    LONG_GAP_INTERVALS smoother intervals (`width` deg) or more: checkpoints
+    inside it have no reflection however many the sweep has (two 6-image
+    wedges of a drifting crystal, 1 x 1 deg, 50 deg or more apart).  Measured on such
     wedges 50-174 deg apart (benchmarks/long_gap.py): the static
     orientation is at least as close to the truth as per-block crystals
     (median 0.008-0.028 against 0.027-0.039 deg), but the wedge after the
@@ -1329,16 +1337,16 @@ def _static_for_a_long_gap(job, refused, width) -> list[str]:
     several = len(job.joined.groups) > 1
     for g in refused:
         longest = longest_gap(job.joined.block_experiments(g))
-        if longest is None or width is None or longest[0] < width:
+        if longest is None or width is None or longest[0] < LONG_GAP_INTERVALS * width:
             continue
         gap, last, first = longest
         whose = f"sweep {job.numbers[g]}'s" if several and job.numbers else "the sweep's"
-        lines.append(
+        lines.append((g,
             f"{whose} crystal orientation stays static, not scan-varying: the {gap:.0f}-deg gap between "
             f"images {last} and {first} leaves the smoother's checkpoints there (every {width:g} deg) without "
             "reflections, so DIALS refuses the parameters; refinement.blocks.model=per_block gives each "
             "block its own scan-varying crystal"
-        )
+        ))
     return lines
 
 

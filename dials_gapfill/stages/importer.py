@@ -230,7 +230,8 @@ def _sweep_order(templates) -> list[str]:
     an ExperimentList): numbered sweeps by their file-name template, the
     narrower number first where only its width differs (img_#.cbf, images
     1-9, before img_##.cbf, 10-99: unpadded numbers), then folder;
-    NeXus/HDF5 files after them in the order given."""
+    NeXus/HDF5 files after them by file name, then folder (as dials.import
+    sorts them)."""
     numbered = [t for t in templates if "#" in os.path.basename(t)]
     containers = [t for t in templates if "#" not in os.path.basename(t)]
 
@@ -238,14 +239,14 @@ def _sweep_order(templates) -> list[str]:
         base = os.path.basename(t)
         return re.sub("#+", "#", base), base.count("#"), t
 
-    return sorted(numbered, key=key) + containers
+    return sorted(numbered, key=key) + sorted(containers, key=lambda t: (os.path.basename(t), t))
 
 
 def group_sweeps(files: list[str], record) -> list[tuple[str, dict[int, str] | None]]:
     """The sweeps of the files given: [(template, {image number: path})], one
     per file-name template (a sweep split over several folders with the same
     file names is one sweep), sorted by template; a NeXus/HDF5 file is a sweep
-    of its own: (path, None), in the order given."""
+    of its own: (path, None), after them (_sweep_order)."""
     sweeps: dict[str, dict[int, str]] = {}
     containers = []
     seen: dict[tuple[str, str], str] = {}
@@ -286,7 +287,7 @@ def group_sweeps(files: list[str], record) -> list[tuple[str, dict[int, str] | N
         numbered.append((os.path.join(first_folder, name), by_number))
         if len(folders) > 1:
             logger.info("Images of %s are in %d folders: %s", name, len(folders), ", ".join(folders))
-    return numbered + [(c, None) for c in containers]
+    return numbered + [(c, None) for c in _sweep_order(containers)]
 
 
 # --------------------------------------------------------------------------
@@ -1001,7 +1002,11 @@ def adopt_experiments(experiments, params):
     by_template: dict[str, list] = {}
     for exp in sequences:
         exp.crystal = None
-        by_template.setdefault(exp.imageset.get_template(), []).append(exp)
+        # a numbered sweep by its file-name template (one sweep split over
+        # folders is one, as from files); a NeXus file by its path
+        template = exp.imageset.get_template()
+        key = os.path.basename(template) if "#" in os.path.basename(template) else template
+        by_template.setdefault(key, []).append(exp)
     ranges = exclusion_ranges(params.gaps.exclude_images)
     every = exclusion_multiple(params.gaps.exclude_images_multiple)
     templates = _sweep_order(by_template)
@@ -1010,8 +1015,13 @@ def adopt_experiments(experiments, params):
     record = Record()
     for number, (template, mine) in enumerate(zip(templates, exclusions), start=1):
         group = ExperimentList(sorted(by_template[template], key=lambda e: e.scan.get_image_range()[0]))
+        template = group[0].imageset.get_template()  # (the folder of its first images)
         _check_shared(group, params)
         _share_models(group)
+        _unwrap_phi(group)
+        for line in _inconsistent_phi(group):
+            logger.warning(line)
+            record.warn(line)
         first = group[0].scan.get_image_range()[0]
         last = group[-1].scan.get_image_range()[1]
         _check_exclusions([first, last], mine, "give image numbers as in the file names")

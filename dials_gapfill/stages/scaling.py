@@ -60,7 +60,7 @@ from dxtbx.model import Experiment, ExperimentList
 from scitbx import matrix
 
 from dials_gapfill import dials_compat
-from dials_gapfill.errors import GapfillError, one_line
+from dials_gapfill.errors import GapfillError, dials_exit, one_line
 from dials_gapfill.model.state import Record, block_names
 from dials_gapfill.model.tables import keep_experiments
 from dials_gapfill.phil import defaults
@@ -618,6 +618,8 @@ def _run_scaling(params, d_min, experiments, reflections, model=None) -> _Scaled
         # (IndexError: DIALS 3.12's scaler when its cuts left no block;
         # SystemExit: its reflection selection and scaler exit, e.g. when
         # no reflection is measured twice)
+        if isinstance(e, SystemExit) and not dials_exit(e):
+            raise
         within, smaller = "", ""
         if params.scaling.d_min:
             n = None
@@ -662,6 +664,8 @@ def _symmetry(experiments, reflections, params, record):
                 raise
             experiments, reflections, symmetry = _symmetry_of_the_blocks_with_data(experiments, reflections, e)
     except (ValueError, RuntimeError, AssertionError, IndexError, SystemExit) as e:
+        if isinstance(e, SystemExit) and not dials_exit(e):
+            raise
         record.warn(f"symmetry determination failed ({one_line(e, 200)}); scaling in P1")
         logger.warning("Symmetry determination failed (%s); scaling in P 1", one_line(e, 200))
     else:
