@@ -345,18 +345,13 @@ def test_unpadded_numbers_number_the_sweeps_in_image_order(tiny, tmp_path):
         ("img_#.cbf", (1, 9)), ("img_##.cbf", (10, 12))]
 
 
-def test_headers_that_go_past_360_deg_again_from_0_are_one_rotation(tmp_path):
-    """A sweep from 350 deg whose headers say 0-9 deg for images 11-20 (a
-    goniometer that reports angles modulo 360): with images 9-12 left out,
-    the second block starts at 362 deg, a whole turn on from its headers,
-    so the blocks lie on one rotation (the continuous model's check passes)
-    and no header is called wrong."""
+def _past_360(folder):
+    """20 x 1 deg simulated from 350 deg, the headers of images 11-20
+    saying 0-9 deg (a goniometer that reports angles modulo 360)."""
     import re
 
-    from dials_gapfill.crystal_model.continuous import check_blocks
     from dials_gapfill.simulation.simulate import SimulationConfig, simulate
 
-    folder = str(tmp_path / "images")
     simulate(SimulationConfig(n_images=20, osc_start=350.0, osc_width=1.0, detector="pilatus300k",
                               distance=150.0, seed=42), folder)
     for k in range(11, 21):
@@ -368,6 +363,18 @@ def test_headers_that_go_past_360_deg_again_from_0_are_one_rotation(tmp_path):
         assert wrapped != data
         with open(path, "wb") as fh:
             fh.write(wrapped)
+    return folder
+
+
+def test_headers_that_go_past_360_deg_again_from_0_are_one_rotation(tmp_path):
+    """A sweep from 350 deg whose headers say 0-9 deg for images 11-20 (a
+    goniometer that reports angles modulo 360): with images 9-12 left out,
+    the second block starts at 362 deg, a whole turn on from its headers,
+    so the blocks lie on one rotation (the continuous model's check passes)
+    and no header is called wrong."""
+    from dials_gapfill.crystal_model.continuous import check_blocks
+
+    folder = _past_360(str(tmp_path / "images"))
     experiments, report = _import("gaps.exclude_images=9:12", positional=[folder])
     assert [(e.scan.get_image_range(), e.scan.get_oscillation()) for e in experiments] == [
         ((1, 8), (350.0, 1.0)), ((13, 20), (362.0, 1.0))]
@@ -381,12 +388,10 @@ def test_the_experiment_list_route_takes_sweeps_as_the_file_route(tiny, tmp_path
     number), and headers that go on from 0 after 360 deg are a whole turn
     on, on one rotation."""
     import glob
-    import re
 
     from dxtbx.model.experiment_list import ExperimentListFactory
 
     from dials_gapfill.phil import working_params
-    from dials_gapfill.simulation.simulate import SimulationConfig, simulate
     from dials_gapfill.stages.importer import adopt_experiments, import_images
 
     for folder, numbers in (("d1", range(1, 5)), ("d2", range(7, 13))):
@@ -400,16 +405,7 @@ def test_the_experiment_list_route_takes_sweeps_as_the_file_route(tiny, tmp_path
     adopted, _ = adopt_experiments(ExperimentListFactory.from_filenames(files), params)
     assert ranges(adopted) == ranges(from_files) == [[(1, 4), (7, 8), (11, 12)]]
 
-    wrapped = str(tmp_path / "wrapped")
-    simulate(SimulationConfig(n_images=20, osc_start=350.0, osc_width=1.0, detector="pilatus300k",
-                              distance=150.0, seed=42), wrapped)
-    for k in range(11, 21):
-        path = os.path.join(wrapped, f"sim_{k:04d}.cbf")
-        with open(path, "rb") as fh:
-            data = fh.read()
-        with open(path, "wb") as fh:
-            fh.write(re.sub(rb"# Start_angle (\d+\.\d+) deg\.",
-                            lambda m: b"# Start_angle %.4f deg." % (float(m.group(1)) - 360), data, count=1))
+    wrapped = _past_360(str(tmp_path / "wrapped"))
     files = [os.path.join(wrapped, f"sim_{k:04d}.cbf") for k in list(range(1, 9)) + list(range(13, 21))]
     adopted, record = adopt_experiments(ExperimentListFactory.from_filenames(files), working_params(""))
     assert [(e.scan.get_image_range(), e.scan.get_oscillation()) for e in adopted[0].experiments()] == [
