@@ -27,9 +27,10 @@ Only forks through Python's ``os.fork`` (which multiprocessing and
 libtbx.easy_mp use) run the hooks: programs that subprocess starts by
 fork-and-exec are not touched, unless given a ``preexec_fn`` (subprocess then
 forks through Python and the program it runs keeps the parent-death signal,
-which exec does not clear: it ends with the thread that started it).  The hooks stay registered for the life of the
-process (Python cannot unregister them) but do nothing while no run holds
-them, so forks made by the host program outside a run are left alone.
+which exec does not clear: it ends with the thread that started it).  The
+hooks stay registered for the life of the process (Python cannot unregister
+them) but do nothing while no run holds them, so forks made by the host
+program outside a run are left alone.
 """
 
 from __future__ import annotations

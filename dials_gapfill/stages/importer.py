@@ -515,8 +515,9 @@ def _unwrap_phi(experiments) -> None:
         actual, w = exp.scan.get_oscillation()
         turns = round((expected - actual) / 360.0)
         if turns and abs(actual + 360.0 * turns - expected) <= 0.5 * abs(width):
-            logger.info("Images %d-%d: their headers start at %.2f deg, taken as %.2f deg (the rotation past %d deg)",
-                        *exp.scan.get_image_range(), actual, actual + 360.0 * turns, 360 * max(turns, 0))
+            logger.info("Images %d-%d: their headers start at %.2f deg, taken as %.2f deg (%+d turn(s), on the "
+                        "rotation of the sweep's first images)", *exp.scan.get_image_range(), actual,
+                        actual + 360.0 * turns, turns)
             exp.scan.set_oscillation((actual + 360.0 * turns, w))
             exp.imageset.set_scan(exp.scan)
 
@@ -533,9 +534,9 @@ def _inconsistent_phi(experiments) -> list[str]:
         if abs(expected - actual) > 0.5 * abs(width):
             out.append(
                 f"block starting at image {first} starts at {actual:.2f} deg but its image "
-                f"number implies {expected:.2f} deg: as wedges collected out of order (inverse beam, "
-                "interleaved) do, whose blocks are then refined each on its own; otherwise check the image headers (set "
-                "geometry.scan.oscillation=start,width only if they are wrong)"
+                f"number implies {expected:.2f} deg: wedges collected out of order (inverse beam, "
+                "interleaved) look like this, and their blocks are refined each on its own; otherwise check the "
+                "image headers (set geometry.scan.oscillation=start,width only if they are wrong)"
             )
     return out
 
