@@ -449,12 +449,14 @@ def strong_spots(experiments, nproc=1):
 
 def indices_in_truth_basis(experiments, reflections, truth):
     """A copy of `reflections` whose Miller indices are in the truth's basis,
-    block by block: an indexing basis may be another setting of the cell
-    (e.g. -a, b, -c of a monoclinic one)."""
+    block by block (each against its own sweep's truth): an indexing basis
+    may be another setting of the cell (e.g. -a, b, -c of a monoclinic one)."""
     r = reflections.copy()
     hkl = r["miller_index"]
     for i, exp in enumerate(experiments):
-        X = basis_to_truth(_crystal_A_mid(exp.crystal, 0), truth_A_mid(truth, exp.scan.get_image_range()[0]))
+        sweep = sweep_of(exp, truth) if "sweeps" in truth else None
+        X = basis_to_truth(_crystal_A_mid(exp.crystal, 0),
+                           truth_A_mid(truth, exp.scan.get_image_range()[0], sweep=sweep))
         to_truth = np.round(np.linalg.inv(X)).astype(int)
         rows = (r["id"] == i).iselection()
         mapped = [tuple(int(v) for v in to_truth @ np.array(h)) for h in hkl.select(rows)]
