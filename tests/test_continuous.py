@@ -189,6 +189,10 @@ def test_scan_end_spots_are_treated_as_gap_edge_spots_unless_they_are_most(every
     xy = ContinuousModel(params_from(["nproc=1"]))
     job = xy._start(blocks, copy.deepcopy(indexed))
     end = scan_end_spots(blocks, job.table)
+    # the job keeps them, by block: the sigma_m of modelled gap edges is
+    # estimated without them (the last block's spots touch the sweep's last image)
+    assert list(job.scan_end) == list(end)
+    assert (job.scan_end & (job.table["block"] == len(blocks) - 1)).count(True) > 0
     first_block = job.table["block"] == 0
     n_end = (end & first_block & ~job.edge).count(True)
     assert n_end > 10

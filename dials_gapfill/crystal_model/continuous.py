@@ -611,6 +611,11 @@ class _Job:
     smoother: str = "gaussian"  # the scan-varying jobs' smoother (SMOOTHER_NAMES)
     numbers: Any = None  # the run's number of each sweep (CrystalModel.sweep_numbers), for log lines
     static_for_a_gap: set = dataclasses.field(default_factory=set)  # sweeps warned of (_static_for_a_long_gap)
+    scan_end: Any = None  # flex.bool: spots cut by their sweep's own first or last image (scan_end_spots)
+    # the scan-end spots of sweeps mostly cut by their ends: their observed
+    # phi in the static jobs, against the cut rocking curve in the
+    # scan-varying ones (continuous_gap_edges=modelled)
+    modelled_end: Any = None
 
 
 class ContinuousModel(CrystalModel):
@@ -838,6 +843,8 @@ class ContinuousModel(CrystalModel):
         # left without it at the sweep's end extrapolates (tiny sweep, last block
         # one image after a gap: worst error 0.052 deg without, 0.018 with it)
         xy_edge = copy.deepcopy(edge)
+        end = scan_end_spots(experiments, table)
+        modelled_end = flex.bool(len(table), False)
         if self.gap_edge == "xy" and self.scan_ends == "xy":
             # a sweep's scan-end spots treated as gap-edge spots, unless they
             # are most of its spots (a short sweep of fine slices: four 15 x
@@ -846,7 +853,6 @@ class ContinuousModel(CrystalModel):
             # curve's width can be estimated (a sweep with SIGMA_M_MIN_SPOTS
             # spots cut by neither): else their phi would get no weight, which
             # leaves a sparse sweep's ends held by nothing
-            end = scan_end_spots(experiments, table)
             uncut = ~edge & ~end & (table["id"] >= 0)
             modelled = self.gap_edges != "modelled" or any(
                 (uncut & (table["sweep"] == g)).count(True) >= SIGMA_M_MIN_SPOTS for g in range(len(joined.groups)))
@@ -854,6 +860,12 @@ class ContinuousModel(CrystalModel):
                 rows = table["sweep"] == g
                 if modelled and (rows & end).count(True) < SCAN_END_MAX_FRACTION * rows.count(True):
                     xy_edge |= rows & end
+                elif modelled and self.gap_edges == "modelled":
+                    # a short sweep: left with their observed phi in the
+                    # scan-varying jobs, the ends' inward pull on it is fitted
+                    # as a turn about the spindle (3 x 1 deg among 12-image
+                    # sweeps: worst orientation error 0.13 deg)
+                    modelled_end |= rows & end
         blocks_of_rows = table["block"]
         for i in range(len(experiments)):
             rows = blocks_of_rows == i
@@ -887,7 +899,8 @@ class ContinuousModel(CrystalModel):
         record = Record()
         for e in experiments:
             record.block(e.identifier)
-        return _Job(joined, table, edge, xy_edge, original_mm, record, {}, numbers=numbers)
+        return _Job(joined, table, edge, xy_edge, original_mm, record, {}, numbers=numbers, scan_end=end,
+                    modelled_end=modelled_end)
 
     def _refine_params(self):
         """DIALS' refinement parameters of this model's jobs: dials.refine's,
@@ -914,19 +927,20 @@ class ContinuousModel(CrystalModel):
         against `models`, then the gap-edge spots' phi against their cut
         rocking curves (:func:`cut_rocking_curve_phi`)."""
         table = job.table
-        uncut = self._refinable(table) & ~job.edge & ~scan_end_spots(job.joined.experiments, table)
+        uncut = self._refinable(table) & ~job.edge & ~job.scan_end
         sigma_m = rocking_curve_sigma_m(models, table, uncut, job.numbers)
         if not sigma_m:
             logger.info("Gap-edge spots: sigma_m could not be estimated from the uncut spots; their phi keeps "
                         "no weight")
             return
-        n = cut_rocking_curve_phi(table, job.xy_edge, models, job.joined, job.original_mm[1], sigma_m)
-        logger.info("Gap-edge spots: phi against a rocking curve cut by the gap (sigma_m %.4f deg from the uncut "
-                    "spots) for %d of %d", math.degrees(sigma_m), n, job.xy_edge.count(True))
+        rows = job.xy_edge | job.modelled_end
+        n = cut_rocking_curve_phi(table, rows, models, job.joined, job.original_mm[1], sigma_m)
+        logger.info("Gap-edge spots: phi against a rocking curve cut by the gap or the scan's end (sigma_m %.4f deg "
+                    "from the uncut spots) for %d of %d", math.degrees(sigma_m), n, rows.count(True))
 
     def _restore_edge_phi(self, job) -> None:
         """The edge spots' phi back to what was observed."""
-        edge, table = (job.edge | job.xy_edge).iselection(), job.table
+        edge, table = (job.edge | job.xy_edge | job.modelled_end).iselection(), job.table
         table["xyzobs.mm.value"].set_selected(edge, job.original_mm[0].select(edge))
         table["xyzobs.mm.variance"].set_selected(edge, job.original_mm[1].select(edge))
 
@@ -1022,7 +1036,8 @@ class ContinuousModel(CrystalModel):
         cycles = AUTO_REINDEX_MAX if auto else max(0, int(self.reindex_cycles))
         rows_block = np.asarray(job.joined.block_of_rows(table))
         spots = np.bincount(rows_block[rows_block >= 0], minlength=len(job.joined.blocks))
-        model_edges = self.gap_edges == "modelled" and self.gap_edge == "xy" and job.xy_edge.count(True) > 0
+        model_edges = self.gap_edges == "modelled" and self.gap_edge == "xy" and (
+            job.xy_edge | job.modelled_end).count(True) > 0
         last = oos = None
         moved = False  # a re-index cycle that indexed more refined again
         # the last job's spots and outliers were chosen against a model that
@@ -1063,7 +1078,9 @@ class ContinuousModel(CrystalModel):
                 unsettled = not small
                 moved = moved or not small
             if self.gap_edge == "xy":
-                _inflate_edge_phi_variance(table, job.xy_edge)
+                # (a short sweep's scan-end spots too: those whose cut
+                # rocking curve tells nothing of their phi keep no weight)
+                _inflate_edge_phi_variance(table, job.xy_edge | job.modelled_end)
             if model_edges:
                 self._model_edge_phi(job, models)
             table.unset_flags(flex.bool(len(table), True), table.flags.used_in_refinement)
