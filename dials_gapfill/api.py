@@ -137,7 +137,7 @@ class Job:
             if self.images:
                 raise GapfillError("give either images or experiments=, not both")
             check_experiments_params(self.params)  # (before the values of what does not apply)
-        validate(self.params)
+        validate(self.params, [i for i in self.images if isinstance(i, str)])
         if self.experiments is not None:
             check_readable(self.experiments)
         elif not self.images and not (

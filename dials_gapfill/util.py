@@ -56,6 +56,27 @@ def captured(fd: int):
             holder.text = capture.read().decode(errors="replace")
 
 
+def not_utf8(path: str) -> str | None:
+    """The path up to its first name that is not valid UTF-8, or None.
+
+    Python reads such a name (made on a system with another encoding) into
+    surrogate escapes, which DIALS' log, dxtbx and the MTZ writer cannot
+    encode; the path is given as the shell writes those bytes (caf\\xe9), so
+    that the message itself can be printed."""
+    try:
+        path.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    parts = path.split(os.sep)
+    for k, part in enumerate(parts):
+        try:
+            part.encode("utf-8")
+        except UnicodeEncodeError:
+            return os.fsencode(os.sep.join(parts[: k + 1])).decode("utf-8", "backslashreplace")
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def has_esd(esd) -> bool:
     """An esd worth printing: a number above rounding noise (dxtbx gives the
     angles a space group fixes esds of about 1e-18)."""

@@ -1,6 +1,6 @@
 """Checks of the parameters before any image is read.
 
-``validate(params)`` raises ``GapfillError`` with one line naming the
+``validate(params, images)`` raises ``GapfillError`` with one line naming the
 parameter, what is wrong and how to fix it, for every value that would
 otherwise be accepted by PHIL and fail only at the end of the run (the MTZ
 export, scaling, writing the files) or silently do something else than asked.
@@ -14,6 +14,7 @@ import re
 import string
 
 from dials_gapfill.errors import GapfillError
+from dials_gapfill.util import not_utf8
 
 # Bravais lattice symbols dials.refine_bravais_settings can name
 BRAVAIS_LATTICES = ("aP", "mP", "mC", "oP", "oC", "oF", "oI", "tP", "tI", "hP", "hR", "cP", "cF", "cI")
@@ -54,9 +55,11 @@ def _number(value) -> bool:
     return True
 
 
-def validate(params) -> None:
+def validate(params, images=()) -> None:
     """Raise GapfillError (one line: the parameter, the problem, the fix) on
-    the first value that cannot work."""
+    the first value that cannot work; `images`: the image arguments given
+    apart from the parameters (the command line's positional ones)."""
+    _check_paths(params, images)
     _check_mtz(params)
     _check_scaling(params)
     _check_output(params)
@@ -66,6 +69,34 @@ def validate(params) -> None:
     _check_refinement(params)
     _check_spotfinder(params)
     _check_mp(params)
+
+
+def _check_paths(params, images) -> None:
+    """Paths that are not valid UTF-8: the run would go to its end and fail
+    there (the log, dxtbx and the MTZ writer cannot encode them)."""
+    out = _get(params, "output")
+    for key in ("directory", *OUTPUT_FILES):
+        value = _get(out, key)
+        bad = not_utf8(value) if isinstance(value, str) else None
+        if bad:
+            raise GapfillError(
+                f"output.{key}: the name '{bad}' is not valid UTF-8 (the log and the MTZ file cannot hold it): "
+                f"choose another output.{key}"
+            )
+    given = [*(_get(params, "input.images") or []), *(_get(params, "input.template") or []),
+             *(_get(params, "input.image") or []), *images]
+    reference = _get(params, "input.reference_geometry")
+    for path in given + ([reference] if isinstance(reference, str) else []):
+        bad = not_utf8(str(path))
+        if bad:
+            raise GapfillError(unreadable_name(bad))
+
+
+def unreadable_name(bad: str) -> str:
+    """The message for an input path that is not valid UTF-8 (`bad`, from
+    util.not_utf8)."""
+    return (f"the path '{bad}' is not valid UTF-8 (dxtbx cannot open it, nor the log hold it): rename it, "
+            "or link to it from a name that is")
 
 
 def _check_mtz(params) -> None:

@@ -247,6 +247,18 @@ def _case_phil_file_is_a_folder(tiny, tmp_path):
     return [tiny, str(tmp_path / "settings.phil")], ["settings.phil"]
 
 
+def _case_image_folder_not_utf8(tiny, tmp_path):
+    d = tmp_path / "caf\udce9"  # (Latin-1 é: the byte 0xe9 in the name)
+    shutil.copytree(tiny, d, symlinks=True)
+    return [str(d)], [f"the path '{tmp_path}/caf\\xe9' is not valid UTF-8", "rename it"]
+
+
+def _case_hash_in_the_image_folder(tiny, tmp_path):
+    d = tmp_path / "run#2"
+    shutil.copytree(tiny, d, symlinks=True)
+    return [str(d)], [f"the folder '{d}' has '#' in its path", "image-number digit", "rename the folder"]
+
+
 def _case_output_not_writable(tiny, tmp_path):
     return [tiny, "output.directory=/proc/gapfill-out"], ["cannot create the output folder", "output.directory="]
 
@@ -474,6 +486,16 @@ def test_fatal_bad_input(case, tiny, tmp_path):
     if case in BEFORE_INDEXING:
         log = open(os.path.join(out, FAILED_LOG)).read()
         assert "=== Spot finding ===" in log and "=== Indexing ===" not in log
+
+
+def test_an_output_folder_whose_name_is_not_utf8_is_refused_before_any_work(tiny, tmp_path):
+    """The log, and at the end the MTZ file, cannot hold the name: the run
+    would go to its end and fail there, files left behind."""
+    out = str(tmp_path / "out\udce9")
+    result = process(tiny, out)
+    _check_failure(result, out, ["output.directory: the name '", "out\\xe9' is not valid UTF-8",
+                                 "choose another output.directory"])
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)  # (not even the folder made)
 
 
 def test_validation_comes_before_reading_images(tmp_path):

@@ -264,6 +264,53 @@ def test_a_short_form_in_a_parameter_file_names_the_full_name(tmp_path):
         parse([str(f), "/data/x_*.cbf"], master_phil())
 
 
+def test_an_empty_parameter_file_sets_nothing(tmp_path):
+    """A 0-byte file (one made with touch, to be filled in later), as DIALS
+    takes it: not an error, not an image."""
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.phil import master_phil
+
+    f = tmp_path / "empty.phil"
+    f.write_bytes(b"")
+    params, _, images, _ = parse([str(f), "nproc=3", "/data/x_*.cbf"], master_phil())
+    assert images == ["/data/x_*.cbf"] and params.mp.nproc == 3
+
+
+def test_a_byte_order_mark_at_the_start_of_a_parameter_file_is_left_out(tmp_path):
+    """Windows editors write the UTF-8 byte-order mark first; PHIL would read
+    it as part of the first name ("improper definition name" with an
+    invisible character).  The file reads as without it, in its place among
+    the arguments, and an error further on still names the file and line."""
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import master_phil
+
+    f = tmp_path / "windows.phil"
+    f.write_bytes(b"\xef\xbb\xbfscaling.run = True\r\nmp.nproc = 3\r\n")
+    params, _, images, _ = parse([str(f), "/data/x_*.cbf"], master_phil())
+    assert params.scaling.run is True and params.mp.nproc == 3 and images == ["/data/x_*.cbf"]
+    params, _, _, _ = parse(["nproc=2", str(f), "/data/x_*.cbf"], master_phil())
+    assert params.mp.nproc == 3  # (the later argument wins, as without the mark)
+    params, _, _, _ = parse([str(f), "nproc=2", "/data/x_*.cbf"], master_phil())
+    assert params.mp.nproc == 2
+    f.write_bytes(b"\xef\xbb\xbfscaling.run = True\ngaps.exclud = 4\n")
+    with pytest.raises(GapfillError, match=rf"^in the parameter file {f} line 2: unknown parameter 'gaps.exclud'"):
+        parse([str(f), "/data/x_*.cbf"], master_phil())
+
+
+def test_a_value_in_a_parameter_file_that_cannot_be_read_names_the_file_line_and_parameter(tmp_path):
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import master_phil
+
+    f = tmp_path / "symmetry.phil"
+    f.write_text("scaling.run = True\nindexing {\n  known_symmetry.space_group = P9\n}\n")
+    with pytest.raises(GapfillError) as info:
+        parse([str(f), "/data/x_*.cbf"], master_phil())
+    assert str(info.value) == (f"in the parameter file {f} line 3: cannot use indexing.known_symmetry.space_group = P9: "
+                               "Space group symbol not recognized: P9: check the value")
+
+
 @pytest.mark.parametrize("how", ["parameter file", "api text", "api words"])
 def test_a_short_cell_is_refused_from_a_file_and_from_the_api(tmp_path, how):
     """unit_cell with fewer than six numbers is refused wherever it is given:

@@ -302,3 +302,95 @@ def test_a_block_without_reference_spots_is_integrated_by_summation(tiny_sweeps,
     experiments, reflections, record = integration.integrate(
         state.experiments, reference, state.params, state.sweeps, "per_block")
     assert_block_integrated_by_summation(experiments, reflections, record, caplog.text, [(1, 19), (22, 40)], 1, 1000)
+
+
+# ---------------------------------------------------------------------------
+# names dxtbx cannot take: '#' in a folder, bytes that are not UTF-8; backup
+# copies beside the images
+# ---------------------------------------------------------------------------
+
+
+def _linked_sweep(tiny, folder):
+    """The tiny sweep's images, linked into `folder` (made here)."""
+    os.makedirs(folder)
+    for name in sorted(os.listdir(tiny)):
+        if name.endswith(".cbf"):
+            os.symlink(os.path.join(tiny, name), os.path.join(folder, name))
+    return folder
+
+
+@pytest.mark.parametrize("how", ["folder", "file list", "glob", "template", "xia2 range"])
+def test_a_hash_in_the_image_folder_is_refused_naming_the_folder(tiny, tmp_path, how):
+    """dxtbx takes everything from the first # of a sweep's path to the last
+    for the image number: every image of run#2/sim_####.cbf would be
+    'not a recognised image format'.  Refused in one line that says why and
+    what works, which does: the same folder through a link without '#'."""
+    from dials_gapfill.errors import GapfillError
+
+    d = _linked_sweep(tiny, str(tmp_path / "run#2"))
+    phil, positional = {
+        "folder": ((), [d]),
+        "file list": ((), sorted(os.path.join(d, n) for n in os.listdir(d))),
+        "glob": ((f"input.images={d}/sim_*.cbf",), []),
+        "template": ((f"input.template={d}/sim_####.cbf",), []),
+        "xia2 range": ((f"input.image={d}/sim_0001.cbf:1:40",), []),
+    }[how]
+    with pytest.raises(GapfillError) as info:
+        _import(*phil, positional=positional)
+    assert str(info.value) == (
+        f"the folder '{d}' has '#' in its path, which dxtbx reads as an image-number digit: rename the folder, "
+        "or give the images from a folder without '#' (a symbolic link to this one works)")
+    os.symlink(d, tmp_path / "run2")
+    sweeps, report = _import(positional=[str(tmp_path / "run2")])
+    assert [e.scan.get_image_range() for e in sweeps.experiments()] == [(1, 40)] and not report.excluded
+
+
+def test_image_names_that_are_not_utf8_are_refused_before_dxtbx_reads_them(tiny, tmp_path):
+    """A name in another encoding (Latin-1 'café'): dxtbx cannot open it and
+    the log cannot hold it.  Named, as the shell writes it, wherever it is
+    given: the folder itself (checked with the parameters), or files found
+    in a folder or by a glob."""
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.validate import validate
+
+    d = _linked_sweep(tiny, str(tmp_path / "caf\udce9"))
+    said = f"the path '{tmp_path}/caf\\xe9' is not valid UTF-8 (dxtbx cannot open it, nor the log hold it): rename it"
+    for params, images in [([], [d]), ([f"input.images={d}/sim_*.cbf"], []),
+                           ([f"input.template={d}/sim_####.cbf"], []), ([f"input.image={d}/sim_0001.cbf:1:40"], [])]:
+        with pytest.raises(GapfillError) as info:
+            validate(params_from(params), images)
+        assert str(info.value).startswith(said), (params, images, str(info.value))
+    # a folder with a plain name whose files' names are not UTF-8
+    (tmp_path / "cafe").mkdir()
+    for n in range(1, 41):
+        os.symlink(os.path.join(tiny, f"sim_{n:04d}.cbf"), tmp_path / "cafe" / f"caf\udce9_{n:04d}.cbf")
+    for how in ([str(tmp_path / "cafe")], [f"{tmp_path}/cafe/*.cbf"]):
+        with pytest.raises(GapfillError) as info:
+            _import(positional=how)
+        assert str(info.value).startswith(f"the path '{tmp_path}/cafe/caf\\xe9_0001.cbf' is not valid UTF-8"), str(info.value)
+
+
+def test_backup_and_temporary_copies_in_a_folder_are_not_images(tiny, tmp_path, caplog):
+    """sim_0006.cbf.bak (an editor's backup) and a half-copied
+    sim_0013.cbf.part in the folder given: left out and named in the log,
+    not taken as sweeps of their own (the .bak would be integrated as sweep
+    2, the .part would stop the run).  A file named on the command line is
+    read whatever its ending."""
+    import logging
+    import shutil
+
+    d = _linked_sweep(tiny, str(tmp_path / "sweep"))
+    shutil.copy(os.path.join(tiny, "sim_0006.cbf"), os.path.join(d, "sim_0006.cbf.bak"))
+    with open(os.path.join(tiny, "sim_0013.cbf"), "rb") as fh:
+        open(os.path.join(d, "sim_0013.cbf.part"), "wb").write(fh.read(20000))
+    for name in ("sim_0020.cbf~", "sim_0021.cbf.orig", "sim_0022.cbf.tmp", "sim_0023.cbf.swp"):
+        os.symlink(os.path.join(tiny, "sim_0001.cbf"), os.path.join(d, name))
+    caplog.set_level(logging.INFO)
+    sweeps, report = _import(positional=[d])
+    assert [s.template for s in sweeps] == [os.path.join(d, "sim_####.cbf")]
+    assert [e.scan.get_image_range() for e in sweeps.experiments()] == [(1, 40)] and not report.excluded
+    assert (f"In {d}, not taken as images: sim_0006.cbf.bak, sim_0013.cbf.part, sim_0020.cbf~, sim_0021.cbf.orig, "
+            "sim_0022.cbf.tmp, sim_0023.cbf.swp") in caplog.text
+    sweeps, _ = _import(positional=[d, os.path.join(d, "sim_0006.cbf.bak")])
+    assert [s.template for s in sweeps] == [os.path.join(d, "sim_####.cbf"), os.path.join(d, "sim_####.cbf.bak")]

@@ -141,6 +141,15 @@ def test_a_sweep_given_twice_is_one_warning(small_sweep):
     assert line.startswith("8 files were given twice or more (") and files[2] in line and files[-1] in line
 
 
+def test_a_few_files_given_twice_are_all_named(small_sweep):
+    """Two files given twice: both named, no '...' between them."""
+    a, b = str(small_sweep / "sim_0005.cbf"), str(small_sweep / "sim_0006.cbf")
+    experiments, report = _import(positional=[str(small_sweep), a, b])
+    assert _blocks(experiments) == [(1, 10)]
+    (line,) = [w for w in report.warnings if "given twice" in w]
+    assert line == f"2 files were given twice or more ({a}, {b}); each is used once"
+
+
 def test_help_and_config(tmp_path):
     result = run_cmd([tool("dials.process_gapped"), "-h"])
     assert result.returncode == 0 and "exclude_images" in result.stdout

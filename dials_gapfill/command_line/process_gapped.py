@@ -118,14 +118,68 @@ def _is_phil_file(arg):
     return os.path.isfile(arg) or not _is_assignment(arg)
 
 
-def _phil_file_error(path, master):
-    """Why DIALS did not take the parameter file `path`: the file and line."""
+# the UTF-8 byte-order mark some editors (Windows Notepad) write first: PHIL
+# would read it as part of the first parameter's name
+BOM = b"\xef\xbb\xbf"
+
+
+def _parse_phil_file(path):
+    """A parameter file parsed as DIALS parses it, a byte-order mark left out."""
     import iotbx.phil  # (DIALS is known to be installed here)
 
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if not data.startswith(BOM):
+        return iotbx.phil.parse(file_name=path)
+    return iotbx.phil.parse(input_string=data[len(BOM):].decode(), source_info=f'file "{path}"')
+
+
+def _without_bom(args, folder):
+    """(args, {copy: file}): the parameter files that start with a byte-order
+    mark replaced by copies without it in `folder` (DIALS reads the files
+    itself)."""
+    out, copies = [], {}
+    for k, arg in enumerate(args):
+        if _is_phil_file(arg) and os.path.isfile(arg) and os.access(arg, os.R_OK):
+            with open(arg, "rb") as fh:
+                data = fh.read()
+            if data.startswith(BOM):
+                copy = os.path.join(folder, f"{k}_{os.path.basename(arg)}")
+                with open(copy, "wb") as fh:
+                    fh.write(data[len(BOM):])
+                copies[copy] = arg
+                arg = copy
+        out.append(arg)
+    return out, copies
+
+
+def _definition_error(parsed, fetched, path):
+    """The parameter of a parameter file whose value cannot be converted (a
+    space group cctbx does not know): a GapfillError naming it and its line,
+    or None."""
+    given = {d.path: d.object for d in parsed.all_definitions()}  # (the last of a name wins, as in PHIL)
+    for loc in fetched.all_definitions():
+        if loc.path not in given:
+            continue
+        try:
+            loc.object.extract()
+        except Exception as e:
+            text = re.sub(r"^cctbx Error: ", "", " ".join(str(e).split()))
+            words = " ".join(str(w.value) for w in given[loc.path].words)
+            line = re.search(r"line (\d+)", given[loc.path].where_str or "")
+            where = f" line {line.group(1)}" if line else ""
+            return GapfillError(
+                f"in the parameter file {path}{where}: cannot use {loc.path} = {words}: {text}: check the value"
+            )
+    return None
+
+
+def _phil_file_error(path, master):
+    """Why DIALS did not take the parameter file `path`: the file and line."""
     if os.path.isdir(path):
         return GapfillError(f"the parameter file {path!r} is a folder: give a PHIL file")
     try:
-        parsed = iotbx.phil.parse(file_name=path)
+        parsed = _parse_phil_file(path)
     except Exception as e:
         text = " ".join(str(e).split())
         line = re.search(r"line (\d+)", text)
@@ -144,7 +198,7 @@ def _phil_file_error(path, master):
             "(PHIL: name = value, scope { ... })"
         )
     try:
-        _, unused = master.fetch(source=parsed, track_unused_definitions=True)
+        fetched, unused = master.fetch(source=parsed, track_unused_definitions=True)
     except Exception as e:
         return GapfillError(f"cannot use the parameter file {path}: {' '.join(str(e).split())}")
     if unused:
@@ -154,12 +208,19 @@ def _phil_file_error(path, master):
         where = f" line {m.group(1)}" if m else ""
         err = _unknown_parameter_error(first.path, master)
         return GapfillError(f"in the parameter file {path}{where}: {err}")
-    return GapfillError(f"cannot read the parameter file {path!r}: check its syntax")
+    return _definition_error(parsed, fetched, path) or GapfillError(
+        f"cannot read the parameter file {path!r}: check its syntax")
 
 
 def parse(args, phil):
     """(params, options, image arguments, diff phil text) as DIALS parses them."""
-    import iotbx.phil  # (DIALS is known to be installed here)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dials.process_gapped-") as folder:
+        return _parse(args, phil, folder)
+
+
+def _parse(args, phil, folder):
     from dials.util.options import ArgumentParser
 
     from dials_gapfill.phil import auto_as_word, check_cell_words, rewrite_aliases
@@ -176,7 +237,7 @@ def parse(args, phil):
     for arg in args:
         if _is_phil_file(arg) and os.path.isfile(arg):
             try:
-                parsed = iotbx.phil.parse(file_name=arg)
+                parsed = _parse_phil_file(arg)
             except Exception:
                 continue  # the syntax error is named below, with its line
             check_cell_words(parsed, f" in {arg}")
@@ -185,9 +246,10 @@ def parse(args, phil):
         phil=phil,
         epilog=__doc__,
     )
+    given, copies = _without_bom(args, folder)
     try:
         params, options, unhandled = parser.parse_args(
-            args=rewrite_aliases(args), show_diff_phil=False, return_unhandled=True
+            args=rewrite_aliases(given), show_diff_phil=False, return_unhandled=True
         )
     except SystemExit:
         raise
@@ -207,6 +269,9 @@ def parse(args, phil):
         raise GapfillError(f"cannot read the parameters: {text}") from None
     images = []
     for arg in unhandled:
+        if _is_phil_file(arg) and os.path.isfile(arg) and os.path.getsize(arg) == 0:
+            continue  # an empty parameter file, which DIALS leaves aside: it sets nothing
+        arg = copies.get(arg, arg)
         if _is_phil_file(arg) or (arg.endswith(PHIL_EXTENSIONS) and os.path.exists(arg)):
             raise _phil_file_error(arg, phil)
         if "=" in arg and not os.path.exists(arg):

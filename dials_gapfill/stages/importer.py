@@ -58,7 +58,8 @@ from dials_gapfill.model.sweep import (
     setting_text,
 )
 from dials_gapfill.phil import dials_import_params
-from dials_gapfill.util import captured, range_text
+from dials_gapfill.util import captured, not_utf8, range_text
+from dials_gapfill.validate import unreadable_name
 
 logger = logging.getLogger("dials.process_gapped.import")
 
@@ -67,6 +68,10 @@ _NOT_IMAGES = {
     ".mtz", ".html", ".py", ".md", ".pickle", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".pdf", ".sh",
     ".csv", ".xml", ".yaml", ".yml", ".ini", ".cfg", ".hkl", ".ins", ".cif", ".pdb", ".lp",
 }
+# endings of backup and temporary copies (an editor's, a half-done copy's):
+# in a folder given as input they are not images, though their names hold
+# an image number (sim_0006.cbf.bak would be a sweep of its own)
+BACKUP_ENDINGS = (".bak", ".orig", ".part", ".tmp", ".swp", "~")
 _CONTAINER_SUFFIXES = (".h5", ".hdf5", ".nxs", ".nx5")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -84,11 +89,12 @@ def _is_file(path: str) -> bool:
 
 def _listdir_images(directory: str) -> list[str]:
     """The image files of a folder, as dials.import takes a folder: what is
-    plainly not an image (other file types, names without an image number,
-    an Eiger master's data files, which dxtbx reads through the master) is
-    left out, and said in the log."""
+    plainly not an image (other file types, backup and temporary copies,
+    names without an image number, an Eiger master's data files, which dxtbx
+    reads through the master) is left out, and said in the log."""
     files = [n for n in sorted(os.listdir(directory)) if not n.startswith(".") and _is_file(os.path.join(directory, n))]
-    candidates = [n for n in files if os.path.splitext(n)[1].lower() not in _NOT_IMAGES]
+    candidates = [n for n in files if os.path.splitext(n)[1].lower() not in _NOT_IMAGES
+                  and not n.lower().endswith(BACKUP_ENDINGS)]
     masters = {n[: -len("_master.h5")] for n in candidates if n.endswith("_master.h5")}
     kept, skipped = [], [n for n in files if n not in candidates]
     for n in candidates:
@@ -199,6 +205,10 @@ def collect_files(params, positional=()) -> list[str]:
     for spec in params.input.image or []:
         found = _xia2_image(os.path.expanduser(spec))
         files.extend(found[n] for n in sorted(found))
+    for f in files:  # (a folder's or a glob's files: the names given were checked by validate)
+        bad = not_utf8(f)
+        if bad:
+            raise GapfillError(unreadable_name(bad))
     if not files:
         raise GapfillError(
             "no images given: name them, e.g. dials.process_gapped images=/data/x_*.cbf "
@@ -219,8 +229,8 @@ def _warn_repeated(repeated: list[str], record) -> None:
     if len(repeated) == 1:
         line = f"{repeated[0]} was given twice; it is used once"
     else:
-        line = (f"{len(repeated)} files were given twice or more ({repeated[0]}, ..., {repeated[-1]}); "
-                "each is used once")
+        listed = ", ".join(repeated) if len(repeated) <= 3 else f"{repeated[0]}, ..., {repeated[-1]}"
+        line = f"{len(repeated)} files were given twice or more ({listed}); each is used once"
     record.warn(line)
     logger.warning(line)
 
@@ -265,6 +275,15 @@ def group_sweeps(files: list[str], record) -> list[tuple[str, dict[int, str] | N
             containers.append(os.path.abspath(f))
             continue
         path = os.path.abspath(f)
+        if "#" in os.path.dirname(path):
+            # dxtbx turns a sweep's file names into a template with # for the
+            # image number's digits, and takes the number to run from the
+            # first # of the whole path to the last: no image could be opened
+            raise GapfillError(
+                f"the folder {os.path.dirname(path)!r} has '#' in its path, which dxtbx reads as an image-number "
+                "digit: rename the folder, or give the images from a folder without '#' (a symbolic link to "
+                "this one works)"
+            )
         template, number = template_regex(os.path.basename(path))
         if template is None or "#" not in template:
             raise GapfillError(
