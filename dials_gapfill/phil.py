@@ -789,6 +789,32 @@ def check_cell_words(parsed, where: str = "") -> None:
             )
 
 
+def text_changed_error(arg, source, master):
+    """A GapfillError where the key=value argument `arg` (`source`: PHIL's
+    reading of it) sets a path or text parameter to other text than given
+    (';' ends a value, '#' starts a comment, runs of blanks in a file name
+    become one space: the run would read or write somewhere else), with the
+    quoting that keeps it; else None."""
+    given = arg.partition("=")[2].strip()
+    for d in source.all_definitions():
+        words = d.object.words
+        if any(w.quote_token for w in words):
+            continue
+        definition = master.get(d.path).objects
+        kind = definition[0].type.phil_type if definition else None
+        read = " ".join(str(w.value) for w in words)
+        # blanks matter in a file name (the paths, the images'), not in a
+        # list of words or ranges
+        names_a_file = kind == "path" or d.path.startswith("input.")
+        if kind in ("path", "str", "strings") and (
+                read != given if names_a_file else read.split() != given.split()):
+            return GapfillError(
+                f"{d.path}: PHIL reads {given!r} as {read!r} (';' ends a value, '#' starts a comment, blanks run "
+                f"together): quote it for PHIL, {d.path}=\"{given}\" (in single quotes on the command line)"
+            )
+    return None
+
+
 def _from_args(args):
 
     interpreter = master_phil().command_line_argument_interpreter()
@@ -800,6 +826,9 @@ def _from_args(args):
             if "Unknown command line parameter definition" in str(e):
                 raise GapfillError(unknown_parameter(arg, "the parameters")) from None
             raise GapfillError(f"cannot use {arg!r}: {' '.join(str(e).split())}") from None
+        err = text_changed_error(arg, sources[-1], master_phil())
+        if err is not None:
+            raise err
         check_cell_words(sources[-1])
     try:
         return auto_as_word(master_phil().fetch(sources=sources).extract())

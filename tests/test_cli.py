@@ -359,3 +359,29 @@ def test_a_run_without_json_or_report_leaves_one_runs_results(tiny, tmp_path):
     assert files == ["dials.process_gapped.log", "integrated.expt", "integrated.mtz", "integrated.refl",
                      "merged.mtz"], files
     assert (out / "merged.mtz").read_text() == "an earlier run's\n"
+
+
+def test_a_path_that_phil_would_read_otherwise_is_refused_with_the_quoting_that_keeps_it():
+    """PHIL ends a value at ';', starts a comment at '#' and runs blanks
+    together: output.directory="out [2] &;#" (the shell's quotes) wrote to
+    'out [2] &'; images=dbl  sp read 'dbl sp'.  Refused, naming what PHIL
+    reads; quoted for PHIL the value is kept.  Blanks in a list of ranges
+    do not matter."""
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import master_phil, params_from
+
+    with pytest.raises(GapfillError) as info:
+        parse(["output.directory=out [2] &;#", "/data/x_*.cbf"], master_phil())
+    assert str(info.value) == (
+        "output.directory: PHIL reads 'out [2] &;#' as 'out [2] &' (';' ends a value, '#' starts a comment, "
+        "blanks run together): quote it for PHIL, output.directory=\"out [2] &;#\" (in single quotes on the "
+        "command line)")
+    with pytest.raises(GapfillError, match=r"^input.images: PHIL reads 'dbl  sp' as 'dbl sp'"):
+        parse(["images=dbl  sp"], master_phil())
+    with pytest.raises(GapfillError, match=r"^input.images: PHIL reads 'dbl  sp' as 'dbl sp'"):
+        params_from(["images=dbl  sp"])
+    params, _, images, _ = parse(['output.directory="out [2] &;#  x"', "/data/x_*.cbf"], master_phil())
+    assert params.output.directory == "out [2] &;#  x" and images == ["/data/x_*.cbf"]
+    params, _, _, _ = parse(["exclude_images=1:3,  5", "/data/x_*.cbf"], master_phil())
+    assert params.gaps.exclude_images == [["1:3,", "5"]]

@@ -84,6 +84,25 @@ def _value_error(args, master):
     return None
 
 
+def _text_changed_error(args, master):
+    """The first key=value argument whose text PHIL reads otherwise
+    (phil.text_changed_error); else None."""
+    from dials_gapfill.phil import text_changed_error
+
+    interpreter = master.command_line_argument_interpreter()
+    for arg in args:
+        if not _is_assignment(arg) or os.path.exists(arg):
+            continue
+        try:
+            source = interpreter.process_arg(arg=arg)
+        except Exception:
+            continue  # (what PHIL cannot read at all is named elsewhere)
+        err = text_changed_error(arg, source, master)
+        if err is not None:
+            return err
+    return None
+
+
 def _cell_error(args):
     """A unit_cell of other than six numbers (cctbx would fill in the rest:
     unit_cell=5,5 is 5, 5, 1, 90, 90, 90); phil.check_cell_words does the
@@ -267,6 +286,9 @@ def _parse(args, phil, folder):
         if err is not None:
             raise err from None
         raise GapfillError(f"cannot read the parameters: {text}") from None
+    err = _text_changed_error(rewrite_aliases(args), phil)
+    if err is not None:
+        raise err
     images = []
     for arg in unhandled:
         if _is_phil_file(arg) and os.path.isfile(arg) and os.path.getsize(arg) == 0:
