@@ -394,3 +394,25 @@ def test_backup_and_temporary_copies_in_a_folder_are_not_images(tiny, tmp_path, 
             "sim_0022.cbf.tmp, sim_0023.cbf.swp") in caplog.text
     sweeps, _ = _import(positional=[d, os.path.join(d, "sim_0006.cbf.bak")])
     assert [s.template for s in sweeps] == [os.path.join(d, "sim_####.cbf"), os.path.join(d, "sim_####.cbf.bak")]
+
+
+def test_images_whose_headers_give_a_negative_oscillation_width_are_said_to_be_so(tiny, tmp_path):
+    """A rotation recorded in the other sense, written as a negative
+    Angle_increment: dxtbx's scan model refuses it, which read as 'not a
+    recognised image format'.  Said as what it is, with what works."""
+    from dials_gapfill.errors import GapfillError
+
+    d = tmp_path / "reversed"
+    d.mkdir()
+    for n in range(1, 6):
+        data = open(os.path.join(tiny, f"sim_{n:04d}.cbf"), "rb").read()
+        start = f"# Start_angle {n - 1:.4f} deg.".encode()
+        assert start in data and b"# Angle_increment 1.0000 deg." in data
+        data = data.replace(start, f"# Start_angle {6 - n:.4f} deg.".encode())
+        (d / f"sim_{n:04d}.cbf").write_bytes(data.replace(b"# Angle_increment 1.0000 deg.",
+                                                          b"# Angle_increment -1.0000 deg."))
+    with pytest.raises(GapfillError) as info:
+        _import(positional=[str(d)])
+    assert str(info.value) == (
+        "none of the images (sim_####.cbf) can be read: its header gives a negative oscillation width, which dxtbx "
+        "cannot read: rewrite the headers with a positive width and the rotation axis inverted")

@@ -26,6 +26,7 @@ import zlib
 from dials.command_line.dials_import import MetaDataUpdater
 from dials.util import Sorry, tabulate
 from dxtbx.format.Format import Format
+from dxtbx.format.Registry import get_format_class_for_file
 from dxtbx.imageset import ImageSequence
 from dxtbx.model.experiment_list import (
     BeamComparison,
@@ -378,7 +379,22 @@ def unrecognised_reason(path: str) -> str:
         except (EOFError, OSError, zlib.error) as e:  # (zlib: a gzip stream damaged inside)
             kind = "bz2" if path.endswith(".bz2") else "gzip"
             return f"unreadable: truncated or corrupt {kind} file ({e})"
-    return "unreadable: not a recognised image format"
+    return _format_refusal(path) or "unreadable: not a recognised image format"
+
+
+def _format_refusal(path: str) -> str | None:
+    """Why a format class that takes `path` could not read it, where dxtbx
+    says: a negative oscillation width in the header (a rotation recorded
+    in the other sense), which dxtbx's scan model does not allow."""
+    try:
+        format_class = get_format_class_for_file(path)
+        if format_class is not None:
+            format_class(path)
+    except Exception as e:  # (dxtbx raises RuntimeError from C++ asserts, and whatever a format class does)
+        if "oscillation_[1] >= 0.0" in str(e):
+            return ("unreadable: its header gives a negative oscillation width, which dxtbx cannot read: "
+                    "rewrite the headers with a positive width and the rotation axis inverted")
+    return None
 
 
 # --------------------------------------------------------------------------
@@ -804,15 +820,17 @@ def _import_files(template, by_number, exclusions, every, params, record, where)
         logger.warning("Excluding image %s%s: %s", n, where, reason.split(": ", 1)[1])
         statuses[n] = (BAD, reason, "auto")
     if not experiments:
-        raise _none_readable(template, where)
+        reasons = {statuses[number_of[p]][1] for p in unhandled if number_of.get(p) in statuses}
+        raise _none_readable(template, where, reasons.pop().split(": ", 1)[1] if len(reasons) == 1 else None)
     sweep = _make_sweep(template, experiments, params, (numbers[0], numbers[-1]), statuses, record, where)
     sweep.n_files = len(numbers)
     return sweep
 
 
-def _none_readable(template, where) -> GapfillError:
+def _none_readable(template, where, reason=None) -> GapfillError:
+    """`reason`: what every image of the sweep was refused for, if one."""
     return GapfillError(
-        f"none of the images{where} ({os.path.basename(template)}) can be read: check the files"
+        f"none of the images{where} ({os.path.basename(template)}) can be read: {reason or 'check the files'}"
         + (" (to process the other sweeps, leave its files out)" if where else "")
     )
 
