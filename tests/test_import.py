@@ -352,6 +352,24 @@ def test_unpadded_numbers_number_the_sweeps_in_image_order(tiny, tmp_path):
     sweeps, _ = import_images(working_params(""), [str(tmp_path)])
     assert [(os.path.basename(s.template), s.image_range) for s in sweeps] == [
         ("img_#.cbf", (1, 9)), ("img_##.cbf", (10, 12))]
+    assert [s.blocks() for s in sweeps] == [[(1, 9)], [(10, 12)]]
+    # from experiments dials.import made: it sorts img_1 before img_10, so
+    # img_1 and img_2-9 are two sequences, which are one block here too
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.stages.importer import adopt_experiments
+
+    imported = ExperimentListFactory.from_filenames(sorted(str(p) for p in tmp_path.iterdir()))
+    assert [e.scan.get_image_range() for e in imported] == [(1, 1), (10, 12), (2, 9)]
+    adopted, _ = adopt_experiments(imported, working_params(""))
+    assert [(os.path.basename(s.template), s.blocks()) for s in adopted] == [
+        ("img_#.cbf", [(1, 9)]), ("img_##.cbf", [(10, 12)])]
+    block = adopted.experiments()[0]
+    assert block.imageset.paths() == [str(tmp_path / f"img_{k}.cbf") for k in range(1, 10)]
+    assert block.scan.get_oscillation() == (0.0, 1.0)
+    ours, files = block.imageset.get_raw_data(8)[0], sweeps.experiments()[0].imageset.get_raw_data(8)[0]
+    assert (ours.as_numpy_array() == files.as_numpy_array()).all()  # (image 9 through the joined sequence)
+    assert [e.scan.get_image_range() for e in imported] == [(1, 1), (10, 12), (2, 9)]  # (the caller's as they were)
 
 
 def _past_360(folder):

@@ -27,7 +27,8 @@ from dials.command_line.dials_import import MetaDataUpdater
 from dials.util import Sorry, tabulate
 from dxtbx.format.Format import Format
 from dxtbx.format.Registry import get_format_class_for_file
-from dxtbx.imageset import ImageSequence
+from dxtbx.imageset import ImageSequence, ImageSetFactory
+from dxtbx.model import Experiment
 from dxtbx.model.experiment_list import (
     BeamComparison,
     DetectorComparison,
@@ -589,6 +590,52 @@ def _share_models(experiments) -> None:
         exp.imageset.set_goniometer(goniometer)
 
 
+_LOOKUPS = ("mask", "gain", "pedestal", "dx", "dy")  # an image set's external lookups
+
+
+def _join_following(experiments) -> ExperimentList:
+    """Sequences (in image order, models shared) of one template whose images
+    and angles follow on, as one: dials.import of unpadded names sorts img_1
+    before img_10 and leaves img_1 and img_2-9 apart, which the file route
+    reads as one sequence; apart they would be two blocks without a gap."""
+    out = []
+    for exp in experiments:
+        prev = out[-1] if out else None
+        if prev is None or not _follows_on(prev, exp):
+            out.append(exp)
+            continue
+        scan, after = copy.deepcopy(prev.scan), copy.deepcopy(exp.scan)
+        after.set_batch_offset(scan.get_batch_offset())
+        scan.append(after)
+        first, last = scan.get_image_range()
+        imageset = ImageSetFactory.make_sequence(
+            prev.imageset.get_template(), range(first, last + 1), prev.imageset.get_format_class(),
+            prev.beam, prev.detector, prev.goniometer, scan)
+        for kind in _LOOKUPS:  # (a mask or gain the import set)
+            mine, theirs = getattr(imageset.external_lookup, kind), getattr(prev.imageset.external_lookup, kind)
+            mine.filename, mine.data = theirs.filename, theirs.data
+        out[-1] = Experiment(imageset=imageset, beam=prev.beam, detector=prev.detector,
+                             goniometer=prev.goniometer, scan=imageset.get_scan(), identifier=prev.identifier)
+    return ExperimentList(out)
+
+
+def _follows_on(a, b) -> bool:
+    """Sequence `b` continues `a`: the same template, format, models and
+    external lookups, the next image number and angle, the same width."""
+    (_, last), (first, _) = a.scan.get_image_range(), b.scan.get_image_range()
+    width = a.scan.get_oscillation()[1]
+    lookups = (a.imageset.external_lookup, b.imageset.external_lookup)
+    return (
+        a.imageset.get_template() == b.imageset.get_template()
+        and a.imageset.get_format_class() == b.imageset.get_format_class()
+        and (a.beam, a.detector, a.goniometer) == (b.beam, b.detector, b.goniometer)
+        and all(getattr(lookups[0], k).filename == getattr(lookups[1], k).filename for k in _LOOKUPS)
+        and first == last + 1
+        and abs(b.scan.get_oscillation()[1] - width) <= 1e-6 * max(abs(width), 1e-9)
+        and abs(b.scan.get_oscillation()[0] - a.scan.get_oscillation_range()[1]) <= 0.01 * abs(width)
+    )
+
+
 def _check_exclusions(numbers, exclusions, where):
     lo, hi = numbers[0], numbers[-1]
     for first, last in exclusions:
@@ -1057,6 +1104,7 @@ def adopt_experiments(experiments, params):
         _check_shared(group, params)
         _share_models(group)
         _unwrap_phi(group)
+        group = _join_following(group)
         for line in _inconsistent_phi(group):
             logger.warning(line)
             record.warn(line)
