@@ -154,6 +154,26 @@ def test_bad_nexus_frame_equals_exclusion_by_hand(nexus_files, kind, position):
     _assert_same(auto, manual, image, KINDS[kind])
 
 
+def test_bad_images_still_found_after_the_last_round_are_said(sweeps, monkeypatch):
+    """Each round leaves out the over-exposed images first, else the others;
+    what a look after the last round still finds is kept and said, naming
+    the images and why (with one round here: the blank image 15 behind the
+    over-exposed 4)."""
+    from dials_gapfill.stages import bad_images
+
+    folder = sweeps.make(omit=GAP, bad={4: "overexposed", 15: "blank"}, name="overexposed_4_blank_15")
+    state = _first_stages([folder])
+    assert {e["image"]: e["status"] for e in state.report.excluded if e["by"] == "auto"} == {4: "bad", 15: "bad"}
+    assert not [w for w in state.report.warnings if "look bad too" in w]
+    monkeypatch.setattr(bad_images, "ROUNDS", 1)
+    state = _first_stages([folder])
+    assert {e["image"]: e["status"] for e in state.report.excluded if e["by"] == "auto"} == {4: "bad"}
+    (line,) = [w for w in state.report.warnings if "look bad too" in w]
+    assert line.startswith("after 1 round of leaving out bad images these look bad too and were kept (image 15: "
+                           "blank image (0 strong spots")
+    assert line.endswith("check them, and leave them out with gaps.exclude_images if they are")
+
+
 def test_not_given_is_not_missing(sweeps):
     """Files left out of a list are 'not given'; files that do not exist are
     'missing file'; exclude_images are 'excluded' by the user."""

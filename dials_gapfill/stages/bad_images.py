@@ -278,9 +278,13 @@ def run(state) -> Record | None:
     params, sweeps = state.params, state.sweeps
     found = False
     spots_of_bad = {}  # (sweep, image) -> its strong spots, before it was excluded
-    for _ in range(ROUNDS):
+    left = {}  # what a look after the last round still finds: said, not excluded
+    for round_ in range(ROUNDS + 1):
         bad = find_bad_images(state.reflections, state.experiments, params, sweeps)
         if not bad:
+            break
+        if round_ == ROUNDS:
+            left = bad
             break
         found = True
         counts = _per_image(state.reflections, state.experiments, sweeps)
@@ -296,13 +300,19 @@ def run(state) -> Record | None:
             over or bad, "auto", state.reflections, state.find_spots,
             min_block_images=params.gaps.min_block_images,
         )
-    else:
-        logger.info("Stopped looking for bad images after %d rounds", ROUNDS)
     if not found:
         logger.info("No bad images found")
         return None
     record = spot_record(state.experiments, state.reflections, sweeps, spots_of_bad)
     for line in regular_hint(sweeps):
         logger.warning(line)
+        record.warn(line)
+    if left:
+        # each round's exclusions change the neighbours the next judges by;
+        # after ROUNDS of them what is still found is left to the user
+        named = "; ".join(f"{sweeps.image_name(k)}: {reason}" for k, reason in sorted(left.items()))
+        line = (f"after {ROUNDS} round{'s' if ROUNDS != 1 else ''} of leaving out bad images these look bad too "
+                f"and were kept ({named}): check them, and leave them out with gaps.exclude_images if they are")
+        logger.warning("Warning: %s", line)
         record.warn(line)
     return record
