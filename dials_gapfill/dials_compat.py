@@ -685,6 +685,34 @@ def mtz_batch_offsets(offsets):
         yield done
 
 
+def in_mtz_batch_order(experiments, reflections, offsets):
+    """(experiments, reflections, offsets) with the experiments in the order
+    of their first batch (image number + offset), the reflections' ids
+    following them.
+
+    DIALS' MTZ writer (add_dials_batches, dials/util/export_mtz_helpers.h)
+    numbers an experiment's batch headers on from the largest batch already
+    written where that is larger than the experiment's own first batch, and
+    leaves its reflections' BATCH as they are: a later sweep whose batches
+    are lower than an earlier one's (sweeps of images 1-18, 1-18 and 95-104:
+    batches 1-18, 201-218, 95-104) had reflections pointing at batches with
+    no header.  Written in batch order, every header is the reflections'."""
+    firsts = [offset + exp.scan.get_image_range()[0] for exp, offset in zip(experiments, offsets)]
+    order = sorted(range(len(experiments)), key=lambda i: firsts[i])
+    if order == list(range(len(experiments))):
+        return experiments, reflections, offsets
+    new_of_old = {old: new for new, old in enumerate(order)}
+    reflections = copy.deepcopy(reflections)
+    identifiers = reflections.experiment_identifiers()
+    named = {i: identifiers[i] for i in identifiers.keys()}
+    for i in named:
+        del identifiers[i]
+    reflections["id"] = flex.int([new_of_old.get(i, i) for i in reflections["id"]])
+    for old, name in named.items():
+        identifiers[new_of_old[old]] = name
+    return ExperimentList([experiments[i] for i in order]), reflections, [offsets[i] for i in order]
+
+
 class _CrystalsDiffer(logging.Filter):
     said = False
 

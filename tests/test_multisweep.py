@@ -374,3 +374,35 @@ def test_a_short_sweep_among_long_ones_keeps_its_orientation(tmp_path_factory):
     long_worst = max(errors[1]["worst"], errors[3]["worst"])
     assert long_worst < 0.03
     assert errors[2]["worst"] < 1.5 * long_worst and errors[2]["median"] < 0.02
+
+
+def test_mtz_batch_headers_are_the_reflections_batches_whatever_the_sweeps_order(tmp_path):
+    """DIALS' MTZ writer numbers an experiment's batch headers on from the
+    largest batch already written when that is larger than its own, and
+    leaves its reflections' BATCH: sweeps whose batches come out lower than
+    an earlier sweep's (images 1-18, 1-18, 95-104: batches 1-18, 201-218,
+    95-104) had rows pointing at batches without a header.  Here the four
+    stored L-cysteine wedges (images 1-15 each) with offsets 300, 200, 0, 100."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+    from iotbx import mtz
+
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages.export import image_number_batches, write_mtz
+
+    folder = os.path.join(os.path.dirname(__file__), "data", "l_cysteine_wedges", "complete")
+    experiments = ExperimentListFactory.from_json_file(os.path.join(folder, "integrated.expt"), check_format=False)
+    reflections = flex.reflection_table.from_file(os.path.join(folder, "integrated.refl"))
+    offsets = [300, 200, 0, 100]
+    path = str(tmp_path / "integrated.mtz")
+    n = write_mtz(reflections, image_number_batches(experiments), params_from(["nproc=1"]), path, offsets=offsets)
+    m = mtz.object(path)
+    headers = {b.num(): (b.phistt(), b.phiend()) for b in m.batches()}
+    assert sorted(headers) == [o + k for o in (0, 100, 200, 300) for k in range(1, 16)]
+    # every row's batch has its header, whose phi is that image's of its sweep
+    batch = [int(b) for b in m.get_column("BATCH").extract_values()]
+    assert n == len(batch) > 100 and set(batch) <= set(headers)
+    for exp, offset in zip(experiments, offsets):
+        for image in range(1, 16):
+            angles = (exp.scan.get_angle_from_image_index(image), exp.scan.get_angle_from_image_index(image + 1))
+            assert headers[offset + image] == pytest.approx(angles, abs=1e-4)

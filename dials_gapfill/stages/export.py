@@ -67,6 +67,8 @@ def write_mtz(reflections, experiments, params, path, intensity=None, offsets=No
         setattr(ep.mtz, name, copy.deepcopy(getattr(params.mtz, name)))
     ep.mtz.hklout = path
     ep.intensity = list(intensity or params.mtz.intensity)
+    if offsets:
+        experiments, reflections, offsets = dials_compat.in_mtz_batch_order(experiments, reflections, offsets)
     try:
         with dials_compat.mtz_batch_offsets(offsets) if offsets else contextlib.nullcontext(), \
                 dials_compat.crystals_differ_explained():

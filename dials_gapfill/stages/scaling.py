@@ -809,12 +809,14 @@ def _write_outputs(params, scaled, outputs, batch_offsets, esd, summary, record)
         ep.mtz.d_min = sp.cut_data.d_min
     out = params.output
     offsets = [batch_offsets[e.identifier] for e in experiments] if batch_offsets else None
+    in_order = dials_compat.in_mtz_batch_order(experiments, joint, offsets) if offsets else (experiments, joint, None)
 
     def write_unmerged(path):
         ep.mtz.hklout = path
-        with dials_compat.mtz_batch_offsets(offsets) if offsets else contextlib.nullcontext(), \
+        ordered, rows, ordered_offsets = in_order
+        with dials_compat.mtz_batch_offsets(ordered_offsets) if ordered_offsets else contextlib.nullcontext(), \
                 dials_compat.crystals_differ_explained():
-            export_mtz(ep, dials_compat.models_to_export(experiments), [joint])
+            export_mtz(ep, dials_compat.models_to_export(ordered), [rows])
 
     n_scaled = iotbx.mtz.object(outputs.write(out.scaled_mtz, write_unmerged)).n_reflections()
     record.files.append({"name": out.scaled_mtz, "kind": "scaled unmerged mtz", "reflections": n_scaled})
