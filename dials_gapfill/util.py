@@ -56,6 +56,12 @@ def captured(fd: int):
             holder.text = capture.read().decode(errors="replace")
 
 
+def printable(name: str) -> str:
+    """`name` with the bytes that are not UTF-8 (surrogate escapes of a name
+    made in another encoding) as the shell writes them: caf\\xe9."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def not_utf8(path: str) -> str | None:
     """The path up to its first name that is not valid UTF-8, or None.
 
@@ -73,8 +79,8 @@ def not_utf8(path: str) -> str | None:
         try:
             part.encode("utf-8")
         except UnicodeEncodeError:
-            return os.fsencode(os.sep.join(parts[: k + 1])).decode("utf-8", "backslashreplace")
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+            return printable(os.sep.join(parts[: k + 1]))
+    return printable(path)
 
 
 def has_esd(esd) -> bool:

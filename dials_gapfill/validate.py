@@ -73,10 +73,13 @@ def validate(params, images=()) -> None:
 
 def _check_paths(params, images) -> None:
     """Paths that are not valid UTF-8: the run would go to its end and fail
-    there (the log, dxtbx and the MTZ writer cannot encode them)."""
+    there (the log, dxtbx and the MTZ writer cannot encode them).  Relative
+    ones as the run will use them, in the working folder."""
     out = _get(params, "output")
     for key in ("directory", *OUTPUT_FILES):
         value = _get(out, key)
+        if isinstance(value, str) and key == "directory":
+            value = os.path.abspath(value)
         bad = not_utf8(value) if isinstance(value, str) else None
         if bad:
             raise GapfillError(
@@ -87,7 +90,7 @@ def _check_paths(params, images) -> None:
              *(_get(params, "input.image") or []), *images]
     reference = _get(params, "input.reference_geometry")
     for path in given + ([reference] if isinstance(reference, str) else []):
-        bad = not_utf8(str(path))
+        bad = not_utf8(os.path.abspath(os.path.expanduser(str(path))))
         if bad:
             raise GapfillError(unreadable_name(bad))
 

@@ -40,17 +40,22 @@ def dangling(tiny, tmp_path):
     return d
 
 
-@pytest.mark.parametrize("how", ["folder", "file list", "glob", "template", "xia2 range"])
-def test_a_broken_link_is_an_unreadable_image_however_given(dangling, how):
-    d = str(dangling)
-    given = {
+def _given(d, how):
+    """(PHIL, positional arguments) giving the 40 images sim_0001.cbf ... of
+    folder `d` the way `how` says."""
+    return {
         "folder": ((), [d]),
         "file list": ((), sorted(os.path.join(d, n) for n in os.listdir(d))),
         "glob": ((f"input.images={d}/sim_*.cbf",), []),
         "template": ((f"input.template={d}/sim_####.cbf",), []),
         "xia2 range": ((f"input.image={d}/sim_0001.cbf:1:40",), []),
     }[how]
-    sweeps, report = _import(*given[0], positional=given[1])
+
+
+@pytest.mark.parametrize("how", ["folder", "file list", "glob", "template", "xia2 range"])
+def test_a_broken_link_is_an_unreadable_image_however_given(dangling, how):
+    phil, positional = _given(str(dangling), how)
+    sweeps, report = _import(*phil, positional=positional)
     assert [e.scan.get_image_range() for e in sweeps.experiments()] == [(1, 6), (8, 40)]
     (entry,) = report.excluded
     assert (entry["image"], entry["status"], entry["by"]) == (7, "bad", "auto")
@@ -328,13 +333,7 @@ def test_a_hash_in_the_image_folder_is_refused_naming_the_folder(tiny, tmp_path,
     from dials_gapfill.errors import GapfillError
 
     d = _linked_sweep(tiny, str(tmp_path / "run#2"))
-    phil, positional = {
-        "folder": ((), [d]),
-        "file list": ((), sorted(os.path.join(d, n) for n in os.listdir(d))),
-        "glob": ((f"input.images={d}/sim_*.cbf",), []),
-        "template": ((f"input.template={d}/sim_####.cbf",), []),
-        "xia2 range": ((f"input.image={d}/sim_0001.cbf:1:40",), []),
-    }[how]
+    phil, positional = _given(d, how)
     with pytest.raises(GapfillError) as info:
         _import(*phil, positional=positional)
     assert str(info.value) == (
@@ -343,9 +342,19 @@ def test_a_hash_in_the_image_folder_is_refused_naming_the_folder(tiny, tmp_path,
     os.symlink(d, tmp_path / "run2")
     sweeps, report = _import(positional=[str(tmp_path / "run2")])
     assert [e.scan.get_image_range() for e in sweeps.experiments()] == [(1, 40)] and not report.excluded
+    # the same in a file name
+    named = tmp_path / "named"
+    named.mkdir()
+    for k in range(1, 41):
+        os.symlink(os.path.join(tiny, f"sim_{k:04d}.cbf"), named / f"sim#1_{k:04d}.cbf")
+    with pytest.raises(GapfillError) as info:
+        _import(positional=[str(named)])
+    assert str(info.value) == (
+        "the file name 'sim#1_0001.cbf' has '#' in it, which dxtbx reads as an image-number digit: rename the "
+        "files, or give them through symbolic links whose names have no '#'")
 
 
-def test_image_names_that_are_not_utf8_are_refused_before_dxtbx_reads_them(tiny, tmp_path):
+def test_image_names_that_are_not_utf8_are_refused_before_dxtbx_reads_them(tiny, tmp_path, monkeypatch):
     """A name in another encoding (Latin-1 'café'): dxtbx cannot open it and
     the log cannot hold it.  Named, as the shell writes it, wherever it is
     given: the folder itself (checked with the parameters), or files found
@@ -361,6 +370,14 @@ def test_image_names_that_are_not_utf8_are_refused_before_dxtbx_reads_them(tiny,
         with pytest.raises(GapfillError) as info:
             validate(params_from(params), images)
         assert str(info.value).startswith(said), (params, images, str(info.value))
+    # relative paths, from a working folder whose name is not UTF-8
+    monkeypatch.chdir(d)
+    for params, images in [([], ["."]), (["input.images=sim_*.cbf"], []), (["input.template=sim_####.cbf"], []),
+                           (["output.directory=out"], [tiny])]:
+        with pytest.raises(GapfillError) as info:
+            validate(params_from(params), images)
+        assert f"'{tmp_path}/caf\\xe9" in str(info.value), (params, images, str(info.value))
+    monkeypatch.chdir(tmp_path)
     # a folder with a plain name whose files' names are not UTF-8
     (tmp_path / "cafe").mkdir()
     for n in range(1, 41):
@@ -386,12 +403,13 @@ def test_backup_and_temporary_copies_in_a_folder_are_not_images(tiny, tmp_path, 
         open(os.path.join(d, "sim_0013.cbf.part"), "wb").write(fh.read(20000))
     for name in ("sim_0020.cbf~", "sim_0021.cbf.orig", "sim_0022.cbf.tmp", "sim_0023.cbf.swp"):
         os.symlink(os.path.join(tiny, "sim_0001.cbf"), os.path.join(d, name))
+    open(os.path.join(d, "notes_caf\udce9.txt"), "w").close()  # (named in the log as the shell writes it)
     caplog.set_level(logging.INFO)
     sweeps, report = _import(positional=[d])
     assert [s.template for s in sweeps] == [os.path.join(d, "sim_####.cbf")]
     assert [e.scan.get_image_range() for e in sweeps.experiments()] == [(1, 40)] and not report.excluded
-    assert (f"In {d}, not taken as images: sim_0006.cbf.bak, sim_0013.cbf.part, sim_0020.cbf~, sim_0021.cbf.orig, "
-            "sim_0022.cbf.tmp, sim_0023.cbf.swp") in caplog.text
+    assert (f"In {d}, not taken as images: notes_caf\\xe9.txt, sim_0006.cbf.bak, sim_0013.cbf.part, sim_0020.cbf~, "
+            "sim_0021.cbf.orig, sim_0022.cbf.tmp, sim_0023.cbf.swp") in caplog.text
     sweeps, _ = _import(positional=[d, os.path.join(d, "sim_0006.cbf.bak")])
     assert [s.template for s in sweeps] == [os.path.join(d, "sim_####.cbf"), os.path.join(d, "sim_####.cbf.bak")]
 

@@ -150,7 +150,17 @@ def _parse_phil_file(path):
         data = fh.read()
     if not data.startswith(BOM):
         return iotbx.phil.parse(file_name=path)
-    return iotbx.phil.parse(input_string=data[len(BOM):].decode(), source_info=f'file "{path}"')
+    # (bytes that are not UTF-8 kept as DIALS keeps them from the copy it reads)
+    text = data[len(BOM):].decode(errors="surrogateescape")
+    return iotbx.phil.parse(input_string=text, source_info=f'file "{path}"')
+
+
+def _starts_with_bom(arg) -> bool:
+    """`arg` is a readable parameter file that starts with a byte-order mark."""
+    if not (_is_phil_file(arg) and os.path.isfile(arg) and os.access(arg, os.R_OK)):
+        return False
+    with open(arg, "rb") as fh:
+        return fh.read(len(BOM)) == BOM
 
 
 def _without_bom(args, folder):
@@ -159,15 +169,14 @@ def _without_bom(args, folder):
     itself)."""
     out, copies = [], {}
     for k, arg in enumerate(args):
-        if _is_phil_file(arg) and os.path.isfile(arg) and os.access(arg, os.R_OK):
+        if _starts_with_bom(arg):
             with open(arg, "rb") as fh:
                 data = fh.read()
-            if data.startswith(BOM):
-                copy = os.path.join(folder, f"{k}_{os.path.basename(arg)}")
-                with open(copy, "wb") as fh:
-                    fh.write(data[len(BOM):])
-                copies[copy] = arg
-                arg = copy
+            copy = os.path.join(folder, f"{k}_{os.path.basename(arg)}")
+            with open(copy, "wb") as fh:
+                fh.write(data[len(BOM):])
+            copies[copy] = arg
+            arg = copy
         out.append(arg)
     return out, copies
 
@@ -235,6 +244,8 @@ def parse(args, phil):
     """(params, options, image arguments, diff phil text) as DIALS parses them."""
     import tempfile
 
+    if not any(_starts_with_bom(arg) for arg in args):
+        return _parse(args, phil, None)
     with tempfile.TemporaryDirectory(prefix="dials.process_gapped-") as folder:
         return _parse(args, phil, folder)
 

@@ -60,7 +60,7 @@ from dials_gapfill.model.sweep import (
     setting_text,
 )
 from dials_gapfill.phil import dials_import_params
-from dials_gapfill.util import captured, not_utf8, range_text
+from dials_gapfill.util import captured, not_utf8, printable, range_text
 from dials_gapfill.validate import unreadable_name
 
 logger = logging.getLogger("dials.process_gapped.import")
@@ -108,7 +108,7 @@ def _listdir_images(directory: str) -> list[str]:
         else:
             skipped.append(n)
     if skipped and kept:
-        logger.info("In %s, not taken as images: %s", directory, ", ".join(sorted(skipped)))
+        logger.info("In %s, not taken as images: %s", directory, ", ".join(printable(n) for n in sorted(skipped)))
     return [os.path.join(directory, n) for n in (kept if kept else candidates)]
 
 
@@ -208,7 +208,7 @@ def collect_files(params, positional=()) -> list[str]:
         found = _xia2_image(os.path.expanduser(spec))
         files.extend(found[n] for n in sorted(found))
     for f in files:  # (a folder's or a glob's files: the names given were checked by validate)
-        bad = not_utf8(f)
+        bad = not_utf8(os.path.abspath(f))
         if bad:
             raise GapfillError(unreadable_name(bad))
     if not files:
@@ -277,14 +277,19 @@ def group_sweeps(files: list[str], record) -> list[tuple[str, dict[int, str] | N
             containers.append(os.path.abspath(f))
             continue
         path = os.path.abspath(f)
-        if "#" in os.path.dirname(path):
+        if "#" in path:
             # dxtbx turns a sweep's file names into a template with # for the
             # image number's digits, and takes the number to run from the
             # first # of the whole path to the last: no image could be opened
+            if "#" in os.path.dirname(path):
+                raise GapfillError(
+                    f"the folder {os.path.dirname(path)!r} has '#' in its path, which dxtbx reads as an "
+                    "image-number digit: rename the folder, or give the images from a folder without '#' (a "
+                    "symbolic link to this one works)"
+                )
             raise GapfillError(
-                f"the folder {os.path.dirname(path)!r} has '#' in its path, which dxtbx reads as an image-number "
-                "digit: rename the folder, or give the images from a folder without '#' (a symbolic link to "
-                "this one works)"
+                f"the file name {os.path.basename(path)!r} has '#' in it, which dxtbx reads as an image-number "
+                "digit: rename the files, or give them through symbolic links whose names have no '#'"
             )
         template, number = template_regex(os.path.basename(path))
         if template is None or "#" not in template:
