@@ -437,9 +437,10 @@ blocks
             "spots a gap cuts: x and y in the static jobs, and in the"
             "scan-varying jobs the phi as continuous_gap_edges says (modelled:"
             "compared with the rocking curve cut by the scan's end), except in"
-            "a sweep whose spots they are half of or more, which keep their"
-            "phi. xyz: x, y and phi as observed, as DIALS does"
-            "(docs/crystal-model.md)."
+            "a sweep whose spots they are half of or more (a short sweep),"
+            "which keeps their phi as observed in the static jobs (and, with"
+            "continuous_gap_edges=xy, in all). xyz: x, y and phi as observed,"
+            "as DIALS does (docs/crystal-model.md)."
   continuous_gap_edges = xy *modelled
     .type = choice
     .expert_level = 1
