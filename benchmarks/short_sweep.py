@@ -61,7 +61,9 @@ def main():
     command = [os.path.join(os.path.dirname(sys.executable), "dials.process_gapped"), images, "nproc=1",
                f"output.directory={out}", *args.phil]
     shutil.rmtree(out, ignore_errors=True)
-    subprocess.run(command, check=True, capture_output=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"dials.process_gapped failed: {result.stderr.strip()[-2000:]}")
     experiments, reflections = compare.load(out)
     errors = compare.orientation_errors(experiments, truth)["per_sweep"]
     r = compare.indices_in_truth_basis(experiments, reflections, truth)
