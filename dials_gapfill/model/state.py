@@ -77,7 +77,8 @@ def blocks_of(experiments, sweeps, previous=()):
     blocks = []
     for i, exp in enumerate(experiments, start=1):
         first, last = exp.scan.get_image_range()
-        phi0, phi1 = exp.scan.get_oscillation_range()
+        # (rounded: a start plus n widths in binary is 20.000000000000004)
+        phi0, phi1 = (round(v, 9) for v in exp.scan.get_oscillation_range())
         old = known.get(exp.identifier)
         blocks.append(
             Block(number=i, first=first, last=last, phi_start=phi0, phi_end=phi1,
