@@ -561,7 +561,8 @@ def spots_figure(data):
             if pattern:
                 marker["pattern"] = {"shape": pattern, "fgcolor": "#222", "size": 6}
             trace = {
-                "type": "bar", "name": f"{label} ({totals[key]})",
+                # (one legend entry for the panels of all sweeps: their count)
+                "type": "bar", "name": f"{label} ({totals[key]}{' in all sweeps' if grouped else ''})",
                 "x": [n for n, _ in rows], "y": [1] * len(rows), "width": 1,
                 "yaxis": bar_id, "marker": marker,
                 "hovertext": [f"image {n}: {_label(reason)}" for n, reason in rows],
