@@ -14,7 +14,7 @@ import re
 import string
 
 from dials_gapfill.errors import GapfillError
-from dials_gapfill.util import not_utf8
+from dials_gapfill.util import not_utf8, printable
 
 # Bravais lattice symbols dials.refine_bravais_settings can name
 BRAVAIS_LATTICES = ("aP", "mP", "mC", "oP", "oC", "oF", "oI", "tP", "tI", "hP", "hR", "cP", "cF", "cI")
@@ -60,6 +60,7 @@ def validate(params, images=()) -> None:
     the first value that cannot work; `images`: the image arguments given
     apart from the parameters (the command line's positional ones)."""
     _check_paths(params, images)
+    _check_text(params)
     _check_mtz(params)
     _check_scaling(params)
     _check_output(params)
@@ -93,6 +94,19 @@ def _check_paths(params, images) -> None:
         bad = not_utf8(os.path.abspath(os.path.expanduser(str(path))))
         if bad:
             raise GapfillError(unreadable_name(bad))
+
+
+def _check_text(params) -> None:
+    """Text values that are not valid UTF-8 (bytes of another encoding on the
+    command line: mtz.crystal_name=caf\\xe9): the log could not hold them and
+    the MTZ writer would fail at the end of the run."""
+    for name, value in _leaves(params, "", levels=12):
+        for text in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(text, str) and not_utf8(text):
+                raise GapfillError(
+                    f"{name[1:]}: '{printable(text)}' is not valid UTF-8 (the log and the MTZ file cannot hold it): "
+                    "give it in UTF-8"
+                )
 
 
 def unreadable_name(bad: str) -> str:
@@ -153,16 +167,17 @@ def _check_scaling(params) -> None:
             raise GapfillError(f"{name}={value:g} is not a fraction: give a number from 0 to 1")
 
 
-def _leaves(scope, prefix, depth=0):
-    """(dotted name, value) of the parameters of a PHIL extract, nested scopes included."""
+def _leaves(scope, prefix, levels=4):
+    """(dotted name, value) of the parameters of a PHIL extract, nested scopes
+    included down to `levels` below it."""
     from libtbx.phil import scope_extract
 
     for name, value in vars(scope).items():
         if name.startswith("_"):
             continue
         if isinstance(value, scope_extract):
-            if depth < 4:
-                yield from _leaves(value, f"{prefix}.{name}", depth + 1)
+            if levels > 0:
+                yield from _leaves(value, f"{prefix}.{name}", levels - 1)
         else:
             yield f"{prefix}.{name}", value
 

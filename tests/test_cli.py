@@ -298,6 +298,52 @@ def test_a_byte_order_mark_at_the_start_of_a_parameter_file_is_left_out(tmp_path
         parse([str(f), "/data/x_*.cbf"], master_phil())
 
 
+@pytest.mark.parametrize("content,line", [
+    (b"scaling.run = True\nmtz.crystal_name = caf\xe9\n", 2),  # (Latin-1)
+    (b"\xef\xbb\xbfmtz {\n  project_name = x\n  crystal_name = caf\xe9\n}\n", 3),  # (a mark, then Latin-1)
+])
+def test_a_parameter_file_that_is_not_utf8_is_refused_with_its_line(tmp_path, content, line):
+    """PHIL drops a byte that is not UTF-8 without a word (crystal_name =
+    caf\\xe9 is read as caf): the file is refused, its line named."""
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import master_phil
+
+    f = tmp_path / "latin1.phil"
+    f.write_bytes(content)
+    with pytest.raises(GapfillError) as info:
+        parse([str(f), "/data/x_*.cbf"], master_phil())
+    assert str(info.value) == (f"the parameter file {f} line {line} is not valid UTF-8 (byte 0xe9): "
+                               "save the file as UTF-8")
+    f.write_bytes(content.replace(b"\xe9", "\u00e9".encode()))  # (the same file in UTF-8 is read)
+    params, _, _, _ = parse([str(f), "/data/x_*.cbf"], master_phil())
+    assert params.mtz.crystal_name == "caf\u00e9"
+
+
+@pytest.mark.parametrize("how", ["command line", "api text", "api dict"])
+def test_a_text_value_that_is_not_utf8_is_refused_before_any_work(how):
+    """A value in another encoding (the shell passes Latin-1 bytes as they
+    are) would break the log at its first line and the MTZ export at the end
+    of the run: refused by validation, naming the parameter."""
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import master_phil, params_from
+    from dials_gapfill.validate import validate
+
+    value = "caf\udce9"  # (how Python reads the byte 0xe9 of an argument)
+    if how == "command line":
+        params, _, images, _ = parse([f"mtz.crystal_name={value}", "/data/x_*.cbf"], master_phil())
+    elif how == "api text":
+        params, images = params_from(f"mtz.crystal_name={value}"), []
+    else:
+        params, images = params_from({"mtz.crystal_name": value}), []
+    with pytest.raises(GapfillError) as info:
+        validate(params, images)
+    assert str(info.value) == ("mtz.crystal_name: 'caf\\xe9' is not valid UTF-8 (the log and the MTZ file cannot "
+                               "hold it): give it in UTF-8")
+    validate(params_from({"mtz.crystal_name": "caf\u00e9"}))  # (UTF-8 é is a name like any other)
+
+
 def test_a_value_in_a_parameter_file_that_cannot_be_read_names_the_file_line_and_parameter(tmp_path):
     from dials_gapfill.command_line.process_gapped import parse
     from dials_gapfill.errors import GapfillError

@@ -155,6 +155,23 @@ def _parse_phil_file(path):
     return iotbx.phil.parse(input_string=text, source_info=f'file "{path}"')
 
 
+def _not_utf8_error(path):
+    """A GapfillError naming the first line of the parameter file `path` that
+    is not valid UTF-8 (saved as Latin-1, say), or None: PHIL would drop the
+    byte silently (crystal_name = caf\\xe9 read as caf)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        data.decode("utf-8")
+        return None
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        return GapfillError(
+            f"the parameter file {path} line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x}): "
+            "save the file as UTF-8"
+        )
+
+
 def _starts_with_bom(arg) -> bool:
     """`arg` is a readable parameter file that starts with a byte-order mark."""
     if not (_is_phil_file(arg) and os.path.isfile(arg) and os.access(arg, os.R_OK)):
@@ -261,6 +278,11 @@ def _parse(args, phil, folder):
                 raise GapfillError(f"no such parameter file: {arg!r}: check the path")
             if not os.access(arg, os.R_OK):
                 raise GapfillError(f"cannot read the parameter file {arg!r}: check its permissions")
+    for arg in args:
+        if _is_phil_file(arg) and os.path.isfile(arg):
+            err = _not_utf8_error(arg)
+            if err is not None:
+                raise err
     err = _cell_error(args)
     if err is not None:
         raise err
