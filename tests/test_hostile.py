@@ -392,8 +392,9 @@ def test_backup_and_temporary_copies_in_a_folder_are_not_images(tiny, tmp_path, 
     """sim_0006.cbf.bak (an editor's backup) and a half-copied
     sim_0013.cbf.part in the folder given: left out and named in the log,
     not taken as sweeps of their own (the .bak would be integrated as sweep
-    2, the .part would stop the run).  A file named on the command line is
-    read whatever its ending."""
+    2, the .part would stop the run); so are they from a glob that matches
+    other files.  A file named on the command line, or a glob matching only
+    such copies, is read whatever its ending."""
     import logging
     import shutil
 
@@ -412,6 +413,14 @@ def test_backup_and_temporary_copies_in_a_folder_are_not_images(tiny, tmp_path, 
             "sim_0021.cbf.orig, sim_0022.cbf.tmp, sim_0023.cbf.swp") in caplog.text
     sweeps, _ = _import(positional=[d, os.path.join(d, "sim_0006.cbf.bak")])
     assert [s.template for s in sweeps] == [os.path.join(d, "sim_####.cbf"), os.path.join(d, "sim_####.cbf.bak")]
+    # a glob that matches the copies as well leaves them out, as the folder does
+    caplog.clear()
+    sweeps, report = _import(positional=[os.path.join(d, "sim_*")])
+    assert [s.template for s in sweeps] == [os.path.join(d, "sim_####.cbf")] and not report.excluded
+    assert (f"Matching {d}/sim_*, not taken as images: sim_0006.cbf.bak, sim_0013.cbf.part, sim_0020.cbf~, "
+            "sim_0021.cbf.orig, sim_0022.cbf.tmp, sim_0023.cbf.swp") in caplog.text
+    sweeps, _ = _import(positional=[os.path.join(d, "*.bak")])  # (asked for by name)
+    assert [s.template for s in sweeps] == [os.path.join(d, "sim_####.cbf.bak")]
 
 
 def test_images_whose_headers_give_a_negative_oscillation_width_are_said_to_be_so(tiny, tmp_path):

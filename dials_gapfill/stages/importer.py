@@ -112,6 +112,18 @@ def _listdir_images(directory: str) -> list[str]:
     return [os.path.join(directory, n) for n in (kept if kept else candidates)]
 
 
+def _without_backups(found: list[str], pattern: str) -> list[str]:
+    """The files a glob matched, backup and temporary copies left out (and
+    said in the log) as in a folder: data_* takes data_0006.cbf.bak too,
+    which would be integrated as a sweep of its own.  A glob that matches
+    nothing else (*.bak) keeps them: they are what was asked for."""
+    kept = [f for f in found if not f.lower().endswith(BACKUP_ENDINGS)]
+    if kept and len(kept) < len(found):
+        logger.info("Matching %s, not taken as images: %s", printable(pattern),
+                    ", ".join(printable(os.path.basename(f)) for f in found if f not in kept))
+    return kept or found
+
+
 def _template_files(template: str, first=None, last=None) -> dict[int, str]:
     """Existing files of a ``name_####.cbf`` template, by image number."""
     if "#" not in template:
@@ -186,7 +198,7 @@ def collect_files(params, positional=()) -> list[str]:
             found = sorted(f for f in glob.glob(entry) if _is_file(f))
             if not found:
                 raise GapfillError(f"no files match {entry!r}: check the path and the pattern")
-            files.extend(found)
+            files.extend(_without_backups(found, entry))
         elif _is_file(entry):
             files.append(entry)
         elif "#" in os.path.basename(entry):
