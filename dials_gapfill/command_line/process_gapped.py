@@ -68,19 +68,34 @@ def _phil_error(arg, master):
     return None
 
 
-def _value_error(args, master):
-    """The first key=value argument whose value PHIL cannot convert (a
-    number, a cell, a space group), as a GapfillError naming it; else None."""
+def _assignments(args, master):
+    """(arg, PHIL source) of the key=value arguments that are not files and
+    that PHIL can read (what it cannot read at all is named elsewhere)."""
     interpreter = master.command_line_argument_interpreter()
     for arg in args:
         if not _is_assignment(arg) or os.path.exists(arg):
             continue
         try:
-            master.fetch(sources=[interpreter.process_arg(arg=arg)]).extract()
+            yield arg, interpreter.process_arg(arg=arg)
+        except Exception:
+            continue
+
+
+def _conversion_text(e) -> str:
+    """cctbx's message for a value it cannot convert, on one line, without
+    its prefix and PHIL's location (the caller names the argument or line)."""
+    text = " ".join(str(e).split())
+    return re.sub(r"^cctbx Error: ", "", re.sub(r" \(command line argument, line \d+\)$", "", text))
+
+
+def _value_error(args, master):
+    """The first key=value argument whose value PHIL cannot convert (a
+    number, a cell, a space group), as a GapfillError naming it; else None."""
+    for arg, source in _assignments(args, master):
+        try:
+            master.fetch(sources=[source]).extract()
         except Exception as e:
-            text = " ".join(str(e).split())
-            text = re.sub(r"^cctbx Error: ", "", re.sub(r" \(command line argument, line \d+\)$", "", text))
-            return GapfillError(f"cannot use {arg!r}: {text}: check the value")
+            return GapfillError(f"cannot use {arg!r}: {_conversion_text(e)}: check the value")
     return None
 
 
@@ -89,14 +104,7 @@ def _text_changed_error(args, master):
     (phil.text_changed_error); else None."""
     from dials_gapfill.phil import text_changed_error
 
-    interpreter = master.command_line_argument_interpreter()
-    for arg in args:
-        if not _is_assignment(arg) or os.path.exists(arg):
-            continue
-        try:
-            source = interpreter.process_arg(arg=arg)
-        except Exception:
-            continue  # (what PHIL cannot read at all is named elsewhere)
+    for arg, source in _assignments(args, master):
         err = text_changed_error(arg, source, master)
         if err is not None:
             return err
@@ -209,7 +217,7 @@ def _definition_error(parsed, fetched, path):
         try:
             loc.object.extract()
         except Exception as e:
-            text = re.sub(r"^cctbx Error: ", "", " ".join(str(e).split()))
+            text = _conversion_text(e)
             words = " ".join(str(w.value) for w in given[loc.path].words)
             line = re.search(r"line (\d+)", given[loc.path].where_str or "")
             where = f" line {line.group(1)}" if line else ""
