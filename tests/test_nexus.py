@@ -225,6 +225,20 @@ def test_import_splits_at_the_excluded_images(nexus_sweep, simulation):
     assert np.array_equal(_pixels(experiments[2].imageset, 2), simulation.render(12))
 
 
+def test_a_nexus_file_in_a_folder_with_hash_is_read(nexus_sweep, simulation, tmp_path):
+    """'#' in a folder is refused for numbered image files (dxtbx reads it
+    as an image-number digit of their template), not for a NeXus file, which
+    dxtbx opens by its name: the same blocks and pixels as from elsewhere."""
+    path, _ = nexus_sweep
+    hashed = tmp_path / "run#1"
+    hashed.symlink_to(os.path.dirname(path))
+    experiments, report = _import(str(hashed / os.path.basename(path)), "gaps.exclude_images=4:5")
+    assert [e.scan.get_image_range() for e in experiments] == [(1, 3), (6, 12)]
+    assert [x["image"] for x in report.excluded] == [4, 5]
+    assert experiments[0].imageset.paths()[0] == str(hashed / os.path.basename(path))
+    assert np.array_equal(_pixels(experiments[1].imageset, 6), simulation.render(12))
+
+
 def test_exclusion_outside_the_images_is_named(nexus_sweep):
     from dials_gapfill.errors import GapfillError
 
