@@ -15,7 +15,7 @@ of the summation intensities at I/sigma > 3 and partiality > 0.5 and > 0.99.
 
 Usage (about 1 minute per run)::
 
-    .venv/bin/python benchmarks/short_sweep.py --workdir /tmp/short_sweep [--seed 42] [PHIL ...]
+    .venv/bin/python benchmarks/short_sweep.py --workdir /tmp/short_sweep [--seed 42] [--tails] [PHIL ...]
 """
 
 from __future__ import annotations
@@ -32,14 +32,15 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def simulate(folder, seed=42):
+def simulate(folder, seed=42, tails=False):
     from dials_gapfill.simulation.multisweep import MultiSweepConfig, SweepConfig, simulate_sweeps
     from dials_gapfill.simulation.simulate import SimulationConfig
 
     truth_file = os.path.join(folder, "ground_truth.json")
     if not os.path.exists(truth_file):
         simulate_sweeps(MultiSweepConfig(
-            base=SimulationConfig(n_images=12, osc_width=1.0, detector="pilatus300k", distance=150.0, seed=seed),
+            base=SimulationConfig(n_images=12, osc_width=1.0, detector="pilatus300k", distance=150.0, seed=seed,
+                                  scan_end_tails=tails),
             sweeps=(SweepConfig(scan_axis="omega", angles={}),
                     SweepConfig(scan_axis="omega", angles={"kappa": 40.0, "phi": 120.0}, n_images=3),
                     SweepConfig(scan_axis="omega", angles={"kappa": -40.0, "phi": 240.0}))), folder)
@@ -51,13 +52,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="/tmp/short_sweep")
     parser.add_argument("--seed", type=int, default=42, help="the simulation's seed (crystal orientation, noise)")
+    parser.add_argument("--tails", action="store_true",
+                        help="simulate the tails that reflections centred beyond a sweep's ends record on its end "
+                             "images (SimulationConfig.scan_end_tails)")
     parser.add_argument("phil", nargs="*", help="extra PHIL for dials.process_gapped")
     args = parser.parse_args()
 
     from dials_gapfill.simulation import compare
 
     images = os.path.join(args.workdir, "images")
-    truth = simulate(images, args.seed)
+    truth = simulate(images, args.seed, args.tails)
     out = os.path.join(args.workdir, "run")
     command = [os.path.join(os.path.dirname(sys.executable), "dials.process_gapped"), images, "nproc=1",
                f"output.directory={out}", *args.phil]

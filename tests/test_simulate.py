@@ -315,3 +315,26 @@ def test_the_comparison_of_two_runs_keeps_the_blocks_of_several_sweeps_apart():
     assert [(b["sweep"], b["images"]) for b in result["blocks"]] == [(k, [1, 15]) for k in (1, 2, 3, 4)]
     assert result["integrated_a"] == result["integrated_b"] == len(reflections)
     assert result["count_rel_diff"] == 0 and result["cell_rel_diff_max"] == 0
+
+
+def test_scan_end_tails_are_the_rocking_curves_the_scan_cuts():
+    """With scan_end_tails the end images record the tails of reflections
+    centred beyond them: images 5-8 of a sweep then show on image 5 what
+    images 1-12 of the same crystal show there (no drift, so the crystal is
+    the same at the same phi); without, image 5 lacks those tails.  The
+    reflections centred inside the scan are the same either way."""
+    import numpy as np
+
+    from dials_gapfill.simulation.simulate import Simulation, SimulationConfig
+
+    common = dict(osc_width=1.0, detector="pilatus300k", distance=150.0, seed=5, drift=0.0)
+    whole = Simulation(SimulationConfig(n_images=12, scan_end_tails=True, **common))
+    part = dict(n_images=4, first_image=5, osc_start=4.0, **common)
+    cut, plain = Simulation(SimulationConfig(scan_end_tails=True, **part)), Simulation(SimulationConfig(**part))
+    assert np.allclose(cut.expected_signal(5), whole.expected_signal(5), rtol=1e-9, atol=1e-9)
+    assert np.allclose(cut.expected_signal(8), whole.expected_signal(8), rtol=1e-9, atol=1e-9)
+    inside = (cut.ref_phi >= 4.0) & (cut.ref_phi < 8.0)
+    assert np.array_equal(cut.ref_hkl[inside], plain.ref_hkl) and np.allclose(cut.ref_phi[inside], plain.ref_phi)
+    gained = cut.expected_signal(5).sum() / plain.expected_signal(5).sum() - 1
+    assert gained > 0.05, gained  # (measured 13 % on a 6-image sweep's first image)
+    assert cut.ground_truth()["config"]["scan_end_tails"] is True

@@ -109,6 +109,11 @@ drift_acceleration = 0.0
   .type = float
   .help = "Accelerating drift, as a slipping crystal: the crystal turns by"
           "drift * phi + drift_acceleration * phi^2 degrees after phi degrees of scan."
+scan_end_tails = False
+  .type = bool
+  .help = "Record on the end images the tails of reflections whose rocking curves"
+          "are centred beyond the scan's ends, as a real detector does (off: the"
+          "files of a seed stay as they were)."
 intensity_scale = 1000.0
   .type = float(value_min=0)
   .help = "Mean photons of a low-resolution reflection."
@@ -343,6 +348,7 @@ def config_from_params(params):
         mosaicity=params.mosaicity,
         drift=params.drift,
         drift_acceleration=params.drift_acceleration,
+        scan_end_tails=params.scan_end_tails,
         intensity_scale=params.intensity_scale,
         wilson_b=params.wilson_b,
         prefix=params.prefix,

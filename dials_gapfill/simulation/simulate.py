@@ -28,6 +28,7 @@ count 40x: the whole frame strong, above DIALS' strong-pixel cap),
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import hashlib
 import json
@@ -106,6 +107,11 @@ class SimulationConfig:
     drift_axis: tuple = (0.0, 0.6, 0.8)
     exposure_time: float = 0.1
     prefix: str = "sim"
+    # reflections whose rocking curves are centred before the first image or
+    # after the last (up to the reach of the widest curve) record their
+    # tails on the end images, as on a real detector; off by default, which
+    # keeps the files of a given seed as they are
+    scan_end_tails: bool = False
 
     # bad-image modes this kind of sweep can have (a class attribute, not a field)
     modes = BAD_MODES
@@ -185,6 +191,8 @@ class SimulationConfig:
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["bad_images"] = {str(k): v for k, v in self.bad_images.items()}
+        if not d["scan_end_tails"]:
+            del d["scan_end_tails"]  # (the ground truth of a seed as it was without the option)
         return d
 
 
@@ -453,7 +461,10 @@ class Simulation:
         # (called directly: flex.reflection_table.from_predictions needs an
         # ImageSequence and would silently use the stills predictor here)
 
-        predictor = ScanVaryingReflectionPredictor(self.experiment, dmin=self.d_min)
+        experiment, pad = self.experiment, 0
+        if config.scan_end_tails:
+            experiment, A_list, pad = self._padded(B, U0, sweep)
+        predictor = ScanVaryingReflectionPredictor(experiment, dmin=self.d_min)
         refl = predictor.for_ub(flex.mat3_double(A_list))
         refl["id"] = flex.int(len(refl), 0)
         refl.compute_zeta(self.experiment)
@@ -464,7 +475,7 @@ class Simulation:
         x, y, z_px = (np.array(c) for c in refl["xyzcal.px"].parts())
         # the predictor's z is in array coordinates (image n covers [n-1, n)),
         # which start at first_image - 1, not at 0
-        z_px = z_px - self.scan.get_array_range()[0]
+        z_px = z_px - experiment.scan.get_array_range()[0] - pad
         if fmt is not None:
             # panel pixels -> pixels of the raw image the file holds
             offsets = np.array(fmt.panel_offsets(self.detector), dtype=float).reshape(-1, 2)
@@ -503,6 +514,29 @@ class Simulation:
             if hasattr(fmt, "pixel_area"):
                 # larger pixels (a Timepix' chip edges) collect more background
                 self.background = self.background * fmt.pixel_area(config)
+
+    def _padded(self, B, U0, sweep):
+        """(experiment, A at its scan points, images added at each end): the
+        scan extended by the reach of the widest rocking curve kept (5
+        sigma, sigma at most 20 x the mosaicity), the crystal drifting on
+        through it, for predicting the reflections whose tails reach the
+        end images (scan_end_tails)."""
+        c = self.config
+        pad = int(math.ceil(5 * 20 * c.mosaicity / c.osc_width))
+        n = c.n_images + 2 * pad
+        scan = ScanFactory.make_scan(
+            image_range=(c.first_image, c.first_image + n - 1), exposure_times=c.exposure_time,
+            oscillation=(c.osc_start - pad * c.osc_width, c.osc_width),
+            epochs={c.first_image + i: i * c.exposure_time for i in range(n)}, deg=True)
+        A_list = []
+        for i in range(n + 1):
+            phi = (i - pad) * c.osc_width + (sweep.drift_start if sweep is not None else 0.0)
+            A_list.append(tuple((rotation(c.drift_axis, drift_angle(c, phi)) @ U0 @ B).ravel()))
+        crystal = copy.deepcopy(self.crystal)
+        crystal.set_A_at_scan_points(A_list)
+        experiment = Experiment(beam=self.beam, detector=self.detector, goniometer=self.goniometer,
+                                scan=scan, crystal=crystal)
+        return experiment, A_list, pad
 
     # ---------------------------------------------------------------- images
     def image_phi_range(self, image: int) -> tuple[float, float]:
