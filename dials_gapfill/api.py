@@ -39,14 +39,14 @@ from libtbx import Auto
 
 from dials_gapfill.errors import GapfillError, Interrupted
 from dials_gapfill.handlers import workers
-from dials_gapfill.handlers.outputs import Outputs
+from dials_gapfill.handlers.outputs import Outputs, output_names
 from dials_gapfill.model.state import Record
 from dials_gapfill.phil import master_phil, modified_text, params_from
 from dials_gapfill.pipeline import Pipeline
 from dials_gapfill.report import finalise, summary_dict, write_reports
 from dials_gapfill.stages.export import earlier_numbered
-from dials_gapfill.stages.importer import adopt_experiments, check_readable
-from dials_gapfill.validate import numbered_pattern, validate
+from dials_gapfill.stages.importer import adopt_experiments, check_readable, input_files
+from dials_gapfill.validate import validate
 
 logger = logging.getLogger("dials.process_gapped")
 
@@ -159,6 +159,9 @@ class Job:
         """What a run changes: the folder's lock and log, the worker hooks."""
         if self.write_files:
             outputs = Outputs(self.params.output.directory)
+            # (before the log is started: it is an output too)
+            outputs.check_not_inputs(input_files(self.params, self.images, self.experiments),
+                                     *output_names(self.params))
             outputs.check_writable()
             outputs.lock(self.params.output.log)
             self.outputs = outputs
@@ -174,7 +177,7 @@ class Job:
     def run(self) -> Result:
         if self.outputs is not None:
             # a folder with an output's name is found now, not after the processing
-            self.outputs.check_no_folders(*_output_names(self.params))
+            self.outputs.check_no_folders(*output_names(self.params))
         self.pipeline = Pipeline(self.params, self.images, outputs=self.outputs, progress=self.progress)
         state = self.pipeline.state
         for line in _machine_warnings(self.params):
@@ -370,23 +373,6 @@ def signals_held():
             signal.signal(s, handler)
         if pending:
             signal.raise_signal(pending[0])
-
-
-def _output_names(params) -> tuple[list[str], list[str]]:
-    """(the names of the files this run may write, the regular expressions of
-    its numbered ones: block and sweep MTZs)."""
-    out = params.output
-    names = [out.experiments, out.reflections, out.mtz, out.json, out.html, out.log]
-    if params.scaling.run:
-        names += [out.scaled_mtz, out.merged_mtz]
-        if out.shelx and out.shelx_name:
-            names += [f"{out.shelx_name}.hkl", f"{out.shelx_name}.ins"]
-    patterns = []
-    if out.mtz:
-        for numbered, switch in ((out.block_mtz, out.per_block_mtz), (out.sweep_mtz, out.per_sweep_mtz)):
-            if numbered and switch:
-                patterns.append(numbered_pattern(numbered))
-    return [n for n in names if n], patterns
 
 
 def _kept_after_failures(params) -> list[str]:

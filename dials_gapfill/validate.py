@@ -23,11 +23,11 @@ BRAVAIS_LATTICES = ("aP", "mP", "mC", "oP", "oC", "oF", "oI", "tP", "tI", "hP", 
 OUTPUT_FILES = {
     "experiments": (".expt", ".json"),
     "reflections": None,
-    "mtz": None,
-    "block_mtz": None,
-    "sweep_mtz": None,
-    "scaled_mtz": None,
-    "merged_mtz": None,
+    "mtz": (".mtz",),
+    "block_mtz": (".mtz",),
+    "sweep_mtz": (".mtz",),
+    "scaled_mtz": (".mtz",),
+    "merged_mtz": (".mtz",),
     "shelx_name": None,
     "log": None,
     "json": None,
@@ -246,9 +246,11 @@ def _check_output(params) -> None:
                     "and choose the folder with output.directory="
                 )
             if extensions and not name.lower().endswith(extensions):
+                why = ("DIALS writes the file by its extension" if key == "experiments" else
+                       "it is an MTZ file, and a name without it could take an image's place")
                 raise GapfillError(
-                    f"output.{key}={value!r} needs the extension {' or '.join(extensions)} (DIALS writes "
-                    f"the file by its extension): e.g. output.{key}=integrated{extensions[0]}"
+                    f"output.{key}={value!r} needs the extension {' or '.join(extensions)} ({why}): "
+                    f"e.g. output.{key}={os.path.splitext(value)[0]}{extensions[0]}"
                 )
             if name in names:
                 raise GapfillError(

@@ -402,8 +402,8 @@ def _case_mtz_name_a_block_mtz_also_gives(tiny, tmp_path):
 
 
 def _case_shelx_file_is_another_output(tiny, tmp_path):
-    return [tiny, "scale=True", "shelx=True", "output.mtz=scaled.hkl"], [
-        "output.shelx_name and output.mtz are both 'scaled.hkl'", "different names"]
+    return [tiny, "scale=True", "shelx=True", "output.log=scaled.hkl"], [
+        "output.log and output.shelx_name are both 'scaled.hkl'", "different names"]
 
 
 def _case_kb_scaling_of_one_block(tiny, tmp_path):

@@ -443,3 +443,34 @@ def test_images_whose_headers_give_a_negative_oscillation_width_are_said_to_be_s
     assert str(info.value) == (
         "none of the images (sim_####.cbf) can be read: its header gives a negative oscillation width, which dxtbx "
         "cannot read: rewrite the headers with a positive width and the rotation axis inverted")
+
+
+@pytest.mark.parametrize("phil", [("output.json=sim_0006.cbf",), ("output.log=sim_0001.cbf",),
+                                  ("output.per_block_mtz=True", "output.block_mtz=sim_{block:04d}.cbf")])
+def test_an_output_that_would_replace_an_input_image_is_refused(tiny, tmp_path, phil):
+    """The output folder is the images' folder and an output has an image's
+    name: refused before any image is read, every image as it was (the MTZ
+    outputs need the .mtz extension, so only other outputs can collide)."""
+    import hashlib
+    import shutil
+
+    from conftest import process
+
+    d = tmp_path / "images"
+    d.mkdir()
+    for n in range(1, 7):
+        shutil.copy(os.path.join(tiny, f"sim_{n:04d}.cbf"), d)
+    before = {f: hashlib.md5((d / f).read_bytes()).hexdigest() for f in os.listdir(d)}
+    result = process(str(d), str(d), *phil)
+    assert result.returncode == 1
+    err = result.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    if "block_mtz" in phil[-1]:
+        assert err.startswith("dials.process_gapped: error: output.block_mtz='sim_{block:04d}.cbf' needs the "
+                              "extension .mtz"), err
+    else:
+        name = phil[0].split("=")[1]
+        assert err.startswith(f"dials.process_gapped: error: the output {name} would replace the input file "
+                              f"{d}/{name}: give that output another name"), err
+    assert {f: hashlib.md5((d / f).read_bytes()).hexdigest() for f in before} == before
+    assert sorted(os.listdir(d)) == sorted(before)  # (refused before the log is started: nothing written)

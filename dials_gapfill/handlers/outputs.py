@@ -44,6 +44,7 @@ import re
 import threading
 
 from dials_gapfill.errors import GapfillError
+from dials_gapfill.validate import numbered_pattern
 
 logger = logging.getLogger("dials.process_gapped.output")
 
@@ -252,6 +253,22 @@ class Outputs:
                 raise GapfillError(
                     f"cannot write {os.path.basename(final)} in {self.directory}: a folder of that name is "
                     "there: move it away or choose another folder with output.directory= (nothing was written)"
+                )
+
+    def check_not_inputs(self, inputs, names, patterns=()) -> None:
+        """Refuse (one line, nothing written) where an output would take the
+        place of one of the run's input files (`inputs`: paths; `names`,
+        `patterns` as check_no_folders): output.mtz=x_0001.cbf with
+        output.directory the images' folder would replace an image by the MTZ."""
+        here = os.path.realpath(self.directory)
+        for path in inputs:
+            if os.path.realpath(os.path.dirname(os.path.abspath(path))) != here:
+                continue
+            name = os.path.basename(path)
+            if name in names or any(re.fullmatch(p, name) for p in patterns):
+                raise GapfillError(
+                    f"the output {name} would replace the input file {path}: give that output another name, "
+                    "or choose another folder with output.directory= (nothing was written)"
                 )
 
     def path(self, name: str) -> str:
@@ -478,3 +495,20 @@ def remove_stale_temporaries(directory: str, log: str | None = None) -> tuple[li
             continue
         removed.append(name)
     return removed, kept
+
+
+def output_names(params) -> tuple[list[str], list[str]]:
+    """(the names of the files this run may write, the regular expressions of
+    its numbered ones: block and sweep MTZs)."""
+    out = params.output
+    names = [out.experiments, out.reflections, out.mtz, out.json, out.html, out.log]
+    if params.scaling.run:
+        names += [out.scaled_mtz, out.merged_mtz]
+        if out.shelx and out.shelx_name:
+            names += [f"{out.shelx_name}.hkl", f"{out.shelx_name}.ins"]
+    patterns = []
+    if out.mtz:
+        for numbered, switch in ((out.block_mtz, out.per_block_mtz), (out.sweep_mtz, out.per_sweep_mtz)):
+            if numbered and switch:
+                patterns.append(numbered_pattern(numbered))
+    return [n for n in names if n], patterns

@@ -89,7 +89,7 @@ def _is_file(path: str) -> bool:
     return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
 
 
-def _listdir_images(directory: str) -> list[str]:
+def _listdir_images(directory: str, quiet: bool = False) -> list[str]:
     """The image files of a folder, as dials.import takes a folder: what is
     plainly not an image (other file types, backup and temporary copies,
     names without an image number, an Eiger master's data files, which dxtbx
@@ -107,18 +107,18 @@ def _listdir_images(directory: str) -> list[str]:
             kept.append(n)
         else:
             skipped.append(n)
-    if skipped and kept:
+    if skipped and kept and not quiet:
         logger.info("In %s, not taken as images: %s", directory, ", ".join(printable(n) for n in sorted(skipped)))
     return [os.path.join(directory, n) for n in (kept if kept else candidates)]
 
 
-def _without_backups(found: list[str], pattern: str) -> list[str]:
+def _without_backups(found: list[str], pattern: str, quiet: bool = False) -> list[str]:
     """The files a glob matched, backup and temporary copies left out (and
     said in the log) as in a folder: data_* takes data_0006.cbf.bak too,
     which would be integrated as a sweep of its own.  A glob that matches
     nothing else (*.bak) keeps them: they are what was asked for."""
     kept = [f for f in found if not f.lower().endswith(BACKUP_ENDINGS)]
-    if kept and len(kept) < len(found):
+    if kept and len(kept) < len(found) and not quiet:
         logger.info("Matching %s, not taken as images: %s", printable(pattern),
                     ", ".join(printable(os.path.basename(f)) for f in found if f not in kept))
     return kept or found
@@ -181,14 +181,15 @@ def _xia2_image(spec: str) -> dict[int, str]:
     return files
 
 
-def collect_files(params, positional=()) -> list[str]:
-    """All image files named by images=, template=, image= and positional args."""
+def collect_files(params, positional=(), quiet=False) -> list[str]:
+    """All image files named by images=, template=, image= and positional
+    args (`quiet`: without saying in the log what a folder or glob left out)."""
     files: list[str] = []
     entries = list(params.input.images or []) + list(positional or [])
     for entry in entries:
         entry = os.path.expanduser(str(entry))
         if os.path.isdir(entry):
-            found = _listdir_images(entry)
+            found = _listdir_images(entry, quiet)
             if not found:
                 raise GapfillError(
                     f"no image files in directory {entry!r}: give the folder that holds the images"
@@ -198,7 +199,7 @@ def collect_files(params, positional=()) -> list[str]:
             found = sorted(f for f in glob.glob(entry) if _is_file(f))
             if not found:
                 raise GapfillError(f"no files match {entry!r}: check the path and the pattern")
-            files.extend(_without_backups(found, entry))
+            files.extend(_without_backups(found, entry, quiet))
         elif _is_file(entry):
             files.append(entry)
         elif "#" in os.path.basename(entry):
@@ -697,6 +698,21 @@ def _exclusions_by_sweep(ranges, n_sweeps) -> list[list[tuple[int, int]]]:
             )
         out[sweep - 1].append((first, last))
     return out
+
+
+def input_files(params, images=(), experiments=None) -> list[str]:
+    """The files a run reads: its images (those of `experiments` where
+    given) and the reference geometry; what cannot be listed is left out
+    (the import names it, with the log)."""
+    if experiments is not None:
+        files = [p for e in experiments if e.imageset is not None for p in e.imageset.paths()]
+    else:
+        try:
+            files = collect_files(params, images, quiet=True)
+        except GapfillError:
+            files = []
+    reference = params.input.reference_geometry
+    return files + ([reference] if reference else [])
 
 
 def import_images(params, positional):
