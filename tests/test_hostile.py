@@ -474,3 +474,29 @@ def test_an_output_that_would_replace_an_input_image_is_refused(tiny, tmp_path, 
                               f"{d}/{name}: give that output another name"), err
     assert {f: hashlib.md5((d / f).read_bytes()).hexdigest() for f in before} == before
     assert sorted(os.listdir(d)) == sorted(before)  # (refused before the log is started: nothing written)
+
+
+def test_a_reader_that_leaves_early_does_not_stop_the_run(tiny, tmp_path):
+    """dials.process_gapped ... | head -3 (or a pager quit early): the pipe
+    closes under the run, which finishes and writes its files, without a
+    traceback (each logging call printed one, then the run stopped with
+    BrokenPipeError)."""
+    import subprocess
+
+    from conftest import tool
+
+    images = _linked_sweep(tiny, str(tmp_path / "images"))
+    for name in os.listdir(images):
+        if name.startswith("sim_") and int(name[4:8]) > 8:
+            os.remove(os.path.join(images, name))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([tool("dials.process_gapped"), images, "nproc=1", f"output.directory={out}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # (the reader leaves after one line)
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=600) == 0, stderr
+    assert first.startswith("DIALS") and "Traceback" not in stderr and "Logging error" not in stderr, stderr
+    summary = json.load(open(out / "dials.process_gapped.json"))
+    assert [(b["first"], b["last"]) for b in summary["blocks"]] == [(1, 8)]
+    assert os.path.getsize(out / "integrated.mtz") > 10000

@@ -35,6 +35,7 @@ scale= (scaling.run), anomalous= (scaling.anomalous).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -438,8 +439,61 @@ def _install_signal_handlers(job) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+class _ReaderMayLeave:
+    """A terminal stream whose reader may go away (``| head``, a pager quit
+    early): from then on what is written goes to os.devnull, and the run
+    finishes and writes its files (its log holds every message), where the
+    closed pipe's BrokenPipeError would have stopped it, each logging call
+    printing a traceback on the way."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _gone(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _terminal_reader_may_leave():
+    """sys.stdout and sys.stderr as _ReaderMayLeave while the command runs."""
+    saved = sys.stdout, sys.stderr
+    try:
+        sys.stdout, sys.stderr = (_ReaderMayLeave(s) if hasattr(s, "fileno") else s for s in saved)
+        yield
+    finally:
+        for s in (sys.stdout, sys.stderr):
+            try:
+                s.flush()
+            except (OSError, ValueError):
+                pass
+        sys.stdout, sys.stderr = saved
+
+
 def run(args=None, phil=None) -> int:
     """Command-line entry point: parse PHIL, run the job, print the summary."""
+    with _terminal_reader_may_leave():
+        return _run(args, phil)
+
+
+def _run(args=None, phil=None) -> int:
     args = sys.argv[1:] if args is None else list(args)
     verbose = sum(a.count("v") for a in args if a.startswith("-v"))
     job = None
