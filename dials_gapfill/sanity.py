@@ -254,25 +254,25 @@ def detector_stats(experiments, n_images=5) -> dict:
                 valid &= masks[k].as_numpy_array()
             medians, unmasked = _ring_medians(a, valid, (fast, slow))
             if medians is not None:
-                rings.append((medians, unmasked, (fast, slow)))
+                rings.append((medians, unmasked, (fast, slow), k))
     n = len(out["images"])
     if zero_valid and n:
         # (per image, as the other counts: the same dead pixels on every image)
         out["zeros"] = n * sum(dead_zeros(sums[k], valids[k], n, gains.get(k, 1.0)) for k in sums)
     if rings:
         medians = [
-            float(np.median([m[i] for m, _, _ in rings if m[i] is not None]))
-            if any(m[i] is not None for m, _, _ in rings) else None
+            float(np.median([m[i] for m, _, _, _ in rings if m[i] is not None]))
+            if any(m[i] is not None for m, _, _, _ in rings) else None
             for i in range(len(rings[0][0]))
         ]
-        unmasked = [float(np.mean([u[i] for _, u, _ in rings])) for i in range(len(rings[0][1]))]
+        unmasked = [float(np.mean([u[i] for _, u, _, _ in rings])) for i in range(len(rings[0][1]))]
         shadow = _shadow_radius(medians)
         if shadow:
             radius, inside, outside = shadow
             n = radius // 5
             if np.mean(unmasked[:n]) > 0.5:
                 out["shadow"] = {
-                    "radius": radius, "centre": rings[0][2],
+                    "radius": radius, "centre": rings[0][2], "panel": rings[0][3], "panels": len(panels),
                     "inside": min(m for m in medians[:n] if m is not None) / outside,
                     "inside_max": inside / outside,
                     "unmasked": float(np.mean(unmasked[:n])),
@@ -324,12 +324,21 @@ def spot_warnings(experiments, reflections=None, params=None) -> list[str]:
     shadow = stats.get("shadow")
     if shadow:
         fx, sy = shadow["centre"]
+        circle = f"{fx:.0f},{sy:.0f},{shadow['radius'] + 5}"
+        on, how = "", f"e.g. dials.generate_mask untrusted.circle={circle}"
+        if shadow.get("panels", 1) > 1:
+            # the centre is in the pixels of the panel it is on, and
+            # dials.generate_mask puts a circle on panel 0 unless told; on its
+            # command line untrusted.panel= and untrusted.circle= would be two
+            # regions (the whole panel, and the circle on panel 0)
+            on = f" on panel {shadow['panel']}"
+            how = (f"e.g. dials.generate_mask with a parameter file holding untrusted {{ panel = {shadow['panel']}; "
+                   f"circle = {circle} }}")
         warnings.append(
             f"unmasked beamstop shadow? Within {shadow['radius']} px of the beam centre "
-            f"({fx:.0f}, {sy:.0f}) the pixels read {shadow['inside']:.2f}-{shadow['inside_max']:.2f} "
+            f"({fx:.0f}, {sy:.0f}{on}) the pixels read {shadow['inside']:.2f}-{shadow['inside_max']:.2f} "
             f"of the background around it, and {100 * shadow['unmasked']:.0f} % of them count as "
-            f"valid ({which}): mask it, e.g. dials.generate_mask untrusted.circle="
-            f"{fx:.0f},{sy:.0f},{shadow['radius'] + 5}, so that spots and background there are not used"
+            f"valid ({which}): mask it, {how}, so that spots and background there are not used"
         )
     return warnings
 

@@ -186,3 +186,48 @@ def test_rows_no_refinement_predicted_do_not_count_as_at_a_boundary():
     alone = sanity.spot_position_statistic(table(rows))
     assert alone["edge"] == 0 and alone["centre"] == 400
     assert sanity.spot_position_statistic(table(rows + [(0.0, 0.0, 0.0)] * 40)) == alone
+
+
+def test_a_beamstop_shadow_on_another_panel_is_masked_where_the_warning_says(tmp_path):
+    """A 512 x 512 Timepix is four panels, and its beam is not on the first:
+    the warning names the panel, and the dials.generate_mask region it gives
+    masks the shadow there (given without the panel, the circle masked the
+    same pixels of panel 0)."""
+    import numpy as np
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_gapfill.simulation.electron import EDSimulationConfig, ed_simulation
+
+    sim = ed_simulation(EDSimulationConfig(n_images=6, seed=3))
+    shadow = None
+    files = []
+    for n in range(1, 7):
+        data = sim.render(n).astype(float)
+        if shadow is None:
+            detector = sim.detector
+            k = next(i for i, p in enumerate(detector) if
+                     all(0 <= c < s for c, s in zip(p.get_beam_centre_px(sim.beam.get_s0()), p.get_image_size())))
+            fast, slow = detector[k].get_beam_centre_px(sim.beam.get_s0())
+            ox, oy = detector[k].get_raw_image_offset()
+            yy, xx = np.mgrid[0:data.shape[0], 0:data.shape[1]]
+            shadow = (xx + 0.5 - (fast + ox)) ** 2 + (yy + 0.5 - (slow + oy)) ** 2 < 14**2
+        data[shadow] *= 0.03
+        files.append(str(tmp_path / sim.config.filename(n)))
+        with open(files[-1], "wb") as fh:
+            fh.write(sim.fmt.encode(sim.config, n, data, os.path.basename(files[-1])))
+    assert k != 0
+    experiments = ExperimentListFactory.from_filenames(files)
+    warnings = [w for w in sanity.spot_warnings(experiments, None, None) if "beamstop" in w]
+    assert len(warnings) == 1 and f"on panel {k})" in warnings[0], warnings
+    scope = warnings[0].split("a parameter file holding ")[1].split(", so that")[0]
+    assert scope.startswith(f"untrusted {{ panel = {k}; circle = "), warnings[0]
+    experiments.as_file(str(tmp_path / "imported.expt"))
+    (tmp_path / "shadow.phil").write_text(scope + "\n")
+    result = run_forked([tool("dials.generate_mask"), "imported.expt", "shadow.phil"], cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    import pickle
+
+    with open(tmp_path / "pixels.mask", "rb") as fh:
+        masks = pickle.load(fh)
+    masked = [int((~m.as_numpy_array()).sum()) for m in masks]
+    assert masked[k] > 400 and sum(masked) == masked[k], masked  # (a circle of radius 19 or so, on panel k only)
