@@ -65,6 +65,7 @@ def validate(params, images=()) -> None:
     _check_scaling(params)
     _check_output(params)
     _check_input(params)
+    _check_geometry(params)
     _check_gaps(params)
     _check_indexing(params)
     _check_refinement(params)
@@ -295,6 +296,37 @@ def _check_input(params) -> None:
             f"input.reference_geometry={reference}: no such file: give the models.expt (or .json) "
             "whose geometry the images take"
         )
+
+
+def _check_geometry(params) -> None:
+    """Overrides dxtbx would stop on with an internal assertion (a negative
+    oscillation width, a rotation axis of length 0, a distance or wavelength
+    that is not positive): named, with what works."""
+    geometry = _get(params, "geometry")
+    if geometry is None:
+        return
+    oscillation = _get(geometry, "scan.oscillation")
+    if oscillation is not None and len(oscillation) == 2 and oscillation[1] < 0:
+        start, width = oscillation
+        raise GapfillError(
+            f"geometry.scan.oscillation={start:g},{width:g}: the width is negative: give it as positive "
+            f"(geometry.scan.oscillation={start:g},{-width:g}) and turn the rotation the other way with "
+            "geometry.goniometer.invert_rotation_axis=True"
+        )
+    for name in ("goniometer.axis", "goniometer.axes"):
+        axes = _get(geometry, name)
+        if axes is not None and len(axes) % 3 == 0:
+            for k in range(0, len(axes), 3):
+                if not any(axes[k:k + 3]):
+                    raise GapfillError(
+                        f"geometry.{name}={','.join(f'{v:g}' for v in axes)}: an axis of length 0 is not a "
+                        "direction: give the rotation axis, e.g. geometry.goniometer.axis=1,0,0"
+                    )
+    for name, unit in (("detector.distance", "mm"), ("beam.wavelength", "Å")):
+        value = _get(geometry, name)
+        if value is not None and value <= 0:
+            raise GapfillError(f"geometry.{name}={value:g} is not positive: give it in {unit}, or leave it to "
+                               "the headers")
 
 
 def _check_gaps(params) -> None:

@@ -431,3 +431,27 @@ def test_a_path_that_phil_would_read_otherwise_is_refused_with_the_quoting_that_
     assert params.output.directory == "out [2] &;#  x" and images == ["/data/x_*.cbf"]
     params, _, _, _ = parse(["exclude_images=1:3,  5", "/data/x_*.cbf"], master_phil())
     assert params.gaps.exclude_images == [["1:3,", "5"]]
+
+
+@pytest.mark.parametrize("arg,said", [
+    ("geometry.scan.oscillation=0,-0.4", "geometry.scan.oscillation=0,-0.4: the width is negative: give it as positive "
+                                         "(geometry.scan.oscillation=0,0.4) and turn the rotation the other way with "
+                                         "geometry.goniometer.invert_rotation_axis=True"),
+    ("geometry.goniometer.axis=0,0,0", "geometry.goniometer.axis=0,0,0: an axis of length 0 is not a direction"),
+    ("geometry.detector.distance=-530", "geometry.detector.distance=-530 is not positive: give it in mm"),
+    ("geometry.beam.wavelength=0", "geometry.beam.wavelength=0 is not positive: give it in Å"),
+])
+def test_a_geometry_override_dxtbx_would_assert_on_is_named(arg, said):
+    """dxtbx stops on these with an internal assertion (DXTBX_ASSERT
+    oscillation[1] >= 0.0, AssertionError), or, for a wavelength of 0, the
+    lattice search with a division by zero: refused by validation with what
+    works."""
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import master_phil
+    from dials_gapfill.validate import validate
+
+    params, _, images, _ = parse([arg, "/data/x_*.cbf"], master_phil())
+    with pytest.raises(GapfillError) as info:
+        validate(params, images)
+    assert str(info.value).startswith(said), str(info.value)

@@ -330,3 +330,22 @@ def test_against_the_truth_as_without_tracking_frames(ed_runs, ed_long, run):
     assert o["median"] <= 1.25 * o_ref["median"] and o["worst"] <= 1.25 * o_ref["worst"], (o, o_ref)
     assert cell["rel_error_max"] < 0.005 and cell["angle_error_max"] < 0.1, cell
     assert cc >= 0.99 and n > 1000, (cc, n)
+
+
+def test_the_camera_length_of_a_detector_of_several_panels(ed):
+    """geometry.detector.distance= is how a camera length is corrected, and
+    dxtbx sets it on a detector of one panel only (an AssertionError on the
+    four panels of the 512 x 512 Timepix): named, with the override that
+    moves the panels together, which then gives every panel that distance."""
+    from dials_gapfill.errors import GapfillError
+
+    images = sorted(glob.glob(os.path.join(ed.complete, "*.img")))[:6]
+    with pytest.raises(GapfillError) as info:
+        _stages(images, "geometry.detector.distance=530", stop="spot finding")
+    message = str(info.value)
+    assert message.startswith("geometry.detector.distance needs a detector of one panel; this one has 4: move them "
+                              "together with geometry.detector.hierarchy.origin=x,y,z (now "), message
+    x, y, z = (float(v) for v in message.split("(now ")[1].split(";")[0].split(","))
+    state = _stages(images, f"geometry.detector.hierarchy.origin={x},{y},{-530}", stop="spot finding")
+    assert [p.get_distance() for p in state.experiments[0].detector] == pytest.approx([530.0] * 4)
+    assert z == pytest.approx(-state.sweeps[0].header_models[1][0].get_distance(), abs=1e-3)

@@ -1080,6 +1080,14 @@ def _apply_geometry(imagesets, params, which=""):
         if "detector definitions" in msg:  # DIALS' reference geometry holds one detector
             fix = ("give a reference_geometry file with one detector (the experiments of one sweep, e.g. from "
                    "dials.split_experiments), or process the sweeps of each detector position apart")
+        if "set_detector_distance" in msg and imagesets and len(imagesets[0].get_detector()) > 1:
+            # dxtbx sets a distance on a detector of one panel only
+            detector = imagesets[0].get_detector()
+            origin = ",".join(f"{v:.3f}" for v in detector.hierarchy().get_origin())
+            raise GapfillError(
+                f"geometry.detector.distance needs a detector of one panel; this one has {len(detector)}: move "
+                f"them together with geometry.detector.hierarchy.origin=x,y,z (now {origin}; for a detector "
+                "facing the beam the distance is -z)") from None
         raise GapfillError(f"applying the geometry failed: {msg}: {fix}") from None
     for exp in experiments:
         if not isinstance(exp.imageset, ImageSequence) or exp.scan is None or exp.scan.is_still():
