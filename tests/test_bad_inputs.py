@@ -172,13 +172,6 @@ def _case_sweep_without_spots(tiny, tmp_path):
                  "leave its files out"]
 
 
-def _case_duplicate_image_numbers(tiny, tmp_path):
-    other = tmp_path / "other"
-    other.mkdir()
-    shutil.copy(os.path.join(tiny, "sim_0003.cbf"), other / "sim_0003.cbf")
-    return [f"{tiny}/sim_*.cbf", str(other / "sim_0003.cbf")], ["image number 3 given twice"]
-
-
 def _case_exclude_outside(tiny, tmp_path):
     return [tiny, "exclude_images=50:60"], ["outside the images", "1-40"]
 

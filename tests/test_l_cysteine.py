@@ -112,6 +112,30 @@ def test_a_sweep_split_over_two_folders_reads_each_image_from_its_folder(l_cyste
     assert sum(b.stats["spots"] for b in state.report.blocks) >= 50
 
 
+def test_sweeps_in_folders_of_their_own_with_the_same_file_names(l_cysteine, tmp_path):
+    """/data/s1/x_00001.cbf.bz2 ... /data/s4/x_00015.cbf.bz2, the layout many
+    beamlines write: an image number in two folders makes each folder a sweep
+    (as dials.import does; it was refused as the same image given twice).
+    The same sweeps, settings and spots as from the files' own names."""
+    from dials_gapfill import pipeline
+    from dials_gapfill.phil import params_from
+
+    folders = []
+    for sweep in (1, 2, 3, 4):
+        folder = tmp_path / f"s{sweep}"
+        folder.mkdir()
+        for n, path in enumerate(_files(l_cysteine, sweep), start=1):
+            os.symlink(path, folder / f"x_{n:05d}.cbf.bz2")
+        folders.append(str(folder))
+    renamed = pipeline.Pipeline(params_from(["nproc=1"]), folders[::-1]).run(stop_before="bad images")
+    named = pipeline.Pipeline(params_from(["nproc=1"]), _files(l_cysteine)).run(stop_before="bad images")
+    assert [s.template for s in renamed.sweeps] == [os.path.join(f, "x_#####.cbf.bz2") for f in folders]
+    assert [s.image_range for s in renamed.sweeps] == [(1, 15)] * 4 and renamed.report.excluded == []
+    for a, b in zip(renamed.sweeps, named.sweeps):
+        assert a.setting_text() == b.setting_text()
+    assert [b.stats["spots"] for b in renamed.report.blocks] == [b.stats["spots"] for b in named.report.blocks]
+
+
 def test_a_reference_geometry_keeps_what_tells_the_sweeps_apart(l_cysteine, tmp_path):
     """A reference_geometry holds one goniometer and one detector, and
     dials.import gives them to every image set: the sweeps' settings (phi 0,

@@ -270,8 +270,10 @@ def _sweep_order(templates) -> list[str]:
 def group_sweeps(files: list[str], record) -> list[tuple[str, dict[int, str] | None]]:
     """The sweeps of the files given: [(template, {image number: path})], one
     per file-name template (a sweep split over several folders with the same
-    file names is one sweep), sorted by template; a NeXus/HDF5 file is a sweep
-    of its own: (path, None), after them (_sweep_order)."""
+    file names is one sweep, unless an image number is in two of them: then
+    each folder's images are a sweep), sorted by template; a NeXus/HDF5 file
+    is a sweep of its own: (path, None), after them (_sweep_order)."""
+    files_of: dict[str, list[tuple[int, str]]] = {}  # file-name template -> (image number, path)
     sweeps: dict[str, dict[int, str]] = {}
     containers = []
     seen: dict[tuple[str, str], str] = {}
@@ -309,21 +311,30 @@ def group_sweeps(files: list[str], record) -> list[tuple[str, dict[int, str] | N
             raise GapfillError(
                 f"not an image of a numbered sweep: {f}: remove it from the list of images"
             )
-        by_number = sweeps.setdefault(template, {})
-        if number in by_number:
-            raise GapfillError(
-                f"image number {number} given twice ({by_number[number]} and {path}): "
-                "give each image once"
-            )
-        by_number[number] = path
+        files_of.setdefault(template, []).append((number, path))
     _warn_repeated(repeated, record)
+    for name, items in files_of.items():
+        numbers = [n for n, _ in items]
+        if len(set(numbers)) == len(numbers):
+            sweeps[name] = dict(items)
+            continue
+        # an image number in two folders: each folder holds a sweep of its
+        # own (/data/sweep1/x_0001.cbf, /data/sweep2/x_0001.cbf), as
+        # dials.import takes them
+        by_folder: dict[str, dict[int, str]] = {}
+        for number, path in items:
+            by_folder.setdefault(os.path.dirname(path), {})[number] = path
+        logger.info("Image numbers of %s repeat in %d folders: each folder's images are a sweep of their own",
+                    name, len(by_folder))
+        for folder, by_number in by_folder.items():
+            sweeps[os.path.join(folder, name)] = by_number
     numbered = []
     for name in _sweep_order(sweeps):
         by_number = sweeps[name]
         folders = sorted({os.path.dirname(p) for p in by_number.values()})
         # the template of the folder holding the first image
         first_folder = os.path.dirname(by_number[min(by_number)])
-        numbered.append((os.path.join(first_folder, name), by_number))
+        numbered.append((os.path.join(first_folder, os.path.basename(name)), by_number))
         if len(folders) > 1:
             logger.info("Images of %s are in %d folders: %s", name, len(folders), ", ".join(folders))
     return numbered + [(c, None) for c in _sweep_order(containers)]
