@@ -192,8 +192,7 @@ class Job:
             if self.progress is not None:
                 self.progress.close()
         if self.outputs is not None:
-            earlier = _kept_after_failures(self.params) + _listed_by_the_earlier_run(self.params,
-                                                                                             self.outputs.directory)
+            earlier = _kept_after_failures(self.params) + _listed_by_the_earlier_run(self.outputs.directory)
             # (the log of a killed run, kept by this run: said so, it stays)
             self.outputs.retire([n for n in earlier if n != self.outputs.killed_log])
             if self.log is not None and self.params.output.log:
@@ -402,20 +401,34 @@ def _earlier_failed(params, directory) -> list[str]:
     return names
 
 
-def _listed_by_the_earlier_run(params, directory) -> list[str]:
-    """The files an earlier successful run listed in its JSON summary (this
-    run's JSON name, or the default where this run writes none): those this
-    run does not write go at commit, whatever names or switches made them (a
-    report a preview run leaves out, another output.block_mtz pattern).
-    Only plain names, in this folder."""
-    name = params.output.json or master_phil().extract().output.json
+def _listed_by_the_earlier_run(directory) -> list[str]:
+    """The files earlier successful runs listed in their JSON summaries, and
+    those summaries: every JSON file of the folder that is a summary of this
+    program (an earlier run may have named its own: output.json=run1.json).
+    Those this run does not write go at commit, whatever names or switches
+    made them (a report a preview run leaves out, another output.block_mtz
+    pattern).  Only plain names, in this folder."""
     try:
-        with open(os.path.join(directory, name)) as fh:
-            listed = json.load(fh).get("files", [])
-    except (OSError, ValueError, AttributeError):
+        entries = sorted(os.listdir(directory))
+    except OSError:
         return []
-    names = [f.get("name") for f in listed if isinstance(f, dict)] if isinstance(listed, list) else []
-    return [n for n in names if isinstance(n, str) and n and os.path.basename(n) == n and n not in (".", "..")]
+    names = []
+    for entry in entries:
+        path = os.path.join(directory, entry)
+        if not entry.endswith(".json") or entry.startswith(".") or os.path.islink(path) or not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as fh:
+                summary = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(summary, dict) or summary.get("program") != "dials.process_gapped":
+            continue
+        listed = summary.get("files", [])
+        listed = [f.get("name") for f in listed if isinstance(f, dict)] if isinstance(listed, list) else []
+        names += [n for n in listed if isinstance(n, str) and n and os.path.basename(n) == n and n not in (".", "..")]
+        names.append(entry)
+    return names
 
 
 def _machine_warnings(params) -> list[str]:

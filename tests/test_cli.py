@@ -387,23 +387,30 @@ def test_a_short_cell_is_refused_from_a_file_and_from_the_api(tmp_path, how):
 @pytest.mark.slow
 def test_a_run_without_json_or_report_leaves_one_runs_results(tiny, tmp_path):
     """output.json=None output.html=None (the preview example file) into a
-    folder of an earlier run: the files that run's JSON listed and this run
-    does not write go (its JSON and report, block MTZs of another name), a
-    file it did not list stays (merged.mtz as dials.merge writes it)."""
+    folder of earlier runs: the files their JSON summaries listed and this
+    run does not write go (their JSON and report, block MTZs of another name,
+    the files of a run that named its summary run1.json), a file none listed
+    stays (merged.mtz as dials.merge writes it, a JSON that is not a
+    summary)."""
     import json
 
     out = tmp_path / "out"
     out.mkdir()
     listed = ["dials.process_gapped.json", "dials.process_gapped.html", "b_1.mtz", "b_2.mtz", "scaled.mtz"]
-    for name in listed + ["merged.mtz"]:
+    # an earlier run that named its summary itself lists other files
+    named = ["run1.log", "scaled.hkl", "scaled.ins"]
+    for name in listed + named + ["merged.mtz"]:
         (out / name).write_text("an earlier run's\n")
-    (out / "dials.process_gapped.json").write_text(json.dumps({"files": [{"name": n} for n in listed]}))
+    for summary, files in (("dials.process_gapped.json", listed), ("run1.json", named)):
+        (out / summary).write_text(json.dumps({"program": "dials.process_gapped",
+                                               "files": [{"name": n} for n in files]}))
+    (out / "notes.json").write_text(json.dumps({"files": [{"name": "merged.mtz"}]}))  # (not a summary: stays)
     result = process(tiny, str(out), os.path.join(PHIL, "fast_preview.phil"), "output.json=None",
                      "output.html=None")
     assert result.returncode == 0, result.stderr + result.stdout[-2000:]
     files = sorted(os.listdir(out))
     assert files == ["dials.process_gapped.log", "integrated.expt", "integrated.mtz", "integrated.refl",
-                     "merged.mtz"], files
+                     "merged.mtz", "notes.json"], files
     assert (out / "merged.mtz").read_text() == "an earlier run's\n"
 
 
