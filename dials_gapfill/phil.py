@@ -50,6 +50,7 @@ from dials.util.options import (
 from libtbx import Auto
 
 from dials_gapfill.errors import GapfillError
+from dials_gapfill.util import is_assignment
 
 
 def _merged(name, scopes, help_text=None):
@@ -692,6 +693,55 @@ def params_from(params=None):
     return auto_as_word(params)
 
 
+def assignments(args, master):
+    """(arg, PHIL source) of the key=value arguments that are not files and
+    that PHIL can read (what it cannot read at all is named elsewhere)."""
+    interpreter = master.command_line_argument_interpreter()
+    for arg in args:
+        if not is_assignment(arg) or os.path.exists(arg):
+            continue
+        try:
+            yield arg, interpreter.process_arg(arg=arg)
+        except Exception:
+            continue
+
+
+def conversion_text(e) -> str:
+    """cctbx's message for a value it cannot convert, on one line, without
+    its prefix and PHIL's location (the caller names the argument or line)."""
+    text = " ".join(str(e).split())
+    return re.sub(r"^cctbx Error: ", "", re.sub(r" \(command line argument, line \d+\)$", "", text))
+
+
+def value_error(args, master):
+    """The first key=value argument whose value PHIL cannot convert (a
+    number, a cell, a space group), as a GapfillError naming it; else None."""
+    for arg, source in assignments(args, master):
+        try:
+            master.fetch(sources=[source]).extract()
+        except Exception as e:
+            return GapfillError(f"cannot use {arg!r}: {conversion_text(e)}: check the value")
+    return None
+
+
+def definition_error(parsed, fetched, where):
+    """The parameter of parsed PHIL (a parameter file, the API's text: `where`
+    says which) whose value cannot be converted (a space group cctbx does
+    not know): a GapfillError naming it and its line, or None."""
+    given = {d.path: d.object for d in parsed.all_definitions()}  # (the last of a name wins, as in PHIL)
+    for loc in fetched.all_definitions():
+        if loc.path not in given:
+            continue
+        try:
+            loc.object.extract()
+        except Exception as e:
+            words = " ".join(str(w.value) for w in given[loc.path].words)
+            line = re.search(r"line (\d+)", given[loc.path].where_str or "")
+            at = f" line {line.group(1)}" if line else ""
+            return GapfillError(f"{where}{at}: cannot use {loc.path} = {words}: {conversion_text(e)}: check the value")
+    return None
+
+
 def _from_text(text):
     """PHIL text (e.g. a .phil file's content), or on one line command-line
     words (short forms and all: "nproc=4 exclude_images=41:45"; a # is then
@@ -721,7 +771,8 @@ def _from_text(text):
     try:
         return auto_as_word(fetched.extract())
     except Exception as e:
-        raise GapfillError(f"bad parameter value: {' '.join(str(e).split())}") from None
+        raise definition_error(parsed, fetched, "in the PHIL text") or GapfillError(
+            f"bad parameter value: {' '.join(str(e).split())}") from None
 
 
 def _words(line):
@@ -834,7 +885,8 @@ def _from_args(args):
     try:
         return auto_as_word(master_phil().fetch(sources=sources).extract())
     except Exception as e:
-        raise GapfillError(f"bad parameter value: {' '.join(str(e).split())}") from None
+        raise value_error(rewrite_aliases(args), master_phil()) or GapfillError(
+            f"bad parameter value: {' '.join(str(e).split())}") from None
 
 
 def working_params(text: str = ""):

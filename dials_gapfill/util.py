@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import sys
 import tempfile
 
@@ -100,3 +101,9 @@ def esd_decimals(esd, least: int = 4) -> int:
     if not has_esd(esd):
         return least
     return max(least, min(8, math.ceil(-math.log10(2 * esd))))
+
+
+def is_assignment(arg: str) -> bool:
+    """key=value with a PHIL name as key (output.directory=x.phil is one)."""
+    name, sep, _ = arg.partition("=")
+    return bool(sep) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name.strip()) is not None

@@ -252,6 +252,29 @@ def test_a_value_that_cannot_be_read_names_its_parameter(arg, said):
         assert text in message, (text, message)
 
 
+@pytest.mark.parametrize("arg", ["space_group=P999", "nproc=two", "scale=maybe"])
+def test_the_api_names_a_value_that_cannot_be_read_as_the_command_line_does(arg):
+    """params_from (a list, a dict, one line of text) gives the command
+    line's one-line message naming the argument; PHIL text over several
+    lines names its line (it said "bad parameter value: cctbx Error: ...")."""
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import master_phil, params_from
+
+    with pytest.raises(GapfillError) as info:
+        parse([arg, "/data/x_*.cbf"], master_phil())
+    key, value = arg.split("=")
+    for given in ([arg], {key: value}, arg):
+        with pytest.raises(GapfillError) as api:
+            params_from(given)
+        assert str(api.value) == str(info.value), given
+    full = str(info.value).split("'")[1]  # (the full name: short forms are for the command line)
+    with pytest.raises(GapfillError) as text:
+        params_from(f"mtz.d_min = 2\n{full}\n")
+    assert str(text.value).startswith("in the PHIL text line 2: cannot use "), str(text.value)
+    assert str(text.value).endswith(": check the value") and "cctbx Error" not in str(text.value)
+
+
 def test_a_short_form_in_a_parameter_file_names_the_full_name(tmp_path):
     from dials_gapfill.command_line.process_gapped import parse
     from dials_gapfill.errors import GapfillError

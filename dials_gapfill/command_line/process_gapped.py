@@ -44,6 +44,7 @@ import sys
 import warnings
 
 from dials_gapfill.errors import GapfillError, Interrupted, require_dials
+from dials_gapfill.util import is_assignment
 
 logger = logging.getLogger("dials.process_gapped")
 
@@ -69,43 +70,12 @@ def _phil_error(arg, master):
     return None
 
 
-def _assignments(args, master):
-    """(arg, PHIL source) of the key=value arguments that are not files and
-    that PHIL can read (what it cannot read at all is named elsewhere)."""
-    interpreter = master.command_line_argument_interpreter()
-    for arg in args:
-        if not _is_assignment(arg) or os.path.exists(arg):
-            continue
-        try:
-            yield arg, interpreter.process_arg(arg=arg)
-        except Exception:
-            continue
-
-
-def _conversion_text(e) -> str:
-    """cctbx's message for a value it cannot convert, on one line, without
-    its prefix and PHIL's location (the caller names the argument or line)."""
-    text = " ".join(str(e).split())
-    return re.sub(r"^cctbx Error: ", "", re.sub(r" \(command line argument, line \d+\)$", "", text))
-
-
-def _value_error(args, master):
-    """The first key=value argument whose value PHIL cannot convert (a
-    number, a cell, a space group), as a GapfillError naming it; else None."""
-    for arg, source in _assignments(args, master):
-        try:
-            master.fetch(sources=[source]).extract()
-        except Exception as e:
-            return GapfillError(f"cannot use {arg!r}: {_conversion_text(e)}: check the value")
-    return None
-
-
 def _text_changed_error(args, master):
     """The first key=value argument whose text PHIL reads otherwise
     (phil.text_changed_error); else None."""
-    from dials_gapfill.phil import text_changed_error
+    from dials_gapfill.phil import assignments, text_changed_error
 
-    for arg, source in _assignments(args, master):
+    for arg, source in assignments(args, master):
         err = text_changed_error(arg, source, master)
         if err is not None:
             return err
@@ -120,7 +90,7 @@ def _cell_error(args):
 
     for arg in args:
         name, sep, value = arg.partition("=")
-        if sep and _is_assignment(arg) and name.strip().split(".")[-1] == "unit_cell" and value.strip().lower() not in ("", "none"):
+        if sep and is_assignment(arg) and name.strip().split(".")[-1] == "unit_cell" and value.strip().lower() not in ("", "none"):
             if not six_numbers(value):
                 return GapfillError(
                     f"{arg!r}: give the six cell parameters a,b,c,alpha,beta,gamma "
@@ -132,18 +102,12 @@ def _cell_error(args):
 PHIL_EXTENSIONS = (".phil", ".param", ".params", ".eff", ".def")
 
 
-def _is_assignment(arg):
-    """key=value with a PHIL name as key (output.directory=x.phil is one)."""
-    name, sep, _ = arg.partition("=")
-    return bool(sep) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name.strip()) is not None
-
-
 def _is_phil_file(arg):
     """A parameter file: a name with a PHIL extension that is not key=value
     (unless a file of exactly that name exists)."""
     if arg.startswith("-") or not arg.endswith(PHIL_EXTENSIONS):
         return False
-    return os.path.isfile(arg) or not _is_assignment(arg)
+    return os.path.isfile(arg) or not is_assignment(arg)
 
 
 # the UTF-8 byte-order mark some editors (Windows Notepad) write first: PHIL
@@ -207,27 +171,6 @@ def _without_bom(args, folder):
     return out, copies
 
 
-def _definition_error(parsed, fetched, path):
-    """The parameter of a parameter file whose value cannot be converted (a
-    space group cctbx does not know): a GapfillError naming it and its line,
-    or None."""
-    given = {d.path: d.object for d in parsed.all_definitions()}  # (the last of a name wins, as in PHIL)
-    for loc in fetched.all_definitions():
-        if loc.path not in given:
-            continue
-        try:
-            loc.object.extract()
-        except Exception as e:
-            text = _conversion_text(e)
-            words = " ".join(str(w.value) for w in given[loc.path].words)
-            line = re.search(r"line (\d+)", given[loc.path].where_str or "")
-            where = f" line {line.group(1)}" if line else ""
-            return GapfillError(
-                f"in the parameter file {path}{where}: cannot use {loc.path} = {words}: {text}: check the value"
-            )
-    return None
-
-
 def _phil_file_error(path, master):
     """Why DIALS did not take the parameter file `path`: the file and line."""
     if os.path.isdir(path):
@@ -262,7 +205,9 @@ def _phil_file_error(path, master):
         where = f" line {m.group(1)}" if m else ""
         err = _unknown_parameter_error(first.path, master)
         return GapfillError(f"in the parameter file {path}{where}: {err}")
-    return _definition_error(parsed, fetched, path) or GapfillError(
+    from dials_gapfill.phil import definition_error
+
+    return definition_error(parsed, fetched, f"in the parameter file {path}") or GapfillError(
         f"cannot read the parameter file {path!r}: check its syntax")
 
 
@@ -279,7 +224,7 @@ def parse(args, phil):
 def _parse(args, phil, folder):
     from dials.util.options import ArgumentParser
 
-    from dials_gapfill.phil import auto_as_word, check_cell_words, rewrite_aliases
+    from dials_gapfill.phil import auto_as_word, check_cell_words, rewrite_aliases, value_error
 
     for arg in args:
         if _is_phil_file(arg) and not arg.startswith("-"):
@@ -324,7 +269,7 @@ def _parse(args, phil, folder):
         if "not recognised" in text or "Unknown" in text:
             bad = text.split("recognised", 1)[-1].strip() if "recognised" in text else text
             raise _unknown_parameter_error(bad, phil) from None
-        err = _value_error(rewrite_aliases(args), phil)
+        err = value_error(rewrite_aliases(args), phil)
         if err is not None:
             raise err from None
         raise GapfillError(f"cannot read the parameters: {text}") from None
