@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -267,6 +268,11 @@ def test_four_sweeps_as_one_crystal_against_the_dials_chain(ours, dials_chain):
     assert summary["totals"]["integrated"] >= len(chain_reflections), (summary["totals"]["integrated"],
                                                                       len(chain_reflections))
     assert summary["excluded_images"] == []
+    # the log tells blocks of different sweeps with the same images apart
+    # (sweep 2's first image has no spot in its scan-varying refinement)
+    with open(os.path.join(ours["complete"], "dials.process_gapped.log")) as fh:
+        said = [line for line in fh if "had no spot in the scan-varying refinement" in line]
+    assert said and all(re.match(r"Block of images \d+-\d+ \(l-cyst_0\d_#####\.cbf\.bz2\): ", s) for s in said), said
 
 
 @pytest.mark.slow

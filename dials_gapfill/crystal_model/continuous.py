@@ -58,6 +58,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -272,14 +273,24 @@ def static_orientation_at_centre(crystal) -> None:
         crystal.set_B_covariance_at_scan_points(cov)
 
 
-def crystal_on_images(crystal, refined_range, images):
+def block_label(experiment) -> str:
+    """' (x_#####.cbf)': the template of a block's images, which tells apart
+    blocks of different sweeps with the same image numbers, for the log."""
+    try:
+        return f" ({os.path.basename(experiment.imageset.get_template())})"
+    except (AttributeError, RuntimeError):
+        return ""
+
+
+def crystal_on_images(crystal, refined_range, images, label=""):
     """The scan-varying `crystal`, refined over the images `refined_range`
     (first, last), on the images `images` (first, last): scan points of
     those images (n_images + 1), as ``dials.util.slice``, and the static U of
     their middle (:func:`static_orientation_at_centre`).  DIALS' refiner
     trims a scan to the images with observations
     (``trim_scan_to_observations``): images beyond the refined ones keep the
-    orientation of its nearest end.  A static crystal is returned as it is."""
+    orientation of its nearest end.  A static crystal is returned as it is.
+    `label`: after the block's images in the log (block_label)."""
     if crystal.num_scan_points == 0:
         return crystal
     (f0, l0), (f, l) = refined_range, images
@@ -288,9 +299,9 @@ def crystal_on_images(crystal, refined_range, images):
         for shown, end in ((before, f0), (after, l0)):
             if len(shown):
                 logger.info(
-                    "Block of images %d-%d: image(s) %s had no spot in the scan-varying refinement "
+                    "Block of images %d-%d%s: image(s) %s had no spot in the scan-varying refinement "
                     "(its scan: images %d-%d) and keep the orientation at the scan's nearest end "
-                    "(image %d)", f, l, range_text(shown), f0, l0, end)
+                    "(image %d)", f, l, label, range_text(shown), f0, l0, end)
         n = crystal.num_scan_points
         A = [crystal.get_A_at_scan_point(min(max(k - f0, 0), n - 1)) for k in range(f, l + 2)]
         crystal = copy.deepcopy(crystal)
@@ -313,7 +324,7 @@ def slice_onto_blocks(continuous, experiments):
     out = ExperimentList()
     for exp in experiments:
         crystal = crystal_on_images(continuous.crystal, continuous.scan.get_image_range(),
-                                    exp.scan.get_image_range())
+                                    exp.scan.get_image_range(), block_label(exp))
         out.append(
             Experiment(
                 imageset=exp.imageset,

@@ -64,6 +64,7 @@ from dials_gapfill.crystal_model.base import (
 )
 from dials_gapfill.crystal_model.continuous import (
     ContinuousModel,
+    block_label,
     crystal_on_images,
     reject_outliers,
     spots_given_back,
@@ -373,7 +374,7 @@ class PerBlockModel(CrystalModel):
                 exp.crystal = done.crystal
                 if done.scan.get_image_range() != exp.scan.get_image_range():
                     exp.crystal = crystal_on_images(done.crystal, done.scan.get_image_range(),
-                                                    exp.scan.get_image_range())
+                                                    exp.scan.get_image_range(), block_label(exp))
         refined_models(experiments, sv_expts)
         return experiments, join_blocks([sv_refl, reflections], experiments)
 
