@@ -349,3 +349,18 @@ def test_the_camera_length_of_a_detector_of_several_panels(ed):
     state = _stages(images, f"geometry.detector.hierarchy.origin={x},{y},{-530}", stop="spot finding")
     assert [p.get_distance() for p in state.experiments[0].detector] == pytest.approx([530.0] * 4)
     assert z == pytest.approx(-state.sweeps[0].header_models[1][0].get_distance(), abs=1e-3)
+
+
+def test_a_wavelength_override_far_from_the_headers_is_warned(ed):
+    """geometry.beam.wavelength=1.0 (an X-ray value) on electron data runs to
+    the end with a cell 40x too large and RMSDs that look normal: warned at
+    import; a correction of the headers' value by a few % is not."""
+    images = sorted(glob.glob(os.path.join(ed.complete, "*.img")))[:6]
+    header = ed.truth["wavelength"]
+    state = _stages(images, "geometry.beam.wavelength=1.0", stop="spot finding")
+    assert [w for w in state.report.warnings if w.startswith("geometry.beam.wavelength=1 is ")] == [
+        f"geometry.beam.wavelength=1 is {1.0 / header:.3g} times the headers' {header:.5g} Å: the cell scales "
+        "with it; check it is the radiation of these images (X-rays 0.5-2 Å, electrons of 200-300 kV "
+        "0.020-0.025 Å)"]
+    state = _stages(images, f"geometry.beam.wavelength={header * 1.03}", stop="spot finding")
+    assert not [w for w in state.report.warnings if "wavelength" in w], state.report.warnings

@@ -1014,7 +1014,12 @@ def _make_sweep(template, experiments, params, image_range, statuses, record, wh
             )
     sources = _misplaced_frames(list(experiments.imagesets()), params, statuses, where)
     headers = (copy.deepcopy(sources[0].get_goniometer()), copy.deepcopy(sources[0].get_detector()))
+    header_wavelength = sources[0].get_beam().get_wavelength() if sources[0].get_beam() else None
     sources = _apply_geometry(sources, params, which)
+    line = _wavelength_changed(header_wavelength, sources[0].beam, params, which)
+    if line:
+        logger.warning("Warning: %s", line)
+        record.warn(line)
     _fix_oscillation(sources, params, image_range[0])
     _unwrap_phi(sources)
     _check_shared(sources, params)
@@ -1025,6 +1030,26 @@ def _make_sweep(template, experiments, params, image_range, statuses, record, wh
     sweep = Sweep(template, sources, image_range, statuses)
     sweep.header_models = headers
     return sweep
+
+
+# a wavelength override this many times the headers' (or its inverse) is
+# more than a header error: X-ray against electron wavelengths differ ~40x
+WAVELENGTH_OVERRIDE_FACTOR = 2.0
+
+
+def _wavelength_changed(header, beam, params, which="") -> str | None:
+    """A warning where geometry.beam.wavelength= is far from the headers'
+    wavelength: an X-ray value for electron data (1.0 against 0.0251 A) runs
+    to the end, and the cell comes out 40x too large with RMSDs that look
+    normal (at such wavelengths the Ewald sphere is almost flat)."""
+    if params.geometry.beam.wavelength is None or not header or beam is None:
+        return None
+    given = beam.get_wavelength()
+    if max(given / header, header / given) < WAVELENGTH_OVERRIDE_FACTOR:
+        return None
+    return (f"geometry.beam.wavelength={given:g} is {given / header:.3g} times the headers' {header:.5g} Å{which}: "
+            "the cell scales with it; check it is the radiation of these images (X-rays 0.5-2 Å, electrons of "
+            "200-300 kV 0.020-0.025 Å)")
 
 
 def _same_hardware(a, b) -> bool:
