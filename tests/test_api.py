@@ -49,7 +49,7 @@ def test_api_from_images_writes_only_when_asked(tiny, tmp_path, monkeypatch):
     other_names = ["report.html", "b_1_20.mtz", "foo.json", "scaled.mtz", "merged.mtz", "scaled.hkl", "scaled.ins"]
     for name in other_names:
         (out / name).write_text("an earlier run's\n")
-    (out / "dials.process_gapped.json").write_text(json.dumps({"files": [
+    (out / "dials.process_gapped.json").write_text(json.dumps({"program": "dials.process_gapped", "files": [
         {"name": n} for n in other_names + ["../notes.txt", "dials.process_gapped.json"]]}))
     written = process_gapped(
         [tiny], f"mp.nproc=2\ngaps.exclude_images=21:23\noutput.directory={out}", write_files=True
