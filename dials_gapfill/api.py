@@ -41,11 +41,17 @@ from dials_gapfill.errors import GapfillError, Interrupted
 from dials_gapfill.handlers import workers
 from dials_gapfill.handlers.outputs import Outputs, output_names
 from dials_gapfill.model.state import Record
-from dials_gapfill.phil import master_phil, modified_text, params_from
+from dials_gapfill.phil import auto_as_word, master_phil, modified_text, params_from
 from dials_gapfill.pipeline import Pipeline
 from dials_gapfill.report import finalise, summary_dict, write_reports
 from dials_gapfill.stages.export import earlier_numbered
-from dials_gapfill.stages.importer import adopt_experiments, check_readable, input_files
+from dials_gapfill.stages.importer import (
+    EXPERIMENT_LIST,
+    adopt_experiments,
+    check_readable,
+    input_files,
+    read_experiment_lists,
+)
 from dials_gapfill.validate import validate
 
 logger = logging.getLogger("dials.process_gapped")
@@ -120,11 +126,19 @@ class Job:
         if isinstance(images, (str, os.PathLike)):
             images = [images]
         self.images = [os.fspath(i) if isinstance(i, os.PathLike) else i for i in images or []]
+        # an experiment list among the image arguments (dials.process_gapped
+        # imported.expt, as DIALS' programs take it): read in __enter__
+        self.experiment_files = [i for i in self.images if isinstance(i, str) and i.endswith(EXPERIMENT_LIST)]
         self.experiments = experiments
+        self.diff_phil = modified_text(self.params, self.images)
+        listed = [i for i in self.params.input.images or [] if i.endswith(EXPERIMENT_LIST)]
+        if listed:  # (input.images=imported.expt: the same; the caller's params stay as they were)
+            self.params = auto_as_word(master_phil().format(python_object=self.params).extract())
+            self.params.input.images = [i for i in self.params.input.images if i not in listed]
+            self.experiment_files += listed
         self.write_files = write_files
         self.log = log
         self.progress = progress
-        self.diff_phil = modified_text(self.params, self.images)
         self.outputs = None
         self.pipeline = None
         self.kept = ""
@@ -133,6 +147,16 @@ class Job:
         self._workers = workers.Hold(False)
 
     def __enter__(self) -> Job:
+        if self.experiment_files:
+            images = [i for i in self.images if i not in self.experiment_files]
+            selected = self.params.input.images or self.params.input.template or self.params.input.image
+            if self.experiments is not None or images or selected:
+                raise GapfillError(
+                    f"{self.experiment_files[0]} is an experiment list: give either images or experiment lists "
+                    "(.expt, as dials.import writes them), not both"
+                )
+            self.experiments = read_experiment_lists(self.experiment_files)
+            self.images = []
         if self.experiments is not None:
             if self.images:
                 raise GapfillError("give either images or experiments=, not both")
@@ -160,7 +184,7 @@ class Job:
         if self.write_files:
             outputs = Outputs(self.params.output.directory)
             # (before the log is started: it is an output too)
-            outputs.check_not_inputs(input_files(self.params, self.images, self.experiments),
+            outputs.check_not_inputs(input_files(self.params, self.images, self.experiments) + self.experiment_files,
                                      *output_names(self.params))
             outputs.check_writable()
             outputs.lock(self.params.output.log)
@@ -465,7 +489,8 @@ def process_gapped(images=None, params=None, experiments=None, write_files=False
     params: None, PHIL text, a list of "key=value" strings (short forms such as
         nproc= and exclude_images= work) or an extract of master_phil().
     experiments: instead of images, an ExperimentList of imported sequences;
-        gaps.exclude_images cuts them as it cuts images.
+        gaps.exclude_images cuts them as it cuts images.  (A path to an .expt
+        file given as images is read as such a list.)
     write_files: also write the command's output files (not the log, which
         belongs to the command line).
     """

@@ -147,6 +147,38 @@ def test_api_refuses_import_options_with_experiments(tiny, param, expected, tmp_
     assert os.listdir(tmp_path) == []  # refused before any work
 
 
+def test_experiment_lists_among_the_images_are_read_or_refused_with_one_line(tiny, tmp_path, monkeypatch):
+    """An .expt given as images (as DIALS' programs take it) is read as
+    experiments=; with images besides it, missing or unreadable it is
+    refused before any work, and nothing is written."""
+    from dials_gapfill import process_gapped
+    from dials_gapfill.api import Job
+    from dials_gapfill.errors import GapfillError
+
+    monkeypatch.chdir(tmp_path)
+    _imported(tiny).as_file("imported.expt")
+    (tmp_path / "broken.expt").write_text('{"__id__": "ExperimentList",')
+    with Job(["exclude_images=5:6"], ["imported.expt"]) as job:
+        assert job.images == [] and [e.scan.get_image_range() for e in job.experiments] == [(1, 40)]
+    with Job(["input.images=imported.expt"]) as job:
+        assert list(job.params.input.images) == [] and len(job.experiments) == 1
+        assert 'images = "imported.expt"' in job.diff_phil
+    cases = [
+        (dict(images=["imported.expt", tiny]), "imported.expt is an experiment list: give either images or "
+                                               "experiment lists (.expt, as dials.import writes them), not both"),
+        (dict(images="imported.expt", params=[f"input.template={tiny}/sim_####.cbf"]), "not both"),
+        (dict(images="imported.expt", experiments=_imported(tiny)), "not both"),
+        (dict(images="missing.expt"), "no such experiment list: missing.expt: check the path"),
+        (dict(images="broken.expt"), "cannot read the experiment list broken.expt ("),
+    ]
+    before = sorted(os.listdir(tmp_path))
+    for kwargs, said in cases:
+        with pytest.raises(GapfillError) as info:
+            process_gapped(write_files=True, **kwargs)
+        assert said in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 def test_api_takes_the_tolerances_with_experiments(tiny_sweeps):
     """input.tolerance.* decides which models the blocks of experiments given
     to the API share: two blocks whose wavelengths differ by 5e-6 A share one

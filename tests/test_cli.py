@@ -485,3 +485,28 @@ def test_a_geometry_override_dxtbx_would_assert_on_is_named(arg, said):
     with pytest.raises(GapfillError) as info:
         validate(params, images)
     assert str(info.value).startswith(said), str(info.value)
+
+
+@pytest.mark.slow
+def test_an_experiment_list_from_dials_import(tiny_sweeps, tmp_path):
+    """dials.process_gapped imported.expt, as DIALS' programs take it: the
+    sequences dials.import made of a gapped file list are the blocks, with
+    exclude_images on top; the log and JSON name the .expt as the input."""
+    import glob
+
+    gemmi = pytest.importorskip("gemmi", reason="gemmi is a test requirement")
+    gapped = tiny_sweeps.make(omit=(10, 11), name="cli_expt")
+    imported = run_cmd([tool("dials.import"), *sorted(glob.glob(os.path.join(gapped, "*.cbf"))),
+                        "output.experiments=imported.expt"], cwd=str(tmp_path))
+    assert imported.returncode == 0, imported.stderr
+    out = str(tmp_path / "out")
+    result = process(str(tmp_path / "imported.expt"), out, os.path.join(PHIL, "fast_preview.phil"),
+                     "exclude_images=25:26")
+    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+    summary = _summary(out)
+    assert [(b["first"], b["last"]) for b in summary["blocks"]] == [(1, 9), (12, 24), (27, 40)]
+    assert {e["image"]: e["by"] for e in summary["excluded_images"]} == {10: "input", 11: "input",
+                                                                         25: "user", 26: "user"}
+    assert f'images = "{tmp_path / "imported.expt"}"' in summary["parameters"]["modified"]
+    batches = set(gemmi.read_mtz_file(os.path.join(out, "integrated.mtz")).column_with_label("BATCH"))
+    assert batches <= set(range(1, 10)) | set(range(12, 25)) | set(range(27, 41)) and len(batches) > 30

@@ -476,6 +476,45 @@ def test_an_output_that_would_replace_an_input_image_is_refused(tiny, tmp_path, 
     assert sorted(os.listdir(d)) == sorted(before)  # (refused before the log is started: nothing written)
 
 
+@pytest.mark.parametrize("route", ["template", "nexus", "experiments"])
+def test_an_output_that_would_replace_an_input_is_refused_on_every_input_route(tiny, tmp_path, route):
+    """The same refusal where the images come as a template, as one NeXus
+    file, or as an experiment list (an earlier run's integrated.expt, which
+    this run's default output.experiments would replace)."""
+    import hashlib
+    import shutil
+
+    from conftest import process
+
+    d = tmp_path / "in"
+    d.mkdir()
+    if route == "nexus":
+        from dials_gapfill.simulation.nexus_writer import simulate_nexus
+        from dials_gapfill.simulation.simulate import SimulationConfig
+
+        simulate_nexus(SimulationConfig(n_images=4, osc_width=0.5, detector="pilatus300k", seed=11), str(d))
+        args, name = [str(d / "sim_master.h5"), "output.json=sim_master.h5"], "sim_master.h5"
+    else:
+        for n in range(1, 7):
+            shutil.copy(os.path.join(tiny, f"sim_{n:04d}.cbf"), d)
+        if route == "template":
+            args, name = [str(d / "sim_####.cbf"), "output.log=sim_0003.cbf"], "sim_0003.cbf"
+        else:
+            from dxtbx.model.experiment_list import ExperimentListFactory
+
+            files = sorted(str(d / f) for f in os.listdir(d))
+            ExperimentListFactory.from_filenames(files).as_file(str(d / "integrated.expt"))
+            args, name = [str(d / "integrated.expt")], "integrated.expt"
+    before = {f: hashlib.md5((d / f).read_bytes()).hexdigest() for f in os.listdir(d)}
+    result = process(args[:1], str(d), *args[1:])
+    assert result.returncode == 1
+    err = result.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith(f"dials.process_gapped: error: the output {name} would replace the input file "
+                          f"{d}/{name}: give that output another name"), err
+    assert {f: hashlib.md5((d / f).read_bytes()).hexdigest() for f in os.listdir(d)} == before
+
+
 def test_a_reader_that_leaves_early_does_not_stop_the_run(tiny, tmp_path):
     """dials.process_gapped ... | head -3 (or a pager quit early): the pipe
     closes under the run, which finishes and writes its files, without a

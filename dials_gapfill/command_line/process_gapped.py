@@ -25,6 +25,8 @@ Examples::
 
   dials.process_gapped image=/data/x_0001.cbf:1:90 scale=True
 
+  dials.process_gapped imported.expt exclude_images=41:45   (what dials.import wrote)
+
   dials.process_gapped /data/snc_*.img.bz2 geometry.scan.oscillation=0,1 \\
       geometry.detector.fast_slow_beam_centre=532.61,500.53
 

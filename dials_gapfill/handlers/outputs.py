@@ -258,8 +258,9 @@ class Outputs:
     def check_not_inputs(self, inputs, names, patterns=()) -> None:
         """Refuse (one line, nothing written) where an output would take the
         place of one of the run's input files (`inputs`: paths; `names`,
-        `patterns` as check_no_folders): output.mtz=x_0001.cbf with
-        output.directory the images' folder would replace an image by the MTZ."""
+        `patterns` as check_no_folders): experiments=integrated.expt of an
+        earlier run, with output.directory its folder, would be replaced by
+        this run's integrated.expt."""
         here = os.path.realpath(self.directory)
         for path in inputs:
             if os.path.realpath(os.path.dirname(os.path.abspath(path))) != here:

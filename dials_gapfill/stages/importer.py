@@ -1134,6 +1134,29 @@ def _apply_geometry(imagesets, params, which=""):
     return ExperimentList(sorted(experiments, key=lambda e: e.scan.get_image_range()[0]))
 
 
+EXPERIMENT_LIST = ".expt"
+
+
+def read_experiment_lists(paths):
+    """One ExperimentList of the experiment list files `paths` (as
+    dials.import writes them), able to read their images."""
+    from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
+
+    experiments = ExperimentList()
+    for path in paths:
+        if not os.path.isfile(path):
+            raise GapfillError(f"no such experiment list: {path}: check the path")
+        try:
+            experiments.extend(ExperimentListFactory.from_json_file(path, check_format=True))
+        except Exception as e:
+            text = " ".join(str(e).split())[:200] or type(e).__name__
+            raise GapfillError(
+                f"cannot read the experiment list {path} ({text}): give an .expt file that dials.import wrote, "
+                "with its images where it names them"
+            ) from None
+    return experiments
+
+
 def check_readable(experiments) -> None:
     """Refuse experiments whose image sets cannot read their images: loaded
     with check_format=False, dxtbx gives them the Format base class, and
