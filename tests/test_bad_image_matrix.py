@@ -121,6 +121,21 @@ def test_two_bad_images_side_by_side_equal_exclusion_by_hand(sweeps, kind):
     _assert_same(_first_stages(images, *phil), _first_stages(clean, "exclude_images=3:4"), (3, 4), KINDS[kind])
 
 
+
+def test_a_run_of_blank_images_longer_than_the_neighbourhood_equals_exclusion_by_hand(sweeps):
+    """A shutter that stayed closed for the later block's last 7 images, with
+    gaps.neighbours=3: the images inside the run have only blank neighbours
+    (their median is 0), so only the run as a whole, against the images
+    before it, shows them blank; all seven are cut as by hand."""
+    blank = tuple(range(14, 21))
+    folder = sweeps.make(omit=GAP, bad={n: "blank" for n in blank}, name="blank_14_20")
+    images, phil = _inputs(folder, "file list")
+    clean, _ = _inputs(sweeps.make(omit=GAP, name="clean"), "file list")
+    auto = _first_stages(images, *phil, "gaps.neighbours=3")
+    _assert_same(auto, _first_stages(clean, "exclude_images=14:20", "gaps.neighbours=3"), blank, KINDS["blank"])
+    reasons = {e["image"]: e["reason"] for e in auto.report.excluded}
+    assert "one of 7 consecutive such images" in reasons[20], reasons
+
 @pytest.fixture(scope="module")
 def nexus_files(tmp_path_factory):
     from dials_gapfill.simulation.nexus_writer import write_nxmx

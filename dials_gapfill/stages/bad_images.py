@@ -99,6 +99,43 @@ def _blank_images(counts, params) -> dict:
     return blank
 
 
+def _blank_runs(counts, params) -> dict:
+    """(sweep, image) -> (run length, expected count), for the images of runs
+    of two or more consecutive images without a strong spot where the images
+    around the run have spots: a Poisson count with the median of the
+    gaps.neighbours images each side of the run (same sweep) would give no
+    spot on so many images, exp(-length * median), with probability below
+    gaps.significance / images in the sweep.
+
+    The blank test of one image cannot see such a run once it is longer than
+    half the neighbourhood: the neighbours' median is then 0 (a shutter that
+    stayed closed for 20 images).  A sparse pattern's empty frames come one
+    at a time: on the four L-cysteine sweeps (1-9 spots per image, medians
+    1-3) no two consecutive images are without a spot, and two would need a
+    median above 4.8 around them to be called blank (15 images: threshold
+    6.7e-5).
+    """
+    g = params.gaps
+    per_sweep = _images_per_sweep(counts)
+    found = {}
+    for sweep in sorted(per_sweep):
+        numbers = sorted(n for s, n in counts if s == sweep)
+        run = []
+        for n in numbers + [None]:
+            if n is not None and counts[(sweep, n)] == 0 and (not run or n == run[-1] + 1):
+                run.append(n)
+                continue
+            if len(run) >= 2:
+                before = [m for m in numbers if run[0] - g.neighbours <= m < run[0]]
+                after = [m for m in numbers if run[-1] < m <= run[-1] + g.neighbours]
+                around = [counts[(sweep, m)] for m in before + after]
+                expected = statistics.median(around) if len(around) >= 2 else 0
+                if expected > 0 and math.exp(-len(run) * expected) < g.significance / per_sweep[sweep]:
+                    found.update({(sweep, m): (len(run), expected) for m in run})
+            run = [n] if n is not None and counts[(sweep, n)] == 0 else []
+    return found
+
+
 def _overexposed_images(reflections, experiments, params, sweeps) -> dict:
     """(sweep, image) -> ratio of its median spot intensity to its
     neighbours', for images whose strong spots are brighter than those of the
@@ -254,6 +291,12 @@ def find_bad_images(reflections, experiments, params, sweeps) -> dict:
         bad[key] = frame_fault(*_frame(experiments, sweeps, key)) or (
             f"blank image ({count} strong spots; shutter or beam failure)"
         )
+    for key, (length, expected) in _blank_runs(counts, params).items():
+        if key not in bad:
+            bad[key] = frame_fault(*_frame(experiments, sweeps, key)) or (
+                f"blank image (no strong spot, one of {length} consecutive such images; "
+                f"{expected:g} on the images around them; shutter or beam failure)"
+            )
     for key, ratio in _overexposed_images(reflections, experiments, params, sweeps).items():
         bad.setdefault(key, f"over-exposed image (spots {ratio:.0f}x brighter than neighbours)")
     for key, numbers in _isolated_images(reflections, experiments, params, sweeps).items():
