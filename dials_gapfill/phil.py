@@ -867,6 +867,30 @@ def text_changed_error(arg, source, master):
     return None
 
 
+def quoting_error(arg, master):
+    """A GapfillError with the quoting that keeps the value where PHIL
+    cannot read the key=value argument `arg` as it is (``output.directory=
+    run;2``: ';' ends the value and leaves '2' as a parameter of its own) but
+    reads it quoted; else None."""
+    key, _, value = arg.partition("=")
+    if not value or '"' in value or not any(c in value for c in ";#"):
+        return None
+    try:
+        source = master.command_line_argument_interpreter().process_arg(arg=f'{key}="{value.strip()}"')
+    except Exception:
+        return None
+    paths = [d.path for d in source.all_definitions()]
+    if len(paths) != 1:
+        return None
+    definition = master.get(paths[0]).objects
+    if not definition or definition[0].type.phil_type not in ("path", "str", "strings"):
+        return None  # (a number or a choice quoted is no better)
+    return GapfillError(
+        f"{paths[0]}: PHIL cannot read {value.strip()!r} unquoted (';' ends a value, '#' starts a comment): "
+        f"quote it for PHIL, {paths[0]}=\"{value.strip()}\" (in single quotes on the command line)"
+    )
+
+
 def _from_args(args):
 
     interpreter = master_phil().command_line_argument_interpreter()
@@ -877,7 +901,8 @@ def _from_args(args):
         except Exception as e:
             if "Unknown command line parameter definition" in str(e):
                 raise GapfillError(unknown_parameter(arg, "the parameters")) from None
-            raise GapfillError(f"cannot use {arg!r}: {' '.join(str(e).split())}") from None
+            raise quoting_error(arg, master_phil()) or GapfillError(
+                f"cannot use {arg!r}: {' '.join(str(e).split())}") from None
         err = text_changed_error(arg, sources[-1], master_phil())
         if err is not None:
             raise err

@@ -236,6 +236,13 @@ def test_validate_accepts_the_defaults_and_the_example_files():
     ("scale=maybe", ["'scaling.run=maybe'", "True or False", "check the value"]),
     ("unit_cell=5,5", ["'unit_cell=5,5'", "six cell parameters"]),
     ("unit_cell=abc", ["'unit_cell=abc'", "six cell parameters"]),
+    # PHIL cannot read the value at all unquoted (';' leaves '2' as a
+    # parameter of its own): the quoting that keeps it, for text; for a
+    # number PHIL's own error, as quoting would not help
+    ("output.directory=run;2", ["output.directory: PHIL cannot read 'run;2' unquoted",
+                                "quote it for PHIL, output.directory=\"run;2\""]),
+    ("mtz.crystal_name=a;b", ["mtz.crystal_name: PHIL cannot read 'a;b' unquoted"]),
+    ("nproc=2;3", ["cannot use 'mp.nproc=2;3'"]),
 ])
 def test_a_value_that_cannot_be_read_names_its_parameter(arg, said):
     """One line naming the argument: cctbx fills a short cell in (5,5 is 5,
@@ -273,6 +280,18 @@ def test_the_api_names_a_value_that_cannot_be_read_as_the_command_line_does(arg)
         params_from(f"mtz.d_min = 2\n{full}\n")
     assert str(text.value).startswith("in the PHIL text line 2: cannot use "), str(text.value)
     assert str(text.value).endswith(": check the value") and "cctbx Error" not in str(text.value)
+
+
+def test_the_api_gives_the_quoting_that_keeps_a_value_as_the_command_line_does():
+    from dials_gapfill.command_line.process_gapped import parse
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import master_phil, params_from
+
+    with pytest.raises(GapfillError) as info:
+        parse(["output.directory=run;2", "/data/x_*.cbf"], master_phil())
+    with pytest.raises(GapfillError) as api:
+        params_from(["output.directory=run;2"])
+    assert str(api.value) == str(info.value) and "quote it for PHIL" in str(api.value)
 
 
 def test_a_short_form_in_a_parameter_file_names_the_full_name(tmp_path):

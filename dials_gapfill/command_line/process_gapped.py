@@ -62,13 +62,15 @@ def _unknown_parameter_error(arg, master):
 
 def _phil_error(arg, master):
     """Why a key=value argument was not accepted, as a GapfillError."""
+    from dials_gapfill.phil import quoting_error
+
     try:
         master.command_line_argument_interpreter().process_arg(arg=arg)
     except Exception as e:
         text = " ".join(str(e).split())
         if text.startswith("Unknown command line parameter definition"):
             return _unknown_parameter_error(arg, master)
-        return GapfillError(f"cannot use {arg!r}: {text}")
+        return quoting_error(arg, master) or GapfillError(f"cannot use {arg!r}: {text}")
     return None
 
 
