@@ -237,7 +237,7 @@ class Outputs:
             ) from None
 
     def check_no_folders(self, names, patterns=()) -> None:
-        """Refuse (one line, nothing written) where a folder has an output's
+        """Refuse (one line, no results written) where a folder has an output's
         name: one of `names`, or a name one of the regular expressions
         `patterns` matches (numbered outputs, whose numbers are not known yet)."""
         finals = [os.path.join(self.directory, os.path.basename(n)) for n in names if n]
@@ -252,7 +252,7 @@ class Outputs:
             if os.path.isdir(final) and not os.path.islink(final):
                 raise GapfillError(
                     f"cannot write {os.path.basename(final)} in {self.directory}: a folder of that name is "
-                    "there: move it away or choose another folder with output.directory= (nothing was written)"
+                    "there: move it away or choose another folder with output.directory= (no results were written)"
                 )
 
     def check_not_inputs(self, inputs, names, patterns=()) -> None:
@@ -320,7 +320,7 @@ class Outputs:
         if e.errno == errno.ENOSPC:
             return GapfillError(
                 f"disk full while writing {name} in {self.directory}: free some space or "
-                "choose another folder with output.directory= (nothing was written)"
+                "choose another folder with output.directory="
             )
         return GapfillError(
             f"cannot write {name} in {self.directory}: {e.strerror}: check the output folder"
