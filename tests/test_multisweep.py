@@ -131,6 +131,26 @@ def test_one_nexus_file_per_sweep(tmp_path):
     assert len(experiments.beams()) == len(experiments.detectors()) == 1
 
 
+@pytest.mark.parametrize("override,said", [
+    ("geometry.goniometer.angles=0,0,0",
+     "geometry.goniometer.angles would give all 3 sweeps one goniometer setting, but the headers differ for "
+     "sweeps 1 and 2 (GON_PHI 0.0, GON_KAPPA 0.0, GON_OMEGA scan; GON_PHI 120.0, GON_KAPPA 40.0, GON_OMEGA scan)"),
+    ("geometry.goniometer.axis=-1,0,0",
+     "geometry.goniometer.axis sets the axis of a single-axis goniometer, but the images of sweep 1 "
+     "(sim_01_####.cbf) have a multi-axis one (GON_PHI, GON_KAPPA, GON_OMEGA): give geometry.goniometer.axes="),
+])
+def test_a_goniometer_override_that_would_erase_or_miss_the_settings_is_refused(three_sweeps, override, said):
+    """dials.import gives every sweep the same angles (erasing the settings
+    that tell the sweeps' orientations apart), and leaves a multi-axis
+    goniometer's axes as they are when given a single axis, without a word."""
+    from dials_gapfill.errors import GapfillError
+
+    _, gapped, _ = three_sweeps
+    with pytest.raises(GapfillError) as info:
+        _import(override, positional=[gapped])
+    assert str(info.value).startswith(said), str(info.value)
+
+
 def test_a_sweep_at_another_wavelength_is_refused(tmp_path):
     from dials_gapfill.errors import GapfillError
     from dials_gapfill.simulation.simulate import SimulationConfig, simulate

@@ -754,6 +754,7 @@ def import_images(params, positional):
             sweeps.append(_import_files(template, by_number, mine, every, params, record, where))
     sweeps = Sweeps(sweeps)
     _check_reference_keeps_sweeps_apart(sweeps, params)
+    _check_angles_keep_sweeps_apart(sweeps, params)
     _share_between_sweeps(sweeps, params)
     sweeps.drop_short_blocks(params.gaps.min_block_images)
     if not sweeps.used():
@@ -794,6 +795,41 @@ def _check_reference_keeps_sweeps_apart(sweeps, params) -> None:
                     f"differ for sweeps {first.number} and {sweep.number} ({differ(a, b)}): set "
                     f"input.use_{switch}_reference=False to keep each sweep's {kept}"
                 )
+
+
+def _check_axis_override(goniometer, params, which="") -> None:
+    """Refuse geometry.goniometer.axis on a multi-axis goniometer, which
+    dxtbx leaves as it is without a word (it sets the axis of a single-axis
+    goniometer only): the run would go on with the headers' axis and the
+    parameters would say otherwise."""
+    axis = params.geometry.goniometer.axis
+    if axis is None or goniometer is None or not hasattr(goniometer, "get_names"):
+        return
+    names = list(goniometer.get_names())
+    raise GapfillError(
+        f"geometry.goniometer.axis sets the axis of a single-axis goniometer, but the images{which} have a "
+        f"multi-axis one ({', '.join(names)}): give geometry.goniometer.axes= (all {len(names)} axes, three "
+        "numbers each), or geometry.goniometer.invert_rotation_axis=True to invert them"
+    )
+
+
+def _check_angles_keep_sweeps_apart(sweeps, params) -> None:
+    """Refuse geometry.goniometer.angles where the headers give the sweeps
+    different settings: dials.import gives every sweep the same angles, so
+    the sweeps' settings, which tell their orientations apart, would be
+    erased (and indexing would find the sweeps on different crystals)."""
+    if params.geometry.goniometer.angles is None or len(sweeps) < 2:
+        return
+    first = sweeps[0]
+    for sweep in sweeps.sweeps[1:]:
+        a, b = first.header_models[0], sweep.header_models[0]
+        if a is not None and b is not None and setting_text(a) != setting_text(b):
+            raise GapfillError(
+                f"geometry.goniometer.angles would give all {len(sweeps)} sweeps one goniometer setting, but the "
+                f"headers differ for sweeps {first.number} and {sweep.number} ({setting_text(a)}; "
+                f"{setting_text(b)}): leave the angles to the headers, or process each sweep with its own "
+                "angles in a run of its own"
+            )
 
 
 def _apart(a, b) -> str:
@@ -1015,6 +1051,7 @@ def _make_sweep(template, experiments, params, image_range, statuses, record, wh
     sources = _misplaced_frames(list(experiments.imagesets()), params, statuses, where)
     headers = (copy.deepcopy(sources[0].get_goniometer()), copy.deepcopy(sources[0].get_detector()))
     header_wavelength = sources[0].get_beam().get_wavelength() if sources[0].get_beam() else None
+    _check_axis_override(headers[0], params, which)
     sources = _apply_geometry(sources, params, which)
     line = _wavelength_changed(header_wavelength, sources[0].beam, params, which)
     if line:
