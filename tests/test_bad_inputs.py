@@ -168,7 +168,7 @@ def _case_sweep_without_spots(tiny, tmp_path):
     from test_bad_image_matrix import _three_sweeps
 
     d = _three_sweeps(str(tmp_path / "zero_sweep"), {2: {n: "zero" for n in range(1, 13)}})
-    return [d], ["no strong spots on any image of sweep 2 (sim_02_####.cbf; image 1: all-zero image",
+    return [d], ["no strong spots on any image of sweep 2 (sim_02_####.cbf; images 1, 7 and 12 of 12 looked at: all-zero image",
                  "leave its files out"]
 
 
@@ -800,6 +800,29 @@ def test_a_sweep_that_does_not_index_names_changed_spot_finding():
     assert changed_spotfinding(params_from(["nproc=1", "scale=True"])) == []
     assert changed_spotfinding(params_from(["spotfinder.filter.min_spot_size=2", "nproc=1"])) == [
         "spotfinder.filter.min_spot_size=2"]
+
+
+def test_a_sweep_that_does_not_index_names_the_goniometer_override_given():
+    """Where every block of a sweep fails to index on the other sweeps'
+    crystal, a goniometer override (which moves every sweep's rotation the
+    same way) is named beside another crystal as the likely cause."""
+    from types import SimpleNamespace
+
+    from dials_gapfill.errors import GapfillError
+    from dials_gapfill.phil import params_from
+    from dials_gapfill.stages.indexing import another_crystal
+
+    sweeps = [SimpleNamespace(number=n, template=f"/d/s{n}_####.cbf") for n in (1, 2)]
+    experiments = [SimpleNamespace(identifier=str(n)) for n in (1, 2)]
+    for phil, said in [(["nproc=1"], None),
+                       (["geometry.goniometer.invert_rotation_axis=True"],
+                        "or a goniometer override (geometry.goniometer.invert_rotation_axis=True: try the headers')")]:
+        with pytest.raises(GapfillError) as info:
+            another_crystal(sweeps, sweeps, experiments, {"1"}, [0.9, 0.11], 0.2, params_from(phil))
+        message = str(info.value)
+        assert message.startswith("sweep 2 (s2_####.cbf) does not index on the crystal of the other sweeps "
+                                  "(at best 11% of a block's spots"), message
+        assert (said is None and "override" not in message) or said in message, message
 
 
 def test_scaling_d_min_beyond_every_reflection_is_one_line():

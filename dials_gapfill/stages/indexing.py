@@ -43,10 +43,15 @@ def poorly_indexed_error(params, best_fraction):
 
 def changed_spotfinding(params) -> list[str]:
     """The spotfinder.* parameters given other than their defaults, as name=value."""
+    return changed_parameters(params, "spotfinder.")
+
+
+def changed_parameters(params, prefix) -> list[str]:
+    """The parameters under `prefix` given other than their defaults, as name=value."""
     master = master_phil()
     diff = master.fetch_diff(source=master.format(params))
     return [f"{d.path}={' '.join(str(w.value) for w in d.object.words)}"
-            for d in diff.all_definitions() if d.path.startswith("spotfinder.")]
+            for d in diff.all_definitions() if d.path.startswith(prefix)]
 
 
 def another_crystal(sweeps, owners, experiments, keep, fractions, threshold, params=None) -> None:
@@ -63,6 +68,10 @@ def another_crystal(sweeps, owners, experiments, keep, fractions, threshold, par
             # spots of noise (a spot finder set for weaker spots) look the same
             changed = changed_spotfinding(params) if params is not None else []
             noise = f", or spots of noise ({', '.join(changed)}: try DIALS' defaults)" if changed else ""
+            # a goniometer override moves every sweep's rotation the same way
+            # where the headers gave each its own
+            given = changed_parameters(params, "geometry.goniometer.") if params is not None else []
+            noise += f", or a goniometer override ({', '.join(given)}: try the headers')" if given else ""
             raise GapfillError(
                 f"sweep {sweep.number} ({os.path.basename(sweep.template)}) does not index on the crystal of the "
                 f"other sweeps (at best {100 * best:.0f}% of a block's spots, "

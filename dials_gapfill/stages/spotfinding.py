@@ -172,10 +172,22 @@ def _sweeps_without_spots(experiments, reflections, sweeps) -> None:
     for sweep in sweeps:
         mine = [i for i, e in enumerate(experiments) if sweeps.sweep_of(e) is sweep]
         if mine and not ids & set(mine):
-            exp = experiments[mine[0]]
-            first = exp.scan.get_image_range()[0]
-            fault = frame_fault(exp, exp.imageset.get_raw_data(0))
-            what = f"image {first}: {fault}" if fault else "blank images, no diffraction"
+            # the first, middle and last image looked at (not every one: the
+            # run stops here), so that the message says whether it is all of them
+            frames = [(experiments[i], k) for i in mine for k in range(len(experiments[i].imageset))]
+            sampled = sorted({0, len(frames) // 2, len(frames) - 1})
+            faults = {}
+            for j in sampled:
+                exp, k = frames[j]
+                faults[exp.scan.get_image_range()[0] + k] = frame_fault(exp, exp.imageset.get_raw_data(k))
+            numbers = sorted(faults)
+            said = set(faults.values())
+            if len(said) == 1 and None not in said:
+                where = numbers[0] if len(numbers) == 1 else f"{', '.join(map(str, numbers[:-1]))} and {numbers[-1]}"
+                what = (f"image{'s' if len(numbers) > 1 else ''} {where} of {len(frames)} looked at: "
+                        f"{said.pop()}")
+            else:
+                what = "; ".join(f"image {n}: {f or 'no diffraction'}" for n, f in faults.items())
             raise GapfillError(
                 f"no strong spots on any image of sweep {sweep.number} ({os.path.basename(sweep.template)}; "
                 f"{what}): leave its files out of the input, or check the spot finding settings (spotfinder.*)"
