@@ -4,7 +4,8 @@ not part of the rotation become gaps.
 Runs on the strong spots of all blocks, so no image is read a second time
 (only the suspects and the images without a strong spot are opened, to tell
 an all-zero or saturated frame from a blank one).  An image is blank when it
-has far fewer strong spots than its neighbours, over-exposed when its spots
+has far fewer strong spots than its neighbours, or belongs to a run of images
+without a spot where the images around the run have many; over-exposed when its spots
 are far brighter, and not a rotation image (a crystal-tracking frame of
 electron diffraction, a defocused or displaced frame) when its spots, unlike
 its neighbours', do not continue into the images before and after it.  Each
