@@ -822,7 +822,9 @@ def _write_outputs(params, scaled, outputs, batch_offsets, esd, summary, record)
     record.files.append({"name": out.scaled_mtz, "kind": "scaled unmerged mtz", "reflections": n_scaled})
     mp = defaults(merge_phil)
     mp.assess_space_group = False
-    mp.anomalous = params.scaling.anomalous
+    # dials.merge's default: I(+)/I(-), F(+)/F(-) and DANO beside the means
+    # whatever scaling.anomalous (which is dials.scale's: how it scales)
+    mp.anomalous = True
     mp.output.html = None
     mp.partiality_threshold = sp.cut_data.partiality_cutoff
     if sp.cut_data.d_min:
