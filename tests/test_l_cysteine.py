@@ -480,10 +480,9 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
     can be measured only at low resolution, and beyond it merged <I/σ> says
     the data are strong, so they are kept (cut where CC½ can last be
     measured, most reflections would go); the Laue group dials.symmetry picks
-    from a hundred reflections is reported as uncertain, and its warning
-    about normalising them, and dials.merge's about Wilson statistics on all
-    60 images (kept there too), reach the log as one line, without a
-    traceback.  The wedges as integrated now, with and without the images
+    from a hundred reflections is reported as uncertain, and its warnings
+    about normalising them and its CC½ resolution filter reach the log as
+    one line, without a traceback.  The wedges as integrated now, with and without the images
     left out, are scaled to the edge of the data.  On all 60 images as
     integrated once (a few reflections at scan ends integrated twice) DIALS'
     physical model diverges and the run scales with KB instead; as
@@ -511,8 +510,7 @@ def test_scaling_the_wedges_keeps_the_strong_data_cc_half_cannot_judge(ours, tmp
         params = params_from(["scale=True", f"output.directory={tmp_path / name}"]
                              + ([f"scaling.resolution.misigma={misigma}"] if misigma else [])
                              + (["shelx=True"] if name == "complete" else [])
-                             # DIALS' physical model as it came out: 54 reflections
-                             # kept, too few for dials.merge's Wilson statistics
+                             # DIALS' physical model as it came out: 54 reflections kept
                              + (["scaling.model=physical"] if name == "complete_kept" else []))
         outputs = Outputs(str(tmp_path / name))
         outputs.check_writable()
