@@ -172,6 +172,15 @@ def _case_sweep_without_spots(tiny, tmp_path):
                  "leave its files out"]
 
 
+def _case_sweep_of_blank_images(tiny, tmp_path):
+    """The same with every image of the second sweep blank (background
+    only): no fault in its pixels, said as blank."""
+    from test_bad_image_matrix import _three_sweeps
+
+    d = _three_sweeps(str(tmp_path / "blank_sweep"), {2: {n: "blank" for n in range(1, 13)}})
+    return [d], ["no strong spots on any image of sweep 2 (sim_02_####.cbf; blank images, no diffraction)"]
+
+
 def _case_exclude_outside(tiny, tmp_path):
     return [tiny, "exclude_images=50:60"], ["outside the images", "1-40"]
 

@@ -182,7 +182,9 @@ def _sweeps_without_spots(experiments, reflections, sweeps) -> None:
                 faults[exp.scan.get_image_range()[0] + k] = frame_fault(exp, exp.imageset.get_raw_data(k))
             numbers = sorted(faults)
             said = set(faults.values())
-            if len(said) == 1 and None not in said:
+            if said == {None}:
+                what = "blank images, no diffraction"
+            elif len(said) == 1:
                 where = numbers[0] if len(numbers) == 1 else f"{', '.join(map(str, numbers[:-1]))} and {numbers[-1]}"
                 what = (f"image{'s' if len(numbers) > 1 else ''} {where} of {len(frames)} looked at: "
                         f"{said.pop()}")
